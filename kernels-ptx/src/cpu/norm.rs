@@ -1,0 +1,167 @@
+//! Group norm (channels-last, optional fused SiLU) and layer norm.
+//!
+//! Group-norm statistics are a separate step so that masked execution can normalise the
+//! active rows of an edited map with statistics taken from the template.
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::math;
+
+/// Mean and reciprocal standard deviation of one (sample, group).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupStats {
+    pub mean: f32,
+    pub rstd: f32,
+}
+
+/// Rows folded into f32 channel sums before they are flushed to f64: keeps precision
+/// without giving up vectorised accumulation.
+const FLUSH_ROWS: usize = 64;
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn channel_sums(rows: &[f32], channels: usize, center: Option<&[f32]>, acc: &mut [f64]) {
+    let mut partial = vec![0.0f32; channels];
+    for block in rows.chunks(FLUSH_ROWS * channels) {
+        partial.fill(0.0);
+        for row in block.chunks_exact(channels) {
+            match center {
+                None => {
+                    for (p, &x) in partial.iter_mut().zip(row) {
+                        *p += x;
+                    }
+                }
+                Some(mean) => {
+                    for ((p, &x), &m) in partial.iter_mut().zip(row).zip(mean) {
+                        let d = x - m;
+                        *p += d * d;
+                    }
+                }
+            }
+        }
+        for (a, &p) in acc.iter_mut().zip(&partial) {
+            *a += p as f64;
+        }
+    }
+}
+
+/// Per-channel sums over all rows of one sample, in parallel over row blocks.
+fn sample_channel_sums(x: &[f32], channels: usize, center: Option<&[f32]>) -> Vec<f64> {
+    let block = (1 << 16) / channels.max(1) * channels.max(1);
+    x.par_chunks(block.max(channels))
+        .map(|rows| {
+            let mut acc = vec![0.0f64; channels];
+            channel_sums(rows, channels, center, &mut acc);
+            acc
+        })
+        .reduce(
+            || vec![0.0f64; channels],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+fn per_group(sums: &[f64], groups: usize) -> Vec<f64> {
+    let cpg = sums.len() / groups;
+    sums.chunks(cpg).map(|g| g.iter().sum()).collect()
+}
+
+/// Statistics of `x = [batch, positions, channels]` per (sample, group), two-pass for accuracy.
+pub fn group_norm_stats(
+    x: &[f32],
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    eps: f32,
+) -> Vec<GroupStats> {
+    assert!(groups > 0 && channels % groups == 0, "group_norm: groups");
+    let per_sample = x.len() / batch.max(1);
+    let cpg = channels / groups;
+    let mut stats = Vec::with_capacity(batch * groups);
+    for sample in x.chunks(per_sample.max(1)).take(batch) {
+        let count = (sample.len() / channels * cpg) as f64;
+        let means: Vec<f64> = per_group(&sample_channel_sums(sample, channels, None), groups)
+            .into_iter()
+            .map(|s| s / count)
+            .collect();
+        let center: Vec<f32> = (0..channels).map(|c| means[c / cpg] as f32).collect();
+        let vars = per_group(&sample_channel_sums(sample, channels, Some(&center)), groups);
+        stats.extend(means.iter().zip(vars).map(|(&mean, v)| GroupStats {
+            mean: mean as f32,
+            rstd: (1.0 / (v / count + eps as f64).sqrt()) as f32,
+        }));
+    }
+    stats
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn scale_shift_rows(rows: &mut [f32], scale: &[f32], shift: &[f32], silu: bool) {
+    let channels = scale.len();
+    for row in rows.chunks_exact_mut(channels) {
+        for ((x, &a), &b) in row.iter_mut().zip(scale).zip(shift) {
+            *x = *x * a + b;
+        }
+        if silu {
+            for x in row.iter_mut() {
+                *x = math::silu(*x);
+            }
+        }
+    }
+}
+
+/// `out = (x - mean) * rstd * gamma + beta` (then SiLU if asked) with the given statistics,
+/// for `x = [batch, rows, channels]`. `x` and `out` may be the same buffer's copy.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_apply(
+    x: &[f32],
+    out: &mut [f32],
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    stats: &[GroupStats],
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) {
+    assert_eq!(stats.len(), batch * groups, "group_norm: stats");
+    assert_eq!(x.len(), out.len(), "group_norm: output");
+    let per_sample = x.len() / batch.max(1);
+    let cpg = channels / groups;
+    out.copy_from_slice(x);
+    for (b, sample) in out.chunks_mut(per_sample.max(1)).take(batch).enumerate() {
+        let s = &stats[b * groups..(b + 1) * groups];
+        let scale: Vec<f32> = (0..channels)
+            .map(|c| s[c / cpg].rstd * gamma[c])
+            .collect();
+        let shift: Vec<f32> = (0..channels)
+            .map(|c| beta[c] - s[c / cpg].mean * scale[c])
+            .collect();
+        sample
+            .par_chunks_mut(super::rows_per_task(channels) * channels)
+            .for_each(|rows| scale_shift_rows(rows, &scale, &shift, silu));
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn layer_norm_rows(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let c = gamma.len();
+    for (row, o) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let mean = row.iter().sum::<f32>() / c as f32;
+        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+            *o = (v - mean) * rstd * g + b;
+        }
+    }
+}
+
+/// Layer norm over the last dimension of `x = [rows, channels]`.
+pub fn layer_norm(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let c = gamma.len();
+    let per_task = super::rows_per_task(c) * c;
+    x.par_chunks(per_task)
+        .zip(out.par_chunks_mut(per_task))
+        .for_each(|(x, o)| layer_norm_rows(x, o, gamma, beta, eps));
+}

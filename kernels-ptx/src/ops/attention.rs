@@ -1,0 +1,174 @@
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::masked_conv::slice;
+use crate::cpu::attention::{self, Heads, MaskedSegment};
+use crate::error::{invalid, shape_err};
+use crate::tensor::CpuStorage;
+use crate::{FloatElement, Result, Tensor, TokenSet};
+
+fn heads_of(op: &'static str, channels: usize, heads: usize) -> Result<Heads> {
+    if heads == 0 || channels % heads != 0 {
+        return invalid(op, format!("{channels} channels do not split into {heads} heads"));
+    }
+    let head_dim = channels / heads;
+    Ok(Heads {
+        heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    })
+}
+
+/// One request of a masked-attention batch.
+pub struct AttentionSegment<'a> {
+    /// The request's rows in the packed queries and fresh keys/values (its active tokens).
+    pub rows: Range<usize>,
+    /// The request's active tokens; `rows.len()` must equal `tokens.len()`.
+    pub tokens: &'a TokenSet,
+    /// The template's cached keys and values for all `tokens.grid_len()` tokens,
+    /// `[grid_len, channels]`, f32, f16 or bf16.
+    pub cached_k: &'a Tensor,
+    pub cached_v: &'a Tensor,
+}
+
+impl Tensor {
+    /// Scaled dot-product attention with `heads` heads: `q = [batch, lq, c]`,
+    /// `k = v = [batch, lk, c]`, scale `1/sqrt(c / heads)`. With `causal`, query i attends to
+    /// keys 0..=i. Memory stays O(block) however long the sequences are.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "attention";
+        q.check_rank(OP, 3)?;
+        let &[batch, lq, c] = q.shape() else {
+            unreachable!()
+        };
+        if k.rank() != 3 || k.shape()[0] != batch || k.shape()[2] != c || k.shape() != v.shape() {
+            return shape_err(
+                OP,
+                format!(
+                    "q {:?}, k {:?}, v {:?} do not agree",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            );
+        }
+        let lk = k.shape()[1];
+        let h = heads_of(OP, c, heads)?;
+        let mut out = vec![0.0f32; q.elem_count()];
+        attention::attention(
+            q.f32s(OP)?,
+            k.f32s(OP)?,
+            v.f32s(OP)?,
+            &mut out,
+            batch,
+            lq,
+            lk,
+            h,
+            causal,
+        );
+        Ok(Tensor::from_f32_unchecked(out, q.shape()))
+    }
+
+    /// Masked self-attention over a ragged batch. `q`, `k_fresh`, `v_fresh` are the packed
+    /// active rows of all requests, `[rows, c]`. Each request's queries attend to its fresh
+    /// keys/values and to its cached keys/values at inactive positions, read in place.
+    pub fn masked_attention(
+        q: &Tensor,
+        k_fresh: &Tensor,
+        v_fresh: &Tensor,
+        segments: &[AttentionSegment<'_>],
+        heads: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "masked_attention";
+        q.check_rank(OP, 2)?;
+        let &[rows, c] = q.shape() else {
+            unreachable!()
+        };
+        if k_fresh.shape() != q.shape() || v_fresh.shape() != q.shape() {
+            return shape_err(
+                OP,
+                format!(
+                    "q {:?}, fresh k {:?}, fresh v {:?} must match",
+                    q.shape(),
+                    k_fresh.shape(),
+                    v_fresh.shape()
+                ),
+            );
+        }
+        let h = heads_of(OP, c, heads)?;
+        let mut previous_end = 0;
+        let dtype = segments.first().map(|s| s.cached_k.dtype());
+        for (i, s) in segments.iter().enumerate() {
+            if s.rows.start < previous_end || s.rows.end > rows || s.rows.start > s.rows.end {
+                return invalid(
+                    OP,
+                    format!("segment {i}: rows {:?} overlap or exceed {rows}", s.rows),
+                );
+            }
+            previous_end = s.rows.end;
+            if s.rows.len() != s.tokens.len() {
+                return invalid(
+                    OP,
+                    format!(
+                        "segment {i}: {} rows for {} active tokens",
+                        s.rows.len(),
+                        s.tokens.len()
+                    ),
+                );
+            }
+            let want = [s.tokens.grid_len(), c];
+            if s.cached_k.elem_count() != want[0] * c || s.cached_v.elem_count() != want[0] * c
+            {
+                return shape_err(
+                    OP,
+                    format!(
+                        "segment {i}: cached k {:?} / v {:?}, expected {want:?}",
+                        s.cached_k.shape(),
+                        s.cached_v.shape()
+                    ),
+                );
+            }
+            if Some(s.cached_k.dtype()) != dtype || Some(s.cached_v.dtype()) != dtype {
+                return invalid(OP, "all cached keys and values must share one dtype");
+            }
+        }
+        let (q_data, k_data, v_data) = (q.f32s(OP)?, k_fresh.f32s(OP)?, v_fresh.f32s(OP)?);
+        let mut out = vec![0.0f32; q.elem_count()];
+        fn run<C: FloatElement + crate::TensorElement>(
+            segments: &[AttentionSegment<'_>],
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            out: &mut [f32],
+            h: Heads,
+        ) {
+            let segs: Vec<MaskedSegment<'_, C>> = segments
+                .iter()
+                .map(|s| MaskedSegment {
+                    rows: s.rows.clone(),
+                    cached_k: slice::<C>(s.cached_k),
+                    cached_v: slice::<C>(s.cached_v),
+                    row_of: s.tokens.row_of(),
+                })
+                .collect();
+            attention::masked_attention(q, k, v, &segs, out, h);
+        }
+        match segments.first().map(|s| s.cached_k.cpu_storage()) {
+            None => {}
+            Some(CpuStorage::F32(_)) => run::<f32>(segments, q_data, k_data, v_data, &mut out, h),
+            Some(CpuStorage::F16(_)) => run::<f16>(segments, q_data, k_data, v_data, &mut out, h),
+            Some(CpuStorage::BF16(_)) => {
+                run::<bf16>(segments, q_data, k_data, v_data, &mut out, h)
+            }
+            Some(CpuStorage::I64(_)) => return invalid(OP, "cached keys must be float tensors"),
+        }
+        Ok(Tensor::from_f32_unchecked(out, q.shape()))
+    }
+}

@@ -1,0 +1,134 @@
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use crate::cpu::lora;
+use crate::error::{invalid, shape_err};
+use crate::tensor::CpuStorage;
+use crate::{DType, Result, Tensor};
+
+/// The weight as it was before a LoRA patch, for an exact restore.
+///
+/// Rounding makes `(W + d) - d != W` in floating point, so an exact restore needs the
+/// original values; this holds them (the same bytes as the patched weight).
+#[derive(Debug)]
+pub struct LoraBackup {
+    original: Tensor,
+}
+
+impl LoraBackup {
+    pub fn size_in_bytes(&self) -> usize {
+        self.original.size_in_bytes()
+    }
+}
+
+/// One row segment of an unmerged LoRA batch: rows `rows` use adapter (down, up) at `scale`.
+pub struct LoraSegment<'a> {
+    pub rows: Range<usize>,
+    /// `[rank, in]` (PEFT's lora_A).
+    pub down: &'a Tensor,
+    /// `[out, rank]` (PEFT's lora_B).
+    pub up: &'a Tensor,
+    pub scale: f32,
+}
+
+fn check_adapter(op: &'static str, out: usize, inp: usize, up: &Tensor, down: &Tensor) -> Result<usize> {
+    if down.rank() != 2 || up.rank() != 2 {
+        return shape_err(op, "up and down must be matrices");
+    }
+    let rank = down.shape()[0];
+    if down.shape() != [rank, inp] || up.shape() != [out, rank] {
+        return shape_err(
+            op,
+            format!(
+                "for a [{out}, {inp}] weight, down must be [rank, {inp}] and up [{out}, rank]; \
+                 got down {:?}, up {:?}",
+                down.shape(),
+                up.shape()
+            ),
+        );
+    }
+    Ok(rank)
+}
+
+impl Tensor {
+    /// Merges a LoRA into this `[out, in]` weight in place: `W += scale * up * down`,
+    /// accumulated in f32 and rounded once for f16/bf16 weights. Returns what
+    /// [`Tensor::lora_restore`] needs to put the weight back bit for bit.
+    pub fn lora_patch(&mut self, up: &Tensor, down: &Tensor, scale: f32) -> Result<LoraBackup> {
+        const OP: &str = "lora_patch";
+        self.check_rank(OP, 2)?;
+        let (out, inp) = (self.shape()[0], self.shape()[1]);
+        let rank = check_adapter(OP, out, inp, up, down)?;
+        let up = up.to_dtype(DType::F32)?;
+        let down = down.to_dtype(DType::F32)?;
+        let (up, down) = (up.f32s(OP)?, down.f32s(OP)?);
+        let backup = LoraBackup {
+            original: self.clone(),
+        };
+        match self.cpu_storage_mut() {
+            CpuStorage::F32(w) => lora::patch_f32(w, out, inp, up, down, rank, scale),
+            CpuStorage::F16(w) => lora::patch_half::<f16>(w, inp, up, down, rank, scale),
+            CpuStorage::BF16(w) => lora::patch_half::<bf16>(w, inp, up, down, rank, scale),
+            CpuStorage::I64(_) => return invalid(OP, "cannot patch an integer tensor"),
+        }
+        Ok(backup)
+    }
+
+    /// Puts back the weight a [`Tensor::lora_patch`] changed, exactly.
+    pub fn lora_restore(&mut self, backup: LoraBackup) -> Result<()> {
+        if backup.original.shape() != self.shape() || backup.original.dtype() != self.dtype() {
+            return invalid(
+                "lora_restore",
+                format!(
+                    "backup {:?} {:?} does not belong to this {:?} {:?} weight",
+                    backup.original.shape(),
+                    backup.original.dtype(),
+                    self.shape(),
+                    self.dtype()
+                ),
+            );
+        }
+        *self = backup.original;
+        Ok(())
+    }
+
+    /// The unmerged LoRA path: `y[rows_i] += scale_i * (x[rows_i] * down_i^T) * up_i^T` for
+    /// each segment, with `x = [n, in]` (self) and `y = [n, out]`. Segments must not overlap.
+    pub fn lora_segments(&self, y: &mut Tensor, segments: &[LoraSegment<'_>]) -> Result<()> {
+        const OP: &str = "lora_segments";
+        self.check_rank(OP, 2)?;
+        y.check_rank(OP, 2)?;
+        let (n, inp) = (self.shape()[0], self.shape()[1]);
+        let out = y.shape()[1];
+        if y.shape()[0] != n {
+            return shape_err(
+                OP,
+                format!("x {:?} and y {:?} differ in rows", self.shape(), y.shape()),
+            );
+        }
+        let mut owned = Vec::with_capacity(segments.len());
+        let mut previous_end = 0;
+        for (i, s) in segments.iter().enumerate() {
+            if s.rows.start < previous_end || s.rows.end > n || s.rows.start > s.rows.end {
+                return invalid(OP, format!("segment {i}: rows {:?} overlap or exceed {n}", s.rows));
+            }
+            previous_end = s.rows.end;
+            let rank = check_adapter(OP, out, inp, s.up, s.down)?;
+            owned.push((s.down.to_dtype(DType::F32)?, s.up.to_dtype(DType::F32)?, rank));
+        }
+        let mut cpu_segments = Vec::with_capacity(segments.len());
+        for (s, (down, up, rank)) in segments.iter().zip(&owned) {
+            cpu_segments.push(lora::Segment {
+                rows: s.rows.clone(),
+                down: down.f32s(OP)?,
+                up: up.f32s(OP)?,
+                rank: *rank,
+                scale: s.scale,
+            });
+        }
+        let x = self.f32s(OP)?;
+        lora::apply_segments(x, inp, y.f32s_mut(OP)?, out, &cpu_segments);
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+use crate::cpu::norm::{self, GroupStats};
+use crate::error::{invalid, shape_err};
+use crate::{Result, Tensor};
+
+fn check_affine(op: &'static str, channels: usize, gamma: &Tensor, beta: &Tensor) -> Result<()> {
+    if gamma.shape() != [channels] || beta.shape() != [channels] {
+        return shape_err(
+            op,
+            format!(
+                "weight {:?} and bias {:?} must both be [{channels}]",
+                gamma.shape(),
+                beta.shape()
+            ),
+        );
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// (batch, channels) of a channels-last tensor `[batch, ..., channels]` of rank >= 2.
+    fn batch_and_channels(&self, op: &'static str) -> Result<(usize, usize)> {
+        if self.rank() < 2 {
+            return shape_err(
+                op,
+                format!("expected [batch, ..., channels], got {:?}", self.shape()),
+            );
+        }
+        Ok((self.shape()[0], self.dim(-1)?))
+    }
+
+    fn check_groups(op: &'static str, channels: usize, groups: usize) -> Result<()> {
+        if groups == 0 || channels % groups != 0 {
+            return invalid(
+                op,
+                format!("{channels} channels do not split into {groups} groups"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Group norm of a channels-last tensor `[batch, ..., channels]` (statistics per sample
+    /// and group over every position), optionally followed by SiLU.
+    pub fn group_norm(
+        &self,
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let stats = self.group_norm_stats(groups, eps)?;
+        self.group_norm_with_stats(&stats, groups, gamma, beta, silu)
+    }
+
+    /// The per-(sample, group) statistics group norm would use.
+    pub fn group_norm_stats(&self, groups: usize, eps: f32) -> Result<Vec<GroupStats>> {
+        const OP: &str = "group_norm";
+        let (batch, channels) = self.batch_and_channels(OP)?;
+        Self::check_groups(OP, channels, groups)?;
+        Ok(norm::group_norm_stats(
+            self.f32s(OP)?,
+            batch,
+            channels,
+            groups,
+            eps,
+        ))
+    }
+
+    /// Group norm with given statistics (`batch * groups` of them): masked execution
+    /// normalises the active rows of an edited map with the template's statistics.
+    pub fn group_norm_with_stats(
+        &self,
+        stats: &[GroupStats],
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "group_norm";
+        let (batch, channels) = self.batch_and_channels(OP)?;
+        Self::check_groups(OP, channels, groups)?;
+        check_affine(OP, channels, gamma, beta)?;
+        if stats.len() != batch * groups {
+            return invalid(
+                OP,
+                format!(
+                    "{} statistics given for {batch} samples of {groups} groups",
+                    stats.len()
+                ),
+            );
+        }
+        let x = self.f32s(OP)?;
+        let mut out = vec![0.0f32; x.len()];
+        norm::group_norm_apply(
+            x,
+            &mut out,
+            batch,
+            channels,
+            groups,
+            stats,
+            gamma.f32s(OP)?,
+            beta.f32s(OP)?,
+            silu,
+        );
+        Ok(Tensor::from_f32_unchecked(out, self.shape()))
+    }
+
+    /// Layer norm over the last dimension.
+    pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+        const OP: &str = "layer_norm";
+        let channels = self.dim(-1)?;
+        check_affine(OP, channels, gamma, beta)?;
+        let x = self.f32s(OP)?;
+        let mut out = vec![0.0f32; x.len()];
+        norm::layer_norm(x, &mut out, gamma.f32s(OP)?, beta.f32s(OP)?, eps);
+        Ok(Tensor::from_f32_unchecked(out, self.shape()))
+    }
+}
