@@ -8,6 +8,7 @@
 //!
 //! Every op validates shapes and dtypes and returns [`Error`] instead of panicking.
 
+pub mod bench;
 pub mod cpu;
 mod device;
 mod dtype;

@@ -2,178 +2,26 @@
 //! with an online softmax, so no score matrix larger than one block pair ever exists.
 //!
 //! Channels-last layout: `q`, `k`, `v` and the output are `[rows, heads * head_dim]` with the
-//! heads interleaved as the projections produce them; each task owns a block of query rows
-//! (all heads), so tasks write disjoint output rows.
+//! heads interleaved as the projections produce them. A task is (sequence, head, run of query
+//! rows): it packs that head's keys (transposed) and values into f32 panels once, then runs
+//! register-blocked micro-kernels ([`super::tiles`]) over query and key blocks.
 
 use std::ops::Range;
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::gemm::{MatRef, Threads, sgemm};
-use super::math;
+use super::{math, tiles};
+use crate::FloatElement;
 use crate::tokens::NOT_ACTIVE;
-use crate::{DType, FloatElement};
 
 const BLOCK_Q: usize = 64;
 const BLOCK_K: usize = 256;
+/// Query rows per task: enough to amortise packing the head's keys.
+const TASK_Q: usize = 512;
 
-/// Which scores of a block are excluded (set to -inf before the softmax).
-#[derive(Clone, Copy)]
-enum KeyMask<'a> {
-    None,
-    /// Key j is visible to query i only if `first_key + j <= first_query + i`.
-    Causal { first_query: usize, first_key: usize },
-    /// Key j is excluded when `row_of[j]` names a fresh row: the cache's stale copy of an
-    /// active token, whose fresh K/V are attended separately.
-    FreshInCache(&'a [u32]),
-}
-
-/// Running softmax state of one query block for one head.
-struct OnlineSoftmax {
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    acc: Vec<f32>,
-    scores: Vec<f32>,
-    kv_tile: Vec<f32>,
-}
-
-#[multiversion(targets("x86_64+avx2+fma"))]
-fn exp_row_update(scores: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
-    let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let new_max = max.max(block_max);
-    if new_max == f32::NEG_INFINITY {
-        scores.fill(0.0);
-        return 1.0;
-    }
-    let mut block_sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = math::exp(*s - new_max);
-        block_sum += *s;
-    }
-    let correction = math::exp(*max - new_max);
-    *sum = *sum * correction + block_sum;
-    *max = new_max;
-    correction
-}
-
-impl OnlineSoftmax {
-    fn new() -> Self {
-        OnlineSoftmax {
-            max: Vec::new(),
-            sum: Vec::new(),
-            acc: Vec::new(),
-            scores: Vec::new(),
-            kv_tile: Vec::new(),
-        }
-    }
-
-    fn reset(&mut self, rows: usize, d: usize) {
-        self.max.clear();
-        self.max.resize(rows, f32::NEG_INFINITY);
-        self.sum.clear();
-        self.sum.resize(rows, 0.0);
-        self.acc.clear();
-        self.acc.resize(rows * d, 0.0);
-    }
-
-    /// Folds keys/values `k_t` (d x n, the transposed keys) and `v` (n x d) into the state.
-    #[allow(clippy::too_many_arguments)]
-    fn add_block(
-        &mut self,
-        q: MatRef<'_>,
-        rows: usize,
-        d: usize,
-        k_t: MatRef<'_>,
-        v: MatRef<'_>,
-        n: usize,
-        scale: f32,
-        mask: KeyMask<'_>,
-    ) {
-        self.scores.resize(rows * n, 0.0);
-        let scores = &mut self.scores[..rows * n];
-        sgemm(rows, n, d, scores, n, q, k_t, false, scale, Threads::Single);
-        for (i, row) in scores.chunks_exact_mut(n).enumerate() {
-            match mask {
-                KeyMask::None => {}
-                KeyMask::Causal {
-                    first_query,
-                    first_key,
-                } => {
-                    let visible = (first_query + i + 1).saturating_sub(first_key).min(n);
-                    row[visible..].fill(f32::NEG_INFINITY);
-                }
-                KeyMask::FreshInCache(row_of) => {
-                    for (s, &r) in row.iter_mut().zip(row_of) {
-                        if r != NOT_ACTIVE {
-                            *s = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-            }
-            let correction = exp_row_update(row, &mut self.max[i], &mut self.sum[i]);
-            if correction != 1.0 {
-                self.acc[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .for_each(|a| *a *= correction);
-            }
-        }
-        let scores = MatRef::rows(&self.scores[..rows * n], n);
-        sgemm(rows, d, n, &mut self.acc, d, scores, v, true, 1.0, Threads::Single);
-    }
-
-    /// Keys `[start, start + n)` of a `[len, ld]` source for the head at column `col`.
-    #[allow(clippy::too_many_arguments)]
-    fn add_rows<C: FloatElement>(
-        &mut self,
-        q: MatRef<'_>,
-        rows: usize,
-        d: usize,
-        keys: &[C],
-        values: &[C],
-        ld: usize,
-        col: usize,
-        start: usize,
-        n: usize,
-        scale: f32,
-        mask: KeyMask<'_>,
-    ) {
-        if C::DTYPE == DType::F32 {
-            let k: &[f32] = bytemuck::cast_slice(keys);
-            let v: &[f32] = bytemuck::cast_slice(values);
-            let k_t = MatRef::transposed(&k[start * ld + col..], ld);
-            let v = MatRef::rows(&v[start * ld + col..], ld);
-            self.add_block(q, rows, d, k_t, v, n, scale, mask);
-        } else {
-            // Half-precision cache: widen this block of one head into a small f32 tile.
-            let mut tile = std::mem::take(&mut self.kv_tile);
-            tile.resize(2 * n * d, 0.0);
-            let (kt, vt) = tile.split_at_mut(n * d);
-            for j in 0..n {
-                let src = (start + j) * ld + col;
-                C::load_row(&keys[src..src + d], &mut kt[j * d..(j + 1) * d]);
-                C::load_row(&values[src..src + d], &mut vt[j * d..(j + 1) * d]);
-            }
-            let k_t = MatRef::transposed(kt, d);
-            let v = MatRef::rows(vt, d);
-            self.add_block(q, rows, d, k_t, v, n, scale, mask);
-            self.kv_tile = tile;
-        }
-    }
-
-    /// Writes `acc / sum` into the head's columns of the output rows.
-    fn finish(&self, out: &mut [f32], ld: usize, col: usize, d: usize) {
-        for (i, acc) in self.acc.chunks_exact(d).enumerate() {
-            let inv = if self.sum[i] > 0.0 {
-                1.0 / self.sum[i]
-            } else {
-                0.0
-            };
-            for (o, &a) in out[i * ld + col..][..d].iter_mut().zip(acc) {
-                *o = a * inv;
-            }
-        }
-    }
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
 }
 
 /// Shape of a multi-head attention call.
@@ -187,6 +35,231 @@ pub struct Heads {
 impl Heads {
     fn ld(&self) -> usize {
         self.heads * self.head_dim
+    }
+}
+
+/// One head's keys and values, widened to f32 and padded for the micro-kernels: keys
+/// transposed (`dp x ld`), values row-major (`ld x dp`).
+struct PackedKeys {
+    d: usize,
+    dp: usize,
+    len: usize,
+    ld: usize,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    row: Vec<f32>,
+}
+
+impl PackedKeys {
+    fn new() -> Self {
+        PackedKeys {
+            d: 0,
+            dp: 0,
+            len: 0,
+            ld: 0,
+            kt: Vec::new(),
+            v: Vec::new(),
+            row: Vec::new(),
+        }
+    }
+
+    fn reset(&mut self, capacity: usize, d: usize) {
+        self.d = d;
+        self.dp = round_up(d, 8);
+        self.len = 0;
+        self.ld = round_up(capacity.max(1), tiles::LANES);
+        self.kt.clear();
+        self.kt.resize(self.dp * self.ld, 0.0);
+        self.v.clear();
+        self.v.resize(self.ld * self.dp, 0.0);
+        self.row.resize(d, 0.0);
+    }
+
+    /// Appends source rows `rows` (columns `col..col + d` of `[_, ld]` keys and values).
+    fn push<C: FloatElement>(
+        &mut self,
+        keys: &[C],
+        values: &[C],
+        ld: usize,
+        col: usize,
+        rows: impl Iterator<Item = usize>,
+    ) {
+        let (d, dp) = (self.d, self.dp);
+        for r in rows {
+            let j = self.len;
+            let src = r * ld + col;
+            C::load_row(&values[src..src + d], &mut self.v[j * dp..j * dp + d]);
+            C::load_row(&keys[src..src + d], &mut self.row);
+            for (dd, &k) in self.row.iter().enumerate() {
+                self.kt[dd * self.ld + j] = k;
+            }
+            self.len += 1;
+        }
+    }
+}
+
+/// Running state of one query block: the scaled query tile, scores, output accumulators,
+/// and the online-softmax row maxima and sums.
+struct QueryBlock {
+    rows: usize,
+    rows_pad: usize,
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn exp_row_update(scores: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
+    let new_max = math::max(scores).max(*max);
+    if new_max == f32::NEG_INFINITY {
+        scores.fill(0.0);
+        return 1.0;
+    }
+    let block_sum = math::exp_shifted_sum(scores, new_max);
+    let correction = math::exp(*max - new_max);
+    *sum = *sum * correction + block_sum;
+    *max = new_max;
+    correction
+}
+
+impl QueryBlock {
+    fn new() -> Self {
+        QueryBlock {
+            rows: 0,
+            rows_pad: 0,
+            q: Vec::new(),
+            scores: Vec::new(),
+            acc: Vec::new(),
+            max: Vec::new(),
+            sum: Vec::new(),
+        }
+    }
+
+    /// Loads query rows `first..first + rows` (columns `col..col + d` of `[_, ld]`), scaled.
+    #[allow(clippy::too_many_arguments)]
+    fn start(&mut self, q: &[f32], ld: usize, first: usize, rows: usize, col: usize, keys: &PackedKeys, scale: f32) {
+        let (d, dp) = (keys.d, keys.dp);
+        self.rows = rows;
+        self.rows_pad = round_up(rows, tiles::ROWS);
+        self.q.clear();
+        self.q.resize(self.rows_pad * dp, 0.0);
+        for i in 0..rows {
+            let src = &q[(first + i) * ld + col..][..d];
+            for (dst, &x) in self.q[i * dp..][..d].iter_mut().zip(src) {
+                *dst = x * scale;
+            }
+        }
+        self.acc.clear();
+        self.acc.resize(self.rows_pad * dp, 0.0);
+        self.max.clear();
+        self.max.resize(rows, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(rows, 0.0);
+    }
+
+    /// Attends to every packed key. With `causal_first_query`, query i (global index
+    /// `first + i`) sees only keys `0..=first + i`.
+    fn run(&mut self, keys: &PackedKeys, causal_first_query: Option<usize>) {
+        let dp = keys.dp;
+        let key_end = match causal_first_query {
+            Some(first) => keys.len.min(first + self.rows),
+            None => keys.len,
+        };
+        for k0 in (0..key_end).step_by(BLOCK_K) {
+            let n = BLOCK_K.min(key_end - k0);
+            let cols = round_up(n, tiles::LANES);
+            self.scores.resize(self.rows_pad * cols, 0.0);
+            tiles::scores(&self.q, &keys.kt[k0..], keys.ld, &mut self.scores, self.rows_pad, dp, cols);
+            for (i, row) in self.scores.chunks_exact_mut(cols).enumerate().take(self.rows_pad) {
+                if i >= self.rows {
+                    row.fill(0.0);
+                    continue;
+                }
+                let visible = match causal_first_query {
+                    Some(first) => (first + i + 1).saturating_sub(k0).min(n),
+                    None => n,
+                };
+                row[visible..].fill(f32::NEG_INFINITY);
+                let correction = exp_row_update(row, &mut self.max[i], &mut self.sum[i]);
+                if correction != 1.0 {
+                    self.acc[i * dp..(i + 1) * dp]
+                        .iter_mut()
+                        .for_each(|a| *a *= correction);
+                }
+            }
+            tiles::weighted_sum(&self.scores, &keys.v[k0 * dp..], &mut self.acc, self.rows_pad, dp, cols);
+        }
+    }
+
+    /// Writes `acc / sum` for each row into `out = [rows, d]` from row `at`.
+    fn finish(&self, out: &mut [f32], at: usize, d: usize, dp: usize) {
+        for i in 0..self.rows {
+            let inv = if self.sum[i] > 0.0 { 1.0 / self.sum[i] } else { 0.0 };
+            let acc = &self.acc[i * dp..][..d];
+            for (o, &a) in out[(at + i) * d..][..d].iter_mut().zip(acc) {
+                *o = a * inv;
+            }
+        }
+    }
+}
+
+/// Per-thread scratch of a task.
+struct Scratch {
+    keys: PackedKeys,
+    block: QueryBlock,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            keys: PackedKeys::new(),
+            block: QueryBlock::new(),
+        }
+    }
+
+    /// Runs all query blocks of `rows` (global rows of `q`) against the packed keys and
+    /// returns the head's output rows, `[rows.len(), d]`.
+    fn attend(&mut self, q: &[f32], ld: usize, rows: Range<usize>, col: usize, scale: f32, causal_offset: Option<usize>) -> Vec<f32> {
+        let d = self.keys.d;
+        let mut out = vec![0.0f32; rows.len() * d];
+        for b0 in (rows.start..rows.end).step_by(BLOCK_Q) {
+            let n = BLOCK_Q.min(rows.end - b0);
+            self.block.start(q, ld, b0, n, col, &self.keys, scale);
+            self.block.run(&self.keys, causal_offset.map(|first| b0 - first));
+            self.block.finish(&mut out, b0 - rows.start, d, self.keys.dp);
+        }
+        out
+    }
+}
+
+/// A unit of parallel work: one head of a run of query rows.
+struct Task {
+    sequence: usize,
+    head: usize,
+    rows: Range<usize>,
+}
+
+fn tasks_for(sequence: usize, heads: usize, rows: Range<usize>, tasks: &mut Vec<Task>) {
+    for start in (rows.start..rows.end).step_by(TASK_Q) {
+        for head in 0..heads {
+            tasks.push(Task {
+                sequence,
+                head,
+                rows: start..rows.end.min(start + TASK_Q),
+            });
+        }
+    }
+}
+
+/// Writes each task's `[rows, d]` result into the head's columns of `out = [_, ld]`.
+fn scatter_results(out: &mut [f32], ld: usize, d: usize, tasks: &[Task], results: Vec<Vec<f32>>) {
+    for (task, result) in tasks.iter().zip(results) {
+        let col = task.head * d;
+        for (i, r) in task.rows.clone().enumerate() {
+            out[r * ld + col..][..d].copy_from_slice(&result[i * d..][..d]);
+        }
     }
 }
 
@@ -204,47 +277,27 @@ pub fn attention(
     h: Heads,
     causal: bool,
 ) {
-    let ld = h.ld();
-    let d = h.head_dim;
-    if batch == 0 || lq == 0 {
-        return;
+    let (ld, d) = (h.ld(), h.head_dim);
+    let mut tasks = Vec::new();
+    for b in 0..batch {
+        tasks_for(b, h.heads, b * lq..(b + 1) * lq, &mut tasks);
     }
-    out.par_chunks_mut(lq * ld)
-        .enumerate()
-        .take(batch)
-        .for_each(|(b, out_b)| {
-            let q_b = &q[b * lq * ld..(b + 1) * lq * ld];
-            let k_b = &k[b * lk * ld..(b + 1) * lk * ld];
-            let v_b = &v[b * lk * ld..(b + 1) * lk * ld];
-            out_b
-                .par_chunks_mut(BLOCK_Q * ld)
-                .enumerate()
-                .for_each_init(OnlineSoftmax::new, |state, (qb, out_rows)| {
-                    let q0 = qb * BLOCK_Q;
-                    let rows = out_rows.len() / ld;
-                    let key_end = if causal { lk.min(q0 + rows) } else { lk };
-                    for head in 0..h.heads {
-                        let col = head * d;
-                        let q_view = MatRef::rows(&q_b[q0 * ld + col..], ld);
-                        state.reset(rows, d);
-                        for k0 in (0..key_end).step_by(BLOCK_K) {
-                            let n = BLOCK_K.min(key_end - k0);
-                            let mask = if causal {
-                                KeyMask::Causal {
-                                    first_query: q0,
-                                    first_key: k0,
-                                }
-                            } else {
-                                KeyMask::None
-                            };
-                            state.add_rows(
-                                q_view, rows, d, k_b, v_b, ld, col, k0, n, h.scale, mask,
-                            );
-                        }
-                        state.finish(out_rows, ld, col, d);
-                    }
-                });
-        });
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(Scratch::new, |s, t| {
+            let b = t.sequence;
+            let key_end = if causal {
+                lk.min(t.rows.end - b * lq)
+            } else {
+                lk
+            };
+            s.keys.reset(key_end, d);
+            s.keys.push(k, v, ld, t.head * d, b * lk..b * lk + key_end);
+            let causal_offset = causal.then_some(b * lq);
+            s.attend(q, ld, t.rows.clone(), t.head * d, h.scale, causal_offset)
+        })
+        .collect();
+    scatter_results(out, ld, d, &tasks, results);
 }
 
 /// One request of a masked-attention batch.
@@ -260,8 +313,9 @@ pub struct MaskedSegment<'a, C: FloatElement> {
 }
 
 /// Masked self-attention over a ragged batch. The active queries of each request attend to
-/// the union of (cached K/V of its inactive tokens) and (fresh K/V of its active tokens),
-/// read from the two sources directly: the composite K/V is never built.
+/// its keys at every position: the cached K/V where the position is inactive and the fresh
+/// K/V where it is active, each read from its own source (the cached copies of active
+/// positions are skipped, never overwritten).
 pub fn masked_attention<C: FloatElement>(
     q: &[f32],
     k_fresh: &[f32],
@@ -270,68 +324,22 @@ pub fn masked_attention<C: FloatElement>(
     out: &mut [f32],
     h: Heads,
 ) {
-    let ld = h.ld();
-    let d = h.head_dim;
-    // Split the output into (segment, first row, block) tasks owning disjoint rows.
+    let (ld, d) = (h.ld(), h.head_dim);
     let mut tasks = Vec::new();
-    let mut rest: &mut [f32] = out;
-    let mut consumed = 0;
     for (s, seg) in segments.iter().enumerate() {
-        let skip = (seg.rows.start - consumed) * ld;
-        let (_, tail) = rest.split_at_mut(skip);
-        let (mine, tail) = tail.split_at_mut(seg.rows.len() * ld);
-        rest = tail;
-        consumed = seg.rows.end;
-        for (i, block) in mine.chunks_mut(BLOCK_Q * ld).enumerate() {
-            tasks.push((s, seg.rows.start + i * BLOCK_Q, block));
-        }
+        tasks_for(s, h.heads, seg.rows.clone(), &mut tasks);
     }
-    tasks
-        .into_par_iter()
-        .for_each_init(OnlineSoftmax::new, |state, (s, q0, out_rows)| {
-            let seg = &segments[s];
-            let rows = out_rows.len() / ld;
-            let cached_len = seg.row_of.len();
-            let fresh_len = seg.rows.len();
-            for head in 0..h.heads {
-                let col = head * d;
-                let q_view = MatRef::rows(&q[q0 * ld + col..], ld);
-                state.reset(rows, d);
-                for k0 in (0..cached_len).step_by(BLOCK_K) {
-                    let n = BLOCK_K.min(cached_len - k0);
-                    let mask = KeyMask::FreshInCache(&seg.row_of[k0..k0 + n]);
-                    state.add_rows(
-                        q_view,
-                        rows,
-                        d,
-                        seg.cached_k,
-                        seg.cached_v,
-                        ld,
-                        col,
-                        k0,
-                        n,
-                        h.scale,
-                        mask,
-                    );
-                }
-                for k0 in (0..fresh_len).step_by(BLOCK_K) {
-                    let n = BLOCK_K.min(fresh_len - k0);
-                    let start = seg.rows.start + k0;
-                    state.add_rows(
-                        q_view,
-                        rows,
-                        d,
-                        k_fresh,
-                        v_fresh,
-                        ld,
-                        col,
-                        start,
-                        n,
-                        h.scale,
-                        KeyMask::None,
-                    );
-                }
-                state.finish(out_rows, ld, col, d);
-            }
-        });
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(Scratch::new, |s, t| {
+            let seg = &segments[t.sequence];
+            let col = t.head * d;
+            s.keys.reset(seg.row_of.len(), d);
+            let inactive = (0..seg.row_of.len()).filter(|&p| seg.row_of[p] == NOT_ACTIVE);
+            s.keys.push(seg.cached_k, seg.cached_v, ld, col, inactive);
+            s.keys.push(k_fresh, v_fresh, ld, col, seg.rows.clone());
+            s.attend(q, ld, t.rows.clone(), col, h.scale, None)
+        })
+        .collect();
+    scatter_results(out, ld, d, &tasks, results);
 }

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod math;
 pub mod norm;
 pub mod softmax;
+pub mod tiles;
 pub mod timestep;
 
 /// Rows per rayon task for row-wise ops: large enough to amortise scheduling.

@@ -148,8 +148,16 @@ pub fn group_norm_apply(
 fn layer_norm_rows(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let c = gamma.len();
     for (row, o) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-        let mean = row.iter().sum::<f32>() / c as f32;
-        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let mean = math::sum(row) / c as f32;
+        let mut var_lanes = [0.0f32; 8];
+        let chunks = row.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+        for ch in chunks {
+            for l in 0..8 {
+                var_lanes[l] += (ch[l] - mean) * (ch[l] - mean);
+            }
+        }
+        let var = (var_lanes.iter().sum::<f32>() + tail) / c as f32;
         let rstd = 1.0 / (var + eps).sqrt();
         for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
             *o = (v - mean) * rstd * g + b;

@@ -6,18 +6,13 @@ use super::math;
 /// Softmax of one row in place; the max is subtracted first, so large inputs are safe.
 #[multiversion(targets("x86_64+avx2+fma"))]
 pub fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = math::max(row);
     if max == f32::NEG_INFINITY {
         // Every entry masked: define the result as zeros rather than NaN.
         row.fill(0.0);
         return;
     }
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = math::exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / math::exp_shifted_sum(row, max);
     for v in row.iter_mut() {
         *v *= inv;
     }
