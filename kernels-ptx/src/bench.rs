@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result,
-    Tensor, TokenSet,
+    AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result, Tensor,
+    TokenSet,
 };
 
 /// Runs a prepared benchmark once.
@@ -80,8 +80,11 @@ fn conv_case(b: usize, hw: usize, cin: usize, cout: usize) -> BenchCase {
         baseline: None,
         setup: Box::new(move || {
             let x = randn(&[b, hw, hw, cin], 3);
-            let w = Conv2dWeight::from_oihw(&randn(&[cout, cin, 3, 3], 4), Some(&randn(&[cout], 5)))?;
-            Ok(Box::new(move || x.conv2d(&w, Conv2dParams::SAME_3X3).map(drop)))
+            let w =
+                Conv2dWeight::from_oihw(&randn(&[cout, cin, 3, 3], 4), Some(&randn(&[cout], 5)))?;
+            Ok(Box::new(move || {
+                x.conv2d(&w, Conv2dParams::SAME_3X3).map(drop)
+            }))
         }),
     }
 }
@@ -121,12 +124,20 @@ fn attention_case(b: usize, tokens: usize, c: usize, heads: usize) -> BenchCase 
             let q = randn(&[b, tokens, c], 10);
             let k = randn(&[b, tokens, c], 11);
             let v = randn(&[b, tokens, c], 12);
-            Ok(Box::new(move || Tensor::attention(&q, &k, &v, heads, false).map(drop)))
+            Ok(Box::new(move || {
+                Tensor::attention(&q, &k, &v, heads, false).map(drop)
+            }))
         }),
     }
 }
 
-fn masked_attention_case(hw: usize, c: usize, heads: usize, ratio: f64, baseline: &str) -> BenchCase {
+fn masked_attention_case(
+    hw: usize,
+    c: usize,
+    heads: usize,
+    ratio: f64,
+    baseline: &str,
+) -> BenchCase {
     let n = rect_token_set(hw, hw, ratio).len();
     BenchCase {
         name: format!("masked attention {:.0}%", ratio * 100.0),

@@ -18,6 +18,7 @@ mod safetensors_io;
 mod tensor;
 mod tokens;
 
+pub use cpu::norm::GroupStats;
 pub use device::Device;
 pub use dtype::{DType, FloatElement};
 pub use error::{Error, Result};
@@ -27,6 +28,5 @@ pub use ops::lora::{LoraBackup, LoraSegment};
 pub use ops::masked_conv::MaskedConvSegment;
 pub use ops::timestep::TimestepEmbedding;
 pub use safetensors_io::{SafeTensorsFile, save_safetensors};
-pub use cpu::norm::GroupStats;
 pub use tensor::{Tensor, TensorElement};
 pub use tokens::TokenSet;

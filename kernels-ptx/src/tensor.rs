@@ -331,9 +331,6 @@ impl Tensor {
 fn wrong_element<T: 'static>(op: &'static str, got: DType) -> Error {
     Error::Invalid {
         op,
-        message: format!(
-            "tensor holds {got:?}, not {}",
-            std::any::type_name::<T>()
-        ),
+        message: format!("tensor holds {got:?}, not {}", std::any::type_name::<T>()),
     }
 }

@@ -1,5 +1,5 @@
-use crate::error::invalid;
 use crate::Result;
+use crate::error::invalid;
 
 /// Marks a grid position with no fresh row in [`TokenSet::row_of`].
 pub const NOT_ACTIVE: u32 = u32::MAX;
@@ -53,7 +53,9 @@ impl TokenSet {
                 format!("mask has {} entries, grid {height}x{width}", mask.len()),
             );
         }
-        let positions = (0..mask.len() as u32).filter(|&p| mask[p as usize]).collect();
+        let positions = (0..mask.len() as u32)
+            .filter(|&p| mask[p as usize])
+            .collect();
         TokenSet::from_positions(height, width, positions)
     }
 

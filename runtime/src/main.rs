@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "retouch", version, about = "Retouch: a serving runtime for diffusion models")]
+#[command(
+    name = "retouch",
+    version,
+    about = "Retouch: a serving runtime for diffusion models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -93,17 +93,39 @@ fn activations_match_torch() {
     let x = f.get("act.x");
     assert_close("silu", &x.silu().unwrap(), &f.get("act.silu"));
     assert_close("gelu", &x.gelu().unwrap(), &f.get("act.gelu"));
-    assert_close("gelu tanh", &x.gelu_tanh().unwrap(), &f.get("act.gelu_tanh"));
-    assert_close("quick gelu", &x.quick_gelu().unwrap(), &f.get("act.quick_gelu"));
-    assert_close("softmax", &x.softmax_last_dim().unwrap(), &f.get("act.softmax"));
-    assert_close("geglu", &f.get("geglu.x").geglu().unwrap(), &f.get("geglu.out"));
+    assert_close(
+        "gelu tanh",
+        &x.gelu_tanh().unwrap(),
+        &f.get("act.gelu_tanh"),
+    );
+    assert_close(
+        "quick gelu",
+        &x.quick_gelu().unwrap(),
+        &f.get("act.quick_gelu"),
+    );
+    assert_close(
+        "softmax",
+        &x.softmax_last_dim().unwrap(),
+        &f.get("act.softmax"),
+    );
+    assert_close(
+        "geglu",
+        &f.get("geglu.x").geglu().unwrap(),
+        &f.get("geglu.out"),
+    );
 }
 
 #[test]
 fn attention_matches_torch_sdpa() {
     let f = Fixture::open();
-    let cross = Tensor::attention(&f.get("attn.q"), &f.get("attn.k"), &f.get("attn.v"), 3, false)
-        .unwrap();
+    let cross = Tensor::attention(
+        &f.get("attn.q"),
+        &f.get("attn.k"),
+        &f.get("attn.v"),
+        3,
+        false,
+    )
+    .unwrap();
     assert_close("cross attention", &cross, &f.get("attn.out"));
     let causal = Tensor::attention(
         &f.get("causal.q"),

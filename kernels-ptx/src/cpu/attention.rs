@@ -139,7 +139,16 @@ impl QueryBlock {
 
     /// Loads query rows `first..first + rows` (columns `col..col + d` of `[_, ld]`), scaled.
     #[allow(clippy::too_many_arguments)]
-    fn start(&mut self, q: &[f32], ld: usize, first: usize, rows: usize, col: usize, keys: &PackedKeys, scale: f32) {
+    fn start(
+        &mut self,
+        q: &[f32],
+        ld: usize,
+        first: usize,
+        rows: usize,
+        col: usize,
+        keys: &PackedKeys,
+        scale: f32,
+    ) {
         let (d, dp) = (keys.d, keys.dp);
         self.rows = rows;
         self.rows_pad = round_up(rows, tiles::ROWS);
@@ -171,8 +180,21 @@ impl QueryBlock {
             let n = BLOCK_K.min(key_end - k0);
             let cols = round_up(n, tiles::LANES);
             self.scores.resize(self.rows_pad * cols, 0.0);
-            tiles::scores(&self.q, &keys.kt[k0..], keys.ld, &mut self.scores, self.rows_pad, dp, cols);
-            for (i, row) in self.scores.chunks_exact_mut(cols).enumerate().take(self.rows_pad) {
+            tiles::scores(
+                &self.q,
+                &keys.kt[k0..],
+                keys.ld,
+                &mut self.scores,
+                self.rows_pad,
+                dp,
+                cols,
+            );
+            for (i, row) in self
+                .scores
+                .chunks_exact_mut(cols)
+                .enumerate()
+                .take(self.rows_pad)
+            {
                 if i >= self.rows {
                     row.fill(0.0);
                     continue;
@@ -189,14 +211,25 @@ impl QueryBlock {
                         .for_each(|a| *a *= correction);
                 }
             }
-            tiles::weighted_sum(&self.scores, &keys.v[k0 * dp..], &mut self.acc, self.rows_pad, dp, cols);
+            tiles::weighted_sum(
+                &self.scores,
+                &keys.v[k0 * dp..],
+                &mut self.acc,
+                self.rows_pad,
+                dp,
+                cols,
+            );
         }
     }
 
     /// Writes `acc / sum` for each row into `out = [rows, d]` from row `at`.
     fn finish(&self, out: &mut [f32], at: usize, d: usize, dp: usize) {
         for i in 0..self.rows {
-            let inv = if self.sum[i] > 0.0 { 1.0 / self.sum[i] } else { 0.0 };
+            let inv = if self.sum[i] > 0.0 {
+                1.0 / self.sum[i]
+            } else {
+                0.0
+            };
             let acc = &self.acc[i * dp..][..d];
             for (o, &a) in out[(at + i) * d..][..d].iter_mut().zip(acc) {
                 *o = a * inv;
@@ -221,14 +254,24 @@ impl Scratch {
 
     /// Runs all query blocks of `rows` (global rows of `q`) against the packed keys and
     /// returns the head's output rows, `[rows.len(), d]`.
-    fn attend(&mut self, q: &[f32], ld: usize, rows: Range<usize>, col: usize, scale: f32, causal_offset: Option<usize>) -> Vec<f32> {
+    fn attend(
+        &mut self,
+        q: &[f32],
+        ld: usize,
+        rows: Range<usize>,
+        col: usize,
+        scale: f32,
+        causal_offset: Option<usize>,
+    ) -> Vec<f32> {
         let d = self.keys.d;
         let mut out = vec![0.0f32; rows.len() * d];
         for b0 in (rows.start..rows.end).step_by(BLOCK_Q) {
             let n = BLOCK_Q.min(rows.end - b0);
             self.block.start(q, ld, b0, n, col, &self.keys, scale);
-            self.block.run(&self.keys, causal_offset.map(|first| b0 - first));
-            self.block.finish(&mut out, b0 - rows.start, d, self.keys.dp);
+            self.block
+                .run(&self.keys, causal_offset.map(|first| b0 - first));
+            self.block
+                .finish(&mut out, b0 - rows.start, d, self.keys.dp);
         }
         out
     }

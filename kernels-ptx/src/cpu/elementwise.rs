@@ -73,8 +73,7 @@ pub fn binary(
     }
     // The common broadcast: `b` repeats along leading dims (a bias over rows), or `a` does.
     let inner = *out_shape.last().unwrap_or(&1);
-    if a.len() == out.len() && b_shape.iter().rev().skip(1).all(|&d| d == 1) && b.len() == inner
-    {
+    if a.len() == out.len() && b_shape.iter().rev().skip(1).all(|&d| d == 1) && b.len() == inner {
         out.par_chunks_mut(inner)
             .zip(a.par_chunks(inner))
             .for_each(|(o, a)| zip_chunk(a, b, o, op));

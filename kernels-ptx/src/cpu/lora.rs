@@ -13,7 +13,15 @@ use crate::FloatElement;
 const PATCH_ROWS: usize = 64;
 
 /// `w += scale * up * down` for an f32 weight, as one accumulating GEMM.
-pub fn patch_f32(w: &mut [f32], out: usize, inp: usize, up: &[f32], down: &[f32], rank: usize, scale: f32) {
+pub fn patch_f32(
+    w: &mut [f32],
+    out: usize,
+    inp: usize,
+    up: &[f32],
+    down: &[f32],
+    rank: usize,
+    scale: f32,
+) {
     sgemm(
         out,
         inp,

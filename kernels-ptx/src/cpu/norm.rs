@@ -76,7 +76,10 @@ pub fn group_norm_stats(
     groups: usize,
     eps: f32,
 ) -> Vec<GroupStats> {
-    assert!(groups > 0 && channels % groups == 0, "group_norm: groups");
+    assert!(
+        groups > 0 && channels.is_multiple_of(groups),
+        "group_norm: groups"
+    );
     let per_sample = x.len() / batch.max(1);
     let cpg = channels / groups;
     let mut stats = Vec::with_capacity(batch * groups);
@@ -87,7 +90,10 @@ pub fn group_norm_stats(
             .map(|s| s / count)
             .collect();
         let center: Vec<f32> = (0..channels).map(|c| means[c / cpg] as f32).collect();
-        let vars = per_group(&sample_channel_sums(sample, channels, Some(&center)), groups);
+        let vars = per_group(
+            &sample_channel_sums(sample, channels, Some(&center)),
+            groups,
+        );
         stats.extend(means.iter().zip(vars).map(|(&mean, v)| GroupStats {
             mean: mean as f32,
             rstd: (1.0 / (v / count + eps as f64).sqrt()) as f32,
@@ -132,9 +138,7 @@ pub fn group_norm_apply(
     out.copy_from_slice(x);
     for (b, sample) in out.chunks_mut(per_sample.max(1)).take(batch).enumerate() {
         let s = &stats[b * groups..(b + 1) * groups];
-        let scale: Vec<f32> = (0..channels)
-            .map(|c| s[c / cpg].rstd * gamma[c])
-            .collect();
+        let scale: Vec<f32> = (0..channels).map(|c| s[c / cpg].rstd * gamma[c]).collect();
         let shift: Vec<f32> = (0..channels)
             .map(|c| beta[c] - s[c / cpg].mean * scale[c])
             .collect();
@@ -151,7 +155,11 @@ fn layer_norm_rows(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps:
         let mean = math::sum(row) / c as f32;
         let mut var_lanes = [0.0f32; 8];
         let chunks = row.chunks_exact(8);
-        let tail: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v - mean) * (v - mean))
+            .sum();
         for ch in chunks {
             for l in 0..8 {
                 var_lanes[l] += (ch[l] - mean) * (ch[l] - mean);

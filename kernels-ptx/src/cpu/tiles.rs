@@ -75,7 +75,14 @@ fn accumulate_block<const FMA: bool, const W: usize>(
 }
 
 #[inline(always)]
-fn weighted_sum_impl<const FMA: bool>(p: &[f32], v: &[f32], acc: &mut [f32], rows: usize, dp: usize, cols: usize) {
+fn weighted_sum_impl<const FMA: bool>(
+    p: &[f32],
+    v: &[f32],
+    acc: &mut [f32],
+    rows: usize,
+    dp: usize,
+    cols: usize,
+) {
     for i0 in (0..rows).step_by(ROWS) {
         let mut d0 = 0;
         while d0 + 16 <= dp {
@@ -90,7 +97,15 @@ fn weighted_sum_impl<const FMA: bool>(p: &[f32], v: &[f32], acc: &mut [f32], row
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn scores_fma(q: &[f32], kt: &[f32], kt_ld: usize, s: &mut [f32], rows: usize, dp: usize, cols: usize) {
+fn scores_fma(
+    q: &[f32],
+    kt: &[f32],
+    kt_ld: usize,
+    s: &mut [f32],
+    rows: usize,
+    dp: usize,
+    cols: usize,
+) {
     scores_impl::<true>(q, kt, kt_ld, s, rows, dp, cols)
 }
 
@@ -113,14 +128,22 @@ fn has_fma() -> bool {
 
 fn check(rows: usize, dp: usize, cols: usize) {
     assert!(
-        rows % ROWS == 0 && cols % LANES == 0 && dp % 8 == 0,
+        rows.is_multiple_of(ROWS) && cols.is_multiple_of(LANES) && dp.is_multiple_of(8),
         "attention tiles must be padded: rows {rows}, cols {cols}, dims {dp}"
     );
 }
 
 /// `s[rows x cols] = q[rows x dp] * kt[dp x cols]` on padded tiles; rows of `kt` are
 /// `kt_ld` apart (a column block of a wider packed matrix).
-pub fn scores(q: &[f32], kt: &[f32], kt_ld: usize, s: &mut [f32], rows: usize, dp: usize, cols: usize) {
+pub fn scores(
+    q: &[f32],
+    kt: &[f32],
+    kt_ld: usize,
+    s: &mut [f32],
+    rows: usize,
+    dp: usize,
+    cols: usize,
+) {
     check(rows, dp, cols);
     assert!(
         q.len() >= rows * dp

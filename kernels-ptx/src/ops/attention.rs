@@ -9,8 +9,11 @@ use crate::tensor::CpuStorage;
 use crate::{FloatElement, Result, Tensor, TokenSet};
 
 fn heads_of(op: &'static str, channels: usize, heads: usize) -> Result<Heads> {
-    if heads == 0 || channels % heads != 0 {
-        return invalid(op, format!("{channels} channels do not split into {heads} heads"));
+    if heads == 0 || !channels.is_multiple_of(heads) {
+        return invalid(
+            op,
+            format!("{channels} channels do not split into {heads} heads"),
+        );
     }
     let head_dim = channels / heads;
     Ok(Heads {
@@ -124,8 +127,7 @@ impl Tensor {
                 );
             }
             let want = [s.tokens.grid_len(), c];
-            if s.cached_k.elem_count() != want[0] * c || s.cached_v.elem_count() != want[0] * c
-            {
+            if s.cached_k.elem_count() != want[0] * c || s.cached_v.elem_count() != want[0] * c {
                 return shape_err(
                     OP,
                     format!(
@@ -164,9 +166,7 @@ impl Tensor {
             None => {}
             Some(CpuStorage::F32(_)) => run::<f32>(segments, q_data, k_data, v_data, &mut out, h),
             Some(CpuStorage::F16(_)) => run::<f16>(segments, q_data, k_data, v_data, &mut out, h),
-            Some(CpuStorage::BF16(_)) => {
-                run::<bf16>(segments, q_data, k_data, v_data, &mut out, h)
-            }
+            Some(CpuStorage::BF16(_)) => run::<bf16>(segments, q_data, k_data, v_data, &mut out, h),
             Some(CpuStorage::I64(_)) => return invalid(OP, "cached keys must be float tensors"),
         }
         Ok(Tensor::from_f32_unchecked(out, q.shape()))

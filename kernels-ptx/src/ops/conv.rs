@@ -94,7 +94,9 @@ impl Conv2dWeight {
     }
 
     pub(crate) fn packed(&self) -> &[f32] {
-        self.packed.f32s("conv2d").expect("packed conv weight is f32")
+        self.packed
+            .f32s("conv2d")
+            .expect("packed conv weight is f32")
     }
 
     pub(crate) fn bias(&self) -> Option<&[f32]> {
@@ -146,10 +148,7 @@ impl Tensor {
         if cin != weight.cin {
             return shape_err(
                 OP,
-                format!(
-                    "input has {cin} channels, weight expects {}",
-                    weight.cin
-                ),
+                format!("input has {cin} channels, weight expects {}", weight.cin),
             );
         }
         let g = weight.geometry(OP, h, w, params)?;
@@ -159,7 +158,8 @@ impl Tensor {
         if g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0 {
             // Pointwise: the map already is the im2col matrix.
             if let Some(b) = weight.bias() {
-                out.chunks_exact_mut(g.cout).for_each(|r| r.copy_from_slice(b));
+                out.chunks_exact_mut(g.cout)
+                    .for_each(|r| r.copy_from_slice(b));
             }
             sgemm(
                 batch * h * w,

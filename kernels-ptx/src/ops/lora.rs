@@ -32,7 +32,13 @@ pub struct LoraSegment<'a> {
     pub scale: f32,
 }
 
-fn check_adapter(op: &'static str, out: usize, inp: usize, up: &Tensor, down: &Tensor) -> Result<usize> {
+fn check_adapter(
+    op: &'static str,
+    out: usize,
+    inp: usize,
+    up: &Tensor,
+    down: &Tensor,
+) -> Result<usize> {
     if down.rank() != 2 || up.rank() != 2 {
         return shape_err(op, "up and down must be matrices");
     }
@@ -111,11 +117,18 @@ impl Tensor {
         let mut previous_end = 0;
         for (i, s) in segments.iter().enumerate() {
             if s.rows.start < previous_end || s.rows.end > n || s.rows.start > s.rows.end {
-                return invalid(OP, format!("segment {i}: rows {:?} overlap or exceed {n}", s.rows));
+                return invalid(
+                    OP,
+                    format!("segment {i}: rows {:?} overlap or exceed {n}", s.rows),
+                );
             }
             previous_end = s.rows.end;
             let rank = check_adapter(OP, out, inp, s.up, s.down)?;
-            owned.push((s.down.to_dtype(DType::F32)?, s.up.to_dtype(DType::F32)?, rank));
+            owned.push((
+                s.down.to_dtype(DType::F32)?,
+                s.up.to_dtype(DType::F32)?,
+                rank,
+            ));
         }
         let mut cpu_segments = Vec::with_capacity(segments.len());
         for (s, (down, up, rank)) in segments.iter().zip(&owned) {

@@ -26,7 +26,10 @@ impl Conv2dWeight {
     ) -> Result<Tensor> {
         const OP: &str = "masked_conv2d";
         let Some(first) = segments.first() else {
-            return Ok(Tensor::from_f32_unchecked(Vec::new(), &[0, self.out_channels()]));
+            return Ok(Tensor::from_f32_unchecked(
+                Vec::new(),
+                &[0, self.out_channels()],
+            ));
         };
         let cin = self.in_channels();
         let (in_h, in_w) = (first.active.height(), first.active.width());

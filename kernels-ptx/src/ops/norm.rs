@@ -29,7 +29,7 @@ impl Tensor {
     }
 
     fn check_groups(op: &'static str, channels: usize, groups: usize) -> Result<()> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return invalid(
                 op,
                 format!("{channels} channels do not split into {groups} groups"),

@@ -30,7 +30,10 @@ impl TimestepEmbedding {
         if timesteps.rank() != 1 {
             return shape_err(
                 OP,
-                format!("expected one timestep per sample, got {:?}", timesteps.shape()),
+                format!(
+                    "expected one timestep per sample, got {:?}",
+                    timesteps.shape()
+                ),
             );
         }
         let t = timesteps.f32s(OP)?;
