@@ -18,7 +18,7 @@ use crate::tokens::NOT_ACTIVE;
 const BLOCK_Q: usize = 64;
 const BLOCK_K: usize = 256;
 /// Query rows per task: enough to amortise packing the head's keys.
-const TASK_Q: usize = 512;
+const TASK_Q: usize = 1024;
 
 fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
@@ -39,12 +39,12 @@ impl Heads {
 }
 
 /// One head's keys and values, widened to f32 and padded for the micro-kernels: keys
-/// transposed (`dp x ld`), values row-major (`ld x dp`).
+/// transposed in panels of 16 (`tiles::panel_index`), values row-major (`capacity x dp`).
 struct PackedKeys {
     d: usize,
     dp: usize,
     len: usize,
-    ld: usize,
+    capacity: usize,
     kt: Vec<f32>,
     v: Vec<f32>,
     row: Vec<f32>,
@@ -56,7 +56,7 @@ impl PackedKeys {
             d: 0,
             dp: 0,
             len: 0,
-            ld: 0,
+            capacity: 0,
             kt: Vec::new(),
             v: Vec::new(),
             row: Vec::new(),
@@ -67,11 +67,11 @@ impl PackedKeys {
         self.d = d;
         self.dp = round_up(d, 8);
         self.len = 0;
-        self.ld = round_up(capacity.max(1), tiles::LANES);
+        self.capacity = round_up(capacity.max(1), tiles::LANES);
         self.kt.clear();
-        self.kt.resize(self.dp * self.ld, 0.0);
+        self.kt.resize(self.dp * self.capacity, 0.0);
         self.v.clear();
-        self.v.resize(self.ld * self.dp, 0.0);
+        self.v.resize(self.capacity * self.dp, 0.0);
         self.row.resize(d, 0.0);
     }
 
@@ -90,8 +90,9 @@ impl PackedKeys {
             let src = r * ld + col;
             C::load_row(&values[src..src + d], &mut self.v[j * dp..j * dp + d]);
             C::load_row(&keys[src..src + d], &mut self.row);
+            let panel = &mut self.kt[tiles::panel_index(0, j, dp)..];
             for (dd, &k) in self.row.iter().enumerate() {
-                self.kt[dd * self.ld + j] = k;
+                panel[dd * tiles::LANES] = k;
             }
             self.len += 1;
         }
@@ -180,15 +181,9 @@ impl QueryBlock {
             let n = BLOCK_K.min(key_end - k0);
             let cols = round_up(n, tiles::LANES);
             self.scores.resize(self.rows_pad * cols, 0.0);
-            tiles::scores(
-                &self.q,
-                &keys.kt[k0..],
-                keys.ld,
-                &mut self.scores,
-                self.rows_pad,
-                dp,
-                cols,
-            );
+            // k0 is a multiple of BLOCK_K, so the block starts at a panel boundary.
+            let panels = &keys.kt[k0 * dp..];
+            tiles::scores(&self.q, panels, &mut self.scores, self.rows_pad, dp, cols);
             for (i, row) in self
                 .scores
                 .chunks_exact_mut(cols)

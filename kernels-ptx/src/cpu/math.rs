@@ -11,7 +11,12 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.336_54, 88.376_26);
-    let k = (xc * LOG2_E + ROUND_MAGIC) - ROUND_MAGIC;
+    // Adding the magic constant rounds to an integer k held in the low mantissa bits; reading
+    // k back from the bits (not with `as i32`, whose saturation blocks vectorisation) keeps
+    // the whole function in SIMD registers.
+    let shifted = xc * LOG2_E + ROUND_MAGIC;
+    let k = shifted - ROUND_MAGIC;
+    let k_bits = shifted.to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
     let r = (xc - k * LN2_HI) - k * LN2_LO;
     // Taylor polynomial of e^r on |r| <= ln2/2, Horner form.
     let p = 1.0
@@ -19,7 +24,7 @@ pub fn exp(x: f32) -> f32 {
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let scale = f32::from_bits(((k as i32 + 127) << 23) as u32);
+    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     if x < -87.336_54 { 0.0 } else { p * scale }
 }
 
@@ -61,20 +66,11 @@ pub fn max(x: &[f32]) -> f32 {
 /// `x = exp(x - shift)` in place; returns the sum of the results.
 #[inline(always)]
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            c[l] = exp(c[l] - shift);
-            acc[l] += c[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for v in chunks.into_remainder() {
+    // Two plain passes: the loop vectoriser handles each; a fused lane-array loop defeats it.
+    for v in x.iter_mut() {
         *v = exp(*v - shift);
-        tail += *v;
     }
-    acc.iter().sum::<f32>() + tail
+    sum(x)
 }
 
 #[inline(always)]
