@@ -4,9 +4,10 @@
 Usage: tools/bench-vs-torch.py [--retouch target/release/retouch] [--quick] [--markdown FILE]
 
 Retouch's side comes from `retouch bench --json`; PyTorch's from the same shapes, with the same
-thread count, timed the same way (one warm-up, then runs until a minimum time, median).
-Masked cases have no PyTorch counterpart: their reference is Retouch's own dense op, and their
-ratio column is relative to it.
+thread count, timed the same way (one warm-up, then runs until a minimum time, median). Shared
+machines drift, so each head-to-head case alternates Retouch and PyTorch for several rounds and
+reports the median of the rounds. Masked cases have no PyTorch counterpart: their reference is
+Retouch's own dense op, and their ratio column is relative to it.
 """
 import argparse
 import json
@@ -72,6 +73,7 @@ def main():
     ap.add_argument("--retouch", default="target/release/retouch")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="alternations per head-to-head case")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = ap.parse_args()
 
@@ -84,7 +86,17 @@ def main():
     ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
     print(f"running PyTorch {torch.__version__} on {threads} threads", file=sys.stderr)
-    theirs = {name: timed(fn, args.min_time) for name, fn in torch_cases(args.quick).items()}
+    theirs = {}
+    for name, fn in torch_cases(args.quick).items():
+        ours_rounds, theirs_rounds = [], []
+        for _ in range(args.rounds):
+            one = subprocess.run(cmd + ["--filter", name], check=True, capture_output=True, text=True)
+            ours_rounds.append(next(m for m in json.loads(one.stdout) if m["name"] == name)["median_ms"])
+            theirs_rounds.append(timed(fn, args.min_time))
+        theirs[name] = statistics.median(theirs_rounds)
+        for m in ours:
+            if m["name"] == name:
+                m["median_ms"] = statistics.median(ours_rounds)
 
     header = ("case", "shape", "Retouch ms", "PyTorch ms", "Retouch/PyTorch", "vs Retouch dense")
     rows = []

@@ -100,10 +100,13 @@ fn fill_patch<I: ConvInput>(g: &ConvGeometry, input: &I, out_position: usize, pa
     }
 }
 
-/// Rows per task: big enough to keep the GEMM efficient, small enough to spread over threads.
+/// Rows per task: about 128 (the GEMM stays efficient, the column buffer stays in cache),
+/// with the number of tasks a multiple of the thread count so no thread idles at the end.
 fn chunk_rows(rows: usize) -> usize {
+    const TARGET: usize = 128;
     let threads = rayon::current_num_threads().max(1);
-    rows.div_ceil(threads).clamp(16, 192)
+    let tasks = rows.div_ceil(TARGET).div_ceil(threads) * threads;
+    rows.div_ceil(tasks.max(1)).max(1)
 }
 
 /// Computes `out[r] = bias + sum over the patch of rows[r]` for every requested output row.
