@@ -1,7 +1,16 @@
 //! Networks over the kernel layer: UNet2DCondition, AutoencoderKL, the CLIP text encoder and
-//! tokenizer, ControlNet and LoRA, schedulers, diffusers-format loading and masked execution.
+//! tokenizer, schedulers, diffusers-format loading and (to come) masked execution.
 //!
-//! The networks land with the models issue; the crate exists now so that the workspace has
-//! its final shape and the dependency direction (runtime -> models -> kernels) is fixed.
+//! Every network computes in f32 on channels-last tensors (see the kernel layer); weights are
+//! read from diffusers-format folders as published, fp32 or fp16.
 
+pub mod clip;
+mod error;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{Error, Result};
 pub use retouch_kernels as kernels;

@@ -79,10 +79,30 @@ pub fn binary(
             .for_each(|(o, a)| zip_chunk(a, b, o, op));
         return;
     }
+    // Per-sample channel vectors, `b = [batch, 1, ..., 1, c]` over `a = [batch, ..., c]` (a
+    // time embedding added to a feature map).
+    let rank = out_shape.len();
+    if rank >= 3
+        && a.len() == out.len()
+        && b_shape.len() == rank
+        && b_shape[0] == out_shape[0]
+        && b_shape[1..rank - 1].iter().all(|&d| d == 1)
+        && b_shape[rank - 1] == inner
+    {
+        let per_sample = out.len() / out_shape[0].max(1);
+        out.par_chunks_mut(per_sample.max(1))
+            .zip(a.par_chunks(per_sample.max(1)))
+            .zip(b.par_chunks(inner.max(1)))
+            .for_each(|((o, a), b)| {
+                for (o, a) in o.chunks_mut(inner).zip(a.chunks(inner)) {
+                    zip_chunk(a, b, o, op);
+                }
+            });
+        return;
+    }
     // General case: walk the output index by index (rare shapes; correctness over speed).
     let a_strides = broadcast_strides(a_shape, out_shape);
     let b_strides = broadcast_strides(b_shape, out_shape);
-    let rank = out_shape.len();
     out.par_iter_mut().enumerate().for_each(|(flat, o)| {
         let (mut rem, mut ai, mut bi) = (flat, 0, 0);
         for d in (0..rank).rev() {

@@ -58,3 +58,28 @@ pub fn transpose_inner(x: &[f32], out: &mut [f32], batch: usize, a: usize, b: us
             }
         });
 }
+
+/// Zero padding of `x = [batch, h, w, c]` by (top, bottom, left, right) positions.
+#[allow(clippy::too_many_arguments)]
+pub fn pad2d(
+    x: &[f32],
+    out: &mut [f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    (top, bottom, left, right): (usize, usize, usize, usize),
+) {
+    let (oh, ow) = (h + top + bottom, w + left + right);
+    out.par_chunks_mut(ow * c)
+        .enumerate()
+        .take(batch * oh)
+        .for_each(|(r, row)| {
+            let (b, y) = (r / oh, r % oh);
+            row.fill(0.0);
+            if y >= top && y < top + h {
+                let src = &x[(b * h + y - top) * w * c..][..w * c];
+                row[left * c..(left + w) * c].copy_from_slice(src);
+            }
+        });
+}

@@ -15,6 +15,27 @@ impl Tensor {
         Ok(Tensor::from_f32_unchecked(out, &[b, 2 * h, 2 * w, c]))
     }
 
+    /// Zero padding of a channels-last `[batch, h, w, c]` map by (top, bottom, left, right).
+    pub fn pad2d(&self, top: usize, bottom: usize, left: usize, right: usize) -> Result<Tensor> {
+        const OP: &str = "pad2d";
+        self.check_rank(OP, 4)?;
+        let &[b, h, w, c] = self.shape() else {
+            unreachable!()
+        };
+        let (oh, ow) = (h + top + bottom, w + left + right);
+        let mut out = vec![0.0f32; b * oh * ow * c];
+        layout::pad2d(
+            self.f32s(OP)?,
+            &mut out,
+            b,
+            h,
+            w,
+            c,
+            (top, bottom, left, right),
+        );
+        Ok(Tensor::from_f32_unchecked(out, &[b, oh, ow, c]))
+    }
+
     /// Concatenates tensors along the last dimension; all other dimensions must agree.
     pub fn concat_last(parts: &[&Tensor]) -> Result<Tensor> {
         const OP: &str = "concat";

@@ -1,0 +1,122 @@
+use retouch_kernels::{Conv2dParams, Conv2dWeight, Tensor};
+
+use super::Scope;
+use crate::Result;
+
+/// `x * W^T + b` over the last dimension.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(s: Scope<'_>, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: s.get("weight", &[out, inp])?,
+            bias: if bias {
+                Some(s.get("bias", &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// A 1x1 convolution's weight `[out, in, 1, 1]` used as a linear layer on token rows.
+    pub fn load_pointwise_conv(s: Scope<'_>, inp: usize, out: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: s.get("weight", &[out, inp, 1, 1])?.reshape(&[out, inp])?,
+            bias: Some(s.get("bias", &[out])?),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.linear(&self.weight, self.bias.as_ref())?)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+}
+
+/// A 2-D convolution on channels-last maps.
+pub struct Conv2d {
+    weight: Conv2dWeight,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    pub fn load(
+        s: Scope<'_>,
+        inp: usize,
+        out: usize,
+        kernel: usize,
+        params: Conv2dParams,
+    ) -> Result<Conv2d> {
+        let w = s.get("weight", &[out, inp, kernel, kernel])?;
+        let b = s.get("bias", &[out])?;
+        Ok(Conv2d {
+            weight: Conv2dWeight::from_oihw(&w, Some(&b))?,
+            params,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.weight, self.params)?)
+    }
+
+    pub fn weight(&self) -> &Conv2dWeight {
+        &self.weight
+    }
+
+    pub fn params(&self) -> Conv2dParams {
+        self.params
+    }
+}
+
+/// Group norm over a channels-last tensor, optionally fused with SiLU.
+pub struct GroupNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f32,
+}
+
+impl GroupNorm {
+    pub fn load(s: Scope<'_>, channels: usize, groups: usize, eps: f32) -> Result<GroupNorm> {
+        Ok(GroupNorm {
+            gamma: s.get("weight", &[channels])?,
+            beta: s.get("bias", &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        Ok(x.group_norm(self.groups, &self.gamma, &self.beta, self.eps, silu)?)
+    }
+}
+
+/// Layer norm over the last dimension.
+pub struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(s: Scope<'_>, channels: usize, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            gamma: s.get("weight", &[channels])?,
+            beta: s.get("bias", &[channels])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.layer_norm(&self.gamma, &self.beta, self.eps)?)
+    }
+}

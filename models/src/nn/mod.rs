@@ -1,0 +1,13 @@
+//! Layers shared by the networks (diffusers' building blocks), over channels-last tensors.
+
+mod attention;
+mod layers;
+mod resnet;
+mod scope;
+mod transformer;
+
+pub use attention::Attention;
+pub use layers::{Conv2d, GroupNorm, LayerNorm, Linear};
+pub use resnet::{ResnetBlock, ResnetShape};
+pub use scope::{Scope, ScopeBuf};
+pub use transformer::{Transformer2D, TransformerShape};

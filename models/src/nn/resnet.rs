@@ -1,0 +1,83 @@
+use retouch_kernels::{Conv2dParams, Tensor};
+
+use super::{Conv2d, GroupNorm, Linear, Scope};
+use crate::Result;
+
+/// diffusers' ResnetBlock2D ("default" time-embedding mode): GN-SiLU-conv, plus the projected
+/// time embedding per sample, GN-SiLU-conv, plus the (1x1-projected) input.
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Linear>,
+    output_scale: f32,
+}
+
+/// Channel counts and norm settings of a resnet block.
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetShape {
+    pub inp: usize,
+    pub out: usize,
+    /// Width of the time embedding, or None (the VAE's resnets have none).
+    pub temb: Option<usize>,
+    pub groups: usize,
+    pub eps: f32,
+    pub output_scale: f32,
+}
+
+impl ResnetBlock {
+    pub fn load(s: Scope<'_>, shape: ResnetShape) -> Result<ResnetBlock> {
+        let ResnetShape {
+            inp,
+            out,
+            temb,
+            groups,
+            eps,
+            output_scale,
+        } = shape;
+        let same = Conv2dParams::SAME_3X3;
+        Ok(ResnetBlock {
+            norm1: GroupNorm::load(s.at("norm1").scope(), inp, groups, eps)?,
+            conv1: Conv2d::load(s.at("conv1").scope(), inp, out, 3, same)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(Linear::load(s.at("time_emb_proj").scope(), t, out, true)?),
+                None => None,
+            },
+            norm2: GroupNorm::load(s.at("norm2").scope(), out, groups, eps)?,
+            conv2: Conv2d::load(s.at("conv2").scope(), out, out, 3, same)?,
+            shortcut: if inp != out {
+                Some(Linear::load_pointwise_conv(
+                    s.at("conv_shortcut").scope(),
+                    inp,
+                    out,
+                )?)
+            } else {
+                None
+            },
+            output_scale,
+        })
+    }
+
+    /// `x = [batch, h, w, in]`; `temb_act` is the SiLU of the time embedding `[batch, temb]`.
+    pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
+            let t = proj.forward(t)?;
+            let (batch, c) = (t.shape()[0], t.shape()[1]);
+            h = h.add(&t.reshape(&[batch, 1, 1, c])?)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let residual = match &self.shortcut {
+            Some(proj) => proj.forward(x)?,
+            None => x.clone(),
+        };
+        let sum = residual.add(&h)?;
+        if self.output_scale == 1.0 {
+            Ok(sum)
+        } else {
+            Ok(sum.affine(1.0 / self.output_scale, 0.0)?)
+        }
+    }
+}

@@ -1,0 +1,111 @@
+use retouch_kernels::Tensor;
+
+use super::{Attention, GroupNorm, LayerNorm, Linear, Scope};
+use crate::Result;
+
+/// diffusers' BasicTransformerBlock: self-attention, cross-attention and a GEGLU
+/// feed-forward, each pre-normed with a layer norm and added to the residual stream.
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn load(s: Scope<'_>, dim: usize, heads: usize, context_dim: usize) -> Result<Self> {
+        let inner_ff = 4 * dim;
+        Ok(TransformerBlock {
+            norm1: LayerNorm::load(s.at("norm1").scope(), dim, 1e-5)?,
+            attn1: Attention::load(s.at("attn1").scope(), dim, dim, heads, dim, false)?,
+            norm2: LayerNorm::load(s.at("norm2").scope(), dim, 1e-5)?,
+            attn2: Attention::load(s.at("attn2").scope(), dim, context_dim, heads, dim, false)?,
+            norm3: LayerNorm::load(s.at("norm3").scope(), dim, 1e-5)?,
+            ff_in: Linear::load(s.at("ff.net.0.proj").scope(), dim, 2 * inner_ff, true)?,
+            ff_out: Linear::load(s.at("ff.net.2").scope(), inner_ff, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = x.add(&self.attn1.forward(&self.norm1.forward(&x)?, None)?)?;
+        let x = x.add(
+            &self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?,
+        )?;
+        let ff = self
+            .ff_out
+            .forward(&self.ff_in.forward(&self.norm3.forward(&x)?)?.geglu()?)?;
+        Ok(x.add(&ff)?)
+    }
+}
+
+/// diffusers' Transformer2DModel (continuous input): group norm, projection in (a 1x1 conv in
+/// SD 1.x, a linear layer in SD 2.x: the same product on channels-last rows), transformer
+/// blocks over the `h * w` tokens, projection out, plus the input.
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Linear,
+}
+
+/// Settings of one Transformer2DModel.
+#[derive(Clone, Copy, Debug)]
+pub struct TransformerShape {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl Transformer2D {
+    pub fn load(s: Scope<'_>, t: TransformerShape) -> Result<Transformer2D> {
+        let c = t.channels;
+        let proj = |name: &str| {
+            let scope = s.at(name);
+            if t.linear_projection {
+                Linear::load(scope.scope(), c, c, true)
+            } else {
+                Linear::load_pointwise_conv(scope.scope(), c, c)
+            }
+        };
+        let blocks = (0..t.depth)
+            .map(|i| {
+                TransformerBlock::load(
+                    s.at(format!("transformer_blocks.{i}")).scope(),
+                    c,
+                    t.heads,
+                    t.context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Transformer2D {
+            norm: GroupNorm::load(s.at("norm").scope(), c, t.groups, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    /// `x = [batch, h, w, c]`, `context = [batch, tokens, context_dim]`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let shape = x.shape().to_vec();
+        let (b, c) = (shape[0], shape[3]);
+        let tokens = self
+            .norm
+            .forward(x, false)?
+            .reshape(&[b, shape[1] * shape[2], c])?;
+        let mut h = self.proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            h = block.forward(h, context)?;
+        }
+        let h = self.proj_out.forward(&h)?.reshape(&shape)?;
+        Ok(h.add(x)?)
+    }
+}

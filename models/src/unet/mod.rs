@@ -1,0 +1,316 @@
+//! UNet2DConditionModel (SD 1.x and 2.x configurations) over channels-last tensors.
+
+mod config;
+
+use std::path::Path;
+
+use retouch_kernels::{Conv2dParams, Tensor, TimestepEmbedding};
+
+pub use config::{PerBlock, UNetConfig, UNetPlan};
+
+use crate::nn::{
+    Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
+};
+use crate::weights::{Weights, read_json};
+use crate::{Error, Result};
+
+/// One down block: resnets (each followed by a transformer in cross-attention blocks), then
+/// an optional stride-2 conv.
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+    downsample: Option<Conv2d>,
+}
+
+/// One up block: resnets over (hidden, skip) concatenations, optional transformers, then an
+/// optional nearest-2x + conv.
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+    upsample: Option<Conv2d>,
+}
+
+struct MidBlock {
+    resnet_in: ResnetBlock,
+    attention: Transformer2D,
+    resnet_out: ResnetBlock,
+}
+
+pub struct UNet {
+    config: UNetConfig,
+    time_proj: TimestepEmbedding,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    /// Loads a `unet/` folder (config.json + weights; `variant` as in [`Weights::open`]).
+    pub fn load(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<UNet> {
+        let dir = dir.as_ref();
+        let config_path = dir.join("config.json");
+        let config: UNetConfig = read_json(&config_path)?;
+        let weights = Weights::open(dir, variant)?;
+        UNet::from_weights(config, &config_path, &weights)
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    fn from_weights(config: UNetConfig, config_path: &Path, weights: &Weights) -> Result<UNet> {
+        let plan = config.plan(config_path)?;
+        let s = Scope::root(weights);
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let groups = config.norm_num_groups;
+        let resnet = |inp, out, scale| ResnetShape {
+            inp,
+            out,
+            temb: Some(temb),
+            groups,
+            eps: config.norm_eps,
+            output_scale: scale,
+        };
+        let transformer = |channels, heads, depth| TransformerShape {
+            channels,
+            heads,
+            depth,
+            context_dim: config.cross_attention_dim,
+            groups,
+            linear_projection: config.use_linear_projection,
+        };
+        let same = |k: usize| Conv2dParams {
+            stride: 1,
+            padding: k / 2,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch[0];
+        for (i, &block_ch) in ch.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = block_ch;
+            let b = s.at(format!("down_blocks.{i}"));
+            let b = b.scope();
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..plan.layers[i] {
+                let inp = if j == 0 { in_ch } else { out_ch };
+                resnets.push(ResnetBlock::load(
+                    b.at(format!("resnets.{j}")).scope(),
+                    resnet(inp, out_ch, 1.0),
+                )?);
+                if plan.cross_attention[i] {
+                    let t = transformer(out_ch, plan.heads[i], plan.depth[i]);
+                    attentions.push(Transformer2D::load(
+                        b.at(format!("attentions.{j}")).scope(),
+                        t,
+                    )?);
+                }
+            }
+            let downsample = if i + 1 < n {
+                let params = Conv2dParams {
+                    stride: 2,
+                    padding: config.downsample_padding.unwrap_or(1),
+                };
+                Some(Conv2d::load(
+                    b.at("downsamplers.0.conv").scope(),
+                    out_ch,
+                    out_ch,
+                    3,
+                    params,
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+            });
+        }
+
+        let last = ch[n - 1];
+        let m = s.at("mid_block");
+        let m = m.scope();
+        let mid_shape = resnet(last, last, config.mid_block_scale_factor);
+        let mid = MidBlock {
+            resnet_in: ResnetBlock::load(m.at("resnets.0").scope(), mid_shape)?,
+            attention: Transformer2D::load(
+                m.at("attentions.0").scope(),
+                transformer(last, plan.heads[n - 1], plan.depth[n - 1]),
+            )?,
+            resnet_out: ResnetBlock::load(m.at("resnets.1").scope(), mid_shape)?,
+        };
+
+        let mut up = Vec::with_capacity(n);
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut out_ch = rev[0];
+        for i in 0..n {
+            let prev_out = out_ch;
+            out_ch = rev[i];
+            let in_ch = rev[(i + 1).min(n - 1)];
+            let down_index = n - 1 - i;
+            let layers = plan.layers[down_index] + 1;
+            let b = s.at(format!("up_blocks.{i}"));
+            let b = b.scope();
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let skip = if j == layers - 1 { in_ch } else { out_ch };
+                let inp = if j == 0 { prev_out } else { out_ch };
+                resnets.push(ResnetBlock::load(
+                    b.at(format!("resnets.{j}")).scope(),
+                    resnet(inp + skip, out_ch, 1.0),
+                )?);
+                if plan.up_cross_attention[i] {
+                    let t = transformer(out_ch, plan.heads[down_index], plan.depth[down_index]);
+                    attentions.push(Transformer2D::load(
+                        b.at(format!("attentions.{j}")).scope(),
+                        t,
+                    )?);
+                }
+            }
+            let upsample = if i + 1 < n {
+                Some(Conv2d::load(
+                    b.at("upsamplers.0.conv").scope(),
+                    out_ch,
+                    out_ch,
+                    3,
+                    Conv2dParams::SAME_3X3,
+                )?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
+        }
+
+        Ok(UNet {
+            time_proj: TimestepEmbedding {
+                dim: ch[0],
+                flip_sin_to_cos: config.flip_sin_to_cos,
+                downscale_freq_shift: config.freq_shift,
+                scale: 1.0,
+                max_period: 10000.0,
+            },
+            time_linear_1: Linear::load(
+                s.at("time_embedding.linear_1").scope(),
+                ch[0],
+                temb,
+                true,
+            )?,
+            time_linear_2: Linear::load(s.at("time_embedding.linear_2").scope(), temb, temb, true)?,
+            conv_in: Conv2d::load(
+                s.at("conv_in").scope(),
+                config.in_channels,
+                ch[0],
+                config.conv_in_kernel,
+                same(config.conv_in_kernel),
+            )?,
+            down,
+            mid,
+            up,
+            norm_out: GroupNorm::load(
+                s.at("conv_norm_out").scope(),
+                ch[0],
+                groups,
+                config.norm_eps,
+            )?,
+            conv_out: Conv2d::load(
+                s.at("conv_out").scope(),
+                ch[0],
+                config.out_channels,
+                config.conv_out_kernel,
+                same(config.conv_out_kernel),
+            )?,
+            config,
+        })
+    }
+
+    /// The UNet's noise (or v) prediction. `sample = [batch, h, w, in_channels]`
+    /// (channels-last), one timestep per sample, `context = [batch, tokens, cross_dim]`.
+    /// `h` and `w` must be divisible by 2^(blocks - 1).
+    pub fn forward(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
+        let shape = sample.shape();
+        let factor = 1usize << (self.down.len() - 1);
+        if shape.len() != 4 || shape[3] != self.config.in_channels {
+            return Err(Error::Invalid(format!(
+                "unet: sample must be [batch, h, w, {}], got {shape:?}",
+                self.config.in_channels
+            )));
+        }
+        let batch = shape[0];
+        if !shape[1].is_multiple_of(factor) || !shape[2].is_multiple_of(factor) {
+            return Err(Error::Invalid(format!(
+                "unet: latent size {}x{} is not divisible by {factor}",
+                shape[1], shape[2]
+            )));
+        }
+        if timesteps.len() != batch {
+            return Err(Error::Invalid(format!(
+                "unet: {} timesteps for {batch} samples",
+                timesteps.len()
+            )));
+        }
+        let cs = context.shape();
+        if cs.len() != 3 || cs[0] != batch || cs[2] != self.config.cross_attention_dim {
+            return Err(Error::Invalid(format!(
+                "unet: encoder_hidden_states must be [{batch}, tokens, {}], got {cs:?}",
+                self.config.cross_attention_dim
+            )));
+        }
+
+        let t = Tensor::from_vec(timesteps.to_vec(), &[batch])?;
+        let emb = self
+            .time_linear_1
+            .forward(&self.time_proj.embed(&t)?)?
+            .silu()?;
+        let temb = self.time_linear_2.forward(&emb)?.silu()?;
+
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(conv) = &block.downsample {
+                h = conv.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid.resnet_in.forward(&h, Some(&temb))?;
+        h = self.mid.attention.forward(&h, context)?;
+        h = self.mid.resnet_out.forward(&h, Some(&temb))?;
+
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
+                h = resnet.forward(&Tensor::concat_last(&[&h, &skip])?, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+            }
+            if let Some(conv) = &block.upsample {
+                h = conv.forward(&h.upsample_nearest2x()?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&h, true)?)
+    }
+}
