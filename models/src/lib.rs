@@ -7,6 +7,7 @@
 pub mod clip;
 mod error;
 pub mod nn;
+pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -63,3 +63,86 @@ fn an_unavailable_device_is_a_clear_error() {
         "{err}"
     );
 }
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+#[test]
+fn forward_runs_a_unet_on_diffusers_named_tensors() {
+    let dir = fixtures().join("unet-sd1");
+    let out = std::env::temp_dir().join(format!(
+        "retouch-forward-{}.safetensors",
+        std::process::id()
+    ));
+    let run = retouch(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--component",
+        "unet",
+        "--inputs",
+        dir.join("io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got = retouch_kernels::SafeTensorsFile::open(&out)
+        .unwrap()
+        .get("sample")
+        .unwrap();
+    let want = retouch_kernels::SafeTensorsFile::open(dir.join("io.safetensors"))
+        .unwrap()
+        .get("out.sample")
+        .unwrap();
+    let (g, w) = (got.to_vec_f32(), want.to_vec_f32());
+    let scale = w.iter().map(|v| v.abs()).sum::<f32>() / w.len() as f32;
+    assert!(
+        g.iter()
+            .zip(&w)
+            .all(|(a, b)| (a - b).abs() <= 1e-4 * (b.abs() + scale))
+    );
+    std::fs::remove_file(out).ok();
+}
+
+#[test]
+fn forward_names_a_missing_input() {
+    let dir = fixtures().join("vae");
+    let run = retouch(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--component",
+        "vae-decode",
+        "--inputs",
+        fixtures().join("kernels.safetensors").to_str().unwrap(),
+        "--output",
+        "/dev/null",
+    ]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("latent_sample"), "{err}");
+}
+
+#[test]
+fn tokenize_prints_padded_ids() {
+    let dir = fixtures().join("clip-tokenizer");
+    let run = retouch(&[
+        "tokenize",
+        "--model",
+        dir.to_str().unwrap(),
+        "a photo of a cat",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ids: Vec<u32> = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
+}
