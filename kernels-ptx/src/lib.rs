@@ -27,6 +27,6 @@ pub use ops::conv::{Conv2dParams, Conv2dWeight};
 pub use ops::lora::{LoraBackup, LoraSegment};
 pub use ops::masked_conv::MaskedConvSegment;
 pub use ops::timestep::TimestepEmbedding;
-pub use safetensors_io::{SafeTensorsFile, save_safetensors};
+pub use safetensors_io::{SafeTensorsFile, save_safetensors, save_safetensors_with_metadata};
 pub use tensor::{Tensor, TensorElement};
 pub use tokens::TokenSet;

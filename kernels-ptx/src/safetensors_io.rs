@@ -147,11 +147,27 @@ pub fn save_safetensors<'a>(
     path: impl AsRef<Path>,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
 ) -> Result<()> {
+    save_safetensors_with_metadata(path, tensors, &[])
+}
+
+/// Writes named tensors with header metadata (transformers refuses checkpoints without
+/// `{"format": "pt"}`); no metadata writes none.
+pub fn save_safetensors_with_metadata<'a>(
+    path: impl AsRef<Path>,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: &[(&str, &str)],
+) -> Result<()> {
     let path = path.as_ref();
     let views = tensors
         .into_iter()
         .map(|(name, t)| (name.to_string(), TensorView(t)));
-    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::SafeTensors {
+    let metadata = (!metadata.is_empty()).then(|| {
+        metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::SafeTensors {
         path: path.display().to_string(),
         message: e.to_string(),
     })

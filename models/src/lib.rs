@@ -4,9 +4,12 @@
 //! Every network computes in f32 on channels-last tensors (see the kernel layer); weights are
 //! read from diffusers-format folders as published, fp32 or fp16.
 
+pub mod assets;
 pub mod clip;
 mod error;
 pub mod nn;
+pub mod pipeline;
+pub mod random_pipeline;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;

@@ -3,23 +3,40 @@
 //! Finds the safetensors file(s) as diffusers and transformers save them (single file, sharded
 //! with an index, with or without the `.fp16` variant), and hands out tensors by name as f32,
 //! checking shapes, so a missing or mis-shaped weight is an error naming file and tensor.
+//!
+//! [`Weights::random`] instead generates each tensor a loader asks for and records it, so
+//! building a network through its normal loader yields a checkpoint with exactly the names
+//! and shapes that loader (and diffusers) reads; [`Weights::save`] writes it.
+
+mod random;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use retouch_kernels::{DType, SafeTensorsFile, Tensor};
+use retouch_kernels::{DType, SafeTensorsFile, Tensor, save_safetensors_with_metadata};
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
+use random::RandomWeights;
+pub(crate) use random::mix as mix_seed;
 
 /// File stems diffusers (`diffusion_pytorch_model`) and transformers (`model`) use.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 
 pub struct Weights {
+    /// The component folder; for random weights, a label used in error messages.
     dir: PathBuf,
-    files: Vec<SafeTensorsFile>,
-    /// Tensor name -> index into `files`.
-    index: HashMap<String, usize>,
+    source: Source,
+}
+
+enum Source {
+    Files {
+        files: Vec<SafeTensorsFile>,
+        /// Tensor name -> index into `files`.
+        index: HashMap<String, usize>,
+    },
+    Random(RandomWeights),
 }
 
 /// Reads and parses a component's `config.json` (or another JSON file).
@@ -47,27 +64,81 @@ impl Weights {
             }
             files.push(file);
         }
-        Ok(Weights { dir, files, index })
+        Ok(Weights {
+            dir,
+            source: Source::Files { files, index },
+        })
+    }
+
+    /// Weights that generate each tensor on its first `get` (f32; norm scales 1, biases 0,
+    /// other weights N(0, 1) / sqrt(fan_in)) and record it. Values depend only on `seed` and
+    /// the tensor's name.
+    pub fn random(seed: u64) -> Weights {
+        Weights {
+            dir: PathBuf::from(format!("<random weights, seed {seed}>")),
+            source: Source::Random(RandomWeights::new(seed)),
+        }
+    }
+
+    /// Random weights only: calls `f(name, elements)` after generating each tensor (progress
+    /// reporting). Does nothing for weights read from files.
+    pub fn on_generate(mut self, f: impl Fn(&str, usize) + Send + Sync + 'static) -> Weights {
+        if let Source::Random(r) = &mut self.source {
+            r.set_on_generate(Arc::new(f));
+        }
+        self
+    }
+
+    pub fn is_random(&self) -> bool {
+        matches!(self.source, Source::Random(_))
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Whether the checkpoint holds `name`. Random weights answer `false` for every name, so
+    /// the loaders' probes for alternative namings (legacy VAE attention, unprefixed CLIP)
+    /// fail and they request the standard names diffusers and transformers write.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.source {
+            Source::Files { index, .. } => index.contains_key(name),
+            Source::Random(_) => false,
+        }
     }
 
     fn file_of(&self, name: &str) -> Result<&SafeTensorsFile> {
-        let i = self.index.get(name).ok_or_else(|| Error::MissingWeight {
+        let missing = || Error::MissingWeight {
             path: self.dir.clone(),
             name: name.to_string(),
-        })?;
-        Ok(&self.files[*i])
+        };
+        match &self.source {
+            Source::Files { files, index } => Ok(&files[*index.get(name).ok_or_else(missing)?]),
+            Source::Random(_) => Err(missing()),
+        }
+    }
+
+    /// A tensor random weights have already generated.
+    fn made(&self, name: &str) -> Option<Tensor> {
+        match &self.source {
+            Source::Random(r) => {
+                let made = r.made();
+                made.index.get(name).map(|&i| made.tensors[i].1.clone())
+            }
+            Source::Files { .. } => None,
+        }
     }
 
     /// The tensor `name` as f32, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Source::Random(r) = &self.source {
+            return r.get(name, shape).map_err(|got| Error::WeightShape {
+                path: self.dir.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got,
+            });
+        }
         let file = self.file_of(name)?;
         let got = file.shape(name)?;
         if got != shape {
@@ -81,14 +152,54 @@ impl Weights {
         Ok(file.get(name)?.to_dtype(DType::F32)?)
     }
 
-    /// The tensor `name` as f32, whatever its shape.
+    /// The tensor `name` as f32, whatever its shape. Random weights can only return tensors
+    /// already generated (nothing says what shape a new one should have).
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.made(name) {
+            return Ok(t);
+        }
         Ok(self.file_of(name)?.get(name)?.to_dtype(DType::F32)?)
     }
 
-    /// The shape of `name` without reading it.
+    /// The shape of `name` without reading it (random weights: of a generated tensor).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(t) = self.made(name) {
+            return Ok(t.shape().to_vec());
+        }
         Ok(self.file_of(name)?.shape(name)?)
+    }
+
+    /// Random weights: every tensor generated so far, in the order it was requested.
+    pub fn into_tensors(self) -> Result<Vec<(String, Tensor)>> {
+        match self.source {
+            Source::Random(r) => Ok(r.into_made().tensors),
+            Source::Files { .. } => Err(Error::Invalid(format!(
+                "{}: weights read from files have no generated tensors to hand out",
+                self.dir.display()
+            ))),
+        }
+    }
+
+    /// Random weights: writes every tensor generated so far to one safetensors file, as
+    /// `dtype` (f32, f16 or bf16), with the `{"format": "pt"}` metadata transformers checks.
+    pub fn save(self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            return Err(Error::Invalid(format!(
+                "weights are saved as a float dtype, not {dtype:?}"
+            )));
+        }
+        // Converted one at a time, so each f32 original is freed as its copy is made.
+        let tensors = self
+            .into_tensors()?
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
+        save_safetensors_with_metadata(
+            path,
+            tensors.iter().map(|(name, t)| (name.as_str(), t)),
+            &[("format", "pt")],
+        )?;
+        Ok(())
     }
 }
 

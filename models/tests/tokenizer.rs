@@ -19,12 +19,16 @@ struct Expected {
     sd2: Vec<Case>,
 }
 
+/// The SD 1.x tokenizer folder (with SD 2.x's config files in `sd2/`), shipped as an asset.
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/clip-tokenizer")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/clip-tokenizer")
 }
 
+/// transformers' encodings of the test strings.
 fn expected() -> Expected {
-    serde_json::from_str(&fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap()
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/clip-tokenizer/expected.json");
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// A scratch folder, removed when dropped.

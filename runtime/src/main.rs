@@ -25,8 +25,17 @@ enum Command {
     /// Run one model component (unet, vae-decode, vae-encode, text-encoder) on tensors from a
     /// safetensors file and write its output, for parity checks against diffusers.
     Forward(commands::forward::ForwardArgs),
+    /// Text-to-image with classifier-free guidance; writes a PNG.
+    Generate(commands::generate::GenerateArgs),
+    /// Generate a template and register it on disk (latent trajectory and image) for edits.
+    Template(commands::template::TemplateArgs),
+    /// Edit a registered template inside a mask.
+    Edit(commands::edit::EditArgs),
     /// Print the padded CLIP token ids of a text as a JSON list.
     Tokenize(commands::tokenize::TokenizeArgs),
+    /// Write a diffusers-format pipeline folder (sd15, sd21 or tiny) with random weights, for
+    /// benchmarks and tests.
+    RandomModel(commands::random_model::RandomModelArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +44,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Template(args) => commands::template::run(args),
+        Command::Edit(args) => commands::edit::run(args),
+        Command::RandomModel(args) => commands::random_model::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -130,7 +130,8 @@ fn forward_names_a_missing_input() {
 
 #[test]
 fn tokenize_prints_padded_ids() {
-    let dir = fixtures().join("clip-tokenizer");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/assets/clip-tokenizer");
     let run = retouch(&[
         "tokenize",
         "--model",

@@ -62,6 +62,56 @@ impl Tensor {
         Ok(Tensor::from_f32_unchecked(out, &shape))
     }
 
+    /// Stacks tensors along the first (batch) dimension; the other dimensions must agree.
+    pub fn concat_batch(parts: &[&Tensor]) -> Result<Tensor> {
+        const OP: &str = "concat_batch";
+        let Some(first) = parts.first() else {
+            return shape_err(OP, "nothing to concatenate");
+        };
+        if first.rank() == 0 {
+            return shape_err(OP, "scalars have no batch dimension");
+        }
+        let inner = &first.shape()[1..];
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.elem_count()).sum());
+        let mut batch = 0;
+        for p in parts {
+            if p.rank() != first.rank() || &p.shape()[1..] != inner {
+                return shape_err(
+                    OP,
+                    format!("{:?} does not match {:?}", p.shape(), first.shape()),
+                );
+            }
+            data.extend_from_slice(p.f32s(OP)?);
+            batch += p.shape()[0];
+        }
+        let mut shape = vec![batch];
+        shape.extend_from_slice(inner);
+        Ok(Tensor::from_f32_unchecked(data, &shape))
+    }
+
+    /// Splits the first (batch) dimension into parts of the given sizes.
+    pub fn split_batch(&self, sizes: &[usize]) -> Result<Vec<Tensor>> {
+        const OP: &str = "split_batch";
+        let batch = self.dim(0)?;
+        if sizes.iter().sum::<usize>() != batch {
+            return shape_err(OP, format!("sizes {sizes:?} do not add up to {batch}"));
+        }
+        let per = self.elem_count() / batch.max(1);
+        let data = self.f32s(OP)?;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(sizes.len());
+        for &n in sizes {
+            let mut shape = self.shape().to_vec();
+            shape[0] = n;
+            parts.push(Tensor::from_f32_unchecked(
+                data[start * per..(start + n) * per].to_vec(),
+                &shape,
+            ));
+            start += n;
+        }
+        Ok(parts)
+    }
+
     /// Splits the last dimension into parts of the given sizes.
     pub fn split_last(&self, sizes: &[usize]) -> Result<Vec<Tensor>> {
         const OP: &str = "split";

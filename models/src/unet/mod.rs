@@ -63,7 +63,9 @@ impl UNet {
         &self.config
     }
 
-    fn from_weights(config: UNetConfig, config_path: &Path, weights: &Weights) -> Result<UNet> {
+    /// Builds the UNet from a parsed config and opened (or random) weights; `config_path`
+    /// names the config in errors.
+    pub fn from_weights(config: UNetConfig, config_path: &Path, weights: &Weights) -> Result<UNet> {
         let plan = config.plan(config_path)?;
         let s = Scope::root(weights);
         let ch = &config.block_out_channels;

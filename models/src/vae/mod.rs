@@ -54,6 +54,53 @@ pub struct VaeConfig {
     pub act_fn: Option<String>,
 }
 
+impl VaeConfig {
+    /// Rejects configurations Retouch does not implement, before any weight is read.
+    fn check(&self, path: &Path) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::config(
+                path,
+                "block_out_channels and the block type lists must have the same non-zero length",
+            ));
+        }
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            return Err(Error::config(
+                path,
+                format!("unsupported down block type {t:?}"),
+            ));
+        }
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
+            return Err(Error::config(
+                path,
+                format!("unsupported up block type {t:?}"),
+            ));
+        }
+        if self.act_fn.as_deref().is_some_and(|a| a != "silu") {
+            return Err(Error::config(
+                path,
+                "act_fn other than \"silu\" is unsupported",
+            ));
+        }
+        let groups = self.norm_num_groups;
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| c % groups != 0) {
+            return Err(Error::config(
+                path,
+                format!("{c} channels do not split into {groups} groups"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The mid block's single-head spatial self-attention, with a residual connection.
 struct MidAttention {
     norm: GroupNorm,
@@ -167,48 +214,19 @@ impl Vae {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
         let config: VaeConfig = read_json(&path)?;
-        let n = config.block_out_channels.len();
-        if n == 0 || config.down_block_types.len() != n || config.up_block_types.len() != n {
-            return Err(Error::config(
-                &path,
-                "block_out_channels and the block type lists must have the same non-zero length",
-            ));
-        }
-        if let Some(t) = config
-            .down_block_types
-            .iter()
-            .find(|t| *t != "DownEncoderBlock2D")
-        {
-            return Err(Error::config(
-                &path,
-                format!("unsupported down block type {t:?}"),
-            ));
-        }
-        if let Some(t) = config
-            .up_block_types
-            .iter()
-            .find(|t| *t != "UpDecoderBlock2D")
-        {
-            return Err(Error::config(
-                &path,
-                format!("unsupported up block type {t:?}"),
-            ));
-        }
-        if config.act_fn.as_deref().is_some_and(|a| a != "silu") {
-            return Err(Error::config(
-                &path,
-                "act_fn other than \"silu\" is unsupported",
-            ));
-        }
-        let groups = config.norm_num_groups;
-        if let Some(c) = config.block_out_channels.iter().find(|&&c| c % groups != 0) {
-            return Err(Error::config(
-                &path,
-                format!("{c} channels do not split into {groups} groups"),
-            ));
-        }
+        // Before opening the weights, so an unsupported config is the error reported.
+        config.check(&path)?;
         let weights = Weights::open(dir, variant)?;
-        let s = Scope::root(&weights);
+        Vae::from_weights(config, &path, &weights)
+    }
+
+    /// Builds the VAE from a parsed config and opened (or random) weights; `config_path`
+    /// names the config in errors.
+    pub fn from_weights(config: VaeConfig, config_path: &Path, weights: &Weights) -> Result<Vae> {
+        config.check(config_path)?;
+        let n = config.block_out_channels.len();
+        let groups = config.norm_num_groups;
+        let s = Scope::root(weights);
         let ch = config.block_out_channels.clone();
         let lat = config.latent_channels;
         let same = Conv2dParams::SAME_3X3;

@@ -1,3 +1,50 @@
 pub mod bench;
+pub mod edit;
 pub mod forward;
+pub mod generate;
+pub mod random_model;
+pub mod template;
 pub mod tokenize;
+
+use std::path::PathBuf;
+
+/// The pipeline folder to use: the one given, else the built-in default `models/tiny`
+/// (looked up in the working directory, then in the source tree the binary was built from).
+pub fn model_dir(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
+    let candidates = [
+        PathBuf::from("models/tiny"),
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny")),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.join("model_index.json").is_file())
+        .ok_or_else(|| {
+            "no --model given and the built-in default models/tiny is not there \
+             (tools/train-tiny builds it)"
+                .to_string()
+        })
+}
+
+/// Rejects step counts and guidance scales no pipeline should run.
+pub fn check_steps_and_guidance(steps: usize, guidance: f32) -> Result<(), String> {
+    if !(1..=1000).contains(&steps) {
+        return Err(format!("--steps must be between 1 and 1000, got {steps}"));
+    }
+    if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
+        return Err(format!(
+            "--guidance must be between 0 and 100, got {guidance}"
+        ));
+    }
+    Ok(())
+}
+
+/// A progress bar over denoising steps, on stderr.
+pub fn step_bar(steps: usize) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(steps as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {elapsed}")
+            .expect("valid template"),
+    )
+}

@@ -1,0 +1,232 @@
+//! Stable Diffusion pipelines over a diffusers-format folder: text-to-image with
+//! classifier-free guidance (this module); template registration and edits build on it.
+
+mod edit;
+mod image;
+mod template;
+
+use std::path::{Path, PathBuf};
+
+use retouch_kernels::{Device, Tensor};
+
+pub use edit::{EditMode, EditRequest, Edited, Mask};
+pub use image::{RgbImage, latents_to_image};
+pub use template::{Template, TemplateSpec};
+
+use crate::clip::ClipTextEncoder;
+use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::UNet;
+use crate::vae::Vae;
+use crate::weights::read_json;
+use crate::{Error, Result};
+
+/// A loaded pipeline folder: tokenizer, text encoder, UNet, VAE and scheduler config.
+pub struct Pipeline {
+    dir: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub scheduler_config: SchedulerConfig,
+}
+
+/// A text-to-image request, with diffusers' defaults in [`GenerateRequest::new`].
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f32,
+    pub scheduler: SchedulerKind,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// Initial noise, channels-last `[1, h/f, w/f, c]`, as diffusers' `latents=` takes it
+    /// (before the scheduler's `init_noise_sigma` scaling). Drawn from `seed` when absent.
+    pub latents: Option<Tensor>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<String>) -> GenerateRequest {
+        GenerateRequest {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: 30,
+            guidance: 7.5,
+            scheduler: SchedulerKind::Ddim,
+            seed: 0,
+            width: 512,
+            height: 512,
+            latents: None,
+        }
+    }
+}
+
+/// Text conditioning and classifier-free guidance for one request.
+pub(crate) struct Guidance {
+    /// `[2, tokens, dim]` (negative first) when guided, else `[1, tokens, dim]`.
+    context: Tensor,
+    scale: f32,
+}
+
+impl Guidance {
+    pub(crate) fn new(
+        pipe: &Pipeline,
+        prompt: &str,
+        negative: &str,
+        scale: f32,
+    ) -> Result<Guidance> {
+        let both = pipe.encode_prompts(prompt, negative)?;
+        // diffusers skips the unconditional branch when the scale is at most 1.
+        let context = if scale > 1.0 {
+            both
+        } else {
+            both.split_batch(&[1, 1])?.swap_remove(1)
+        };
+        Ok(Guidance { context, scale })
+    }
+
+    fn guided(&self) -> bool {
+        self.context.shape()[0] == 2
+    }
+
+    /// The guided noise prediction for latents already scaled by the scheduler.
+    fn predict(&self, unet: &UNet, latents: &Tensor, t: f32) -> Result<Tensor> {
+        if !self.guided() {
+            return unet.forward(latents, &[t; 1], &self.context);
+        }
+        let input = Tensor::concat_batch(&[latents, latents])?;
+        let prediction = unet.forward(&input, &[t, t], &self.context)?;
+        let mut halves = prediction.split_batch(&[1, 1])?;
+        let (text, uncond) = (halves.pop().unwrap(), halves.pop().unwrap());
+        // uncond + g * (text - uncond)
+        Ok(uncond.add(&text.sub(&uncond)?.affine(self.scale, 0.0)?)?)
+    }
+}
+
+/// What a generation produced.
+pub struct Generated {
+    /// Final latents, channels-last, before VAE scaling is undone.
+    pub latents: Tensor,
+    pub image: RgbImage,
+}
+
+impl Pipeline {
+    /// Loads a pipeline folder as diffusers saves it (`model_index.json` and the component
+    /// folders), fp32 weights or the `variant` (e.g. `fp16`).
+    pub fn load(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<Pipeline> {
+        let dir = dir.as_ref().to_path_buf();
+        let index = dir.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::config(
+                &dir,
+                "not a pipeline folder: model_index.json is missing",
+            ));
+        }
+        let _: serde_json::Value = read_json(&index)?;
+        Ok(Pipeline {
+            tokenizer: ClipTokenizer::from_dir(dir.join("tokenizer"))?,
+            text_encoder: ClipTextEncoder::load_variant(dir.join("text_encoder"), variant)?,
+            unet: UNet::load(dir.join("unet"), variant)?,
+            vae: Vae::load(dir.join("vae"), variant)?,
+            scheduler_config: SchedulerConfig::from_file(
+                dir.join("scheduler/scheduler_config.json"),
+            )?,
+            dir,
+        })
+    }
+
+    /// The image size the UNet was trained at (`sample_size` x VAE factor), else 512.
+    pub fn native_size(&self) -> usize {
+        self.unet
+            .config()
+            .sample_size
+            .map_or(512, |s| s * self.vae.factor())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Text embeddings for classifier-free guidance: `[2, tokens, dim]`, the negative (or
+    /// empty) prompt first, as diffusers orders them.
+    pub fn encode_prompts(&self, prompt: &str, negative: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_batch(&[negative, prompt])?;
+        self.text_encoder.forward_ids(&ids, 2)
+    }
+
+    /// The latent shape of an image size; sizes must be multiples of the UNet's total
+    /// down-sampling (VAE factor times 2^(blocks - 1)).
+    pub fn latent_shape(&self, width: usize, height: usize) -> Result<[usize; 4]> {
+        let vae = self.vae.factor();
+        let unet = 1 << (self.unet.config().block_out_channels.len() - 1);
+        let step = vae * unet;
+        if width == 0 || height == 0 || !width.is_multiple_of(step) || !height.is_multiple_of(step)
+        {
+            return Err(Error::Invalid(format!(
+                "image size {width}x{height} must be a positive multiple of {step}"
+            )));
+        }
+        Ok([1, height / vae, width / vae, self.unet.config().in_channels])
+    }
+
+    /// Text-to-image. `progress(step, steps)` is called after each denoising step.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let shape = self.latent_shape(req.width, req.height)?;
+        let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
+        let noise = match &req.latents {
+            Some(l) if l.shape() != shape => {
+                return Err(Error::Invalid(format!(
+                    "initial latents have shape {:?}, the request needs {shape:?}",
+                    l.shape()
+                )));
+            }
+            Some(l) => l.clone(),
+            None => Tensor::randn(&shape, req.seed, Device::Cpu),
+        };
+        let latents = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
+        let guidance = Guidance::new(self, &req.prompt, &req.negative_prompt, req.guidance)?;
+        let latents = self.denoise(&guidance, &mut scheduler, latents, &mut |step, _| {
+            progress(step + 1, req.steps);
+            Ok(())
+        })?;
+        let image = self.decode(&latents)?;
+        Ok(Generated { latents, image })
+    }
+
+    /// The denoising loop shared by generation, template registration and edits. After each
+    /// step, `after_step(step, &mut latents)` sees (and may change) the new latents.
+    pub(crate) fn denoise(
+        &self,
+        guidance: &Guidance,
+        scheduler: &mut Scheduler,
+        mut latents: Tensor,
+        after_step: &mut dyn FnMut(usize, &mut Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        for step in 0..scheduler.num_steps() {
+            let t = scheduler
+                .current_timestep()
+                .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
+            let prediction =
+                guidance.predict(&self.unet, &scheduler.scale_model_input(&latents)?, t)?;
+            latents = scheduler.step(&prediction, &latents)?;
+            after_step(step, &mut latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// Decodes scaled latents (as the UNet sees them) to an RGB image.
+    pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
+        let config = self.vae.config();
+        let mut unscaled = latents.affine(1.0 / config.scaling_factor, 0.0)?;
+        if let Some(shift) = config.shift_factor {
+            unscaled = unscaled.affine(1.0, shift)?;
+        }
+        latents_to_image(&self.vae.decode(&unscaled)?)
+    }
+}

@@ -1,0 +1,122 @@
+//! Templates: a generation recorded so that edits can reuse it. Registering one keeps its
+//! latent trajectory (the scaled initial noise and the latents after every step) and its
+//! image; the activation cache for cached-mode edits is added by masked execution.
+
+use std::path::Path;
+
+use retouch_kernels::{SafeTensorsFile, Tensor, save_safetensors};
+use serde::{Deserialize, Serialize};
+
+use super::{Guidance, Pipeline, RgbImage};
+use crate::schedulers::SchedulerKind;
+use crate::weights::read_json;
+use crate::{Error, Result};
+
+/// How a template is generated.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TemplateSpec {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f32,
+    /// `ddim`, `euler` or `dpmpp-2m`.
+    pub scheduler: String,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl TemplateSpec {
+    pub fn scheduler_kind(&self) -> Result<SchedulerKind> {
+        self.scheduler
+            .parse()
+            .map_err(|e| Error::Invalid(format!("template scheduler: {e}")))
+    }
+}
+
+pub struct Template {
+    pub spec: TemplateSpec,
+    /// `steps + 1` latents `[1, h, w, c]`: the scaled initial noise, then each step's result.
+    pub trajectory: Vec<Tensor>,
+    pub image: RgbImage,
+}
+
+const SPEC_FILE: &str = "template.json";
+const TRAJECTORY_FILE: &str = "trajectory.safetensors";
+const IMAGE_FILE: &str = "image.png";
+
+impl Template {
+    /// Bytes held by the trajectory (what an edit needs besides the model).
+    pub fn trajectory_bytes(&self) -> usize {
+        self.trajectory.iter().map(Tensor::size_in_bytes).sum()
+    }
+
+    /// Writes `template.json`, `trajectory.safetensors` and `image.png` into `dir`.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let spec =
+            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(dir.join(SPEC_FILE), spec).map_err(|source| Error::Io {
+            path: dir.join(SPEC_FILE),
+            source,
+        })?;
+        let parts: Vec<&Tensor> = self.trajectory.iter().collect();
+        let stacked = Tensor::concat_batch(&parts)?;
+        save_safetensors(dir.join(TRAJECTORY_FILE), [("trajectory", &stacked)])?;
+        self.image.save_png(dir.join(IMAGE_FILE))
+    }
+
+    pub fn load(dir: impl AsRef<Path>) -> Result<Template> {
+        let dir = dir.as_ref();
+        let spec: TemplateSpec = read_json(&dir.join(SPEC_FILE))?;
+        let stacked = SafeTensorsFile::open(dir.join(TRAJECTORY_FILE))?.get("trajectory")?;
+        let n = stacked.dim(0)?;
+        if n != spec.steps + 1 {
+            return Err(Error::config(
+                dir.join(TRAJECTORY_FILE),
+                format!("{n} latents for a {}-step template", spec.steps),
+            ));
+        }
+        let trajectory = stacked.split_batch(&vec![1; n])?;
+        let image = RgbImage::load_png(dir.join(IMAGE_FILE))?;
+        Ok(Template {
+            spec,
+            trajectory,
+            image,
+        })
+    }
+}
+
+impl Pipeline {
+    /// Generates a template and records what edits of it need.
+    pub fn register_template(
+        &self,
+        spec: &TemplateSpec,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Template> {
+        let shape = self.latent_shape(spec.width, spec.height)?;
+        let mut scheduler = self
+            .scheduler_config
+            .build(spec.scheduler_kind()?, spec.steps)?;
+        let noise = Tensor::randn(&shape, spec.seed, retouch_kernels::Device::Cpu);
+        let start = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
+        let guidance = Guidance::new(self, &spec.prompt, &spec.negative_prompt, spec.guidance)?;
+        let mut trajectory = vec![start.clone()];
+        let last = self.denoise(&guidance, &mut scheduler, start, &mut |step, latents| {
+            trajectory.push(latents.clone());
+            progress(step + 1, spec.steps);
+            Ok(())
+        })?;
+        let image = self.decode(&last)?;
+        Ok(Template {
+            spec: spec.clone(),
+            trajectory,
+            image,
+        })
+    }
+}
