@@ -1,7 +1,8 @@
-use retouch_kernels::{Conv2dParams, Conv2dWeight, Tensor};
+use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
-use crate::Result;
+use super::exec::{CONV_INPUT, CacheEntry, Exec, STATS, per_batch_rows};
+use crate::{Error, Result};
 
 /// `x * W^T + b` over the last dimension.
 pub struct Linear {
@@ -72,6 +73,58 @@ impl Conv2d {
         &self.weight
     }
 
+    /// The conv in any mode. Masked: `x = [batch, active, cin]` rows at the current level;
+    /// outputs are computed at `out_level`'s positions (the current level when None).
+    pub fn forward_exec(
+        &self,
+        x: &Tensor,
+        exec: &mut Exec<'_>,
+        out_level: Option<usize>,
+    ) -> Result<Tensor> {
+        match exec {
+            Exec::Dense => self.forward(x),
+            Exec::Record { cache, dtype } => {
+                cache
+                    .entries
+                    .push(CacheEntry::ConvInput(per_batch_rows(x, *dtype)?));
+                self.forward(x)
+            }
+            Exec::Masked(m) => {
+                let CacheEntry::ConvInput(maps) = m.next(CONV_INPUT)? else {
+                    unreachable!("kind checked by next()")
+                };
+                let active = m.tokens();
+                let outputs = m.level_tokens(out_level.unwrap_or(m.level()))?;
+                let batch = x.dim(0)?;
+                if maps.len() != batch {
+                    return Err(Error::Invalid(format!(
+                        "cached conv input has {} branches, the batch {batch}",
+                        maps.len()
+                    )));
+                }
+                let c = x.dim(-1)?;
+                let fresh: Vec<Tensor> = x
+                    .split_batch(&vec![1; batch])?
+                    .into_iter()
+                    .map(|t| t.reshape(&[active.len(), c]))
+                    .collect::<retouch_kernels::Result<_>>()?;
+                let segments: Vec<MaskedConvSegment<'_>> = fresh
+                    .iter()
+                    .zip(maps)
+                    .map(|(fresh, cached)| MaskedConvSegment {
+                        fresh,
+                        active,
+                        cached,
+                        outputs,
+                    })
+                    .collect();
+                let out = self.weight.masked_conv2d(&segments, self.params)?;
+                let cout = out.dim(-1)?;
+                Ok(out.reshape(&[batch, outputs.len(), cout])?)
+            }
+        }
+    }
+
     pub fn params(&self) -> Conv2dParams {
         self.params
     }
@@ -97,6 +150,25 @@ impl GroupNorm {
 
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         Ok(x.group_norm(self.groups, &self.gamma, &self.beta, self.eps, silu)?)
+    }
+
+    /// The norm in any mode; masked runs normalise the rows with the template's statistics.
+    pub fn forward_exec(&self, x: &Tensor, silu: bool, exec: &mut Exec<'_>) -> Result<Tensor> {
+        let stats = match exec {
+            Exec::Dense => return self.forward(x, silu),
+            Exec::Record { cache, .. } => {
+                let stats = x.group_norm_stats(self.groups, self.eps)?;
+                cache.entries.push(CacheEntry::Stats(stats.clone()));
+                stats
+            }
+            Exec::Masked(m) => {
+                let CacheEntry::Stats(stats) = m.next(STATS)? else {
+                    unreachable!("kind checked by next()")
+                };
+                stats.clone()
+            }
+        };
+        Ok(x.group_norm_with_stats(&stats, self.groups, &self.gamma, &self.beta, silu)?)
     }
 }
 

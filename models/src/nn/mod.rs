@@ -1,6 +1,7 @@
 //! Layers shared by the networks (diffusers' building blocks), over channels-last tensors.
 
 mod attention;
+pub mod exec;
 mod layers;
 mod resnet;
 mod scope;

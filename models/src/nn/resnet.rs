@@ -1,5 +1,6 @@
 use retouch_kernels::{Conv2dParams, Tensor};
 
+use super::exec::Exec;
 use super::{Conv2d, GroupNorm, Linear, Scope};
 use crate::Result;
 
@@ -62,13 +63,31 @@ impl ResnetBlock {
 
     /// `x = [batch, h, w, in]`; `temb_act` is the SiLU of the time embedding `[batch, temb]`.
     pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        self.forward_exec(x, temb_act, &mut Exec::Dense)
+    }
+
+    /// The block in any mode (masked: `x = [batch, active, in]` rows).
+    pub fn forward_exec(
+        &self,
+        x: &Tensor,
+        temb_act: Option<&Tensor>,
+        exec: &mut Exec<'_>,
+    ) -> Result<Tensor> {
+        let mut h =
+            self.conv1
+                .forward_exec(&self.norm1.forward_exec(x, true, exec)?, exec, None)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
             let t = proj.forward(t)?;
             let (batch, c) = (t.shape()[0], t.shape()[1]);
-            h = h.add(&t.reshape(&[batch, 1, 1, c])?)?;
+            // One vector per sample, broadcast over the map (or the rows).
+            let mut shape = vec![1; h.rank()];
+            shape[0] = batch;
+            shape[h.rank() - 1] = c;
+            h = h.add(&t.reshape(&shape)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let h = self
+            .conv2
+            .forward_exec(&self.norm2.forward_exec(&h, true, exec)?, exec, None)?;
         let residual = match &self.shortcut {
             Some(proj) => proj.forward(x)?,
             None => x.clone(),

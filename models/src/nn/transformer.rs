@@ -1,5 +1,6 @@
 use retouch_kernels::Tensor;
 
+use super::exec::Exec;
 use super::{Attention, GroupNorm, LayerNorm, Linear, Scope};
 use crate::Result;
 
@@ -29,8 +30,12 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = x.add(&self.attn1.forward(&self.norm1.forward(&x)?, None)?)?;
+    fn forward(&self, x: Tensor, context: &Tensor, exec: &mut Exec<'_>) -> Result<Tensor> {
+        let x = x.add(
+            &self
+                .attn1
+                .forward_self_exec(&self.norm1.forward(&x)?, exec)?,
+        )?;
         let x = x.add(
             &self
                 .attn2
@@ -95,15 +100,26 @@ impl Transformer2D {
 
     /// `x = [batch, h, w, c]`, `context = [batch, tokens, context_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_exec(x, context, &mut Exec::Dense)
+    }
+
+    /// The model in any mode (masked: `x = [batch, active, c]` rows).
+    pub fn forward_exec(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        exec: &mut Exec<'_>,
+    ) -> Result<Tensor> {
         let shape = x.shape().to_vec();
-        let (b, c) = (shape[0], shape[3]);
-        let tokens = self
+        let (b, c) = (shape[0], shape[shape.len() - 1]);
+        let tokens = x.elem_count() / (b * c).max(1);
+        let normed = self
             .norm
-            .forward(x, false)?
-            .reshape(&[b, shape[1] * shape[2], c])?;
-        let mut h = self.proj_in.forward(&tokens)?;
+            .forward_exec(x, false, exec)?
+            .reshape(&[b, tokens, c])?;
+        let mut h = self.proj_in.forward(&normed)?;
         for block in &self.blocks {
-            h = block.forward(h, context)?;
+            h = block.forward(h, context, exec)?;
         }
         let h = self.proj_out.forward(&h)?.reshape(&shape)?;
         Ok(h.add(x)?)

@@ -4,10 +4,11 @@ mod config;
 
 use std::path::Path;
 
-use retouch_kernels::{Conv2dParams, Tensor, TimestepEmbedding};
+use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding, TokenSet};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
 
+use crate::nn::exec::{Exec, Masked, StepCache};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -243,6 +244,134 @@ impl UNet {
     /// (channels-last), one timestep per sample, `context = [batch, tokens, cross_dim]`.
     /// `h` and `w` must be divisible by 2^(blocks - 1).
     pub fn forward(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
+        self.check_inputs(sample, timesteps, context)?;
+        self.run(sample, timesteps, context, &mut Exec::Dense)
+    }
+
+    /// The dense forward, also recording the activations a cached-mode edit of this step
+    /// needs (stored as `dtype`).
+    pub fn forward_recording(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+        dtype: DType,
+    ) -> Result<(Tensor, StepCache)> {
+        self.check_inputs(sample, timesteps, context)?;
+        let mut cache = StepCache::default();
+        let out = self.run(
+            sample,
+            timesteps,
+            context,
+            &mut Exec::Record {
+                cache: &mut cache,
+                dtype,
+            },
+        )?;
+        Ok((out, cache))
+    }
+
+    /// The forward on active tokens only. `rows = [batch, levels[0].len(), in_channels]` are
+    /// the latents at the level-0 active positions; `levels` are the token sets per resolution
+    /// ([`token_levels`]); `cache` is the template's recording of this step (same batch).
+    /// Returns the output rows `[batch, levels[0].len(), out_channels]`.
+    pub fn forward_masked(
+        &self,
+        rows: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+        cache: &StepCache,
+        levels: &[TokenSet],
+    ) -> Result<Tensor> {
+        let s = rows.shape();
+        if levels.len() != self.down.len() {
+            return Err(Error::Invalid(format!(
+                "unet: {} token sets for {} resolutions",
+                levels.len(),
+                self.down.len()
+            )));
+        }
+        if s.len() != 3 || s[1] != levels[0].len() || s[2] != self.config.in_channels {
+            return Err(Error::Invalid(format!(
+                "unet: masked rows must be [batch, {}, {}], got {s:?}",
+                levels[0].len(),
+                self.config.in_channels
+            )));
+        }
+        if timesteps.len() != s[0] || context.dim(0)? != s[0] {
+            return Err(Error::Invalid(
+                "unet: timesteps and context must match the batch".into(),
+            ));
+        }
+        let mut exec = Exec::Masked(Masked::new(cache, levels));
+        let out = self.run(rows, timesteps, context, &mut exec)?;
+        if let Exec::Masked(m) = &exec
+            && !m.finished()
+        {
+            return Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+        exec: &mut Exec<'_>,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let t = Tensor::from_vec(timesteps.to_vec(), &[batch])?;
+        let emb = self
+            .time_linear_1
+            .forward(&self.time_proj.embed(&t)?)?
+            .silu()?;
+        let temb = self.time_linear_2.forward(&emb)?.silu()?;
+
+        let mut h = self.conv_in.forward_exec(sample, exec, None)?;
+        let mut skips = vec![h.clone()];
+        for (level, block) in self.down.iter().enumerate() {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward_exec(&h, Some(&temb), exec)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_exec(&h, context, exec)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(conv) = &block.downsample {
+                h = conv.forward_exec(&h, exec, Some(level + 1))?;
+                set_level(exec, level + 1);
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid.resnet_in.forward_exec(&h, Some(&temb), exec)?;
+        h = self.mid.attention.forward_exec(&h, context, exec)?;
+        h = self.mid.resnet_out.forward_exec(&h, Some(&temb), exec)?;
+
+        let top = self.up.len() - 1;
+        for (i, block) in self.up.iter().enumerate() {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
+                h = resnet.forward_exec(&Tensor::concat_last(&[&h, &skip])?, Some(&temb), exec)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_exec(&h, context, exec)?;
+                }
+            }
+            if let Some(conv) = &block.upsample {
+                h = upsample(&h, exec, top - i - 1)?;
+                h = conv.forward_exec(&h, exec, None)?;
+            }
+        }
+        let h = self.norm_out.forward_exec(&h, true, exec)?;
+        self.conv_out.forward_exec(&h, exec, None)
+    }
+
+    fn check_inputs(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<()> {
         let shape = sample.shape();
         let factor = 1usize << (self.down.len() - 1);
         if shape.len() != 4 || shape[3] != self.config.in_channels {
@@ -271,48 +400,91 @@ impl UNet {
                 self.config.cross_attention_dim
             )));
         }
-
-        let t = Tensor::from_vec(timesteps.to_vec(), &[batch])?;
-        let emb = self
-            .time_linear_1
-            .forward(&self.time_proj.embed(&t)?)?
-            .silu()?;
-        let temb = self.time_linear_2.forward(&emb)?.silu()?;
-
-        let mut h = self.conv_in.forward(sample)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
-                }
-                skips.push(h.clone());
-            }
-            if let Some(conv) = &block.downsample {
-                h = conv.forward(&h)?;
-                skips.push(h.clone());
-            }
-        }
-
-        h = self.mid.resnet_in.forward(&h, Some(&temb))?;
-        h = self.mid.attention.forward(&h, context)?;
-        h = self.mid.resnet_out.forward(&h, Some(&temb))?;
-
-        for block in &self.up {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
-                h = resnet.forward(&Tensor::concat_last(&[&h, &skip])?, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
-                }
-            }
-            if let Some(conv) = &block.upsample {
-                h = conv.forward(&h.upsample_nearest2x()?)?;
-            }
-        }
-        self.conv_out.forward(&self.norm_out.forward(&h, true)?)
+        Ok(())
     }
+}
+
+fn set_level(exec: &mut Exec<'_>, level: usize) {
+    if let Exec::Masked(m) = exec {
+        m.set_level(level);
+    }
+}
+
+/// Nearest 2x up-sampling to `level`: of the map when dense, of the rows when masked (each
+/// active position at `level` takes its parent's row one level down).
+fn upsample(h: &Tensor, exec: &mut Exec<'_>, level: usize) -> Result<Tensor> {
+    let Exec::Masked(m) = exec else {
+        return Ok(h.upsample_nearest2x()?);
+    };
+    let low = m.tokens();
+    let high = m.level_tokens(level)?;
+    let mut parents = Vec::with_capacity(high.len());
+    for &p in high.positions() {
+        let (y, x) = (p as usize / high.width(), p as usize % high.width());
+        let parent = (y / 2) * low.width() + x / 2;
+        let row = low.row_of()[parent];
+        if row == u32::MAX {
+            return Err(Error::Invalid(format!(
+                "token sets: position {p} at level {level} has no active parent"
+            )));
+        }
+        parents.push(row);
+    }
+    let (batch, c) = (h.dim(0)?, h.dim(-1)?);
+    let per_batch: Vec<Tensor> = h
+        .split_batch(&vec![1; batch])?
+        .into_iter()
+        .map(|t| t.reshape(&[low.len(), c])?.gather_rows(&parents))
+        .collect::<retouch_kernels::Result<_>>()?;
+    let refs: Vec<&Tensor> = per_batch.iter().collect();
+    m.set_level(level);
+    Ok(Tensor::concat_batch(&refs)?.reshape(&[batch, high.len(), c])?)
+}
+
+/// The active token sets of a latent mask at each of `levels` resolutions: level 0 is the
+/// mask dilated by `halo` positions (Chebyshev distance), each next level the previous one
+/// max-pooled 2x2, so every active position has an active parent one level down.
+pub fn token_levels(
+    mask: &[bool],
+    height: usize,
+    width: usize,
+    levels: usize,
+    halo: usize,
+) -> Result<Vec<TokenSet>> {
+    if mask.len() != height * width {
+        return Err(Error::Invalid(format!(
+            "mask has {} entries for a {height}x{width} latent",
+            mask.len()
+        )));
+    }
+    let mut current = vec![false; mask.len()];
+    for y in 0..height {
+        for x in 0..width {
+            if mask[y * width + x] {
+                for yy in y.saturating_sub(halo)..(y + halo + 1).min(height) {
+                    for xx in x.saturating_sub(halo)..(x + halo + 1).min(width) {
+                        current[yy * width + xx] = true;
+                    }
+                }
+            }
+        }
+    }
+    let (mut h, mut w) = (height, width);
+    let mut sets = Vec::with_capacity(levels);
+    for level in 0..levels {
+        if level > 0 {
+            let (nh, nw) = (h.div_ceil(2), w.div_ceil(2));
+            let mut pooled = vec![false; nh * nw];
+            for y in 0..h {
+                for x in 0..w {
+                    if current[y * w + x] {
+                        pooled[(y / 2) * nw + x / 2] = true;
+                    }
+                }
+            }
+            (current, h, w) = (pooled, nh, nw);
+        }
+        sets.push(TokenSet::from_mask(h, w, &current)?);
+    }
+    Ok(sets)
 }
