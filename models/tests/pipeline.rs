@@ -175,7 +175,7 @@ fn templates_record_the_generation_and_round_trip() {
     let dir = pipeline_dir("template");
     let pipe = Pipeline::load(&dir, None).unwrap();
     let spec = spec();
-    let template = pipe.register_template(&spec, &mut |_, _| {}).unwrap();
+    let template = pipe.register_template(&spec, None, &mut |_, _| {}).unwrap();
     assert_eq!(template.trajectory.len(), spec.steps + 1);
     // The template is the generation with the same settings.
     let mut req = GenerateRequest::new(spec.prompt.clone());
@@ -206,7 +206,9 @@ fn dense_edits_change_only_the_masked_region() {
     use retouch_models::pipeline::{EditMode, EditRequest, Mask};
     let dir = pipeline_dir("edit");
     let pipe = Pipeline::load(&dir, None).unwrap();
-    let template = pipe.register_template(&spec(), &mut |_, _| {}).unwrap();
+    let template = pipe
+        .register_template(&spec(), None, &mut |_, _| {})
+        .unwrap();
     let mask = Mask::from_png(&mask_png(32, 32, (8, 8, 20, 24))).unwrap();
     assert!((mask.ratio() - (12.0 * 16.0) / 1024.0).abs() < 1e-9);
     let mut req = EditRequest::new("a green square on a blue background");
@@ -270,5 +272,66 @@ fn dense_edits_change_only_the_masked_region() {
             .contains("cache")
     );
     assert!(Mask::from_png(b"not a png").is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn cached_edits_reproduce_the_template_when_nothing_changes() {
+    use retouch_kernels::DType;
+    use retouch_models::pipeline::{EditMode, EditRequest, Mask, Template};
+    let dir = pipeline_dir("cached");
+    let pipe = Pipeline::load(&dir, None).unwrap();
+    let spec = spec();
+    let template = pipe
+        .register_template(&spec, Some(DType::F32), &mut |_, _| {})
+        .unwrap();
+    assert_eq!(template.cache.len(), spec.steps);
+    assert!(template.cache_bytes() > 0);
+    // Saved one file per step and loaded back unchanged.
+    let saved = dir.join("cached-template");
+    template.save(&saved).unwrap();
+    assert!(saved.join("cache/step_0003.safetensors").is_file());
+    let loaded = Template::load(&saved).unwrap();
+    assert_eq!(loaded.cache_bytes(), template.cache_bytes());
+    // Same prompt and seed as the template: the edit's trajectory is the template's, so the
+    // masked forward (fresh rows = the template's rows) must give back the template's latents.
+    let mask = Mask::from_png(&mask_png(32, 32, (6, 10, 22, 20))).unwrap();
+    let mut req = EditRequest::new(spec.prompt.clone());
+    req.seed = spec.seed;
+    req.mode = EditMode::Cached;
+    let edited = pipe.edit(&loaded, &mask, &req, &mut |_, _| {}).unwrap();
+    let (got, want) = (
+        edited.latents.to_vec_f32(),
+        template.trajectory[spec.steps].to_vec_f32(),
+    );
+    let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len() as f32;
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * (b.abs() + scale),
+            "latent {i}: {a} vs {b}"
+        );
+    }
+    // A real edit in cached mode changes the masked region only, like dense mode.
+    req.prompt = "a green square".into();
+    req.seed = 99;
+    let cached = pipe.edit(&loaded, &mask, &req, &mut |_, _| {}).unwrap();
+    req.mode = EditMode::Dense;
+    let dense = pipe.edit(&loaded, &mask, &req, &mut |_, _| {}).unwrap();
+    let latent_mask = mask.to_latent(2);
+    let (c, d, t) = (
+        cached.latents.to_vec_f32(),
+        dense.latents.to_vec_f32(),
+        want,
+    );
+    for (p, &m) in latent_mask.iter().enumerate() {
+        for ch in 0..4 {
+            let i = p * 4 + ch;
+            if m == 0.0 {
+                assert_eq!(c[i], t[i]);
+                assert_eq!(d[i], t[i]);
+            }
+        }
+    }
+    assert_ne!(c, t, "the cached edit changed nothing");
     std::fs::remove_dir_all(dir).ok();
 }

@@ -1,14 +1,16 @@
 //! Masked edits of a template. Dense mode runs the whole UNet each step and keeps the
 //! template outside the mask: the edit starts from fresh noise inside the mask and the
 //! template's initial latents outside, and after every step
-//! `x = M * x_new + (1 - M) * x_template_next`. Cached mode (computing only the active tokens
-//! with the template's cached activations) builds on this.
+//! `x = M * x_new + (1 - M) * x_template_next`. Cached mode does the same but computes only
+//! the active tokens, with the template's cached activations for the rest.
 
 use std::time::Instant;
 
-use retouch_kernels::{Device, Tensor};
+use retouch_kernels::{DType, Device, Tensor};
 
-use super::{Guidance, Pipeline, RgbImage, Template};
+use super::{Guidance, Pipeline, RgbImage, Template, UnetRun};
+use crate::schedulers::Scheduler;
+use crate::unet::token_levels;
 use crate::{Error, Result};
 
 /// An edit mask at image resolution: 1 where the image may change.
@@ -117,6 +119,8 @@ pub struct EditRequest {
     pub mode: EditMode,
     /// Paste the template's pixels back outside the feathered mask.
     pub paste_back: bool,
+    /// Cached mode: latent positions around the mask that are recomputed too.
+    pub halo: usize,
 }
 
 impl EditRequest {
@@ -128,6 +132,7 @@ impl EditRequest {
             guidance: None,
             mode: EditMode::Dense,
             paste_back: true,
+            halo: 1,
         }
     }
 }
@@ -159,7 +164,58 @@ fn keep_outside(x: &mut Tensor, reference: &Tensor, mask: &[f32]) -> Result<()> 
     Ok(())
 }
 
+/// What a cached-mode denoising loop reads.
+struct CachedEdit<'a> {
+    template: &'a Template,
+    guidance: &'a Guidance,
+    latent_mask: &'a [f32],
+    halo: usize,
+}
+
 impl Pipeline {
+    /// Cached mode: each step runs the UNet on the active tokens only (the mask dilated by
+    /// the halo, pooled per resolution), reading the template's activations of that step for
+    /// everything else; the full latents are kept for the scheduler and the blend.
+    fn denoise_cached(
+        &self,
+        edit: &CachedEdit<'_>,
+        scheduler: &mut Scheduler,
+        mut x: Tensor,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let shape = x.shape().to_vec();
+        let (h, w, c) = (shape[1], shape[2], shape[3]);
+        let active: Vec<bool> = edit.latent_mask.iter().map(|&m| m > 0.0).collect();
+        let blocks = self.unet.config().block_out_channels.len();
+        let levels = token_levels(&active, h, w, blocks, edit.halo)?;
+        let positions = levels[0].positions().to_vec();
+        let n = positions.len();
+        let steps = scheduler.num_steps();
+        for step in 0..steps {
+            let t = scheduler
+                .current_timestep()
+                .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
+            let scaled = scheduler.scale_model_input(&x)?.reshape(&[h * w, c])?;
+            let rows = scaled.gather_rows(&positions)?.reshape(&[1, n, c])?;
+            let run = UnetRun::Masked {
+                cache: &edit.template.cache[step],
+                levels: &levels,
+            };
+            let predicted = edit.guidance.predict(&self.unet, &rows, t, run)?;
+            // Inactive positions get no prediction: the blend below replaces them anyway.
+            let mut full = Tensor::zeros(&[h * w, c], DType::F32, Device::Cpu);
+            full.scatter_rows(&positions, &predicted.reshape(&[n, c])?)?;
+            x = scheduler.step(&full.reshape(&shape)?, &x)?;
+            keep_outside(
+                &mut x,
+                &edit.template.trajectory[step + 1],
+                edit.latent_mask,
+            )?;
+            progress(step + 1, steps);
+        }
+        Ok(x)
+    }
+
     /// Edits `template` inside `mask` following `req`. `progress(step, steps)` after each step.
     pub fn edit(
         &self,
@@ -179,10 +235,10 @@ impl Pipeline {
         if mask.values.iter().all(|&v| v == 0.0) {
             return Err(Error::Invalid("the mask is empty: nothing to edit".into()));
         }
-        if req.mode == EditMode::Cached {
+        if req.mode == EditMode::Cached && template.cache.len() != spec.steps {
             return Err(Error::Invalid(
-                "cached-mode edits need the template's activation cache, which this build \
-                 does not record yet; use dense mode"
+                "cached-mode edits need the template's activation cache; this template was \
+                 registered without one (use dense mode, or register it again with a cache)"
                     .into(),
             ));
         }
@@ -202,11 +258,24 @@ impl Pipeline {
             req.guidance.unwrap_or(spec.guidance),
         )?;
         let unet_started = Instant::now();
-        let latents = self.denoise(&guidance, &mut scheduler, start, &mut |step, x| {
-            keep_outside(x, &template.trajectory[step + 1], &latent_mask)?;
-            progress(step + 1, spec.steps);
-            Ok(())
-        })?;
+        let latents = match req.mode {
+            EditMode::Dense => {
+                self.denoise(&guidance, &mut scheduler, start, None, &mut |step, x| {
+                    keep_outside(x, &template.trajectory[step + 1], &latent_mask)?;
+                    progress(step + 1, spec.steps);
+                    Ok(())
+                })?
+            }
+            EditMode::Cached => {
+                let cached = CachedEdit {
+                    template,
+                    guidance: &guidance,
+                    latent_mask: &latent_mask,
+                    halo: req.halo,
+                };
+                self.denoise_cached(&cached, &mut scheduler, start, progress)?
+            }
+        };
         let unet_ms = unet_started.elapsed().as_secs_f64() * 1e3;
         let mut image = self.decode(&latents)?;
         if req.paste_back {

@@ -1,19 +1,21 @@
 //! Stable Diffusion pipelines over a diffusers-format folder: text-to-image with
 //! classifier-free guidance (this module); template registration and edits build on it.
 
+mod cache_io;
 mod edit;
 mod image;
 mod template;
 
 use std::path::{Path, PathBuf};
 
-use retouch_kernels::{Device, Tensor};
+use retouch_kernels::{DType, Device, Tensor, TokenSet};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
 pub use image::{RgbImage, latents_to_image};
 pub use template::{Template, TemplateSpec};
 
 use crate::clip::ClipTextEncoder;
+use crate::nn::exec::StepCache;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
@@ -91,18 +93,53 @@ impl Guidance {
         self.context.shape()[0] == 2
     }
 
-    /// The guided noise prediction for latents already scaled by the scheduler.
-    fn predict(&self, unet: &UNet, latents: &Tensor, t: f32) -> Result<Tensor> {
+    /// The guided noise prediction for latents already scaled by the scheduler (a map, or
+    /// active rows in masked runs).
+    pub(crate) fn predict(
+        &self,
+        unet: &UNet,
+        latents: &Tensor,
+        t: f32,
+        run: UnetRun<'_>,
+    ) -> Result<Tensor> {
+        let input = if self.guided() {
+            Tensor::concat_batch(&[latents, latents])?
+        } else {
+            latents.clone()
+        };
+        let timesteps = vec![t; input.dim(0)?];
+        let prediction = match run {
+            UnetRun::Dense => unet.forward(&input, &timesteps, &self.context)?,
+            UnetRun::Record(caches, dtype) => {
+                let (out, cache) =
+                    unet.forward_recording(&input, &timesteps, &self.context, dtype)?;
+                caches.push(cache);
+                out
+            }
+            UnetRun::Masked { cache, levels } => {
+                unet.forward_masked(&input, &timesteps, &self.context, cache, levels)?
+            }
+        };
         if !self.guided() {
-            return unet.forward(latents, &[t; 1], &self.context);
+            return Ok(prediction);
         }
-        let input = Tensor::concat_batch(&[latents, latents])?;
-        let prediction = unet.forward(&input, &[t, t], &self.context)?;
         let mut halves = prediction.split_batch(&[1, 1])?;
         let (text, uncond) = (halves.pop().unwrap(), halves.pop().unwrap());
         // uncond + g * (text - uncond)
         Ok(uncond.add(&text.sub(&uncond)?.affine(self.scale, 0.0)?)?)
     }
+}
+
+/// How a prediction runs the UNet.
+pub(crate) enum UnetRun<'a> {
+    Dense,
+    /// Dense, appending this step's activation cache (stored as the dtype).
+    Record(&'a mut Vec<StepCache>, DType),
+    /// On active rows, with a template's cache of this step.
+    Masked {
+        cache: &'a StepCache,
+        levels: &'a [TokenSet],
+    },
 }
 
 /// What a generation produced.
@@ -191,7 +228,7 @@ impl Pipeline {
         };
         let latents = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
         let guidance = Guidance::new(self, &req.prompt, &req.negative_prompt, req.guidance)?;
-        let latents = self.denoise(&guidance, &mut scheduler, latents, &mut |step, _| {
+        let latents = self.denoise(&guidance, &mut scheduler, latents, None, &mut |step, _| {
             progress(step + 1, req.steps);
             Ok(())
         })?;
@@ -206,14 +243,19 @@ impl Pipeline {
         guidance: &Guidance,
         scheduler: &mut Scheduler,
         mut latents: Tensor,
+        mut record: Option<(&mut Vec<StepCache>, DType)>,
         after_step: &mut dyn FnMut(usize, &mut Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         for step in 0..scheduler.num_steps() {
             let t = scheduler
                 .current_timestep()
                 .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
+            let run = match record.as_mut() {
+                Some((caches, dtype)) => UnetRun::Record(caches, *dtype),
+                None => UnetRun::Dense,
+            };
             let prediction =
-                guidance.predict(&self.unet, &scheduler.scale_model_input(&latents)?, t)?;
+                guidance.predict(&self.unet, &scheduler.scale_model_input(&latents)?, t, run)?;
             latents = scheduler.step(&prediction, &latents)?;
             after_step(step, &mut latents)?;
         }

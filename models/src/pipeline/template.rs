@@ -1,13 +1,14 @@
 //! Templates: a generation recorded so that edits can reuse it. Registering one keeps its
-//! latent trajectory (the scaled initial noise and the latents after every step) and its
-//! image; the activation cache for cached-mode edits is added by masked execution.
+//! latent trajectory (the scaled initial noise and the latents after every step), its image,
+//! and per step the UNet activations cached-mode edits read (f16 by default).
 
 use std::path::Path;
 
-use retouch_kernels::{SafeTensorsFile, Tensor, save_safetensors};
+use retouch_kernels::{DType, SafeTensorsFile, Tensor, save_safetensors};
 use serde::{Deserialize, Serialize};
 
-use super::{Guidance, Pipeline, RgbImage};
+use super::{Guidance, Pipeline, RgbImage, cache_io};
+use crate::nn::exec::StepCache;
 use crate::schedulers::SchedulerKind;
 use crate::weights::read_json;
 use crate::{Error, Result};
@@ -40,16 +41,25 @@ pub struct Template {
     /// `steps + 1` latents `[1, h, w, c]`: the scaled initial noise, then each step's result.
     pub trajectory: Vec<Tensor>,
     pub image: RgbImage,
+    /// One activation cache per step (empty when the template was registered without one).
+    pub cache: Vec<StepCache>,
 }
 
 const SPEC_FILE: &str = "template.json";
 const TRAJECTORY_FILE: &str = "trajectory.safetensors";
 const IMAGE_FILE: &str = "image.png";
+/// One safetensors file per step: `cache/step_0000.safetensors`, ...
+const CACHE_DIR: &str = "cache";
 
 impl Template {
-    /// Bytes held by the trajectory (what an edit needs besides the model).
+    /// Bytes held by the trajectory.
     pub fn trajectory_bytes(&self) -> usize {
         self.trajectory.iter().map(Tensor::size_in_bytes).sum()
+    }
+
+    /// Bytes held by the activation cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.iter().map(StepCache::size_in_bytes).sum()
     }
 
     /// Writes `template.json`, `trajectory.safetensors` and `image.png` into `dir`.
@@ -68,6 +78,9 @@ impl Template {
         let parts: Vec<&Tensor> = self.trajectory.iter().collect();
         let stacked = Tensor::concat_batch(&parts)?;
         save_safetensors(dir.join(TRAJECTORY_FILE), [("trajectory", &stacked)])?;
+        for (step, cache) in self.cache.iter().enumerate() {
+            cache_io::save_step(&dir.join(CACHE_DIR), step, cache)?;
+        }
         self.image.save_png(dir.join(IMAGE_FILE))
     }
 
@@ -84,19 +97,30 @@ impl Template {
         }
         let trajectory = stacked.split_batch(&vec![1; n])?;
         let image = RgbImage::load_png(dir.join(IMAGE_FILE))?;
+        let cache_dir = dir.join(CACHE_DIR);
+        let cache = if cache_dir.is_dir() {
+            (0..spec.steps)
+                .map(|step| cache_io::load_step(&cache_dir, step))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Template {
             spec,
             trajectory,
             image,
+            cache,
         })
     }
 }
 
 impl Pipeline {
-    /// Generates a template and records what edits of it need.
+    /// Generates a template and records what edits of it need; `cache_dtype` None skips the
+    /// activation cache (dense-mode edits only).
     pub fn register_template(
         &self,
         spec: &TemplateSpec,
+        cache_dtype: Option<DType>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Template> {
         let shape = self.latent_shape(spec.width, spec.height)?;
@@ -107,16 +131,25 @@ impl Pipeline {
         let start = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
         let guidance = Guidance::new(self, &spec.prompt, &spec.negative_prompt, spec.guidance)?;
         let mut trajectory = vec![start.clone()];
-        let last = self.denoise(&guidance, &mut scheduler, start, &mut |step, latents| {
-            trajectory.push(latents.clone());
-            progress(step + 1, spec.steps);
-            Ok(())
-        })?;
+        let mut cache = Vec::new();
+        let record = cache_dtype.map(|dtype| (&mut cache, dtype));
+        let last = self.denoise(
+            &guidance,
+            &mut scheduler,
+            start,
+            record,
+            &mut |step, latents| {
+                trajectory.push(latents.clone());
+                progress(step + 1, spec.steps);
+                Ok(())
+            },
+        )?;
         let image = self.decode(&last)?;
         Ok(Template {
             spec: spec.clone(),
             trajectory,
             image,
+            cache,
         })
     }
 }

@@ -27,10 +27,13 @@ pub struct EditArgs {
     /// Defaults to the template's guidance.
     #[arg(long)]
     guidance: Option<f32>,
-    /// `dense` runs the whole UNet each step; `cached` (active tokens only, with the
-    /// template's cached activations) is not available in this build yet.
-    #[arg(long, default_value = "dense")]
+    /// `cached` runs the UNet on the active tokens only, with the template's cached
+    /// activations; `dense` runs the whole UNet each step.
+    #[arg(long, default_value = "cached")]
     mode: EditMode,
+    /// Cached mode: latent positions around the mask recomputed as well.
+    #[arg(long, default_value_t = 1)]
+    halo: usize,
     /// Keep the decoded pixels everywhere instead of pasting the template back outside the
     /// feathered mask.
     #[arg(long)]
@@ -58,6 +61,7 @@ pub fn run(args: EditArgs) -> Result<(), Box<dyn std::error::Error>> {
         guidance: args.guidance,
         mode: args.mode,
         paste_back: !args.no_paste_back,
+        halo: args.halo,
     };
     let bar = step_bar(template.spec.steps);
     let edited = pipe.edit(&template, &mask, &req, &mut |done, _| {

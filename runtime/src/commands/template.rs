@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use retouch_kernels::DType;
 use retouch_models::pipeline::{Pipeline, TemplateSpec};
 use retouch_models::schedulers::SchedulerKind;
 
@@ -29,13 +30,28 @@ pub struct TemplateArgs {
     height: Option<usize>,
     #[arg(long, default_value = "ddim")]
     scheduler: SchedulerKind,
-    /// Folder to write the template into (template.json, trajectory, image.png).
+    /// Dtype of the activation cache recorded for cached-mode edits (f16, bf16, f32), or
+    /// `none` to record none (dense-mode edits only).
+    #[arg(long, default_value = "f16")]
+    cache_dtype: String,
+    /// Folder to write the template into (template.json, trajectory, image.png, cache/).
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn run(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
     super::check_steps_and_guidance(args.steps, args.guidance)?;
+    let cache_dtype = match args.cache_dtype.as_str() {
+        "f16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        "f32" => Some(DType::F32),
+        "none" => None,
+        other => {
+            return Err(
+                format!("--cache-dtype must be f16, bf16, f32 or none, got `{other}`").into(),
+            );
+        }
+    };
     let pipe = Pipeline::load(model_dir(args.model)?, None)?;
     let native = pipe.native_size();
     let spec = TemplateSpec {
@@ -49,16 +65,19 @@ pub fn run(args: TemplateArgs) -> Result<(), Box<dyn std::error::Error>> {
         height: args.height.unwrap_or(native),
     };
     let bar = step_bar(spec.steps);
-    let template = pipe.register_template(&spec, &mut |done, _| bar.set_position(done as u64))?;
+    let template = pipe.register_template(&spec, cache_dtype, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     template.save(&args.out)?;
     eprintln!(
-        "registered template {} ({}x{}, {} steps, trajectory {} KiB)",
+        "registered template {} ({}x{}, {} steps, trajectory {} KiB, activation cache {} KiB)",
         args.out.display(),
         spec.width,
         spec.height,
         spec.steps,
-        template.trajectory_bytes() / 1024
+        template.trajectory_bytes() / 1024,
+        template.cache_bytes() / 1024
     );
     Ok(())
 }

@@ -1,0 +1,104 @@
+//! A step's activation cache on disk: one safetensors file per step, entries named in forward
+//! order (`00012.conv.1` is entry 12's conv input for batch element 1; `k`/`v` for keys and
+//! values; `stats` is `[batch * groups, 2]` means and reciprocal deviations).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use retouch_kernels::{GroupStats, SafeTensorsFile, Tensor, save_safetensors};
+
+use crate::nn::exec::{CacheEntry, StepCache};
+use crate::{Error, Result};
+
+fn step_file(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("step_{step:04}.safetensors"))
+}
+
+pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (i, entry) in cache.entries.iter().enumerate() {
+        match entry {
+            CacheEntry::ConvInput(maps) => {
+                for (b, m) in maps.iter().enumerate() {
+                    named.push((format!("{i:05}.conv.{b}"), m.clone()));
+                }
+            }
+            CacheEntry::KeyValue(kv) => {
+                for (b, (k, v)) in kv.iter().enumerate() {
+                    named.push((format!("{i:05}.k.{b}"), k.clone()));
+                    named.push((format!("{i:05}.v.{b}"), v.clone()));
+                }
+            }
+            CacheEntry::Stats(stats) => {
+                let flat: Vec<f32> = stats.iter().flat_map(|s| [s.mean, s.rstd]).collect();
+                named.push((
+                    format!("{i:05}.stats"),
+                    Tensor::from_vec(flat, &[stats.len(), 2])?,
+                ));
+            }
+        }
+    }
+    save_safetensors(
+        step_file(dir, step),
+        named.iter().map(|(n, t)| (n.as_str(), t)),
+    )?;
+    Ok(())
+}
+
+pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
+    let path = step_file(dir, step);
+    let file = SafeTensorsFile::open(&path)?;
+    let bad = |message: String| Error::config(&path, message);
+    // entry index -> (kind, batch index or none, tensor)
+    let mut grouped: BTreeMap<usize, Vec<(String, Option<usize>, Tensor)>> = BTreeMap::new();
+    for name in file.names() {
+        let mut parts = name.split('.');
+        let index = parts
+            .next()
+            .and_then(|p| p.parse::<usize>().ok())
+            .ok_or_else(|| bad(format!("unexpected tensor name `{name}`")))?;
+        let kind = parts.next().unwrap_or_default().to_string();
+        let batch = parts.next().and_then(|p| p.parse::<usize>().ok());
+        grouped
+            .entry(index)
+            .or_default()
+            .push((kind, batch, file.get(&name)?));
+    }
+    let mut entries = Vec::with_capacity(grouped.len());
+    for (expected, (index, mut parts)) in grouped.into_iter().enumerate() {
+        if index != expected {
+            return Err(bad(format!("cache entry {expected} is missing")));
+        }
+        parts.sort_by_key(|p| (p.0.clone(), p.1));
+        let entry = match parts[0].0.as_str() {
+            "conv" => CacheEntry::ConvInput(parts.into_iter().map(|p| p.2).collect()),
+            "k" | "v" => {
+                let (ks, vs): (Vec<_>, Vec<_>) = parts.into_iter().partition(|p| p.0 == "k");
+                if ks.len() != vs.len() {
+                    return Err(bad(format!(
+                        "entry {index}: keys and values differ in count"
+                    )));
+                }
+                CacheEntry::KeyValue(ks.into_iter().zip(vs).map(|(k, v)| (k.2, v.2)).collect())
+            }
+            "stats" => {
+                let flat = parts[0].2.to_vec_f32();
+                CacheEntry::Stats(
+                    flat.chunks_exact(2)
+                        .map(|p| GroupStats {
+                            mean: p[0],
+                            rstd: p[1],
+                        })
+                        .collect(),
+                )
+            }
+            other => return Err(bad(format!("entry {index}: unknown kind `{other}`"))),
+        };
+        entries.push(entry);
+    }
+    Ok(StepCache { entries })
+}
