@@ -89,10 +89,6 @@ impl Weights {
         self
     }
 
-    pub fn is_random(&self) -> bool {
-        matches!(self.source, Source::Random(_))
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -42,3 +42,37 @@ fn presets_have_the_published_parameter_counts() {
         assert_eq!(counts, expected, "{preset:?}");
     }
 }
+
+/// `RandomPipeline::unet` (the benchmark's in-memory UNet) is the UNet `write` saves: same
+/// config, same weights, so the same output bit for bit.
+#[test]
+fn in_memory_unet_is_the_written_one() {
+    use retouch_kernels::{Device, Tensor};
+    use retouch_models::unet::UNet;
+
+    let dir = std::env::temp_dir().join(format!("retouch-unet-mem-{}", std::process::id()));
+    let pipeline = RandomPipeline {
+        seed: 3,
+        ..RandomPipeline::new(Preset::Tiny)
+    };
+    let written = pipeline
+        .write(&dir, false, None)
+        .map(|_| UNet::load(dir.join("unet"), None));
+    let _ = std::fs::remove_dir_all(&dir);
+    let loaded = written.unwrap().unwrap();
+    let in_memory = pipeline.unet().unwrap();
+
+    let config = Preset::Tiny.unet_config();
+    let size = config["sample_size"].as_u64().unwrap() as usize;
+    assert_eq!(Preset::Tiny.image_size(), 4 * size);
+    assert_eq!(Preset::Sd15.image_size(), 512);
+    assert_eq!(Preset::Sd21.image_size(), 768);
+    let ctx = in_memory.config().cross_attention_dim;
+    let sample = Tensor::randn(&[2, size, size, 4], 1, Device::Cpu);
+    let context = Tensor::randn(&[2, 77, ctx], 2, Device::Cpu);
+    let a = in_memory
+        .forward(&sample, &[500.0, 20.0], &context)
+        .unwrap();
+    let b = loaded.forward(&sample, &[500.0, 20.0], &context).unwrap();
+    assert_eq!(a.to_vec_f32(), b.to_vec_f32());
+}

@@ -44,6 +44,25 @@ impl Preset {
             Preset::Tiny => "tiny",
         }
     }
+
+    /// The `unet/config.json` the preset's pipeline folder carries (as diffusers reads it).
+    pub fn unet_config(self) -> Value {
+        presets::configs(self).unet
+    }
+
+    /// The image size the preset is made for: the UNet's `sample_size` times the VAE's
+    /// downsampling factor (512 for SD 1.5, 768 for SD 2.1, 64 for `tiny`).
+    pub fn image_size(self) -> usize {
+        let c = presets::configs(self);
+        let latent = c.unet["sample_size"]
+            .as_u64()
+            .expect("presets set sample_size");
+        let vae_blocks = c.vae["block_out_channels"]
+            .as_array()
+            .expect("presets set block_out_channels")
+            .len();
+        (latent as usize) << (vae_blocks - 1)
+    }
 }
 
 impl FromStr for Preset {
@@ -93,6 +112,11 @@ pub struct Summary {
     pub bytes: u64,
 }
 
+/// Each network's weights are seeded with `mix_seed(seed, index)`, index by component.
+const SEED_TEXT_ENCODER: u64 = 1;
+const SEED_UNET: u64 = 2;
+const SEED_VAE: u64 = 3;
+
 /// The entries of a pipeline folder this writer creates (and, asked to overwrite, replaces).
 const ENTRIES: [&str; 6] = [
     "model_index.json",
@@ -110,6 +134,19 @@ impl RandomPipeline {
             dtype: DType::F32,
             seed: 0,
         }
+    }
+
+    /// The UNet [`write`](Self::write) saves, built in memory instead (nothing is written):
+    /// the same configuration and weights, kept in f32 whatever `dtype` (written f16 weights
+    /// are these rounded). For benchmarks; the peak memory is about twice the UNet's.
+    pub fn unet(&self) -> Result<UNet> {
+        let config_path =
+            PathBuf::from(format!("<{} preset>/unet/config.json", self.preset.name()));
+        let config: UNetConfig = serde_json::from_value(self.preset.unet_config())
+            .map_err(|e| Error::config(&config_path, e.to_string()))?;
+        let weights = Weights::random(mix_seed(self.seed, SEED_UNET));
+        // The recorded copies of the weights are freed when `weights` is dropped.
+        UNet::from_weights(config, &config_path, &weights)
     }
 
     /// Writes the pipeline folder `dir`. It must be absent or empty unless `overwrite`, which
@@ -130,11 +167,8 @@ impl RandomPipeline {
                 )));
             }
         };
-        let progress: Progress = progress.unwrap_or_else(|| Arc::new(|_| {}));
         prepare_dir(dir, overwrite)?;
         let configs = presets::configs(self.preset);
-        let mut summary = Summary::default();
-
         write_json(&dir.join("model_index.json"), &configs.model_index)?;
         let scheduler = dir.join("scheduler");
         create_dir(&scheduler)?;
@@ -148,71 +182,66 @@ impl RandomPipeline {
             "float32"
         };
         text_config["torch_dtype"] = Value::from(torch_dtype);
-        let stem = format!("model{variant}.safetensors");
-        self.component(
+        let mut writer = Writer {
             dir,
+            pipeline: self,
+            progress: progress.unwrap_or_else(|| Arc::new(|_| {})),
+            summary: Summary::default(),
+        };
+        let stem = format!("model{variant}.safetensors");
+        writer.component(
             "text_encoder",
             &text_config,
             &stem,
-            1,
-            &progress,
-            &mut summary,
+            SEED_TEXT_ENCODER,
             |path, w| ClipTextEncoder::from_weights(ClipTextConfig::read(path)?, w).map(drop),
         )?;
         let stem = format!("diffusion_pytorch_model{variant}.safetensors");
-        self.component(
-            dir,
-            "unet",
-            &configs.unet,
-            &stem,
-            2,
-            &progress,
-            &mut summary,
-            |path, w| {
-                let config: UNetConfig = read_json(path)?;
-                UNet::from_weights(config, path, w).map(drop)
-            },
-        )?;
-        self.component(
-            dir,
-            "vae",
-            &configs.vae,
-            &stem,
-            3,
-            &progress,
-            &mut summary,
-            |path, w| {
-                let config: VaeConfig = read_json(path)?;
-                Vae::from_weights(config, path, w).map(drop)
-            },
-        )?;
+        writer.component("unet", &configs.unet, &stem, SEED_UNET, |path, w| {
+            let config: UNetConfig = read_json(path)?;
+            UNet::from_weights(config, path, w).map(drop)
+        })?;
+        writer.component("vae", &configs.vae, &stem, SEED_VAE, |path, w| {
+            let config: VaeConfig = read_json(path)?;
+            Vae::from_weights(config, path, w).map(drop)
+        })?;
 
+        let mut summary = writer.summary;
         summary.bytes = folder_size(dir)?;
         Ok(summary)
     }
+}
 
+/// The networks' part of one `write`.
+struct Writer<'a> {
+    dir: &'a Path,
+    pipeline: &'a RandomPipeline,
+    progress: Progress,
+    summary: Summary,
+}
+
+impl Writer<'_> {
     /// Writes `dir/name/config.json`, builds the network from it (read back through the
-    /// loader's own config reader) on random weights, and saves the weights as `file`.
-    #[allow(clippy::too_many_arguments)]
+    /// loader's own config reader) on random weights seeded by `seed_index`, and saves the
+    /// weights as `file`.
     fn component(
-        &self,
-        dir: &Path,
+        &mut self,
         name: &str,
         config: &Value,
         file: &str,
-        index: u64,
-        progress: &Progress,
-        summary: &mut Summary,
+        seed_index: u64,
         build: impl FnOnce(&Path, &Weights) -> Result<()>,
     ) -> Result<()> {
+        let progress = &self.progress;
         progress(Event::Component(name));
-        let folder = dir.join(name);
+        let folder = self.dir.join(name);
         create_dir(&folder)?;
         let config_path = folder.join("config.json");
         write_json(&config_path, config)?;
 
         let elements = Arc::new(AtomicU64::new(0));
-        let weights = Weights::random(mix_seed(self.seed, index)).on_generate({
+        let seed = mix_seed(self.pipeline.seed, seed_index);
+        let weights = Weights::random(seed).on_generate({
             let (elements, progress) = (elements.clone(), progress.clone());
             move |_, n| {
                 elements.fetch_add(n as u64, Ordering::Relaxed);
@@ -224,18 +253,21 @@ impl RandomPipeline {
 
         let path = folder.join(file);
         let params = elements.load(Ordering::Relaxed);
+        let dtype = self.pipeline.dtype;
         progress(Event::Writing {
             path: &path,
-            bytes: params * self.dtype.size_in_bytes() as u64,
+            bytes: params * dtype.size_in_bytes() as u64,
         });
-        weights.save(&path, self.dtype)?;
+        weights.save(&path, dtype)?;
         // safetensors writes through a private temporary file (mode 0600); give the weights
         // the permissions the umask gave config.json, as for every other file of the folder.
         let permissions = std::fs::metadata(&config_path)
             .map_err(io_error(&config_path))?
             .permissions();
         std::fs::set_permissions(&path, permissions).map_err(io_error(&path))?;
-        summary.components.push((name.to_string(), params, path));
+        self.summary
+            .components
+            .push((name.to_string(), params, path));
         Ok(())
     }
 }

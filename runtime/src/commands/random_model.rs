@@ -11,7 +11,7 @@ use retouch_kernels::DType;
 use retouch_models::random_pipeline::{Event, Preset, Progress, RandomPipeline};
 
 #[derive(Clone, Copy, ValueEnum)]
-enum PresetArg {
+pub(crate) enum PresetArg {
     /// Stable Diffusion 1.5 (~1.07B parameters).
     Sd15,
     /// Stable Diffusion 2.1, 768 px v-prediction (~1.29B parameters).
@@ -43,13 +43,19 @@ pub struct RandomModelArgs {
     force: bool,
 }
 
-pub fn run(args: RandomModelArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let pipeline = RandomPipeline {
-        preset: match args.preset {
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Preset {
+        match p {
             PresetArg::Sd15 => Preset::Sd15,
             PresetArg::Sd21 => Preset::Sd21,
             PresetArg::Tiny => Preset::Tiny,
-        },
+        }
+    }
+}
+
+pub fn run(args: RandomModelArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let pipeline = RandomPipeline {
+        preset: args.preset.into(),
         dtype: match args.dtype {
             DTypeArg::F32 => DType::F32,
             DTypeArg::F16 => DType::F16,
@@ -81,7 +87,10 @@ pub fn run(args: RandomModelArgs) -> Result<(), Box<dyn std::error::Error>> {
         "wrote {} ({}, {}, seed {}): {}",
         args.out.display(),
         pipeline.preset.name(),
-        args.dtype.to_possible_value().expect("not skipped").get_name(),
+        args.dtype
+            .to_possible_value()
+            .expect("not skipped")
+            .get_name(),
         pipeline.seed,
         human_bytes(summary.bytes)
     );
