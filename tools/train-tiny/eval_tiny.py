@@ -102,10 +102,10 @@ def edit_batch(sampler, cases, seeds):
     return sampler.decode(trajectory[-1]), sampler.decode(x), pixel_mask
 
 
-def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=200, n_edits=90, steps=20,
+def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, steps=20,
              guidance=5.0, batch=30, log=print, sample_grid=None):
     folder = Path(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     clf = ShapeClassifier.load(folder / "classifier")
 
@@ -184,8 +184,8 @@ def main():
     p.add_argument("folder")
     p.add_argument("--seed", type=int, default=1234, help="the training seed (held-out set)")
     p.add_argument("--held-out-fraction", type=float, default=0.05)
-    p.add_argument("--prompts", type=int, default=200)
-    p.add_argument("--edits", type=int, default=90)
+    p.add_argument("--prompts", type=int, default=400)
+    p.add_argument("--edits", type=int, default=150)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)

@@ -4,8 +4,10 @@ bounding box and resized to the input size). It scores generated and edited imag
 
 Architecture (kept plain so that a Rust port is a few lines): input NCHW RGB in [-1, 1],
 64x64; four conv3x3 layers, stride 2, padding 1, each followed by ReLU (64 -> 32 -> 16 -> 8
--> 4); flatten in (C, H, W) order; linear -> ReLU -> linear to the concatenated logits of
-all heads, sliced in the order of config["heads"].
+-> 4); features = the last map flattened in (C, H, W) order, then its global max over H and W
+per channel; linear -> ReLU -> linear to the concatenated logits of all heads, sliced in the
+order of config["heads"]. Training uses BatchNorm after each conv (much faster to train); it
+is folded into the conv weights when saving, so the saved net has none.
 """
 
 import json
@@ -24,7 +26,7 @@ CROP_HEADS = ("shape", "colour", "background")
 
 
 class ShapeClassifier(nn.Module):
-    def __init__(self, image_size=64, channels=(32, 64, 128, 128), hidden=128):
+    def __init__(self, image_size=64, channels=(32, 64, 128, 128), hidden=128, batch_norm=False):
         super().__init__()
         self.config = {
             "image_size": image_size,
@@ -37,14 +39,21 @@ class ShapeClassifier(nn.Module):
             convs.append(nn.Conv2d(c_in, c, 3, stride=2, padding=1))
             c_in = c
         self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels) if batch_norm else None
         side = image_size // 2 ** len(channels)
-        self.fc1 = nn.Linear(c_in * side * side, hidden)
+        # The global max makes "is there a star anywhere" cheap to learn; the flattened map
+        # keeps where it is.
+        self.fc1 = nn.Linear(c_in * side * side + c_in, hidden)
         self.fc2 = nn.Linear(hidden, sum(len(v) for v in self.config["heads"].values()))
 
     def forward(self, x):
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        logits = self.fc2(F.relu(self.fc1(x.flatten(1))))
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = F.relu(x)
+        features = torch.cat([x.flatten(1), x.amax(dim=(2, 3))], 1)
+        logits = self.fc2(F.relu(self.fc1(features)))
         out, start = {}, 0
         for name, labels in self.config["heads"].items():
             out[name] = logits[:, start:start + len(labels)]
@@ -54,18 +63,30 @@ class ShapeClassifier(nn.Module):
     def save(self, folder):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().float() for k, v in self.state_dict().items()},
+        save_file({k: v.detach().contiguous().float() for k, v in self.folded_state().items()},
                   folder / "model.safetensors")
         config = dict(self.config)
         config.update({
-            "architecture": "conv3x3/s2/p1+relu per channels entry, flatten (C,H,W), "
-                            "fc1+relu, fc2 -> concatenated head logits",
+            "architecture": "conv3x3/s2/p1+relu per channels entry; features = "
+                            "[flatten (C,H,W), max over (H,W) per channel]; fc1+relu, "
+                            "fc2 -> concatenated head logits",
             "input": "RGB NCHW in [-1, 1], image_size x image_size",
             "crop_heads": list(CROP_HEADS),
             "masked_input": "crop to the mask's bounding box (pixels), resize bilinear "
                             "(antialiased) to image_size; only crop_heads are meaningful",
         })
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @torch.no_grad()
+    def folded_state(self):
+        """State dict of the plain net: BatchNorm (running statistics) folded into the convs."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("norms.")}
+        if self.norms is not None:
+            for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                state[f"convs.{i}.weight"] = conv.weight * scale[:, None, None, None]
+                state[f"convs.{i}.bias"] = (conv.bias - bn.running_mean) * scale + bn.bias
+        return state
 
     @classmethod
     def load(cls, folder):

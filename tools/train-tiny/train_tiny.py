@@ -63,7 +63,9 @@ def parse_args(argv=None):
                    help="CLIP tokenizer folder (default: models/assets/clip-tokenizer or "
                         "tests/fixtures/clip-tokenizer, whichever exists)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; on a machine busy with other work use 1 (2 OpenMP "
+                        "threads fighting other processes for 2 cores ran 8x slower)")
     p.add_argument("--stop-after", choices=STAGES, default="eval", help="last stage to run")
     # Data
     p.add_argument("--train-images", type=int, default=20000)
@@ -80,9 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-5, help="KL weight (per latent element)")
     # Classifier
-    p.add_argument("--classifier-minutes", type=float, default=4.0)
+    p.add_argument("--classifier-minutes", type=float, default=5.0)
     p.add_argument("--classifier-steps", type=int, default=1_000_000)
     p.add_argument("--classifier-batch", type=int, default=128)
+    p.add_argument("--classifier-recon", type=int, default=2000,
+                   help="images passed through the VAE for the classifier to train on (half "
+                        "of each batch), so that it reads decoded images as well as clean ones")
     # UNet + text encoder
     p.add_argument("--unet-channels", default="32,64,128")
     p.add_argument("--unet-heads", default="1,2,4", help="attention heads per block")
@@ -101,8 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     # Export and evaluation
     p.add_argument("--save-dtype", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--eval-prompts", type=int, default=200)
-    p.add_argument("--eval-edits", type=int, default=90)
+    p.add_argument("--eval-prompts", type=int, default=400)
+    p.add_argument("--eval-edits", type=int, default=150)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
@@ -170,16 +175,22 @@ def to_float(images_u8):
 
 
 class Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so a killed run still writes its checkpoint."""
+    """Ctrl-C or SIGTERM asks the training loop to stop after the current step (so that the
+    checkpoint is consistent); a second Ctrl-C stops at once."""
 
     def __enter__(self):
-        self.old = signal.signal(signal.SIGTERM, self.handler)
+        self.requested = False
+        self.old = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handler(self, *_):
-        raise KeyboardInterrupt
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 def train_loop(run, stage, minutes, max_steps, state, step_fn, save_fn, log_fn):
@@ -193,27 +204,25 @@ def train_loop(run, stage, minutes, max_steps, state, step_fn, save_fn, log_fn):
     # CPU seconds per wall second since the last log line: below --threads means the machine
     # is shared and the measured rates understate an idle machine's.
     last_wall, last_cpu = time.time(), time.process_time()
-    with Interrupt():
-        try:
-            while state["step"] < max_steps and state["elapsed"] + time.time() - start < minutes * 60:
-                losses.append(step_fn(state["step"]))
-                state["step"] += 1
-                if state["step"] % args.log_every == 0:
-                    spent = time.time() - start
-                    rate = (state["step"] - first_step) / spent
-                    cores = (time.process_time() - last_cpu) / (time.time() - last_wall)
-                    last_wall, last_cpu = time.time(), time.process_time()
-                    log_fn(state["step"], float(np.mean(losses)), rate,
-                           state["elapsed"] + spent, cores)
-                    losses = []
-                if time.time() - last_ckpt > args.ckpt_minutes * 60:
-                    save_fn(dict(state, elapsed=state["elapsed"] + time.time() - start))
-                    last_ckpt = time.time()
-        except KeyboardInterrupt:
-            save_fn(dict(state, elapsed=state["elapsed"] + time.time() - start))
-            run.log(f"{stage}: interrupted at step {state['step']}, checkpoint written; "
-                    "run the same command again to resume")
-            sys.exit(130)
+    with Interrupt() as interrupt:
+        while state["step"] < max_steps and state["elapsed"] + time.time() - start < minutes * 60:
+            losses.append(step_fn(state["step"]))
+            state["step"] += 1
+            if state["step"] % args.log_every == 0:
+                spent = time.time() - start
+                rate = (state["step"] - first_step) / spent
+                cores = (time.process_time() - last_cpu) / (time.time() - last_wall)
+                last_wall, last_cpu = time.time(), time.process_time()
+                log_fn(state["step"], float(np.mean(losses)), rate, state["elapsed"] + spent, cores)
+                losses = []
+            if interrupt.requested:
+                save_fn(dict(state, elapsed=state["elapsed"] + time.time() - start))
+                run.log(f"{stage}: interrupted at step {state['step']}, checkpoint written; "
+                        "run the same command again to resume")
+                sys.exit(130)
+            if time.time() - last_ckpt > args.ckpt_minutes * 60:
+                save_fn(dict(state, elapsed=state["elapsed"] + time.time() - start))
+                last_ckpt = time.time()
     state["elapsed"] += time.time() - start
     steps = state["step"] - first_step
     return steps / max(1e-9, time.time() - start)
@@ -282,14 +291,26 @@ def make_vae(args, scaling_factor=1.0):
     )
 
 
-def random_crops(x, size, g):
-    """Per-sample crops at offsets that are multiples of 4 (the VAE's downsampling factor),
-    so that crops see the same pixel/latent alignment as whole images."""
+def random_crops(x, bboxes, size, g):
+    """Per-sample crops that contain the shape's centre (most of a 64x64 image is plain
+    background, which the VAE learns at once; the shape's edges and colours are the work), at
+    offsets that are multiples of 4 (the VAE's downsampling factor), so that crops see the
+    same pixel/latent alignment as whole images."""
     n, _, h, w = x.shape
-    oy = torch.randint(0, (h - size) // 4 + 1, (n,), generator=g) * 4
-    ox = torch.randint(0, (w - size) // 4 + 1, (n,), generator=g) * 4
-    return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, (y, xx) in
-                        enumerate(zip(oy.tolist(), ox.tolist()))])
+    u = torch.rand(n, 2, generator=g)
+    crops = []
+    for i in range(n):
+        offsets = []
+        for j, (c, extent) in enumerate((((bboxes[i, 0] + bboxes[i, 2]) / 2, w),
+                                         ((bboxes[i, 1] + bboxes[i, 3]) / 2, h))):
+            lo = max(0, math.ceil((float(c) - size + 6) / 4))
+            hi = min((extent - size) // 4, math.floor((float(c) - 6) / 4))
+            if lo > hi:
+                lo, hi = 0, (extent - size) // 4
+            offsets.append(4 * (lo + min(hi - lo, int(u[i, j] * (hi - lo + 1)))))
+        ox, oy = offsets
+        crops.append(x[i, :, oy:oy + size, ox:ox + size])
+    return torch.stack(crops)
 
 
 def psnr(a, b):
@@ -321,9 +342,10 @@ def stage_vae(run, data):
 
     def step(i):
         g = step_generator(args.seed, "vae", i)
-        x = to_float(images[torch.randint(0, n, (args.vae_batch,), generator=g)])
+        idx = torch.randint(0, n, (args.vae_batch,), generator=g)
+        x = to_float(images[idx])
         if args.vae_crop:
-            x = random_crops(x, args.vae_crop, g)
+            x = random_crops(x, data["bboxes"][idx], args.vae_crop, g)
         for group in opt.param_groups:
             group["lr"] = args.vae_lr * min(1.0, (i + 1) / 50)
         post = vae.encode(x).latent_dist
@@ -442,7 +464,7 @@ def stage_classifier(run, data, vae):
         return ShapeClassifier.load(final)
     ckpt_path = run.work / "classifier.ckpt"
     torch.manual_seed(args.seed + 1)
-    model = ShapeClassifier()
+    model = ShapeClassifier(batch_norm=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
     state = {"step": 0, "elapsed": 0.0}
     if ckpt_path.exists():
@@ -452,11 +474,24 @@ def stage_classifier(run, data, vae):
         state = ck["state"]
         run.log(f"classifier: resuming at step {state['step']}")
     images, attrs, bboxes = data["images"], data["attrs"], data["bboxes"]
+    t = time.time()
+    n_rec = min(args.classifier_recon, len(images))
+    recon = []
+    with torch.no_grad():
+        for chunk in images[:n_rec].split(64):
+            rec = vae.decode(vae.encode(to_float(chunk)).latent_dist.mean).sample
+            recon.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    recon = torch.cat(recon)
+    run.log(f"classifier: {n_rec} VAE reconstructions in {time.time() - t:.0f} s")
 
     def step(i):
         g = step_generator(args.seed, "classifier", i)
-        idx = torch.randint(0, len(images), (args.classifier_batch,), generator=g)
-        x, y, is_crop = classifier_batch(images, attrs, bboxes, idx, g)
+        half = args.classifier_batch // 2
+        idx = torch.randint(0, len(images), (args.classifier_batch - half,), generator=g)
+        idx_rec = torch.randint(0, n_rec, (half,), generator=g)
+        x1, y1, c1 = classifier_batch(images, attrs, bboxes, idx, g)
+        x2, y2, c2 = classifier_batch(recon, attrs, bboxes, idx_rec, g)
+        x, y, is_crop = torch.cat([x1, x2]), torch.cat([y1, y2]), torch.cat([c1, c2])
         loss = classifier_loss(model(x), y, is_crop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -474,6 +509,8 @@ def stage_classifier(run, data, vae):
                       step, save, log)
     save(state)
     model.eval()
+    model.save(final)
+    model = ShapeClassifier.load(final)  # score what was saved (BatchNorm folded)
     # Held-out combinations: clean, cropped, and after a VAE round trip (what generated
     # images look like at best).
     test_attrs = shapes_data.held_out_prompts(256, args.seed + 7, args.held_out_fraction)
@@ -484,7 +521,6 @@ def stage_classifier(run, data, vae):
     acc = {"clean": classifier_accuracy(model, xf, ta),
            "clean_crop": classifier_accuracy(model, xf, ta, tb),
            "vae_roundtrip": classifier_accuracy(model, rec, ta)}
-    model.save(final)
     run.finish("classifier", {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 2),
                               "steps_per_s": round(rate, 3), "batch": args.classifier_batch,
                               "params": sum(p.numel() for p in model.parameters()),
@@ -727,6 +763,24 @@ def main(argv=None):
             f"model card: {run.out / 'README.md'}")
 
 
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def classifier_summary(acc):
+    parts = []
+    for head in ("shape", "colour"):
+        vals = [acc[k][head] for k in ("clean", "clean_crop", "vae_roundtrip")]
+        parts.append(f"{head} " + " / ".join(f"{v:.0%}" for v in vals))
+    return "; ".join(parts)
+
+
 def write_model_card(run, metrics):
     args = run.args
     s = {st: run.summary(st) for st in ("data", "vae", "classifier", "latents", "unet", "export")}
@@ -781,7 +835,7 @@ def write_model_card(run, metrics):
         "",
         "## Training",
         "",
-        f"On {args.threads} CPU threads ({platform.processor() or platform.machine()}), "
+        f"On {args.threads} CPU thread(s) ({cpu_name()}), "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}.",
         "",
@@ -792,8 +846,8 @@ def write_model_card(run, metrics):
         f"{s['vae']['minutes']:.1f} | MSE + 0.5 L1 + {args.vae_kl:g} KL; held-out PSNR "
         f"{s['vae']['recon_psnr_db']} dB |",
         f"| classifier | {s['classifier']['steps']} x {s['classifier']['batch']} | "
-        f"{s['classifier']['minutes']:.1f} | accuracy on held-out images: "
-        f"{json.dumps(s['classifier']['accuracy'])} |",
+        f"{s['classifier']['minutes']:.1f} | held-out accuracy, clean / masked crop / VAE "
+        f"round trip: {classifier_summary(s['classifier']['accuracy'])} |",
         f"| latents | - | {s['latents']['seconds'] / 60:.1f} | |",
         f"| unet + text encoder | {s['unet']['steps']} x {s['unet']['batch']} "
         f"({s['unet']['epochs']} epochs) | {s['unet']['minutes']:.1f} | epsilon, min-SNR-{args.min_snr:g}, "
