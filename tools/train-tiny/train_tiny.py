@@ -788,11 +788,18 @@ def write_model_card(run, metrics):
     mib = lambda b: f"{b / 2**20:.1f} MiB"
     total_min = (s["data"]["seconds"] / 60 + s["vae"]["minutes"] + s["classifier"]["minutes"]
                  + s["latents"]["seconds"] / 60 + s["unet"]["minutes"] + metrics["eval_minutes"])
-    reproduce = ("/work/venv/bin/python tools/train-tiny/train_tiny.py --out models/tiny "
-                 f"--seed {args.seed} --train-images {args.train_images} "
-                 f"--vae-steps {s['vae']['steps']} --classifier-steps {s['classifier']['steps']} "
-                 f"--unet-steps {s['unet']['steps']} --vae-minutes 1e9 --classifier-minutes 1e9 "
-                 "--unet-minutes 1e9")
+    # Every setting that differs from the defaults, with step counts in place of budgets.
+    defaults = vars(parse_args([]))
+    skip = {"out", "work_dir", "tokenizer", "stop_after", "ckpt_minutes", "log_every",
+            "vae_minutes", "classifier_minutes", "unet_minutes",
+            "vae_steps", "classifier_steps", "unet_steps"}
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+               if k not in skip and v != defaults[k]]
+    reproduce = " \\\n  ".join(
+        ["/work/venv/bin/python tools/train-tiny/train_tiny.py --out models/tiny"] + changed
+        + [f"--vae-steps {s['vae']['steps']} --classifier-steps {s['classifier']['steps']} "
+           f"--unet-steps {s['unet']['steps']}",
+           "--vae-minutes 1e9 --classifier-minutes 1e9 --unet-minutes 1e9"])
     lines = [
         "# Retouch tiny default model",
         "",
