@@ -482,7 +482,8 @@ def stage_classifier(run, data, vae):
             rec = vae.decode(vae.encode(to_float(chunk)).latent_dist.mean).sample
             recon.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     recon = torch.cat(recon)
-    run.log(f"classifier: {n_rec} VAE reconstructions in {time.time() - t:.0f} s")
+    recon_seconds = time.time() - t
+    run.log(f"classifier: {n_rec} VAE reconstructions in {recon_seconds:.0f} s")
 
     def step(i):
         g = step_generator(args.seed, "classifier", i)
@@ -522,6 +523,7 @@ def stage_classifier(run, data, vae):
            "clean_crop": classifier_accuracy(model, xf, ta, tb),
            "vae_roundtrip": classifier_accuracy(model, rec, ta)}
     run.finish("classifier", {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 2),
+                              "recon_seconds": round(recon_seconds, 1),
                               "steps_per_s": round(rate, 3), "batch": args.classifier_batch,
                               "params": sum(p.numel() for p in model.parameters()),
                               "accuracy": acc})
@@ -787,6 +789,7 @@ def write_model_card(run, metrics):
     gen, edit = metrics["generation"], metrics["edit"]
     mib = lambda b: f"{b / 2**20:.1f} MiB"
     total_min = (s["data"]["seconds"] / 60 + s["vae"]["minutes"] + s["classifier"]["minutes"]
+                 + s["classifier"].get("recon_seconds", 0) / 60
                  + s["latents"]["seconds"] / 60 + s["unet"]["minutes"] + metrics["eval_minutes"])
     # Every setting that differs from the defaults, with step counts in place of budgets.
     defaults = vars(parse_args([]))
@@ -853,7 +856,8 @@ def write_model_card(run, metrics):
         f"{s['vae']['minutes']:.1f} | MSE + 0.5 L1 + {args.vae_kl:g} KL; held-out PSNR "
         f"{s['vae']['recon_psnr_db']} dB |",
         f"| classifier | {s['classifier']['steps']} x {s['classifier']['batch']} | "
-        f"{s['classifier']['minutes']:.1f} | held-out accuracy, clean / masked crop / VAE "
+        f"{s['classifier']['minutes'] + s['classifier'].get('recon_seconds', 0) / 60:.1f} | "
+        f"VAE reconstructions to train on: {args.classifier_recon}; held-out accuracy, clean / masked crop / VAE "
         f"round trip: {classifier_summary(s['classifier']['accuracy'])} |",
         f"| latents | - | {s['latents']['seconds'] / 60:.1f} | |",
         f"| unet + text encoder | {s['unet']['steps']} x {s['unet']['batch']} "
