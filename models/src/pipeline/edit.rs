@@ -150,7 +150,7 @@ pub struct Edited {
 /// `x = m * x + (1 - m) * reference`, per latent position over its channels.
 fn keep_outside(x: &mut Tensor, reference: &Tensor, mask: &[f32]) -> Result<()> {
     let channels = x.dim(-1)?;
-    let reference = reference.as_slice::<f32>()?.to_vec();
+    let reference = reference.as_slice::<f32>()?;
     let data = x.as_mut_slice::<f32>()?;
     for ((px, pr), &m) in data
         .chunks_mut(channels)
