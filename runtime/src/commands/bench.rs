@@ -2,9 +2,11 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use retouch_kernels::bench::{self, BenchCase, Measurement};
-use retouch_kernels::{Device, Tensor};
-use retouch_models::random_pipeline::{Preset, RandomPipeline};
+use retouch_kernels::Device;
+use retouch_kernels::bench::{self, Measurement};
+use retouch_models::random_pipeline::Preset;
+
+use super::bench_unet;
 
 use super::random_model::PresetArg;
 
@@ -28,6 +30,14 @@ pub struct BenchArgs {
     /// and exit, so other frameworks can build the same network.
     #[arg(long, requires = "unet")]
     print_unet_config: bool,
+    /// With --unet: also time a cached-mode step (active tokens only, the rest from a recorded
+    /// f16 activation cache of the same step) at each of these mask ratios, in percent of the
+    /// latent positions (a centred square), and compare it with the dense step.
+    #[arg(long, requires = "unet", value_delimiter = ',', value_name = "PERCENT")]
+    mask_ratios: Vec<f64>,
+    /// With --mask-ratios: the halo (in latent positions) added around the mask.
+    #[arg(long, requires = "mask_ratios", default_value_t = 1)]
+    halo: usize,
     /// Minimum measuring time per case, in milliseconds (after one warm-up run).
     #[arg(long, default_value_t = 1000)]
     min_time_ms: u64,
@@ -48,7 +58,16 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let mut cases = match preset {
-        Some(preset) => vec![unet_case(preset)],
+        Some(preset) => {
+            if let Some(bad) = args
+                .mask_ratios
+                .iter()
+                .find(|r| !(**r > 0.0 && **r <= 100.0))
+            {
+                return Err(format!("--mask-ratios must be in (0, 100], got {bad}").into());
+            }
+            bench_unet::unet_cases(preset, &args.mask_ratios, args.halo)
+        }
         None => bench::suite(args.device, args.quick),
     };
     if let Some(filter) = &args.filter {
@@ -85,64 +104,13 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One dense UNet step as diffusers' pipelines run it: a CFG batch of 2 at the preset's
-/// latent size, built from random weights (the values do not change the work). The build is
-/// part of the case's setup, so it is not timed; the UNet's FLOPs are not counted (GFLOP/s is
-/// left empty, `null` in JSON).
-fn unet_case(preset: Preset) -> BenchCase {
-    const BATCH: usize = 2;
-    const TOKENS: usize = 77;
-    let config = preset.unet_config();
-    let dim = |key: &str| {
-        config[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("preset configs set {key}")) as usize
-    };
-    let (latent, channels, context_dim) = (
-        dim("sample_size"),
-        dim("in_channels"),
-        dim("cross_attention_dim"),
-    );
-    let image = preset.image_size();
-    BenchCase {
-        name: format!("unet step {} {image}x{image} cfg{BATCH}", preset.name()),
-        shape: format!(
-            "[{BATCH},{latent},{latent},{channels}] ctx [{BATCH},{TOKENS},{context_dim}]"
-        ),
-        flops: f64::NAN,
-        baseline: None,
-        setup: Box::new(move || {
-            let unet = RandomPipeline::new(preset).unet().map_err(kernel_error)?;
-            let sample = Tensor::randn(&[BATCH, latent, latent, channels], 1, Device::Cpu);
-            let context = Tensor::randn(&[BATCH, TOKENS, context_dim], 2, Device::Cpu);
-            let timesteps = [500.0; BATCH];
-            Ok(Box::new(move || {
-                unet.forward(&sample, &timesteps, &context)
-                    .map(drop)
-                    .map_err(kernel_error)
-            }))
-        }),
-    }
-}
-
-/// The benchmark runner speaks the kernel layer's error type.
-fn kernel_error(e: retouch_models::Error) -> retouch_kernels::Error {
-    match e {
-        retouch_models::Error::Kernel(e) => e,
-        other => retouch_kernels::Error::Invalid {
-            op: "unet",
-            message: other.to_string(),
-        },
-    }
-}
-
 fn print_table(results: &[Measurement], what: &str, device: Device) {
     println!(
         "Retouch {what} on {device} ({} threads)",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:<28} {:<34} {:>10} {:>9} {:>16}",
+        "{:<28} {:<40} {:>10} {:>9} {:>16}",
         "case", "shape", "median ms", "GFLOP/s", "vs dense"
     );
     for m in results {
@@ -153,7 +121,7 @@ fn print_table(results: &[Measurement], what: &str, device: Device) {
             String::new()
         };
         println!(
-            "{:<28} {:<34} {:>10.2} {:>9} {:>16}",
+            "{:<28} {:<40} {:>10.2} {:>9} {:>16}",
             m.name, m.shape, m.median_ms, gflops, ratio
         );
     }

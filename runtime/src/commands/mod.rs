@@ -1,4 +1,5 @@
 pub mod bench;
+mod bench_unet;
 pub mod edit;
 pub mod forward;
 pub mod generate;

@@ -1,0 +1,205 @@
+//! `retouch bench --unet PRESET`: one UNet step of a preset built from random weights, dense
+//! and (with `--mask-ratios`) in cached mode at several mask ratios, compared with the dense step.
+
+use std::cell::OnceCell;
+use std::rc::Rc;
+
+use retouch_kernels::bench::BenchCase;
+use retouch_kernels::{DType, Device, Tensor, TokenSet};
+use retouch_models::nn::exec::StepCache;
+use retouch_models::random_pipeline::{Preset, RandomPipeline};
+use retouch_models::unet::{UNet, token_levels};
+
+/// A classifier-free-guidance batch: the conditional and unconditional branch.
+const BATCH: usize = 2;
+const TOKENS: usize = 77;
+const TIMESTEP: f32 = 500.0;
+
+/// What every case of one preset shares, built on first use (the SD1.5 UNet takes a while to
+/// build, and its recorded step is large).
+struct Shared {
+    preset: Preset,
+    latent: usize,
+    channels: usize,
+    context_dim: usize,
+    unet: OnceCell<Rc<UNet>>,
+    inputs: OnceCell<Rc<(Tensor, Tensor)>>,
+    cache: OnceCell<Rc<StepCache>>,
+}
+
+impl Shared {
+    fn unet(&self) -> retouch_kernels::Result<Rc<UNet>> {
+        if let Some(unet) = self.unet.get() {
+            return Ok(unet.clone());
+        }
+        let unet = Rc::new(
+            RandomPipeline::new(self.preset)
+                .unet()
+                .map_err(kernel_error)?,
+        );
+        Ok(self.unet.get_or_init(|| unet).clone())
+    }
+
+    /// `(sample, context)`: random latents `[2, s, s, c]` and a random 77-token context.
+    fn inputs(&self) -> Rc<(Tensor, Tensor)> {
+        self.inputs
+            .get_or_init(|| {
+                let (s, c) = (self.latent, self.channels);
+                Rc::new((
+                    Tensor::randn(&[BATCH, s, s, c], 1, Device::Cpu),
+                    Tensor::randn(&[BATCH, TOKENS, self.context_dim], 2, Device::Cpu),
+                ))
+            })
+            .clone()
+    }
+
+    /// The step's activations recorded as a template registration stores them (f16).
+    fn cache(&self) -> retouch_kernels::Result<Rc<StepCache>> {
+        if let Some(cache) = self.cache.get() {
+            return Ok(cache.clone());
+        }
+        let unet = self.unet()?;
+        let inputs = self.inputs();
+        let (_, cache) = unet
+            .forward_recording(&inputs.0, &[TIMESTEP; BATCH], &inputs.1, DType::F16)
+            .map_err(kernel_error)?;
+        Ok(self.cache.get_or_init(|| Rc::new(cache)).clone())
+    }
+}
+
+/// The dense step (the baseline), then one cached-mode step per mask ratio (in percent).
+pub fn unet_cases(preset: Preset, mask_percents: &[f64], halo: usize) -> Vec<BenchCase> {
+    let config = preset.unet_config();
+    let dim = |key: &str| {
+        config[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("preset configs set {key}")) as usize
+    };
+    let blocks = config["block_out_channels"]
+        .as_array()
+        .map_or(1, |a| a.len());
+    let shared = Rc::new(Shared {
+        preset,
+        latent: dim("sample_size"),
+        channels: dim("in_channels"),
+        context_dim: dim("cross_attention_dim"),
+        unet: OnceCell::new(),
+        inputs: OnceCell::new(),
+        cache: OnceCell::new(),
+    });
+    let image = preset.image_size();
+    let dense_name = format!("unet step {} {image}x{image} cfg{BATCH}", preset.name());
+    let (s, c) = (shared.latent, shared.channels);
+    let mut cases = vec![dense_case(&shared, dense_name.clone())];
+    for &percent in mask_percents {
+        let mask = centred_mask(s, s, percent / 100.0);
+        let levels = match token_levels(&mask, s, s, blocks, halo) {
+            Ok(levels) => levels,
+            Err(e) => panic!("a square mask on the latent grid is valid: {e}"),
+        };
+        let active = levels[0].len() as f64 / (s * s) as f64 * 100.0;
+        let shared = shared.clone();
+        cases.push(BenchCase {
+            name: format!("  cached, mask {percent}%"),
+            shape: format!(
+                "[{BATCH},{},{c}] active {active:.1}% halo {halo}",
+                levels[0].len()
+            ),
+            flops: f64::NAN,
+            baseline: Some(dense_name.clone()),
+            setup: Box::new(move || masked_runner(&shared, &levels)),
+        });
+    }
+    cases
+}
+
+fn dense_case(shared: &Rc<Shared>, name: String) -> BenchCase {
+    let (s, c, d) = (shared.latent, shared.channels, shared.context_dim);
+    let shared = shared.clone();
+    BenchCase {
+        name,
+        shape: format!("[{BATCH},{s},{s},{c}] ctx [{BATCH},{TOKENS},{d}]"),
+        flops: f64::NAN,
+        baseline: None,
+        setup: Box::new(move || {
+            let unet = shared.unet()?;
+            let inputs = shared.inputs();
+            Ok(Box::new(move || {
+                unet.forward(&inputs.0, &[TIMESTEP; BATCH], &inputs.1)
+                    .map(drop)
+                    .map_err(kernel_error)
+            }))
+        }),
+    }
+}
+
+/// A cached-mode step: the active rows of the same latents, the rest from the recorded step.
+fn masked_runner(
+    shared: &Shared,
+    levels: &[TokenSet],
+) -> retouch_kernels::Result<retouch_kernels::bench::Runner> {
+    let unet = shared.unet()?;
+    let cache = shared.cache()?;
+    let inputs = shared.inputs();
+    let (s, c) = (shared.latent, shared.channels);
+    let positions = levels[0].positions();
+    // Both batch elements' active rows, gathered from the flattened batch in one pass.
+    let index: Vec<u32> = (0..BATCH)
+        .flat_map(|b| positions.iter().map(move |&p| p + (b * s * s) as u32))
+        .collect();
+    let rows = inputs
+        .0
+        .clone()
+        .reshape(&[BATCH * s * s, c])?
+        .gather_rows(&index)?
+        .reshape(&[BATCH, positions.len(), c])?;
+    let levels = levels.to_vec();
+    Ok(Box::new(move || {
+        unet.forward_masked(&rows, &[TIMESTEP; BATCH], &inputs.1, &cache, &levels)
+            .map(drop)
+            .map_err(kernel_error)
+    }))
+}
+
+/// A centred, nearly square mask covering `round(ratio * h * w)` positions.
+fn centred_mask(height: usize, width: usize, ratio: f64) -> Vec<bool> {
+    let count = ((ratio * (height * width) as f64).round() as usize).clamp(1, height * width);
+    let side = (count as f64).sqrt().ceil() as usize;
+    let (box_w, box_h) = (side.min(width), count.div_ceil(side.min(width)));
+    let (top, left) = ((height - box_h.min(height)) / 2, (width - box_w) / 2);
+    let mut mask = vec![false; height * width];
+    for i in 0..count {
+        let (y, x) = (top + i / box_w, left + i % box_w);
+        mask[y * width + x] = true;
+    }
+    mask
+}
+
+/// The benchmark runner speaks the kernel layer's error type.
+fn kernel_error(e: retouch_models::Error) -> retouch_kernels::Error {
+    match e {
+        retouch_models::Error::Kernel(e) => e,
+        other => retouch_kernels::Error::Invalid {
+            op: "unet",
+            message: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centred_mask_covers_the_requested_share() {
+        for (h, w, ratio) in [(64, 64, 0.05), (64, 64, 0.5), (16, 16, 0.2), (7, 5, 0.9)] {
+            let mask = centred_mask(h, w, ratio);
+            let on = mask.iter().filter(|&&m| m).count();
+            assert_eq!(
+                on,
+                (ratio * (h * w) as f64).round() as usize,
+                "{h}x{w} {ratio}"
+            );
+        }
+    }
+}
