@@ -24,6 +24,11 @@ fn check(name: &str, f: impl Fn(&Tensor) -> retouch_kernels::Result<Tensor>, r: 
 }
 
 #[test]
+fn relu() {
+    check("relu", Tensor::relu, |x| x.max(0.0));
+}
+
+#[test]
 fn silu() {
     check("silu", Tensor::silu, silu_ref);
 }

@@ -5,6 +5,7 @@
 //! read from diffusers-format folders as published, fp32 or fp16.
 
 pub mod assets;
+pub mod classifier;
 pub mod clip;
 mod error;
 pub mod nn;

@@ -20,7 +20,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Time the kernels on a device: dense ops at SD1.5 shapes, and the masked ops against
-    /// their dense versions at mask ratios 5-100%.
+    /// their dense versions at mask ratios 5-100%; or (--unet) a whole UNet step, dense and
+    /// cached.
     Bench(commands::bench::BenchArgs),
     /// Run one model component (unet, vae-decode, vae-encode, text-encoder) on tensors from a
     /// safetensors file and write its output, for parity checks against diffusers.
@@ -31,6 +32,9 @@ enum Command {
     Template(commands::template::TemplateArgs),
     /// Edit a registered template inside a mask.
     Edit(commands::edit::EditArgs),
+    /// Edit quality: cached-mode against dense-mode edits and the unmasked region against the
+    /// template (PSNR, SSIM) per mask ratio; classifier-scored edits with the tiny model.
+    Quality(commands::quality::QualityArgs),
     /// Print the padded CLIP token ids of a text as a JSON list.
     Tokenize(commands::tokenize::TokenizeArgs),
     /// Write a diffusers-format pipeline folder (sd15, sd21 or tiny) with random weights, for
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Template(args) => commands::template::run(args),
         Command::Edit(args) => commands::edit::run(args),
+        Command::Quality(args) => commands::quality::run(args),
         Command::RandomModel(args) => commands::random_model::run(args),
     };
     match result {

@@ -179,6 +179,30 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     return {"generation": generation, "edit": edit, "steps": steps, "guidance": guidance}
 
 
+def export_cases(path, n, seed, held_out_fraction=0.05, size=64, factor=4):
+    """Writes the edit cases `evaluate` scores as JSON for `retouch quality`: template and edit
+    captions, a seed (the edit starts from the template's own noise, as here), the mask's pixel
+    box (the latent-grid box of `latent_masks`, in pixels), and the wanted shape and colour."""
+    cases = shapes_data.edit_cases(n, seed, held_out_fraction)
+    out = []
+    for j, (a, b) in enumerate(cases):
+        x0, y0, x1, y1 = shapes_data.nominal_bbox(a, size)
+        box = [int(x0 // factor) * factor, int(y0 // factor) * factor,
+               math.ceil(x1 / factor) * factor, math.ceil(y1 / factor) * factor]
+        case_seed = seed * 104729 + j
+        out.append({
+            "template_prompt": shapes_data.caption(a),
+            "template_seed": case_seed,
+            "edit_prompt": shapes_data.caption(b),
+            "edit_seed": case_seed,
+            "bbox": box,
+            "want_shape": shapes_data.SHAPES[b[0]],
+            "want_colour": shapes_data.COLOUR_NAMES[b[1]],
+        })
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("folder")
@@ -189,7 +213,12 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export-cases", metavar="FILE",
+                   help="only write the edit cases (--edits of them) as JSON for retouch quality")
     args = p.parse_args()
+    if args.export_cases:
+        export_cases(args.export_cases, args.edits, args.seed, args.held_out_fraction)
+        return
     torch.set_num_threads(args.threads)
     m = evaluate(args.folder, args.seed, args.held_out_fraction, args.prompts, args.edits,
                  args.steps, args.guidance)

@@ -6,6 +6,7 @@ use super::math;
 /// Pointwise activations, all computed in f32 with the vectorisable math in [`math`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    Relu,
     Silu,
     /// Exact (erf) GELU.
     Gelu,
@@ -17,6 +18,7 @@ pub enum Activation {
 #[multiversion(targets("x86_64+avx2+fma"))]
 fn apply_chunk(x: &mut [f32], act: Activation) {
     match act {
+        Activation::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
         Activation::Silu => x.iter_mut().for_each(|v| *v = math::silu(*v)),
         Activation::Gelu => x.iter_mut().for_each(|v| *v = math::gelu(*v)),
         Activation::GeluTanh => x.iter_mut().for_each(|v| *v = math::gelu_tanh(*v)),

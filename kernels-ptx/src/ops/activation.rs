@@ -10,6 +10,10 @@ impl Tensor {
         Ok(Tensor::from_f32_unchecked(data, self.shape()))
     }
 
+    pub fn relu(&self) -> Result<Tensor> {
+        self.activated("relu", Activation::Relu)
+    }
+
     pub fn silu(&self) -> Result<Tensor> {
         self.activated("silu", Activation::Silu)
     }

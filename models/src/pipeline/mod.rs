@@ -4,6 +4,7 @@
 mod cache_io;
 mod edit;
 mod image;
+pub mod image_metrics;
 mod template;
 
 use std::path::{Path, PathBuf};

@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Instead of the kernels, time one dense UNet step of a preset (sd15, sd21, tiny) built in
     /// memory from random weights: batch 2 (classifier-free guidance) at the preset's latent
     /// size, timesteps 500, a random 77-token context.
-    #[arg(long, value_enum, value_name = "PRESET", conflicts_with_all = ["quick", "filter"])]
+    #[arg(long, value_enum, value_name = "PRESET", conflicts_with = "quick")]
     unet: Option<PresetArg>,
     /// With --unet: print the preset's unet/config.json (as `retouch random-model` writes it)
     /// and exit, so other frameworks can build the same network.

@@ -3,6 +3,7 @@ mod bench_unet;
 pub mod edit;
 pub mod forward;
 pub mod generate;
+pub mod quality;
 pub mod random_model;
 pub mod template;
 pub mod tokenize;
