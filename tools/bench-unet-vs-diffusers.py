@@ -2,7 +2,7 @@
 """Times one dense UNet step of Retouch and of diffusers in one run and prints them side by side.
 
 Usage: tools/bench-unet-vs-diffusers.py [--retouch target/release/retouch] [--preset sd15]
-                                        [--rounds 3] [--markdown FILE]
+                                        [--rounds 3] [--mask-ratios 5,10,20,50] [--markdown FILE]
 
 Both sides run the same network on the same inputs' shapes: the preset's UNet (the config
 `retouch random-model --preset P` writes, printed by `retouch bench --unet P
@@ -13,6 +13,11 @@ UNet2DConditionModel under torch.inference_mode, timed the same way (one warm-up
 a minimum count and time, median). Shared machines drift, so the two alternate for several
 rounds (a fresh Retouch process each round) and the table reports the median of the rounds.
 GFLOP/s uses PyTorch's FLOP counter on one diffusers forward (the same network on both sides).
+
+The same Retouch runs also time a cached-mode step (`--mask-ratios`, default 5,10,20,50: the
+active tokens of a centred square mask of that share of the latent, halo 1, the rest read from
+the f16 activation cache recorded on the same inputs) and report it against Retouch's own dense
+step of the same round (median of the rounds' ratios).
 """
 import argparse
 import json
@@ -59,6 +64,8 @@ def main():
     ap.add_argument("--channels-last", action="store_true",
                     help="run diffusers in channels-last memory format (default: NCHW, its default)")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one forward)")
+    ap.add_argument("--mask-ratios", default="5,10,20,50",
+                    help="cached-mode steps at these mask ratios in percent ('' for none)")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = ap.parse_args()
 
@@ -91,7 +98,10 @@ def main():
 
     cmd = base + ["--json", "--min-runs", str(args.min_runs),
                   "--min-time-ms", str(int(args.min_time * 1000))]
+    if args.mask_ratios:
+        cmd += ["--mask-ratios", args.mask_ratios]
     ours, theirs = [], []
+    cached = {}  # case name -> (shape, [ms per round], [ratio to dense per round])
     name = shape = None
     with torch.inference_mode():
         for r in range(args.rounds):
@@ -99,6 +109,11 @@ def main():
             m = next(m for m in json.loads(out) if m["name"].startswith("unet step"))
             name, shape = m["name"], m["shape"]
             ours.append(m["median_ms"])
+            for c in json.loads(out):
+                if c.get("baseline") == name:
+                    entry = cached.setdefault(c["name"].strip(), (c["shape"], [], []))
+                    entry[1].append(c["median_ms"])
+                    entry[2].append(c["ratio"])
             theirs.append(timed(step, args.min_time, args.min_runs))
             print(f"round {r + 1}/{args.rounds}: Retouch {ours[-1]:.0f} ms ({m['runs']} runs), "
                   f"diffusers {theirs[-1]:.0f} ms, ratio {ours[-1] / theirs[-1]:.3f}", file=sys.stderr)
@@ -125,9 +140,22 @@ def main():
         notes.append(f"{flops / 1e9:.1f} GFLOP per step (PyTorch's FLOP counter)")
     widths = [max(len(a), len(b)) for a, b in zip(header, row)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    cheader = ("Retouch cached-mode step", "active rows", "ms", "vs Retouch dense")
+    crows = [(n, shape, f"{statistics.median(ms):.0f}", f"{statistics.median(r):.3f}x")
+             for n, (shape, ms, r) in cached.items()]
+    cwidths = [max([len(h)] + [len(r[i]) for r in crows]) for i, h in enumerate(cheader)]
+    cline = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, cwidths))
+    if crows:
+        notes.append("cached rounds (ratio to the same round's dense step): " + "; ".join(
+            f"{n}: " + ", ".join(f"{x:.3f}x" for x in r) for n, (_, _, r) in cached.items()))
     print(title)
     print(line(header))
     print(line(row))
+    if crows:
+        print()
+        print(cline(cheader))
+        for r in crows:
+            print(cline(r))
     for n in notes:
         print(n)
     if args.markdown:
@@ -136,6 +164,12 @@ def main():
             f.write("| " + " | ".join(header) + " |\n")
             f.write("|" + "---|" * len(header) + "\n")
             f.write("| " + " | ".join(row) + " |\n\n")
+            if crows:
+                f.write("| " + " | ".join(cheader) + " |\n")
+                f.write("|" + "---|" * len(cheader) + "\n")
+                for r in crows:
+                    f.write("| " + " | ".join(r) + " |\n")
+                f.write("\n")
             for n in notes:
                 f.write(f"- {n}\n")
 
