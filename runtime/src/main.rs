@@ -19,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Retouch's main job on the built-in model: register a template, edit it inside a mask
+    /// in cached and in dense mode, write the PNGs and a summary.
+    Demo(commands::demo::DemoArgs),
     /// Time the kernels on a device: dense ops at SD1.5 shapes, and the masked ops against
     /// their dense versions at mask ratios 5-100%; or (--unet) a whole UNet step, dense and
     /// cached.
@@ -45,6 +48,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => commands::demo::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),

@@ -1,5 +1,6 @@
 pub mod bench;
 mod bench_unet;
+pub mod demo;
 pub mod edit;
 pub mod forward;
 pub mod generate;
