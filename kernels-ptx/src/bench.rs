@@ -91,8 +91,14 @@ fn conv_case(b: usize, hw: usize, cin: usize, cout: usize) -> BenchCase {
 
 fn masked_conv_case(hw: usize, c: usize, ratio: f64, baseline: &str) -> BenchCase {
     let active = rect_token_set(hw, hw, ratio).len();
+    // The SD1.5 64x64x320 cases keep their short names (tools and notes refer to them).
+    let name = if (hw, c) == (64, 320) {
+        format!("masked conv3x3 {:.0}%", ratio * 100.0)
+    } else {
+        format!("masked conv3x3 {hw}x{hw}x{c} {:.0}%", ratio * 100.0)
+    };
     BenchCase {
-        name: format!("masked conv3x3 {:.0}%", ratio * 100.0),
+        name,
         shape: format!("{active} of {hw}x{hw}x{c}, f16 cache"),
         flops: 2.0 * (active * 9 * c * c) as f64,
         baseline: Some(baseline.to_string()),
@@ -184,6 +190,18 @@ pub fn suite(device: Device, quick: bool) -> Vec<BenchCase> {
     let dense_conv = "conv3x3 64x64x320";
     for r in MASK_RATIOS {
         cases.push(masked_conv_case(64, 320, r, dense_conv));
+    }
+    if !quick {
+        // The low-resolution convs, where few active rows meet the largest weights.
+        for (hw, c) in [(16, 1280), (8, 1280)] {
+            let dense = format!("conv3x3 {hw}x{hw}x{c} b1");
+            let mut case = conv_case(1, hw, c, c);
+            case.name = dense.clone();
+            cases.push(case);
+            for r in [0.25, 1.0] {
+                cases.push(masked_conv_case(hw, c, r, &dense));
+            }
+        }
     }
     let dense_attn = "attention 4096 tokens b1";
     cases.push(attention_case(1, 4096, 320, 8));

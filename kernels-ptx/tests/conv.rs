@@ -53,8 +53,9 @@ fn same_3x3() {
 
 #[test]
 fn same_3x3_many_rows() {
-    // 17 * 13 = 221 output rows per image: more than one row chunk of the im2col GEMM.
-    check_conv((17, 13, 37, 13), 3, Conv2dParams::SAME_3X3, true, 6);
+    // 29 * 23 = 667 output rows per image, 1334 in the batch: the row-chunked im2col GEMM
+    // (smaller convs run as one GEMM).
+    check_conv((29, 23, 37, 13), 3, Conv2dParams::SAME_3X3, true, 6);
 }
 
 #[test]

@@ -109,6 +109,9 @@ fn chunk_rows(rows: usize) -> usize {
     rows.div_ceil(tasks.max(1)).max(1)
 }
 
+/// Below this many output rows a conv runs as one GEMM (see `conv_rows`).
+const SMALL_ROWS: usize = 512;
+
 /// Computes `out[r] = bias + sum over the patch of rows[r]` for every requested output row.
 /// `weight` is `[kh * kw * cin, cout]`; `out` is `[rows.len(), cout]`.
 pub fn conv_rows<I: ConvInput>(
@@ -123,6 +126,35 @@ pub fn conv_rows<I: ConvInput>(
     assert_eq!(weight.len(), k * g.cout, "conv: weight size");
     assert_eq!(out.len(), rows.len() * g.cout, "conv: output size");
     if rows.is_empty() {
+        return;
+    }
+    if rows.len() < SMALL_ROWS {
+        // Few rows (low resolutions, masked forwards): one GEMM over all of them with the
+        // library's own threading, which packs the weight once; row chunks would each pack
+        // the whole weight again, and that costs as much as the product at these sizes.
+        let mut col = vec![0.0f32; rows.len() * k];
+        col.par_chunks_mut(k)
+            .zip(rows.par_iter())
+            .for_each(|(patch, row)| {
+                fill_patch(g, &inputs[row.input as usize], row.position as usize, patch)
+            });
+        if let Some(bias) = bias {
+            for o in out.chunks_mut(g.cout) {
+                o.copy_from_slice(bias);
+            }
+        }
+        sgemm(
+            rows.len(),
+            g.cout,
+            k,
+            out,
+            g.cout,
+            MatRef::rows(&col, k),
+            MatRef::rows(weight, g.cout),
+            bias.is_some(),
+            1.0,
+            Threads::Pool,
+        );
         return;
     }
     let chunk = chunk_rows(rows.len());
