@@ -218,7 +218,9 @@ impl Pipeline {
     ) -> Result<Generated> {
         match self.run_job(DenoiseJob::generate(self, req)?, progress)? {
             JobOutput::Generated(out) => Ok(out),
-            _ => Err(Error::Invalid("a generation job produced another output".into())),
+            _ => Err(Error::Invalid(
+                "a generation job produced another output".into(),
+            )),
         }
     }
 

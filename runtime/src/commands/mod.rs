@@ -4,6 +4,7 @@ pub mod edit;
 pub mod forward;
 pub mod generate;
 pub mod random_model;
+pub mod serve;
 pub mod template;
 pub mod tokenize;
 
