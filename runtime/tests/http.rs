@@ -10,6 +10,7 @@ use base64::Engine as _;
 use retouch_kernels::DType;
 use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, RgbImage, Template};
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
+use retouch_runtime::engine::State;
 use retouch_runtime::http::not_found;
 use retouch_runtime::{BatchPolicy, Engine, EngineConfig};
 use serde_json::{Value, json};
@@ -261,6 +262,49 @@ async fn template_edit_png_round_trip() {
     let (status, body) = server.get_json(&format!("/v1/templates/{id}")).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
+    let res = server
+        .client
+        .delete(server.url(&format!("/v1/templates/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 404);
+}
+
+#[actix_rt::test]
+async fn an_abandoned_request_leaves_the_batch() {
+    let mut config = EngineConfig::new(model_dir());
+    config.max_batch_requests = 1;
+    let engine = Engine::start(config).unwrap();
+    let mut req = retouch_models::pipeline::GenerateRequest::new("long");
+    (req.steps, req.guidance, req.width, req.height) = (500, 1.0, SIZE, SIZE);
+    let task = {
+        let engine = engine.clone();
+        actix_rt::spawn(async move {
+            engine
+                .run(retouch_runtime::engine::JobSpec::Generate(req))
+                .await
+        })
+    };
+    // Ids count from 1 per engine.
+    let state = |engine: &Engine| engine.progress(1).map(|p| (p.state, p.steps_done));
+    for _ in 0..1000 {
+        if matches!(state(&engine), Some((State::Running, n)) if n > 0) {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    for _ in 0..1000 {
+        if let Some((State::Cancelled, done)) = state(&engine) {
+            assert!(done < 500);
+            assert_eq!(engine.loads(), vec![(0, 0)]);
+            engine.shutdown();
+            return;
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the request was not cancelled: {:?}", state(&engine));
 }
 
 #[actix_rt::test]

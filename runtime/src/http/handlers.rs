@@ -134,13 +134,13 @@ pub async fn delete_template(
     id: web::Path<String>,
 ) -> Result<HttpResponse> {
     let id = id.into_inner();
-    let store = engine.clone();
-    let removed = web::block(move || store.templates().remove(&id))
+    let (store, remove_id) = (engine.clone(), id.clone());
+    let removed = web::block(move || store.templates().remove(&remove_id))
         .await
         .map_err(|e| ApiError::internal(format!("deleting the template: {e}")))?;
     match removed {
         Ok(true) => Ok(HttpResponse::NoContent().finish()),
-        Ok(false) => Err(ApiError::not_found("unknown template")),
+        Ok(false) => Err(ApiError::not_found(format!("unknown template `{id}`"))),
         Err(e) => Err(ApiError::internal(format!("deleting the template: {e}"))),
     }
 }
