@@ -43,6 +43,8 @@ enum Command {
     /// Write a diffusers-format pipeline folder (sd15, sd21 or tiny) with random weights, for
     /// benchmarks and tests.
     RandomModel(commands::random_model::RandomModelArgs),
+    /// Serve the HTTP API (templates, edits, generations, progress, health, metrics).
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Edit(args) => commands::edit::run(args),
         Command::Quality(args) => commands::quality::run(args),
         Command::RandomModel(args) => commands::random_model::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -147,3 +147,72 @@ fn tokenize_prints_padded_ids() {
     assert_eq!(ids.len(), 77);
     assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
 }
+
+/// `retouch serve` answers on its port and exits cleanly on Ctrl-C (SIGINT).
+#[test]
+fn serve_answers_and_stops_on_ctrl_c() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    let model = std::env::temp_dir().join(format!("retouch-cli-serve-{}", std::process::id()));
+    let out = retouch(&[
+        "random-model",
+        "--preset",
+        "tiny",
+        "--force",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    // A free port: bind, read it back, release it for the server.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retouch"))
+        .args(["serve", "--model", model.to_str().unwrap()])
+        .args(["--port", &port.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let health = loop {
+        let answer = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        match answer {
+            Ok(text) => break text,
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the server never answered: {e}");
+            }
+        }
+    };
+    assert!(health.starts_with("HTTP/1.0 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("retouch serve did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}

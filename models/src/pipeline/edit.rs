@@ -4,13 +4,9 @@
 //! `x = M * x_new + (1 - M) * x_template_next`. Cached mode does the same but computes only
 //! the active tokens, with the template's cached activations for the rest.
 
-use std::time::Instant;
+use retouch_kernels::Tensor;
 
-use retouch_kernels::{DType, Device, Tensor};
-
-use super::{Guidance, Pipeline, RgbImage, Template, UnetRun};
-use crate::schedulers::Scheduler;
-use crate::unet::token_levels;
+use super::{DenoiseJob, JobOutput, Pipeline, RgbImage, Template, TemplateRef};
 use crate::{Error, Result};
 
 /// An edit mask at image resolution: 1 where the image may change.
@@ -148,7 +144,7 @@ pub struct Edited {
 }
 
 /// `x = m * x + (1 - m) * reference`, per latent position over its channels.
-fn keep_outside(x: &mut Tensor, reference: &Tensor, mask: &[f32]) -> Result<()> {
+pub(super) fn keep_outside(x: &mut Tensor, reference: &Tensor, mask: &[f32]) -> Result<()> {
     let channels = x.dim(-1)?;
     let reference = reference.as_slice::<f32>()?;
     let data = x.as_mut_slice::<f32>()?;
@@ -164,58 +160,7 @@ fn keep_outside(x: &mut Tensor, reference: &Tensor, mask: &[f32]) -> Result<()> 
     Ok(())
 }
 
-/// What a cached-mode denoising loop reads.
-struct CachedEdit<'a> {
-    template: &'a Template,
-    guidance: &'a Guidance,
-    latent_mask: &'a [f32],
-    halo: usize,
-}
-
 impl Pipeline {
-    /// Cached mode: each step runs the UNet on the active tokens only (the mask dilated by
-    /// the halo, pooled per resolution), reading the template's activations of that step for
-    /// everything else; the full latents are kept for the scheduler and the blend.
-    fn denoise_cached(
-        &self,
-        edit: &CachedEdit<'_>,
-        scheduler: &mut Scheduler,
-        mut x: Tensor,
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
-        let shape = x.shape().to_vec();
-        let (h, w, c) = (shape[1], shape[2], shape[3]);
-        let active: Vec<bool> = edit.latent_mask.iter().map(|&m| m > 0.0).collect();
-        let blocks = self.unet.config().block_out_channels.len();
-        let levels = token_levels(&active, h, w, blocks, edit.halo)?;
-        let positions = levels[0].positions().to_vec();
-        let n = positions.len();
-        let steps = scheduler.num_steps();
-        for step in 0..steps {
-            let t = scheduler
-                .current_timestep()
-                .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
-            let scaled = scheduler.scale_model_input(&x)?.reshape(&[h * w, c])?;
-            let rows = scaled.gather_rows(&positions)?.reshape(&[1, n, c])?;
-            let run = UnetRun::Masked {
-                cache: &edit.template.cache[step],
-                levels: &levels,
-            };
-            let predicted = edit.guidance.predict(&self.unet, &rows, t, run)?;
-            // Inactive positions get no prediction: the blend below replaces them anyway.
-            let mut full = Tensor::zeros(&[h * w, c], DType::F32, Device::Cpu);
-            full.scatter_rows(&positions, &predicted.reshape(&[n, c])?)?;
-            x = scheduler.step(&full.reshape(&shape)?, &x)?;
-            keep_outside(
-                &mut x,
-                &edit.template.trajectory[step + 1],
-                edit.latent_mask,
-            )?;
-            progress(step + 1, steps);
-        }
-        Ok(x)
-    }
-
     /// Edits `template` inside `mask` following `req`. `progress(step, steps)` after each step.
     pub fn edit(
         &self,
@@ -224,80 +169,10 @@ impl Pipeline {
         req: &EditRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Edited> {
-        let started = Instant::now();
-        let spec = &template.spec;
-        if (mask.width, mask.height) != (spec.width, spec.height) {
-            return Err(Error::Invalid(format!(
-                "mask is {}x{}, the template is {}x{}",
-                mask.width, mask.height, spec.width, spec.height
-            )));
+        let job = DenoiseJob::edit(self, TemplateRef::Borrowed(template), mask, req)?;
+        match self.run_job(job, progress)? {
+            JobOutput::Edited(out) => Ok(out),
+            _ => Err(Error::Invalid("an edit job produced another output".into())),
         }
-        if mask.values.iter().all(|&v| v == 0.0) {
-            return Err(Error::Invalid("the mask is empty: nothing to edit".into()));
-        }
-        if req.mode == EditMode::Cached && template.cache.len() != spec.steps {
-            return Err(Error::Invalid(
-                "cached-mode edits need the template's activation cache; this template was \
-                 registered without one (use dense mode, or register it again with a cache)"
-                    .into(),
-            ));
-        }
-        let shape = self.latent_shape(spec.width, spec.height)?;
-        let latent_mask = mask.to_latent(self.vae.factor());
-        let mut scheduler = self
-            .scheduler_config
-            .build(spec.scheduler_kind()?, spec.steps)?;
-        let noise = Tensor::randn(&shape, req.seed, Device::Cpu)
-            .affine(scheduler.init_noise_sigma(), 0.0)?;
-        let mut start = noise;
-        keep_outside(&mut start, &template.trajectory[0], &latent_mask)?;
-        let guidance = Guidance::new(
-            self,
-            &req.prompt,
-            &req.negative_prompt,
-            req.guidance.unwrap_or(spec.guidance),
-        )?;
-        let unet_started = Instant::now();
-        let latents = match req.mode {
-            EditMode::Dense => {
-                self.denoise(&guidance, &mut scheduler, start, None, &mut |step, x| {
-                    keep_outside(x, &template.trajectory[step + 1], &latent_mask)?;
-                    progress(step + 1, spec.steps);
-                    Ok(())
-                })?
-            }
-            EditMode::Cached => {
-                let cached = CachedEdit {
-                    template,
-                    guidance: &guidance,
-                    latent_mask: &latent_mask,
-                    halo: req.halo,
-                };
-                self.denoise_cached(&cached, &mut scheduler, start, progress)?
-            }
-        };
-        let unet_ms = unet_started.elapsed().as_secs_f64() * 1e3;
-        let mut image = self.decode(&latents)?;
-        if req.paste_back {
-            let soft = mask.feathered(self.vae.factor() / 2);
-            for ((p, t), &m) in image
-                .pixels
-                .chunks_mut(3)
-                .zip(template.image.pixels.chunks(3))
-                .zip(&soft)
-            {
-                for (c, &tc) in p.iter_mut().zip(t) {
-                    *c = (m * *c as f32 + (1.0 - m) * tc as f32).round() as u8;
-                }
-            }
-        }
-        Ok(Edited {
-            image,
-            latents,
-            mask_ratio: mask.ratio(),
-            steps: spec.steps,
-            unet_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-        })
     }
 }

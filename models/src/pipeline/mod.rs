@@ -5,19 +5,21 @@ mod cache_io;
 mod edit;
 mod image;
 pub mod image_metrics;
+mod job;
 mod template;
 
 use std::path::{Path, PathBuf};
 
-use retouch_kernels::{DType, Device, Tensor, TokenSet};
+use retouch_kernels::{DType, Tensor, TokenSet};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
 pub use image::{RgbImage, latents_to_image};
+pub use job::{DenoiseJob, JobOutput, TemplateRef};
 pub use template::{Template, TemplateSpec};
 
 use crate::clip::ClipTextEncoder;
 use crate::nn::exec::StepCache;
-use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
@@ -215,52 +217,25 @@ impl Pipeline {
         req: &GenerateRequest,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        let shape = self.latent_shape(req.width, req.height)?;
-        let mut scheduler = self.scheduler_config.build(req.scheduler, req.steps)?;
-        let noise = match &req.latents {
-            Some(l) if l.shape() != shape => {
-                return Err(Error::Invalid(format!(
-                    "initial latents have shape {:?}, the request needs {shape:?}",
-                    l.shape()
-                )));
-            }
-            Some(l) => l.clone(),
-            None => Tensor::randn(&shape, req.seed, Device::Cpu),
-        };
-        let latents = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
-        let guidance = Guidance::new(self, &req.prompt, &req.negative_prompt, req.guidance)?;
-        let latents = self.denoise(&guidance, &mut scheduler, latents, None, &mut |step, _| {
-            progress(step + 1, req.steps);
-            Ok(())
-        })?;
-        let image = self.decode(&latents)?;
-        Ok(Generated { latents, image })
+        match self.run_job(DenoiseJob::generate(self, req)?, progress)? {
+            JobOutput::Generated(out) => Ok(out),
+            _ => Err(Error::Invalid(
+                "a generation job produced another output".into(),
+            )),
+        }
     }
 
-    /// The denoising loop shared by generation, template registration and edits. After each
-    /// step, `after_step(step, &mut latents)` sees (and may change) the new latents.
-    pub(crate) fn denoise(
+    /// Runs a job to the end, calling `progress(done, total)` after each step.
+    pub fn run_job(
         &self,
-        guidance: &Guidance,
-        scheduler: &mut Scheduler,
-        mut latents: Tensor,
-        mut record: Option<(&mut Vec<StepCache>, DType)>,
-        after_step: &mut dyn FnMut(usize, &mut Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        for step in 0..scheduler.num_steps() {
-            let t = scheduler
-                .current_timestep()
-                .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
-            let run = match record.as_mut() {
-                Some((caches, dtype)) => UnetRun::Record(caches, *dtype),
-                None => UnetRun::Dense,
-            };
-            let prediction =
-                guidance.predict(&self.unet, &scheduler.scale_model_input(&latents)?, t, run)?;
-            latents = scheduler.step(&prediction, &latents)?;
-            after_step(step, &mut latents)?;
+        mut job: DenoiseJob<'_>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<JobOutput> {
+        while !job.is_done() {
+            job.step(self)?;
+            progress(job.steps_done(), job.total_steps());
         }
-        Ok(latents)
+        job.finish(self)
     }
 
     /// Decodes scaled latents (as the UNet sees them) to an RGB image.

@@ -7,7 +7,7 @@ use std::path::Path;
 use retouch_kernels::{DType, SafeTensorsFile, Tensor, save_safetensors};
 use serde::{Deserialize, Serialize};
 
-use super::{Guidance, Pipeline, RgbImage, cache_io};
+use super::{DenoiseJob, JobOutput, Pipeline, RgbImage, cache_io};
 use crate::nn::exec::StepCache;
 use crate::schedulers::SchedulerKind;
 use crate::weights::read_json;
@@ -123,33 +123,11 @@ impl Pipeline {
         cache_dtype: Option<DType>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Template> {
-        let shape = self.latent_shape(spec.width, spec.height)?;
-        let mut scheduler = self
-            .scheduler_config
-            .build(spec.scheduler_kind()?, spec.steps)?;
-        let noise = Tensor::randn(&shape, spec.seed, retouch_kernels::Device::Cpu);
-        let start = noise.affine(scheduler.init_noise_sigma(), 0.0)?;
-        let guidance = Guidance::new(self, &spec.prompt, &spec.negative_prompt, spec.guidance)?;
-        let mut trajectory = vec![start.clone()];
-        let mut cache = Vec::new();
-        let record = cache_dtype.map(|dtype| (&mut cache, dtype));
-        let last = self.denoise(
-            &guidance,
-            &mut scheduler,
-            start,
-            record,
-            &mut |step, latents| {
-                trajectory.push(latents.clone());
-                progress(step + 1, spec.steps);
-                Ok(())
-            },
-        )?;
-        let image = self.decode(&last)?;
-        Ok(Template {
-            spec: spec.clone(),
-            trajectory,
-            image,
-            cache,
-        })
+        match self.run_job(DenoiseJob::template(self, spec, cache_dtype)?, progress)? {
+            JobOutput::Template(template) => Ok(template),
+            _ => Err(Error::Invalid(
+                "a template job produced another output".into(),
+            )),
+        }
     }
 }

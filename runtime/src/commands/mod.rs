@@ -6,6 +6,7 @@ pub mod forward;
 pub mod generate;
 pub mod quality;
 pub mod random_model;
+pub mod serve;
 pub mod template;
 pub mod tokenize;
 

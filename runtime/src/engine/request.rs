@@ -1,0 +1,102 @@
+//! What travels from the HTTP layer to a worker and back: a request (its work, its reply
+//! channel) and the engine's errors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use retouch_models::pipeline::{
+    EditRequest, GenerateRequest, JobOutput, Mask, Template, TemplateSpec,
+};
+use tokio::sync::oneshot;
+
+pub type RequestId = u64;
+
+/// The work a request asks for; a worker turns it into a `DenoiseJob` when it admits it
+/// (text encoding runs there, on the worker's own models).
+pub enum JobSpec {
+    Generate(GenerateRequest),
+    Template(TemplateSpec),
+    Edit {
+        template: Arc<Template>,
+        mask: Mask,
+        req: EditRequest,
+    },
+}
+
+impl JobSpec {
+    /// The label metrics and progress use.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Generate(_) => "generation",
+            JobSpec::Template(_) => "template",
+            JobSpec::Edit { .. } => "edit",
+        }
+    }
+
+    pub fn steps(&self) -> usize {
+        match self {
+            JobSpec::Generate(r) => r.steps,
+            JobSpec::Template(s) => s.steps,
+            JobSpec::Edit { template, .. } => template.spec.steps,
+        }
+    }
+}
+
+/// A finished request.
+pub struct Completed {
+    pub output: JobOutput,
+    pub worker: usize,
+    /// From submission to admission into a batch.
+    pub queue_ms: f64,
+    /// From admission to the reply (steps interleave with the rest of the batch).
+    pub compute_ms: f64,
+}
+
+pub type Reply = Result<Completed, EngineError>;
+
+pub struct Request {
+    pub id: RequestId,
+    pub spec: JobSpec,
+    pub reply: oneshot::Sender<Reply>,
+    pub submitted: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineError {
+    /// The request cannot run as given (the model layer rejected it).
+    Invalid(String),
+    NotFound(String),
+    /// Every queue is at its bound; retry after the given seconds.
+    Overloaded {
+        retry_after_s: u64,
+    },
+    /// The worker failed while running this request.
+    Failed(String),
+    /// The engine is shutting down or a worker is gone.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Invalid(m) | EngineError::NotFound(m) => f.write_str(m),
+            EngineError::Overloaded { retry_after_s } => {
+                write!(f, "every worker queue is full; retry in {retry_after_s} s")
+            }
+            EngineError::Failed(m) => write!(f, "the worker failed: {m}"),
+            EngineError::Unavailable(m) => write!(f, "unavailable: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl EngineError {
+    /// Maps a model-layer error: `Invalid` is the caller's input, anything else a failure.
+    pub fn from_model(e: retouch_models::Error) -> EngineError {
+        match e {
+            retouch_models::Error::Invalid(m) => EngineError::Invalid(m),
+            other => EngineError::Failed(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The Scheduler admits requests and routes each to a worker's queue. Queues are bounded:
+//! past the bound a request is refused with an overload error instead of growing memory.
+//! As one actor it serialises admission, so the check against the bound and the count
+//! that follows cannot race.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use actix::{Actor, Addr, Context, Handler, Message};
+
+use super::progress::{ProgressBook, RequestProgress, State};
+use super::request::{EngineError, Request};
+use super::worker::{Enqueue, Worker, WorkerLoad};
+
+/// How a worker is picked among those with room in their queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    RoundRobin,
+    /// Fewest queued plus running requests (ties: the next in round-robin order).
+    LeastLoaded,
+}
+
+pub struct WorkerSlot {
+    pub addr: Addr<Worker>,
+    pub load: Arc<WorkerLoad>,
+}
+
+pub struct Scheduler {
+    workers: Vec<WorkerSlot>,
+    max_queue: usize,
+    routing: Routing,
+    next: usize,
+    progress: Arc<ProgressBook>,
+    /// Seconds a refused caller is told to wait.
+    retry_after_s: u64,
+}
+
+impl Scheduler {
+    pub fn new(
+        workers: Vec<WorkerSlot>,
+        max_queue: usize,
+        routing: Routing,
+        progress: Arc<ProgressBook>,
+    ) -> Scheduler {
+        Scheduler {
+            workers,
+            max_queue,
+            routing,
+            next: 0,
+            progress,
+            retry_after_s: 1,
+        }
+    }
+
+    /// The worker to route to, or None when every queue is full.
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.workers.len();
+        let order = (0..n).map(|k| (self.next + k) % n);
+        let has_room =
+            |i: &usize| self.workers[*i].load.queued.load(Ordering::Relaxed) < self.max_queue;
+        let chosen = match self.routing {
+            Routing::RoundRobin => order.clone().find(has_room),
+            Routing::LeastLoaded => order.filter(has_room).min_by_key(|&i| {
+                let load = &self.workers[i].load;
+                load.queued.load(Ordering::Relaxed) + load.running.load(Ordering::Relaxed)
+            }),
+        }?;
+        self.next = (chosen + 1) % n;
+        Some(chosen)
+    }
+}
+
+impl Actor for Scheduler {
+    type Context = Context<Self>;
+}
+
+/// Admits a request; answers the worker it was routed to.
+pub struct Submit(pub Request);
+
+impl Message for Submit {
+    type Result = Result<usize, EngineError>;
+}
+
+impl Handler<Submit> for Scheduler {
+    type Result = Result<usize, EngineError>;
+    fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
+        let req = msg.0;
+        let Some(index) = self.pick() else {
+            return Err(EngineError::Overloaded {
+                retry_after_s: self.retry_after_s,
+            });
+        };
+        let slot = &self.workers[index];
+        if !slot.addr.connected() {
+            return Err(EngineError::Unavailable(format!(
+                "worker {index} has stopped"
+            )));
+        }
+        self.progress.insert(RequestProgress {
+            id: req.id,
+            kind: req.spec.kind(),
+            state: State::Queued,
+            steps_done: 0,
+            steps_total: req.spec.steps(),
+            worker: Some(index),
+            error: None,
+        });
+        slot.load.queued.fetch_add(1, Ordering::Relaxed);
+        slot.addr.do_send(Enqueue(req));
+        Ok(index)
+    }
+}

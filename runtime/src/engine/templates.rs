@@ -1,0 +1,111 @@
+//! Registered templates: an in-memory index (id -> shared template) and, with a cache
+//! directory, one folder per template (`Template::save` layout) reloaded at start-up.
+//! Tiers and eviction (the design's cache manager) come later.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use retouch_models::pipeline::Template;
+
+use super::telemetry;
+
+pub struct TemplateStore {
+    map: DashMap<String, Arc<Template>>,
+    dir: Option<PathBuf>,
+    next: AtomicU64,
+}
+
+/// Template ids are `t` and a number; the number continues past those on disk.
+fn parse_id(name: &str) -> Option<u64> {
+    name.strip_prefix('t')?.parse().ok()
+}
+
+impl TemplateStore {
+    /// Opens the store, loading every template folder under `dir` (created if missing).
+    /// A folder that does not load is skipped with a warning rather than failing start-up.
+    pub fn open(dir: Option<&Path>) -> std::io::Result<TemplateStore> {
+        let store = TemplateStore {
+            map: DashMap::new(),
+            dir: dir.map(Path::to_path_buf),
+            next: AtomicU64::new(1),
+        };
+        let Some(dir) = dir else {
+            return Ok(store);
+        };
+        std::fs::create_dir_all(dir)?;
+        let mut max = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(n) = parse_id(&name) else { continue };
+            max = max.max(n);
+            match Template::load(entry.path()) {
+                Ok(t) => {
+                    store.map.insert(name, Arc::new(t));
+                }
+                Err(e) => eprintln!("warning: skipping template {name}: {e}"),
+            }
+        }
+        store.next.store(max + 1, Ordering::Relaxed);
+        metrics::gauge!(telemetry::TEMPLATES).set(store.map.len() as f64);
+        Ok(store)
+    }
+
+    pub fn new_id(&self) -> String {
+        format!("t{}", self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Template>> {
+        self.map.get(id).map(|t| Arc::clone(&t))
+    }
+
+    /// Writes the template to the cache directory, if any (blocking I/O).
+    pub fn persist(&self, id: &str, template: &Template) -> retouch_models::Result<()> {
+        match &self.dir {
+            Some(dir) => template.save(dir.join(id)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn insert(&self, id: String, template: Arc<Template>) {
+        self.map.insert(id, template);
+        metrics::gauge!(telemetry::TEMPLATES).set(self.map.len() as f64);
+    }
+
+    /// Removes a template from memory and disk; false if unknown. Edits already holding
+    /// it finish with their copy.
+    pub fn remove(&self, id: &str) -> std::io::Result<bool> {
+        if self.map.remove(id).is_none() {
+            return Ok(false);
+        }
+        metrics::gauge!(telemetry::TEMPLATES).set(self.map.len() as f64);
+        if let Some(dir) = &self.dir {
+            let path = dir.join(id);
+            if path.is_dir() {
+                std::fs::remove_dir_all(path)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every template, sorted by id number.
+    pub fn list(&self) -> Vec<(String, Arc<Template>)> {
+        let mut all: Vec<_> = self
+            .map
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        all.sort_by_key(|(id, _)| parse_id(id).unwrap_or(u64::MAX));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}

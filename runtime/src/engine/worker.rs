@@ -1,0 +1,372 @@
+//! A Worker owns one device's models and runs the batch there, in its own arbiter thread
+//! (compute blocks that thread, so nothing else shares it). Its step loop is a message to
+//! itself: each `Step` runs one denoising step of every request in the batch, then admits
+//! waiting requests, then retires finished ones and answers their callers. New requests so
+//! join after at most one step, and finished ones leave right after their last.
+//!
+//! Within one `Step` the batch's requests run one after another: the ragged fused forward
+//! (one UNet call over every request's active tokens) is a later slice.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
+use retouch_kernels::DType;
+use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
+use tokio::sync::oneshot;
+
+use super::progress::{ProgressBook, State};
+use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
+use super::telemetry;
+
+/// When waiting requests may join the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchPolicy {
+    /// Join after any step, up to the batch limit.
+    Continuous,
+    /// A batch runs to completion before the next one forms (for comparison).
+    Static,
+}
+
+impl std::str::FromStr for BatchPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BatchPolicy, String> {
+        match s {
+            "continuous" => Ok(BatchPolicy::Continuous),
+            "static" => Ok(BatchPolicy::Static),
+            other => Err(format!(
+                "unknown batch policy `{other}` (expected continuous or static)"
+            )),
+        }
+    }
+}
+
+/// A worker's load, shared with the scheduler (which admits and routes on it).
+#[derive(Default, Debug)]
+pub struct WorkerLoad {
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+}
+
+pub struct WorkerSettings {
+    pub index: usize,
+    pub policy: BatchPolicy,
+    pub max_batch_requests: usize,
+    /// The dtype templates record their activation cache in.
+    pub cache_dtype: DType,
+    /// A thread pool of its own, so several CPU workers split the cores; None uses the
+    /// global pool.
+    pub threads: Option<usize>,
+}
+
+pub struct Worker {
+    settings: WorkerSettings,
+    pipe: Pipeline,
+    pool: Option<rayon::ThreadPool>,
+    waiting: VecDeque<Request>,
+    running: Vec<Running>,
+    load: Arc<WorkerLoad>,
+    progress: Arc<ProgressBook>,
+    /// A `Step` message is pending.
+    step_pending: bool,
+}
+
+struct Running {
+    id: RequestId,
+    kind: &'static str,
+    reply: oneshot::Sender<Reply>,
+    job: DenoiseJob<'static>,
+    submitted: Instant,
+    admitted: Instant,
+    failure: Option<EngineError>,
+}
+
+impl Worker {
+    pub fn new(
+        settings: WorkerSettings,
+        pipe: Pipeline,
+        load: Arc<WorkerLoad>,
+        progress: Arc<ProgressBook>,
+    ) -> Result<Worker, String> {
+        let pool = match settings.threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .thread_name(move |i| format!("retouch-worker-{i}"))
+                    .build()
+                    .map_err(|e| format!("worker thread pool: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Worker {
+            settings,
+            pipe,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            load,
+            progress,
+            step_pending: false,
+        })
+    }
+
+    fn kick(&mut self, ctx: &mut Context<Self>) {
+        if !self.step_pending {
+            self.step_pending = true;
+            ctx.notify(Step);
+        }
+    }
+
+    /// Runs compute on the worker's pool; a panic fails only the work that raised it.
+    fn compute<T>(
+        &self,
+        f: impl FnOnce(&Pipeline) -> retouch_models::Result<T> + Send,
+    ) -> Result<T, EngineError>
+    where
+        T: Send,
+    {
+        let pipe = &self.pipe;
+        let run = move || catch_unwind(AssertUnwindSafe(|| f(pipe)));
+        let result = match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        };
+        match result {
+            Ok(r) => r.map_err(EngineError::from_model),
+            Err(panic) => Err(EngineError::Failed(panic_message(&panic))),
+        }
+    }
+
+    fn gauges(&self) {
+        let worker = self.settings.index.to_string();
+        metrics::gauge!(telemetry::QUEUE_DEPTH, "worker" => worker.clone())
+            .set(self.waiting.len() as f64);
+        metrics::gauge!(telemetry::BATCH_REQUESTS, "worker" => worker)
+            .set(self.running.len() as f64);
+    }
+
+    /// One step of every request in the batch.
+    fn step_batch(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut running = std::mem::take(&mut self.running);
+        for r in running.iter_mut().filter(|r| r.failure.is_none()) {
+            match self.compute(|pipe| r.job.step(pipe)) {
+                Ok(()) => {
+                    let done = r.job.steps_done();
+                    self.progress.update(r.id, |p| p.steps_done = done);
+                }
+                Err(e) => r.failure = Some(e),
+            }
+        }
+        let stepped = running.len();
+        self.running = running;
+        let worker = self.settings.index.to_string();
+        metrics::histogram!(telemetry::STEP_SECONDS, "worker" => worker)
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::STEP_BATCH).record(stepped as f64);
+    }
+
+    fn admit(&mut self) {
+        let room = match self.settings.policy {
+            BatchPolicy::Continuous => self.settings.max_batch_requests,
+            BatchPolicy::Static if self.running.is_empty() => self.settings.max_batch_requests,
+            BatchPolicy::Static => 0,
+        };
+        while self.running.len() < room {
+            let Some(req) = self.waiting.pop_front() else {
+                break;
+            };
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            let kind = req.spec.kind();
+            if req.reply.is_closed() {
+                self.cancelled(req.id, kind);
+                continue;
+            }
+            let cache_dtype = self.settings.cache_dtype;
+            let job = match req.spec {
+                JobSpec::Generate(g) => self.compute(|pipe| DenoiseJob::generate(pipe, &g)),
+                JobSpec::Template(spec) => {
+                    self.compute(|pipe| DenoiseJob::template(pipe, &spec, Some(cache_dtype)))
+                }
+                JobSpec::Edit {
+                    template,
+                    mask,
+                    req: edit,
+                } => self.compute(|pipe| {
+                    DenoiseJob::edit(pipe, TemplateRef::Shared(template), &mask, &edit)
+                }),
+            };
+            match job {
+                Ok(job) => {
+                    let (index, total) = (self.settings.index, job.total_steps());
+                    self.progress.update(req.id, |p| {
+                        p.state = State::Running;
+                        p.worker = Some(index);
+                        p.steps_total = total;
+                    });
+                    self.load.running.fetch_add(1, Ordering::Relaxed);
+                    self.running.push(Running {
+                        id: req.id,
+                        kind,
+                        reply: req.reply,
+                        job,
+                        submitted: req.submitted,
+                        admitted: Instant::now(),
+                        failure: None,
+                    });
+                }
+                Err(e) => self.answer(req.id, kind, req.submitted, req.reply, Err(e)),
+            }
+        }
+    }
+
+    /// Answers finished, failed and abandoned requests and drops them from the batch.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let r = &self.running[i];
+            let leave = r.failure.is_some() || r.job.is_done() || r.reply.is_closed();
+            if !leave {
+                i += 1;
+                continue;
+            }
+            let r = self.running.swap_remove(i);
+            self.load.running.fetch_sub(1, Ordering::Relaxed);
+            if r.reply.is_closed() {
+                self.cancelled(r.id, r.kind);
+                continue;
+            }
+            let reply = match r.failure {
+                Some(e) => Err(e),
+                None => {
+                    let job = r.job;
+                    self.compute(move |pipe| job.finish(pipe))
+                        .map(|output| Completed {
+                            output,
+                            worker: self.settings.index,
+                            queue_ms: ms(r.admitted - r.submitted),
+                            compute_ms: ms(r.admitted.elapsed()),
+                        })
+                }
+            };
+            self.answer(r.id, r.kind, r.submitted, r.reply, reply);
+        }
+    }
+
+    fn answer(
+        &self,
+        id: RequestId,
+        kind: &'static str,
+        submitted: Instant,
+        reply: oneshot::Sender<Reply>,
+        result: Reply,
+    ) {
+        let (state, outcome, error) = match &result {
+            Ok(_) => (State::Done, "ok", None),
+            Err(e @ EngineError::Invalid(_)) => (State::Failed, "invalid", Some(e.to_string())),
+            Err(e) => (State::Failed, "failed", Some(e.to_string())),
+        };
+        self.progress.update(id, |p| {
+            p.state = state;
+            p.error = error;
+        });
+        telemetry::count(kind, outcome);
+        metrics::histogram!(telemetry::REQUEST_SECONDS, "kind" => kind)
+            .record(submitted.elapsed().as_secs_f64());
+        // The caller may have gone meanwhile; nothing to do then.
+        let _ = reply.send(result);
+    }
+
+    fn cancelled(&self, id: RequestId, kind: &'static str) {
+        self.progress.update(id, |p| p.state = State::Cancelled);
+        telemetry::count(kind, "cancelled");
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {what}")
+}
+
+impl Actor for Worker {
+    type Context = Context<Self>;
+}
+
+/// A request routed to this worker by the scheduler (already counted in `load.queued`).
+pub struct Enqueue(pub Request);
+
+impl Message for Enqueue {
+    type Result = ();
+}
+
+impl Handler<Enqueue> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) {
+        self.waiting.push_back(msg.0);
+        self.gauges();
+        self.kick(ctx);
+    }
+}
+
+/// The step loop's message to itself.
+struct Step;
+
+impl Message for Step {
+    type Result = ();
+}
+
+impl Handler<Step> for Worker {
+    type Result = ();
+    fn handle(&mut self, _: Step, ctx: &mut Context<Self>) {
+        self.step_pending = false;
+        self.step_batch();
+        self.admit();
+        self.retire();
+        self.gauges();
+        if !self.running.is_empty() || !self.waiting.is_empty() {
+            self.kick(ctx);
+        }
+    }
+}
+
+/// Stops the worker after the current step. Its step loop keeps the actor busy, so this
+/// message (handled between steps) is how an engine stops it rather than the arbiter alone.
+pub struct Stop;
+
+impl Message for Stop {
+    type Result = ();
+}
+
+impl Handler<Stop> for Worker {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// Answers requests still waiting or running when the worker stops.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let stopped = || Err(EngineError::Unavailable("the worker stopped".into()));
+        for req in self.waiting.drain(..) {
+            let _ = req.reply.send(stopped());
+        }
+        for r in self.running.drain(..) {
+            let _ = r.reply.send(stopped());
+        }
+    }
+}
