@@ -20,6 +20,10 @@ unsafe extern "C" {
     fn barrier0();
     #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
     fn shfl_bfly_f32(mask: u32, v: f32, lane_mask: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
+    fn shfl_idx_f32(mask: u32, v: f32, lane: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.bar.warp.sync"]
+    fn bar_warp_sync(mask: u32);
     #[link_name = "llvm.trap"]
     pub fn trap_raw();
 }
@@ -54,6 +58,18 @@ pub fn sync_threads() {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     exp2f32(x * 1.442_695_f32)
+}
+
+/// Orders this warp's shared-memory writes before its later reads.
+#[inline(always)]
+pub fn sync_warp() {
+    unsafe { bar_warp_sync(0xffff_ffff) }
+}
+
+/// Lane `src`'s `v`, to every lane of the warp (all 32 lanes must call it).
+#[inline(always)]
+pub fn shfl_idx(v: f32, src: u32) -> f32 {
+    unsafe { shfl_idx_f32(0xffff_ffff, v, src, 31) }
 }
 
 /// Sum over the 32 lanes of a warp; every lane gets the total.
@@ -100,7 +116,11 @@ fn block_reduce(warp_total: f32, scratch: *mut f32, identity: f32, max: bool) ->
             *scratch.add(warp as usize) = warp_total;
         }
         sync_threads();
-        let mut v = if lane < warps { *scratch.add(lane as usize) } else { identity };
+        let mut v = if lane < warps {
+            *scratch.add(lane as usize)
+        } else {
+            identity
+        };
         v = if max { warp_max(v) } else { warp_sum(v) };
         sync_threads();
         v

@@ -19,12 +19,13 @@
 #![allow(internal_features, incomplete_features, clippy::missing_safety_doc)]
 #![rustc_coherence_is_core]
 
+mod attention;
+mod elementwise;
+mod gpu;
+mod lora;
+mod math;
+mod norm;
 #[allow(dead_code)] // lang items the compiler calls, not this crate
 mod prelude;
-mod gpu;
-mod math;
-mod elementwise;
-mod softmax;
-mod norm;
 mod rows;
-mod lora;
+mod softmax;
