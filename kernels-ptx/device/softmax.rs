@@ -22,7 +22,12 @@ pub unsafe extern "ptx-kernel" fn softmax_rows_f32(x: *const f32, out: *mut f32,
     let mut s = 0.0f32;
     c = thread();
     while c < cols {
-        let e = exp(unsafe { *x.add(c as usize) } - m);
+        // An all-masked row has m = -inf, and -inf - -inf is NaN: write zeros instead.
+        let e = if m == NEG_INF {
+            0.0
+        } else {
+            exp(unsafe { *x.add(c as usize) } - m)
+        };
         unsafe { *out.add(c as usize) = e };
         s += e;
         c += block_dim();
