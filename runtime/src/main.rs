@@ -40,6 +40,8 @@ enum Command {
     /// Write a diffusers-format pipeline folder (sd15, sd21 or tiny) with random weights, for
     /// benchmarks and tests.
     RandomModel(commands::random_model::RandomModelArgs),
+    /// Check every GPU kernel against the CPU on random inputs; non-zero exit on failure.
+    Selftest(commands::selftest::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Edit(args) => commands::edit::run(args),
         Command::Quality(args) => commands::quality::run(args),
         Command::RandomModel(args) => commands::random_model::run(args),
+        Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

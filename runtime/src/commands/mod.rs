@@ -5,6 +5,7 @@ pub mod forward;
 pub mod generate;
 pub mod quality;
 pub mod random_model;
+pub mod selftest;
 pub mod template;
 pub mod tokenize;
 
