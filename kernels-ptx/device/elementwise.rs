@@ -93,3 +93,19 @@ pub unsafe extern "ptx-kernel" fn geglu_f32(x: *const f32, out: *mut f32, n: u32
         }
     });
 }
+
+/// f16 -> f32 (exact).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn convert_f16_to_f32(x: *const f16, out: *mut f32, n: u32) {
+    grid_stride!(n, |i| {
+        unsafe { *out.add(i as usize) = *x.add(i as usize) as f32 };
+    });
+}
+
+/// f32 -> f16, round to nearest even (as `half::f16::from_f32` on the CPU).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn convert_f32_to_f16(x: *const f32, out: *mut f16, n: u32) {
+    grid_stride!(n, |i| {
+        unsafe { *out.add(i as usize) = *x.add(i as usize) as f16 };
+    });
+}

@@ -3,6 +3,7 @@
 //! in `kernels-ptx/device/`.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
 
 use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
 use crate::Result;
@@ -166,6 +167,32 @@ impl CudaDevice {
             launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
+    }
+
+    fn convert<A: GpuElement, B: GpuElement>(
+        &self,
+        kernel: &'static str,
+        x: &CudaTensor<A>,
+    ) -> Result<CudaTensor<B>> {
+        let n = len_u32(kernel, x.elem_count())?;
+        let mut out = CudaTensor::<B>::zeros(self, x.shape())?;
+        if n > 0 {
+            let mut l = self.stream().launch_builder(self.function(kernel)?);
+            l.arg(&x.data).arg(&mut out.data).arg(&n);
+            // SAFETY: matches `convert_*(x, out, n)` with the element types of A and B.
+            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Widens f16 data (weights, an activation cache) to f32.
+    pub fn f16_to_f32(&self, x: &CudaTensor<f16>) -> Result<CudaTensor> {
+        self.convert("convert_f16_to_f32", x)
+    }
+
+    /// Rounds f32 data to f16 (nearest even), e.g. to record an activation cache.
+    pub fn f32_to_f16(&self, x: &CudaTensor) -> Result<CudaTensor<f16>> {
+        self.convert("convert_f32_to_f16", x)
     }
 
     /// GEGLU: the last dimension splits into (hidden, gate); `hidden * gelu(gate)`.

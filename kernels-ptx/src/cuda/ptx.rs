@@ -18,6 +18,8 @@ pub const KERNELS: &[&str] = &[
     "quick_gelu_f32",
     "affine_f32",
     "geglu_f32",
+    "convert_f16_to_f32",
+    "convert_f32_to_f16",
     "softmax_rows_f32",
     "layer_norm_rows_f32",
     "group_norm_stats_f32",

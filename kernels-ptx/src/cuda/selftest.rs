@@ -129,6 +129,19 @@ impl Runner<'_> {
                 }
                 let got = self.dev.affine(&ga, 1.5, -0.25)?;
                 self.record("affine", size.clone(), &got, &a.affine(1.5, -0.25)?, 1e-6)?;
+                let got = self.dev.f32_to_f16(&ga)?.download(self.dev)?;
+                self.checks.push(Check {
+                    op: "f32_to_f16",
+                    size: size.clone(),
+                    max_err: max_err(&got, &a.to_dtype(DType::F16)?),
+                    tolerance: 0.0,
+                });
+                let a16 = a.to_dtype(DType::F16)?;
+                let got = self
+                    .dev
+                    .f16_to_f32(&CudaTensor::<f16>::upload(self.dev, &a16)?)?;
+                let want = a16.to_dtype(DType::F32)?;
+                self.record("f16_to_f32", size.clone(), &got, &want, 0.0)?;
                 if cols % 2 == 0 {
                     let got = self.dev.geglu(&ga)?;
                     self.record("geglu", size.clone(), &got, &a.geglu()?, 1e-5)?;
