@@ -205,6 +205,8 @@ impl CudaDevice {
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = last / 2;
         let mut out = CudaTensor::zeros(self, &shape)?;
+        // The kernel indexes x (2n values) in u32 too.
+        len_u32(K, x.elem_count())?;
         let n = len_u32(K, out.elem_count())?;
         let half = len_u32(K, last / 2)?;
         if n > 0 {
@@ -568,5 +570,26 @@ impl CudaDevice {
             launched(K, unsafe { l.launch(cfg) })?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shapes_follow_the_kernels_conventions() {
+        // Row kernels: whole warps, 32..=256 threads, the reduction scratch.
+        for (cols, threads) in [(1, 32), (33, 64), (77, 96), (320, 256), (100_000, 256)] {
+            let cfg = per_row((5, 2), cols);
+            assert_eq!(cfg.block_dim, (threads, 1, 1), "{cols}");
+            assert_eq!((cfg.grid_dim, cfg.shared_mem_bytes), ((5, 2, 1), 128));
+        }
+        // Grid-stride kernels: at least one block, capped grid.
+        assert_eq!(grid_stride(1).grid_dim.0, 1);
+        assert_eq!(grid_stride(257).grid_dim.0, 2);
+        assert_eq!(grid_stride(i32::MAX as u32).grid_dim.0, MAX_GRID as u32);
+        assert!(len_u32("x", i32::MAX as usize).is_ok());
+        assert!(len_u32("x", i32::MAX as usize + 1).is_err());
     }
 }
