@@ -16,6 +16,9 @@ pub enum Error {
     Invalid { op: &'static str, message: String },
     #[error("device {0} is not available: {1}")]
     DeviceUnavailable(String, String),
+    /// A CUDA driver call failed (after the device was opened).
+    #[error("{op} on CUDA: {message}")]
+    Cuda { op: &'static str, message: String },
     #[error("{path}: {message}")]
     SafeTensors { path: String, message: String },
     #[error("{path}: no tensor named `{name}`")]

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

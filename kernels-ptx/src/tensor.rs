@@ -165,24 +165,26 @@ impl Tensor {
         }
     }
 
+    /// Zeros in host memory. A `Tensor` always lives on the CPU (device memory is
+    /// [`crate::cuda::CudaTensor`]), so for `Device::Cuda` this is still a CPU tensor, as its
+    /// [`Tensor::device`] says; `device` is kept for the callers written against it.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Tensor {
-        match device {
-            Device::Cpu => Tensor {
-                shape: shape.to_vec(),
-                storage: Storage::Cpu(CpuStorage::zeros(dtype, elem_count(shape))),
-            },
+        let _ = device;
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(CpuStorage::zeros(dtype, elem_count(shape))),
         }
     }
 
-    /// Standard-normal f32 values from a seeded generator (reproducible across runs).
+    /// Standard-normal f32 values from a seeded generator (reproducible across runs), in
+    /// host memory whatever `device` says (see [`Tensor::zeros`]).
     pub fn randn(shape: &[usize], seed: u64, device: Device) -> Tensor {
+        let _ = device;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let data: Vec<f32> = (0..elem_count(shape))
             .map(|_| StandardNormal.sample(&mut rng))
             .collect();
-        match device {
-            Device::Cpu => Tensor::from_f32_unchecked(data, shape),
-        }
+        Tensor::from_f32_unchecked(data, shape)
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -310,10 +312,15 @@ impl Tensor {
         Tensor::from_cpu(storage, &self.shape)
     }
 
-    /// The same tensor on another device.
+    /// The same tensor on another device. Only the CPU holds a `Tensor`: moving one to a
+    /// CUDA device is [`crate::cuda::CudaTensor::upload`], so `Cuda` is an error here.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         match device {
             Device::Cpu => Ok(self.clone()),
+            Device::Cuda(_) => Err(Error::DeviceUnavailable(
+                device.to_string(),
+                "a `Tensor` lives in host memory; use `cuda::CudaTensor::upload`".into(),
+            )),
         }
     }
 

@@ -45,6 +45,8 @@ enum Command {
     RandomModel(commands::random_model::RandomModelArgs),
     /// Serve the HTTP API (templates, edits, generations, progress, health, metrics).
     Serve(commands::serve::ServeArgs),
+    /// Check every GPU kernel against the CPU on random inputs; non-zero exit on failure.
+    Selftest(commands::selftest::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Quality(args) => commands::quality::run(args),
         Command::RandomModel(args) => commands::random_model::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

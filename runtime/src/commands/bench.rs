@@ -12,7 +12,8 @@ use super::random_model::PresetArg;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Device to run on: `cpu` (or `cuda:N` once the GPU layer exists).
+    /// Device to run on: `cpu` (GPU benchmarks are not written yet; `retouch selftest
+    /// --device cuda:N` checks the GPU kernels).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Skip the largest cases (the 4096^3 GEMM, the smaller conv shapes).
@@ -67,6 +68,14 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 return Err(format!("--mask-ratios must be in (0, 100], got {bad}").into());
             }
             bench_unet::unet_cases(preset, &args.mask_ratios, args.halo)
+        }
+        None if args.device != Device::Cpu => {
+            return Err(format!(
+                "{} is not available for benchmarks: no GPU benchmarks are written yet \
+                 (`retouch selftest --device {}` checks the GPU kernels)",
+                args.device, args.device
+            )
+            .into());
         }
         None => bench::suite(args.device, args.quick),
     };

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod quality;
 pub mod random_model;
 pub mod serve;
+pub mod selftest;
 pub mod template;
 pub mod tokenize;
 

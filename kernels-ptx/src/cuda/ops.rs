@@ -1,0 +1,595 @@
+//! Launchers: shape checks on the host (no kernel trusts a size it was not checked for),
+//! then one launch on the device's stream. Launch shapes follow each kernel's doc comment
+//! in `kernels-ptx/device/`.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
+use crate::Result;
+use crate::error::{invalid, shape_err};
+
+/// Threads per block for the grid-stride kernels and the largest row-kernel block.
+const BLOCK: u32 = 256;
+/// Grid cap for grid-stride kernels: enough blocks to fill any current GPU.
+const MAX_GRID: usize = 1 << 16;
+/// Dynamic shared memory of the block-reduction kernels: one f32 per warp, 32 warps.
+const REDUCE_SHARED: u32 = 32 * 4;
+
+/// A size as the kernels' u32, with headroom so a grid-stride index never wraps.
+fn len_u32(op: &'static str, n: usize) -> Result<u32> {
+    if n > i32::MAX as usize {
+        return invalid(op, format!("{n} elements exceed the kernels' 2^31 limit"));
+    }
+    Ok(n as u32)
+}
+
+fn grid_stride(n: u32) -> LaunchConfig {
+    let blocks = (n as usize).div_ceil(BLOCK as usize).clamp(1, MAX_GRID);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row (or per `(group, sample)`): whole warps, no more than the row needs.
+fn per_row(grid: (u32, u32), cols: usize) -> LaunchConfig {
+    let threads = cols.div_ceil(32).clamp(1, (BLOCK / 32) as usize) as u32 * 32;
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: REDUCE_SHARED,
+    }
+}
+
+fn launched<T>(
+    op: &'static str,
+    r: std::result::Result<T, cudarc::driver::DriverError>,
+) -> Result<()> {
+    r.map(|_| ()).map_err(driver_err(op))
+}
+
+/// `(rows, cols)` of a tensor seen as rows over its last dimension.
+fn rows_cols(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.last() {
+        Some(&c) => Ok((shape.iter().product::<usize>() / c.max(1), c)),
+        None => shape_err(op, "expected at least one dimension"),
+    }
+}
+
+fn check_vector(op: &'static str, name: &str, t: &CudaTensor, len: usize) -> Result<()> {
+    if t.shape() != [len] {
+        return shape_err(op, format!("{name} must be [{len}], got {:?}", t.shape()));
+    }
+    Ok(())
+}
+
+impl CudaDevice {
+    fn binary(&self, kernel: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        // Written: equal shapes, and `b` one trailing row repeated over `a` (a bias).
+        let row = a.shape().last().copied().unwrap_or(1);
+        let trailing_row = b.shape().last() == Some(&row)
+            && b.shape().len() <= a.shape().len()
+            && b.elem_count() == row;
+        if a.shape() != b.shape() && !trailing_row {
+            return shape_err(
+                kernel,
+                format!(
+                    "CUDA broadcasting is written for equal shapes and a trailing row only; \
+                     got {:?} and {:?}",
+                    a.shape(),
+                    b.shape()
+                ),
+            );
+        }
+        let n = len_u32(kernel, a.elem_count())?;
+        let b_len = len_u32(kernel, b.elem_count())?;
+        let mut out = CudaTensor::zeros(self, a.shape())?;
+        if n > 0 {
+            let f = self.function(kernel)?;
+            let mut l = self.stream().launch_builder(f);
+            l.arg(&a.data)
+                .arg(&b.data)
+                .arg(&mut out.data)
+                .arg(&n)
+                .arg(&b_len);
+            // SAFETY: argument types and sizes match the kernel's signature, checked above.
+            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// `a + b`: equal shapes, or `b` a trailing row broadcast over `a`'s rows.
+    pub fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("binary_add_f32", a, b)
+    }
+
+    pub fn sub(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("binary_sub_f32", a, b)
+    }
+
+    pub fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("binary_mul_f32", a, b)
+    }
+
+    pub fn div(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        self.binary("binary_div_f32", a, b)
+    }
+
+    fn unary(&self, kernel: &'static str, x: &CudaTensor) -> Result<CudaTensor> {
+        let n = len_u32(kernel, x.elem_count())?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        if n > 0 {
+            let f = self.function(kernel)?;
+            let mut l = self.stream().launch_builder(f);
+            l.arg(&x.data).arg(&mut out.data).arg(&n);
+            // SAFETY: (x, out, n) as the kernel takes them; both buffers hold n values.
+            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    pub fn relu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("relu_f32", x)
+    }
+
+    pub fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("silu_f32", x)
+    }
+
+    /// Exact (erf) GELU.
+    pub fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("gelu_erf_f32", x)
+    }
+
+    pub fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("gelu_tanh_f32", x)
+    }
+
+    pub fn quick_gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary("quick_gelu_f32", x)
+    }
+
+    /// `x * scale + shift`.
+    pub fn affine(&self, x: &CudaTensor, scale: f32, shift: f32) -> Result<CudaTensor> {
+        const K: &str = "affine_f32";
+        let n = len_u32(K, x.elem_count())?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        if n > 0 {
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&mut out.data)
+                .arg(&n)
+                .arg(&scale)
+                .arg(&shift);
+            // SAFETY: matches `affine_f32(x, out, n, scale, shift)`.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    fn convert<A: GpuElement, B: GpuElement>(
+        &self,
+        kernel: &'static str,
+        x: &CudaTensor<A>,
+    ) -> Result<CudaTensor<B>> {
+        let n = len_u32(kernel, x.elem_count())?;
+        let mut out = CudaTensor::<B>::zeros(self, x.shape())?;
+        if n > 0 {
+            let mut l = self.stream().launch_builder(self.function(kernel)?);
+            l.arg(&x.data).arg(&mut out.data).arg(&n);
+            // SAFETY: matches `convert_*(x, out, n)` with the element types of A and B.
+            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Widens f16 data (weights, an activation cache) to f32.
+    pub fn f16_to_f32(&self, x: &CudaTensor<f16>) -> Result<CudaTensor> {
+        self.convert("convert_f16_to_f32", x)
+    }
+
+    /// Rounds f32 data to f16 (nearest even), e.g. to record an activation cache.
+    pub fn f32_to_f16(&self, x: &CudaTensor) -> Result<CudaTensor<f16>> {
+        self.convert("convert_f32_to_f16", x)
+    }
+
+    /// GEGLU: the last dimension splits into (hidden, gate); `hidden * gelu(gate)`.
+    pub fn geglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        const K: &str = "geglu_f32";
+        let (_, last) = rows_cols(K, x.shape())?;
+        if last % 2 != 0 {
+            return shape_err(K, format!("last dimension {last} is odd"));
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = last / 2;
+        let mut out = CudaTensor::zeros(self, &shape)?;
+        // The kernel indexes x (2n values) in u32 too.
+        len_u32(K, x.elem_count())?;
+        let n = len_u32(K, out.elem_count())?;
+        let half = len_u32(K, last / 2)?;
+        if n > 0 {
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data).arg(&mut out.data).arg(&n).arg(&half);
+            // SAFETY: matches `geglu_f32(x, out, n, half)`; x holds 2n values.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax_last_dim(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        const K: &str = "softmax_rows_f32";
+        let (rows, cols) = rows_cols(K, x.shape())?;
+        len_u32(K, x.elem_count())?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        if rows > 0 && cols > 0 {
+            let cols_u = cols as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data).arg(&mut out.data).arg(&cols_u);
+            // SAFETY: matches `softmax_rows_f32(x, out, cols)`, one block per row.
+            launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Layer norm over the last dimension.
+    pub fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        const K: &str = "layer_norm_rows_f32";
+        let (rows, cols) = rows_cols(K, x.shape())?;
+        check_vector(K, "weight", gamma, cols)?;
+        check_vector(K, "bias", beta, cols)?;
+        len_u32(K, x.elem_count())?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        if rows > 0 && cols > 0 {
+            let cols_u = cols as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&gamma.data)
+                .arg(&beta.data)
+                .arg(&mut out.data)
+                .arg(&cols_u)
+                .arg(&eps);
+            // SAFETY: matches `layer_norm_rows_f32(x, gamma, beta, out, cols, eps)`.
+            launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
+        }
+        Ok(out)
+    }
+
+    /// `(batch, positions, channels)` of a channels-last `[batch, ..., channels]` tensor.
+    fn group_dims(
+        op: &'static str,
+        x: &CudaTensor,
+        groups: usize,
+    ) -> Result<(usize, usize, usize)> {
+        if x.shape().len() < 2 {
+            return shape_err(
+                op,
+                format!("expected [batch, ..., channels], got {:?}", x.shape()),
+            );
+        }
+        let (batch, c) = (x.shape()[0], x.shape()[x.shape().len() - 1]);
+        if groups == 0 || c % groups != 0 {
+            return invalid(
+                op,
+                format!("{c} channels do not split into {groups} groups"),
+            );
+        }
+        if batch > 65_535 || groups > i32::MAX as usize {
+            return invalid(op, format!("batch {batch} exceeds the launch grid"));
+        }
+        len_u32(op, x.elem_count())?;
+        let hw = x.elem_count() / (batch * c).max(1);
+        Ok((batch, hw, c))
+    }
+
+    /// Group-norm statistics of a channels-last `[batch, ..., channels]` tensor:
+    /// `[batch, groups, 2]` holding (mean, 1 / std) per sample and group.
+    pub fn group_norm_stats(&self, x: &CudaTensor, groups: usize, eps: f32) -> Result<CudaTensor> {
+        const K: &str = "group_norm_stats_f32";
+        let (batch, hw, c) = Self::group_dims(K, x, groups)?;
+        let mut stats = CudaTensor::zeros(self, &[batch, groups, 2])?;
+        if batch > 0 && hw > 0 && c > 0 {
+            let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&mut stats.data)
+                .arg(&hw_u)
+                .arg(&c_u)
+                .arg(&g_u)
+                .arg(&eps);
+            let cfg = per_row((g_u, batch as u32), hw * (c / groups));
+            // SAFETY: matches `group_norm_stats_f32(x, stats, hw, c, groups, eps)`.
+            launched(K, unsafe { l.launch(cfg) })?;
+        }
+        Ok(stats)
+    }
+
+    /// Group norm with given statistics (from [`CudaDevice::group_norm_stats`], or a
+    /// template's), optionally fused with SiLU.
+    pub fn group_norm_with_stats(
+        &self,
+        x: &CudaTensor,
+        stats: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        silu: bool,
+    ) -> Result<CudaTensor> {
+        let k = if silu {
+            "group_norm_silu_apply_f32"
+        } else {
+            "group_norm_apply_f32"
+        };
+        let (batch, hw, c) = Self::group_dims(k, x, groups)?;
+        if stats.shape() != [batch, groups, 2] {
+            return shape_err(
+                k,
+                format!(
+                    "statistics must be [{batch}, {groups}, 2], got {:?}",
+                    stats.shape()
+                ),
+            );
+        }
+        check_vector(k, "weight", gamma, c)?;
+        check_vector(k, "bias", beta, c)?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        let n = x.elem_count() as u32;
+        if n > 0 {
+            let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
+            let mut l = self.stream().launch_builder(self.function(k)?);
+            l.arg(&x.data)
+                .arg(&stats.data)
+                .arg(&gamma.data)
+                .arg(&beta.data)
+                .arg(&mut out.data)
+                .arg(&n)
+                .arg(&hw_u)
+                .arg(&c_u)
+                .arg(&g_u);
+            // SAFETY: matches `group_norm_apply_f32(x, stats, gamma, beta, out, n, hw, c, groups)`.
+            launched(k, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Group norm of a channels-last tensor (statistics per sample and group over every
+    /// position), optionally followed by SiLU in the same pass.
+    pub fn group_norm(
+        &self,
+        x: &CudaTensor,
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        eps: f32,
+        silu: bool,
+    ) -> Result<CudaTensor> {
+        let stats = self.group_norm_stats(x, groups, eps)?;
+        self.group_norm_with_stats(x, &stats, groups, gamma, beta, silu)
+    }
+
+    fn upload_index(&self, op: &'static str, index: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream().clone_htod(index).map_err(driver_err(op))
+    }
+
+    /// Rows `index[i]` of a `[rows, cols]` tensor, in order: `[index.len(), cols]`.
+    pub fn gather_rows(&self, src: &CudaTensor, index: &[u32]) -> Result<CudaTensor> {
+        const K: &str = "gather_rows_f32";
+        let [rows, cols] = *src.shape() else {
+            return shape_err(K, format!("expected [rows, cols], got {:?}", src.shape()));
+        };
+        if let Some(&bad) = index.iter().find(|&&i| i as usize >= rows) {
+            return invalid(K, format!("row {bad} out of range for {rows} rows"));
+        }
+        let mut out = CudaTensor::zeros(self, &[index.len(), cols])?;
+        let count = len_u32(K, index.len())?;
+        let n = len_u32(K, out.elem_count())?;
+        if n > 0 {
+            let idx = self.upload_index(K, index)?;
+            let cols_u = cols as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&src.data)
+                .arg(&idx)
+                .arg(&mut out.data)
+                .arg(&count)
+                .arg(&cols_u);
+            // SAFETY: matches `gather_rows_f32(src, index, out, count, cols)`; indices checked.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// Writes `rows[i]` to row `index[i]` of `dst`, in place. Indices must be in range and
+    /// unique (checked here: two writers of one row would race).
+    pub fn scatter_rows(
+        &self,
+        dst: &mut CudaTensor,
+        index: &[u32],
+        rows: &CudaTensor,
+    ) -> Result<()> {
+        const K: &str = "scatter_rows_f32";
+        let [n_rows, cols] = *dst.shape() else {
+            return shape_err(K, format!("expected [rows, cols], got {:?}", dst.shape()));
+        };
+        if rows.shape() != [index.len(), cols] {
+            return shape_err(
+                K,
+                format!(
+                    "{} indices need rows [{}, {cols}], got {:?}",
+                    index.len(),
+                    index.len(),
+                    rows.shape()
+                ),
+            );
+        }
+        let mut seen = vec![false; n_rows];
+        for &i in index {
+            match seen.get_mut(i as usize) {
+                None => return invalid(K, format!("row {i} out of range for {n_rows} rows")),
+                Some(s) if *s => return invalid(K, format!("row {i} written twice")),
+                Some(s) => *s = true,
+            }
+        }
+        let count = len_u32(K, index.len())?;
+        let n = len_u32(K, rows.elem_count())?;
+        len_u32(K, dst.elem_count())?;
+        if n > 0 {
+            let idx = self.upload_index(K, index)?;
+            let cols_u = cols as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&mut dst.data)
+                .arg(&idx)
+                .arg(&rows.data)
+                .arg(&count)
+                .arg(&cols_u);
+            // SAFETY: matches `scatter_rows_f32(dst, index, rows, count, cols)`; indices
+            // checked in range and unique.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(())
+    }
+
+    /// Merges a LoRA into an `[out, in]` weight in place: `W += scale * up * down` with
+    /// `up = [out, rank]`, `down = [rank, in]` (PEFT's lora_B, lora_A), accumulated in f32
+    /// and rounded once for f16 weights. Keep a [`CudaTensor::try_clone`] to restore exactly.
+    pub fn lora_patch<T: GpuElement>(
+        &self,
+        w: &mut CudaTensor<T>,
+        up: &CudaTensor,
+        down: &CudaTensor,
+        scale: f32,
+    ) -> Result<()> {
+        let k = T::LORA_PATCH;
+        let [out, inp] = *w.shape() else {
+            return shape_err(k, format!("weight must be [out, in], got {:?}", w.shape()));
+        };
+        let rank = down.shape().first().copied().unwrap_or(0);
+        if down.shape() != [rank, inp] || up.shape() != [out, rank] {
+            return shape_err(
+                k,
+                format!(
+                    "for a [{out}, {inp}] weight, down must be [rank, {inp}] and up [{out}, rank]; \
+                     got down {:?}, up {:?}",
+                    down.shape(),
+                    up.shape()
+                ),
+            );
+        }
+        let n = len_u32(k, w.elem_count())?;
+        len_u32(k, up.elem_count().max(down.elem_count()))?;
+        if n > 0 && rank > 0 {
+            let (inp_u, rank_u) = (inp as u32, rank as u32);
+            let mut l = self.stream().launch_builder(self.function(k)?);
+            l.arg(&mut w.data)
+                .arg(&up.data)
+                .arg(&down.data)
+                .arg(&n)
+                .arg(&inp_u)
+                .arg(&rank_u)
+                .arg(&scale);
+            // SAFETY: matches `lora_patch_*(w, up, down, n, in, rank, scale)`; shapes checked.
+            launched(k, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(())
+    }
+
+    /// Scaled dot-product attention, as [`crate::Tensor::attention`]: `q = [batch, lq, c]`,
+    /// `k = v = [batch, lk, c]`, `heads` heads of `c / heads` channels, scale
+    /// `1/sqrt(c / heads)`; with `causal`, query `i` attends to keys `0..=i`.
+    pub fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<CudaTensor> {
+        const K: &str = "attention_rows_f32";
+        /// Warps (query rows) per block.
+        const WARPS: u32 = 4;
+        let &[batch, lq, c] = q.shape() else {
+            return shape_err(K, format!("q must be [batch, lq, c], got {:?}", q.shape()));
+        };
+        if k.shape().len() != 3
+            || k.shape()[0] != batch
+            || k.shape()[2] != c
+            || k.shape() != v.shape()
+        {
+            return shape_err(
+                K,
+                format!(
+                    "q {:?}, k {:?}, v {:?} do not agree",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            );
+        }
+        if heads == 0 || c % heads != 0 {
+            return invalid(K, format!("{c} channels do not split into {heads} heads"));
+        }
+        let (lk, d) = (k.shape()[1], c / heads);
+        if d > 1024 || batch * heads > 65_535 {
+            return invalid(
+                K,
+                format!("head size {d} or {batch}x{heads} heads beyond the launch limits"),
+            );
+        }
+        len_u32(K, q.elem_count().max(k.elem_count()))?;
+        let mut out = CudaTensor::zeros(self, q.shape())?;
+        // No keys: zeros, as on the CPU.
+        if q.elem_count() > 0 && lk > 0 {
+            let (lq_u, lk_u, heads_u, d_u) = (lq as u32, lk as u32, heads as u32, d as u32);
+            let scale = 1.0 / (d as f32).sqrt();
+            let causal_u = u32::from(causal);
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&q.data)
+                .arg(&k.data)
+                .arg(&v.data)
+                .arg(&mut out.data)
+                .arg(&lq_u)
+                .arg(&lk_u)
+                .arg(&heads_u)
+                .arg(&d_u)
+                .arg(&scale)
+                .arg(&causal_u);
+            let cfg = LaunchConfig {
+                grid_dim: (lq_u.div_ceil(WARPS), (batch * heads) as u32, 1),
+                block_dim: (32 * WARPS, 1, 1),
+                shared_mem_bytes: WARPS * 2 * d_u * 4,
+            };
+            // SAFETY: matches `attention_rows_f32(q, k, v, out, lq, lk, heads, d, scale,
+            // causal)`; shapes checked above.
+            launched(K, unsafe { l.launch(cfg) })?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shapes_follow_the_kernels_conventions() {
+        // Row kernels: whole warps, 32..=256 threads, the reduction scratch.
+        for (cols, threads) in [(1, 32), (33, 64), (77, 96), (320, 256), (100_000, 256)] {
+            let cfg = per_row((5, 2), cols);
+            assert_eq!(cfg.block_dim, (threads, 1, 1), "{cols}");
+            assert_eq!((cfg.grid_dim, cfg.shared_mem_bytes), ((5, 2, 1), 128));
+        }
+        // Grid-stride kernels: at least one block, capped grid.
+        assert_eq!(grid_stride(1).grid_dim.0, 1);
+        assert_eq!(grid_stride(257).grid_dim.0, 2);
+        assert_eq!(grid_stride(i32::MAX as u32).grid_dim.0, MAX_GRID as u32);
+        assert!(len_u32("x", i32::MAX as usize).is_ok());
+        assert!(len_u32("x", i32::MAX as usize + 1).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! A minimal device tensor: a contiguous device buffer and a shape.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::f16;
+
+use super::{CudaDevice, driver_err};
+use crate::error::shape_err;
+use crate::{Result, Tensor, TensorElement};
+
+/// Element types a [`CudaTensor`] holds: f32 (activations), f16 (weights, caches).
+pub trait GpuElement: TensorElement + DeviceRepr + ValidAsZeroBits + Default {
+    /// The LoRA patch kernel for weights of this type.
+    #[doc(hidden)]
+    const LORA_PATCH: &'static str;
+}
+impl GpuElement for f32 {
+    const LORA_PATCH: &'static str = "lora_patch_f32";
+}
+impl GpuElement for f16 {
+    const LORA_PATCH: &'static str = "lora_patch_f16";
+}
+
+/// Dense, row-major data in device memory. Ops on it are the launchers in [`CudaDevice`];
+/// nothing is copied back until [`CudaTensor::download`].
+#[derive(Debug)]
+pub struct CudaTensor<T: GpuElement = f32> {
+    pub(crate) data: CudaSlice<T>,
+    shape: Vec<usize>,
+}
+
+impl<T: GpuElement> CudaTensor<T> {
+    /// Copies a CPU tensor of element type `T` to the device.
+    pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
+        let src = t.as_slice::<T>()?;
+        if src.is_empty() {
+            return Self::zeros(dev, t.shape());
+        }
+        let data = dev.stream().clone_htod(src).map_err(driver_err("upload"))?;
+        Ok(CudaTensor {
+            data,
+            shape: t.shape().to_vec(),
+        })
+    }
+
+    /// A device-side copy (a LoRA backup, or an input an in-place op must not change).
+    pub fn try_clone(&self, dev: &CudaDevice) -> Result<Self> {
+        let data = dev
+            .stream()
+            .clone_dtod(&self.data)
+            .map_err(driver_err("copy"))?;
+        Ok(CudaTensor {
+            data,
+            shape: self.shape.clone(),
+        })
+    }
+
+    /// Zero-filled device tensor (an empty one holds one element: drivers refuse empty
+    /// allocations).
+    pub fn zeros(dev: &CudaDevice, shape: &[usize]) -> Result<Self> {
+        let n = shape.iter().product::<usize>();
+        let data = dev
+            .stream()
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(driver_err("alloc"))?;
+        Ok(CudaTensor {
+            data,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Copies the data back into a CPU tensor (waits for the launches writing it).
+    pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
+        let mut v = dev
+            .stream()
+            .clone_dtoh(&self.data)
+            .map_err(driver_err("download"))?;
+        v.truncate(self.elem_count());
+        Tensor::from_vec(v, &self.shape)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Same data, new shape with the same number of elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.elem_count() {
+            return shape_err(
+                "reshape",
+                format!("cannot reshape {:?} to {shape:?}", self.shape),
+            );
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
