@@ -6,8 +6,8 @@ pub mod forward;
 pub mod generate;
 pub mod quality;
 pub mod random_model;
-pub mod serve;
 pub mod selftest;
+pub mod serve;
 pub mod template;
 pub mod tokenize;
 
