@@ -29,7 +29,8 @@ pub struct DemoArgs {
         default_value = "a large yellow star in the center on a blue background"
     )]
     edit_prompt: String,
-    #[arg(long, default_value_t = 3)]
+    /// Template seed (the edit uses seed + 1).
+    #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value_t = 20)]
     steps: usize,
