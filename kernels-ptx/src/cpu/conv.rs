@@ -138,23 +138,7 @@ pub fn conv_rows<I: ConvInput>(
             .for_each(|(patch, row)| {
                 fill_patch(g, &inputs[row.input as usize], row.position as usize, patch)
             });
-        if let Some(bias) = bias {
-            for o in out.chunks_mut(g.cout) {
-                o.copy_from_slice(bias);
-            }
-        }
-        sgemm(
-            rows.len(),
-            g.cout,
-            k,
-            out,
-            g.cout,
-            MatRef::rows(&col, k),
-            MatRef::rows(weight, g.cout),
-            bias.is_some(),
-            1.0,
-            Threads::Pool,
-        );
+        patches_times_weight(g, &col, weight, bias, out, Threads::Pool);
         return;
     }
     let chunk = chunk_rows(rows.len());
@@ -165,22 +149,35 @@ pub fn conv_rows<I: ConvInput>(
             for (patch, row) in col.chunks_mut(k).zip(row_chunk) {
                 fill_patch(g, &inputs[row.input as usize], row.position as usize, patch);
             }
-            if let Some(bias) = bias {
-                for o in out_chunk.chunks_mut(g.cout) {
-                    o.copy_from_slice(bias);
-                }
-            }
-            sgemm(
-                row_chunk.len(),
-                g.cout,
-                k,
-                out_chunk,
-                g.cout,
-                MatRef::rows(col, k),
-                MatRef::rows(weight, g.cout),
-                bias.is_some(),
-                1.0,
-                Threads::Single,
-            );
+            patches_times_weight(g, col, weight, bias, out_chunk, Threads::Single);
         });
+}
+
+/// `out = bias + col * weight` for the patches in `col` (`[rows, patch_len]`).
+fn patches_times_weight(
+    g: &ConvGeometry,
+    col: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    threads: Threads,
+) {
+    let k = g.patch_len();
+    if let Some(bias) = bias {
+        for o in out.chunks_mut(g.cout) {
+            o.copy_from_slice(bias);
+        }
+    }
+    sgemm(
+        col.len() / k,
+        g.cout,
+        k,
+        out,
+        g.cout,
+        MatRef::rows(col, k),
+        MatRef::rows(weight, g.cout),
+        bias.is_some(),
+        1.0,
+        threads,
+    );
 }

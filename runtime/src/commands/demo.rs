@@ -12,6 +12,7 @@ use retouch_models::classifier::{ShapeClassifier, View};
 use retouch_models::pipeline::image_metrics::psnr;
 use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, RgbImage, TemplateSpec};
 
+use super::quality::box_mask;
 use super::{model_dir, step_bar};
 
 #[derive(Args)]
@@ -73,16 +74,7 @@ pub fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     // The middle three quarters: where the tiny model's "in the center" shapes lie.
     let (lo, hi) = (size / 8, size - size / 8);
-    let mask = Mask {
-        width: size,
-        height: size,
-        values: (0..size * size)
-            .map(|i| {
-                let (x, y) = (i % size, i / size);
-                f32::from(u8::from((lo..hi).contains(&x) && (lo..hi).contains(&y)))
-            })
-            .collect(),
-    };
+    let mask = box_mask(size, size, [lo, lo, hi, hi]);
     mask_image(&mask).save_png(args.out.join("mask.png"))?;
 
     eprintln!("edit: {}", args.edit_prompt);

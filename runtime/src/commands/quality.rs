@@ -424,7 +424,8 @@ fn ellipse_mask(width: usize, height: usize, ratio: f64, seed: u64) -> Mask {
     }
 }
 
-fn box_mask(width: usize, height: usize, [x0, y0, x1, y1]: [usize; 4]) -> Mask {
+/// A rectangle `[x0, y0, x1, y1]` (pixels, end exclusive) of a `width x height` mask.
+pub(super) fn box_mask(width: usize, height: usize, [x0, y0, x1, y1]: [usize; 4]) -> Mask {
     let values = (0..height)
         .flat_map(|y| {
             (0..width)
