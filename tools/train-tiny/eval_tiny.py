@@ -2,7 +2,7 @@
 """Scores a tiny shapes pipeline folder (models/tiny/ layout) with its classifier.
 
 - generation: held-out captions -> StableDiffusionPipeline -> classifier on the whole image;
-- editing: a generated template, a box mask over its shape, a prompt naming another shape or
+- editing: a generated template, a box mask over its shape (found in the image), a prompt naming another shape or
   colour; masked denoising keeps the template's latent trajectory outside the mask; the
   classifier reads the masked region, and the unmasked region is compared with the template.
 
@@ -70,36 +70,84 @@ class Sampler:
         return vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def latent_masks(attr_list, factor=4, size=64):
-    """Box masks [N, 1, size/factor, size/factor] covering where each template's shape can be."""
+def shape_boxes(images, margin=3, threshold=0.5, min_run=3):
+    """Pixel boxes [x0, y0, x1, y1] around the shape each image actually shows: the pixels
+    whose colour differs from the image's median colour (the background: shapes cover well
+    under half the image) by more than `threshold` in some channel, keeping only rows and
+    columns with at least `min_run` of them (speckles in a noisy background are not a shape),
+    grown by `margin`. None where no shape is found.
+
+    The edit mask goes where the template's shape is, as a user would draw it: the model
+    does not reliably put shapes at the position its caption names, so the caption's nominal
+    box often misses the shape."""
+    boxes = []
+    size = images.shape[-1]
+    for x in images:
+        bg = x.flatten(1).median(1).values[:, None, None]
+        on = (x - bg).abs().amax(0) > threshold
+        rows = torch.nonzero(on.sum(1) >= min_run)[:, 0]
+        cols = torch.nonzero(on.sum(0) >= min_run)[:, 0]
+        if len(rows) == 0 or len(cols) == 0:
+            boxes.append(None)
+            continue
+        boxes.append([max(0, cols.min().item() - margin), max(0, rows.min().item() - margin),
+                      min(size, cols.max().item() + 1 + margin),
+                      min(size, rows.max().item() + 1 + margin)])
+    return boxes
+
+
+def grid_box(box, factor=4):
+    """A pixel box grown to whole latent cells."""
+    x0, y0, x1, y1 = box
+    return [int(x0 // factor) * factor, int(y0 // factor) * factor,
+            math.ceil(x1 / factor) * factor, math.ceil(y1 / factor) * factor]
+
+
+def edit_boxes(templates, cases, factor=4):
+    """The edit mask's pixel box per case: around the template's shape, or the caption's
+    nominal box where none is found."""
+    size = templates.shape[-1]
+    found = shape_boxes(templates)
+    return [grid_box(b if b is not None else shapes_data.nominal_bbox(a, size), factor)
+            for b, (a, _) in zip(found, cases)]
+
+
+def latent_masks(boxes, factor=4, size=64):
+    """Latent masks [N, 1, size/factor, size/factor] from pixel boxes on the latent grid."""
     side = size // factor
-    masks = torch.zeros(len(attr_list), 1, side, side)
-    for i, a in enumerate(attr_list):
-        x0, y0, x1, y1 = shapes_data.nominal_bbox(a, size)
-        masks[i, 0, int(y0 // factor):math.ceil(y1 / factor), int(x0 // factor):math.ceil(x1 / factor)] = 1
+    masks = torch.zeros(len(boxes), 1, side, side)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, 0, y0 // factor:y1 // factor, x0 // factor:x1 // factor] = 1
     return masks
 
 
 @torch.no_grad()
-def edit_batch(sampler, cases, seeds):
-    """Returns templates, edits (pixels in [-1, 1]) and pixel masks for a list of cases."""
+def templates_for(sampler, cases, seeds):
+    """The template latent trajectories and images of a list of cases."""
     sched = sampler.sched
-    a_caps = [shapes_data.caption(a) for a, _ in cases]
-    b_caps = [shapes_data.caption(b) for _, b in cases]
-    cond_a, cond_b = sampler.embed(a_caps), sampler.embed(b_caps)
-    m = latent_masks([a for a, _ in cases])
+    cond_a = sampler.embed([shapes_data.caption(a) for a, _ in cases])
     x = torch.cat([torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(s))
                    for s in seeds]) * sched.init_noise_sigma
     trajectory = [x]
     for t in sched.timesteps:
         x = sched.step(sampler.eps(x, t, cond_a), t, x).prev_sample
         trajectory.append(x)
+    return trajectory, sampler.decode(trajectory[-1])
+
+
+@torch.no_grad()
+def edit_batch(sampler, cases, seeds):
+    """Returns templates, edits (pixels in [-1, 1]) and pixel masks for a list of cases."""
+    sched = sampler.sched
+    cond_b = sampler.embed([shapes_data.caption(b) for _, b in cases])
+    trajectory, templates = templates_for(sampler, cases, seeds)
+    m = latent_masks(edit_boxes(templates, cases))
     x = trajectory[0]
     for k, t in enumerate(sched.timesteps):
         x_new = sched.step(sampler.eps(x, t, cond_b), t, x).prev_sample
         x = m * x_new + (1 - m) * trajectory[k + 1]
     pixel_mask = F.interpolate(m, scale_factor=4, mode="nearest")[:, 0]
-    return sampler.decode(trajectory[-1]), sampler.decode(x), pixel_mask
+    return templates, sampler.decode(x), pixel_mask
 
 
 def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, steps=20,
@@ -148,8 +196,18 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     t_acc = accuracy(classify(clf, templates), a_attrs, ("shape", "colour"))
     e_acc = accuracy(classify(clf, edits, masks), b_attrs, ("shape", "colour", "background"))
     keep = (1 - masks)[:, None]  # unmasked pixels
+    # A box can cover the whole image (a shape across it): no unmasked pixels to compare.
+    has_rest = keep.sum((1, 2, 3)) > 0
     mse = (((edits - templates) / 2) ** 2 * keep).sum((1, 2, 3)) / (3 * keep.sum((1, 2, 3)))
-    psnr = 10 * torch.log10(1 / mse.clamp_min(1e-10))
+    psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10)))[has_rest]
+    # What users get: the template pasted back outside the feathered mask, as Retouch does
+    # (box blur of radius 2, half the VAE factor, twice per axis, edge windows shrunk).
+    soft = masks[:, None]
+    for _ in range(2):
+        soft = F.avg_pool2d(soft, 5, 1, 2, count_include_pad=False)
+    pasted = soft * edits + (1 - soft) * templates
+    mse_p = (((pasted - templates) / 2) ** 2 * keep).sum((1, 2, 3)) / (3 * keep.sum((1, 2, 3)))
+    psnr_p = (10 * torch.log10(1 / mse_p.clamp_min(1e-10)))[has_rest]
     template_ok = t_acc["shape"] * t_acc["colour"]
     edit_ok = e_acc["shape"] * e_acc["colour"]
     edit = {
@@ -161,10 +219,13 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
             (edit_ok * template_ok).sum() / template_ok.sum().clamp_min(1)).item(),
         "template_correct": template_ok.mean().item(),
         "masked_fraction": masks.mean().item(),
+        "psnr_cases": int(has_rest.sum().item()),
         "psnr_db_mean": psnr.mean().item(),
         "psnr_db_median": psnr.median().item(),
         "psnr_db_min": psnr.min().item(),
         "psnr_at_least_35db": (psnr >= 35).float().mean().item(),
+        "psnr_pasted_db_mean": psnr_p.mean().item(),
+        "psnr_pasted_db_min": psnr_p.min().item(),
     }
     if sample_grid:
         # Rows of template / edit pairs, with the mask's edge darkened on the template.
@@ -179,26 +240,30 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     return {"generation": generation, "edit": edit, "steps": steps, "guidance": guidance}
 
 
-def export_cases(path, n, seed, held_out_fraction=0.05, size=64, factor=4):
+def export_cases(folder, path, n, seed, held_out_fraction=0.05, steps=20, guidance=5.0,
+                 batch=30):
     """Writes the edit cases `evaluate` scores as JSON for `retouch quality`: template and edit
     captions, a seed (the edit starts from the template's own noise, as here), the mask's pixel
-    box (the latent-grid box of `latent_masks`, in pixels), and the wanted shape and colour."""
+    box (found on the template this pipeline generates, as `evaluate` does; Retouch generates
+    the same template, a parity test checks that), and the wanted shape and colour."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    sampler = Sampler(pipe, steps, guidance)
     cases = shapes_data.edit_cases(n, seed, held_out_fraction)
     out = []
-    for j, (a, b) in enumerate(cases):
-        x0, y0, x1, y1 = shapes_data.nominal_bbox(a, size)
-        box = [int(x0 // factor) * factor, int(y0 // factor) * factor,
-               math.ceil(x1 / factor) * factor, math.ceil(y1 / factor) * factor]
-        case_seed = seed * 104729 + j
-        out.append({
-            "template_prompt": shapes_data.caption(a),
-            "template_seed": case_seed,
-            "edit_prompt": shapes_data.caption(b),
-            "edit_seed": case_seed,
-            "bbox": box,
-            "want_shape": shapes_data.SHAPES[b[0]],
-            "want_colour": shapes_data.COLOUR_NAMES[b[1]],
-        })
+    for i in range(0, n, batch):
+        chunk = cases[i:i + batch]
+        seeds = [seed * 104729 + j for j in range(i, i + len(chunk))]
+        _, templates = templates_for(sampler, chunk, seeds)
+        for (a, b), case_seed, box in zip(chunk, seeds, edit_boxes(templates, chunk)):
+            out.append({
+                "template_prompt": shapes_data.caption(a),
+                "template_seed": case_seed,
+                "edit_prompt": shapes_data.caption(b),
+                "edit_seed": case_seed,
+                "bbox": box,
+                "want_shape": shapes_data.SHAPES[b[0]],
+                "want_colour": shapes_data.COLOUR_NAMES[b[1]],
+            })
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
@@ -217,7 +282,9 @@ def main():
                    help="only write the edit cases (--edits of them) as JSON for retouch quality")
     args = p.parse_args()
     if args.export_cases:
-        export_cases(args.export_cases, args.edits, args.seed, args.held_out_fraction)
+        torch.set_num_threads(args.threads)
+        export_cases(args.folder, args.export_cases, args.edits, args.seed,
+                     args.held_out_fraction, args.steps, args.guidance)
         return
     torch.set_num_threads(args.threads)
     m = evaluate(args.folder, args.seed, args.held_out_fraction, args.prompts, args.edits,
