@@ -12,6 +12,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod random_pipeline;
 pub mod schedulers;
+pub mod shape_box;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -240,30 +240,25 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     return {"generation": generation, "edit": edit, "steps": steps, "guidance": guidance}
 
 
-def export_cases(folder, path, n, seed, held_out_fraction=0.05, steps=20, guidance=5.0,
-                 batch=30):
+def export_cases(path, n, seed, held_out_fraction=0.05, size=64, factor=4):
     """Writes the edit cases `evaluate` scores as JSON for `retouch quality`: template and edit
-    captions, a seed (the edit starts from the template's own noise, as here), the mask's pixel
-    box (found on the template this pipeline generates, as `evaluate` does; Retouch generates
-    the same template, a parity test checks that), and the wanted shape and colour."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
-    sampler = Sampler(pipe, steps, guidance)
+    captions, a seed (the edit starts from the template's own noise, as here), the caption's
+    nominal box on the latent grid (`bbox`, pixels; the fallback where no shape is found:
+    like `evaluate`, `retouch quality` masks the shape its own template shows), and the wanted
+    shape and colour."""
     cases = shapes_data.edit_cases(n, seed, held_out_fraction)
     out = []
-    for i in range(0, n, batch):
-        chunk = cases[i:i + batch]
-        seeds = [seed * 104729 + j for j in range(i, i + len(chunk))]
-        _, templates = templates_for(sampler, chunk, seeds)
-        for (a, b), case_seed, box in zip(chunk, seeds, edit_boxes(templates, chunk)):
-            out.append({
-                "template_prompt": shapes_data.caption(a),
-                "template_seed": case_seed,
-                "edit_prompt": shapes_data.caption(b),
-                "edit_seed": case_seed,
-                "bbox": box,
-                "want_shape": shapes_data.SHAPES[b[0]],
-                "want_colour": shapes_data.COLOUR_NAMES[b[1]],
-            })
+    for j, (a, b) in enumerate(cases):
+        case_seed = seed * 104729 + j
+        out.append({
+            "template_prompt": shapes_data.caption(a),
+            "template_seed": case_seed,
+            "edit_prompt": shapes_data.caption(b),
+            "edit_seed": case_seed,
+            "bbox": grid_box(shapes_data.nominal_bbox(a, size), factor),
+            "want_shape": shapes_data.SHAPES[b[0]],
+            "want_colour": shapes_data.COLOUR_NAMES[b[1]],
+        })
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
@@ -282,9 +277,7 @@ def main():
                    help="only write the edit cases (--edits of them) as JSON for retouch quality")
     args = p.parse_args()
     if args.export_cases:
-        torch.set_num_threads(args.threads)
-        export_cases(args.folder, args.export_cases, args.edits, args.seed,
-                     args.held_out_fraction, args.steps, args.guidance)
+        export_cases(args.export_cases, args.edits, args.seed, args.held_out_fraction)
         return
     torch.set_num_threads(args.threads)
     m = evaluate(args.folder, args.seed, args.held_out_fraction, args.prompts, args.edits,

@@ -764,8 +764,8 @@ def main(argv=None):
                                  steps=args.eval_steps, guidance=args.guidance,
                                  log=run.log, sample_grid=run.out / "samples.png")
     # The same cases for `retouch quality` (export above cleared the folder).
-    eval_tiny.export_cases(run.out, run.out / "eval" / "edit_cases.json", args.eval_edits,
-                           args.seed, args.held_out_fraction, args.eval_steps, args.guidance)
+    eval_tiny.export_cases(run.out / "eval" / "edit_cases.json", args.eval_edits, args.seed,
+                           args.held_out_fraction)
     metrics["eval_minutes"] = round((time.time() - t) / 60, 2)
     atomic_write_text(run.work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
