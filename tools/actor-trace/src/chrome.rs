@@ -19,7 +19,11 @@ pub fn export(records: &[Record]) -> Value {
         .collect();
     actors.sort_unstable();
     actors.dedup();
-    let pid_of: BTreeMap<&str, usize> = actors.iter().enumerate().map(|(i, a)| (*a, i + 1)).collect();
+    let pid_of: BTreeMap<&str, usize> = actors
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (*a, i + 1))
+        .collect();
     for (actor, pid) in &pid_of {
         events.push(meta("process_name", *pid, 0, actor));
     }
@@ -32,7 +36,11 @@ pub fn export(records: &[Record]) -> Value {
                 "pid": pid, "tid": lane, "args": args(r),
             }));
             if r.kind == kinds::STEP {
-                events.push(counter(*pid, r.start_us, r.batch.len().max(r.requests.len())));
+                events.push(counter(
+                    *pid,
+                    r.start_us,
+                    r.batch.len().max(r.requests.len()),
+                ));
                 events.push(counter(*pid, r.end_us, 0));
             }
         }
@@ -42,7 +50,12 @@ pub fn export(records: &[Record]) -> Value {
     for row in breakdown(records) {
         let tid = row.id;
         let kind = row.kind.as_deref().unwrap_or("request");
-        events.push(meta("thread_name", requests_pid, tid, &format!("{kind} {tid}")));
+        events.push(meta(
+            "thread_name",
+            requests_pid,
+            tid,
+            &format!("{kind} {tid}"),
+        ));
         let Some(total) = row.total_us else { continue };
         let Some(start) = submitted(records, row.id) else {
             continue;
@@ -50,7 +63,14 @@ pub fn export(records: &[Record]) -> Value {
         let queue = row.queue_us.unwrap_or(total).min(total);
         let args = json!({ "worker": row.worker, "steps": row.steps, "outcome": row.outcome });
         events.push(span("queue", requests_pid, tid, start, queue, &args));
-        events.push(span("compute", requests_pid, tid, start + queue, total - queue, &args));
+        events.push(span(
+            "compute",
+            requests_pid,
+            tid,
+            start + queue,
+            total - queue,
+            &args,
+        ));
     }
     for r in records.iter().filter(|r| r.kind == kinds::TRACE_END) {
         events.push(json!({
@@ -66,7 +86,10 @@ fn submitted(records: &[Record], id: u64) -> Option<u64> {
     records
         .iter()
         .filter(|r| r.requests.contains(&id))
-        .filter_map(|r| r.enqueued_us.filter(|_| r.kind == kinds::SUBMIT || r.kind == kinds::ADMIT))
+        .filter_map(|r| {
+            r.enqueued_us
+                .filter(|_| r.kind == kinds::SUBMIT || r.kind == kinds::ADMIT)
+        })
         .min()
 }
 
@@ -138,7 +161,12 @@ mod tests {
         let names: BTreeMap<u64, &str> = evs
             .iter()
             .filter(|e| e["name"] == "process_name")
-            .map(|e| (e["pid"].as_u64().unwrap(), e["args"]["name"].as_str().unwrap()))
+            .map(|e| {
+                (
+                    e["pid"].as_u64().unwrap(),
+                    e["args"]["name"].as_str().unwrap(),
+                )
+            })
             .collect();
         let step = complete
             .iter()
@@ -184,7 +212,10 @@ mod tests {
         };
         let (queue, compute) = (of("queue", 2), of("compute", 2));
         assert_eq!((&queue["ts"], &queue["dur"]), (&json!(1200), &json!(1700)));
-        assert_eq!((&compute["ts"], &compute["dur"]), (&json!(2900), &json!(2800)));
+        assert_eq!(
+            (&compute["ts"], &compute["dur"]),
+            (&json!(2900), &json!(2800))
+        );
         let sizes: Vec<u64> = evs
             .iter()
             .filter(|e| e["ph"] == "C")

@@ -7,7 +7,11 @@ use actor_trace::report::{Options, summary};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "actor-trace", version, about = "Reads Retouch's actor message traces (JSONL)")]
+#[command(
+    name = "actor-trace",
+    version,
+    about = "Reads Retouch's actor message traces (JSONL)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,7 +80,9 @@ fn run(command: Command) -> Result<(), String> {
 
 fn us(flag: &str, ms: f64) -> Result<u64, String> {
     if !(ms.is_finite() && ms >= 0.0) {
-        return Err(format!("{flag} must be a non-negative number of milliseconds"));
+        return Err(format!(
+            "{flag} must be a non-negative number of milliseconds"
+        ));
     }
     Ok((ms * 1e3).round() as u64)
 }

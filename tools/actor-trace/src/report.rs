@@ -76,17 +76,21 @@ pub fn summary(trace: &Trace, opts: &Options) -> String {
         );
     }
 
-    let bucket = opts.bucket_us.unwrap_or_else(|| auto_bucket_us(records, 20));
+    let bucket = opts
+        .bucket_us
+        .unwrap_or_else(|| auto_bucket_us(records, 20));
     let _ = writeln!(out, "\nbatches ({} ms buckets):", ms(Some(bucket)));
     for line in timelines(records, bucket) {
         let _ = writeln!(out, "{}", line.actor);
         for b in &line.buckets {
             let ids: Vec<String> = b.requests.iter().map(u64::to_string).collect();
+            let stepping = b.stepping_us as f64 / (b.end_us - b.start_us) as f64;
             let _ = writeln!(
                 out,
-                "  {:>10} ms  steps {:>3}  mean batch {:>4.1}  requests [{}]",
+                "  {:>10} ms  steps {:>3}  stepping {:>5.1}%  mean batch {:>4.1}  requests [{}]",
                 ms(Some(b.start_us)),
                 b.steps,
+                stepping * 100.0,
                 b.mean_batch,
                 ids.join(",")
             );
@@ -98,7 +102,10 @@ pub fn summary(trace: &Trace, opts: &Options) -> String {
         Some(end) => {
             let dropped = end.dropped.unwrap_or(0);
             if dropped > 0 {
-                let _ = writeln!(out, "\nthe tracer dropped {dropped} records (its writer fell behind)");
+                let _ = writeln!(
+                    out,
+                    "\nthe tracer dropped {dropped} records (its writer fell behind)"
+                );
             }
         }
         None => {
@@ -106,7 +113,10 @@ pub fn summary(trace: &Trace, opts: &Options) -> String {
         }
     }
     if trace.truncated {
-        let _ = writeln!(out, "the last line was cut off (written mid-record) and skipped");
+        let _ = writeln!(
+            out,
+            "the last line was cut off (written mid-record) and skipped"
+        );
     }
     out
 }
@@ -150,13 +160,19 @@ mod tests {
         };
         assert_eq!(
             row("2"),
-            ["2", "edit", "worker-0", "1.700", "2.800", "0.500", "2", "4.500", "ok"]
+            [
+                "2", "edit", "worker-0", "1.700", "2.800", "0.500", "2", "4.500", "ok"
+            ]
         );
         assert_eq!(row("3")[1..4], ["generation", "-", "-"]);
         assert_eq!(*row("3").last().unwrap(), "overloaded");
         let worker = row("worker-0");
-        assert_eq!(worker[1..8], ["10", "4.650", "4.420", "95.1", "2", "0.180", "0.100"]);
-        assert!(text.contains("1.400 ms  steps   3  mean batch  1.3  requests [1,2]"), "{text}");
+        assert_eq!(
+            worker[1..8],
+            ["10", "4.650", "4.420", "95.1", "2", "0.180", "0.100"]
+        );
+        let bucket = "1.400 ms  steps   3  stepping  90.0%  mean batch  1.2  requests [1,2]";
+        assert!(text.contains(bucket), "{text}");
         assert!(text.contains("dropped 2 records"), "{text}");
         assert!(!text.contains("did not end cleanly"));
     }

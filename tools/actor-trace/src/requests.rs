@@ -29,7 +29,11 @@ pub struct RequestRow {
 pub fn breakdown(records: &[Record]) -> Vec<RequestRow> {
     let mut rows: BTreeMap<u64, Acc> = BTreeMap::new();
     for r in records {
-        let ids = r.requests.iter().copied().chain(r.batch.iter().map(|b| b.id));
+        let ids = r
+            .requests
+            .iter()
+            .copied()
+            .chain(r.batch.iter().map(|b| b.id));
         let mut seen = Vec::new();
         for id in ids {
             // A record naming a request twice (requests and batch) counts once.
