@@ -148,7 +148,8 @@ fn tokenize_prints_padded_ids() {
     assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
 }
 
-/// `retouch serve` answers on its port and exits cleanly on Ctrl-C (SIGINT).
+/// `retouch serve` answers on its port and exits cleanly on Ctrl-C (SIGINT), ending its
+/// `--trace` file with the tracer's last record.
 #[test]
 fn serve_answers_and_stops_on_ctrl_c() {
     use std::io::{Read, Write};
@@ -171,9 +172,11 @@ fn serve_answers_and_stops_on_ctrl_c() {
         .local_addr()
         .unwrap()
         .port();
+    let trace = std::env::temp_dir().join(format!("retouch-cli-trace-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_retouch"))
         .args(["serve", "--model", model.to_str().unwrap()])
         .args(["--port", &port.to_string()])
+        .args(["--trace", trace.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -215,4 +218,9 @@ fn serve_answers_and_stops_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
+    let text = std::fs::read_to_string(&trace).expect("the trace file");
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "trace_end", "{text}");
+    assert_eq!(last["dropped"], 0, "{text}");
+    let _ = std::fs::remove_file(&trace);
 }

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body: usize,
+    /// Write a JSONL trace of every actor message to FILE (read it with `actor-trace`).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -59,6 +62,7 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.max_queue = args.max_queue;
     config.policy = args.policy;
     config.max_body_bytes = args.max_body;
+    config.trace = args.trace;
     let (host, port) = (args.host, args.port);
     actix_web::rt::System::new().block_on(serve(config, host, port))
 }

@@ -7,6 +7,7 @@ pub mod request;
 pub mod scheduler;
 pub mod telemetry;
 pub mod templates;
+pub mod trace;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ pub use progress::{ProgressBook, RequestProgress, State};
 pub use request::{Completed, EngineError, JobSpec, Request, RequestId};
 pub use scheduler::{Routing, Scheduler, Submit, WorkerSlot};
 pub use templates::TemplateStore;
+pub use trace::Tracer;
 pub use worker::{BatchPolicy, Worker, WorkerLoad, WorkerSettings};
 
 #[derive(Clone, Debug)]
@@ -47,6 +49,8 @@ pub struct EngineConfig {
     pub max_body_bytes: usize,
     /// Finished requests whose progress stays readable.
     pub keep_progress: usize,
+    /// Write a JSONL trace of every actor message here (`tools/actor-trace` reads it).
+    pub trace: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -64,6 +68,7 @@ impl EngineConfig {
             cache_dtype: DType::F16,
             max_body_bytes: 16 << 20,
             keep_progress: 4096,
+            trace: None,
         }
     }
 }
@@ -92,6 +97,7 @@ struct Inner {
     next_id: AtomicU64,
     metrics: PrometheusHandle,
     arbiters: Mutex<Vec<Arbiter>>,
+    tracer: Tracer,
 }
 
 impl Engine {
@@ -106,6 +112,10 @@ impl Engine {
             return Err("max batch requests and max queue must be at least 1".into());
         }
         let metrics = telemetry::prometheus();
+        let tracer = match &config.trace {
+            Some(path) => Tracer::to_file(path)?,
+            None => Tracer::disabled(),
+        };
         let templates = TemplateStore::open(config.cache_dir.as_deref()).map_err(|e| {
             format!(
                 "template cache {}: {e}",
@@ -137,7 +147,8 @@ impl Engine {
                 threads: config.threads_per_worker,
             };
             let load = Arc::new(WorkerLoad::default());
-            let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?;
+            let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?
+                .traced(&tracer);
             let arbiter = Arbiter::new();
             let addr = Worker::start_in_arbiter(&arbiter.handle(), move |_| worker);
             arbiters.push(arbiter);
@@ -150,7 +161,8 @@ impl Engine {
             config.max_queue,
             config.routing,
             Arc::clone(&progress),
-        );
+        )
+        .traced(&tracer);
         let arbiter = Arbiter::new();
         let scheduler = Scheduler::start_in_arbiter(&arbiter.handle(), move |_| scheduler);
         arbiters.push(arbiter);
@@ -166,6 +178,7 @@ impl Engine {
                 next_id: AtomicU64::new(1),
                 metrics,
                 arbiters: Mutex::new(arbiters),
+                tracer,
             }),
         })
     }
@@ -239,7 +252,8 @@ impl Engine {
     }
 
     /// Stops the workers and the scheduler; waiting callers get an "unavailable" error.
-    /// A step in progress finishes first.
+    /// A step in progress finishes first. The trace, if any, ends here: its last record is
+    /// written and flushed (records of a step still finishing are not).
     pub fn shutdown(&self) {
         for worker in &self.inner.workers {
             worker.do_send(worker::Stop);
@@ -252,5 +266,6 @@ impl Engine {
         for arbiter in arbiters.drain(..) {
             arbiter.stop();
         }
+        self.inner.tracer.finish();
     }
 }

@@ -5,11 +5,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use actix::{Actor, Addr, Context, Handler, Message};
 
 use super::progress::{ProgressBook, RequestProgress, State};
 use super::request::{EngineError, Request};
+use super::trace::Tracer;
 use super::worker::{Enqueue, Worker, WorkerLoad};
 
 /// How a worker is picked among those with room in their queue.
@@ -33,6 +35,7 @@ pub struct Scheduler {
     progress: Arc<ProgressBook>,
     /// Seconds a refused caller is told to wait.
     retry_after_s: u64,
+    tracer: Tracer,
 }
 
 impl Scheduler {
@@ -49,7 +52,14 @@ impl Scheduler {
             next: 0,
             progress,
             retry_after_s: 1,
+            tracer: Tracer::disabled(),
         }
+    }
+
+    /// Records this scheduler's messages with `tracer`.
+    pub fn traced(mut self, tracer: &Tracer) -> Scheduler {
+        self.tracer = tracer.named("scheduler");
+        self
     }
 
     /// The worker to route to, or None when every queue is full.
@@ -84,7 +94,17 @@ impl Message for Submit {
 impl Handler<Submit> for Scheduler {
     type Result = Result<usize, EngineError>;
     fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
-        let req = msg.0;
+        let start = Instant::now();
+        let (id, kind, submitted) = (msg.0.id, msg.0.spec.kind(), msg.0.submitted);
+        let result = self.route(msg.0);
+        self.tracer.submit(id, kind, submitted, start, &result);
+        result
+    }
+}
+
+impl Scheduler {
+    /// Picks a worker for `req` and queues it there.
+    fn route(&mut self, req: Request) -> Result<usize, EngineError> {
         let Some(index) = self.pick() else {
             return Err(EngineError::Overloaded {
                 retry_after_s: self.retry_after_s,
@@ -106,7 +126,7 @@ impl Handler<Submit> for Scheduler {
             error: None,
         });
         slot.load.queued.fetch_add(1, Ordering::Relaxed);
-        slot.addr.do_send(Enqueue(req));
+        slot.addr.do_send(Enqueue(req, Instant::now()));
         Ok(index)
     }
 }

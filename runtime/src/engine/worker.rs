@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use super::progress::{ProgressBook, State};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
 use super::telemetry;
+use super::trace::{Tracer, WorkerTrace};
 
 /// When waiting requests may join the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,7 @@ pub struct Worker {
     progress: Arc<ProgressBook>,
     /// A `Step` message is pending.
     step_pending: bool,
+    trace: WorkerTrace,
 }
 
 struct Running {
@@ -110,13 +112,20 @@ impl Worker {
             load,
             progress,
             step_pending: false,
+            trace: WorkerTrace::default(),
         })
+    }
+
+    /// Records this worker's messages and work with `tracer`.
+    pub fn traced(mut self, tracer: &Tracer) -> Worker {
+        self.trace = WorkerTrace::new(tracer, self.settings.index);
+        self
     }
 
     fn kick(&mut self, ctx: &mut Context<Self>) {
         if !self.step_pending {
             self.step_pending = true;
-            ctx.notify(Step);
+            ctx.notify(Step(Instant::now()));
         }
     }
 
@@ -189,6 +198,7 @@ impl Worker {
                 continue;
             }
             let cache_dtype = self.settings.cache_dtype;
+            let start = self.trace.admitting(&req);
             let job = match req.spec {
                 JobSpec::Generate(g) => self.compute(|pipe| DenoiseJob::generate(pipe, &g)),
                 JobSpec::Template(spec) => {
@@ -202,6 +212,9 @@ impl Worker {
                     DenoiseJob::edit(pipe, TemplateRef::Shared(template), &mask, &edit)
                 }),
             };
+            let admitted = job.as_ref().map(|_| ());
+            self.trace
+                .admitted(req.id, kind, req.submitted, start, admitted);
             match job {
                 Ok(job) => {
                     let (index, total) = (self.settings.index, job.total_steps());
@@ -242,6 +255,7 @@ impl Worker {
                 self.cancelled(r.id, r.kind);
                 continue;
             }
+            let (start, steps) = (Instant::now(), r.job.steps_done());
             let reply = match r.failure {
                 Some(e) => Err(e),
                 None => {
@@ -255,6 +269,7 @@ impl Worker {
                         })
                 }
             };
+            self.trace.retired(r.id, r.kind, steps, start, &reply);
             self.answer(r.id, r.kind, r.submitted, r.reply, reply);
         }
     }
@@ -283,7 +298,8 @@ impl Worker {
         let _ = reply.send(result);
     }
 
-    fn cancelled(&self, id: RequestId, kind: &'static str) {
+    fn cancelled(&mut self, id: RequestId, kind: &'static str) {
+        self.trace.cancelled(id, kind);
         self.progress.update(id, |p| p.state = State::Cancelled);
         telemetry::count(kind, "cancelled");
     }
@@ -306,8 +322,9 @@ impl Actor for Worker {
     type Context = Context<Self>;
 }
 
-/// A request routed to this worker by the scheduler (already counted in `load.queued`).
-pub struct Enqueue(pub Request);
+/// A request routed to this worker by the scheduler (already counted in `load.queued`),
+/// and when it was sent.
+pub struct Enqueue(pub Request, pub Instant);
 
 impl Message for Enqueue {
     type Result = ();
@@ -316,14 +333,16 @@ impl Message for Enqueue {
 impl Handler<Enqueue> for Worker {
     type Result = ();
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) {
+        let (start, id) = (Instant::now(), msg.0.id);
         self.waiting.push_back(msg.0);
         self.gauges();
         self.kick(ctx);
+        self.trace.enqueued(id, msg.1, start);
     }
 }
 
-/// The step loop's message to itself.
-struct Step;
+/// The step loop's message to itself, and when it was sent.
+struct Step(Instant);
 
 impl Message for Step {
     type Result = ();
@@ -331,9 +350,13 @@ impl Message for Step {
 
 impl Handler<Step> for Worker {
     type Result = ();
-    fn handle(&mut self, _: Step, ctx: &mut Context<Self>) {
+    fn handle(&mut self, step: Step, ctx: &mut Context<Self>) {
         self.step_pending = false;
+        let running = self.running.iter().filter(|r| r.failure.is_none());
+        let batch = self.trace.batch(running.map(|r| (r.id, r.kind, &r.job)));
+        let start = Instant::now();
         self.step_batch();
+        self.trace.stepped(step.0, start, batch);
         self.admit();
         self.retire();
         self.gauges();
