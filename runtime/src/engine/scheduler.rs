@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use actix::{Actor, Addr, Context, Handler, Message};
 
 use super::progress::{ProgressBook, RequestProgress, State};
-use super::request::{EngineError, Request};
+use super::request::{EngineError, JobSpec, Request};
 use super::worker::{Enqueue, Worker, WorkerLoad};
 
 /// How a worker is picked among those with room in their queue.
@@ -84,7 +84,7 @@ impl Message for Submit {
 impl Handler<Submit> for Scheduler {
     type Result = Result<usize, EngineError>;
     fn handle(&mut self, msg: Submit, _: &mut Context<Self>) -> Self::Result {
-        let req = msg.0;
+        let mut req = msg.0;
         let Some(index) = self.pick() else {
             return Err(EngineError::Overloaded {
                 retry_after_s: self.retry_after_s,
@@ -105,6 +105,13 @@ impl Handler<Submit> for Scheduler {
             worker: Some(index),
             error: None,
         });
+        // A cached edit's first steps start moving toward that worker while it queues.
+        if let JobSpec::Edit {
+            cache: Some(lease), ..
+        } = &mut req.spec
+        {
+            lease.prefetch(index);
+        }
         slot.load.queued.fetch_add(1, Ordering::Relaxed);
         slot.addr.do_send(Enqueue(req));
         Ok(index)
