@@ -22,6 +22,7 @@
 
 mod lease;
 mod loader;
+mod moves;
 mod shared;
 #[cfg(test)]
 mod tests;
@@ -102,26 +103,20 @@ impl CacheManager {
     /// it was also written to disk (then the host tier may evict its steps). Its first steps
     /// are placed last, so under a tight budget they are the ones that stay.
     pub fn add_in_memory(&self, id: &str, cache: Vec<StepCache>, dir: Option<PathBuf>) {
+        let template = self.register(id, cache.len(), dir.clone());
         let mut disk = 0;
-        let entries: Vec<_> = cache
+        let caches: Vec<_> = cache
             .into_iter()
             .enumerate()
             .map(|(step, c)| {
-                let file = dir.as_ref().map(|d| file_len(d, step));
+                // A step whose file is missing keeps its host copy: it is the only one.
+                let file = dir.as_deref().and_then(|d| file_len(d, step));
                 disk += file.unwrap_or(0);
-                let bytes = c.size_in_bytes() as u64;
-                (
-                    StepEntry::new(self.shared.workers, bytes, file),
-                    Arc::new(c),
-                )
+                let entry = StepEntry::new(self.shared.workers, c.size_in_bytes() as u64, file);
+                self.shared.index.insert(template.key(step), entry);
+                Arc::new(c)
             })
             .collect();
-        let template = self.register(id, entries.len(), dir);
-        let mut caches = Vec::with_capacity(entries.len());
-        for (step, (entry, cache)) in entries.into_iter().enumerate() {
-            self.shared.index.insert(template.key(step), entry);
-            caches.push(cache);
-        }
         self.shared.change_disk_bytes(disk, 0);
         for (step, cache) in caches.iter().enumerate().rev() {
             self.shared.place(Tier::Host, &template.key(step), cache);
@@ -140,7 +135,8 @@ impl CacheManager {
         let mut disk = 0;
         let template = self.register(id, steps, Some(dir.clone()));
         for step in 0..steps {
-            let file = file_len(&dir, step);
+            // A missing file is found out by the request that needs the step.
+            let file = file_len(&dir, step).unwrap_or(0);
             disk += file;
             let entry = StepEntry::new(self.shared.workers, file, Some(file));
             self.shared.index.insert(template.key(step), entry);
@@ -279,6 +275,8 @@ impl CacheManager {
     }
 }
 
-fn file_len(dir: &std::path::Path, step: usize) -> u64 {
-    std::fs::metadata(Template::step_cache_path(dir, step)).map_or(0, |m| m.len())
+fn file_len(dir: &std::path::Path, step: usize) -> Option<u64> {
+    std::fs::metadata(Template::step_cache_path(dir, step))
+        .ok()
+        .map(|m| m.len())
 }
