@@ -539,6 +539,123 @@ async fn metrics_move_and_static_batching_serves() {
     assert_eq!(health["status"], "ok");
 }
 
+/// Bytes of one step's activation cache for the server's templates (64x64, guided).
+fn step_cache_bytes() -> u64 {
+    let pipe = Pipeline::load(model_dir(), None).unwrap();
+    let spec = retouch_models::pipeline::TemplateSpec {
+        prompt: "measure".into(),
+        negative_prompt: String::new(),
+        seed: 0,
+        steps: 1,
+        guidance: 4.0,
+        scheduler: "ddim".into(),
+        width: SIZE,
+        height: SIZE,
+    };
+    let template = pipe
+        .register_template(&spec, Some(DType::F16), &mut |_, _| {})
+        .unwrap();
+    template.cache_bytes() as u64
+}
+
+#[actix_rt::test]
+async fn small_cache_budgets_evict_to_disk_and_edits_stay_exact() {
+    let step = step_cache_bytes();
+    let cache = temp_dir("tiers");
+    // Host: one step. A worker's tier: one whole template (4 steps), not two.
+    let server = Server::start(|c| {
+        c.cache_dir = Some(cache.clone());
+        c.cache_host_bytes = step * 3 / 2;
+        c.cache_device_bytes = step * 9 / 2;
+        c.prefetch_steps = 2;
+    })
+    .await;
+    let metric = |text: &str, name: &str| counter(text, name);
+    let (hits, misses) = (
+        "retouch_cache_hits_total{tier=\"device\"}",
+        "retouch_cache_misses_total",
+    );
+    let host_evictions = "retouch_cache_evictions_total{tier=\"host\"}";
+    let device_evictions = "retouch_cache_evictions_total{tier=\"device\"}";
+    let (_, before) = server.get("/metrics").await;
+    let before = String::from_utf8(before).unwrap();
+
+    let a = server.template("template a", 1, 4).await;
+    let b = server.template("template b", 2, 4).await;
+    let (_, info) = server.get_json(&format!("/v1/templates/{a}")).await;
+    assert_eq!(info["cache_bytes"].as_u64(), Some(4 * step));
+    let mask = mask_png(SIZE, SIZE, (8, 16, 40, 48));
+    // A twice (the second time from the worker's tier), then B (evicting A there), twice.
+    for (i, id) in [&a, &a, &b, &b].into_iter().enumerate() {
+        let prompt = format!("tiered edit {i}");
+        let body = json!({ "template_id": id, "mask": mask, "prompt": prompt, "seed": i });
+        let (status, _, body) = server.post("/v1/edits", &body).await;
+        assert_eq!(status, 200, "{body}");
+        let want = local_edit(&cache, id, &mask, &prompt, i as u64, EditMode::Cached);
+        assert_eq!(
+            decode_image(&body["image"]),
+            want,
+            "edit {i} is the pipeline's"
+        );
+    }
+    let engine_cache = server.engine.cache();
+    let host = engine_cache.tier_bytes(retouch_runtime::engine::Tier::Host);
+    assert!(host <= step * 3 / 2, "host tier {host} over its budget");
+    assert_eq!(
+        engine_cache.bytes_missing(&b, 0),
+        0,
+        "B is in worker 0's tier"
+    );
+    assert_eq!(
+        engine_cache.bytes_missing(&a, 0),
+        4 * step,
+        "A was evicted from it"
+    );
+
+    // A corrupt step file fails the edit that needs it, and only that one.
+    let c = server.template("template c", 3, 4).await;
+    let corrupt = Template::step_cache_path(cache.join(&c), 2);
+    std::fs::write(&corrupt, b"not safetensors").unwrap();
+    let server = std::rc::Rc::new(server);
+    let edit = |id: &str| json!({ "template_id": id, "mask": mask, "prompt": "x", "seed": 5 });
+    let (broken, fine) = {
+        let (s1, s2, e1, e2) = (server.clone(), server.clone(), edit(&c), edit(&b));
+        (
+            actix_rt::spawn(async move { s1.post("/v1/edits", &e1).await }),
+            actix_rt::spawn(async move { s2.post("/v1/edits", &e2).await }),
+        )
+    };
+    let (status, _, body) = broken.await.unwrap();
+    assert_error(status, &body, 500, "step 2");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("step_0002.safetensors"), "{message}");
+    assert_eq!(fine.await.unwrap().0, 200);
+
+    let (_, after) = server.get("/metrics").await;
+    let after = String::from_utf8(after).unwrap();
+    let moved = |name: &str| metric(&after, name) - metric(&before, name);
+    assert!(
+        moved(hits) >= 4.0,
+        "the second edit of A hits every step\n{after}"
+    );
+    assert!(
+        moved(misses) >= 1.0,
+        "the corrupt step was missing\n{after}"
+    );
+    assert!(
+        moved(host_evictions) >= 9.0,
+        "3 per template registered\n{after}"
+    );
+    assert!(moved(device_evictions) >= 4.0, "B pushed A out\n{after}");
+    for name in [
+        "retouch_cache_bytes{tier=\"host\"}",
+        "retouch_cache_bytes{tier=\"disk\"}",
+        "retouch_cache_load_seconds",
+    ] {
+        assert!(after.contains(name), "{name} missing from {after}");
+    }
+}
+
 /// Keeps DType in use for the cache setting the tests rely on (f16 by default).
 #[test]
 fn templates_cache_in_f16_by_default() {

@@ -62,6 +62,8 @@ async fn a_traced_engine_writes_every_request_and_actor_trace_summarises_it() {
     edit.mode = EditMode::Cached;
     let job = JobSpec::Edit {
         template: Arc::new(template),
+        // The template carries its own activation cache (not in the engine's store).
+        cache: None,
         mask: quarter_mask(),
         req: edit,
     };

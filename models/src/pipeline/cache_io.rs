@@ -10,7 +10,7 @@ use retouch_kernels::{GroupStats, SafeTensorsFile, Tensor, save_safetensors};
 use crate::nn::exec::{CacheEntry, StepCache};
 use crate::{Error, Result};
 
-fn step_file(dir: &Path, step: usize) -> PathBuf {
+pub(crate) fn step_file(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("step_{step:04}.safetensors"))
 }
 

@@ -132,8 +132,28 @@ impl DenoiseJob<'static> {
 }
 
 impl<'a> DenoiseJob<'a> {
-    /// An edit of `template` inside `mask`; checks the mask against the template.
+    /// An edit of `template` inside `mask`; checks the mask against the template, and in
+    /// cached mode that the template holds its activation cache.
     pub fn edit(
+        pipe: &Pipeline,
+        template: TemplateRef<'a>,
+        mask: &Mask,
+        req: &EditRequest,
+    ) -> Result<DenoiseJob<'a>> {
+        if req.mode == EditMode::Cached && template.cache.len() != template.spec.steps {
+            return Err(Error::Invalid(
+                "cached-mode edits need the template's activation cache; this template was \
+                 registered without one (use dense mode, or register it again with a cache)"
+                    .into(),
+            ));
+        }
+        DenoiseJob::edit_with_external_cache(pipe, template, mask, req)
+    }
+
+    /// An edit whose caller keeps the template's activation cache elsewhere (a runtime's
+    /// cache tiers) and hands each step's cache to [`DenoiseJob::step_with_cache`]; the
+    /// template need not hold it.
+    pub fn edit_with_external_cache(
         pipe: &Pipeline,
         template: TemplateRef<'a>,
         mask: &Mask,
@@ -149,13 +169,6 @@ impl<'a> DenoiseJob<'a> {
         }
         if mask.values.iter().all(|&v| v == 0.0) {
             return Err(Error::Invalid("the mask is empty: nothing to edit".into()));
-        }
-        if req.mode == EditMode::Cached && template.cache.len() != spec.steps {
-            return Err(Error::Invalid(
-                "cached-mode edits need the template's activation cache; this template was \
-                 registered without one (use dense mode, or register it again with a cache)"
-                    .into(),
-            ));
         }
         let shape = pipe.latent_shape(spec.width, spec.height)?;
         let latent_mask = mask.to_latent(pipe.vae.factor());
@@ -230,8 +243,23 @@ impl<'a> DenoiseJob<'a> {
         self.step >= self.steps
     }
 
+    /// The step whose activation cache the next [`DenoiseJob::step`] reads: Some for a
+    /// cached-mode edit with steps left.
+    pub fn cache_step(&self) -> Option<usize> {
+        match &self.kind {
+            Kind::Edit(edit) if edit.cached.is_some() && !self.is_done() => Some(self.step),
+            _ => None,
+        }
+    }
+
     /// Runs one denoising step. An error leaves the job unusable; drop it.
     pub fn step(&mut self, pipe: &Pipeline) -> Result<()> {
+        self.step_with_cache(pipe, None)
+    }
+
+    /// [`DenoiseJob::step`], a cached-mode edit reading `cache` (the activations of step
+    /// [`DenoiseJob::cache_step`]) instead of its template's own; other jobs ignore it.
+    pub fn step_with_cache(&mut self, pipe: &Pipeline, cache: Option<&StepCache>) -> Result<()> {
         if self.is_done() {
             return Err(Error::Invalid("the job has run all its steps".into()));
         }
@@ -243,11 +271,20 @@ impl<'a> DenoiseJob<'a> {
         let step = self.step;
         match &mut self.kind {
             Kind::Edit(edit) if edit.cached.is_some() => {
+                let cache = match cache {
+                    Some(c) => c,
+                    None => edit.template.cache.get(step).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "cached-mode edit: no activation cache for step {step}"
+                        ))
+                    })?,
+                };
                 self.latents = cached_step(
                     pipe,
                     &self.guidance,
                     &mut self.scheduler,
                     edit,
+                    cache,
                     &self.latents,
                     step,
                     t,
@@ -328,11 +365,13 @@ impl<'a> DenoiseJob<'a> {
 /// Cached mode: runs the UNet on the active tokens only (the mask dilated by the halo,
 /// pooled per resolution), reading the template's activations of this step for everything
 /// else; the full latents are kept for the scheduler and the blend.
+#[allow(clippy::too_many_arguments)]
 fn cached_step(
     pipe: &Pipeline,
     guidance: &Guidance,
     scheduler: &mut Scheduler,
     edit: &EditState<'_>,
+    cache: &StepCache,
     x: &Tensor,
     step: usize,
     t: f32,
@@ -345,10 +384,7 @@ fn cached_step(
     let n = positions.len();
     let scaled = scheduler.scale_model_input(x)?.reshape(&[h * w, c])?;
     let rows = scaled.gather_rows(positions)?.reshape(&[1, n, c])?;
-    let run = UnetRun::Masked {
-        cache: &edit.template.cache[step],
-        levels,
-    };
+    let run = UnetRun::Masked { cache, levels };
     let predicted = guidance.predict(&pipe.unet, &rows, t, run)?;
     // Inactive positions get no prediction: the blend below replaces them anyway.
     let mut full = Tensor::zeros(&[h * w, c], DType::F32, Device::Cpu);

@@ -2,7 +2,7 @@
 //! latent trajectory (the scaled initial noise and the latents after every step), its image,
 //! and per step the UNet activations cached-mode edits read (f16 by default).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use retouch_kernels::{DType, SafeTensorsFile, Tensor, save_safetensors};
 use serde::{Deserialize, Serialize};
@@ -62,7 +62,8 @@ impl Template {
         self.cache.iter().map(StepCache::size_in_bytes).sum()
     }
 
-    /// Writes `template.json`, `trajectory.safetensors` and `image.png` into `dir`.
+    /// Writes `template.json`, `trajectory.safetensors`, `image.png` and, with an activation
+    /// cache, one file per step under `cache/` into `dir`.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
@@ -84,7 +85,22 @@ impl Template {
         self.image.save_png(dir.join(IMAGE_FILE))
     }
 
+    /// Loads a template saved by [`Template::save`], activation cache included.
     pub fn load(dir: impl AsRef<Path>) -> Result<Template> {
+        let dir = dir.as_ref();
+        let mut template = Template::load_without_cache(dir)?;
+        if Template::has_saved_cache(dir) {
+            template.cache = (0..template.spec.steps)
+                .map(|step| Template::load_step_cache(dir, step))
+                .collect::<Result<Vec<_>>>()?;
+        }
+        Ok(template)
+    }
+
+    /// The template's small parts (spec, trajectory, image) with an empty cache, for a
+    /// caller that loads the activation cache one step at a time
+    /// ([`Template::load_step_cache`]).
+    pub fn load_without_cache(dir: impl AsRef<Path>) -> Result<Template> {
         let dir = dir.as_ref();
         let spec: TemplateSpec = read_json(&dir.join(SPEC_FILE))?;
         let stacked = SafeTensorsFile::open(dir.join(TRAJECTORY_FILE))?.get("trajectory")?;
@@ -97,20 +113,27 @@ impl Template {
         }
         let trajectory = stacked.split_batch(&vec![1; n])?;
         let image = RgbImage::load_png(dir.join(IMAGE_FILE))?;
-        let cache_dir = dir.join(CACHE_DIR);
-        let cache = if cache_dir.is_dir() {
-            (0..spec.steps)
-                .map(|step| cache_io::load_step(&cache_dir, step))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
         Ok(Template {
             spec,
             trajectory,
             image,
-            cache,
+            cache: Vec::new(),
         })
+    }
+
+    /// Whether the template saved in `dir` has an activation cache (its `cache/` folder).
+    pub fn has_saved_cache(dir: impl AsRef<Path>) -> bool {
+        dir.as_ref().join(CACHE_DIR).is_dir()
+    }
+
+    /// The file holding one step's activation cache of the template saved in `dir`.
+    pub fn step_cache_path(dir: impl AsRef<Path>, step: usize) -> PathBuf {
+        cache_io::step_file(&dir.as_ref().join(CACHE_DIR), step)
+    }
+
+    /// One step's activation cache of the template saved in `dir`, alone.
+    pub fn load_step_cache(dir: impl AsRef<Path>, step: usize) -> Result<StepCache> {
+        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step)
     }
 }
 
@@ -129,5 +152,85 @@ impl Pipeline {
                 "a template job produced another output".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use retouch_kernels::DType;
+
+    use super::*;
+    use crate::pipeline::{EditMode, EditRequest, Mask, TemplateRef};
+    use crate::random_pipeline::{Preset, RandomPipeline};
+
+    /// A runtime keeps a template's small parts and hands each step's cache in as it loads
+    /// it: the edit must be the one-shot edit, bit for bit.
+    #[test]
+    fn an_edit_fed_one_step_cache_at_a_time_matches_the_one_shot_edit() {
+        let dir = std::env::temp_dir().join(format!("retouch-stepwise-{}", std::process::id()));
+        RandomPipeline::new(Preset::Tiny)
+            .write(&dir.join("model"), true, None)
+            .unwrap();
+        let pipe = Pipeline::load(dir.join("model"), None).unwrap();
+        let spec = TemplateSpec {
+            prompt: "a hill".into(),
+            negative_prompt: String::new(),
+            seed: 3,
+            steps: 3,
+            guidance: 4.0,
+            scheduler: "ddim".into(),
+            width: 64,
+            height: 64,
+        };
+        let template = pipe
+            .register_template(&spec, Some(DType::F16), &mut |_, _| {})
+            .unwrap();
+        let saved = dir.join("template");
+        template.save(&saved).unwrap();
+        let small = Template::load_without_cache(&saved).unwrap();
+        assert!(small.cache.is_empty() && Template::has_saved_cache(&saved));
+        assert!(Template::step_cache_path(&saved, 2).is_file());
+
+        let mut values = vec![0.0; 64 * 64];
+        values[64 * 16..64 * 40].fill(1.0);
+        let mask = Mask {
+            width: 64,
+            height: 64,
+            values,
+        };
+        let mut req = EditRequest::new("a lake");
+        req.mode = EditMode::Cached;
+        let want = pipe.edit(&template, &mask, &req, &mut |_, _| {}).unwrap();
+
+        // Without its cache, the template is refused by the checked constructor...
+        assert!(DenoiseJob::edit(&pipe, TemplateRef::Borrowed(&small), &mask, &req).is_err());
+        let mut job =
+            DenoiseJob::edit_with_external_cache(&pipe, TemplateRef::Borrowed(&small), &mask, &req)
+                .unwrap();
+        // ... and a step with no cache given fails rather than reading nothing.
+        let mut starved =
+            DenoiseJob::edit_with_external_cache(&pipe, TemplateRef::Borrowed(&small), &mask, &req)
+                .unwrap();
+        let err = starved.step(&pipe).unwrap_err().to_string();
+        assert!(err.contains("no activation cache for step 0"), "{err}");
+
+        while let Some(step) = job.cache_step() {
+            let cache = Template::load_step_cache(&saved, step).unwrap();
+            job.step_with_cache(&pipe, Some(&cache)).unwrap();
+        }
+        assert_eq!(job.cache_step(), None);
+        let JobOutput::Edited(got) = job.finish(&pipe).unwrap() else {
+            panic!("an edit job gives an edit");
+        };
+        assert_eq!(got.image, want.image);
+        assert_eq!(
+            got.latents.as_slice::<f32>().unwrap(),
+            want.latents.as_slice::<f32>().unwrap()
+        );
+        // Dense edits read no cache.
+        req.mode = EditMode::Dense;
+        let dense = DenoiseJob::edit(&pipe, TemplateRef::Borrowed(&small), &mask, &req).unwrap();
+        assert_eq!(dense.cache_step(), None);
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -29,6 +29,17 @@ pub struct ServeArgs {
     /// Keep templates on disk here (reloaded at start); in memory only when absent.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Activation-cache budget in host memory, in bytes (suffixes K, M, G, T: powers of
+    /// 1024). Enforced with --cache-dir; without one the host holds the only copy, so the
+    /// budget is only counted.
+    #[arg(long, value_parser = parse_bytes, default_value = "8G")]
+    cache_host_bytes: u64,
+    /// Activation-cache budget of each worker's own tier, in bytes (suffixes as above).
+    #[arg(long, value_parser = parse_bytes, default_value = "4G")]
+    cache_device_bytes: u64,
+    /// Steps of a cached edit's template cache loaded ahead of the step it is at.
+    #[arg(long, default_value_t = 4)]
+    prefetch_steps: usize,
     /// Requests per running batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -58,6 +69,9 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.threads_per_worker = (n > 1).then(|| (cores / n).max(1));
     }
     config.cache_dir = args.cache_dir;
+    config.cache_host_bytes = args.cache_host_bytes;
+    config.cache_device_bytes = args.cache_device_bytes;
+    config.prefetch_steps = args.prefetch_steps;
     config.max_batch_requests = args.max_batch;
     config.max_queue = args.max_queue;
     config.policy = args.policy;
@@ -88,4 +102,48 @@ async fn serve(
     let result = server.run().await;
     engine.shutdown();
     Ok(result?)
+}
+
+/// Bytes with an optional binary suffix: `1048576`, `512M`, `8G`.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{s}`: unknown suffix `{c}` (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte count (e.g. 1048576, 512M, 8G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("8g"), Ok(8 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("8X").unwrap_err().contains("suffix"));
+        assert!(parse_bytes("G").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(
+            parse_bytes("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
 }

@@ -1,7 +1,9 @@
 //! The serving engine: workers (one per device, each owning its models), a scheduler that
-//! admits and routes requests, a template store and per-request progress. [`Engine`] is
-//! the handle the HTTP layer (or an embedding app) holds.
+//! admits and routes requests, a template store, the cache manager that moves templates'
+//! activation caches between tiers, and per-request progress. [`Engine`] is the handle the
+//! HTTP layer (or an embedding app) holds.
 
+pub mod cache;
 pub mod progress;
 pub mod request;
 pub mod scheduler;
@@ -21,6 +23,7 @@ use retouch_kernels::{DType, Device};
 use retouch_models::pipeline::Pipeline;
 use tokio::sync::oneshot;
 
+pub use cache::{CacheConfig, CacheLease, CacheManager, LoadEvent, StepWindow, Tier};
 pub use progress::{ProgressBook, RequestProgress, State};
 pub use request::{Completed, EngineError, JobSpec, Request, RequestId};
 pub use scheduler::{Routing, Scheduler, Submit, WorkerSlot};
@@ -42,9 +45,18 @@ pub struct EngineConfig {
     pub max_batch_requests: usize,
     /// Requests waiting per worker before new ones are refused.
     pub max_queue: usize,
-    /// Where templates are kept on disk; None keeps them in memory only.
+    /// Where templates are kept on disk; None keeps them in memory only (then the host
+    /// budget is counted but not enforced: the host tier holds the only copy).
     pub cache_dir: Option<PathBuf>,
     pub cache_dtype: DType,
+    /// Activation-cache budget in host memory, shared by the workers.
+    pub cache_host_bytes: u64,
+    /// Activation-cache budget of each worker's device tier.
+    pub cache_device_bytes: u64,
+    /// Steps of a cached edit's template loaded ahead of the step it is at.
+    pub prefetch_steps: usize,
+    /// Threads loading step caches from disk.
+    pub cache_loaders: usize,
     /// Largest JSON body the HTTP routes accept.
     pub max_body_bytes: usize,
     /// Finished requests whose progress stays readable.
@@ -66,6 +78,10 @@ impl EngineConfig {
             max_queue: 64,
             cache_dir: None,
             cache_dtype: DType::F16,
+            cache_host_bytes: CacheConfig::default().host_bytes,
+            cache_device_bytes: CacheConfig::default().device_bytes,
+            prefetch_steps: CacheConfig::default().prefetch_steps,
+            cache_loaders: CacheConfig::default().loaders,
             max_body_bytes: 16 << 20,
             keep_progress: 4096,
             trace: None,
@@ -93,6 +109,7 @@ struct Inner {
     loads: Vec<Arc<WorkerLoad>>,
     workers: Vec<Addr<Worker>>,
     templates: TemplateStore,
+    cache: CacheManager,
     progress: Arc<ProgressBook>,
     next_id: AtomicU64,
     metrics: PrometheusHandle,
@@ -116,16 +133,25 @@ impl Engine {
             Some(path) => Tracer::to_file(path)?,
             None => Tracer::disabled(),
         };
-        let templates = TemplateStore::open(config.cache_dir.as_deref()).map_err(|e| {
-            format!(
-                "template cache {}: {e}",
-                config
-                    .cache_dir
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display()
-            )
-        })?;
+        let cache_config = CacheConfig {
+            host_bytes: config.cache_host_bytes,
+            device_bytes: config.cache_device_bytes,
+            prefetch_steps: config.prefetch_steps,
+            loaders: config.cache_loaders,
+        };
+        let cache = CacheManager::new(&cache_config, config.devices.len())
+            .map_err(|e| format!("starting the cache loaders: {e}"))?;
+        let templates =
+            TemplateStore::open(config.cache_dir.as_deref(), cache.clone()).map_err(|e| {
+                format!(
+                    "template cache {}: {e}",
+                    config
+                        .cache_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                )
+            })?;
         let progress = Arc::new(ProgressBook::new(config.keep_progress));
         let mut arbiters = Vec::new();
         let mut slots = Vec::new();
@@ -174,6 +200,7 @@ impl Engine {
                 loads,
                 workers,
                 templates,
+                cache,
                 progress,
                 next_id: AtomicU64::new(1),
                 metrics,
@@ -225,6 +252,11 @@ impl Engine {
 
     pub fn templates(&self) -> &TemplateStore {
         &self.inner.templates
+    }
+
+    /// The activation-cache manager (for a balancer: `bytes_missing`).
+    pub fn cache(&self) -> &CacheManager {
+        &self.inner.cache
     }
 
     pub fn progress(&self, id: RequestId) -> Option<RequestProgress> {

@@ -9,6 +9,8 @@ use retouch_models::pipeline::{
 };
 use tokio::sync::oneshot;
 
+use super::cache::CacheLease;
+
 pub type RequestId = u64;
 
 /// The work a request asks for; a worker turns it into a `DenoiseJob` when it admits it
@@ -17,7 +19,10 @@ pub enum JobSpec {
     Generate(GenerateRequest),
     Template(TemplateSpec),
     Edit {
+        /// The template's small parts; its activation cache is the cache manager's.
         template: Arc<Template>,
+        /// Cached mode: the hold on the template's activation cache (None for dense edits).
+        cache: Option<CacheLease>,
         mask: Mask,
         req: EditRequest,
     },

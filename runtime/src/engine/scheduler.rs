@@ -10,7 +10,7 @@ use std::time::Instant;
 use actix::{Actor, Addr, Context, Handler, Message};
 
 use super::progress::{ProgressBook, RequestProgress, State};
-use super::request::{EngineError, Request};
+use super::request::{EngineError, JobSpec, Request};
 use super::trace::Tracer;
 use super::worker::{Enqueue, Worker, WorkerLoad};
 
@@ -104,7 +104,7 @@ impl Handler<Submit> for Scheduler {
 
 impl Scheduler {
     /// Picks a worker for `req` and queues it there.
-    fn route(&mut self, req: Request) -> Result<usize, EngineError> {
+    fn route(&mut self, mut req: Request) -> Result<usize, EngineError> {
         let Some(index) = self.pick() else {
             return Err(EngineError::Overloaded {
                 retry_after_s: self.retry_after_s,
@@ -125,6 +125,13 @@ impl Scheduler {
             worker: Some(index),
             error: None,
         });
+        // A cached edit's first steps start moving toward that worker while it queues.
+        if let JobSpec::Edit {
+            cache: Some(lease), ..
+        } = &mut req.spec
+        {
+            lease.prefetch(index);
+        }
         slot.load.queued.fetch_add(1, Ordering::Relaxed);
         slot.addr.do_send(Enqueue(req, Instant::now()));
         Ok(index)

@@ -15,6 +15,13 @@ pub const STEP_SECONDS: &str = "retouch_step_seconds";
 pub const STEP_BATCH: &str = "retouch_step_batch_requests";
 pub const REQUEST_SECONDS: &str = "retouch_request_seconds";
 pub const TEMPLATES: &str = "retouch_templates";
+pub const CACHE_HITS: &str = "retouch_cache_hits_total";
+pub const CACHE_MISSES: &str = "retouch_cache_misses_total";
+pub const CACHE_BYTES: &str = "retouch_cache_bytes";
+pub const CACHE_EVICTIONS: &str = "retouch_cache_evictions_total";
+pub const CACHE_LOAD_SECONDS: &str = "retouch_cache_load_seconds";
+pub const CACHE_WAIT_SECONDS: &str = "retouch_cache_wait_seconds";
+pub const CACHE_LOAD_ERRORS: &str = "retouch_cache_load_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -40,6 +47,22 @@ fn describe() {
     metrics::describe_histogram!(STEP_BATCH, "Requests stepped per batch step");
     metrics::describe_histogram!(REQUEST_SECONDS, "Seconds from submission to reply");
     metrics::describe_gauge!(TEMPLATES, "Templates in the store");
+    metrics::describe_counter!(
+        CACHE_HITS,
+        "Activation-cache steps found in memory when a worker needed them, by tier"
+    );
+    metrics::describe_counter!(
+        CACHE_MISSES,
+        "Activation-cache steps a worker had to wait for (loaded from disk)"
+    );
+    metrics::describe_gauge!(
+        CACHE_BYTES,
+        "Activation-cache bytes per tier (device: per worker)"
+    );
+    metrics::describe_counter!(CACHE_EVICTIONS, "Activation-cache steps evicted, by tier");
+    metrics::describe_histogram!(CACHE_LOAD_SECONDS, "Seconds per step file read from disk");
+    metrics::describe_histogram!(CACHE_WAIT_SECONDS, "Seconds a worker waited on a miss");
+    metrics::describe_counter!(CACHE_LOAD_ERRORS, "Step files that failed to load");
 }
 
 /// Counts one request outcome (`ok`, `invalid`, `not_found`, `overloaded`, `failed`,

@@ -1,6 +1,7 @@
 //! Registered templates: an in-memory index (id -> shared template) and, with a cache
-//! directory, one folder per template (`Template::save` layout) reloaded at start-up.
-//! Tiers and eviction (the design's cache manager) come later.
+//! directory, one folder per template (`Template::save` layout) reloaded at start-up. The
+//! store keeps each template's small parts (spec, trajectory, image) resident; its
+//! activation cache belongs to the [`CacheManager`], which moves it between tiers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,10 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 use retouch_models::pipeline::Template;
 
+use super::cache::{CacheLease, CacheManager};
+use super::request::EngineError;
 use super::telemetry;
 
 pub struct TemplateStore {
+    /// Templates without their activation cache (`cache` is empty).
     map: DashMap<String, Arc<Template>>,
+    cache: CacheManager,
     dir: Option<PathBuf>,
     next: AtomicU64,
 }
@@ -23,11 +28,13 @@ fn parse_id(name: &str) -> Option<u64> {
 }
 
 impl TemplateStore {
-    /// Opens the store, loading every template folder under `dir` (created if missing).
-    /// A folder that does not load is skipped with a warning rather than failing start-up.
-    pub fn open(dir: Option<&Path>) -> std::io::Result<TemplateStore> {
+    /// Opens the store, loading every template folder under `dir` (created if missing)
+    /// without its activation cache, which `cache` loads a step at a time when wanted. A
+    /// folder that does not load is skipped with a warning rather than failing start-up.
+    pub fn open(dir: Option<&Path>, cache: CacheManager) -> std::io::Result<TemplateStore> {
         let store = TemplateStore {
             map: DashMap::new(),
+            cache,
             dir: dir.map(Path::to_path_buf),
             next: AtomicU64::new(1),
         };
@@ -41,8 +48,9 @@ impl TemplateStore {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(n) = parse_id(&name) else { continue };
             max = max.max(n);
-            match Template::load(entry.path()) {
+            match Template::load_without_cache(entry.path()) {
                 Ok(t) => {
+                    store.cache.add_saved(&name, t.spec.steps, entry.path());
                     store.map.insert(name, Arc::new(t));
                 }
                 Err(e) => eprintln!("warning: skipping template {name}: {e}"),
@@ -69,25 +77,40 @@ impl TemplateStore {
         }
     }
 
-    pub fn insert(&self, id: String, template: Arc<Template>) {
-        self.map.insert(id, template);
+    /// Adds a template (after [`TemplateStore::persist`] with a cache directory): its
+    /// activation cache goes to the cache manager, the rest stays here. Answers the
+    /// template as the store keeps it.
+    pub fn insert(&self, id: String, mut template: Template) -> Arc<Template> {
+        let cache = std::mem::take(&mut template.cache);
+        let dir = self.dir.as_ref().map(|d| d.join(&id));
+        self.cache.add_in_memory(&id, cache, dir);
+        let template = Arc::new(template);
+        self.map.insert(id, Arc::clone(&template));
         metrics::gauge!(telemetry::TEMPLATES).set(self.map.len() as f64);
+        template
     }
 
     /// Removes a template from memory and disk; false if unknown. Edits already holding
-    /// it finish with their copy.
+    /// it (dense ones through their `Arc`, cached ones through their lease) finish first:
+    /// the activation cache and the folder go when the last of them ends.
     pub fn remove(&self, id: &str) -> std::io::Result<bool> {
         if self.map.remove(id).is_none() {
             return Ok(false);
         }
         metrics::gauge!(telemetry::TEMPLATES).set(self.map.len() as f64);
-        if let Some(dir) = &self.dir {
-            let path = dir.join(id);
-            if path.is_dir() {
-                std::fs::remove_dir_all(path)?;
-            }
-        }
+        // Every stored template is registered with the manager, which owns its folder.
+        self.cache.remove(id)?;
         Ok(true)
+    }
+
+    /// A lease on a template's activation cache, for a cached-mode edit.
+    pub fn lease(&self, id: &str) -> Result<CacheLease, EngineError> {
+        self.cache.lease(id)
+    }
+
+    /// Bytes of a template's activation cache (in memory, or its files' sizes).
+    pub fn cache_bytes(&self, id: &str) -> u64 {
+        self.cache.template_bytes(id)
     }
 
     /// Every template, sorted by id number.

@@ -18,6 +18,7 @@ use retouch_kernels::DType;
 use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
 use tokio::sync::oneshot;
 
+use super::cache::StepWindow;
 use super::progress::{ProgressBook, State};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
 use super::telemetry;
@@ -81,6 +82,8 @@ struct Running {
     kind: &'static str,
     reply: oneshot::Sender<Reply>,
     job: DenoiseJob<'static>,
+    /// A cached-mode edit's view of its template's activation cache.
+    cache: Option<StepWindow>,
     submitted: Instant,
     admitted: Instant,
     failure: Option<EngineError>,
@@ -165,9 +168,22 @@ impl Worker {
         let started = Instant::now();
         let mut running = std::mem::take(&mut self.running);
         for r in running.iter_mut().filter(|r| r.failure.is_none()) {
-            match self.compute(|pipe| r.job.step(pipe)) {
+            let cache = match (&r.cache, r.job.cache_step()) {
+                (Some(window), Some(step)) => match window.fetch(step) {
+                    Ok(cache) => Some(cache),
+                    Err(e) => {
+                        r.failure = Some(e);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            match self.compute(|pipe| r.job.step_with_cache(pipe, cache.as_deref())) {
                 Ok(()) => {
                     let done = r.job.steps_done();
+                    if let Some(window) = &mut r.cache {
+                        window.advance(done);
+                    }
                     self.progress.update(r.id, |p| p.steps_done = done);
                 }
                 Err(e) => r.failure = Some(e),
@@ -199,6 +215,7 @@ impl Worker {
             }
             let cache_dtype = self.settings.cache_dtype;
             let start = self.trace.admitting(&req);
+            let mut window = None;
             let job = match req.spec {
                 JobSpec::Generate(g) => self.compute(|pipe| DenoiseJob::generate(pipe, &g)),
                 JobSpec::Template(spec) => {
@@ -206,11 +223,21 @@ impl Worker {
                 }
                 JobSpec::Edit {
                     template,
+                    cache,
                     mask,
                     req: edit,
-                } => self.compute(|pipe| {
-                    DenoiseJob::edit(pipe, TemplateRef::Shared(template), &mask, &edit)
-                }),
+                } => {
+                    let external = cache.is_some();
+                    window = cache.map(|lease| lease.start(self.settings.index));
+                    self.compute(|pipe| {
+                        let template = TemplateRef::Shared(template);
+                        if external {
+                            DenoiseJob::edit_with_external_cache(pipe, template, &mask, &edit)
+                        } else {
+                            DenoiseJob::edit(pipe, template, &mask, &edit)
+                        }
+                    })
+                }
             };
             let admitted = job.as_ref().map(|_| ());
             self.trace
@@ -229,6 +256,7 @@ impl Worker {
                         kind,
                         reply: req.reply,
                         job,
+                        cache: window,
                         submitted: req.submitted,
                         admitted: Instant::now(),
                         failure: None,
@@ -249,7 +277,9 @@ impl Worker {
                 i += 1;
                 continue;
             }
-            let r = self.running.swap_remove(i);
+            let mut r = self.running.swap_remove(i);
+            // Its pins go before the reply does, so a caller sees the tiers settled.
+            r.cache = None;
             self.load.running.fetch_sub(1, Ordering::Relaxed);
             if r.reply.is_closed() {
                 self.cancelled(r.id, r.kind);

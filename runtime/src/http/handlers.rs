@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{ACCEPT, CONTENT_TYPE};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
-use retouch_models::pipeline::{JobOutput, RgbImage, Template};
+use retouch_models::pipeline::{EditMode, JobOutput, RgbImage, Template};
 use serde_json::json;
 
 use super::bodies::{EditBody, GenerationBody};
@@ -56,13 +56,13 @@ fn unexpected(what: &str) -> ApiError {
     ApiError::internal(format!("the worker returned something other than {what}"))
 }
 
-fn template_json(id: &str, t: &Template) -> serde_json::Value {
+fn template_json(engine: &Engine, id: &str, t: &Template) -> serde_json::Value {
     json!({
         "id": id,
         "width": t.spec.width,
         "height": t.spec.height,
         "steps": t.spec.steps,
-        "cache_bytes": t.cache_bytes(),
+        "cache_bytes": engine.templates().cache_bytes(id),
         "spec": t.spec,
     })
 }
@@ -79,16 +79,19 @@ pub async fn create_template(
     let JobOutput::Template(template) = done.output else {
         return Err(unexpected("a template"));
     };
-    let template = Arc::new(template);
     let id = engine.templates().new_id();
-    let (store_engine, store_id, store_template) =
-        (engine.clone(), id.clone(), Arc::clone(&template));
-    web::block(move || store_engine.templates().persist(&store_id, &store_template))
-        .await
-        .map_err(|e| ApiError::internal(format!("saving the template: {e}")))?
-        .map_err(|e| ApiError::internal(format!("saving the template: {e}")))?;
-    engine.templates().insert(id.clone(), Arc::clone(&template));
-    let mut out = template_json(&id, &template);
+    let (store_engine, store_id) = (engine.clone(), id.clone());
+    let template = web::block(move || {
+        store_engine
+            .templates()
+            .persist(&store_id, &template)
+            .map(|()| template)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("saving the template: {e}")))?
+    .map_err(|e| ApiError::internal(format!("saving the template: {e}")))?;
+    let template = engine.templates().insert(id.clone(), template);
+    let mut out = template_json(&engine, &id, &template);
     out["request_id"] = json!(request_id);
     Ok(HttpResponse::Created().json(out))
 }
@@ -98,7 +101,7 @@ pub async fn list_templates(engine: web::Data<Engine>) -> HttpResponse {
         .templates()
         .list()
         .iter()
-        .map(|(id, t)| template_json(id, t))
+        .map(|(id, t)| template_json(&engine, id, t))
         .collect();
     HttpResponse::Ok().json(json!({ "templates": all }))
 }
@@ -115,7 +118,7 @@ pub async fn get_template(
     id: web::Path<String>,
 ) -> Result<HttpResponse> {
     let template = find(&engine, &id)?;
-    Ok(HttpResponse::Ok().json(template_json(&id, &template)))
+    Ok(HttpResponse::Ok().json(template_json(&engine, &id, &template)))
 }
 
 pub async fn template_image(
@@ -154,9 +157,19 @@ pub async fn create_edit(
     let template = find(&engine, &body.template_id).map_err(|e| refused("edit", e))?;
     let edit = body.to_request().map_err(|e| refused("edit", e))?;
     let mask = body.mask_for(&template).map_err(|e| refused("edit", e))?;
+    let cache = match edit.mode {
+        EditMode::Cached => Some(
+            engine
+                .templates()
+                .lease(&body.template_id)
+                .map_err(|e| refused("edit", e.into()))?,
+        ),
+        EditMode::Dense => None,
+    };
     let (request_id, result) = engine
         .run(JobSpec::Edit {
             template,
+            cache,
             mask,
             req: edit,
         })
