@@ -141,6 +141,10 @@ impl Engine {
         };
         let cache = CacheManager::new(&cache_config, config.devices.len())
             .map_err(|e| format!("starting the cache loaders: {e}"))?;
+        if tracer.enabled() {
+            let loads = tracer.named("cache-loader");
+            cache.on_load(move |event| trace::cache_loaded(&loads, event));
+        }
         let templates =
             TemplateStore::open(config.cache_dir.as_deref(), cache.clone()).map_err(|e| {
                 format!(

@@ -62,6 +62,12 @@ pub struct Record {
     /// The end record: records the tracer could not queue (its writer fell behind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<u64>,
+    /// Cache loads: the template whose step was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Cache loads: bytes in memory once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 /// One request's part in a step.

@@ -7,6 +7,7 @@ use std::time::Instant;
 use retouch_models::pipeline::{DenoiseJob, EditMode};
 
 use super::{BatchEntry, Record, Tracer, kinds};
+use crate::engine::cache::LoadEvent;
 use crate::engine::request::{EngineError, JobSpec, Reply, Request, RequestId};
 
 /// The trace name of worker `index`, shared by the worker and the scheduler routing to it.
@@ -243,4 +244,28 @@ impl WorkerTrace {
             ..Record::default()
         });
     }
+}
+
+/// A disk load of one step's activation cache (the cache manager's loader threads): its
+/// template and step, bytes, and whether a worker was waiting for it (a miss) or it was a
+/// prefetch. Per-request waits are the workers' `cache_load` records.
+pub fn cache_loaded(t: &Tracer, event: &LoadEvent) {
+    t.record(Record {
+        kind: kinds::CACHE_LOAD.into(),
+        step: Some(event.step),
+        start_us: t.us(event.started),
+        end_us: t.us(event.ended),
+        outcome: Some(match (&event.error, event.demand) {
+            (Some(_), _) => "failed".into(),
+            (None, true) => "demand".into(),
+            (None, false) => "prefetch".into(),
+        }),
+        error: event
+            .error
+            .as_ref()
+            .map(|e| format!("template {} step {}: {e}", event.template, event.step)),
+        template: Some(event.template.to_string()),
+        bytes: Some(event.bytes),
+        ..Record::default()
+    });
 }

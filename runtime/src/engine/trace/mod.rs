@@ -4,24 +4,24 @@
 //! crate so writer and reader share one definition while the tool builds without the
 //! runtime's model stack.
 //!
-//! Records go through a bounded channel to a writer thread of their own, so an actor never
+//! Records go through a bounded flume channel to a writer thread of their own, so an actor never
 //! waits on file I/O: when the channel is full a record is dropped and counted, and the
 //! count goes in the final `trace_end` record. A disabled [`Tracer`] is a `None`: each call
 //! returns at once, before any record is built.
 
 mod events;
 
+use flume::{Receiver, Sender};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 pub use actor_trace::{BatchEntry, Record, kinds};
-pub use events::{WorkerTrace, worker_actor};
+pub use events::{WorkerTrace, cache_loaded, worker_actor};
 
 /// Records the writer may fall behind by before new ones are dropped.
 const CHANNEL_RECORDS: usize = 16 * 1024;
@@ -36,7 +36,7 @@ pub struct Tracer {
 struct Sink {
     /// Times in records are microseconds since this instant (the engine's start).
     epoch: Instant,
-    tx: SyncSender<Line>,
+    tx: Sender<Line>,
     dropped: AtomicU64,
     closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -62,7 +62,7 @@ impl Tracer {
     fn with_capacity(path: &Path, capacity: usize) -> Result<Tracer, String> {
         let shown = path.display().to_string();
         let file = File::create(path).map_err(|e| format!("trace file {shown}: {e}"))?;
-        let (tx, rx) = sync_channel(capacity);
+        let (tx, rx) = flume::bounded(capacity);
         let writer = std::thread::Builder::new()
             .name("retouch-trace".into())
             .spawn(move || write_lines(rx, file, &shown))
@@ -237,7 +237,7 @@ mod tests {
     fn a_full_channel_drops_and_counts_instead_of_blocking() {
         // A sink whose writer starts only after the records are sent: two fit, three drop.
         let path = temp("dropped");
-        let (tx, rx) = sync_channel(2);
+        let (tx, rx) = flume::bounded(2);
         let tracer = Tracer {
             sink: Some(Arc::new(Sink {
                 epoch: Instant::now(),
