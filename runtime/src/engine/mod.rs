@@ -2,6 +2,7 @@
 //! admits and routes requests, a template store and per-request progress. [`Engine`] is
 //! the handle the HTTP layer (or an embedding app) holds.
 
+pub mod balancer;
 pub mod progress;
 pub mod request;
 pub mod scheduler;
@@ -20,9 +21,10 @@ use retouch_kernels::{DType, Device};
 use retouch_models::pipeline::Pipeline;
 use tokio::sync::oneshot;
 
+pub use balancer::{Balancer, CacheResidency, CalibrationPlan, CostModel, Routing};
 pub use progress::{ProgressBook, RequestProgress, State};
 pub use request::{Completed, EngineError, JobSpec, Request, RequestId};
-pub use scheduler::{Routing, Scheduler, Submit, WorkerSlot};
+pub use scheduler::{Scheduler, Submit, WorkerSlot};
 pub use templates::TemplateStore;
 pub use worker::{BatchPolicy, Worker, WorkerLoad, WorkerSettings};
 
@@ -37,6 +39,12 @@ pub struct EngineConfig {
     pub threads_per_worker: Option<usize>,
     pub policy: BatchPolicy,
     pub routing: Routing,
+    /// Start-up timing of each worker for the cost model (only with `Routing::Cost` and
+    /// several workers, where it decides something); None assumes a FLOPs-only model.
+    pub calibration: Option<CalibrationPlan>,
+    /// Bytes per second at which a template's cache loads onto a worker; None measures it
+    /// at start-up (when calibrating) by reading the UNet's weights.
+    pub load_bandwidth: Option<f64>,
     pub max_batch_requests: usize,
     /// Requests waiting per worker before new ones are refused.
     pub max_queue: usize,
@@ -57,7 +65,9 @@ impl EngineConfig {
             devices: vec![Device::Cpu],
             threads_per_worker: None,
             policy: BatchPolicy::Continuous,
-            routing: Routing::LeastLoaded,
+            routing: Routing::Cost,
+            calibration: Some(CalibrationPlan::default()),
+            load_bandwidth: None,
             max_batch_requests: 8,
             max_queue: 64,
             cache_dir: None,
@@ -87,7 +97,8 @@ struct Inner {
     scheduler: Addr<Scheduler>,
     loads: Vec<Arc<WorkerLoad>>,
     workers: Vec<Addr<Worker>>,
-    templates: TemplateStore,
+    cost_models: Vec<CostModel>,
+    templates: Arc<TemplateStore>,
     progress: Arc<ProgressBook>,
     next_id: AtomicU64,
     metrics: PrometheusHandle,
@@ -106,20 +117,32 @@ impl Engine {
             return Err("max batch requests and max queue must be at least 1".into());
         }
         let metrics = telemetry::prometheus();
-        let templates = TemplateStore::open(config.cache_dir.as_deref()).map_err(|e| {
-            format!(
-                "template cache {}: {e}",
-                config
-                    .cache_dir
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display()
-            )
-        })?;
+        let templates = TemplateStore::open(config.cache_dir.as_deref())
+            .map(Arc::new)
+            .map_err(|e| {
+                format!(
+                    "template cache {}: {e}",
+                    config
+                        .cache_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                )
+            })?;
         let progress = Arc::new(ProgressBook::new(config.keep_progress));
         let mut arbiters = Vec::new();
         let mut slots = Vec::new();
         let mut model = None;
+        let mut shape = None;
+        let mut cost_models = Vec::new();
+        let calibrate = match &config.calibration {
+            Some(plan) if config.routing == Routing::Cost && config.devices.len() > 1 => Some(plan),
+            _ => None,
+        };
+        let bandwidth = config
+            .load_bandwidth
+            .or_else(|| calibrate.and_then(|_| balancer::read_bandwidth(&config.model_dir)))
+            .unwrap_or(CostModel::assumed().load_bytes_per_s);
         for (index, device) in config.devices.iter().enumerate() {
             if *device != Device::Cpu {
                 return Err(format!("device {device:?} is not supported yet"));
@@ -129,6 +152,9 @@ impl Engine {
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),
             });
+            if shape.is_none() {
+                shape = Some(balancer::ModelShape::of(&pipe)?);
+            }
             let settings = WorkerSettings {
                 index,
                 policy: config.policy,
@@ -138,6 +164,15 @@ impl Engine {
             };
             let load = Arc::new(WorkerLoad::default());
             let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?;
+            cost_models.push(match (calibrate, &shape) {
+                (Some(plan), Some(shape)) => worker
+                    .calibrate(shape, plan, bandwidth)
+                    .map_err(|e| format!("timing worker {index}: {e}"))?,
+                _ => CostModel {
+                    load_bytes_per_s: bandwidth,
+                    ..CostModel::assumed()
+                },
+            });
             let arbiter = Arbiter::new();
             let addr = Worker::start_in_arbiter(&arbiter.handle(), move |_| worker);
             arbiters.push(arbiter);
@@ -145,12 +180,13 @@ impl Engine {
         }
         let loads = slots.iter().map(|s| Arc::clone(&s.load)).collect();
         let workers = slots.iter().map(|s| s.addr.clone()).collect();
-        let scheduler = Scheduler::new(
-            slots,
-            config.max_queue,
+        let balancer = Balancer::new(
             config.routing,
-            Arc::clone(&progress),
+            shape.ok_or("no worker started")?,
+            cost_models.clone(),
+            Arc::clone(&templates) as Arc<dyn CacheResidency>,
         );
+        let scheduler = Scheduler::new(slots, config.max_queue, balancer, Arc::clone(&progress));
         let arbiter = Arbiter::new();
         let scheduler = Scheduler::start_in_arbiter(&arbiter.handle(), move |_| scheduler);
         arbiters.push(arbiter);
@@ -161,6 +197,7 @@ impl Engine {
                 scheduler,
                 loads,
                 workers,
+                cost_models,
                 templates,
                 progress,
                 next_id: AtomicU64::new(1),
@@ -180,6 +217,7 @@ impl Engine {
             spec,
             reply: tx,
             submitted: Instant::now(),
+            charge: Default::default(),
         };
         let admitted = match self.inner.scheduler.send(Submit(req)).await {
             Ok(r) => r,
@@ -229,6 +267,21 @@ impl Engine {
                     l.running.load(Ordering::Relaxed),
                 )
             })
+            .collect()
+    }
+
+    /// Each worker's cost model (measured at start-up, or the assumed one).
+    pub fn cost_models(&self) -> &[CostModel] {
+        &self.inner.cost_models
+    }
+
+    /// Per worker: predicted seconds and active tokens x steps of the work still queued or
+    /// running there (both zero once everything routed has left).
+    pub fn outstanding(&self) -> Vec<(f64, u64)> {
+        self.inner
+            .loads
+            .iter()
+            .map(|l| (l.work_s(), l.tokens()))
             .collect()
     }
 

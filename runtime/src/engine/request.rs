@@ -9,6 +9,8 @@ use retouch_models::pipeline::{
 };
 use tokio::sync::oneshot;
 
+use super::balancer::Charge;
+
 pub type RequestId = u64;
 
 /// The work a request asks for; a worker turns it into a `DenoiseJob` when it admits it
@@ -18,6 +20,8 @@ pub enum JobSpec {
     Template(TemplateSpec),
     Edit {
         template: Arc<Template>,
+        /// The template's id in the store (cache residency is looked up by it).
+        template_id: String,
         mask: Mask,
         req: EditRequest,
     },
@@ -59,6 +63,8 @@ pub struct Request {
     pub spec: JobSpec,
     pub reply: oneshot::Sender<Reply>,
     pub submitted: Instant,
+    /// The predicted work the scheduler charged to the worker it routed this to.
+    pub charge: Charge,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
@@ -18,6 +18,7 @@ use retouch_kernels::DType;
 use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
 use tokio::sync::oneshot;
 
+use super::balancer::{CalibrationPlan, Charge, CostModel, ModelShape, calibrate};
 use super::progress::{ProgressBook, State};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
 use super::telemetry;
@@ -49,6 +50,43 @@ impl std::str::FromStr for BatchPolicy {
 pub struct WorkerLoad {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Predicted microseconds of work left in queued and running requests: each request's
+    /// [`Charge`], added when routed and taken off as it runs, so it never goes negative.
+    work_us: AtomicU64,
+    /// Active tokens times steps left, likewise.
+    tokens: AtomicU64,
+}
+
+impl WorkerLoad {
+    pub fn add(&self, charge: &Charge) {
+        self.work_us.fetch_add(charge.work_us(), Ordering::Relaxed);
+        self.tokens.fetch_add(charge.tokens(), Ordering::Relaxed);
+    }
+
+    /// One step of the charged request ran.
+    pub fn step_done(&self, charge: &mut Charge) {
+        if charge.steps_left > 0 {
+            charge.steps_left -= 1;
+            self.work_us.fetch_sub(charge.step_us, Ordering::Relaxed);
+            self.tokens.fetch_sub(charge.step_tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The charged request left the worker: whatever it had left comes off.
+    pub fn release(&self, charge: &mut Charge) {
+        self.work_us.fetch_sub(charge.work_us(), Ordering::Relaxed);
+        self.tokens.fetch_sub(charge.tokens(), Ordering::Relaxed);
+        *charge = Charge::default();
+    }
+
+    /// Predicted seconds of work left.
+    pub fn work_s(&self) -> f64 {
+        self.work_us.load(Ordering::Relaxed) as f64 * 1e-6
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
 }
 
 pub struct WorkerSettings {
@@ -82,6 +120,7 @@ struct Running {
     submitted: Instant,
     admitted: Instant,
     failure: Option<EngineError>,
+    charge: Charge,
 }
 
 impl Worker {
@@ -140,6 +179,16 @@ impl Worker {
         }
     }
 
+    /// Times this worker for its cost model (on its own pool, as requests will run).
+    pub fn calibrate(
+        &self,
+        shape: &ModelShape,
+        plan: &CalibrationPlan,
+        load_bytes_per_s: f64,
+    ) -> Result<CostModel, EngineError> {
+        self.compute(|pipe| calibrate(pipe, shape, plan, load_bytes_per_s))
+    }
+
     fn gauges(&self) {
         let worker = self.settings.index.to_string();
         metrics::gauge!(telemetry::QUEUE_DEPTH, "worker" => worker.clone())
@@ -158,6 +207,7 @@ impl Worker {
         for r in running.iter_mut().filter(|r| r.failure.is_none()) {
             match self.compute(|pipe| r.job.step(pipe)) {
                 Ok(()) => {
+                    self.load.step_done(&mut r.charge);
                     let done = r.job.steps_done();
                     self.progress.update(r.id, |p| p.steps_done = done);
                 }
@@ -179,12 +229,13 @@ impl Worker {
             BatchPolicy::Static => 0,
         };
         while self.running.len() < room {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some(mut req) = self.waiting.pop_front() else {
                 break;
             };
             self.load.queued.fetch_sub(1, Ordering::Relaxed);
             let kind = req.spec.kind();
             if req.reply.is_closed() {
+                self.load.release(&mut req.charge);
                 self.cancelled(req.id, kind);
                 continue;
             }
@@ -198,6 +249,7 @@ impl Worker {
                     template,
                     mask,
                     req: edit,
+                    ..
                 } => self.compute(|pipe| {
                     DenoiseJob::edit(pipe, TemplateRef::Shared(template), &mask, &edit)
                 }),
@@ -219,9 +271,13 @@ impl Worker {
                         submitted: req.submitted,
                         admitted: Instant::now(),
                         failure: None,
+                        charge: req.charge,
                     });
                 }
-                Err(e) => self.answer(req.id, kind, req.submitted, req.reply, Err(e)),
+                Err(e) => {
+                    self.load.release(&mut req.charge);
+                    self.answer(req.id, kind, req.submitted, req.reply, Err(e));
+                }
             }
         }
     }
@@ -236,8 +292,9 @@ impl Worker {
                 i += 1;
                 continue;
             }
-            let r = self.running.swap_remove(i);
+            let mut r = self.running.swap_remove(i);
             self.load.running.fetch_sub(1, Ordering::Relaxed);
+            self.load.release(&mut r.charge);
             if r.reply.is_closed() {
                 self.cancelled(r.id, r.kind);
                 continue;
@@ -362,10 +419,12 @@ impl Handler<Stop> for Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         let stopped = || Err(EngineError::Unavailable("the worker stopped".into()));
-        for req in self.waiting.drain(..) {
+        for mut req in self.waiting.drain(..) {
+            self.load.release(&mut req.charge);
             let _ = req.reply.send(stopped());
         }
-        for r in self.running.drain(..) {
+        for mut r in self.running.drain(..) {
+            self.load.release(&mut r.charge);
             let _ = r.reply.send(stopped());
         }
     }

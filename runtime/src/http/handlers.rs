@@ -157,6 +157,7 @@ pub async fn create_edit(
     let (request_id, result) = engine
         .run(JobSpec::Edit {
             template,
+            template_id: body.template_id.clone(),
             mask,
             req: edit,
         })
