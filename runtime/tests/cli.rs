@@ -208,6 +208,34 @@ fn replay_matrix_reports_every_configuration() {
         table.contains("| continuous + cached + cost | 30.00 | 4 |"),
         "{table}"
     );
+    // Without --rates: the dense capacity is probed and sets two rates, 0.5x and 1.2x.
+    let run = retouch(&[
+        "replay",
+        "--model",
+        model.to_str().unwrap(),
+        "--requests",
+        "2",
+        "--templates",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON output");
+    let capacity = output["probe"]["capacity"].as_f64().unwrap();
+    let rates: Vec<f64> = output["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rate"].as_f64().unwrap())
+        .collect();
+    assert!(capacity > 0.0);
+    assert_eq!(rates, [0.5 * capacity, 1.2 * capacity]);
     let bad = retouch(&["replay", "--url", "http://127.0.0.1:9", "--matrix"]);
     assert!(!bad.status.success());
     std::fs::remove_dir_all(model).ok();

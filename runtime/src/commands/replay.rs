@@ -46,8 +46,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     no_calibration: bool,
     /// Offered arrival rates in requests per second, one replay each (e.g. `0.5,1`). Without
-    /// it, in-process runs measure a dense edit's service time first and replay at 0.5x and
-    /// 1.2x the workers' dense capacity.
+    /// it, in-process runs first measure the dense capacity (a burst of two dense edits per
+    /// worker) and replay at 0.5x and 1.2x of it.
     #[arg(long, alias = "rate", value_delimiter = ',')]
     rates: Vec<f64>,
     /// Edits per replay.
@@ -128,7 +128,7 @@ const MATRIX: [Scenario; 3] = [
 struct Probe {
     /// One dense edit's latency on an idle engine, ms.
     service_ms: f64,
-    /// Workers / service time: the dense configurations' capacity, requests per second.
+    /// Dense edits per second with every worker busy (a burst's throughput).
     capacity: f64,
 }
 
@@ -202,8 +202,8 @@ async fn replay_all(
         (Some(dir), true) => {
             let p = probe_capacity(dir, &args, &base).await?;
             eprintln!(
-                "probe: a dense edit takes {:.0} ms on an idle engine; {} worker(s) serve about \
-                 {:.2} edits/s",
+                "probe: a dense edit takes {:.0} ms on an idle engine; {} busy worker(s) serve \
+                 {:.2} dense edits/s",
                 p.service_ms, args.workers, p.capacity
             );
             let rates = vec![0.5 * p.capacity, 1.2 * p.capacity];
@@ -317,42 +317,44 @@ fn start_engine(dir: &Path, args: &ReplayArgs, scenario: Scenario) -> Result<Eng
     Engine::start(config)
 }
 
-/// One dense edit's latency on an idle engine (the second of two, the first warming up), and
-/// the capacity it implies for the dense configurations.
+/// The dense configurations' capacity: one dense edit on an idle engine (after a warm-up
+/// edit), then a burst of two edits per worker sent at once, whose throughput is the
+/// capacity (it counts whatever the workers lose to running side by side on shared cores).
 async fn probe_capacity(
     dir: &Path,
     args: &ReplayArgs,
     base: &ReplayConfig,
 ) -> Result<Probe, Box<dyn std::error::Error>> {
-    let scenario = Scenario {
-        mode: EditMode::Dense,
-        ..MATRIX[0]
-    };
-    let engine = start_engine(dir, args, scenario)?;
+    let engine = start_engine(dir, args, MATRIX[0])?;
+    let result = probe_on(&engine, args.workers, base).await;
+    engine.shutdown();
+    result
+}
+
+async fn probe_on(
+    engine: &Engine,
+    workers: usize,
+    base: &ReplayConfig,
+) -> Result<Probe, Box<dyn std::error::Error>> {
+    let target = Target::Engine(engine.clone());
     let mut config = base.clone();
     config.mode = EditMode::Dense;
     config.trace.templates = 1;
     config.trace.requests = 1;
-    let target = Target::Engine(engine.clone());
     let mut service_ms = f64::NAN;
     for _ in 0..2 {
-        let report = replay::run(&target, &config, "probe", || {}).await;
-        let report = match report {
-            Ok(r) => r,
-            Err(e) => {
-                engine.shutdown();
-                return Err(e.into());
-            }
-        };
+        let report = replay::run(&target, &config, "probe", || {}).await?;
         service_ms = report.latency_ms.map_or(f64::NAN, |l| l.mean);
     }
-    engine.shutdown();
-    if !(service_ms.is_finite() && service_ms > 0.0) {
-        return Err("the probe edit did not complete".into());
+    config.trace.requests = 2 * workers;
+    config.trace.rate = 1e6;
+    let burst = replay::run(&target, &config, "probe burst", || {}).await?;
+    if !(service_ms.is_finite() && burst.completed == config.trace.requests) {
+        return Err(format!("the probe edits did not complete: {:?}", burst.errors).into());
     }
     Ok(Probe {
         service_ms,
-        capacity: args.workers as f64 / (service_ms / 1e3),
+        capacity: burst.throughput,
     })
 }
 
@@ -382,8 +384,9 @@ fn markdown(o: &Output) -> String {
     );
     if let Some(p) = &o.probe {
         s += &format!(
-            "Probe: one dense edit on an idle engine took {:.0} ms, so the workers' dense \
-             capacity is about {:.2} edits/s; the rates are 0.5x and 1.2x that.\n",
+            "Probe: one dense edit on an idle engine took {:.0} ms; a burst of two dense edits \
+             per worker ran at {:.2} edits/s (the dense capacity); the rates are 0.5x and 1.2x \
+             that.\n",
             p.service_ms, p.capacity
         );
     }
