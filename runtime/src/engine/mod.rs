@@ -85,6 +85,33 @@ pub struct ModelInfo {
     pub native_size: usize,
 }
 
+/// One cost model per worker: workers of one device kind (they share the thread count) get
+/// the fit of their pooled timings; without timings, the assumed model.
+fn pooled_cost_models(
+    devices: &[Device],
+    timings: &[(Device, balancer::Timings)],
+    bandwidth: f64,
+) -> Result<Vec<CostModel>, String> {
+    devices
+        .iter()
+        .map(|device| {
+            let kind: Vec<_> = timings
+                .iter()
+                .filter(|(d, _)| d == device)
+                .map(|(_, t)| t.clone())
+                .collect();
+            if kind.is_empty() {
+                return Ok(CostModel {
+                    load_bytes_per_s: bandwidth,
+                    ..CostModel::assumed()
+                });
+            }
+            balancer::fit_workers(&kind, bandwidth)
+                .map_err(|e| format!("fitting the cost model of {device:?} workers: {e}"))
+        })
+        .collect()
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -134,7 +161,7 @@ impl Engine {
         let mut slots = Vec::new();
         let mut model = None;
         let mut shape = None;
-        let mut cost_models = Vec::new();
+        let mut timings = Vec::new();
         let calibrate = match &config.calibration {
             Some(plan) if config.routing == Routing::Cost && config.devices.len() > 1 => Some(plan),
             _ => None,
@@ -164,20 +191,18 @@ impl Engine {
             };
             let load = Arc::new(WorkerLoad::default());
             let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?;
-            cost_models.push(match (calibrate, &shape) {
-                (Some(plan), Some(shape)) => worker
-                    .calibrate(shape, plan, bandwidth)
-                    .map_err(|e| format!("timing worker {index}: {e}"))?,
-                _ => CostModel {
-                    load_bytes_per_s: bandwidth,
-                    ..CostModel::assumed()
-                },
-            });
+            if let (Some(plan), Some(shape)) = (calibrate, &shape) {
+                let t = worker
+                    .calibrate(shape, plan)
+                    .map_err(|e| format!("timing worker {index}: {e}"))?;
+                timings.push((*device, t));
+            }
             let arbiter = Arbiter::new();
             let addr = Worker::start_in_arbiter(&arbiter.handle(), move |_| worker);
             arbiters.push(arbiter);
             slots.push(WorkerSlot { addr, load });
         }
+        let cost_models = pooled_cost_models(&config.devices, &timings, bandwidth)?;
         let loads = slots.iter().map(|s| Arc::clone(&s.load)).collect();
         let workers = slots.iter().map(|s| s.addr.clone()).collect();
         let balancer = Balancer::new(

@@ -18,7 +18,7 @@ use retouch_kernels::DType;
 use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
 use tokio::sync::oneshot;
 
-use super::balancer::{CalibrationPlan, Charge, CostModel, ModelShape, calibrate};
+use super::balancer::{CalibrationPlan, Charge, ModelShape, Timings, time_worker};
 use super::progress::{ProgressBook, State};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
 use super::telemetry;
@@ -179,14 +179,13 @@ impl Worker {
         }
     }
 
-    /// Times this worker for its cost model (on its own pool, as requests will run).
+    /// Times this worker for the cost model (on its own pool, as requests will run).
     pub fn calibrate(
         &self,
         shape: &ModelShape,
         plan: &CalibrationPlan,
-        load_bytes_per_s: f64,
-    ) -> Result<CostModel, EngineError> {
-        self.compute(|pipe| calibrate(pipe, shape, plan, load_bytes_per_s))
+    ) -> Result<Timings, EngineError> {
+        self.compute(|pipe| time_worker(pipe, shape, plan))
     }
 
     fn gauges(&self) {

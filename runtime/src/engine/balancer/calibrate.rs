@@ -34,14 +34,19 @@ impl Default for CalibrationPlan {
     }
 }
 
-/// Times `plan`'s steps on `pipe` (call it on the worker's own thread pool) and fits the
-/// worker's cost model; `load_bytes_per_s` is carried into the model as given.
-pub fn calibrate(
-    pipe: &Pipeline,
-    shape: &ModelShape,
-    plan: &CalibrationPlan,
-    load_bytes_per_s: f64,
-) -> Result<CostModel> {
+/// One worker's timings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timings {
+    /// Per timed shape, in plan order: (FLOPs of a step, seconds of its fastest step).
+    pub shapes: Vec<(f64, f64)>,
+    /// Seconds of a request outside its steps (text encoding + VAE decoding).
+    pub request_s: f64,
+    /// Steps timed in all.
+    pub steps: usize,
+}
+
+/// Times `plan`'s steps on `pipe` (call it on the worker's own thread pool).
+pub fn time_worker(pipe: &Pipeline, shape: &ModelShape, plan: &CalibrationPlan) -> Result<Timings> {
     let steps = plan.steps.max(2);
     let size = pipe.native_size();
     let spec = TemplateSpec {
@@ -66,8 +71,11 @@ pub fn calibrate(
     };
     let decode_s = started.elapsed().as_secs_f64();
 
-    let mut points = Vec::new();
-    let mut timed = 0;
+    let mut timings = Timings {
+        shapes: Vec::new(),
+        request_s: encode_s + decode_s,
+        steps: 0,
+    };
     let cases = std::iter::once((EditMode::Dense, 1.0))
         .chain(plan.mask_ratios.iter().map(|&r| (EditMode::Cached, r)));
     for (mode, ratio) in cases {
@@ -83,21 +91,43 @@ pub fn calibrate(
             let started = Instant::now();
             job.step(pipe)?;
             fastest = fastest.min(started.elapsed().as_secs_f64());
-            timed += 1;
+            timings.steps += 1;
         }
-        points.push((work.step_flops, fastest));
+        timings.shapes.push((work.step_flops, fastest));
     }
-    let line = CostModel::fit_steps(&points).ok_or_else(|| {
-        Error::Invalid(format!(
-            "calibration: no line fits the step timings {points:?}"
-        ))
-    })?;
+    Ok(timings)
+}
+
+/// The cost model of workers of one kind from their timings: per shape the fastest of any
+/// worker, the line through those, the fastest request overhead. `load_bytes_per_s` is
+/// carried into the model as given.
+pub fn fit_workers(
+    timings: &[Timings],
+    load_bytes_per_s: f64,
+) -> std::result::Result<CostModel, String> {
+    let shapes = timings.iter().map(|t| t.shapes.len()).min().unwrap_or(0);
+    let points: Vec<(f64, f64)> = (0..shapes)
+        .map(|i| {
+            timings
+                .iter()
+                .map(|t| t.shapes[i])
+                .fold(
+                    (0.0, f64::INFINITY),
+                    |best, p| if p.1 < best.1 { p } else { best },
+                )
+        })
+        .collect();
+    let line = CostModel::fit_steps(&points)
+        .ok_or_else(|| format!("no line fits the step timings {points:?}"))?;
     Ok(CostModel {
         step_s: line.intercept,
         s_per_flop: line.slope,
-        request_s: encode_s + decode_s,
+        request_s: timings
+            .iter()
+            .map(|t| t.request_s)
+            .fold(f64::INFINITY, f64::min),
         load_bytes_per_s,
-        samples: timed,
+        samples: timings.iter().map(|t| t.steps).sum(),
     })
 }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline};
 use retouch_models::unet::token_levels;
 
-pub use calibrate::{CalibrationPlan, calibrate, read_bandwidth};
+pub use calibrate::{CalibrationPlan, Timings, fit_workers, read_bandwidth, time_worker};
 pub use fit::{CostModel, Line, least_squares};
 pub use flops::{StepFlops, level_sizes};
 

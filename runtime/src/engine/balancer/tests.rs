@@ -239,3 +239,30 @@ fn routing_names_round_trip() {
             .contains("fastest")
     );
 }
+
+#[test]
+fn pooled_timings_fit_the_fastest_of_each_shape() {
+    // Step seconds = 2 ms + 1 ns per FLOP; worker 1 was timed during a burst of other work.
+    let line = |f: f64| 0.002 + 1e-9 * f;
+    let flops = [4e8, 1e8, 2e8, 3e8];
+    let quiet = Timings {
+        shapes: flops.iter().map(|&f| (f, line(f))).collect(),
+        request_s: 0.03,
+        steps: 12,
+    };
+    let noisy = Timings {
+        shapes: flops.iter().map(|&f| (f, 3.0 * line(f))).collect(),
+        request_s: 0.09,
+        steps: 12,
+    };
+    for pool in [vec![quiet.clone(), noisy.clone()], vec![noisy, quiet]] {
+        let m = fit_workers(&pool, 1e9).unwrap();
+        assert!((m.step_s - 0.002).abs() < 1e-9, "{m:?}");
+        assert!((m.s_per_flop - 1e-9).abs() < 1e-15, "{m:?}");
+        assert_eq!(
+            (m.request_s, m.samples, m.load_bytes_per_s),
+            (0.03, 24, 1e9)
+        );
+    }
+    assert!(fit_workers(&[], 1e9).is_err());
+}
