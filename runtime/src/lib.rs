@@ -20,5 +20,7 @@
 
 pub mod engine;
 pub mod http;
+pub mod masks;
+pub mod replay;
 
 pub use engine::{BatchPolicy, Engine, EngineConfig, EngineError, Routing};

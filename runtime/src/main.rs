@@ -45,6 +45,9 @@ enum Command {
     RandomModel(commands::random_model::RandomModelArgs),
     /// Serve the HTTP API (templates, edits, generations, progress, health, metrics).
     Serve(commands::serve::ServeArgs),
+    /// Drive an engine (or a server, --url) with a Poisson trace of edits of reused
+    /// templates; report mean, P50 and P95 latency and throughput per arrival rate.
+    Replay(commands::replay::ReplayArgs),
     /// Check every GPU kernel against the CPU on random inputs; non-zero exit on failure.
     Selftest(commands::selftest::SelftestArgs),
 }
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Quality(args) => commands::quality::run(args),
         Command::RandomModel(args) => commands::random_model::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Replay(args) => commands::replay::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {

@@ -148,6 +148,106 @@ fn tokenize_prints_padded_ids() {
     assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
 }
 
+/// `retouch replay --matrix` runs the three configurations on fresh engines and reports
+/// each edit; `--markdown` writes the table.
+#[test]
+fn replay_matrix_reports_every_configuration() {
+    let model = std::env::temp_dir().join(format!("retouch-cli-replay-{}", std::process::id()));
+    let out = retouch(&[
+        "random-model",
+        "--preset",
+        "tiny",
+        "--force",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let md = model.join("replay.md");
+    let run = retouch(&[
+        "replay",
+        "--model",
+        model.to_str().unwrap(),
+        "--matrix",
+        "--workers",
+        "2",
+        "--rates",
+        "30",
+        "--requests",
+        "4",
+        "--templates",
+        "2",
+        "--steps",
+        "2",
+        "--json",
+        "--markdown",
+        md.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON output");
+    let runs = output["runs"].as_array().unwrap();
+    let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels,
+        [
+            "static + dense + requests",
+            "continuous + dense + requests",
+            "continuous + cached + cost"
+        ]
+    );
+    for r in runs {
+        assert_eq!(r["completed"], 4, "{r}");
+        let p50 = r["latency_ms"]["p50"].as_f64().unwrap();
+        assert!(p50 > 0.0 && p50 <= r["latency_ms"]["p95"].as_f64().unwrap());
+    }
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        table.contains("| continuous + cached + cost | 30.00 | 4 |"),
+        "{table}"
+    );
+    // Without --rates: the dense capacity is probed and sets two rates, 0.5x and 1.2x.
+    let run = retouch(&[
+        "replay",
+        "--model",
+        model.to_str().unwrap(),
+        "--requests",
+        "2",
+        "--templates",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON output");
+    let capacity = output["probe"]["capacity"].as_f64().unwrap();
+    let rates: Vec<f64> = output["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rate"].as_f64().unwrap())
+        .collect();
+    assert!(capacity > 0.0);
+    // JSON printing may round the last bit.
+    assert_eq!(rates.len(), 2);
+    for (got, want) in rates.iter().zip([0.5 * capacity, 1.2 * capacity]) {
+        assert!(
+            (got - want).abs() <= 1e-9 * want,
+            "{rates:?} for {capacity}"
+        );
+    }
+    let bad = retouch(&["replay", "--url", "http://127.0.0.1:9", "--matrix"]);
+    assert!(!bad.status.success());
+    std::fs::remove_dir_all(model).ok();
+}
+
 /// `retouch serve` answers on its port and exits cleanly on Ctrl-C (SIGINT), ending its
 /// `--trace` file with the tracer's last record.
 #[test]

@@ -12,6 +12,7 @@ use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, RgbImage, 
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
 use retouch_runtime::engine::State;
 use retouch_runtime::http::not_found;
+use retouch_runtime::replay::{self, ReplayConfig, Target, TraceConfig};
 use retouch_runtime::{BatchPolicy, Engine, EngineConfig};
 use serde_json::{Value, json};
 
@@ -654,6 +655,58 @@ async fn small_cache_budgets_evict_to_disk_and_edits_stay_exact() {
     ] {
         assert!(after.contains(name), "{name} missing from {after}");
     }
+}
+
+fn replay_config(rate: f64, requests: usize) -> ReplayConfig {
+    let mut trace = TraceConfig::new(rate, requests);
+    trace.templates = 2;
+    ReplayConfig {
+        trace,
+        steps: 2,
+        guidance: 4.0,
+        mode: EditMode::Dense,
+        size: None,
+    }
+}
+
+#[actix_rt::test]
+async fn replay_drives_the_server_over_http() {
+    let server = Server::start(|c| c.max_batch_requests = 4).await;
+    let target = Target::http(&server.base, Duration::from_secs(300));
+    let report = replay::run(&target, &replay_config(40.0, 5), "http", || {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.completed, report.rejected, report.failed),
+        (5, 0, 0),
+        "{:?}",
+        report.errors
+    );
+    let latency = report.latency_ms.unwrap();
+    assert!(latency.mean > 0.0 && latency.p50 <= latency.p95);
+    assert!(report.queue_ms.unwrap().mean >= 0.0);
+    assert!(
+        report.per_worker.is_empty(),
+        "workers are not visible over HTTP"
+    );
+    let (_, list) = server.get_json("/v1/templates").await;
+    assert_eq!(list["templates"].as_array().unwrap().len(), 2);
+}
+
+#[actix_rt::test]
+async fn replay_counts_a_full_servers_503s_as_rejected() {
+    let server = Server::start(|c| {
+        c.max_queue = 1;
+        c.max_batch_requests = 1;
+    })
+    .await;
+    let target = Target::http(&server.base, Duration::from_secs(300));
+    let report = replay::run(&target, &replay_config(10_000.0, 10), "full", || {})
+        .await
+        .unwrap();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(report.completed + report.rejected, 10);
+    assert!(report.rejected >= 1 && report.completed >= 1, "{report:?}");
 }
 
 /// Keeps DType in use for the cache setting the tests rely on (f16 by default).

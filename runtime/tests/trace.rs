@@ -63,6 +63,7 @@ async fn a_traced_engine_writes_every_request_and_actor_trace_summarises_it() {
     let job = JobSpec::Edit {
         template: Arc::new(template),
         // The template carries its own activation cache (not in the engine's store).
+        template_id: "unstored".into(),
         cache: None,
         mask: quarter_mask(),
         req: edit,

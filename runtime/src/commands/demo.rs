@@ -11,8 +11,8 @@ use retouch_kernels::DType;
 use retouch_models::classifier::{ShapeClassifier, View};
 use retouch_models::pipeline::image_metrics::psnr;
 use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, RgbImage, TemplateSpec};
+use retouch_runtime::masks::box_mask;
 
-use super::quality::box_mask;
 use super::{model_dir, step_bar};
 
 #[derive(Args)]

@@ -6,6 +6,7 @@ pub mod forward;
 pub mod generate;
 pub mod quality;
 pub mod random_model;
+pub mod replay;
 pub mod selftest;
 pub mod serve;
 pub mod template;
@@ -44,6 +45,23 @@ pub fn check_steps_and_guidance(steps: usize, guidance: f32) -> Result<(), Strin
         ));
     }
     Ok(())
+}
+
+/// The workers' cost models on stderr, when they were measured.
+pub fn print_cost_models(engine: &retouch_runtime::Engine) {
+    for (i, m) in engine.cost_models().iter().enumerate() {
+        if m.samples > 0 {
+            eprintln!(
+                "worker {i}: step = {:.2} ms + FLOPs / {:.1} GFLOP/s ({} timed steps), \
+                 {:.1} ms per request outside steps, caches load at {:.2} GB/s",
+                m.step_s * 1e3,
+                m.gflops(),
+                m.samples,
+                m.request_s * 1e3,
+                m.load_bytes_per_s / 1e9
+            );
+        }
+    }
 }
 
 /// A progress bar over denoising steps, on stderr.

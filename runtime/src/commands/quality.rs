@@ -14,6 +14,7 @@ use retouch_models::pipeline::{
     EditMode, EditRequest, Edited, Mask, Pipeline, RgbImage, Template, TemplateSpec,
 };
 use retouch_models::shape_box::{ShapeBoxRule, shape_box};
+use retouch_runtime::masks::{box_mask, ellipse_mask};
 use serde::{Deserialize, Serialize};
 
 use super::{check_steps_and_guidance, model_dir};
@@ -402,75 +403,4 @@ fn to_markdown(r: &Report, pairs: usize) -> String {
         );
     }
     s
-}
-
-/// An ellipse covering about `ratio` of a `width x height` image, at a position and aspect
-/// drawn from `seed`, inside the image.
-fn ellipse_mask(width: usize, height: usize, ratio: f64, seed: u64) -> Mask {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut uniform = || {
-        // splitmix64
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let (w, h) = (width as f64, height as f64);
-    let aspect = 0.7 + 0.7 * uniform();
-    let area = ratio * w * h;
-    let rx = (area / (std::f64::consts::PI * aspect)).sqrt().min(w / 2.0);
-    let ry = (area / (std::f64::consts::PI * rx)).min(h / 2.0);
-    let cx = rx + (w - 2.0 * rx) * uniform();
-    let cy = ry + (h - 2.0 * ry) * uniform();
-    let values = (0..height)
-        .flat_map(|y| {
-            (0..width).map(move |x| {
-                let dx = (x as f64 + 0.5 - cx) / rx;
-                let dy = (y as f64 + 0.5 - cy) / ry;
-                if dx * dx + dy * dy <= 1.0 { 1.0 } else { 0.0 }
-            })
-        })
-        .collect();
-    Mask {
-        width,
-        height,
-        values,
-    }
-}
-
-/// A rectangle `[x0, y0, x1, y1]` (pixels, end exclusive) of a `width x height` mask.
-pub(super) fn box_mask(width: usize, height: usize, [x0, y0, x1, y1]: [usize; 4]) -> Mask {
-    let values = (0..height)
-        .flat_map(|y| {
-            (0..width)
-                .map(move |x| f32::from(u8::from((x0..x1).contains(&x) && (y0..y1).contains(&y))))
-        })
-        .collect();
-    Mask {
-        width,
-        height,
-        values,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ellipse_masks_cover_about_the_requested_share() {
-        for (ratio, seed) in [(0.05, 1), (0.1, 2), (0.2, 3), (0.5, 4)] {
-            let m = ellipse_mask(64, 64, ratio, seed);
-            assert!((m.ratio() - ratio).abs() < 0.02, "{ratio}: {}", m.ratio());
-        }
-    }
-
-    #[test]
-    fn box_masks_cover_their_box() {
-        let m = box_mask(8, 6, [2, 1, 5, 4]);
-        assert_eq!(m.ratio(), 9.0 / 48.0);
-        assert_eq!(m.values[8 + 2], 1.0);
-        assert_eq!(m.values[8 + 5], 0.0);
-    }
 }

@@ -7,7 +7,7 @@ use actix_web::{App, HttpServer, web};
 use clap::Args;
 use retouch_kernels::Device;
 use retouch_runtime::http::not_found;
-use retouch_runtime::{BatchPolicy, Engine, EngineConfig};
+use retouch_runtime::{BatchPolicy, Engine, EngineConfig, Routing};
 
 use super::model_dir;
 
@@ -49,6 +49,13 @@ pub struct ServeArgs {
     /// `continuous` (join after any step) or `static` (a batch runs to completion).
     #[arg(long, default_value = "continuous")]
     policy: BatchPolicy,
+    /// How requests are spread over workers: `cost` (lowest predicted completion, from a
+    /// cost model timed at start-up), `requests`, `tokens` or `round-robin`.
+    #[arg(long, default_value = "cost")]
+    routing: Routing,
+    /// Skip the start-up timing of workers; cost routing then assumes a FLOPs-only model.
+    #[arg(long)]
+    no_calibration: bool,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body: usize,
@@ -75,6 +82,10 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.max_batch_requests = args.max_batch;
     config.max_queue = args.max_queue;
     config.policy = args.policy;
+    config.routing = args.routing;
+    if args.no_calibration {
+        config.calibration = None;
+    }
     config.max_body_bytes = args.max_body;
     config.trace = args.trace;
     let (host, port) = (args.host, args.port);
@@ -96,9 +107,11 @@ async fn serve(
     .bind((host.as_str(), port))
     .map_err(|e| format!("binding {host}:{port}: {e}"))?;
     eprintln!(
-        "retouch serving on http://{host}:{port} ({} worker(s))",
-        engine.loads().len()
+        "retouch serving on http://{host}:{port} ({} worker(s), {} routing)",
+        engine.loads().len(),
+        engine.config().routing
     );
+    super::print_cost_models(&engine);
     let result = server.run().await;
     engine.shutdown();
     Ok(result?)

@@ -3,6 +3,7 @@
 //! activation caches between tiers, and per-request progress. [`Engine`] is the handle the
 //! HTTP layer (or an embedding app) holds.
 
+pub mod balancer;
 pub mod cache;
 pub mod progress;
 pub mod request;
@@ -23,10 +24,11 @@ use retouch_kernels::{DType, Device};
 use retouch_models::pipeline::Pipeline;
 use tokio::sync::oneshot;
 
+pub use balancer::{Balancer, CacheResidency, CalibrationPlan, CostModel, Routing};
 pub use cache::{CacheConfig, CacheLease, CacheManager, LoadEvent, StepWindow, Tier};
 pub use progress::{ProgressBook, RequestProgress, State};
 pub use request::{Completed, EngineError, JobSpec, Request, RequestId};
-pub use scheduler::{Routing, Scheduler, Submit, WorkerSlot};
+pub use scheduler::{Scheduler, Submit, WorkerSlot};
 pub use templates::TemplateStore;
 pub use trace::Tracer;
 pub use worker::{BatchPolicy, Worker, WorkerLoad, WorkerSettings};
@@ -42,6 +44,12 @@ pub struct EngineConfig {
     pub threads_per_worker: Option<usize>,
     pub policy: BatchPolicy,
     pub routing: Routing,
+    /// Start-up timing of each worker for the cost model (only with `Routing::Cost` and
+    /// several workers, where it decides something); None assumes a FLOPs-only model.
+    pub calibration: Option<CalibrationPlan>,
+    /// Bytes per second at which a template's cache loads onto a worker; None measures it
+    /// at start-up (when calibrating) by reading the UNet's weights.
+    pub load_bandwidth: Option<f64>,
     pub max_batch_requests: usize,
     /// Requests waiting per worker before new ones are refused.
     pub max_queue: usize,
@@ -73,7 +81,9 @@ impl EngineConfig {
             devices: vec![Device::Cpu],
             threads_per_worker: None,
             policy: BatchPolicy::Continuous,
-            routing: Routing::LeastLoaded,
+            routing: Routing::Cost,
+            calibration: Some(CalibrationPlan::default()),
+            load_bandwidth: None,
             max_batch_requests: 8,
             max_queue: 64,
             cache_dir: None,
@@ -96,6 +106,33 @@ pub struct ModelInfo {
     pub native_size: usize,
 }
 
+/// One cost model per worker: workers of one device kind (they share the thread count) get
+/// the fit of their pooled timings; without timings, the assumed model.
+fn pooled_cost_models(
+    devices: &[Device],
+    timings: &[(Device, balancer::Timings)],
+    bandwidth: f64,
+) -> Result<Vec<CostModel>, String> {
+    devices
+        .iter()
+        .map(|device| {
+            let kind: Vec<_> = timings
+                .iter()
+                .filter(|(d, _)| d == device)
+                .map(|(_, t)| t.clone())
+                .collect();
+            if kind.is_empty() {
+                return Ok(CostModel {
+                    load_bytes_per_s: bandwidth,
+                    ..CostModel::assumed()
+                });
+            }
+            balancer::fit_workers(&kind, bandwidth)
+                .map_err(|e| format!("fitting the cost model of {device:?} workers: {e}"))
+        })
+        .collect()
+}
+
 /// A cheap, cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -108,7 +145,8 @@ struct Inner {
     scheduler: Addr<Scheduler>,
     loads: Vec<Arc<WorkerLoad>>,
     workers: Vec<Addr<Worker>>,
-    templates: TemplateStore,
+    cost_models: Vec<CostModel>,
+    templates: Arc<TemplateStore>,
     cache: CacheManager,
     progress: Arc<ProgressBook>,
     next_id: AtomicU64,
@@ -145,8 +183,9 @@ impl Engine {
             let loads = tracer.named("cache-loader");
             cache.on_load(move |event| trace::cache_loaded(&loads, event));
         }
-        let templates =
-            TemplateStore::open(config.cache_dir.as_deref(), cache.clone()).map_err(|e| {
+        let templates = TemplateStore::open(config.cache_dir.as_deref(), cache.clone())
+            .map(Arc::new)
+            .map_err(|e| {
                 format!(
                     "template cache {}: {e}",
                     config
@@ -160,6 +199,16 @@ impl Engine {
         let mut arbiters = Vec::new();
         let mut slots = Vec::new();
         let mut model = None;
+        let mut shape = None;
+        let mut timings = Vec::new();
+        let calibrate = match &config.calibration {
+            Some(plan) if config.routing == Routing::Cost && config.devices.len() > 1 => Some(plan),
+            _ => None,
+        };
+        let bandwidth = config
+            .load_bandwidth
+            .or_else(|| calibrate.and_then(|_| balancer::read_bandwidth(&config.model_dir)))
+            .unwrap_or(CostModel::assumed().load_bytes_per_s);
         for (index, device) in config.devices.iter().enumerate() {
             if *device != Device::Cpu {
                 return Err(format!("device {device:?} is not supported yet"));
@@ -169,6 +218,9 @@ impl Engine {
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),
             });
+            if shape.is_none() {
+                shape = Some(balancer::ModelShape::of(&pipe)?);
+            }
             let settings = WorkerSettings {
                 index,
                 policy: config.policy,
@@ -179,20 +231,28 @@ impl Engine {
             let load = Arc::new(WorkerLoad::default());
             let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?
                 .traced(&tracer);
+            if let (Some(plan), Some(shape)) = (calibrate, &shape) {
+                let t = worker
+                    .calibrate(shape, plan)
+                    .map_err(|e| format!("timing worker {index}: {e}"))?;
+                timings.push((*device, t));
+            }
             let arbiter = Arbiter::new();
             let addr = Worker::start_in_arbiter(&arbiter.handle(), move |_| worker);
             arbiters.push(arbiter);
             slots.push(WorkerSlot { addr, load });
         }
+        let cost_models = pooled_cost_models(&config.devices, &timings, bandwidth)?;
         let loads = slots.iter().map(|s| Arc::clone(&s.load)).collect();
         let workers = slots.iter().map(|s| s.addr.clone()).collect();
-        let scheduler = Scheduler::new(
-            slots,
-            config.max_queue,
+        let balancer = Balancer::new(
             config.routing,
-            Arc::clone(&progress),
-        )
-        .traced(&tracer);
+            shape.ok_or("no worker started")?,
+            cost_models.clone(),
+            Arc::new(cache.clone()) as Arc<dyn CacheResidency>,
+        );
+        let scheduler = Scheduler::new(slots, config.max_queue, balancer, Arc::clone(&progress))
+            .traced(&tracer);
         let arbiter = Arbiter::new();
         let scheduler = Scheduler::start_in_arbiter(&arbiter.handle(), move |_| scheduler);
         arbiters.push(arbiter);
@@ -203,6 +263,7 @@ impl Engine {
                 scheduler,
                 loads,
                 workers,
+                cost_models,
                 templates,
                 cache,
                 progress,
@@ -224,6 +285,7 @@ impl Engine {
             spec,
             reply: tx,
             submitted: Instant::now(),
+            charge: Default::default(),
         };
         let admitted = match self.inner.scheduler.send(Submit(req)).await {
             Ok(r) => r,
@@ -278,6 +340,21 @@ impl Engine {
                     l.running.load(Ordering::Relaxed),
                 )
             })
+            .collect()
+    }
+
+    /// Each worker's cost model (measured at start-up, or the assumed one).
+    pub fn cost_models(&self) -> &[CostModel] {
+        &self.inner.cost_models
+    }
+
+    /// Per worker: predicted seconds and active tokens x steps of the work still queued or
+    /// running there (both zero once everything routed has left).
+    pub fn outstanding(&self) -> Vec<(f64, u64)> {
+        self.inner
+            .loads
+            .iter()
+            .map(|l| (l.work_s(), l.tokens()))
             .collect()
     }
 

@@ -9,6 +9,7 @@ use retouch_models::pipeline::{
 };
 use tokio::sync::oneshot;
 
+use super::balancer::Charge;
 use super::cache::CacheLease;
 
 pub type RequestId = u64;
@@ -23,6 +24,8 @@ pub enum JobSpec {
         template: Arc<Template>,
         /// Cached mode: the hold on the template's activation cache (None for dense edits).
         cache: Option<CacheLease>,
+        /// The template's id in the store (cache residency is looked up by it).
+        template_id: String,
         mask: Mask,
         req: EditRequest,
     },
@@ -64,6 +67,8 @@ pub struct Request {
     pub spec: JobSpec,
     pub reply: oneshot::Sender<Reply>,
     pub submitted: Instant,
+    /// The predicted work the scheduler charged to the worker it routed this to.
+    pub charge: Charge,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
-//! The Scheduler admits requests and routes each to a worker's queue. Queues are bounded:
-//! past the bound a request is refused with an overload error instead of growing memory.
-//! As one actor it serialises admission, so the check against the bound and the count
-//! that follows cannot race.
+//! The Scheduler admits requests and routes each to a worker's queue (the [`Balancer`]
+//! picks the worker and prices the request). Queues are bounded: past the bound a request is
+//! refused with an overload error instead of growing memory. As one actor it serialises
+//! admission, so the check against the bound and the count that follows cannot race.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,18 +9,11 @@ use std::time::Instant;
 
 use actix::{Actor, Addr, Context, Handler, Message};
 
+use super::balancer::{Balancer, Work};
 use super::progress::{ProgressBook, RequestProgress, State};
 use super::request::{EngineError, JobSpec, Request};
 use super::trace::Tracer;
 use super::worker::{Enqueue, Worker, WorkerLoad};
-
-/// How a worker is picked among those with room in their queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Routing {
-    RoundRobin,
-    /// Fewest queued plus running requests (ties: the next in round-robin order).
-    LeastLoaded,
-}
 
 pub struct WorkerSlot {
     pub addr: Addr<Worker>,
@@ -30,7 +23,7 @@ pub struct WorkerSlot {
 pub struct Scheduler {
     workers: Vec<WorkerSlot>,
     max_queue: usize,
-    routing: Routing,
+    balancer: Balancer,
     next: usize,
     progress: Arc<ProgressBook>,
     /// Seconds a refused caller is told to wait.
@@ -42,13 +35,13 @@ impl Scheduler {
     pub fn new(
         workers: Vec<WorkerSlot>,
         max_queue: usize,
-        routing: Routing,
+        balancer: Balancer,
         progress: Arc<ProgressBook>,
     ) -> Scheduler {
         Scheduler {
             workers,
             max_queue,
-            routing,
+            balancer,
             next: 0,
             progress,
             retry_after_s: 1,
@@ -63,19 +56,12 @@ impl Scheduler {
     }
 
     /// The worker to route to, or None when every queue is full.
-    fn pick(&mut self) -> Option<usize> {
-        let n = self.workers.len();
-        let order = (0..n).map(|k| (self.next + k) % n);
-        let has_room =
-            |i: &usize| self.workers[*i].load.queued.load(Ordering::Relaxed) < self.max_queue;
-        let chosen = match self.routing {
-            Routing::RoundRobin => order.clone().find(has_room),
-            Routing::LeastLoaded => order.filter(has_room).min_by_key(|&i| {
-                let load = &self.workers[i].load;
-                load.queued.load(Ordering::Relaxed) + load.running.load(Ordering::Relaxed)
-            }),
-        }?;
-        self.next = (chosen + 1) % n;
+    fn pick(&mut self, work: &Work) -> Option<usize> {
+        let loads: Vec<_> = self.workers.iter().map(|w| &*w.load).collect();
+        let chosen = self
+            .balancer
+            .route(work, &loads, self.max_queue, self.next)?;
+        self.next = (chosen + 1) % self.workers.len();
         Some(chosen)
     }
 }
@@ -105,7 +91,8 @@ impl Handler<Submit> for Scheduler {
 impl Scheduler {
     /// Picks a worker for `req` and queues it there.
     fn route(&mut self, mut req: Request) -> Result<usize, EngineError> {
-        let Some(index) = self.pick() else {
+        let work = self.balancer.work(&req.spec);
+        let Some(index) = self.pick(&work) else {
             return Err(EngineError::Overloaded {
                 retry_after_s: self.retry_after_s,
             });
@@ -132,6 +119,8 @@ impl Scheduler {
         {
             lease.prefetch(index);
         }
+        req.charge = self.balancer.charge(index, &work);
+        slot.load.add(&req.charge);
         slot.load.queued.fetch_add(1, Ordering::Relaxed);
         slot.addr.do_send(Enqueue(req, Instant::now()));
         Ok(index)

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
@@ -18,6 +18,7 @@ use retouch_kernels::DType;
 use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
 use tokio::sync::oneshot;
 
+use super::balancer::{CalibrationPlan, Charge, ModelShape, Timings, time_worker};
 use super::cache::StepWindow;
 use super::progress::{ProgressBook, State};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
@@ -51,6 +52,43 @@ impl std::str::FromStr for BatchPolicy {
 pub struct WorkerLoad {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
+    /// Predicted microseconds of work left in queued and running requests: each request's
+    /// [`Charge`], added when routed and taken off as it runs, so it never goes negative.
+    work_us: AtomicU64,
+    /// Active tokens times steps left, likewise.
+    tokens: AtomicU64,
+}
+
+impl WorkerLoad {
+    pub fn add(&self, charge: &Charge) {
+        self.work_us.fetch_add(charge.work_us(), Ordering::Relaxed);
+        self.tokens.fetch_add(charge.tokens(), Ordering::Relaxed);
+    }
+
+    /// One step of the charged request ran.
+    pub fn step_done(&self, charge: &mut Charge) {
+        if charge.steps_left > 0 {
+            charge.steps_left -= 1;
+            self.work_us.fetch_sub(charge.step_us, Ordering::Relaxed);
+            self.tokens.fetch_sub(charge.step_tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// The charged request left the worker: whatever it had left comes off.
+    pub fn release(&self, charge: &mut Charge) {
+        self.work_us.fetch_sub(charge.work_us(), Ordering::Relaxed);
+        self.tokens.fetch_sub(charge.tokens(), Ordering::Relaxed);
+        *charge = Charge::default();
+    }
+
+    /// Predicted seconds of work left.
+    pub fn work_s(&self) -> f64 {
+        self.work_us.load(Ordering::Relaxed) as f64 * 1e-6
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
 }
 
 pub struct WorkerSettings {
@@ -87,6 +125,7 @@ struct Running {
     submitted: Instant,
     admitted: Instant,
     failure: Option<EngineError>,
+    charge: Charge,
 }
 
 impl Worker {
@@ -152,6 +191,15 @@ impl Worker {
         }
     }
 
+    /// Times this worker for the cost model (on its own pool, as requests will run).
+    pub fn calibrate(
+        &self,
+        shape: &ModelShape,
+        plan: &CalibrationPlan,
+    ) -> Result<Timings, EngineError> {
+        self.compute(|pipe| time_worker(pipe, shape, plan))
+    }
+
     fn gauges(&self) {
         let worker = self.settings.index.to_string();
         metrics::gauge!(telemetry::QUEUE_DEPTH, "worker" => worker.clone())
@@ -180,6 +228,7 @@ impl Worker {
             };
             match self.compute(|pipe| r.job.step_with_cache(pipe, cache.as_deref())) {
                 Ok(()) => {
+                    self.load.step_done(&mut r.charge);
                     let done = r.job.steps_done();
                     if let Some(window) = &mut r.cache {
                         window.advance(done);
@@ -204,12 +253,13 @@ impl Worker {
             BatchPolicy::Static => 0,
         };
         while self.running.len() < room {
-            let Some(req) = self.waiting.pop_front() else {
+            let Some(mut req) = self.waiting.pop_front() else {
                 break;
             };
             self.load.queued.fetch_sub(1, Ordering::Relaxed);
             let kind = req.spec.kind();
             if req.reply.is_closed() {
+                self.load.release(&mut req.charge);
                 self.cancelled(req.id, kind);
                 continue;
             }
@@ -226,6 +276,7 @@ impl Worker {
                     cache,
                     mask,
                     req: edit,
+                    ..
                 } => {
                     let external = cache.is_some();
                     window = cache.map(|lease| lease.start(self.settings.index));
@@ -260,9 +311,13 @@ impl Worker {
                         submitted: req.submitted,
                         admitted: Instant::now(),
                         failure: None,
+                        charge: req.charge,
                     });
                 }
-                Err(e) => self.answer(req.id, kind, req.submitted, req.reply, Err(e)),
+                Err(e) => {
+                    self.load.release(&mut req.charge);
+                    self.answer(req.id, kind, req.submitted, req.reply, Err(e));
+                }
             }
         }
     }
@@ -281,6 +336,7 @@ impl Worker {
             // Its pins go before the reply does, so a caller sees the tiers settled.
             r.cache = None;
             self.load.running.fetch_sub(1, Ordering::Relaxed);
+            self.load.release(&mut r.charge);
             if r.reply.is_closed() {
                 self.cancelled(r.id, r.kind);
                 continue;
@@ -415,10 +471,12 @@ impl Handler<Stop> for Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         let stopped = || Err(EngineError::Unavailable("the worker stopped".into()));
-        for req in self.waiting.drain(..) {
+        for mut req in self.waiting.drain(..) {
+            self.load.release(&mut req.charge);
             let _ = req.reply.send(stopped());
         }
-        for r in self.running.drain(..) {
+        for mut r in self.running.drain(..) {
+            self.load.release(&mut r.charge);
             let _ = r.reply.send(stopped());
         }
     }

@@ -170,6 +170,7 @@ pub async fn create_edit(
         .run(JobSpec::Edit {
             template,
             cache,
+            template_id: body.template_id.clone(),
             mask,
             req: edit,
         })

@@ -217,11 +217,12 @@ impl CacheManager {
         }
     }
 
-    /// Bytes of a template's activation cache not yet in `worker`'s tier: what a balancer
-    /// charges for routing a cached-mode edit there. 0 for an unknown template.
+    /// Bytes of a template's activation cache a cached-mode edit routed to `worker` would
+    /// read from disk (in neither its tier nor host memory, which a CPU worker reads in
+    /// place): what the balancer charges for loading. 0 for an unknown template.
     pub fn bytes_missing(&self, id: &str, worker: usize) -> u64 {
         self.step_sum(id, |e| {
-            if e.get(Tier::Device(worker)).is_none() {
+            if e.get(Tier::Device(worker)).is_none() && e.get(Tier::Host).is_none() {
                 e.bytes
             } else {
                 0
