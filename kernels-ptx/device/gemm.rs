@@ -476,11 +476,11 @@ impl ConvGeom {
 
 /// Dense channels-last maps `[batch, h, w, cin]`: row `r` is image `r / out_hw`, output
 /// position `r % out_hw`.
-struct ConvA {
-    x: *const f32,
-    g: ConvGeom,
-    out_hw: u32,
-    m: u32,
+pub struct ConvA {
+    pub x: *const f32,
+    pub g: ConvGeom,
+    pub out_hw: u32,
+    pub m: u32,
 }
 
 impl ALoad for ConvA {

@@ -18,8 +18,8 @@
 //! bytes (two 16 x 136 A and two 16 x 72 B tiles).
 
 use crate::gemm::{
-    ALoad, BK, BM, BMatrix, BN, DenseA, Epilogue, F4, Smem, load_tile, rows_of, store_one,
-    store_tile,
+    ALoad, BK, BM, BMatrix, BN, ConvA, ConvGeom, DenseA, Epilogue, F4, Smem, load_tile, rows_of,
+    store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::prelude::*;
@@ -214,6 +214,61 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
         beta,
         m,
         n,
+    };
+    unsafe { gemm_block_tf32(&a, b, e) };
+}
+
+/// `conv2d_f32` on tensor cores (TF32 inputs, f32 accumulation): same arguments and layout.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn conv2d_tf32(
+    x: *const f32,
+    weight: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    m: u32,
+    cout: u32,
+    h: u32,
+    w: u32,
+    cin: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    out_h: u32,
+    out_w: u32,
+    has_bias: u32,
+) {
+    let g = ConvGeom {
+        h,
+        w,
+        cin,
+        kw,
+        stride,
+        pad,
+        out_w,
+        k: kh * kw * cin,
+    };
+    let a = ConvA {
+        x,
+        g,
+        out_hw: out_h * out_w,
+        m,
+    };
+    let b = BMatrix {
+        b: weight,
+        n: cout,
+        k: g.k,
+        kn: true,
+    };
+    let e = Epilogue {
+        c: out,
+        bias,
+        has_bias: has_bias != 0,
+        alpha: 1.0,
+        beta: 0.0,
+        m,
+        n: cout,
     };
     unsafe { gemm_block_tf32(&a, b, e) };
 }

@@ -346,24 +346,48 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        const K: &str = "conv2d_f32";
+        self.conv2d_on(Cores::Cuda, x, weight, params)
+    }
+
+    /// [`CudaDevice::conv2d`] on tensor cores: input and weight rounded to TF32, f32
+    /// accumulation (errors of about `1e-3 * sqrt(kh * kw * cin)` for unit-scale inputs).
+    pub fn conv2d_tf32(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        self.conv2d_on(Cores::TensorTf32, x, weight, params)
+    }
+
+    fn conv2d_on(
+        &self,
+        cores: Cores,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        let (k_name, shared) = match cores {
+            Cores::Cuda => ("conv2d_f32", SHARED_BYTES),
+            Cores::TensorTf32 => ("conv2d_tf32", SHARED_BYTES_TF32),
+        };
         let &[batch, h, w, cin] = x.shape() else {
             return shape_err(
-                K,
+                k_name,
                 format!("expected [batch, h, w, cin], got {:?}", x.shape()),
             );
         };
         if cin != weight.cin {
             return shape_err(
-                K,
+                k_name,
                 format!("input has {cin} channels, weight expects {}", weight.cin),
             );
         }
-        let (oh, ow) = weight.out_size(K, h, w, params)?;
+        let (oh, ow) = weight.out_size(k_name, h, w, params)?;
         let m = batch * oh * ow;
         let mut out = CudaTensor::zeros(self, &[batch, oh, ow, weight.cout])?;
         len_u32(
-            K,
+            k_name,
             x.elem_count()
                 .max(out.elem_count())
                 .max(weight.packed.elem_count()),
@@ -371,7 +395,8 @@ impl CudaDevice {
         if m == 0 {
             return Ok(out);
         }
-        let cfg = tiles(K, m, weight.cout)?;
+        let mut cfg = tiles(k_name, m, weight.cout)?;
+        cfg.shared_mem_bytes = shared;
         let u = |v: usize| v as u32;
         let args = [
             u(m),
@@ -391,7 +416,7 @@ impl CudaDevice {
             .bias
             .as_ref()
             .map_or(&weight.packed.data, |b| &b.data);
-        let mut l = self.stream().launch_builder(self.function(K)?);
+        let mut l = self.stream().launch_builder(self.function(k_name)?);
         l.arg(&x.data)
             .arg(&weight.packed.data)
             .arg(bias_data)
@@ -399,9 +424,9 @@ impl CudaDevice {
         for a in &args {
             l.arg(a);
         }
-        // SAFETY: matches `conv2d_f32(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
+        // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
         // pad, out_h, out_w, has_bias)`; shapes checked, every index below 2^31.
-        launched(K, unsafe { l.launch(cfg) })?;
+        launched(k_name, unsafe { l.launch(cfg) })?;
         Ok(out)
     }
 

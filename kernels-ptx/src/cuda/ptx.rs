@@ -33,6 +33,7 @@ pub const KERNELS: &[&str] = &[
     "sgemm_f32",
     "sgemm_tf32",
     "conv2d_f32",
+    "conv2d_tf32",
     "masked_conv2d_cache_f32",
     "masked_conv2d_cache_f16",
 ];
