@@ -6,7 +6,7 @@
 # epilogue writes; u32 arithmetic wraps as on the device, shared memory starts as NaN so a read
 # of an unwritten slot fails. Compared with a naive GEMM / conv / masked conv on small awkward
 # sizes (several blocks, several k-steps). A hand transcription: it checks the reasoning, not the
-# compiled PTX, and must be kept in step with the kernels by hand. No GPU, no numpy; ~30 s.
+# compiled PTX, and must be kept in step with the kernels by hand. No GPU, no numpy; a few seconds.
 # Usage: tools/gemm-index-emu.py
 import random
 BM, BN, BK = 128, 64, 16
