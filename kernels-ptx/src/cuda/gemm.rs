@@ -1,8 +1,9 @@
-//! Launchers of the GEMM-shaped kernels (`kernels-ptx/device/gemm.rs`): sgemm, conv2d as an
-//! implicit GEMM, and the masked conv over a ragged batch.
+//! Launchers of the GEMM-shaped kernels (`kernels-ptx/device/gemm.rs`, `mma.rs`): sgemm,
+//! conv2d as an implicit GEMM, the masked conv over a ragged batch, and the TF32 tensor-core
+//! sgemm and conv2d.
 //!
-//! All four kernels share one launch shape: a 128 x 64 output tile per block of 256 threads,
-//! `SHARED_BYTES` of dynamic shared memory.
+//! All share one launch shape: a 128 x 64 output tile per block of 256 threads, with
+//! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32` for the tensor-core ones).
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
