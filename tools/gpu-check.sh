@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, on a GPU machine without a Rust toolchain: `retouch selftest
-# --device cuda:0` (every kernel against the CPU) and, where one is written, the GPU bench.
+# --device cuda:0` (every kernel against the CPU, then the GEMM/conv timings in GFLOP/s when
+# every check passes) and, where one is written, the GPU bench.
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
 #
 # Usage: tools/gpu-check.sh [RETOUCH_BINARY]

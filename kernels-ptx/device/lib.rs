@@ -14,16 +14,21 @@
     auto_traits,
     abi_ptx,
     link_llvm_intrinsics,
-    f16
+    f16,
+    repr_simd,
+    decl_macro,
+    asm_experimental_arch
 )]
 #![allow(internal_features, incomplete_features, clippy::missing_safety_doc)]
 #![rustc_coherence_is_core]
 
 mod attention;
 mod elementwise;
+mod gemm;
 mod gpu;
 mod lora;
 mod math;
+mod mma;
 mod norm;
 #[allow(dead_code)] // lang items the compiler calls, not this crate
 mod prelude;

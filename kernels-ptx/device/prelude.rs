@@ -1,8 +1,9 @@
 //! The little of `core` the kernels need, as lang items (the nvptx target ships no `core`).
 //!
 //! Only what the kernels use is here: marker traits, the operators on the primitive types,
-//! comparisons, and the panic entry points the compiler may call (division by zero), which
-//! trap. Kernels never index arrays or use `for` loops, so no `Index`/`Iterator` machinery.
+//! comparisons, and the panic entry points the compiler may call (division by zero, array
+//! bounds), which trap. Arrays index with `usize` (the GEMM's register tiles, always with
+//! indices LLVM unrolls to constants); there is no `for`, so no `Iterator` machinery.
 
 #[lang = "pointee_sized"]
 pub trait PointeeSized {}
@@ -31,6 +32,7 @@ copy_impls!(bool u8 u16 u32 u64 usize i32 i64 f16 f32 f64);
 impl<T: ?Sized> Copy for *const T {}
 impl<T: ?Sized> Copy for *mut T {}
 impl<T: ?Sized> Copy for &T {}
+impl<T: Copy, const N: usize> Copy for [T; N] {}
 
 macro_rules! binop {
     ($lang:literal $trait:ident $method:ident $op:tt; $($t:ty)*) => {
@@ -179,6 +181,45 @@ pub fn panic_const_rem_by_zero() -> ! {
     trap()
 }
 
+/// `a[i]` on arrays: the compiler indexes arrays itself (with a bounds check calling
+/// `panic_bounds_check`), but only where these traits are implemented.
+#[lang = "index"]
+pub trait Index<Idx: ?Sized> {
+    type Output: ?Sized;
+    fn index(&self, index: Idx) -> &Self::Output;
+}
+
+#[lang = "index_mut"]
+pub trait IndexMut<Idx: ?Sized>: Index<Idx> {
+    fn index_mut(&mut self, index: Idx) -> &mut Self::Output;
+}
+
+impl<T, const N: usize> Index<usize> for [T; N] {
+    type Output = T;
+    #[inline(always)]
+    fn index(&self, i: usize) -> &T {
+        &self[i]
+    }
+}
+
+impl<T, const N: usize> IndexMut<usize> for [T; N] {
+    #[inline(always)]
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        &mut self[i]
+    }
+}
+
+#[lang = "panic_bounds_check"]
+#[track_caller]
+#[inline(always)]
+pub fn panic_bounds_check(_index: usize, _len: usize) -> ! {
+    trap()
+}
+
+#[rustc_intrinsic]
+#[rustc_nounwind]
+pub unsafe fn transmute<Src, Dst>(src: Src) -> Dst;
+
 #[rustc_intrinsic]
 #[rustc_nounwind]
 pub unsafe fn offset<Ptr, Delta>(dst: Ptr, offset: Delta) -> Ptr;
@@ -247,4 +288,10 @@ impl f32 {
     pub fn abs(self) -> f32 {
         fabs(self)
     }
+}
+
+/// `asm!`, for the PTX instructions LLVM has no intrinsic for (`mma.sync`, `cvt.rna.tf32`).
+#[rustc_builtin_macro]
+pub macro asm("assembly template", $(operands,)* $(options($(option),*))?) {
+    /* compiler built-in */
 }

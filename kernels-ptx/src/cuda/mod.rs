@@ -7,9 +7,12 @@
 //!
 //! What exists: [`CudaTensor`] (f32 and f16 device buffers with a shape), upload and download,
 //! and one launcher per kernel in `ops` (elementwise, activations, softmax, layer norm, group
-//! norm with optional SiLU, row gather/scatter, LoRA patch). [`selftest`] checks each against
-//! the CPU implementation.
+//! norm with optional SiLU, row gather/scatter, LoRA patch, attention) and in `gemm` (sgemm,
+//! `linear`, `matmul`, conv2d as an implicit GEMM, masked conv over a ragged batch with f32 or
+//! f16 cached maps). [`selftest`] checks each against the CPU implementation and times the
+//! GEMM-shaped kernels.
 
+mod gemm;
 mod ops;
 mod ptx;
 pub mod selftest;
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
+pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
 pub use ptx::{KERNELS, ptx_for};
 pub use tensor::{CudaTensor, GpuElement};
 

@@ -17,7 +17,7 @@ const MAX_GRID: usize = 1 << 16;
 const REDUCE_SHARED: u32 = 32 * 4;
 
 /// A size as the kernels' u32, with headroom so a grid-stride index never wraps.
-fn len_u32(op: &'static str, n: usize) -> Result<u32> {
+pub(super) fn len_u32(op: &'static str, n: usize) -> Result<u32> {
     if n > i32::MAX as usize {
         return invalid(op, format!("{n} elements exceed the kernels' 2^31 limit"));
     }
@@ -43,7 +43,7 @@ fn per_row(grid: (u32, u32), cols: usize) -> LaunchConfig {
     }
 }
 
-fn launched<T>(
+pub(super) fn launched<T>(
     op: &'static str,
     r: std::result::Result<T, cudarc::driver::DriverError>,
 ) -> Result<()> {

@@ -30,6 +30,12 @@ pub const KERNELS: &[&str] = &[
     "lora_patch_f32",
     "lora_patch_f16",
     "attention_rows_f32",
+    "sgemm_f32",
+    "sgemm_tf32",
+    "conv2d_f32",
+    "conv2d_tf32",
+    "masked_conv2d_cache_f32",
+    "masked_conv2d_cache_f16",
 ];
 
 /// The PTX to load on a device of this compute capability: sm_90's from 9.0 on, else sm_80's

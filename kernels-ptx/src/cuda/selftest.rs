@@ -1,13 +1,17 @@
 //! Every CUDA kernel against its CPU implementation, on random inputs of awkward sizes
-//! (rows 1, 7, 333; channels 3, 40, 77, 320, 1283): what `retouch selftest` runs.
+//! (rows 1, 7, 333; channels 3, 40, 77, 320, 1283; GEMMs m 1/7/333 x k 3/40/77/320 x n
+//! 5/77/320; convs on 7x9 maps): what `retouch selftest` runs. [`timings`] times the
+//! GEMM-shaped kernels at UNet sizes (GFLOP/s).
 //!
 //! The error of an element is `|gpu - cpu| / max(1, |cpu|)`: absolute for values up to 1,
 //! relative above, so one tolerance per op serves inputs of any scale.
 
 use half::f16;
 
-use super::{CudaDevice, CudaTensor};
-use crate::{DType, Device, Result, Tensor};
+use super::{CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GpuElement};
+use crate::{
+    Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result, Tensor, TokenSet,
+};
 
 /// One op at one size.
 #[derive(Clone, Debug)]
@@ -292,6 +296,338 @@ impl Runner<'_> {
     }
 }
 
+/// Tolerance of the GEMM-shaped checks (k <= 693 here): f32 sums of up to a few hundred
+/// products in another order than the CPU's.
+const GEMM_TOL: f32 = 2e-4;
+
+/// Tolerance of the TF32 checks: each input rounded to 10 mantissa bits (relative error up
+/// to 2^-11), so a sum of `k` unit-scale products is off by about `4e-4 * sqrt(k)` (one
+/// standard deviation); the largest of ~10^5 elements stays under 10 of those.
+fn tf32_tol(k: usize) -> f32 {
+    (4e-3 * (k as f32).sqrt()).max(1e-2)
+}
+
+/// Deterministic pseudo-random subset of `0..len` with about `percent`% of the positions
+/// (sorted, as `TokenSet` wants), never empty.
+fn some_positions(len: usize, percent: u64, seed: u64) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..len as u64)
+        .filter(|&p| {
+            let h = (p + 1)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(seed.wrapping_mul(0xbf58_476d_1ce4_e5b9));
+            (h >> 33) % 100 < percent
+        })
+        .map(|p| p as u32)
+        .collect();
+    if v.is_empty() {
+        v.push((seed as usize % len) as u32);
+    }
+    v
+}
+
+impl Runner<'_> {
+    fn gemm(&mut self) -> Result<()> {
+        for m in ROWS {
+            for k in [3, 40, 77, 320] {
+                for n in [5, 77, 320] {
+                    let a = self.randn(&[m, k]);
+                    let w = self.randn(&[n, k]);
+                    let bias = self.randn(&[n]);
+                    let (ga, gw, gbias) = (self.up(&a)?, self.up(&w)?, self.up(&bias)?);
+                    // x * W^T + bias, PyTorch's linear.
+                    let got = self.dev.linear(&ga, &gw, Some(&gbias))?;
+                    let want = a.linear(&w, Some(&bias))?;
+                    self.record("linear", format!("{m}x{k}x{n}"), &got, &want, GEMM_TOL)?;
+                    // [k, n] right side, alpha and beta: 0.5 * a * b - 2 c + bias.
+                    let b = self.randn(&[k, n]);
+                    let c0 = self.randn(&[m, n]);
+                    let mut gc = self.up(&c0)?;
+                    let gb = self.up(&b)?;
+                    self.dev
+                        .gemm(&ga, &gb, false, Some(&gbias), 0.5, -2.0, &mut gc)?;
+                    let want = a
+                        .matmul(&b)?
+                        .affine(0.5, 0.0)?
+                        .add(&c0.affine(-2.0, 0.0)?)?
+                        .add(&bias)?;
+                    self.record("gemm_kn_ab", format!("{m}x{k}x{n}"), &gc, &want, GEMM_TOL)?;
+                    // The same on tensor cores (TF32 products, f32 sums).
+                    let mut gc = self.up(&c0)?;
+                    self.dev
+                        .gemm_tf32(&ga, &gb, false, Some(&gbias), 0.5, -2.0, &mut gc)?;
+                    self.record(
+                        "gemm_tf32_kn",
+                        format!("{m}x{k}x{n}"),
+                        &gc,
+                        &want,
+                        tf32_tol(k),
+                    )?;
+                    let mut gc = CudaTensor::zeros(self.dev, &[m, n])?;
+                    self.dev
+                        .gemm_tf32(&ga, &gw, true, Some(&gbias), 1.0, 0.0, &mut gc)?;
+                    let want_t = a.linear(&w, Some(&bias))?;
+                    self.record(
+                        "gemm_tf32_nk",
+                        format!("{m}x{k}x{n}"),
+                        &gc,
+                        &want_t,
+                        tf32_tol(k),
+                    )?;
+                    let got = self.dev.matmul(&ga, &gb)?;
+                    self.record(
+                        "matmul",
+                        format!("{m}x{k}x{n}"),
+                        &got,
+                        &a.matmul(&b)?,
+                        GEMM_TOL,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn conv_weight(
+        &mut self,
+        cout: usize,
+        cin: usize,
+        kh: usize,
+        kw: usize,
+        bias: bool,
+    ) -> Result<Conv2dWeight> {
+        let w = self.randn(&[cout, cin, kh, kw]);
+        let b = self.randn(&[cout]);
+        Conv2dWeight::from_oihw(&w, bias.then_some(&b))
+    }
+
+    fn conv(&mut self) -> Result<()> {
+        // (kh, kw, stride, padding): SD's 3x3 same and downsampling convs, pointwise, and an
+        // uneven 2x3 kernel without padding.
+        let kernels = [(3, 3, 1, 1), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0)];
+        for (cin, cout) in [(3, 5), (40, 77), (77, 40)] {
+            for (kh, kw, stride, padding) in kernels {
+                let p = Conv2dParams { stride, padding };
+                let bias = cin != 77;
+                let w = self.conv_weight(cout, cin, kh, kw, bias)?;
+                let gw = CudaConv2dWeight::upload(self.dev, &w)?;
+                let x = self.randn(&[2, 7, 9, cin]);
+                let got = self.dev.conv2d(&self.up(&x)?, &gw, p)?;
+                let want = x.conv2d(&w, p)?;
+                let size = format!("2x7x9x{cin}->{cout} {kh}x{kw}/{stride} p{padding}");
+                self.record("conv2d", size.clone(), &got, &want, GEMM_TOL)?;
+                let got = self.dev.conv2d_tf32(&self.up(&x)?, &gw, p)?;
+                self.record("conv2d_tf32", size, &got, &want, tf32_tol(kh * kw * cin))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Two segments of a ragged batch, ~30% active input positions each, ~30% (or all) of
+    /// the outputs, the cache as f32 and f16.
+    fn masked_conv(&mut self) -> Result<()> {
+        let (h, w) = (7, 9);
+        for (cin, cout, stride, all_outputs) in [
+            (40, 77, 1, false),
+            (3, 5, 1, true),
+            (40, 77, 2, false),
+            (77, 40, 2, true),
+        ] {
+            let p = Conv2dParams { stride, padding: 1 };
+            let wt = self.conv_weight(cout, cin, 3, 3, cin != 77)?;
+            let gw = CudaConv2dWeight::upload(self.dev, &wt)?;
+            let (oh, ow) = ((h + 2 - 3) / stride + 1, (w + 2 - 3) / stride + 1);
+            let mut active = Vec::new();
+            let mut outputs = Vec::new();
+            let mut fresh = Vec::new();
+            let mut cached = Vec::new();
+            for seg in 0..2u64 {
+                let a = TokenSet::from_positions(
+                    h,
+                    w,
+                    some_positions(h * w, 30, seg + 7 * cin as u64),
+                )?;
+                let o = if all_outputs {
+                    TokenSet::full(oh, ow)
+                } else {
+                    TokenSet::from_positions(oh, ow, some_positions(oh * ow, 30, seg + 100))?
+                };
+                fresh.push(self.randn(&[a.len(), cin]));
+                cached.push(self.randn(&[h, w, cin]));
+                active.push(a);
+                outputs.push(o);
+            }
+            let size = format!(
+                "2 seg 7x9x{cin}->{cout} /{stride} {} out",
+                if all_outputs { "all" } else { "30%" }
+            );
+            let gfresh = fresh
+                .iter()
+                .map(|f| self.up(f))
+                .collect::<Result<Vec<_>>>()?;
+            for dtype in [DType::F32, DType::F16] {
+                let cached_t = cached
+                    .iter()
+                    .map(|c| c.to_dtype(dtype))
+                    .collect::<Result<Vec<_>>>()?;
+                let segs: Vec<MaskedConvSegment<'_>> = (0..2)
+                    .map(|i| MaskedConvSegment {
+                        fresh: &fresh[i],
+                        active: &active[i],
+                        cached: &cached_t[i],
+                        outputs: &outputs[i],
+                    })
+                    .collect();
+                let want = wt.masked_conv2d(&segs, p)?;
+                let (op, got) = if dtype == DType::F32 {
+                    (
+                        "masked_conv_f32",
+                        self.masked::<f32>(&gw, &gfresh, &active, &cached_t, &outputs, p)?,
+                    )
+                } else {
+                    (
+                        "masked_conv_f16",
+                        self.masked::<f16>(&gw, &gfresh, &active, &cached_t, &outputs, p)?,
+                    )
+                };
+                self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn masked<C: GpuElement>(
+        &self,
+        w: &CudaConv2dWeight,
+        fresh: &[CudaTensor],
+        active: &[TokenSet],
+        cached: &[Tensor],
+        outputs: &[TokenSet],
+        p: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        let gcached = cached
+            .iter()
+            .map(|c| CudaTensor::<C>::upload(self.dev, c))
+            .collect::<Result<Vec<_>>>()?;
+        let segs: Vec<CudaMaskedConvSegment<'_, C>> = (0..fresh.len())
+            .map(|i| CudaMaskedConvSegment {
+                fresh: &fresh[i],
+                active: &active[i],
+                cached: &gcached[i],
+                outputs: &outputs[i],
+            })
+            .collect();
+        self.dev.masked_conv2d(w, &segs, p)
+    }
+}
+
+/// One timed kernel: mean time per launch and its rate.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub op: &'static str,
+    pub size: String,
+    pub ms: f64,
+    pub gflops: f64,
+}
+
+/// Mean milliseconds per call of `f` (after one warm-up call): at least 5 calls and 200 ms.
+fn time_ms(dev: &CudaDevice, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let start = std::time::Instant::now();
+    let mut calls = 0u32;
+    while calls < 5 || start.elapsed().as_millis() < 200 {
+        f()?;
+        calls += 1;
+        if calls.is_multiple_of(5) {
+            dev.synchronize()?;
+        }
+    }
+    dev.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / f64::from(calls))
+}
+
+/// Times the GEMM-shaped kernels at SD1.5 UNet sizes: the linear layers at 64x64 and 16x16
+/// latents (4096 x 320 x 320, 1024 x 1280 x 1280), a 4096^3 GEMM, the 3x3 conv of a
+/// 64x64x320 map, and the same conv masked at 20% (f16 cache).
+pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
+    let mut out = Vec::new();
+    let randn = |shape: &[usize], seed| {
+        CudaTensor::<f32>::upload(dev, &Tensor::randn(shape, seed, Device::Cpu))
+    };
+    for (m, k, n) in [(4096, 320, 320), (1024, 1280, 1280), (4096, 4096, 4096)] {
+        let (a, w, bias) = (randn(&[m, k], 1)?, randn(&[n, k], 2)?, randn(&[n], 3)?);
+        let mut c = CudaTensor::zeros(dev, &[m, n])?;
+        let ms = time_ms(dev, || {
+            dev.gemm(&a, &w, true, Some(&bias), 1.0, 0.0, &mut c)
+        })?;
+        out.push(Timing {
+            op: "linear",
+            size: format!("{m}x{k}x{n}"),
+            ms,
+            gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
+        });
+        let ms = time_ms(dev, || {
+            dev.gemm_tf32(&a, &w, true, Some(&bias), 1.0, 0.0, &mut c)
+        })?;
+        out.push(Timing {
+            op: "linear_tf32",
+            size: format!("{m}x{k}x{n}"),
+            ms,
+            gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
+        });
+    }
+    let (h, w, c) = (64, 64, 320);
+    let wt = Conv2dWeight::from_oihw(
+        &Tensor::randn(&[c, c, 3, 3], 4, Device::Cpu),
+        Some(&Tensor::randn(&[c], 5, Device::Cpu)),
+    )?;
+    let gw = CudaConv2dWeight::upload(dev, &wt)?;
+    let x = randn(&[1, h, w, c], 6)?;
+    let ms = time_ms(dev, || {
+        dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
+    })?;
+    let flops = 2.0 * (h * w * 9 * c * c) as f64;
+    out.push(Timing {
+        op: "conv2d",
+        size: format!("1x{h}x{w}x{c}->{c} 3x3"),
+        ms,
+        gflops: flops / ms / 1e6,
+    });
+    let ms = time_ms(dev, || {
+        dev.conv2d_tf32(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
+    })?;
+    out.push(Timing {
+        op: "conv2d_tf32",
+        size: format!("1x{h}x{w}x{c}->{c} 3x3"),
+        ms,
+        gflops: flops / ms / 1e6,
+    });
+    let active = TokenSet::from_positions(h, w, some_positions(h * w, 20, 1))?;
+    let outputs = TokenSet::from_positions(h, w, some_positions(h * w, 20, 2))?;
+    let fresh = randn(&[active.len(), c], 7)?;
+    let cached = CudaTensor::<f16>::upload(
+        dev,
+        &Tensor::randn(&[h, w, c], 8, Device::Cpu).to_dtype(DType::F16)?,
+    )?;
+    let segs = [CudaMaskedConvSegment {
+        fresh: &fresh,
+        active: &active,
+        cached: &cached,
+        outputs: &outputs,
+    }];
+    let ms = time_ms(dev, || {
+        dev.masked_conv2d(&gw, &segs, Conv2dParams::SAME_3X3)
+            .map(|_| ())
+    })?;
+    out.push(Timing {
+        op: "masked_conv_f16",
+        size: format!("1x{h}x{w}x{c}->{c} 3x3, {} rows", outputs.len()),
+        ms,
+        gflops: 2.0 * (outputs.len() * 9 * c * c) as f64 / ms / 1e6,
+    });
+    Ok(out)
+}
+
 /// Runs every check on `dev`; a driver error stops the run (it is not a tolerance failure).
 pub fn run(dev: &CudaDevice) -> Result<Vec<Check>> {
     let mut r = Runner {
@@ -304,6 +640,9 @@ pub fn run(dev: &CudaDevice) -> Result<Vec<Check>> {
     r.rows()?;
     r.lora()?;
     r.attention()?;
+    r.gemm()?;
+    r.conv()?;
+    r.masked_conv()?;
     dev.synchronize()?;
     Ok(r.checks)
 }

@@ -12,12 +12,17 @@ pub trait GpuElement: TensorElement + DeviceRepr + ValidAsZeroBits + Default {
     /// The LoRA patch kernel for weights of this type.
     #[doc(hidden)]
     const LORA_PATCH: &'static str;
+    /// The masked conv kernel reading a cached map of this type.
+    #[doc(hidden)]
+    const MASKED_CONV: &'static str;
 }
 impl GpuElement for f32 {
     const LORA_PATCH: &'static str = "lora_patch_f32";
+    const MASKED_CONV: &'static str = "masked_conv2d_cache_f32";
 }
 impl GpuElement for f16 {
     const LORA_PATCH: &'static str = "lora_patch_f16";
+    const MASKED_CONV: &'static str = "masked_conv2d_cache_f16";
 }
 
 /// Dense, row-major data in device memory. Ops on it are the launchers in [`CudaDevice`];

@@ -1,4 +1,5 @@
-//! `retouch selftest --device cuda:N`: every GPU kernel against its CPU implementation.
+//! `retouch selftest --device cuda:N`: every GPU kernel against its CPU implementation, then
+//! (when all pass) the GEMM-shaped kernels' timings in GFLOP/s.
 
 use clap::Args;
 use retouch_kernels::Device;
@@ -34,6 +35,17 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} checks, {failed} failed", checks.len());
+    if failed == 0 {
+        // Timings only of kernels that passed (a wrong kernel's speed means nothing).
+        println!();
+        println!("{:<16} {:<34} {:>10} {:>10}", "op", "size", "ms", "GFLOP/s");
+        for t in selftest::timings(&dev)? {
+            println!(
+                "{:<16} {:<34} {:>10.3} {:>10.0}",
+                t.op, t.size, t.ms, t.gflops
+            );
+        }
+    }
     if failed > 0 {
         return Err(format!("{failed} of {} GPU kernel checks failed", checks.len()).into());
     }

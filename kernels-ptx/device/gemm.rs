@@ -1,0 +1,738 @@
+//! GEMM on CUDA cores, and the convolutions as implicit GEMMs over the same tile loop.
+//!
+//! `C[m, n] = alpha * A[m, k] * B + beta * C + bias[n]`, f32 in and out, f32 accumulation.
+//! A block computes a 128 x 64 tile of C with 256 threads, each an 8 x 4 micro-tile in
+//! registers (rows `ty*4..ty*4+4` and `64+ty*4..64+ty*4+4`, columns `tx*4..tx*4+4`, with
+//! `tx = thread % 16`, `ty = thread / 16`). K advances 16 at a time through two shared-memory
+//! buffers: while the block multiplies one, each thread holds its share of the next tile
+//! (8 A values, 4 B values) in registers and stores it after, so there is one barrier per
+//! k-step. A is stored transposed (`As[k][row]`, rows padded to 132) so a thread reads its 8
+//! rows as two 16-byte loads; B as `Bs[k][col]` (padded to 68), one 16-byte load. Every
+//! element outside `m x k` or `k x n` is loaded as zero, so any size works; only the stores
+//! are masked.
+//!
+//! Where A comes from is the `ALoad` trait: a row-major matrix (`sgemm_f32`), the patches of
+//! a channels-last map gathered on the fly (`conv2d_f32`: implicit GEMM, no im2col buffer in
+//! global memory), or a masked conv's patches, each neighbour read from the fresh rows when
+//! its position is active and from the template's cached map otherwise
+//! (`masked_conv2d_cache_f32` / `_f16`, the CPU's `MaskedInput`). Each thread loads the same
+//! 8 rows of A on every k-step, so the per-row work (output position -> input coordinates,
+//! the divisions) happens once per kernel, in `ALoad::row`.
+//!
+//! Launch (all four): grid `(ceil(n / 64), ceil(m / 128))`, block 256, dynamic shared memory
+//! `SHARED_BYTES` = 25600 bytes.
+
+use crate::gpu::{block, block_y, sync_threads, thread};
+use crate::prelude::*;
+
+pub const BM: u32 = 128;
+pub const BN: u32 = 64;
+pub const BK: u32 = 16;
+/// Row strides of the shared tiles, padded (and kept multiples of 4 floats for 16-byte loads).
+const AS_LD: u32 = BM + 4;
+const BS_LD: u32 = BN + 4;
+const AS_LEN: u32 = BK * AS_LD;
+const BS_LEN: u32 = BK * BS_LD;
+/// Two A buffers, then two B buffers: 6400 floats (host: `SHARED_BYTES` in `src/cuda/ops.rs`).
+#[allow(dead_code)]
+pub const SHARED_FLOATS: u32 = 2 * (AS_LEN + BS_LEN);
+
+/// 16 bytes, loaded and stored as one vector access.
+#[repr(simd)]
+pub struct F4([f32; 4]);
+impl Copy for F4 {}
+
+#[inline(always)]
+unsafe fn load4(p: *const f32) -> [f32; 4] {
+    unsafe { transmute(*(p as *const F4)) }
+}
+
+/// A source of A's elements. `row` and `col` precompute what a row or a k-column needs;
+/// `load` must return 0 outside the matrix (a row `>= m` or a column `>= k`).
+pub trait ALoad {
+    type Row: Copy;
+    type Col: Copy;
+    fn row(&self, r: u32) -> Self::Row;
+    fn col(&self, k: u32) -> Self::Col;
+    fn load(&self, row: Self::Row, col: Self::Col) -> f32;
+}
+
+/// B is `[k, n]` (`kn`, a conv's packed weight) or `[n, k]` (a PyTorch linear weight).
+pub struct BMatrix {
+    pub b: *const f32,
+    pub n: u32,
+    pub k: u32,
+    pub kn: bool,
+}
+impl Copy for BMatrix {}
+
+/// Where C goes and what the epilogue adds.
+pub struct Epilogue {
+    pub c: *mut f32,
+    pub bias: *const f32,
+    pub has_bias: bool,
+    pub alpha: f32,
+    pub beta: f32,
+    pub m: u32,
+    pub n: u32,
+}
+
+/// The whole tile loop of one block.
+#[inline(always)]
+pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
+    let t = thread();
+    let (tx, ty) = (t % 16, t / 16);
+    let m0 = block_y() * BM;
+    let n0 = block() * BN;
+    let smem = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut f32;
+
+    // This thread's share of A: rows m0 + ty + 16 i (i < 8), column k0 + tx.
+    let r0 = m0 + ty;
+    let rows = rows_of(a, r0);
+    let mut ar = [0.0f32; 8];
+    let mut br = [0.0f32; 4];
+    let mut acc = [[0.0f32; 4]; 8];
+
+    let ktiles = (b.k + BK - 1) / BK;
+    unsafe {
+        load_tile(a, &rows, b, 0, t, n0, &mut ar, &mut br);
+        store_tile(smem, 0, t, &ar, &br, b.kn, SIMT);
+    }
+    sync_threads();
+    let mut kt = 0u32;
+    while kt < ktiles {
+        let cur = kt & 1;
+        let more = kt + 1 < ktiles;
+        if more {
+            unsafe { load_tile(a, &rows, b, (kt + 1) * BK, t, n0, &mut ar, &mut br) };
+        }
+        let as_ = unsafe { smem.add((cur * AS_LEN) as usize) };
+        let bs = unsafe { smem.add((2 * AS_LEN + cur * BS_LEN) as usize) };
+        // Four k per iteration, written out: LLVM does not unroll the whole k-step itself,
+        // and the accumulators must stay in registers (constant indices only).
+        let mut kk = 0u32;
+        while kk < BK {
+            unsafe {
+                fma_step(&mut acc, as_, bs, kk, tx, ty);
+                fma_step(&mut acc, as_, bs, kk + 1, tx, ty);
+                fma_step(&mut acc, as_, bs, kk + 2, tx, ty);
+                fma_step(&mut acc, as_, bs, kk + 3, tx, ty);
+            }
+            kk += 4;
+        }
+        if more {
+            unsafe { store_tile(smem, 1 - cur, t, &ar, &br, b.kn, SIMT) };
+        }
+        sync_threads();
+        kt += 1;
+    }
+
+    let row = m0 + ty * 4;
+    let col = n0 + tx * 4;
+    unsafe {
+        store_row(&e, row, col, acc[0]);
+        store_row(&e, row + 1, col, acc[1]);
+        store_row(&e, row + 2, col, acc[2]);
+        store_row(&e, row + 3, col, acc[3]);
+        store_row(&e, row + 64, col, acc[4]);
+        store_row(&e, row + 65, col, acc[5]);
+        store_row(&e, row + 66, col, acc[6]);
+        store_row(&e, row + 67, col, acc[7]);
+    }
+}
+
+/// This thread's rows of A: `r0 + 16 i`, `i < 8` (see `load_tile`).
+#[inline(always)]
+pub fn rows_of<A: ALoad>(a: &A, r0: u32) -> [A::Row; 8] {
+    [
+        a.row(r0),
+        a.row(r0 + 16),
+        a.row(r0 + 32),
+        a.row(r0 + 48),
+        a.row(r0 + 64),
+        a.row(r0 + 80),
+        a.row(r0 + 96),
+        a.row(r0 + 112),
+    ]
+}
+
+/// One k of the micro-tile: `acc[i][j] += A[row i][k] * B[k][col j]`.
+#[inline(always)]
+unsafe fn fma_step(
+    acc: &mut [[f32; 4]; 8],
+    as_: *const f32,
+    bs: *const f32,
+    kk: u32,
+    tx: u32,
+    ty: u32,
+) {
+    let (a0, a1, bv) = unsafe {
+        (
+            load4(as_.add((kk * AS_LD + ty * 4) as usize)),
+            load4(as_.add((kk * AS_LD + 64 + ty * 4) as usize)),
+            load4(bs.add((kk * BS_LD + tx * 4) as usize)),
+        )
+    };
+    let mut i = 0usize;
+    while i < 4 {
+        let mut j = 0usize;
+        while j < 4 {
+            acc[i][j] = a0[i].mul_add(bv[j], acc[i][j]);
+            acc[i + 4][j] = a1[i].mul_add(bv[j], acc[i + 4][j]);
+            j += 1;
+        }
+        i += 1;
+    }
+}
+
+/// Writes columns `col..col + 4` of one row of the micro-tile (those inside C).
+#[inline(always)]
+unsafe fn store_row(e: &Epilogue, row: u32, col: u32, v: [f32; 4]) {
+    if row >= e.m {
+        return;
+    }
+    unsafe {
+        store_one(e, row, col, v[0]);
+        store_one(e, row, col + 1, v[1]);
+        store_one(e, row, col + 2, v[2]);
+        store_one(e, row, col + 3, v[3]);
+    }
+}
+
+#[inline(always)]
+pub unsafe fn store_one(e: &Epilogue, row: u32, col: u32, acc: f32) {
+    if col >= e.n {
+        return;
+    }
+    let at = row as usize * e.n as usize + col as usize;
+    let mut v = e.alpha * acc;
+    unsafe {
+        if e.beta != 0.0 {
+            v = e.beta.mul_add(*e.c.add(at), v);
+        }
+        if e.has_bias {
+            v += *e.bias.add(col as usize);
+        }
+        *e.c.add(at) = v;
+    }
+}
+
+/// Loads this thread's share of the k-step starting at `k0` into registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn load_tile<A: ALoad>(
+    a: &A,
+    rows: &[A::Row; 8],
+    b: BMatrix,
+    k0: u32,
+    t: u32,
+    n0: u32,
+    ar: &mut [f32; 8],
+    br: &mut [f32; 4],
+) {
+    let col = a.col(k0 + t % 16);
+    let mut i = 0usize;
+    while i < 8 {
+        ar[i] = a.load(rows[i], col);
+        i += 1;
+    }
+    let mut i = 0usize;
+    while i < 4 {
+        // kn: 4 k-rows of 64 consecutive columns per pass; nk: 16 consecutive k per column.
+        let (kk, nn) = if b.kn {
+            (t / BN + 4 * i as u32, t % BN)
+        } else {
+            (t % BK, t / BK + 16 * i as u32)
+        };
+        let (k, n) = (k0 + kk, n0 + nn);
+        br[i] = if k < b.k && n < b.n {
+            let at = if b.kn {
+                k as usize * b.n as usize + n as usize
+            } else {
+                n as usize * b.k as usize + k as usize
+            };
+            unsafe { *b.b.add(at) }
+        } else {
+            0.0
+        };
+        i += 1;
+    }
+}
+
+/// Shared-tile layout: row strides of the A and B tiles, and whether values are rounded to
+/// TF32 as they are stored (for the tensor-core kernels).
+pub struct Smem {
+    pub as_ld: u32,
+    pub bs_ld: u32,
+    pub tf32: bool,
+}
+impl Copy for Smem {}
+
+/// The CUDA-core kernels' layout.
+pub const SIMT: Smem = Smem {
+    as_ld: AS_LD,
+    bs_ld: BS_LD,
+    tf32: false,
+};
+
+impl Smem {
+    #[inline(always)]
+    pub fn a(&self, smem: *mut f32, buf: u32) -> *mut f32 {
+        unsafe { smem.add((buf * BK * self.as_ld) as usize) }
+    }
+    #[inline(always)]
+    pub fn b(&self, smem: *mut f32, buf: u32) -> *mut f32 {
+        unsafe { smem.add((2 * BK * self.as_ld + buf * BK * self.bs_ld) as usize) }
+    }
+}
+
+/// Stores the registers of `load_tile` into shared buffer `buf` (0 or 1).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn store_tile(
+    smem: *mut f32,
+    buf: u32,
+    t: u32,
+    ar: &[f32; 8],
+    br: &[f32; 4],
+    kn: bool,
+    l: Smem,
+) {
+    let as_ = l.a(smem, buf);
+    let bs = l.b(smem, buf);
+    let mut i = 0usize;
+    while i < 8 {
+        let v = if l.tf32 {
+            crate::mma::tf32(ar[i])
+        } else {
+            ar[i]
+        };
+        unsafe { *as_.add(((t % 16) * l.as_ld + t / 16 + 16 * i as u32) as usize) = v };
+        i += 1;
+    }
+    let mut i = 0usize;
+    while i < 4 {
+        let (kk, nn) = if kn {
+            (t / BN + 4 * i as u32, t % BN)
+        } else {
+            (t % BK, t / BK + 16 * i as u32)
+        };
+        let v = if l.tf32 {
+            crate::mma::tf32(br[i])
+        } else {
+            br[i]
+        };
+        unsafe { *bs.add((kk * l.bs_ld + nn) as usize) = v };
+        i += 1;
+    }
+}
+
+/// A row-major `[m, k]` matrix.
+pub struct DenseA {
+    pub a: *const f32,
+    pub m: u32,
+    pub k: u32,
+}
+
+impl ALoad for DenseA {
+    /// The row's offset, `OUTSIDE_ROW` past `m` (the host keeps `m * k < 2^31`).
+    type Row = u32;
+    type Col = u32;
+    #[inline(always)]
+    fn row(&self, r: u32) -> u32 {
+        if r < self.m { r * self.k } else { OUTSIDE_ROW }
+    }
+    #[inline(always)]
+    fn col(&self, k: u32) -> u32 {
+        k
+    }
+    #[inline(always)]
+    fn load(&self, row: u32, col: u32) -> f32 {
+        if (row != OUTSIDE_ROW) & (col < self.k) {
+            unsafe { *self.a.add(row as usize + col as usize) }
+        } else {
+            0.0
+        }
+    }
+}
+
+const OUTSIDE_ROW: u32 = 0xffff_ffff;
+
+/// `C = alpha * A * op(B) + beta * C (+ bias)`: A `[m, k]`, B `[k, n]` when `b_kn != 0`
+/// else `[n, k]` (x * W^T), C `[m, n]`, bias `[n]` read when `has_bias != 0`. C is read only
+/// when `beta != 0`.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn sgemm_f32(
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    bias: *const f32,
+    m: u32,
+    n: u32,
+    k: u32,
+    b_kn: u32,
+    has_bias: u32,
+    alpha: f32,
+    beta: f32,
+) {
+    let a = DenseA { a, m, k };
+    let b = BMatrix {
+        b,
+        n,
+        k,
+        kn: b_kn != 0,
+    };
+    let e = Epilogue {
+        c,
+        bias,
+        has_bias: has_bias != 0,
+        alpha,
+        beta,
+        m,
+        n,
+    };
+    unsafe { gemm_block(&a, b, e) };
+}
+
+/// Geometry of a conv as the kernels take it; `ky - pad` and `kx - pad` wrap around in u32,
+/// so `oy * stride + ky - pad` is out of range (`>= h`) exactly when it is negative or past
+/// the map.
+pub struct ConvGeom {
+    pub h: u32,
+    pub w: u32,
+    pub cin: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub out_w: u32,
+    /// Patch length `kh * kw * cin`.
+    pub k: u32,
+}
+impl Copy for ConvGeom {}
+
+/// A k-column of the patch matrix: tap offsets (minus the padding, wrapped) and channel.
+pub struct ConvCol {
+    dy: u32,
+    dx: u32,
+    ci: u32,
+}
+impl Copy for ConvCol {}
+
+/// An output row's top-left input coordinates (`oy * stride`, `ox * stride`) and its map;
+/// a row past `m` gets coordinates no tap reaches, so it loads zeros.
+pub struct ConvRow {
+    y: u32,
+    x: u32,
+    map: u32,
+}
+impl Copy for ConvRow {}
+
+const OUTSIDE: u32 = 0x4000_0000;
+/// `row_of` of an inactive position (the CPU's `tokens::NOT_ACTIVE`).
+const NOT_ACTIVE: u32 = 0xffff_ffff;
+
+impl ConvGeom {
+    #[inline(always)]
+    fn col(&self, k: u32) -> ConvCol {
+        if k >= self.k {
+            return ConvCol {
+                dy: OUTSIDE,
+                dx: OUTSIDE,
+                ci: 0,
+            };
+        }
+        let tap = k / self.cin;
+        let ci = k - tap * self.cin;
+        let ky = tap / self.kw;
+        let kx = tap - ky * self.kw;
+        ConvCol {
+            dy: ky - self.pad,
+            dx: kx - self.pad,
+            ci,
+        }
+    }
+
+    #[inline(always)]
+    fn row(&self, position: u32, map: u32) -> ConvRow {
+        let oy = position / self.out_w;
+        let ox = position - oy * self.out_w;
+        ConvRow {
+            y: oy * self.stride,
+            x: ox * self.stride,
+            map,
+        }
+    }
+
+    /// The input position `(iy, ix)` a row and column read, or `None` (padding, or outside
+    /// the matrix).
+    #[inline(always)]
+    fn position(&self, row: ConvRow, col: ConvCol) -> (u32, bool) {
+        let iy = row.y + col.dy;
+        let ix = row.x + col.dx;
+        (iy * self.w + ix, (iy < self.h) & (ix < self.w))
+    }
+}
+
+/// Dense channels-last maps `[batch, h, w, cin]`: row `r` is image `r / out_hw`, output
+/// position `r % out_hw`.
+pub struct ConvA {
+    pub x: *const f32,
+    pub g: ConvGeom,
+    pub out_hw: u32,
+    pub m: u32,
+}
+
+impl ALoad for ConvA {
+    type Row = ConvRow;
+    type Col = ConvCol;
+    #[inline(always)]
+    fn row(&self, r: u32) -> ConvRow {
+        if r >= self.m {
+            return ConvRow {
+                y: OUTSIDE,
+                x: OUTSIDE,
+                map: 0,
+            };
+        }
+        let b = r / self.out_hw;
+        self.g.row(r - b * self.out_hw, b)
+    }
+    #[inline(always)]
+    fn col(&self, k: u32) -> ConvCol {
+        self.g.col(k)
+    }
+    #[inline(always)]
+    fn load(&self, row: ConvRow, col: ConvCol) -> f32 {
+        let (pos, inside) = self.g.position(row, col);
+        if inside {
+            let hw = self.g.h as usize * self.g.w as usize;
+            let at = (row.map as usize * hw + pos as usize) * self.g.cin as usize + col.ci as usize;
+            unsafe { *self.x.add(at) }
+        } else {
+            0.0
+        }
+    }
+}
+
+/// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
+/// `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when
+/// `has_bias != 0`: `out = [batch * out_h * out_w, cout]`, `m` its rows.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn conv2d_f32(
+    x: *const f32,
+    weight: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    m: u32,
+    cout: u32,
+    h: u32,
+    w: u32,
+    cin: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    out_h: u32,
+    out_w: u32,
+    has_bias: u32,
+) {
+    let g = ConvGeom {
+        h,
+        w,
+        cin,
+        kw,
+        stride,
+        pad,
+        out_w,
+        k: kh * kw * cin,
+    };
+    let a = ConvA {
+        x,
+        g,
+        out_hw: out_h * out_w,
+        m,
+    };
+    let b = BMatrix {
+        b: weight,
+        n: cout,
+        k: g.k,
+        kn: true,
+    };
+    let e = Epilogue {
+        c: out,
+        bias,
+        has_bias: has_bias != 0,
+        alpha: 1.0,
+        beta: 0.0,
+        m,
+        n: cout,
+    };
+    unsafe { gemm_block(&a, b, e) };
+}
+
+/// A cached map's element type, widened to f32 where it is read.
+pub trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self as f32
+    }
+}
+
+/// The CPU's `MaskedInput` per map (segment): `fresh[map]` are its fresh rows `[active, cin]`,
+/// `cached[map]` its template's map `[h * w, cin]` (device addresses, one per map), and
+/// `row_of[map * h * w + position]` the fresh row of an active position, `NOT_ACTIVE` for an
+/// inactive one. Output row `r` is `(rows[2 r], rows[2 r + 1])` = (map, output position).
+struct MaskedA<C: Widen> {
+    fresh: *const u64,
+    cached: *const u64,
+    row_of: *const u32,
+    rows: *const u32,
+    g: ConvGeom,
+    m: u32,
+    _c: *const C,
+}
+
+impl<C: Widen> ALoad for MaskedA<C> {
+    type Row = ConvRow;
+    type Col = ConvCol;
+    #[inline(always)]
+    fn row(&self, r: u32) -> ConvRow {
+        if r >= self.m {
+            return ConvRow {
+                y: OUTSIDE,
+                x: OUTSIDE,
+                map: 0,
+            };
+        }
+        let (map, position) = unsafe {
+            (
+                *self.rows.add(2 * r as usize),
+                *self.rows.add(2 * r as usize + 1),
+            )
+        };
+        self.g.row(position, map)
+    }
+    #[inline(always)]
+    fn col(&self, k: u32) -> ConvCol {
+        self.g.col(k)
+    }
+    #[inline(always)]
+    fn load(&self, row: ConvRow, col: ConvCol) -> f32 {
+        let (pos, inside) = self.g.position(row, col);
+        if !inside {
+            return 0.0;
+        }
+        let hw = self.g.h as usize * self.g.w as usize;
+        let cin = self.g.cin as usize;
+        unsafe {
+            let fresh_row = *self.row_of.add(row.map as usize * hw + pos as usize);
+            if fresh_row != NOT_ACTIVE {
+                let fresh = *self.fresh.add(row.map as usize) as *const f32;
+                *fresh.add(fresh_row as usize * cin + col.ci as usize)
+            } else {
+                let cached = *self.cached.add(row.map as usize) as *const C;
+                (*cached.add(pos as usize * cin + col.ci as usize)).widen()
+            }
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn masked_conv<C: Widen>(
+    fresh: *const u64,
+    cached: *const u64,
+    row_of: *const u32,
+    rows: *const u32,
+    weight: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    m: u32,
+    cout: u32,
+    g: ConvGeom,
+    has_bias: u32,
+) {
+    let a = MaskedA::<C> {
+        fresh,
+        cached,
+        row_of,
+        rows,
+        g,
+        m,
+        _c: 0usize as *const C,
+    };
+    let b = BMatrix {
+        b: weight,
+        n: cout,
+        k: g.k,
+        kn: true,
+    };
+    let e = Epilogue {
+        c: out,
+        bias,
+        has_bias: has_bias != 0,
+        alpha: 1.0,
+        beta: 0.0,
+        m,
+        n: cout,
+    };
+    unsafe { gemm_block(&a, b, e) };
+}
+
+macro_rules! masked_conv_kernel {
+    ($name:ident, $c:ty) => {
+        /// Masked 2-D convolution over a ragged batch (see `MaskedA`): `out = [m, cout]`,
+        /// the packed weight and bias as `conv2d_f32`.
+        #[unsafe(no_mangle)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "ptx-kernel" fn $name(
+            fresh: *const u64,
+            cached: *const u64,
+            row_of: *const u32,
+            rows: *const u32,
+            weight: *const f32,
+            bias: *const f32,
+            out: *mut f32,
+            m: u32,
+            cout: u32,
+            h: u32,
+            w: u32,
+            cin: u32,
+            kh: u32,
+            kw: u32,
+            stride: u32,
+            pad: u32,
+            out_w: u32,
+            has_bias: u32,
+        ) {
+            let g = ConvGeom {
+                h,
+                w,
+                cin,
+                kw,
+                stride,
+                pad,
+                out_w,
+                k: kh * kw * cin,
+            };
+            unsafe {
+                masked_conv::<$c>(
+                    fresh, cached, row_of, rows, weight, bias, out, m, cout, g, has_bias,
+                )
+            };
+        }
+    };
+}
+masked_conv_kernel!(masked_conv2d_cache_f32, f32);
+masked_conv_kernel!(masked_conv2d_cache_f16, f16);

@@ -1,0 +1,565 @@
+//! Launchers of the GEMM-shaped kernels (`kernels-ptx/device/gemm.rs`, `mma.rs`): sgemm,
+//! conv2d as an implicit GEMM, the masked conv over a ragged batch, and the TF32 tensor-core
+//! sgemm and conv2d.
+//!
+//! All share one launch shape: a 128 x 64 output tile per block of 256 threads, with
+//! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32` for the tensor-core ones).
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::ops::{launched, len_u32};
+use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
+use crate::error::{invalid, shape_err};
+use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
+
+/// Output rows and columns of one block's tile.
+const TILE_M: usize = 128;
+const TILE_N: usize = 64;
+/// The CUDA-core kernels' double-buffered shared tiles: 2 x (16 x 132 + 16 x 68) floats.
+const SHARED_BYTES: u32 = 2 * (16 * 132 + 16 * 68) * 4;
+/// The TF32 kernel's: 2 x (16 x 136 + 16 x 72) floats (strides chosen for its fragments).
+const SHARED_BYTES_TF32: u32 = 2 * (16 * 136 + 16 * 72) * 4;
+
+/// Which GEMM kernel: f32 on CUDA cores, or TF32 on tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cores {
+    Cuda,
+    TensorTf32,
+}
+
+/// The launch of an `m x n` output.
+fn tiles(op: &'static str, m: usize, n: usize) -> Result<LaunchConfig> {
+    let (gx, gy) = (n.div_ceil(TILE_N), m.div_ceil(TILE_M));
+    if gy > 65_535 || gx > 65_535 {
+        return invalid(
+            op,
+            format!("{m} x {n} output exceeds the launch grid (65535 tiles of 128 x 64)"),
+        );
+    }
+    Ok(LaunchConfig {
+        grid_dim: (gx as u32, gy as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: SHARED_BYTES,
+    })
+}
+
+fn kernel_name(cores: Cores) -> &'static str {
+    match cores {
+        Cores::Cuda => "sgemm_f32",
+        Cores::TensorTf32 => "sgemm_tf32",
+    }
+}
+
+/// A conv layer's weight on the device: the packed `[kh * kw * cin, cout]` matrix of
+/// [`Conv2dWeight`] (rows by (ky, kx, ci)) and its optional bias.
+#[derive(Debug)]
+pub struct CudaConv2dWeight {
+    packed: CudaTensor,
+    bias: Option<CudaTensor>,
+    kh: usize,
+    kw: usize,
+    cin: usize,
+    cout: usize,
+}
+
+impl CudaConv2dWeight {
+    pub fn upload(dev: &CudaDevice, w: &Conv2dWeight) -> Result<CudaConv2dWeight> {
+        let (kh, kw) = w.kernel_size();
+        let (cin, cout) = (w.in_channels(), w.out_channels());
+        let packed = crate::Tensor::from_vec(w.packed().to_vec(), &[kh * kw * cin, cout])?;
+        let bias = match w.bias() {
+            Some(b) => Some(CudaTensor::upload(
+                dev,
+                &crate::Tensor::from_vec(b.to_vec(), &[cout])?,
+            )?),
+            None => None,
+        };
+        Ok(CudaConv2dWeight {
+            packed: CudaTensor::upload(dev, &packed)?,
+            bias,
+            kh,
+            kw,
+            cin,
+            cout,
+        })
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.cin
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.cout
+    }
+
+    /// `(out_h, out_w)` for an `in_h x in_w` input, with the CPU's checks.
+    fn out_size(
+        &self,
+        op: &'static str,
+        in_h: usize,
+        in_w: usize,
+        p: Conv2dParams,
+    ) -> Result<(usize, usize)> {
+        if p.stride == 0 {
+            return invalid(op, "stride must be at least 1");
+        }
+        if in_h + 2 * p.padding < self.kh || in_w + 2 * p.padding < self.kw {
+            return shape_err(
+                op,
+                format!(
+                    "{in_h}x{in_w} input is smaller than the {}x{} kernel",
+                    self.kh, self.kw
+                ),
+            );
+        }
+        Ok((
+            (in_h + 2 * p.padding - self.kh) / p.stride + 1,
+            (in_w + 2 * p.padding - self.kw) / p.stride + 1,
+        ))
+    }
+}
+
+/// One request of a masked convolution on the device, as [`crate::MaskedConvSegment`]:
+/// fresh rows `[active.len(), cin]` in the order of `active`'s positions, the template's
+/// cached input map (`in_h * in_w * cin` values, f32 or f16), and the output positions.
+pub struct CudaMaskedConvSegment<'a, C: GpuElement> {
+    pub fresh: &'a CudaTensor,
+    pub active: &'a TokenSet,
+    pub cached: &'a CudaTensor<C>,
+    pub outputs: &'a TokenSet,
+}
+
+impl CudaDevice {
+    /// `c = alpha * a * op(b) + beta * c + bias`, in place: `a = [m, k]`; `b = [n, k]` when
+    /// `b_transposed` (PyTorch's linear weight: `a * b^T`) else `[k, n]`; `c = [m, n]`
+    /// (read only when `beta != 0`); `bias = [n]`. f32 accumulation on CUDA cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        self.gemm_on(Cores::Cuda, a, b, b_transposed, bias, alpha, beta, c)
+    }
+
+    /// [`CudaDevice::gemm`] on tensor cores: the inputs rounded to TF32 (10-bit mantissa),
+    /// products accumulated in f32 (`mma.sync.m16n8k8`). Expect errors of about
+    /// `1e-3 * sqrt(k)` times the inputs' scale; compute capability 8.0 or later (the
+    /// only PTX this crate ships).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_tf32(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        self.gemm_on(Cores::TensorTf32, a, b, b_transposed, bias, alpha, beta, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_on(
+        &self,
+        cores: Cores,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaTensor,
+    ) -> Result<()> {
+        let op = kernel_name(cores);
+        let (&[m, k], &[b0, b1], &[cm, cn]) = (a.shape(), b.shape(), c.shape()) else {
+            return shape_err(
+                op,
+                format!(
+                    "expected 2-D a, b, c; got {:?}, {:?}, {:?}",
+                    a.shape(),
+                    b.shape(),
+                    c.shape()
+                ),
+            );
+        };
+        let (kb, n) = if b_transposed { (b1, b0) } else { (b0, b1) };
+        if kb != k || (cm, cn) != (m, n) {
+            return shape_err(
+                op,
+                format!(
+                    "a {:?} times b {:?}{} does not give c {:?}",
+                    a.shape(),
+                    b.shape(),
+                    if b_transposed { "^T" } else { "" },
+                    c.shape()
+                ),
+            );
+        }
+        if let Some(bias) = bias
+            && bias.shape() != [n]
+        {
+            return shape_err(op, format!("bias must be [{n}], got {:?}", bias.shape()));
+        }
+        len_u32(op, a.elem_count().max(b.elem_count()).max(c.elem_count()))?;
+        self.sgemm_raw(
+            cores,
+            a,
+            b,
+            b_transposed,
+            bias,
+            (m, n, k),
+            alpha,
+            beta,
+            &mut c.data,
+        )
+    }
+
+    /// The launch of `sgemm_f32` / `sgemm_tf32` on checked sizes (`a`, `b` hold `m * k`, `k * n` values).
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm_raw(
+        &self,
+        cores: Cores,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let k_name = kernel_name(cores);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let mut cfg = tiles(k_name, m, n)?;
+        if cores == Cores::TensorTf32 {
+            cfg.shared_mem_bytes = SHARED_BYTES_TF32;
+        }
+        let (m_u, n_u, k_u) = (m as u32, n as u32, k as u32);
+        let b_kn = u32::from(!b_transposed);
+        let has_bias = u32::from(bias.is_some());
+        // Without a bias the kernel never reads the pointer; any valid buffer will do.
+        let bias_data = bias.map_or(&a.data, |t| &t.data);
+        let mut l = self.stream().launch_builder(self.function(k_name)?);
+        l.arg(&a.data)
+            .arg(&b.data)
+            .arg(c)
+            .arg(bias_data)
+            .arg(&m_u)
+            .arg(&n_u)
+            .arg(&k_u)
+            .arg(&b_kn)
+            .arg(&has_bias)
+            .arg(&alpha)
+            .arg(&beta);
+        // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, bias, m, n, k, b_kn, has_bias,
+        // alpha, beta)`; sizes checked by the callers, every index below 2^31.
+        launched(k_name, unsafe { l.launch(cfg) })
+    }
+
+    /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
+    /// `x = [..., in]`, `weight = [out, in]`, `bias = [out]`.
+    pub fn linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let &[out_f, in_f] = weight.shape() else {
+            return shape_err(
+                "linear",
+                format!("weight must be [out, in], got {:?}", weight.shape()),
+            );
+        };
+        if x.shape().last() != Some(&in_f) {
+            return shape_err(
+                "linear",
+                format!("input {:?} does not end in {in_f} features", x.shape()),
+            );
+        }
+        if let Some(bias) = bias
+            && bias.shape() != [out_f]
+        {
+            return shape_err(
+                "linear",
+                format!("bias {:?} does not match {out_f} outputs", bias.shape()),
+            );
+        }
+        let rows = x.elem_count() / in_f.max(1);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("checked non-empty") = out_f;
+        let mut out = CudaTensor::zeros(self, &shape)?;
+        len_u32(
+            "linear",
+            x.elem_count()
+                .max(weight.elem_count())
+                .max(out.elem_count()),
+        )?;
+        self.sgemm_raw(
+            Cores::Cuda,
+            x,
+            weight,
+            true,
+            bias,
+            (rows, out_f, in_f),
+            1.0,
+            0.0,
+            &mut out.data,
+        )?;
+        Ok(out)
+    }
+
+    /// `a * b` for `a = [m, k]`, `b = [k, n]`.
+    pub fn matmul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let (m, n) = match (a.shape(), b.shape()) {
+            (&[m, _], &[_, n]) => (m, n),
+            _ => {
+                return shape_err(
+                    "matmul",
+                    format!(
+                        "expected [m, k] x [k, n], got {:?} x {:?}",
+                        a.shape(),
+                        b.shape()
+                    ),
+                );
+            }
+        };
+        let mut out = CudaTensor::zeros(self, &[m, n])?;
+        self.gemm(a, b, false, None, 1.0, 0.0, &mut out)?;
+        Ok(out)
+    }
+
+    /// 2-D convolution of a channels-last map `[batch, h, w, cin]`, as
+    /// [`crate::Tensor::conv2d`]: `[batch, out_h, out_w, cout]`, bias fused. An implicit
+    /// GEMM: the patches are gathered into shared memory tile by tile, never into a
+    /// global im2col buffer.
+    pub fn conv2d(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        self.conv2d_on(Cores::Cuda, x, weight, params)
+    }
+
+    /// [`CudaDevice::conv2d`] on tensor cores: input and weight rounded to TF32, f32
+    /// accumulation (errors of about `1e-3 * sqrt(kh * kw * cin)` for unit-scale inputs).
+    pub fn conv2d_tf32(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        self.conv2d_on(Cores::TensorTf32, x, weight, params)
+    }
+
+    fn conv2d_on(
+        &self,
+        cores: Cores,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        let (k_name, shared) = match cores {
+            Cores::Cuda => ("conv2d_f32", SHARED_BYTES),
+            Cores::TensorTf32 => ("conv2d_tf32", SHARED_BYTES_TF32),
+        };
+        let &[batch, h, w, cin] = x.shape() else {
+            return shape_err(
+                k_name,
+                format!("expected [batch, h, w, cin], got {:?}", x.shape()),
+            );
+        };
+        if cin != weight.cin {
+            return shape_err(
+                k_name,
+                format!("input has {cin} channels, weight expects {}", weight.cin),
+            );
+        }
+        let (oh, ow) = weight.out_size(k_name, h, w, params)?;
+        let m = batch * oh * ow;
+        let mut out = CudaTensor::zeros(self, &[batch, oh, ow, weight.cout])?;
+        len_u32(
+            k_name,
+            x.elem_count()
+                .max(out.elem_count())
+                .max(weight.packed.elem_count()),
+        )?;
+        if m == 0 {
+            return Ok(out);
+        }
+        let mut cfg = tiles(k_name, m, weight.cout)?;
+        cfg.shared_mem_bytes = shared;
+        let u = |v: usize| v as u32;
+        let args = [
+            u(m),
+            u(weight.cout),
+            u(h),
+            u(w),
+            u(cin),
+            u(weight.kh),
+            u(weight.kw),
+            u(params.stride),
+            u(params.padding),
+            u(oh),
+            u(ow),
+            u32::from(weight.bias.is_some()),
+        ];
+        let bias_data = weight
+            .bias
+            .as_ref()
+            .map_or(&weight.packed.data, |b| &b.data);
+        let mut l = self.stream().launch_builder(self.function(k_name)?);
+        l.arg(&x.data)
+            .arg(&weight.packed.data)
+            .arg(bias_data)
+            .arg(&mut out.data);
+        for a in &args {
+            l.arg(a);
+        }
+        // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
+        // pad, out_h, out_w, has_bias)`; shapes checked, every index below 2^31.
+        launched(k_name, unsafe { l.launch(cfg) })?;
+        Ok(out)
+    }
+
+    /// Convolution at selected output positions over a ragged batch, as
+    /// [`Conv2dWeight::masked_conv2d`]: each neighbour comes from the segment's fresh rows
+    /// when its position is active, else from its cached map (f32 or f16, widened where
+    /// read). Returns the output rows of all segments stacked, `[sum outputs, cout]`.
+    pub fn masked_conv2d<C: GpuElement>(
+        &self,
+        weight: &CudaConv2dWeight,
+        segments: &[CudaMaskedConvSegment<'_, C>],
+        params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        let op = C::MASKED_CONV;
+        let Some(first) = segments.first() else {
+            return CudaTensor::zeros(self, &[0, weight.cout]);
+        };
+        let cin = weight.cin;
+        let (in_h, in_w) = (first.active.height(), first.active.width());
+        let (oh, ow) = weight.out_size(op, in_h, in_w, params)?;
+        for (i, s) in segments.iter().enumerate() {
+            if (s.active.height(), s.active.width()) != (in_h, in_w) {
+                return shape_err(op, format!("segment {i}: input grids differ"));
+            }
+            if s.fresh.shape() != [s.active.len(), cin] {
+                return shape_err(
+                    op,
+                    format!(
+                        "segment {i}: fresh rows {:?}, expected [{}, {cin}]",
+                        s.fresh.shape(),
+                        s.active.len()
+                    ),
+                );
+            }
+            if s.cached.elem_count() != in_h * in_w * cin {
+                return shape_err(
+                    op,
+                    format!(
+                        "segment {i}: cached map {:?} is not {in_h}x{in_w}x{cin}",
+                        s.cached.shape()
+                    ),
+                );
+            }
+            if (s.outputs.height(), s.outputs.width()) != (oh, ow) {
+                return shape_err(
+                    op,
+                    format!(
+                        "segment {i}: output grid {}x{}, expected {oh}x{ow}",
+                        s.outputs.height(),
+                        s.outputs.width()
+                    ),
+                );
+            }
+        }
+        let hw = in_h * in_w;
+        let m: usize = segments.iter().map(|s| s.outputs.len()).sum();
+        let mut out = CudaTensor::zeros(self, &[m, weight.cout])?;
+        len_u32(
+            op,
+            (segments.len() * hw)
+                .max(hw * cin)
+                .max(2 * m)
+                .max(out.elem_count())
+                .max(weight.packed.elem_count()),
+        )?;
+        if m == 0 {
+            return Ok(out);
+        }
+        let cfg = tiles(op, m, weight.cout)?;
+        let mut rows = Vec::with_capacity(2 * m);
+        let mut row_of = Vec::with_capacity(segments.len() * hw);
+        for (i, s) in segments.iter().enumerate() {
+            for &p in s.outputs.positions() {
+                rows.extend_from_slice(&[i as u32, p]);
+            }
+            // `TokenSet`'s inverse map uses u32::MAX for inactive positions, as the kernel.
+            row_of.extend_from_slice(s.active.row_of());
+        }
+        let stream = self.stream();
+        // The device addresses of each segment's buffers; the guards keep cudarc's
+        // read-after-write ordering until the launch is queued.
+        let mut guards = Vec::with_capacity(2 * segments.len());
+        let mut fresh_ptrs = Vec::with_capacity(segments.len());
+        let mut cached_ptrs = Vec::with_capacity(segments.len());
+        for s in segments {
+            let (p, g) = s.fresh.data.device_ptr(stream);
+            fresh_ptrs.push(p);
+            guards.push(g);
+            let (p, g) = s.cached.data.device_ptr(stream);
+            cached_ptrs.push(p);
+            guards.push(g);
+        }
+        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(op));
+        let (rows_d, row_of_d) = (up(&rows)?, up(&row_of)?);
+        let fresh_d = stream.clone_htod(&fresh_ptrs).map_err(driver_err(op))?;
+        let cached_d = stream.clone_htod(&cached_ptrs).map_err(driver_err(op))?;
+        let u = |v: usize| v as u32;
+        let args = [
+            u(m),
+            u(weight.cout),
+            u(in_h),
+            u(in_w),
+            u(cin),
+            u(weight.kh),
+            u(weight.kw),
+            u(params.stride),
+            u(params.padding),
+            u(ow),
+            u32::from(weight.bias.is_some()),
+        ];
+        let bias_data = weight
+            .bias
+            .as_ref()
+            .map_or(&weight.packed.data, |b| &b.data);
+        let mut l = stream.launch_builder(self.function(op)?);
+        l.arg(&fresh_d)
+            .arg(&cached_d)
+            .arg(&row_of_d)
+            .arg(&rows_d)
+            .arg(&weight.packed.data)
+            .arg(bias_data)
+            .arg(&mut out.data);
+        for a in &args {
+            l.arg(a);
+        }
+        // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight, bias,
+        // out, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`. The address tables
+        // point at live buffers of the checked sizes (borrowed for this call); `row_of` holds
+        // fresh-row indices below each segment's `active.len()` (TokenSet's invariant) or
+        // u32::MAX; `rows` holds segment indices and positions on the output grid.
+        launched(op, unsafe { l.launch(cfg) })?;
+        drop(guards);
+        Ok(out)
+    }
+}
