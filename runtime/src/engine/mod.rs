@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub policy: BatchPolicy,
     pub routing: Routing,
     pub max_batch_requests: usize,
+    /// Latent tokens per step a batch may hold (each request's active latent positions,
+    /// all of them when dense, times its guidance branches); None: no limit.
+    pub max_batch_tokens: Option<usize>,
     /// Requests waiting per worker before new ones are refused.
     pub max_queue: usize,
     /// Where templates are kept on disk; None keeps them in memory only.
@@ -59,6 +62,7 @@ impl EngineConfig {
             policy: BatchPolicy::Continuous,
             routing: Routing::LeastLoaded,
             max_batch_requests: 8,
+            max_batch_tokens: None,
             max_queue: 64,
             cache_dir: None,
             cache_dtype: DType::F16,
@@ -105,6 +109,9 @@ impl Engine {
         if config.max_batch_requests == 0 || config.max_queue == 0 {
             return Err("max batch requests and max queue must be at least 1".into());
         }
+        if config.max_batch_tokens == Some(0) {
+            return Err("max batch tokens must be at least 1".into());
+        }
         let metrics = telemetry::prometheus();
         let templates = TemplateStore::open(config.cache_dir.as_deref()).map_err(|e| {
             format!(
@@ -133,6 +140,7 @@ impl Engine {
                 index,
                 policy: config.policy,
                 max_batch_requests: config.max_batch_requests,
+                max_batch_tokens: config.max_batch_tokens,
                 cache_dtype: config.cache_dtype,
                 threads: config.threads_per_worker,
             };
