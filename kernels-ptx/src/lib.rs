@@ -23,7 +23,7 @@ pub use cpu::norm::GroupStats;
 pub use device::Device;
 pub use dtype::{DType, FloatElement};
 pub use error::{Error, Result};
-pub use ops::attention::AttentionSegment;
+pub use ops::attention::{AttentionSegment, RaggedSegment};
 pub use ops::conv::{Conv2dParams, Conv2dWeight};
 pub use ops::lora::{LoraBackup, LoraSegment};
 pub use ops::masked_conv::MaskedConvSegment;

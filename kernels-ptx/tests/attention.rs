@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use retouch_kernels::{Error, Tensor};
+use retouch_kernels::{Error, RaggedSegment, Tensor};
 
 fn check(dims: AttnDims, causal: bool, seed: u64) {
     let AttnDims {
@@ -151,4 +151,97 @@ fn rejects_bad_shapes() {
         Tensor::attention(&q, &randn(&[2, 7, 8], 75), &randn(&[2, 7, 8], 76), 2, false).is_err()
     );
     assert!(Tensor::attention(&randn(&[5, 12], 77), &k, &k, 2, false).is_err());
+}
+
+#[test]
+fn ragged_attention_matches_each_sequence_alone() {
+    // Three sequences of different query and key lengths (one longer than a task of 1024
+    // queries, one with keys shared with another), packed into one call.
+    let (c, heads) = (24, 3);
+    let spans = [(5usize, 0usize, 7usize), (1100, 7, 77), (40, 0, 7)];
+    let rows: usize = spans.iter().map(|s| s.0).sum();
+    let q = randn(&[rows, c], 80);
+    let k = randn(&[77, c], 81);
+    let v = randn(&[77, c], 82);
+    let mut segments = Vec::new();
+    let mut at = 0;
+    for &(n, k0, k1) in &spans {
+        segments.push(RaggedSegment {
+            queries: at..at + n,
+            keys: k0..k1,
+        });
+        at += n;
+    }
+    let got = Tensor::ragged_attention(&q, &k, &v, &segments, heads)
+        .unwrap()
+        .to_vec_f32();
+    let (qf, kf, vf) = (f64s(&q), f64s(&k), f64s(&v));
+    for s in &segments {
+        let lk = s.keys.len();
+        let want = attention_ref(
+            &qf[s.queries.start * c..s.queries.end * c],
+            &kf[s.keys.start * c..s.keys.end * c],
+            &vf[s.keys.start * c..s.keys.end * c],
+            dims(1, s.queries.len(), lk, c, heads),
+            false,
+        );
+        assert_close(
+            &format!("ragged segment {s:?}"),
+            &got[s.queries.start * c..s.queries.end * c],
+            &want,
+            &[s.queries.len(), c],
+            1e-5,
+            1e-5,
+        );
+    }
+    // Packing changes nothing: each sequence alone through the dense op gives the same bits.
+    for s in &segments {
+        let alone = |t: &Tensor, r: &std::ops::Range<usize>| {
+            Tensor::from_vec(
+                t.to_vec_f32()[r.start * c..r.end * c].to_vec(),
+                &[1, r.len(), c],
+            )
+            .unwrap()
+        };
+        let dense = Tensor::attention(
+            &alone(&q, &s.queries),
+            &alone(&k, &s.keys),
+            &alone(&v, &s.keys),
+            heads,
+            false,
+        )
+        .unwrap();
+        assert_bits_eq(
+            "ragged == dense per sequence",
+            &got[s.queries.start * c..s.queries.end * c],
+            &dense.to_vec_f32(),
+        );
+    }
+}
+
+#[test]
+fn ragged_attention_rejects_bad_segments() {
+    let q = randn(&[10, 12], 90);
+    let k = randn(&[6, 12], 91);
+    let seg = |queries: std::ops::Range<usize>, keys: std::ops::Range<usize>| RaggedSegment {
+        queries,
+        keys,
+    };
+    let ok = Tensor::ragged_attention(&q, &k, &k, &[seg(0..4, 0..6), seg(4..10, 2..3)], 2);
+    assert!(ok.is_ok());
+    for bad in [
+        vec![seg(0..11, 0..6)],
+        vec![seg(0..4, 0..7)],
+        vec![seg(0..4, 0..6), seg(3..5, 0..6)],
+        vec![seg(0..4, 3..3)],
+    ] {
+        assert!(
+            Tensor::ragged_attention(&q, &k, &k, &bad, 2).is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(Tensor::ragged_attention(&q, &k, &k, &[seg(0..4, 0..6)], 5).is_err());
+    let k8 = randn(&[6, 8], 92);
+    assert!(Tensor::ragged_attention(&q, &k8, &k8, &[seg(0..4, 0..6)], 2).is_err());
+    assert!(Tensor::ragged_attention(&q, &k, &randn(&[5, 12], 93), &[], 2).is_err());
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use retouch_kernels::{Error, Tensor};
+use retouch_kernels::{Error, GroupStats, Tensor};
 
 #[test]
 fn group_norm_several_group_counts() {
@@ -263,4 +263,74 @@ fn softmax_masked_entries() {
     let x = Tensor::from_vec(v, &[3, 7]).unwrap();
     let y = x.softmax_last_dim().unwrap();
     assert_tensor_close("softmax masked", &y, &softmax_ref(&f64s(&x), 7), &[3, 7]);
+}
+
+#[test]
+fn ragged_group_norm_uses_each_samples_statistics() {
+    // Three samples of 5, 0 and 17 rows stacked, each with its own statistics.
+    let (c, groups) = (12, 4);
+    let sample_rows = [5usize, 0, 17];
+    let x = randn_affine(&[22, c], 40, 1.5, 0.5);
+    let (gamma, beta) = (randn(&[c], 41), randn(&[c], 42));
+    let stats: Vec<GroupStats> = (0..3 * groups)
+        .map(|i| GroupStats {
+            mean: 0.1 * i as f32 - 0.4,
+            rstd: 0.5 + 0.05 * i as f32,
+        })
+        .collect();
+    for silu in [false, true] {
+        let got = x
+            .group_norm_with_stats_ragged(&sample_rows, &stats, groups, &gamma, &beta, silu)
+            .unwrap();
+        let xf = f64s(&x);
+        let mut at = 0;
+        for (i, &n) in sample_rows.iter().enumerate() {
+            let s: Vec<(f64, f64)> = stats[i * groups..(i + 1) * groups]
+                .iter()
+                .map(|s| (s.mean as f64, s.rstd as f64))
+                .collect();
+            let want = group_norm_apply_ref(
+                &xf[at * c..(at + n) * c],
+                1,
+                c,
+                groups,
+                &s,
+                &f64s(&gamma),
+                &f64s(&beta),
+                silu,
+            );
+            assert_close(
+                &format!("sample {i}, silu={silu}"),
+                &got.to_vec_f32()[at * c..(at + n) * c],
+                &want,
+                &[n, c],
+                1e-5,
+                1e-5,
+            );
+            at += n;
+        }
+    }
+    // Equal lengths give exactly the batched op.
+    let batched = randn(&[2, 9, c], 43);
+    let stats2 = batched.group_norm_stats(groups, 1e-5).unwrap();
+    let a = batched
+        .group_norm_with_stats(&stats2, groups, &gamma, &beta, true)
+        .unwrap();
+    let b = batched
+        .group_norm_with_stats_ragged(&[9, 9], &stats2, groups, &gamma, &beta, true)
+        .unwrap();
+    assert_bits_eq("ragged == batched", &a.to_vec_f32(), &b.to_vec_f32());
+    // Rows that do not add up, or statistics of the wrong count, are refused.
+    assert!(
+        x.group_norm_with_stats_ragged(&[5, 16], &stats[..8], groups, &gamma, &beta, false)
+            .is_err()
+    );
+    assert!(
+        x.group_norm_with_stats_ragged(&[5, 17], &stats, groups, &gamma, &beta, false)
+            .is_err()
+    );
+    assert!(
+        x.group_norm_with_stats_ragged(&[22], &stats, 5, &gamma, &beta, false)
+            .is_err()
+    );
 }

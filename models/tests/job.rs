@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use retouch_kernels::DType;
+use retouch_kernels::Tensor;
 use retouch_models::pipeline::{
-    DenoiseJob, EditMode, EditRequest, GenerateRequest, JobOutput, Mask, Pipeline, TemplateRef,
-    TemplateSpec,
+    DenoiseJob, EditMode, EditRequest, GenerateRequest, JobOutput, Mask, Pipeline, Template,
+    TemplateRef, TemplateSpec,
 };
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
 
@@ -112,4 +113,263 @@ fn a_finished_job_refuses_more_steps_and_an_unfinished_one_refuses_to_finish() {
     assert!(job.is_done());
     assert!(job.step(&pipe).is_err());
     assert!(job.finish(&pipe).is_ok());
+}
+
+/// A guided template of the tiny pipeline with an f16 activation cache.
+fn template(
+    pipe: &Pipeline,
+    prompt: &str,
+    seed: u64,
+    size: (usize, usize),
+    sched: &str,
+) -> Template {
+    let spec = TemplateSpec {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        seed,
+        steps: 4,
+        guidance: 5.0,
+        scheduler: sched.into(),
+        width: size.0,
+        height: size.1,
+    };
+    pipe.register_template(&spec, Some(DType::F16), &mut |_, _| {})
+        .unwrap()
+}
+
+/// A box mask `[x0, x1) x [y0, y1)` in pixels.
+fn box_mask(size: (usize, usize), x: (usize, usize), y: (usize, usize)) -> Mask {
+    let (w, h) = size;
+    let values = (0..w * h)
+        .map(|p| {
+            let (px, py) = (p % w, p / w);
+            f32::from(u8::from(
+                (x.0..x.1).contains(&px) && (y.0..y.1).contains(&py),
+            ))
+        })
+        .collect();
+    Mask {
+        width: w,
+        height: h,
+        values,
+    }
+}
+
+fn cached_edit(prompt: &str, seed: u64, halo: usize) -> EditRequest {
+    let mut req = EditRequest::new(prompt);
+    req.mode = EditMode::Cached;
+    req.seed = seed;
+    req.halo = halo;
+    req
+}
+
+/// The final latents of a job's output (a template's last trajectory entry).
+fn final_latents(out: JobOutput) -> Tensor {
+    match out {
+        JobOutput::Generated(g) => g.latents,
+        JobOutput::Edited(e) => e.latents,
+        JobOutput::Template(mut t) => t.trajectory.pop().unwrap(),
+    }
+}
+
+/// Largest difference between two latents, relative to the larger magnitude in `want`.
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.shape(), want.shape());
+    let (g, w) = (
+        got.as_slice::<f32>().unwrap(),
+        want.as_slice::<f32>().unwrap(),
+    );
+    assert!(w.iter().any(|&v| v != 0.0), "latents are all zeros");
+    let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    g.iter()
+        .zip(w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+        / scale
+}
+
+/// Builds a job (run once alone, once in fused steps).
+type Build<'t> = Box<dyn Fn(&Pipeline) -> DenoiseJob<'t> + 't>;
+
+fn edit<'t>(tpl: &'t Template, mask: Mask, req: EditRequest) -> Build<'t> {
+    Box::new(move |pipe| {
+        let job = DenoiseJob::edit(pipe, TemplateRef::Borrowed(tpl), &mask, &req).unwrap();
+        // What the runtime admits by is what the job costs.
+        assert_eq!(
+            job.step_tokens(),
+            pipe.edit_step_tokens(tpl, &mask, &req).unwrap()
+        );
+        job
+    })
+}
+
+#[test]
+fn fused_steps_match_jobs_stepped_alone() {
+    let pipe = tiny();
+    let square = (64, 64);
+    let wide = (64, 48);
+    let house = template(&pipe, "a house", 2, square, "euler");
+    let boat = template(&pipe, "a boat", 3, wide, "ddim");
+    let mut gen_req = GenerateRequest::new("a tree");
+    (gen_req.steps, gen_req.width, gen_req.height) = (5, 64, 64);
+    let mut dense = EditRequest::new("a red door");
+    dense.seed = 9;
+    let spec = TemplateSpec {
+        prompt: "a lake".into(),
+        negative_prompt: "fog".into(),
+        seed: 11,
+        steps: 3,
+        guidance: 3.0,
+        scheduler: "dpmpp-2m".into(),
+        width: 64,
+        height: 64,
+    };
+    // (the round a job joins the batch, how to build it): three cached edits of one
+    // template with different masks, halos, prompts and start steps, one of another template
+    // on another grid, a generation, a dense edit and a template registration.
+    let plan: Vec<(usize, Build<'_>)> = vec![
+        (
+            0,
+            edit(
+                &house,
+                box_mask(square, (0, 64), (0, 20)),
+                cached_edit("a door", 4, 1),
+            ),
+        ),
+        (
+            1,
+            edit(
+                &house,
+                box_mask(square, (40, 52), (36, 60)),
+                cached_edit("a window", 5, 1),
+            ),
+        ),
+        (
+            0,
+            edit(
+                &house,
+                box_mask(square, (8, 24), (24, 40)),
+                cached_edit("a cat", 6, 0),
+            ),
+        ),
+        (
+            2,
+            edit(
+                &boat,
+                box_mask(wide, (16, 48), (8, 40)),
+                cached_edit("a sail", 7, 2),
+            ),
+        ),
+        (
+            0,
+            Box::new(|pipe: &Pipeline| {
+                let job = DenoiseJob::generate(pipe, &gen_req).unwrap();
+                assert_eq!(
+                    job.step_tokens(),
+                    pipe.generate_step_tokens(&gen_req).unwrap()
+                );
+                job
+            }),
+        ),
+        (
+            1,
+            edit(&house, box_mask(square, (20, 44), (20, 44)), dense.clone()),
+        ),
+        (
+            1,
+            Box::new(|pipe: &Pipeline| {
+                let job = DenoiseJob::template(pipe, &spec, Some(DType::F16)).unwrap();
+                assert_eq!(job.step_tokens(), pipe.template_step_tokens(&spec).unwrap());
+                job
+            }),
+        ),
+    ];
+
+    let alone: Vec<Tensor> = plan
+        .iter()
+        .map(|(_, build)| final_latents(pipe.run_job(build(&pipe), &mut |_, _| {}).unwrap()))
+        .collect();
+
+    let mut jobs: Vec<Option<DenoiseJob<'_>>> = plan.iter().map(|_| None).collect();
+    let mut round = 0;
+    while round < 3 || jobs.iter().flatten().any(|j| !j.is_done()) {
+        for (i, (start, build)) in plan.iter().enumerate() {
+            if *start == round {
+                jobs[i] = Some(build(&pipe));
+            }
+        }
+        let mut batch: Vec<&mut DenoiseJob<'_>> =
+            jobs.iter_mut().flatten().filter(|j| !j.is_done()).collect();
+        let stepped = batch.len();
+        let results = DenoiseJob::step_many(&pipe, &mut batch);
+        assert_eq!(results.len(), stepped);
+        for r in results {
+            r.unwrap();
+        }
+        round += 1;
+    }
+    for (i, (job, want)) in jobs.into_iter().zip(&alone).enumerate() {
+        let got = final_latents(job.unwrap().finish(&pipe).unwrap());
+        // Fusing changes only the row count of each product (GEMM blocking, so the order
+        // of f32 sums): about 1e-7 relative per layer, a few steps of a small UNet. A real
+        // mix-up (another job's rows, timestep, text or cache) moves latents by O(1).
+        let err = relative_error(&got, want);
+        assert!(
+            err <= 2e-5,
+            "job {i}: fused stepping differs by {err} (relative)"
+        );
+    }
+}
+
+#[test]
+fn a_job_that_fails_in_a_fused_step_fails_alone() {
+    let pipe = tiny();
+    let size = (64, 64);
+    let house = template(&pipe, "a house", 2, size, "euler");
+    // The same template with step 1's cache cut short: the ragged forward reading it fails.
+    let mut cache = house.cache.clone();
+    cache[1].entries.pop();
+    let broken = Template {
+        spec: house.spec.clone(),
+        trajectory: house.trajectory.clone(),
+        image: house.image.clone(),
+        cache,
+    };
+    let mask = box_mask(size, (0, 32), (0, 32));
+    let good_req = cached_edit("a door", 4, 1);
+    let want = pipe.edit(&house, &mask, &good_req, &mut |_, _| {}).unwrap();
+
+    let mut good =
+        DenoiseJob::edit(&pipe, TemplateRef::Borrowed(&house), &mask, &good_req).unwrap();
+    let other = box_mask(size, (16, 48), (32, 64));
+    let mut bad = DenoiseJob::edit(
+        &pipe,
+        TemplateRef::Borrowed(&broken),
+        &other,
+        &cached_edit("x", 1, 1),
+    )
+    .unwrap();
+    let mut gen_req = GenerateRequest::new("x");
+    (gen_req.steps, gen_req.width, gen_req.height) = (1, 64, 64);
+    let mut finished = DenoiseJob::generate(&pipe, &gen_req).unwrap();
+    finished.step(&pipe).unwrap();
+
+    // Step 0: the finished job fails alone, the other two step.
+    let r = DenoiseJob::step_many(&pipe, &mut [&mut good, &mut bad, &mut finished]);
+    assert!(r[0].is_ok() && r[1].is_ok() && r[2].is_err(), "{r:?}");
+    // Step 1: the broken cache fails the fused call; retried alone, only its job fails,
+    // and keeps its state from before the step.
+    let r = DenoiseJob::step_many(&pipe, &mut [&mut bad, &mut good]);
+    assert!(r[0].is_err() && r[1].is_ok(), "{r:?}");
+    assert_eq!((bad.steps_done(), good.steps_done()), (1, 2));
+    while !good.is_done() {
+        good.step(&pipe).unwrap();
+    }
+    match good.finish(&pipe).unwrap() {
+        JobOutput::Edited(e) => {
+            let err = relative_error(&e.latents, &want.latents);
+            assert!(err <= 2e-5, "the good edit differs by {err}");
+        }
+        _ => panic!("expected an edit"),
+    }
 }

@@ -87,19 +87,20 @@ fn vae_matches_diffusers() {
     assert_close("vae decode", &decoded, &io.get("out.sample").unwrap());
 }
 
+/// The masked tests' inputs: the fixture's sample (channels-last), timesteps and context.
+fn masked_inputs(dir: &std::path::Path) -> (Tensor, Vec<f32>, Tensor) {
+    let io = SafeTensorsFile::open(dir.join("io.safetensors")).unwrap();
+    (
+        io.get("sample").unwrap().nchw_to_nhwc().unwrap(),
+        io.get("timestep").unwrap().to_vec_f32(),
+        io.get("encoder_hidden_states").unwrap(),
+    )
+}
+
 mod masked {
     use super::*;
     use retouch_kernels::DType;
     use retouch_models::unet::token_levels;
-
-    fn inputs(dir: &std::path::Path) -> (Tensor, Vec<f32>, Tensor) {
-        let io = SafeTensorsFile::open(dir.join("io.safetensors")).unwrap();
-        (
-            io.get("sample").unwrap().nchw_to_nhwc().unwrap(),
-            io.get("timestep").unwrap().to_vec_f32(),
-            io.get("encoder_hidden_states").unwrap(),
-        )
-    }
 
     /// Rows of a `[batch, h, w, c]` map at the given positions: `[batch, n, c]`.
     fn rows_at(map: &Tensor, positions: &[u32]) -> Tensor {
@@ -126,7 +127,7 @@ mod masked {
     fn check(name: &str, mask: impl Fn(usize, usize) -> bool, dtype: DType, rel: f32) {
         let dir = fixture(name);
         let unet = UNet::load(&dir, None).unwrap();
-        let (sample, t, ctx) = inputs(&dir);
+        let (sample, t, ctx) = masked_inputs(&dir);
         let (h, w) = (sample.shape()[1], sample.shape()[2]);
         let dense = unet.forward(&sample, &t, &ctx).unwrap();
         let (recorded, cache) = unet.forward_recording(&sample, &t, &ctx, dtype).unwrap();
@@ -190,5 +191,190 @@ mod masked {
                 assert!(set.is_active((y / 2) * set.width() + x / 2));
             }
         }
+    }
+}
+
+mod ragged {
+    use retouch_kernels::{DType, Tensor, TokenSet};
+    use retouch_models::nn::exec::StepCache;
+    use retouch_models::unet::{CachedSegment, UNet, token_levels};
+
+    use super::fixture;
+
+    /// Rows of a `[batch, h, w, c]` map at `positions`, branches stacked: `[batch * n, c]`.
+    fn rows_at(map: &Tensor, positions: &[u32]) -> Tensor {
+        let s = map.shape().to_vec();
+        let plane = s[1] * s[2];
+        let flat = map.clone().reshape(&[s[0] * plane, s[3]]).unwrap();
+        let index: Vec<u32> = (0..s[0])
+            .flat_map(|b| positions.iter().map(move |&p| p + (b * plane) as u32))
+            .collect();
+        flat.gather_rows(&index).unwrap()
+    }
+
+    /// Whether latent position (y, x) is in a request's mask.
+    type Mask = fn(usize, usize) -> bool;
+
+    struct Request {
+        cache: StepCache,
+        levels: Vec<TokenSet>,
+        rows: Tensor,
+        timesteps: Vec<f32>,
+        context: Tensor,
+    }
+
+    /// Three requests on two templates (different masks, halos, timesteps and texts) in one
+    /// ragged forward give each request's rows as its own masked forward does.
+    fn check(name: &str) {
+        let dir = fixture(name);
+        let unet = UNet::load(&dir, None).unwrap();
+        let (sample, t, ctx) = super::masked_inputs(&dir);
+        let (batch, h, w) = (sample.shape()[0], sample.shape()[1], sample.shape()[2]);
+        let other = sample.affine(0.7, 0.3).unwrap();
+        let mut requests = Vec::new();
+        let plans: [(&Tensor, Mask, usize, f32, f32); 3] = [
+            (
+                &sample,
+                |y, x| (2..6).contains(&y) && (1..5).contains(&x),
+                1,
+                1.0,
+                1.0,
+            ),
+            (&other, |y, x| y == 5 && x == 6, 1, 0.5, -0.8),
+            (&sample, |y, x| y >= 6 && x < 3, 0, 0.25, 1.3),
+        ];
+        for (template, mask, halo, t_scale, ctx_scale) in plans {
+            let timesteps: Vec<f32> = t.iter().map(|v| v * t_scale + 1.0).collect();
+            let context = ctx.affine(ctx_scale, 0.05).unwrap();
+            let (_, cache) = unet
+                .forward_recording(template, &timesteps, &context, DType::F16)
+                .unwrap();
+            let bits: Vec<bool> = (0..h * w).map(|p| mask(p / w, p % w)).collect();
+            let levels = token_levels(&bits, h, w, 3, halo).unwrap();
+            // The edit's latents: not the template's.
+            let edited = template.affine(1.0, 0.4).unwrap();
+            let rows = rows_at(&edited, levels[0].positions());
+            requests.push(Request {
+                cache,
+                levels,
+                rows,
+                timesteps,
+                context,
+            });
+        }
+        let contexts: Vec<Vec<Tensor>> = requests
+            .iter()
+            .map(|r| r.context.split_batch(&vec![1; batch]).unwrap())
+            .collect();
+        let mut segments = Vec::new();
+        for (r, ctx) in requests.iter().zip(&contexts) {
+            for (branch, context) in ctx.iter().enumerate() {
+                segments.push(CachedSegment {
+                    levels: &r.levels,
+                    cache: &r.cache,
+                    branch,
+                    timestep: r.timesteps[branch],
+                    context,
+                });
+            }
+        }
+        let packed =
+            Tensor::concat_batch(&requests.iter().map(|r| &r.rows).collect::<Vec<_>>()).unwrap();
+        let ragged = unet
+            .forward_ragged(&packed, &segments)
+            .unwrap()
+            .to_vec_f32();
+        let mut at = 0;
+        for (i, r) in requests.iter().enumerate() {
+            let n = r.levels[0].len();
+            let c = r.rows.dim(-1).unwrap();
+            let rows = r.rows.clone().reshape(&[batch, n, c]).unwrap();
+            let alone = unet
+                .forward_masked(&rows, &r.timesteps, &r.context, &r.cache, &r.levels)
+                .unwrap()
+                .to_vec_f32();
+            let got = &ragged[at..at + alone.len()];
+            at += alone.len();
+            // Same math; only the GEMMs' blocking (so the order of f32 sums) may differ
+            // with the total row count.
+            let scale = alone.iter().map(|v| v.abs()).sum::<f32>() / alone.len() as f32;
+            for (j, (a, b)) in got.iter().zip(&alone).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (b.abs() + scale),
+                    "{name}: request {i} value {j} is {a} in the batch, {b} alone"
+                );
+            }
+        }
+        assert_eq!(at, ragged.len());
+        // The one-request path is the ragged one with one segment per branch: bit for bit.
+        let r = &requests[1];
+        let solo: Vec<CachedSegment<'_>> = segments[2..4].to_vec();
+        let ragged_one = unet.forward_ragged(&r.rows, &solo).unwrap();
+        let n = r.levels[0].len();
+        let c = r.rows.dim(-1).unwrap();
+        let masked = unet
+            .forward_masked(
+                &r.rows.clone().reshape(&[batch, n, c]).unwrap(),
+                &r.timesteps,
+                &r.context,
+                &r.cache,
+                &r.levels,
+            )
+            .unwrap();
+        assert_eq!(ragged_one.to_vec_f32(), masked.to_vec_f32());
+    }
+
+    #[test]
+    fn a_ragged_batch_equals_each_request_alone() {
+        check("unet-sd1");
+        check("unet-sd2");
+    }
+
+    #[test]
+    fn bad_segments_are_errors() {
+        let dir = fixture("unet-sd1");
+        let unet = UNet::load(&dir, None).unwrap();
+        let (sample, t, ctx) = super::masked_inputs(&dir);
+        let (h, w) = (sample.shape()[1], sample.shape()[2]);
+        let (_, cache) = unet
+            .forward_recording(&sample, &t, &ctx, DType::F32)
+            .unwrap();
+        let bits: Vec<bool> = (0..h * w).map(|p| p == 9).collect();
+        let levels = token_levels(&bits, h, w, 3, 1).unwrap();
+        let rows = rows_at(&sample, levels[0].positions());
+        let n = levels[0].len();
+        let contexts = ctx.split_batch(&[1, 1]).unwrap();
+        // A segment reading `count` of the token sets.
+        let segment = |branch: usize, count: usize| CachedSegment {
+            levels: &levels[..count],
+            cache: &cache,
+            branch,
+            timestep: t[0],
+            context: &contexts[0],
+        };
+        // No segments; too few rows; a branch the cache does not hold; too few token sets; a
+        // context of another width.
+        assert!(unet.forward_ragged(&rows, &[]).is_err());
+        let one = rows.split_batch(&[n, n]).unwrap().swap_remove(0);
+        assert!(
+            unet.forward_ragged(&one, &[segment(0, 3), segment(1, 3)])
+                .is_err()
+        );
+        assert!(
+            unet.forward_ragged(&rows, &[segment(0, 3), segment(2, 3)])
+                .is_err()
+        );
+        assert!(
+            unet.forward_ragged(&rows, &[segment(0, 2), segment(1, 2)])
+                .is_err()
+        );
+        let wide = Tensor::zeros(&[7, 99], DType::F32, Default::default());
+        let mut bad = segment(1, 3);
+        bad.context = &wide;
+        assert!(unet.forward_ragged(&rows, &[segment(0, 3), bad]).is_err());
+        assert!(
+            unet.forward_ragged(&rows, &[segment(0, 3), segment(1, 3)])
+                .is_ok()
+        );
     }
 }

@@ -352,7 +352,22 @@ async fn concurrent_edits_over_several_templates_are_distinct_and_correct() {
             i,
             EditMode::Cached,
         );
-        assert_eq!(images[i as usize], want, "edit {i} matches the pipeline's");
+        // Concurrent edits step in fused UNet calls whose products sum over more rows (in
+        // another order) than an edit alone: latents agree to ~1e-6 relative, which can
+        // move a pixel across a rounding boundary (one level). A mix-up of requests
+        // (rows, text, timestep, cache) changes pixels by far more.
+        let got = &images[i as usize];
+        assert_eq!((got.width, got.height), (want.width, want.height));
+        let off = got
+            .pixels
+            .iter()
+            .zip(&want.pixels)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max();
+        assert!(
+            off <= Some(1),
+            "edit {i} differs from the pipeline's by {off:?}"
+        );
     }
 }
 

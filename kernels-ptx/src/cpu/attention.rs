@@ -315,23 +315,53 @@ pub fn attention(
     h: Heads,
     causal: bool,
 ) {
+    let sequences: Vec<Sequence> = (0..batch)
+        .map(|b| Sequence {
+            queries: b * lq..(b + 1) * lq,
+            keys: b * lk..(b + 1) * lk,
+        })
+        .collect();
+    sequences_attention(q, k, v, out, &sequences, h, causal);
+}
+
+/// One sequence of a ragged attention batch: its query rows and its key/value rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub queries: Range<usize>,
+    pub keys: Range<usize>,
+}
+
+/// Attention over sequences of any lengths: each sequence's query rows attend to its own
+/// key/value rows (`q`, `k`, `v`, `out` are `[_, ld]`; query rows of different sequences
+/// must not overlap, key rows may). A ragged batch's cross-attention runs in one parallel
+/// pass this way, each request against its own text context.
+pub fn sequences_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    sequences: &[Sequence],
+    h: Heads,
+    causal: bool,
+) {
     let (ld, d) = (h.ld(), h.head_dim);
     let mut tasks = Vec::new();
-    for b in 0..batch {
-        tasks_for(b, h.heads, b * lq..(b + 1) * lq, &mut tasks);
+    for (s, seq) in sequences.iter().enumerate() {
+        tasks_for(s, h.heads, seq.queries.clone(), &mut tasks);
     }
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(Scratch::new, |s, t| {
-            let b = t.sequence;
+            let seq = &sequences[t.sequence];
             let key_end = if causal {
-                lk.min(t.rows.end - b * lq)
+                seq.keys.len().min(t.rows.end - seq.queries.start)
             } else {
-                lk
+                seq.keys.len()
             };
             s.keys.reset(key_end, d);
-            s.keys.push(k, v, ld, t.head * d, b * lk..b * lk + key_end);
-            let causal_offset = causal.then_some(b * lq);
+            let keys = seq.keys.start..seq.keys.start + key_end;
+            s.keys.push(k, v, ld, t.head * d, keys);
+            let causal_offset = causal.then_some(seq.queries.start);
             s.attend(q, ld, t.rows.clone(), t.head * d, h.scale, causal_offset)
         })
         .collect();

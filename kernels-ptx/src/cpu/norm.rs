@@ -131,19 +131,54 @@ pub fn group_norm_apply(
     beta: &[f32],
     silu: bool,
 ) {
-    assert_eq!(stats.len(), batch * groups, "group_norm: stats");
+    let rows = x.len() / (batch * channels).max(1);
+    group_norm_apply_ragged(
+        x,
+        out,
+        &vec![rows; batch],
+        channels,
+        groups,
+        stats,
+        gamma,
+        beta,
+        silu,
+    );
+}
+
+/// [`group_norm_apply`] over samples of different lengths: `x` is the samples' rows stacked,
+/// `sample_rows[i]` rows of `channels` for sample i, normalised with `stats[i * groups..]`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_apply_ragged(
+    x: &[f32],
+    out: &mut [f32],
+    sample_rows: &[usize],
+    channels: usize,
+    groups: usize,
+    stats: &[GroupStats],
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) {
+    assert_eq!(stats.len(), sample_rows.len() * groups, "group_norm: stats");
     assert_eq!(x.len(), out.len(), "group_norm: output");
-    let per_sample = x.len() / batch.max(1);
+    assert_eq!(
+        sample_rows.iter().sum::<usize>() * channels,
+        x.len(),
+        "group_norm: rows"
+    );
     let cpg = channels / groups;
     out.copy_from_slice(x);
-    for (b, sample) in out.chunks_mut(per_sample.max(1)).take(batch).enumerate() {
+    let mut rest = out;
+    for (b, &rows) in sample_rows.iter().enumerate() {
+        let (sample, tail) = std::mem::take(&mut rest).split_at_mut(rows * channels);
+        rest = tail;
         let s = &stats[b * groups..(b + 1) * groups];
         let scale: Vec<f32> = (0..channels).map(|c| s[c / cpg].rstd * gamma[c]).collect();
         let shift: Vec<f32> = (0..channels)
             .map(|c| beta[c] - s[c / cpg].mean * scale[c])
             .collect();
         sample
-            .par_chunks_mut(super::rows_per_task(channels) * channels)
+            .par_chunks_mut((super::rows_per_task(channels) * channels).max(1))
             .for_each(|rows| scale_shift_rows(rows, &scale, &shift, silu));
     }
 }

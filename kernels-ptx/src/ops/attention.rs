@@ -3,7 +3,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use super::masked_conv::slice;
-use crate::cpu::attention::{self, Heads, MaskedSegment};
+use crate::cpu::attention::{self, Heads, MaskedSegment, Sequence};
 use crate::error::{invalid, shape_err};
 use crate::tensor::CpuStorage;
 use crate::{FloatElement, Result, Tensor, TokenSet};
@@ -33,6 +33,14 @@ pub struct AttentionSegment<'a> {
     /// `[grid_len, channels]`, f32, f16 or bf16.
     pub cached_k: &'a Tensor,
     pub cached_v: &'a Tensor,
+}
+
+/// One request of a ragged attention batch: which rows of the packed queries are its own,
+/// and which rows of the packed keys/values they attend to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaggedSegment {
+    pub queries: Range<usize>,
+    pub keys: Range<usize>,
 }
 
 impl Tensor {
@@ -75,6 +83,73 @@ impl Tensor {
             lk,
             h,
             causal,
+        );
+        Ok(Tensor::from_f32_unchecked(out, q.shape()))
+    }
+
+    /// Attention over a ragged batch: `q = [rows, c]`, `k = v = [key_rows, c]`; each
+    /// segment's queries attend to its own keys (non-causal, scale `1/sqrt(c / heads)`).
+    /// Query ranges must be ascending and disjoint; key ranges may overlap. Rows of `q` that
+    /// no segment names come back as zeros.
+    pub fn ragged_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        segments: &[RaggedSegment],
+        heads: usize,
+    ) -> Result<Tensor> {
+        const OP: &str = "ragged_attention";
+        q.check_rank(OP, 2)?;
+        k.check_rank(OP, 2)?;
+        let &[rows, c] = q.shape() else {
+            unreachable!()
+        };
+        if k.shape()[1] != c || k.shape() != v.shape() {
+            return shape_err(
+                OP,
+                format!(
+                    "q {:?}, k {:?}, v {:?} do not agree",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            );
+        }
+        let key_rows = k.shape()[0];
+        let h = heads_of(OP, c, heads)?;
+        let mut previous_end = 0;
+        for (i, s) in segments.iter().enumerate() {
+            let (qs, ks) = (&s.queries, &s.keys);
+            if qs.start < previous_end || qs.start > qs.end || qs.end > rows {
+                return invalid(
+                    OP,
+                    format!("segment {i}: query rows {qs:?} overlap or exceed {rows}"),
+                );
+            }
+            previous_end = qs.end;
+            if ks.start > ks.end || ks.end > key_rows || (ks.is_empty() && !qs.is_empty()) {
+                return invalid(
+                    OP,
+                    format!("segment {i}: key rows {ks:?} are empty or exceed {key_rows}"),
+                );
+            }
+        }
+        let sequences: Vec<Sequence> = segments
+            .iter()
+            .map(|s| Sequence {
+                queries: s.queries.clone(),
+                keys: s.keys.clone(),
+            })
+            .collect();
+        let mut out = vec![0.0f32; q.elem_count()];
+        attention::sequences_attention(
+            q.f32s(OP)?,
+            k.f32s(OP)?,
+            v.f32s(OP)?,
+            &mut out,
+            &sequences,
+            h,
+            false,
         );
         Ok(Tensor::from_f32_unchecked(out, q.shape()))
     }

@@ -105,6 +105,61 @@ impl Tensor {
         Ok(Tensor::from_f32_unchecked(out, self.shape()))
     }
 
+    /// Group norm with given statistics over samples of different lengths: `self` is their
+    /// rows stacked, `[rows, channels]` (any rank ending in channels), `sample_rows[i]` of
+    /// them belong to sample i, whose statistics are `stats[i * groups..(i + 1) * groups]`.
+    /// A ragged masked batch normalises each request's active rows with its template's
+    /// statistics this way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_with_stats_ragged(
+        &self,
+        sample_rows: &[usize],
+        stats: &[GroupStats],
+        groups: usize,
+        gamma: &Tensor,
+        beta: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        const OP: &str = "group_norm";
+        let channels = self.dim(-1)?;
+        Self::check_groups(OP, channels, groups)?;
+        check_affine(OP, channels, gamma, beta)?;
+        let rows = self.elem_count() / channels.max(1);
+        if sample_rows.iter().sum::<usize>() != rows {
+            return shape_err(
+                OP,
+                format!(
+                    "samples of {sample_rows:?} rows do not stack to the {rows} rows of {:?}",
+                    self.shape()
+                ),
+            );
+        }
+        if stats.len() != sample_rows.len() * groups {
+            return invalid(
+                OP,
+                format!(
+                    "{} statistics given for {} samples of {groups} groups",
+                    stats.len(),
+                    sample_rows.len()
+                ),
+            );
+        }
+        let x = self.f32s(OP)?;
+        let mut out = vec![0.0f32; x.len()];
+        norm::group_norm_apply_ragged(
+            x,
+            &mut out,
+            sample_rows,
+            channels,
+            groups,
+            stats,
+            gamma.f32s(OP)?,
+            beta.f32s(OP)?,
+            silu,
+        );
+        Ok(Tensor::from_f32_unchecked(out, self.shape()))
+    }
+
     /// Layer norm over the last dimension.
     pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
         const OP: &str = "layer_norm";

@@ -1,6 +1,6 @@
-use retouch_kernels::{AttentionSegment, Tensor};
+use retouch_kernels::{AttentionSegment, RaggedSegment, Tensor};
 
-use super::exec::{CacheEntry, Exec, KEY_VALUE, per_batch_rows};
+use super::exec::{CacheEntry, Exec, per_batch_rows};
 use super::{Linear, Scope};
 use crate::{Error, Result};
 
@@ -45,9 +45,53 @@ impl Attention {
         self.to_out.forward(&attended)
     }
 
-    /// Self-attention in any mode. Masked: `x = [batch, active, dim]` rows; queries are the
-    /// active rows, keys/values the template's cached ones at inactive positions and the
-    /// fresh ones at active positions.
+    /// Cross-attention in any mode. Dense: `x = [batch, tokens, query_dim]` against
+    /// `context = [batch, ctx_tokens, context_dim]`. Masked: `x = [rows, query_dim]` (the
+    /// segments' active rows stacked), `context = [segments, ctx_tokens, context_dim]`: each
+    /// segment's rows attend to its own text, all projections still one product each.
+    pub fn forward_cross_exec(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        exec: &Exec<'_>,
+    ) -> Result<Tensor> {
+        let Exec::Masked(m) = exec else {
+            return self.forward(x, Some(context));
+        };
+        let (segments, tokens) = (context.dim(0)?, context.dim(1)?);
+        let rows = m.rows()?;
+        if rows.len() != segments {
+            return Err(Error::Invalid(format!(
+                "{segments} text contexts for {} segments",
+                rows.len()
+            )));
+        }
+        let q = self.to_q.forward(x)?;
+        let flat = |t: Tensor| {
+            let c = t.dim(-1)?;
+            t.reshape(&[segments * tokens, c])
+        };
+        let k = flat(self.to_k.forward(context)?)?;
+        let v = flat(self.to_v.forward(context)?)?;
+        let mut at = 0;
+        let spans: Vec<RaggedSegment> = rows
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                at += n;
+                RaggedSegment {
+                    queries: at - n..at,
+                    keys: s * tokens..(s + 1) * tokens,
+                }
+            })
+            .collect();
+        let attended = Tensor::ragged_attention(&q, &k, &v, &spans, self.heads)?;
+        self.to_out.forward(&attended)
+    }
+
+    /// Self-attention in any mode. Masked: `x = [rows, dim]`, the segments' active rows
+    /// stacked; each segment's queries are its active rows, its keys/values its template's
+    /// cached ones at inactive positions and the fresh ones at active positions.
     pub fn forward_self_exec(&self, x: &Tensor, exec: &mut Exec<'_>) -> Result<Tensor> {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(x)?;
@@ -63,37 +107,23 @@ impl Attention {
                 Tensor::attention(&q, &k, &v, self.heads, false)?
             }
             Exec::Masked(m) => {
-                let CacheEntry::KeyValue(kv) = m.next(KEY_VALUE)? else {
-                    unreachable!("kind checked by next()")
-                };
-                let shape = q.shape().to_vec();
-                let (batch, n, c) = (shape[0], shape[1], shape[2]);
-                if kv.len() != batch {
-                    return Err(Error::Invalid(format!(
-                        "cached keys have {} branches, the batch {batch}",
-                        kv.len()
-                    )));
-                }
-                let tokens = m.tokens();
+                let kv = m.key_values()?;
+                let tokens = m.tokens()?;
+                let mut at = 0;
                 let segments: Vec<AttentionSegment<'_>> = kv
                     .iter()
-                    .enumerate()
-                    .map(|(b, (ck, cv))| AttentionSegment {
-                        rows: b * n..(b + 1) * n,
-                        tokens,
-                        cached_k: ck,
-                        cached_v: cv,
+                    .zip(tokens)
+                    .map(|((ck, cv), tokens)| {
+                        at += tokens.len();
+                        AttentionSegment {
+                            rows: at - tokens.len()..at,
+                            tokens,
+                            cached_k: ck,
+                            cached_v: cv,
+                        }
                     })
                     .collect();
-                let flat = |t: Tensor| t.reshape(&[batch * n, c]);
-                let out = Tensor::masked_attention(
-                    &flat(q)?,
-                    &flat(k)?,
-                    &flat(v)?,
-                    &segments,
-                    self.heads,
-                )?;
-                out.reshape(&shape)?
+                Tensor::masked_attention(&q, &k, &v, &segments, self.heads)?
             }
         };
         self.to_out.forward(&attended)

@@ -48,6 +48,24 @@ impl StepCache {
     pub fn size_in_bytes(&self) -> usize {
         self.entries.iter().map(CacheEntry::size_in_bytes).sum()
     }
+
+    /// The batch (CFG branches) it was recorded with, from its first map or keys.
+    pub fn branches(&self) -> Option<usize> {
+        self.entries.iter().find_map(|e| match e {
+            CacheEntry::ConvInput(maps) => Some(maps.len()),
+            CacheEntry::KeyValue(kv) => Some(kv.len()),
+            CacheEntry::Stats(_) => None,
+        })
+    }
+
+    /// The dtype its maps and keys are stored in.
+    pub fn dtype(&self) -> Option<DType> {
+        self.entries.iter().find_map(|e| match e {
+            CacheEntry::ConvInput(maps) => maps.first().map(Tensor::dtype),
+            CacheEntry::KeyValue(kv) => kv.first().map(|(k, _)| k.dtype()),
+            CacheEntry::Stats(_) => None,
+        })
+    }
 }
 
 /// The mode of a forward pass.
@@ -61,32 +79,58 @@ pub enum Exec<'a> {
     Masked(Masked<'a>),
 }
 
-/// State of a masked forward: the cache being consumed and the token sets per resolution.
+/// One segment of a ragged masked forward: one CFG branch of one cached-mode request, with
+/// its token sets per resolution and its template's recording of this step.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    pub cache: &'a StepCache,
+    /// The branch of `cache` (its per-batch entries) this segment reads.
+    pub branch: usize,
+    pub levels: &'a [TokenSet],
+}
+
+/// State of a masked forward over a ragged batch: every segment's cache is consumed in
+/// lockstep (one model, so one entry order), and the rows of a layer are the segments'
+/// active rows at the current resolution, stacked in segment order.
 pub struct Masked<'a> {
-    cache: &'a StepCache,
+    segments: Vec<Segment<'a>>,
     cursor: usize,
-    levels: &'a [TokenSet],
     level: usize,
 }
 
 impl<'a> Masked<'a> {
-    pub fn new(cache: &'a StepCache, levels: &'a [TokenSet]) -> Masked<'a> {
+    pub fn new(segments: Vec<Segment<'a>>) -> Masked<'a> {
         Masked {
-            cache,
+            segments,
             cursor: 0,
-            levels,
             level: 0,
         }
     }
 
-    pub fn tokens(&self) -> &'a TokenSet {
-        &self.levels[self.level]
+    pub fn segments(&self) -> &[Segment<'a>] {
+        &self.segments
     }
 
-    pub fn level_tokens(&self, level: usize) -> Result<&'a TokenSet> {
-        self.levels.get(level).ok_or_else(|| {
-            Error::Invalid(format!("masked forward: no token set for level {level}"))
-        })
+    /// Each segment's token set at the current level.
+    pub fn tokens(&self) -> Result<Vec<&'a TokenSet>> {
+        self.level_tokens(self.level)
+    }
+
+    /// Each segment's token set at `level`.
+    pub fn level_tokens(&self, level: usize) -> Result<Vec<&'a TokenSet>> {
+        self.segments
+            .iter()
+            .map(|s| {
+                s.levels.get(level).ok_or_else(|| {
+                    Error::Invalid(format!("masked forward: no token set for level {level}"))
+                })
+            })
+            .collect()
+    }
+
+    /// Each segment's row count at the current level.
+    pub fn rows(&self) -> Result<Vec<usize>> {
+        Ok(self.tokens()?.iter().map(|t| t.len()).collect())
     }
 
     pub fn level(&self) -> usize {
@@ -97,28 +141,120 @@ impl<'a> Masked<'a> {
         self.level = level;
     }
 
-    /// The next cache entry, which must be of the kind the layer expects.
-    pub fn next(&mut self, expected: &'static str) -> Result<&'a CacheEntry> {
-        let entry = self.cache.entries.get(self.cursor).ok_or_else(|| {
-            Error::Invalid(format!(
-                "activation cache ended at entry {} (wanted {expected})",
-                self.cursor
-            ))
-        })?;
-        if entry.kind() != expected {
-            return Err(Error::Invalid(format!(
-                "activation cache entry {} is {}, the layer wants {expected}: cache and model differ",
-                self.cursor,
-                entry.kind()
-            )));
-        }
+    /// The next cache entry of every segment (each of the kind the layer expects).
+    fn next(&mut self, expected: &'static str) -> Result<Vec<(&'a CacheEntry, usize)>> {
+        let cursor = self.cursor;
+        let entries = self
+            .segments
+            .iter()
+            .map(|s| {
+                let entry = s.cache.entries.get(cursor).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "activation cache ended at entry {cursor} (wanted {expected})"
+                    ))
+                })?;
+                if entry.kind() != expected {
+                    return Err(Error::Invalid(format!(
+                        "activation cache entry {cursor} is {}, the layer wants {expected}: \
+                         cache and model differ",
+                        entry.kind()
+                    )));
+                }
+                Ok((entry, s.branch))
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.cursor += 1;
-        Ok(entry)
+        Ok(entries)
     }
 
-    /// Whether every entry was used (a check that cache and model agree).
+    /// The next entry's cached conv input map of every segment.
+    pub fn conv_inputs(&mut self) -> Result<Vec<&'a Tensor>> {
+        self.next(CONV_INPUT)?
+            .into_iter()
+            .map(|(entry, branch)| match entry {
+                CacheEntry::ConvInput(maps) => branch_of(maps, branch, CONV_INPUT),
+                _ => unreachable!("kind checked by next()"),
+            })
+            .collect()
+    }
+
+    /// The next entry's cached self-attention keys and values of every segment.
+    pub fn key_values(&mut self) -> Result<Vec<&'a (Tensor, Tensor)>> {
+        self.next(KEY_VALUE)?
+            .into_iter()
+            .map(|(entry, branch)| match entry {
+                CacheEntry::KeyValue(kv) => branch_of(kv, branch, KEY_VALUE),
+                _ => unreachable!("kind checked by next()"),
+            })
+            .collect()
+    }
+
+    /// The next entry's group-norm statistics of every segment, concatenated
+    /// (`groups` per segment).
+    pub fn stats(&mut self, groups: usize) -> Result<Vec<GroupStats>> {
+        let mut all = Vec::with_capacity(self.segments.len() * groups);
+        for (entry, branch) in self.next(STATS)? {
+            let CacheEntry::Stats(stats) = entry else {
+                unreachable!("kind checked by next()")
+            };
+            let part = stats
+                .get(branch * groups..(branch + 1) * groups)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "cached {STATS} have {} values, branch {branch} of {groups} groups \
+                         is not among them",
+                        stats.len()
+                    ))
+                })?;
+            all.extend_from_slice(part);
+        }
+        Ok(all)
+    }
+
+    /// Whether every segment's cache was used up (a check that caches and model agree).
     pub fn finished(&self) -> bool {
-        self.cursor == self.cache.entries.len()
+        self.segments
+            .iter()
+            .all(|s| s.cache.entries.len() == self.cursor)
+    }
+}
+
+fn branch_of<'a, T>(per_branch: &'a [T], branch: usize, kind: &str) -> Result<&'a T> {
+    per_branch.get(branch).ok_or_else(|| {
+        Error::Invalid(format!(
+            "cached {kind} has {} branches, a segment reads branch {branch}",
+            per_branch.len()
+        ))
+    })
+}
+
+/// Adds one vector per sample (`v = [samples, c]`) to `x`: broadcast over each sample's map
+/// when dense (`x = [samples, ..., c]`), over each segment's rows when masked (`x = [rows, c]`).
+pub(crate) fn add_per_sample(x: &Tensor, v: &Tensor, exec: &Exec<'_>) -> Result<Tensor> {
+    let (samples, c) = (v.dim(0)?, v.dim(-1)?);
+    match exec {
+        Exec::Masked(m) => {
+            // One row of `v` per row of `x`, then one elementwise add.
+            let index: Vec<u32> = m
+                .rows()?
+                .iter()
+                .enumerate()
+                .flat_map(|(s, &n)| std::iter::repeat_n(s as u32, n))
+                .collect();
+            if samples != m.segments().len() {
+                return Err(Error::Invalid(format!(
+                    "{samples} vectors for {} segments",
+                    m.segments().len()
+                )));
+            }
+            Ok(x.add(&v.gather_rows(&index)?)?)
+        }
+        _ => {
+            let mut shape = vec![1; x.rank()];
+            shape[0] = samples;
+            shape[x.rank() - 1] = c;
+            Ok(x.add(&v.clone().reshape(&shape)?)?)
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
-use super::exec::{CONV_INPUT, CacheEntry, Exec, STATS, per_batch_rows};
-use crate::{Error, Result};
+use super::exec::{CacheEntry, Exec, per_batch_rows};
+use crate::Result;
 
 /// `x * W^T + b` over the last dimension.
 pub struct Linear {
@@ -73,8 +73,9 @@ impl Conv2d {
         &self.weight
     }
 
-    /// The conv in any mode. Masked: `x = [batch, active, cin]` rows at the current level;
-    /// outputs are computed at `out_level`'s positions (the current level when None).
+    /// The conv in any mode. Masked: `x = [rows, cin]`, every segment's active rows at the
+    /// current level stacked; outputs are computed at `out_level`'s positions (the current
+    /// level when None), stacked the same way.
     pub fn forward_exec(
         &self,
         x: &Tensor,
@@ -90,37 +91,22 @@ impl Conv2d {
                 self.forward(x)
             }
             Exec::Masked(m) => {
-                let CacheEntry::ConvInput(maps) = m.next(CONV_INPUT)? else {
-                    unreachable!("kind checked by next()")
-                };
-                let active = m.tokens();
+                let maps = m.conv_inputs()?;
+                let active = m.tokens()?;
                 let outputs = m.level_tokens(out_level.unwrap_or(m.level()))?;
-                let batch = x.dim(0)?;
-                if maps.len() != batch {
-                    return Err(Error::Invalid(format!(
-                        "cached conv input has {} branches, the batch {batch}",
-                        maps.len()
-                    )));
-                }
-                let c = x.dim(-1)?;
-                let fresh: Vec<Tensor> = x
-                    .split_batch(&vec![1; batch])?
-                    .into_iter()
-                    .map(|t| t.reshape(&[active.len(), c]))
-                    .collect::<retouch_kernels::Result<_>>()?;
+                let fresh = x.split_batch(&m.rows()?)?;
                 let segments: Vec<MaskedConvSegment<'_>> = fresh
                     .iter()
                     .zip(maps)
-                    .map(|(fresh, cached)| MaskedConvSegment {
+                    .zip(active.into_iter().zip(outputs))
+                    .map(|((fresh, cached), (active, outputs))| MaskedConvSegment {
                         fresh,
                         active,
                         cached,
                         outputs,
                     })
                     .collect();
-                let out = self.weight.masked_conv2d(&segments, self.params)?;
-                let cout = out.dim(-1)?;
-                Ok(out.reshape(&[batch, outputs.len(), cout])?)
+                Ok(self.weight.masked_conv2d(&segments, self.params)?)
             }
         }
     }
@@ -154,21 +140,24 @@ impl GroupNorm {
 
     /// The norm in any mode; masked runs normalise the rows with the template's statistics.
     pub fn forward_exec(&self, x: &Tensor, silu: bool, exec: &mut Exec<'_>) -> Result<Tensor> {
-        let stats = match exec {
-            Exec::Dense => return self.forward(x, silu),
+        match exec {
+            Exec::Dense => self.forward(x, silu),
             Exec::Record { cache, .. } => {
                 let stats = x.group_norm_stats(self.groups, self.eps)?;
-                cache.entries.push(CacheEntry::Stats(stats.clone()));
-                stats
+                let y = x.group_norm_with_stats(&stats, self.groups, &self.gamma, &self.beta, silu);
+                cache.entries.push(CacheEntry::Stats(stats));
+                Ok(y?)
             }
-            Exec::Masked(m) => {
-                let CacheEntry::Stats(stats) = m.next(STATS)? else {
-                    unreachable!("kind checked by next()")
-                };
-                stats.clone()
-            }
-        };
-        Ok(x.group_norm_with_stats(&stats, self.groups, &self.gamma, &self.beta, silu)?)
+            // Each segment's rows with its own template's statistics.
+            Exec::Masked(m) => Ok(x.group_norm_with_stats_ragged(
+                &m.rows()?,
+                &m.stats(self.groups)?,
+                self.groups,
+                &self.gamma,
+                &self.beta,
+                silu,
+            )?),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 use retouch_kernels::{Conv2dParams, Tensor};
 
-use super::exec::Exec;
+use super::exec::{Exec, add_per_sample};
 use super::{Conv2d, GroupNorm, Linear, Scope};
 use crate::Result;
 
@@ -66,7 +66,7 @@ impl ResnetBlock {
         self.forward_exec(x, temb_act, &mut Exec::Dense)
     }
 
-    /// The block in any mode (masked: `x = [batch, active, in]` rows).
+    /// The block in any mode (masked: `x = [rows, in]`, the segments' active rows stacked).
     pub fn forward_exec(
         &self,
         x: &Tensor,
@@ -77,13 +77,8 @@ impl ResnetBlock {
             self.conv1
                 .forward_exec(&self.norm1.forward_exec(x, true, exec)?, exec, None)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
-            let t = proj.forward(t)?;
-            let (batch, c) = (t.shape()[0], t.shape()[1]);
-            // One vector per sample, broadcast over the map (or the rows).
-            let mut shape = vec![1; h.rank()];
-            shape[0] = batch;
-            shape[h.rank() - 1] = c;
-            h = h.add(&t.reshape(&shape)?)?;
+            // One vector per sample (per segment when masked), over its map (or rows).
+            h = add_per_sample(&h, &proj.forward(t)?, exec)?;
         }
         let h = self
             .conv2

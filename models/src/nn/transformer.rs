@@ -36,11 +36,11 @@ impl TransformerBlock {
                 .attn1
                 .forward_self_exec(&self.norm1.forward(&x)?, exec)?,
         )?;
-        let x = x.add(
-            &self
-                .attn2
-                .forward(&self.norm2.forward(&x)?, Some(context))?,
-        )?;
+        let x = x.add(&self.attn2.forward_cross_exec(
+            &self.norm2.forward(&x)?,
+            context,
+            exec,
+        )?)?;
         let ff = self
             .ff_out
             .forward(&self.ff_in.forward(&self.norm3.forward(&x)?)?.geglu()?)?;
@@ -103,7 +103,8 @@ impl Transformer2D {
         self.forward_exec(x, context, &mut Exec::Dense)
     }
 
-    /// The model in any mode (masked: `x = [batch, active, c]` rows).
+    /// The model in any mode (masked: `x = [rows, c]`, the segments' active rows stacked,
+    /// and `context = [segments, tokens, context_dim]`).
     pub fn forward_exec(
         &self,
         x: &Tensor,
@@ -111,12 +112,16 @@ impl Transformer2D {
         exec: &mut Exec<'_>,
     ) -> Result<Tensor> {
         let shape = x.shape().to_vec();
-        let (b, c) = (shape[0], shape[shape.len() - 1]);
-        let tokens = x.elem_count() / (b * c).max(1);
-        let normed = self
-            .norm
-            .forward_exec(x, false, exec)?
-            .reshape(&[b, tokens, c])?;
+        let normed = self.norm.forward_exec(x, false, exec)?;
+        // Dense maps become token sequences; masked rows already are one row per token.
+        let normed = match exec {
+            Exec::Masked(_) => normed,
+            _ => {
+                let (b, c) = (shape[0], shape[shape.len() - 1]);
+                let tokens = x.elem_count() / (b * c).max(1);
+                normed.reshape(&[b, tokens, c])?
+            }
+        };
         let mut h = self.proj_in.forward(&normed)?;
         for block in &self.blocks {
             h = block.forward(h, context, exec)?;

@@ -2,7 +2,10 @@
 //! (scheduler, latents, step index, text conditioning, and what its kind needs), so a caller
 //! can advance any request by exactly one denoising step at a time. `Pipeline::generate`,
 //! `register_template` and `edit` are loops over a job; a serving runtime interleaves the
-//! steps of many jobs instead (continuous batching). This is the only denoising loop.
+//! steps of many jobs instead (continuous batching), and [`DenoiseJob::step_many`] runs one
+//! step of several jobs with fused UNet calls ([`batch`]). This is the only denoising loop.
+
+mod batch;
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -10,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use retouch_kernels::{DType, Device, Tensor, TokenSet};
 
+use super::cost::{check_edit, edit_levels};
 use super::edit::keep_outside;
 use super::{
     EditMode, EditRequest, Edited, GenerateRequest, Generated, Guidance, Mask, Pipeline, Template,
-    TemplateSpec, UnetRun,
+    TemplateSpec,
 };
 use crate::nn::exec::StepCache;
 use crate::schedulers::Scheduler;
-use crate::unet::token_levels;
 use crate::{Error, Result};
 
 /// A template an edit job reads: borrowed by one-shot calls, shared by a runtime whose
@@ -64,6 +67,26 @@ struct EditState<'a> {
     paste_back: bool,
     /// Cached mode: token sets per resolution and the level-0 active positions.
     cached: Option<(Vec<TokenSet>, Vec<u32>)>,
+}
+
+impl EditState<'_> {
+    /// The template's latents after `step` steps.
+    fn template_latents(&self, step: usize) -> Result<&Tensor> {
+        self.template
+            .trajectory
+            .get(step)
+            .ok_or_else(|| Error::Invalid(format!("the template's trajectory has no step {step}")))
+    }
+
+    /// The template's activations of `step` (cached mode).
+    fn step_cache(&self, step: usize) -> Result<&StepCache> {
+        self.template.cache.get(step).ok_or_else(|| {
+            Error::Invalid(format!(
+                "cached-mode edit: no activation cache for step {step} (the template holds \
+                     none for it and none was given)"
+            ))
+        })
+    }
 }
 
 /// One request's denoising state; see the module docs.
@@ -132,44 +155,38 @@ impl DenoiseJob<'static> {
 }
 
 impl<'a> DenoiseJob<'a> {
-    /// An edit of `template` inside `mask`; checks the mask against the template, and in
-    /// cached mode that the template holds its activation cache.
+    /// An edit of `template` inside `mask`; checks the mask against the template.
     pub fn edit(
         pipe: &Pipeline,
         template: TemplateRef<'a>,
         mask: &Mask,
         req: &EditRequest,
     ) -> Result<DenoiseJob<'a>> {
-        if req.mode == EditMode::Cached && template.cache.len() != template.spec.steps {
-            return Err(Error::Invalid(
-                "cached-mode edits need the template's activation cache; this template was \
-                 registered without one (use dense mode, or register it again with a cache)"
-                    .into(),
-            ));
-        }
-        DenoiseJob::edit_with_external_cache(pipe, template, mask, req)
+        DenoiseJob::edit_checked(pipe, template, mask, req, false)
     }
 
     /// An edit whose caller keeps the template's activation cache elsewhere (a runtime's
-    /// cache tiers) and hands each step's cache to [`DenoiseJob::step_with_cache`]; the
-    /// template need not hold it.
+    /// cache tiers) and hands each step's cache to [`DenoiseJob::step_with_cache`] or
+    /// [`DenoiseJob::step_many_with_caches`]; the template need not hold it.
     pub fn edit_with_external_cache(
         pipe: &Pipeline,
         template: TemplateRef<'a>,
         mask: &Mask,
         req: &EditRequest,
     ) -> Result<DenoiseJob<'a>> {
+        DenoiseJob::edit_checked(pipe, template, mask, req, true)
+    }
+
+    fn edit_checked(
+        pipe: &Pipeline,
+        template: TemplateRef<'a>,
+        mask: &Mask,
+        req: &EditRequest,
+        external_cache: bool,
+    ) -> Result<DenoiseJob<'a>> {
         let created = Instant::now();
         let spec = &template.spec;
-        if (mask.width, mask.height) != (spec.width, spec.height) {
-            return Err(Error::Invalid(format!(
-                "mask is {}x{}, the template is {}x{}",
-                mask.width, mask.height, spec.width, spec.height
-            )));
-        }
-        if mask.values.iter().all(|&v| v == 0.0) {
-            return Err(Error::Invalid("the mask is empty: nothing to edit".into()));
-        }
+        check_edit(pipe, &template, mask, req, !external_cache)?;
         let shape = pipe.latent_shape(spec.width, spec.height)?;
         let latent_mask = mask.to_latent(pipe.vae.factor());
         let scheduler = pipe
@@ -187,10 +204,17 @@ impl<'a> DenoiseJob<'a> {
         let cached = match req.mode {
             EditMode::Dense => None,
             EditMode::Cached => {
-                let (h, w) = (shape[1], shape[2]);
-                let active: Vec<bool> = latent_mask.iter().map(|&m| m > 0.0).collect();
-                let blocks = pipe.unet.config().block_out_channels.len();
-                let levels = token_levels(&active, h, w, blocks, req.halo)?;
+                // An external cache is checked when its steps arrive (`batch::run_cached`).
+                let recorded = template.cache.first().and_then(StepCache::branches);
+                if !external_cache && recorded != Some(guidance.branches()) {
+                    return Err(Error::Invalid(format!(
+                        "this cached-mode edit runs {} guidance branch(es), the template's \
+                         activation cache holds {}: use the template's guidance (or dense mode)",
+                        guidance.branches(),
+                        recorded.unwrap_or(0)
+                    )));
+                }
+                let levels = edit_levels(pipe, &latent_mask, shape, req.halo)?;
                 let positions = levels[0].positions().to_vec();
                 Some((levels, positions))
             }
@@ -243,16 +267,8 @@ impl<'a> DenoiseJob<'a> {
         self.step >= self.steps
     }
 
-    /// The step whose activation cache the next [`DenoiseJob::step`] reads: Some for a
-    /// cached-mode edit with steps left.
-    pub fn cache_step(&self) -> Option<usize> {
-        match &self.kind {
-            Kind::Edit(edit) if edit.cached.is_some() && !self.is_done() => Some(self.step),
-            _ => None,
-        }
-    }
-
-    /// Runs one denoising step. An error leaves the job unusable; drop it.
+    /// Runs one denoising step: [`DenoiseJob::step_many`] with this job alone. A failed
+    /// step changes nothing (the job keeps its state before the step).
     pub fn step(&mut self, pipe: &Pipeline) -> Result<()> {
         self.step_with_cache(pipe, None)
     }
@@ -260,62 +276,114 @@ impl<'a> DenoiseJob<'a> {
     /// [`DenoiseJob::step`], a cached-mode edit reading `cache` (the activations of step
     /// [`DenoiseJob::cache_step`]) instead of its template's own; other jobs ignore it.
     pub fn step_with_cache(&mut self, pipe: &Pipeline, cache: Option<&StepCache>) -> Result<()> {
+        DenoiseJob::step_many_with_caches(pipe, &mut [self], &[cache])
+            .pop()
+            .unwrap_or_else(|| Err(Error::Invalid("no step result".into())))
+    }
+
+    /// The step whose activation cache the next step reads: Some for a cached-mode edit
+    /// with steps left.
+    pub fn cache_step(&self) -> Option<usize> {
+        match &self.kind {
+            Kind::Edit(edit) if edit.cached.is_some() && !self.is_done() => Some(self.step),
+            _ => None,
+        }
+    }
+
+    /// Latent tokens one step of this job runs through the UNet: its active positions (all
+    /// positions when dense) times its guidance branches. A serving batch's size in tokens.
+    pub fn step_tokens(&self) -> usize {
+        let positions = match self.cached() {
+            Some((_, positions)) => positions.len(),
+            None => self.latents.elem_count() / self.latents.dim(-1).unwrap_or(1).max(1),
+        };
+        positions * self.guidance.branches()
+    }
+
+    /// Everything a step does before the UNet: the timestep and the model input for one
+    /// branch (the scaled latents, or their active rows in cached mode). Changes nothing.
+    fn prepare(&self) -> Result<StepInput> {
         if self.is_done() {
             return Err(Error::Invalid("the job has run all its steps".into()));
         }
-        let started = Instant::now();
         let t = self
             .scheduler
             .current_timestep()
             .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
+        let scaled = self.scheduler.scale_model_input(&self.latents)?;
+        let input = match self.cached() {
+            Some((_, positions)) => {
+                let c = scaled.dim(-1)?;
+                let rows = scaled.elem_count() / c.max(1);
+                scaled.reshape(&[rows, c])?.gather_rows(positions)?
+            }
+            None => scaled,
+        };
+        Ok(StepInput { t, input })
+    }
+
+    /// Everything a step does after the UNet, given its output for this job's branches
+    /// (`[branches, h, w, c]` dense, `[branches * active, c]` cached) and, when recording,
+    /// this step's activations: guidance, the scheduler step, the blend. The job's state
+    /// changes only once all of it has succeeded, so a failed step leaves it as it was.
+    fn commit(&mut self, out: UnetOutput, elapsed: Duration) -> Result<()> {
+        let mut scheduler = self.scheduler.clone();
         let step = self.step;
-        match &mut self.kind {
+        let next = match &self.kind {
             Kind::Edit(edit) if edit.cached.is_some() => {
-                let cache = match cache {
-                    Some(c) => c,
-                    None => edit.template.cache.get(step).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "cached-mode edit: no activation cache for step {step}"
-                        ))
-                    })?,
-                };
-                self.latents = cached_step(
-                    pipe,
-                    &self.guidance,
-                    &mut self.scheduler,
-                    edit,
-                    cache,
-                    &self.latents,
-                    step,
-                    t,
+                let positions = self.cached().map_or(&[][..], |(_, p)| p);
+                let shape = self.latents.shape().to_vec();
+                let c = shape[shape.len() - 1];
+                let (n, branches) = (positions.len(), self.guidance.branches());
+                let predicted = self
+                    .guidance
+                    .combine(out.prediction.reshape(&[branches, n, c])?)?;
+                // Inactive positions get no prediction: the blend below replaces them anyway.
+                let mut full =
+                    Tensor::zeros(&[self.latents.elem_count() / c, c], DType::F32, Device::Cpu);
+                full.scatter_rows(positions, &predicted.reshape(&[n, c])?)?;
+                let mut next = scheduler.step(&full.reshape(&shape)?, &self.latents)?;
+                keep_outside(
+                    &mut next,
+                    edit.template_latents(step + 1)?,
+                    &edit.latent_mask,
                 )?;
+                next
             }
             kind => {
-                let run = match kind {
-                    Kind::Template {
-                        cache,
-                        cache_dtype: Some(dtype),
-                        ..
-                    } => UnetRun::Record(cache, *dtype),
-                    _ => UnetRun::Dense,
-                };
-                let scaled = self.scheduler.scale_model_input(&self.latents)?;
-                let prediction = self.guidance.predict(&pipe.unet, &scaled, t, run)?;
-                self.latents = self.scheduler.step(&prediction, &self.latents)?;
-                match kind {
-                    Kind::Template { trajectory, .. } => trajectory.push(self.latents.clone()),
-                    Kind::Edit(edit) => keep_outside(
-                        &mut self.latents,
-                        &edit.template.trajectory[step + 1],
+                let prediction = self.guidance.combine(out.prediction)?;
+                let mut next = scheduler.step(&prediction, &self.latents)?;
+                if let Kind::Edit(edit) = kind {
+                    keep_outside(
+                        &mut next,
+                        edit.template_latents(step + 1)?,
                         &edit.latent_mask,
-                    )?,
-                    Kind::Generate => {}
+                    )?;
                 }
+                next
             }
+        };
+        // Commit: nothing below can fail.
+        if let Kind::Template {
+            trajectory, cache, ..
+        } = &mut self.kind
+        {
+            trajectory.push(next.clone());
+            cache.extend(out.recorded);
         }
+        self.scheduler = scheduler;
+        self.latents = next;
         self.step += 1;
-        self.stepping += started.elapsed();
+        self.stepping += elapsed;
         Ok(())
+    }
+
+    /// Cached mode: the token sets per resolution and the level-0 active positions.
+    fn cached(&self) -> Option<&(Vec<TokenSet>, Vec<u32>)> {
+        match &self.kind {
+            Kind::Edit(edit) => edit.cached.as_ref(),
+            _ => None,
+        }
     }
 
     /// Decodes the final latents (and for edits pastes the template back outside the
@@ -362,40 +430,16 @@ impl<'a> DenoiseJob<'a> {
     }
 }
 
-/// Cached mode: runs the UNet on the active tokens only (the mask dilated by the halo,
-/// pooled per resolution), reading the template's activations of this step for everything
-/// else; the full latents are kept for the scheduler and the blend.
-#[allow(clippy::too_many_arguments)]
-fn cached_step(
-    pipe: &Pipeline,
-    guidance: &Guidance,
-    scheduler: &mut Scheduler,
-    edit: &EditState<'_>,
-    cache: &StepCache,
-    x: &Tensor,
-    step: usize,
+/// One job's UNet input for a step: its timestep and the input of one branch.
+struct StepInput {
     t: f32,
-) -> Result<Tensor> {
-    let Some((levels, positions)) = &edit.cached else {
-        return Err(Error::Invalid("not a cached-mode edit".into()));
-    };
-    let shape = x.shape().to_vec();
-    let (h, w, c) = (shape[1], shape[2], shape[3]);
-    let n = positions.len();
-    let scaled = scheduler.scale_model_input(x)?.reshape(&[h * w, c])?;
-    let rows = scaled.gather_rows(positions)?.reshape(&[1, n, c])?;
-    let run = UnetRun::Masked { cache, levels };
-    let predicted = guidance.predict(&pipe.unet, &rows, t, run)?;
-    // Inactive positions get no prediction: the blend below replaces them anyway.
-    let mut full = Tensor::zeros(&[h * w, c], DType::F32, Device::Cpu);
-    full.scatter_rows(positions, &predicted.reshape(&[n, c])?)?;
-    let mut next = scheduler.step(&full.reshape(&shape)?, x)?;
-    keep_outside(
-        &mut next,
-        &edit.template.trajectory[step + 1],
-        &edit.latent_mask,
-    )?;
-    Ok(next)
+    input: Tensor,
+}
+
+/// The UNet's output for one job's branches, and the activations it recorded (templates).
+struct UnetOutput {
+    prediction: Tensor,
+    recorded: Option<StepCache>,
 }
 
 /// The template's pixels outside the feathered mask (box blur of half the VAE factor).

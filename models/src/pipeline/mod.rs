@@ -2,6 +2,7 @@
 //! classifier-free guidance (this module); template registration and edits build on it.
 
 mod cache_io;
+mod cost;
 mod edit;
 mod image;
 pub mod image_metrics;
@@ -10,7 +11,7 @@ mod template;
 
 use std::path::{Path, PathBuf};
 
-use retouch_kernels::{DType, Tensor, TokenSet};
+use retouch_kernels::Tensor;
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
 pub use image::{RgbImage, latents_to_image};
@@ -18,7 +19,6 @@ pub use job::{DenoiseJob, JobOutput, TemplateRef};
 pub use template::{Template, TemplateSpec};
 
 use crate::clip::ClipTextEncoder;
-use crate::nn::exec::StepCache;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
@@ -72,7 +72,15 @@ impl GenerateRequest {
 pub(crate) struct Guidance {
     /// `[2, tokens, dim]` (negative first) when guided, else `[1, tokens, dim]`.
     context: Tensor,
+    /// The same, one `[1, tokens, dim]` tensor per branch (a ragged batch's segments).
+    branch_contexts: Vec<Tensor>,
     scale: f32,
+}
+
+/// The UNet branches of a guidance scale: diffusers skips the unconditional branch when the
+/// scale is at most 1.
+pub(crate) fn cfg_branches(scale: f32) -> usize {
+    if scale > 1.0 { 2 } else { 1 }
 }
 
 impl Guidance {
@@ -83,66 +91,42 @@ impl Guidance {
         scale: f32,
     ) -> Result<Guidance> {
         let both = pipe.encode_prompts(prompt, negative)?;
-        // diffusers skips the unconditional branch when the scale is at most 1.
-        let context = if scale > 1.0 {
+        let context = if cfg_branches(scale) == 2 {
             both
         } else {
             both.split_batch(&[1, 1])?.swap_remove(1)
         };
-        Ok(Guidance { context, scale })
+        let branch_contexts = context.split_batch(&vec![1; context.dim(0)?])?;
+        Ok(Guidance {
+            context,
+            branch_contexts,
+            scale,
+        })
     }
 
-    fn guided(&self) -> bool {
-        self.context.shape()[0] == 2
+    /// UNet samples per step: 2 when guided (negative first), else 1.
+    pub(crate) fn branches(&self) -> usize {
+        self.branch_contexts.len()
     }
 
-    /// The guided noise prediction for latents already scaled by the scheduler (a map, or
-    /// active rows in masked runs).
-    pub(crate) fn predict(
-        &self,
-        unet: &UNet,
-        latents: &Tensor,
-        t: f32,
-        run: UnetRun<'_>,
-    ) -> Result<Tensor> {
-        let input = if self.guided() {
-            Tensor::concat_batch(&[latents, latents])?
-        } else {
-            latents.clone()
-        };
-        let timesteps = vec![t; input.dim(0)?];
-        let prediction = match run {
-            UnetRun::Dense => unet.forward(&input, &timesteps, &self.context)?,
-            UnetRun::Record(caches, dtype) => {
-                let (out, cache) =
-                    unet.forward_recording(&input, &timesteps, &self.context, dtype)?;
-                caches.push(cache);
-                out
-            }
-            UnetRun::Masked { cache, levels } => {
-                unet.forward_masked(&input, &timesteps, &self.context, cache, levels)?
-            }
-        };
-        if !self.guided() {
+    pub(crate) fn context(&self) -> &Tensor {
+        &self.context
+    }
+
+    pub(crate) fn branch_contexts(&self) -> &[Tensor] {
+        &self.branch_contexts
+    }
+
+    /// The guided prediction from the UNet's `[branches, ...]` output (a map, or rows in
+    /// masked runs): `uncond + g * (text - uncond)`.
+    pub(crate) fn combine(&self, prediction: Tensor) -> Result<Tensor> {
+        if self.branches() == 1 {
             return Ok(prediction);
         }
         let mut halves = prediction.split_batch(&[1, 1])?;
-        let (text, uncond) = (halves.pop().unwrap(), halves.pop().unwrap());
-        // uncond + g * (text - uncond)
+        let (text, uncond) = (halves.swap_remove(1), halves.swap_remove(0));
         Ok(uncond.add(&text.sub(&uncond)?.affine(self.scale, 0.0)?)?)
     }
-}
-
-/// How a prediction runs the UNet.
-pub(crate) enum UnetRun<'a> {
-    Dense,
-    /// Dense, appending this step's activation cache (stored as the dtype).
-    Record(&'a mut Vec<StepCache>, DType),
-    /// On active rows, with a template's cache of this step.
-    Masked {
-        cache: &'a StepCache,
-        levels: &'a [TokenSet],
-    },
 }
 
 /// What a generation produced.

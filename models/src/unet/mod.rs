@@ -1,14 +1,16 @@
 //! UNet2DConditionModel (SD 1.x and 2.x configurations) over channels-last tensors.
 
 mod config;
+mod masked;
 
 use std::path::Path;
 
-use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding, TokenSet};
+use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
+pub use masked::{CachedSegment, token_levels};
 
-use crate::nn::exec::{Exec, Masked, StepCache};
+use crate::nn::exec::{Exec, StepCache};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -271,50 +273,6 @@ impl UNet {
         Ok((out, cache))
     }
 
-    /// The forward on active tokens only. `rows = [batch, levels[0].len(), in_channels]` are
-    /// the latents at the level-0 active positions; `levels` are the token sets per resolution
-    /// ([`token_levels`]); `cache` is the template's recording of this step (same batch).
-    /// Returns the output rows `[batch, levels[0].len(), out_channels]`.
-    pub fn forward_masked(
-        &self,
-        rows: &Tensor,
-        timesteps: &[f32],
-        context: &Tensor,
-        cache: &StepCache,
-        levels: &[TokenSet],
-    ) -> Result<Tensor> {
-        let s = rows.shape();
-        if levels.len() != self.down.len() {
-            return Err(Error::Invalid(format!(
-                "unet: {} token sets for {} resolutions",
-                levels.len(),
-                self.down.len()
-            )));
-        }
-        if s.len() != 3 || s[1] != levels[0].len() || s[2] != self.config.in_channels {
-            return Err(Error::Invalid(format!(
-                "unet: masked rows must be [batch, {}, {}], got {s:?}",
-                levels[0].len(),
-                self.config.in_channels
-            )));
-        }
-        if timesteps.len() != s[0] || context.dim(0)? != s[0] {
-            return Err(Error::Invalid(
-                "unet: timesteps and context must match the batch".into(),
-            ));
-        }
-        let mut exec = Exec::Masked(Masked::new(cache, levels));
-        let out = self.run(rows, timesteps, context, &mut exec)?;
-        if let Exec::Masked(m) = &exec
-            && !m.finished()
-        {
-            return Err(Error::Invalid(
-                "activation cache has entries the model did not use".into(),
-            ));
-        }
-        Ok(out)
-    }
-
     fn run(
         &self,
         sample: &Tensor,
@@ -322,8 +280,8 @@ impl UNet {
         context: &Tensor,
         exec: &mut Exec<'_>,
     ) -> Result<Tensor> {
-        let batch = sample.dim(0)?;
-        let t = Tensor::from_vec(timesteps.to_vec(), &[batch])?;
+        // One timestep per sample (per segment when masked).
+        let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
         let emb = self
             .time_linear_1
             .forward(&self.time_proj.embed(&t)?)?
@@ -410,81 +368,10 @@ fn set_level(exec: &mut Exec<'_>, level: usize) {
     }
 }
 
-/// Nearest 2x up-sampling to `level`: of the map when dense, of the rows when masked (each
-/// active position at `level` takes its parent's row one level down).
+/// Nearest 2x up-sampling to `level`: of the map when dense, of the rows when masked.
 fn upsample(h: &Tensor, exec: &mut Exec<'_>, level: usize) -> Result<Tensor> {
-    let Exec::Masked(m) = exec else {
-        return Ok(h.upsample_nearest2x()?);
-    };
-    let low = m.tokens();
-    let high = m.level_tokens(level)?;
-    let mut parents = Vec::with_capacity(high.len());
-    for &p in high.positions() {
-        let (y, x) = (p as usize / high.width(), p as usize % high.width());
-        let parent = (y / 2) * low.width() + x / 2;
-        let row = low.row_of()[parent];
-        if row == u32::MAX {
-            return Err(Error::Invalid(format!(
-                "token sets: position {p} at level {level} has no active parent"
-            )));
-        }
-        parents.push(row);
+    match exec {
+        Exec::Masked(m) => masked::upsample_rows(h, m, level),
+        _ => Ok(h.upsample_nearest2x()?),
     }
-    let (batch, c) = (h.dim(0)?, h.dim(-1)?);
-    let per_batch: Vec<Tensor> = h
-        .split_batch(&vec![1; batch])?
-        .into_iter()
-        .map(|t| t.reshape(&[low.len(), c])?.gather_rows(&parents))
-        .collect::<retouch_kernels::Result<_>>()?;
-    let refs: Vec<&Tensor> = per_batch.iter().collect();
-    m.set_level(level);
-    Ok(Tensor::concat_batch(&refs)?.reshape(&[batch, high.len(), c])?)
-}
-
-/// The active token sets of a latent mask at each of `levels` resolutions: level 0 is the
-/// mask dilated by `halo` positions (Chebyshev distance), each next level the previous one
-/// max-pooled 2x2, so every active position has an active parent one level down.
-pub fn token_levels(
-    mask: &[bool],
-    height: usize,
-    width: usize,
-    levels: usize,
-    halo: usize,
-) -> Result<Vec<TokenSet>> {
-    if mask.len() != height * width {
-        return Err(Error::Invalid(format!(
-            "mask has {} entries for a {height}x{width} latent",
-            mask.len()
-        )));
-    }
-    let mut current = vec![false; mask.len()];
-    for y in 0..height {
-        for x in 0..width {
-            if mask[y * width + x] {
-                for yy in y.saturating_sub(halo)..(y + halo + 1).min(height) {
-                    for xx in x.saturating_sub(halo)..(x + halo + 1).min(width) {
-                        current[yy * width + xx] = true;
-                    }
-                }
-            }
-        }
-    }
-    let (mut h, mut w) = (height, width);
-    let mut sets = Vec::with_capacity(levels);
-    for level in 0..levels {
-        if level > 0 {
-            let (nh, nw) = (h.div_ceil(2), w.div_ceil(2));
-            let mut pooled = vec![false; nh * nw];
-            for y in 0..h {
-                for x in 0..w {
-                    if current[y * w + x] {
-                        pooled[(y / 2) * nw + x / 2] = true;
-                    }
-                }
-            }
-            (current, h, w) = (pooled, nh, nw);
-        }
-        sets.push(TokenSet::from_mask(h, w, &current)?);
-    }
-    Ok(sets)
 }

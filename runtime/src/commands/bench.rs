@@ -36,6 +36,11 @@ pub struct BenchArgs {
     /// latent positions (a centred square), and compare it with the dense step.
     #[arg(long, requires = "unet", value_delimiter = ',', value_name = "PERCENT")]
     mask_ratios: Vec<f64>,
+    /// With --mask-ratios: also time N cached-mode edits (the square moved to N places, each
+    /// with its own context and timestep) stepped one by one, then as one fused ragged
+    /// forward, and print fused / one-by-one.
+    #[arg(long, requires = "mask_ratios", default_value_t = 1, value_name = "N")]
+    batch: usize,
     /// With --mask-ratios: the halo (in latent positions) added around the mask.
     #[arg(long, requires = "mask_ratios", default_value_t = 1)]
     halo: usize,
@@ -67,7 +72,10 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             {
                 return Err(format!("--mask-ratios must be in (0, 100], got {bad}").into());
             }
-            bench_unet::unet_cases(preset, &args.mask_ratios, args.halo)
+            if args.batch == 0 {
+                return Err("--batch must be at least 1".into());
+            }
+            bench_unet::unet_cases(preset, &args.mask_ratios, args.halo, args.batch)
         }
         None if args.device != Device::Cpu => {
             return Err(format!(
@@ -120,7 +128,7 @@ fn print_table(results: &[Measurement], what: &str, device: Device) {
     );
     println!(
         "{:<28} {:<40} {:>10} {:>9} {:>16}",
-        "case", "shape", "median ms", "GFLOP/s", "vs dense"
+        "case", "shape", "median ms", "GFLOP/s", "vs baseline"
     );
     for m in results {
         let ratio = m.ratio.map_or(String::new(), |r| format!("{r:.3}x"));

@@ -1,5 +1,6 @@
 //! `retouch bench --unet PRESET`: one UNet step of a preset built from random weights, dense
-//! and (with `--mask-ratios`) in cached mode at several mask ratios, compared with the dense step.
+//! and (with `--mask-ratios`) in cached mode at several mask ratios, compared with the dense step;
+//! with `--batch N`, also N cached edits stepped one by one against one fused ragged step.
 
 use std::cell::OnceCell;
 use std::rc::Rc;
@@ -8,7 +9,7 @@ use retouch_kernels::bench::BenchCase;
 use retouch_kernels::{DType, Device, Tensor, TokenSet};
 use retouch_models::nn::exec::StepCache;
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
-use retouch_models::unet::{UNet, token_levels};
+use retouch_models::unet::{CachedSegment, UNet, token_levels};
 
 /// A classifier-free-guidance batch: the conditional and unconditional branch.
 const BATCH: usize = 2;
@@ -67,8 +68,14 @@ impl Shared {
     }
 }
 
-/// The dense step (the baseline), then one cached-mode step per mask ratio (in percent).
-pub fn unet_cases(preset: Preset, mask_percents: &[f64], halo: usize) -> Vec<BenchCase> {
+/// The dense step (the baseline), then one cached-mode step per mask ratio (in percent);
+/// with `batch > 1`, per ratio also `batch` cached edits one by one and fused.
+pub fn unet_cases(
+    preset: Preset,
+    mask_percents: &[f64],
+    halo: usize,
+    batch: usize,
+) -> Vec<BenchCase> {
     let config = preset.unet_config();
     let dim = |key: &str| {
         config[key]
@@ -98,7 +105,7 @@ pub fn unet_cases(preset: Preset, mask_percents: &[f64], halo: usize) -> Vec<Ben
             Err(e) => panic!("a square mask on the latent grid is valid: {e}"),
         };
         let active = levels[0].len() as f64 / (s * s) as f64 * 100.0;
-        let shared = shared.clone();
+        let case_shared = shared.clone();
         cases.push(BenchCase {
             name: format!("  cached, mask {percent}%"),
             shape: format!(
@@ -107,8 +114,11 @@ pub fn unet_cases(preset: Preset, mask_percents: &[f64], halo: usize) -> Vec<Ben
             ),
             flops: f64::NAN,
             baseline: Some(dense_name.clone()),
-            setup: Box::new(move || masked_runner(&shared, &levels)),
+            setup: Box::new(move || masked_runner(&case_shared, &levels)),
         });
+        if batch > 1 {
+            cases.extend(batch_cases(&shared, percent, halo, batch, blocks));
+        }
     }
     cases
 }
@@ -156,6 +166,130 @@ fn masked_runner(
     let levels = levels.to_vec();
     Ok(Box::new(move || {
         unet.forward_masked(&rows, &[TIMESTEP; BATCH], &inputs.1, &cache, &levels)
+            .map(drop)
+            .map_err(kernel_error)
+    }))
+}
+
+/// `batch` cached edits of one ratio, with masks at different places, their own text and
+/// timesteps, all reading the one recorded step: stepped one by one (the baseline), then as
+/// one ragged forward (every edit's two CFG branches a segment).
+fn batch_cases(
+    shared: &Rc<Shared>,
+    percent: f64,
+    halo: usize,
+    batch: usize,
+    blocks: usize,
+) -> Vec<BenchCase> {
+    let s = shared.latent;
+    let centred = centred_mask(s, s, percent / 100.0);
+    let edits: Rc<Vec<Vec<TokenSet>>> = Rc::new(
+        (0..batch)
+            .map(|i| {
+                // The square moved diagonally (wrapping), a different place per edit.
+                let shift = i * s / batch;
+                let mask: Vec<bool> = (0..s * s)
+                    .map(|p| {
+                        let (y, x) = ((p / s + s - shift) % s, (p % s + s - shift) % s);
+                        centred[y * s + x]
+                    })
+                    .collect();
+                token_levels(&mask, s, s, blocks, halo)
+                    .unwrap_or_else(|e| panic!("a shifted square mask is valid: {e}"))
+            })
+            .collect(),
+    );
+    let rows: usize = edits.iter().map(|l| l[0].len()).sum();
+    let alone = format!("  {batch} cached one by one, {percent}%");
+    let shape = format!("{batch} x [{BATCH},~{},{}]", rows / batch, shared.channels);
+    let (one_by_one, fused) = (shared.clone(), shared.clone());
+    let (edits_a, edits_f) = (edits.clone(), edits);
+    vec![
+        BenchCase {
+            name: alone.clone(),
+            shape: shape.clone(),
+            flops: f64::NAN,
+            baseline: None,
+            setup: Box::new(move || batch_runner(&one_by_one, &edits_a, false)),
+        },
+        BenchCase {
+            name: format!("  {batch} cached fused, {percent}%"),
+            shape: format!(
+                "[{},{}] in {} segments",
+                BATCH * rows,
+                shared.channels,
+                BATCH * batch
+            ),
+            flops: f64::NAN,
+            baseline: Some(alone),
+            setup: Box::new(move || batch_runner(&fused, &edits_f, true)),
+        },
+    ]
+}
+
+/// Steps the edits (`levels` each) one by one or fused. Each edit has its own random
+/// two-branch context and timestep; the rows are the shared latents at its positions.
+fn batch_runner(
+    shared: &Shared,
+    edits: &[Vec<TokenSet>],
+    fused: bool,
+) -> retouch_kernels::Result<retouch_kernels::bench::Runner> {
+    let unet = shared.unet()?;
+    let cache = shared.cache()?;
+    let inputs = shared.inputs();
+    let (s, c) = (shared.latent, shared.channels);
+    let flat = inputs.0.clone().reshape(&[BATCH * s * s, c])?;
+    let mut rows = Vec::with_capacity(edits.len());
+    let mut contexts = Vec::with_capacity(edits.len());
+    for (i, levels) in edits.iter().enumerate() {
+        let index: Vec<u32> = (0..BATCH)
+            .flat_map(|b| {
+                levels[0]
+                    .positions()
+                    .iter()
+                    .map(move |&p| p + (b * s * s) as u32)
+            })
+            .collect();
+        rows.push(flat.gather_rows(&index)?);
+        let context = Tensor::randn(
+            &[BATCH, TOKENS, shared.context_dim],
+            10 + i as u64,
+            Device::Cpu,
+        );
+        contexts.push(context.split_batch(&[1; BATCH])?);
+    }
+    let timestep = |i: usize| TIMESTEP - 10.0 * i as f32;
+    let edits = edits.to_vec();
+    if !fused {
+        return Ok(Box::new(move || {
+            for (i, (levels, rows)) in edits.iter().zip(&rows).enumerate() {
+                let n = levels[0].len();
+                let rows = rows.clone().reshape(&[BATCH, n, c])?;
+                let refs: Vec<&Tensor> = contexts[i].iter().collect();
+                let context = Tensor::concat_batch(&refs)?;
+                unet.forward_masked(&rows, &[timestep(i); BATCH], &context, &cache, levels)
+                    .map_err(kernel_error)?;
+            }
+            Ok(())
+        }));
+    }
+    let packed = Tensor::concat_batch(&rows.iter().collect::<Vec<_>>())?;
+    Ok(Box::new(move || {
+        let segments: Vec<CachedSegment<'_>> = edits
+            .iter()
+            .enumerate()
+            .flat_map(|(i, levels)| {
+                let (cache, contexts) = (&*cache, &contexts[i]);
+                (0..BATCH).map(move |branch| CachedSegment {
+                    levels,
+                    cache,
+                    branch,
+                    timestep: timestep(i),
+                    context: &contexts[branch],
+                })
+            })
+            .collect();
+        unet.forward_ragged(&packed, &segments)
             .map(drop)
             .map_err(kernel_error)
     }))

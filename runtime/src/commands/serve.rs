@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// Requests per running batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Latent tokens per running batch step (a request counts its active latent positions,
+    /// all of them when dense, times its guidance branches); no limit when absent. A request
+    /// larger than the limit still runs, alone.
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
     /// Requests waiting per worker before new ones get 503.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -80,6 +85,7 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.cache_device_bytes = args.cache_device_bytes;
     config.prefetch_steps = args.prefetch_steps;
     config.max_batch_requests = args.max_batch;
+    config.max_batch_tokens = args.max_batch_tokens;
     config.max_queue = args.max_queue;
     config.policy = args.policy;
     config.routing = args.routing;

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     /// at start-up (when calibrating) by reading the UNet's weights.
     pub load_bandwidth: Option<f64>,
     pub max_batch_requests: usize,
+    /// Latent tokens per step a batch may hold (each request's active latent positions,
+    /// all of them when dense, times its guidance branches); None: no limit.
+    pub max_batch_tokens: Option<usize>,
     /// Requests waiting per worker before new ones are refused.
     pub max_queue: usize,
     /// Where templates are kept on disk; None keeps them in memory only (then the host
@@ -85,6 +88,7 @@ impl EngineConfig {
             calibration: Some(CalibrationPlan::default()),
             load_bandwidth: None,
             max_batch_requests: 8,
+            max_batch_tokens: None,
             max_queue: 64,
             cache_dir: None,
             cache_dtype: DType::F16,
@@ -166,6 +170,9 @@ impl Engine {
         if config.max_batch_requests == 0 || config.max_queue == 0 {
             return Err("max batch requests and max queue must be at least 1".into());
         }
+        if config.max_batch_tokens == Some(0) {
+            return Err("max batch tokens must be at least 1".into());
+        }
         let metrics = telemetry::prometheus();
         let tracer = match &config.trace {
             Some(path) => Tracer::to_file(path)?,
@@ -225,6 +232,7 @@ impl Engine {
                 index,
                 policy: config.policy,
                 max_batch_requests: config.max_batch_requests,
+                max_batch_tokens: config.max_batch_tokens,
                 cache_dtype: config.cache_dtype,
                 threads: config.threads_per_worker,
             };

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use retouch_models::pipeline::{
-    EditRequest, GenerateRequest, JobOutput, Mask, Template, TemplateSpec,
+    EditRequest, GenerateRequest, JobOutput, Mask, Pipeline, Template, TemplateSpec,
 };
 use tokio::sync::oneshot;
 
@@ -38,6 +38,21 @@ impl JobSpec {
             JobSpec::Generate(_) => "generation",
             JobSpec::Template(_) => "template",
             JobSpec::Edit { .. } => "edit",
+        }
+    }
+
+    /// Latent tokens one step of this request runs through the UNet (see
+    /// `EngineConfig::max_batch_tokens`); fails where building its job would.
+    pub fn step_tokens(&self, pipe: &Pipeline) -> retouch_models::Result<usize> {
+        match self {
+            JobSpec::Generate(r) => pipe.generate_step_tokens(r),
+            JobSpec::Template(s) => pipe.template_step_tokens(s),
+            JobSpec::Edit {
+                template,
+                mask,
+                req,
+                ..
+            } => pipe.edit_step_tokens(template, mask, req),
         }
     }
 

@@ -4,8 +4,10 @@
 //! waiting requests, then retires finished ones and answers their callers. New requests so
 //! join after at most one step, and finished ones leave right after their last.
 //!
-//! Within one `Step` the batch's requests run one after another: the ragged fused forward
-//! (one UNet call over every request's active tokens) is a later slice.
+//! Within one `Step` the batch's UNet calls are fused (`DenoiseJob::step_many`): cached-mode
+//! edits run as one ragged masked forward over every request's active tokens, dense requests
+//! of one latent shape as one batched forward. Admission is first come, first served, up to
+//! `max_batch_requests` and `max_batch_tokens`.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,6 +17,7 @@ use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use retouch_kernels::DType;
+use retouch_models::nn::exec::StepCache;
 use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
 use tokio::sync::oneshot;
 
@@ -95,6 +98,8 @@ pub struct WorkerSettings {
     pub index: usize,
     pub policy: BatchPolicy,
     pub max_batch_requests: usize,
+    /// Latent tokens per step the batch may hold (`JobSpec::step_tokens`); None: no limit.
+    pub max_batch_tokens: Option<usize>,
     /// The dtype templates record their activation cache in.
     pub cache_dtype: DType,
     /// A thread pool of its own, so several CPU workers split the cores; None uses the
@@ -208,25 +213,65 @@ impl Worker {
             .set(self.running.len() as f64);
     }
 
-    /// One step of every request in the batch.
+    /// One step of every request in the batch, their UNet calls fused.
     fn step_batch(&mut self) {
         if self.running.is_empty() {
             return;
         }
         let started = Instant::now();
         let mut running = std::mem::take(&mut self.running);
+        // Each cached edit's activations for this step, from the cache tiers (a miss waits
+        // for its load); a failed load fails only its request.
+        let mut live: Vec<&mut Running> = Vec::new();
+        let mut caches: Vec<Option<Arc<StepCache>>> = Vec::new();
         for r in running.iter_mut().filter(|r| r.failure.is_none()) {
             let cache = match (&r.cache, r.job.cache_step()) {
-                (Some(window), Some(step)) => match window.fetch(step) {
-                    Ok(cache) => Some(cache),
-                    Err(e) => {
-                        r.failure = Some(e);
-                        continue;
+                (Some(window), Some(step)) => {
+                    let waited = Instant::now();
+                    let fetched = window.fetch(step);
+                    self.trace.cache_fetched(r.id, step, waited);
+                    match fetched {
+                        Ok(cache) => Some(cache),
+                        Err(e) => {
+                            r.failure = Some(e);
+                            continue;
+                        }
                     }
-                },
+                }
                 _ => None,
             };
-            match self.compute(|pipe| r.job.step_with_cache(pipe, cache.as_deref())) {
+            caches.push(cache);
+            live.push(r);
+        }
+        let caches: Vec<Option<&StepCache>> = caches.iter().map(|c| c.as_deref()).collect();
+        let before: Vec<usize> = live.iter().map(|r| r.job.steps_done()).collect();
+        let fused = {
+            let mut jobs: Vec<&mut DenoiseJob<'static>> =
+                live.iter_mut().map(|r| &mut r.job).collect();
+            self.compute(|pipe| Ok(DenoiseJob::step_many_with_caches(pipe, &mut jobs, &caches)))
+        };
+        let results: Vec<Result<(), EngineError>> = match fused {
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(EngineError::from_model))
+                .collect(),
+            // The fused call panicked: step alone each request it had not stepped yet (a
+            // job changes only when its step completes), so only the culprit fails.
+            Err(_) => live
+                .iter_mut()
+                .zip(&before)
+                .zip(&caches)
+                .map(|((r, &before), &cache)| {
+                    if r.job.steps_done() > before {
+                        Ok(())
+                    } else {
+                        self.compute(|pipe| r.job.step_with_cache(pipe, cache))
+                    }
+                })
+                .collect(),
+        };
+        for (r, result) in live.into_iter().zip(results) {
+            match result {
                 Ok(()) => {
                     self.load.step_done(&mut r.charge);
                     let done = r.job.steps_done();
@@ -246,23 +291,52 @@ impl Worker {
         metrics::histogram!(telemetry::STEP_BATCH).record(stepped as f64);
     }
 
+    /// Whether `req` may join a batch already holding `staying` requests of `tokens` tokens
+    /// per step. Past the token limit the head of the queue waits and nothing overtakes it
+    /// (first come, first served); into an empty batch it is admitted whatever its size, so
+    /// nothing starves.
+    fn fits(&self, req: &Request, tokens: usize, staying: usize) -> bool {
+        let Some(limit) = self.settings.max_batch_tokens else {
+            return true;
+        };
+        // A request whose cost cannot be computed fails when its job is built.
+        let cost = req.spec.step_tokens(&self.pipe).unwrap_or(0);
+        staying == 0 || tokens.saturating_add(cost) <= limit
+    }
+
     fn admit(&mut self) {
         let room = match self.settings.policy {
             BatchPolicy::Continuous => self.settings.max_batch_requests,
             BatchPolicy::Static if self.running.is_empty() => self.settings.max_batch_requests,
             BatchPolicy::Static => 0,
         };
+        // The requests that step next and their tokens (those retiring after this step
+        // do not count).
+        let staying =
+            |r: &&Running| r.failure.is_none() && !r.job.is_done() && !r.reply.is_closed();
+        let mut staying_count = self.running.iter().filter(staying).count();
+        let mut tokens: usize = self
+            .running
+            .iter()
+            .filter(staying)
+            .map(|r| r.job.step_tokens())
+            .sum();
         while self.running.len() < room {
             let Some(mut req) = self.waiting.pop_front() else {
                 break;
             };
-            self.load.queued.fetch_sub(1, Ordering::Relaxed);
             let kind = req.spec.kind();
             if req.reply.is_closed() {
+                self.load.queued.fetch_sub(1, Ordering::Relaxed);
                 self.load.release(&mut req.charge);
                 self.cancelled(req.id, kind);
                 continue;
             }
+            if !self.fits(&req, tokens, staying_count) {
+                self.waiting.push_front(req);
+                break;
+            }
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
             let cache_dtype = self.settings.cache_dtype;
             let start = self.trace.admitting(&req);
             let mut window = None;
@@ -302,6 +376,8 @@ impl Worker {
                         p.steps_total = total;
                     });
                     self.load.running.fetch_add(1, Ordering::Relaxed);
+                    tokens = tokens.saturating_add(job.step_tokens());
+                    staying_count += 1;
                     self.running.push(Running {
                         id: req.id,
                         kind,
@@ -481,3 +557,6 @@ impl Drop for Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -181,6 +181,24 @@ impl WorkerTrace {
         (!batch.is_empty()).then_some(batch)
     }
 
+    /// Request `id` got its activation cache for `step` from the cache tiers, asking at
+    /// `start`: a hit takes microseconds, a miss the wait for the load (the request's
+    /// cache-loading time).
+    pub fn cache_fetched(&self, id: RequestId, step: usize, start: Instant) {
+        let t = &self.tracer;
+        if !t.enabled() {
+            return;
+        }
+        t.record(Record {
+            kind: kinds::CACHE_LOAD.into(),
+            requests: vec![id],
+            step: Some(step),
+            start_us: t.us(start),
+            end_us: t.us(Instant::now()),
+            ..Record::default()
+        });
+    }
+
     /// Handled a `Step` sent at `sent`: `batch` (from [`WorkerTrace::batch`]) ran one step
     /// from `start` to now.
     pub fn stepped(&self, sent: Instant, start: Instant, batch: Option<Vec<BatchEntry>>) {

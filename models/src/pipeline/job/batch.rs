@@ -1,0 +1,294 @@
+//! One denoising step of several jobs with fused UNet calls. Jobs are grouped by what can
+//! share a call: cached-mode edits on one latent grid and cache dtype run as one ragged
+//! masked forward (each CFG branch a segment); dense jobs (generations, dense edits) of one
+//! latent shape run as one batched dense forward (one timestep and context per sample).
+//! Template registrations run alone: recording stores every sample's activations, so a
+//! fused call would record (and convert to the cache dtype) the other jobs' too, or need a
+//! per-sample switch in every layer; they are rare next to edits.
+
+use std::time::Instant;
+
+use retouch_kernels::{DType, Tensor};
+
+use super::{DenoiseJob, Kind, StepInput, UnetOutput};
+use crate::nn::exec::StepCache;
+use crate::pipeline::Pipeline;
+use crate::unet::CachedSegment;
+use crate::{Error, Result};
+
+/// Which jobs may share one UNet call.
+#[derive(PartialEq)]
+enum FuseKey {
+    /// Cached edits: one latent grid, one cache dtype (the masked kernels read every
+    /// segment's cache as one type).
+    Cached {
+        grid: (usize, usize),
+        dtype: DType,
+    },
+    Dense {
+        shape: Vec<usize>,
+    },
+    /// A template registration (recording), by job index.
+    Alone(usize),
+}
+
+impl DenoiseJob<'_> {
+    /// Runs one denoising step of every job, fusing their UNet calls where they can share
+    /// one (see the module docs). Returns one result per job, in order: a job that cannot
+    /// step fails alone, and if a fused call fails its jobs are retried one by one so only
+    /// the culprit fails. A failed job keeps its state from before the step. The results
+    /// equal stepping each job alone up to the summation order of products over more rows
+    /// (the GEMMs' blocking may differ with the row count), about 1e-6 relative per layer.
+    pub fn step_many(pipe: &Pipeline, jobs: &mut [&mut DenoiseJob<'_>]) -> Vec<Result<()>> {
+        DenoiseJob::step_many_with_caches(pipe, jobs, &[])
+    }
+
+    /// [`DenoiseJob::step_many`] with each cached-mode edit's activations for this step
+    /// given by the caller (`caches[i]` for `jobs[i]`, from a runtime's cache tiers); a job
+    /// without one (None, or past the slice's end) reads its template's own.
+    pub fn step_many_with_caches(
+        pipe: &Pipeline,
+        jobs: &mut [&mut DenoiseJob<'_>],
+        caches: &[Option<&StepCache>],
+    ) -> Vec<Result<()>> {
+        let started = Instant::now();
+        let caches: Vec<Option<&StepCache>> = (0..jobs.len())
+            .map(|i| caches.get(i).copied().flatten())
+            .collect();
+        let mut inputs = Vec::with_capacity(jobs.len());
+        let mut results: Vec<Result<()>> = Vec::with_capacity(jobs.len());
+        for job in jobs.iter() {
+            match job.prepare() {
+                Ok(input) => {
+                    inputs.push(Some(input));
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    inputs.push(None);
+                    results.push(Err(e));
+                }
+            }
+        }
+        let mut outputs: Vec<Option<Result<UnetOutput>>> = jobs.iter().map(|_| None).collect();
+        for group in groups(jobs, &inputs, &caches) {
+            match run_group(pipe, jobs, &inputs, &caches, &group) {
+                Ok(outs) => {
+                    for (&i, out) in group.iter().zip(outs) {
+                        outputs[i] = Some(Ok(out));
+                    }
+                }
+                Err(e) if group.len() == 1 => outputs[group[0]] = Some(Err(e)),
+                // Which job broke the fused call is unknown: run each alone.
+                Err(_) => {
+                    for &i in &group {
+                        outputs[i] = Some(run_group(pipe, jobs, &inputs, &caches, &[i]).and_then(
+                            |mut o| {
+                                o.pop()
+                                    .ok_or_else(|| Error::Invalid("no UNet output".into()))
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        // Every job waited for the whole fused step.
+        let elapsed = started.elapsed();
+        for ((job, out), result) in jobs.iter_mut().zip(outputs).zip(&mut results) {
+            if let Some(out) = out {
+                *result = out.and_then(|out| job.commit(out, elapsed));
+            }
+        }
+        results
+    }
+
+    fn fuse_key(&self, index: usize, input: &StepInput, cache: Option<&StepCache>) -> FuseKey {
+        match &self.kind {
+            Kind::Template {
+                cache_dtype: Some(_),
+                ..
+            } => FuseKey::Alone(index),
+            Kind::Edit(edit) => match (&edit.cached, cache.or(edit.template.cache.first())) {
+                (Some((levels, _)), Some(cache)) => FuseKey::Cached {
+                    grid: (levels[0].height(), levels[0].width()),
+                    dtype: cache.dtype().unwrap_or(DType::F32),
+                },
+                (Some(_), None) => FuseKey::Alone(index),
+                (None, _) => FuseKey::Dense {
+                    shape: input.input.shape().to_vec(),
+                },
+            },
+            _ => FuseKey::Dense {
+                shape: input.input.shape().to_vec(),
+            },
+        }
+    }
+}
+
+/// The prepared jobs' indices grouped by [`FuseKey`], groups in order of their first job.
+fn groups(
+    jobs: &[&mut DenoiseJob<'_>],
+    inputs: &[Option<StepInput>],
+    caches: &[Option<&StepCache>],
+) -> Vec<Vec<usize>> {
+    let mut keys: Vec<FuseKey> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, (job, input)) in jobs.iter().zip(inputs).enumerate() {
+        let Some(input) = input else { continue };
+        let key = job.fuse_key(i, input, caches[i]);
+        match keys.iter().position(|k| *k == key) {
+            Some(g) => groups[g].push(i),
+            None => {
+                keys.push(key);
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
+/// One UNet call for the jobs `group` (all of one [`FuseKey`]); their outputs in order.
+fn run_group(
+    pipe: &Pipeline,
+    jobs: &[&mut DenoiseJob<'_>],
+    inputs: &[Option<StepInput>],
+    caches: &[Option<&StepCache>],
+    group: &[usize],
+) -> Result<Vec<UnetOutput>> {
+    let members: Vec<(&DenoiseJob<'_>, &StepInput)> = group
+        .iter()
+        .map(|&i| {
+            let input = inputs[i]
+                .as_ref()
+                .ok_or_else(|| Error::Invalid("job was not prepared".into()))?;
+            Ok((&*jobs[i], input))
+        })
+        .collect::<Result<_>>()?;
+    match members.first() {
+        None => Ok(Vec::new()),
+        Some((job, _)) if job.cached().is_some() => {
+            let caches: Vec<Option<&StepCache>> = group.iter().map(|&i| caches[i]).collect();
+            run_cached(pipe, &members, &caches)
+        }
+        Some((job, input))
+            if matches!(
+                job.kind,
+                Kind::Template {
+                    cache_dtype: Some(_),
+                    ..
+                }
+            ) =>
+        {
+            run_recording(pipe, job, input)
+        }
+        Some(_) => run_dense(pipe, &members),
+    }
+}
+
+/// Cached edits: one ragged masked forward, each job's branches as segments.
+fn run_cached(
+    pipe: &Pipeline,
+    members: &[(&DenoiseJob<'_>, &StepInput)],
+    caches: &[Option<&StepCache>],
+) -> Result<Vec<UnetOutput>> {
+    let mut segments = Vec::new();
+    let mut rows = Vec::new();
+    let mut sizes = Vec::with_capacity(members.len());
+    for ((job, input), given) in members.iter().zip(caches) {
+        let (Kind::Edit(edit), Some((levels, _))) = (&job.kind, job.cached()) else {
+            return Err(Error::Invalid("not a cached-mode edit".into()));
+        };
+        let cache = match given {
+            Some(cache) => cache,
+            None => edit.step_cache(job.step)?,
+        };
+        if cache.branches() != Some(job.guidance.branches()) {
+            return Err(Error::Invalid(format!(
+                "this cached-mode edit runs {} guidance branch(es), the template's activation \
+                 cache holds {}: use the template's guidance (or dense mode)",
+                job.guidance.branches(),
+                cache.branches().unwrap_or(0)
+            )));
+        }
+        for (branch, context) in job.guidance.branch_contexts().iter().enumerate() {
+            segments.push(CachedSegment {
+                levels,
+                cache,
+                branch,
+                timestep: input.t,
+                context,
+            });
+            rows.push(&input.input);
+        }
+        sizes.push(input.input.dim(0)? * job.guidance.branches());
+    }
+    let out = pipe
+        .unet
+        .forward_ragged(&Tensor::concat_batch(&rows)?, &segments)?;
+    Ok(out
+        .split_batch(&sizes)?
+        .into_iter()
+        .map(|prediction| UnetOutput {
+            prediction,
+            recorded: None,
+        })
+        .collect())
+}
+
+/// Dense jobs of one latent shape: one batched forward, each branch a sample with its own
+/// timestep and context.
+fn run_dense(
+    pipe: &Pipeline,
+    members: &[(&DenoiseJob<'_>, &StepInput)],
+) -> Result<Vec<UnetOutput>> {
+    let mut samples = Vec::new();
+    let mut timesteps = Vec::new();
+    let mut contexts = Vec::new();
+    let mut sizes = Vec::with_capacity(members.len());
+    for (job, input) in members {
+        let branches = job.guidance.branches();
+        samples.extend(std::iter::repeat_n(&input.input, branches));
+        timesteps.extend(std::iter::repeat_n(input.t, branches));
+        contexts.push(job.guidance.context());
+        sizes.push(branches);
+    }
+    let out = pipe.unet.forward(
+        &Tensor::concat_batch(&samples)?,
+        &timesteps,
+        &Tensor::concat_batch(&contexts)?,
+    )?;
+    Ok(out
+        .split_batch(&sizes)?
+        .into_iter()
+        .map(|prediction| UnetOutput {
+            prediction,
+            recorded: None,
+        })
+        .collect())
+}
+
+/// A template registration: the dense forward of its own branches, recording.
+fn run_recording(
+    pipe: &Pipeline,
+    job: &DenoiseJob<'_>,
+    input: &StepInput,
+) -> Result<Vec<UnetOutput>> {
+    let Kind::Template {
+        cache_dtype: Some(dtype),
+        ..
+    } = &job.kind
+    else {
+        return Err(Error::Invalid("not a recording template job".into()));
+    };
+    let branches = job.guidance.branches();
+    let sample = Tensor::concat_batch(&vec![&input.input; branches])?;
+    let (prediction, recorded) = pipe.unet.forward_recording(
+        &sample,
+        &vec![input.t; branches],
+        job.guidance.context(),
+        *dtype,
+    )?;
+    Ok(vec![UnetOutput {
+        prediction,
+        recorded: Some(recorded),
+    }])
+}

@@ -1,0 +1,217 @@
+//! The UNet on active tokens only (cached mode), over a ragged batch: several requests'
+//! CFG branches, each a segment with its own rows, token sets, template cache, timestep and
+//! text. The single-request forward is the case of one segment per branch.
+
+use retouch_kernels::{Tensor, TokenSet};
+
+use super::UNet;
+use crate::nn::exec::{Exec, Masked, Segment, StepCache};
+use crate::{Error, Result};
+
+/// One segment of a ragged masked forward: one CFG branch of one cached-mode request.
+#[derive(Clone, Copy)]
+pub struct CachedSegment<'a> {
+    /// Token sets per resolution ([`token_levels`]); the segment owns `levels[0].len()`
+    /// consecutive input rows.
+    pub levels: &'a [TokenSet],
+    /// The template's recording of this step.
+    pub cache: &'a StepCache,
+    /// Which of the cache's CFG branches this segment is.
+    pub branch: usize,
+    pub timestep: f32,
+    /// The segment's text context, `[tokens, cross_dim]` or `[1, tokens, cross_dim]`.
+    pub context: &'a Tensor,
+}
+
+impl UNet {
+    /// The forward on active tokens only, for one request. `rows = [batch,
+    /// levels[0].len(), in_channels]` are the latents at the level-0 active positions;
+    /// `levels` are the token sets per resolution ([`token_levels`]); `cache` is the
+    /// template's recording of this step (same batch). Returns the output rows
+    /// `[batch, levels[0].len(), out_channels]`.
+    pub fn forward_masked(
+        &self,
+        rows: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+        cache: &StepCache,
+        levels: &[TokenSet],
+    ) -> Result<Tensor> {
+        let s = rows.shape().to_vec();
+        let n = levels.first().map_or(0, TokenSet::len);
+        if s.len() != 3 || s[1] != n || s[2] != self.config.in_channels {
+            return Err(Error::Invalid(format!(
+                "unet: masked rows must be [batch, {n}, {}], got {s:?}",
+                self.config.in_channels
+            )));
+        }
+        if timesteps.len() != s[0] || context.rank() != 3 || context.dim(0)? != s[0] {
+            return Err(Error::Invalid(
+                "unet: timesteps and context must match the batch".into(),
+            ));
+        }
+        let contexts = context.split_batch(&vec![1; s[0]])?;
+        let segments: Vec<CachedSegment<'_>> = contexts
+            .iter()
+            .zip(timesteps)
+            .enumerate()
+            .map(|(branch, (context, &timestep))| CachedSegment {
+                levels,
+                cache,
+                branch,
+                timestep,
+                context,
+            })
+            .collect();
+        let flat = rows.clone().reshape(&[s[0] * n, s[2]])?;
+        let out = self.forward_ragged(&flat, &segments)?;
+        let c = out.dim(-1)?;
+        Ok(out.reshape(&[s[0], n, c])?)
+    }
+
+    /// The masked forward over a ragged batch: `rows = [sum of levels[0].len(), in_channels]`,
+    /// each segment's active rows in segment order. Per-row layers (projections,
+    /// feed-forwards, norms, the time-embedding add) run once over all rows; convs and
+    /// self-attention take the segment list; each segment's rows cross-attend to its own
+    /// text. Segments must share the latent grid and the cache dtype (the masked kernels
+    /// read every segment's cache as one type). Returns `[rows, out_channels]`.
+    pub fn forward_ragged(&self, rows: &Tensor, segments: &[CachedSegment<'_>]) -> Result<Tensor> {
+        let Some(first) = segments.first() else {
+            return Err(Error::Invalid(
+                "unet: a ragged forward needs a segment".into(),
+            ));
+        };
+        let levels = self.down.len();
+        if let Some(i) = segments.iter().position(|s| s.levels.len() != levels) {
+            return Err(Error::Invalid(format!(
+                "unet: segment {i} has {} token sets for {levels} resolutions",
+                segments[i].levels.len()
+            )));
+        }
+        let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
+        if rows.shape() != [total, self.config.in_channels] {
+            return Err(Error::Invalid(format!(
+                "unet: masked rows must be [{total}, {}], got {:?}",
+                self.config.in_channels,
+                rows.shape()
+            )));
+        }
+        let tokens = context_tokens(first.context, self.config.cross_attention_dim)?;
+        let mut contexts = Vec::with_capacity(segments.len());
+        for (i, s) in segments.iter().enumerate() {
+            if context_tokens(s.context, self.config.cross_attention_dim)? != tokens {
+                return Err(Error::Invalid(format!(
+                    "unet: segment {i}'s text context has another length than segment 0's"
+                )));
+            }
+            let dim = self.config.cross_attention_dim;
+            contexts.push(s.context.clone().reshape(&[1, tokens, dim])?);
+        }
+        let context = Tensor::concat_batch(&contexts.iter().collect::<Vec<_>>())?;
+        let timesteps: Vec<f32> = segments.iter().map(|s| s.timestep).collect();
+        let exec_segments = segments
+            .iter()
+            .map(|s| Segment {
+                cache: s.cache,
+                branch: s.branch,
+                levels: s.levels,
+            })
+            .collect();
+        let mut exec = Exec::Masked(Masked::new(exec_segments));
+        let out = self.run(rows, &timesteps, &context, &mut exec)?;
+        if let Exec::Masked(m) = &exec
+            && !m.finished()
+        {
+            return Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The token count of a context `[tokens, dim]` or `[1, tokens, dim]`.
+fn context_tokens(context: &Tensor, dim: usize) -> Result<usize> {
+    match context.shape() {
+        &[tokens, d] | &[1, tokens, d] if d == dim => Ok(tokens),
+        other => Err(Error::Invalid(format!(
+            "unet: a segment's text context must be [tokens, {dim}], got {other:?}"
+        ))),
+    }
+}
+
+/// Nearest 2x up-sampling of masked rows to `level`: each segment's active position there
+/// takes its parent's row one level down (one gather over the stacked rows).
+pub(super) fn upsample_rows(h: &Tensor, m: &mut Masked<'_>, level: usize) -> Result<Tensor> {
+    let lows = m.tokens()?;
+    let highs = m.level_tokens(level)?;
+    let mut parents = Vec::with_capacity(highs.iter().map(|t| t.len()).sum());
+    let mut offset = 0u32;
+    for (low, high) in lows.iter().zip(&highs) {
+        for &p in high.positions() {
+            let (y, x) = (p as usize / high.width(), p as usize % high.width());
+            let row = low
+                .row_of()
+                .get((y / 2) * low.width() + x / 2)
+                .copied()
+                .unwrap_or(u32::MAX);
+            if row == u32::MAX {
+                return Err(Error::Invalid(format!(
+                    "token sets: position {p} at level {level} has no active parent"
+                )));
+            }
+            parents.push(offset + row);
+        }
+        offset += low.len() as u32;
+    }
+    m.set_level(level);
+    Ok(h.gather_rows(&parents)?)
+}
+
+/// The active token sets of a latent mask at each of `levels` resolutions: level 0 is the
+/// mask dilated by `halo` positions (Chebyshev distance), each next level the previous one
+/// max-pooled 2x2, so every active position has an active parent one level down.
+pub fn token_levels(
+    mask: &[bool],
+    height: usize,
+    width: usize,
+    levels: usize,
+    halo: usize,
+) -> Result<Vec<TokenSet>> {
+    if mask.len() != height * width {
+        return Err(Error::Invalid(format!(
+            "mask has {} entries for a {height}x{width} latent",
+            mask.len()
+        )));
+    }
+    let mut current = vec![false; mask.len()];
+    for y in 0..height {
+        for x in 0..width {
+            if mask[y * width + x] {
+                for yy in y.saturating_sub(halo)..(y + halo + 1).min(height) {
+                    for xx in x.saturating_sub(halo)..(x + halo + 1).min(width) {
+                        current[yy * width + xx] = true;
+                    }
+                }
+            }
+        }
+    }
+    let (mut h, mut w) = (height, width);
+    let mut sets = Vec::with_capacity(levels);
+    for level in 0..levels {
+        if level > 0 {
+            let (nh, nw) = (h.div_ceil(2), w.div_ceil(2));
+            let mut pooled = vec![false; nh * nw];
+            for y in 0..h {
+                for x in 0..w {
+                    if current[y * w + x] {
+                        pooled[(y / 2) * nw + x / 2] = true;
+                    }
+                }
+            }
+            (current, h, w) = (pooled, nh, nw);
+        }
+        sets.push(TokenSet::from_mask(h, w, &current)?);
+    }
+    Ok(sets)
+}

@@ -1,0 +1,181 @@
+//! Admission under the per-batch token limit, on a worker over the tiny random pipeline
+//! (no actor system: the tests call the step loop's parts directly).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use retouch_models::pipeline::{EditMode, EditRequest, Mask, Template, TemplateSpec};
+use retouch_models::random_pipeline::{Preset, RandomPipeline};
+
+use super::*;
+
+fn tiny() -> Pipeline {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("retouch-worker-{}", std::process::id()));
+        RandomPipeline::new(Preset::Tiny)
+            .write(&dir, true, None)
+            .unwrap();
+        dir
+    });
+    Pipeline::load(dir, None).unwrap()
+}
+
+fn template(pipe: &Pipeline) -> Arc<Template> {
+    let spec = TemplateSpec {
+        prompt: "a house".into(),
+        negative_prompt: String::new(),
+        seed: 1,
+        steps: 2,
+        guidance: 4.0,
+        scheduler: "ddim".into(),
+        width: 64,
+        height: 64,
+    };
+    Arc::new(
+        pipe.register_template(&spec, Some(DType::F16), &mut |_, _| {})
+            .unwrap(),
+    )
+}
+
+fn worker(pipe: Pipeline, max_batch_tokens: Option<usize>) -> Worker {
+    let settings = WorkerSettings {
+        index: 0,
+        policy: BatchPolicy::Continuous,
+        max_batch_requests: 8,
+        max_batch_tokens,
+        cache_dtype: DType::F16,
+        threads: None,
+    };
+    let load = Arc::new(WorkerLoad::default());
+    Worker::new(settings, pipe, load, Arc::new(ProgressBook::new(16))).unwrap()
+}
+
+/// A cached edit inside the square `[0, side)^2` pixels; its reply receiver must stay alive
+/// (a closed reply cancels the request).
+fn edit(
+    id: RequestId,
+    template: &Arc<Template>,
+    side: usize,
+) -> (Request, oneshot::Receiver<Reply>) {
+    let values = (0..64 * 64)
+        .map(|p| f32::from(u8::from(p % 64 < side && p / 64 < side)))
+        .collect();
+    let mut req = EditRequest::new(format!("edit {id}"));
+    req.mode = EditMode::Cached;
+    let spec = JobSpec::Edit {
+        template: Arc::clone(template),
+        // The template holds its own activation cache.
+        template_id: format!("t{id}"),
+        cache: None,
+        mask: Mask {
+            width: 64,
+            height: 64,
+            values,
+        },
+        req,
+    };
+    let (reply, rx) = oneshot::channel();
+    let request = Request {
+        id,
+        spec,
+        reply,
+        submitted: Instant::now(),
+        charge: Default::default(),
+    };
+    (request, rx)
+}
+
+/// Queues the requests (as the scheduler would), returning their reply receivers.
+fn enqueue(
+    w: &mut Worker,
+    requests: Vec<(Request, oneshot::Receiver<Reply>)>,
+) -> Vec<oneshot::Receiver<Reply>> {
+    requests
+        .into_iter()
+        .map(|(req, rx)| {
+            w.load.queued.fetch_add(1, Ordering::Relaxed);
+            w.waiting.push_back(req);
+            rx
+        })
+        .collect()
+}
+
+fn ids(w: &Worker) -> (Vec<RequestId>, Vec<RequestId>) {
+    (
+        w.running.iter().map(|r| r.id).collect(),
+        w.waiting.iter().map(|r| r.id).collect(),
+    )
+}
+
+#[test]
+fn the_token_limit_admits_first_come_first_served() {
+    let pipe = tiny();
+    let t = template(&pipe);
+    let cost = |side| edit(0, &t, side).0.spec.step_tokens(&pipe).unwrap();
+    let (small, big) = (cost(8), cost(40));
+    assert!(small < big);
+
+    // Room for two small edits: the big one at the head of the rest waits, and the small
+    // one behind it does not overtake it.
+    let mut w = worker(tiny(), Some(2 * small));
+    let _rx = enqueue(
+        &mut w,
+        vec![edit(1, &t, 8), edit(2, &t, 40), edit(3, &t, 8)],
+    );
+    w.admit();
+    assert_eq!(ids(&w), (vec![1], vec![2, 3]));
+    assert_eq!(w.load.queued.load(Ordering::Relaxed), 2);
+    // While the first one runs, nothing changes; once it has finished (and leaves with
+    // this step), the big one is admitted into the then empty batch although it alone
+    // exceeds the limit, so it cannot starve.
+    w.step_batch();
+    w.admit();
+    assert_eq!(ids(&w), (vec![1], vec![2, 3]));
+    w.step_batch();
+    assert!(w.running[0].job.is_done());
+    w.admit();
+    assert_eq!(ids(&w), (vec![1, 2], vec![3]));
+    w.retire();
+    assert_eq!(ids(&w), (vec![2], vec![3]));
+
+    // Without a limit, all three join at once.
+    let mut w = worker(tiny(), None);
+    let _rx = enqueue(
+        &mut w,
+        vec![edit(1, &t, 8), edit(2, &t, 40), edit(3, &t, 8)],
+    );
+    w.admit();
+    assert_eq!(ids(&w), (vec![1, 2, 3], vec![]));
+    // And a limit that fits everything admits everything.
+    let mut w = worker(tiny(), Some(2 * small + big));
+    let _rx = enqueue(
+        &mut w,
+        vec![edit(1, &t, 8), edit(2, &t, 40), edit(3, &t, 8)],
+    );
+    w.admit();
+    assert_eq!(ids(&w), (vec![1, 2, 3], vec![]));
+}
+
+#[test]
+fn a_fused_batch_step_advances_every_request_and_a_bad_one_fails_alone() {
+    let pipe = tiny();
+    let t = template(&pipe);
+    let mut w = worker(tiny(), None);
+    let _rx = enqueue(
+        &mut w,
+        vec![edit(1, &t, 8), edit(2, &t, 24), edit(3, &t, 40)],
+    );
+    w.admit();
+    // A job that has run all its steps cannot step again: it fails, the others step.
+    while !w.running[1].job.is_done() {
+        w.running[1].job.step(&w.pipe).unwrap();
+    }
+    w.step_batch();
+    let state: Vec<(usize, bool)> = w
+        .running
+        .iter()
+        .map(|r| (r.job.steps_done(), r.failure.is_some()))
+        .collect();
+    assert_eq!(state, vec![(1, false), (2, true), (1, false)]);
+}
