@@ -100,22 +100,9 @@ impl CudaConv2dWeight {
         in_w: usize,
         p: Conv2dParams,
     ) -> Result<(usize, usize)> {
-        if p.stride == 0 {
-            return invalid(op, "stride must be at least 1");
-        }
-        if in_h + 2 * p.padding < self.kh || in_w + 2 * p.padding < self.kw {
-            return shape_err(
-                op,
-                format!(
-                    "{in_h}x{in_w} input is smaller than the {}x{} kernel",
-                    self.kh, self.kw
-                ),
-            );
-        }
-        Ok((
-            (in_h + 2 * p.padding - self.kh) / p.stride + 1,
-            (in_w + 2 * p.padding - self.kw) / p.stride + 1,
-        ))
+        let (kh, kw, cin, cout) = (self.kh, self.kw, self.cin, self.cout);
+        let g = crate::ops::conv::conv_geometry(op, kh, kw, cin, cout, in_h, in_w, p)?;
+        Ok((g.out_h(), g.out_w()))
     }
 }
 
@@ -449,38 +436,11 @@ impl CudaDevice {
         let (in_h, in_w) = (first.active.height(), first.active.width());
         let (oh, ow) = weight.out_size(op, in_h, in_w, params)?;
         for (i, s) in segments.iter().enumerate() {
-            if (s.active.height(), s.active.width()) != (in_h, in_w) {
-                return shape_err(op, format!("segment {i}: input grids differ"));
-            }
-            if s.fresh.shape() != [s.active.len(), cin] {
-                return shape_err(
-                    op,
-                    format!(
-                        "segment {i}: fresh rows {:?}, expected [{}, {cin}]",
-                        s.fresh.shape(),
-                        s.active.len()
-                    ),
-                );
-            }
-            if s.cached.elem_count() != in_h * in_w * cin {
-                return shape_err(
-                    op,
-                    format!(
-                        "segment {i}: cached map {:?} is not {in_h}x{in_w}x{cin}",
-                        s.cached.shape()
-                    ),
-                );
-            }
-            if (s.outputs.height(), s.outputs.width()) != (oh, ow) {
-                return shape_err(
-                    op,
-                    format!(
-                        "segment {i}: output grid {}x{}, expected {oh}x{ow}",
-                        s.outputs.height(),
-                        s.outputs.width()
-                    ),
-                );
-            }
+            let (fresh, cached) = (s.fresh.shape(), s.cached.shape());
+            let grids = ((in_h, in_w), (oh, ow));
+            crate::ops::masked_conv::check_segment(
+                op, i, s.active, s.outputs, fresh, cached, cin, grids,
+            )?;
         }
         let hw = in_h * in_w;
         let m: usize = segments.iter().map(|s| s.outputs.len()).sum();

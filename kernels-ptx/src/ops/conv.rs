@@ -112,29 +112,43 @@ impl Conv2dWeight {
         in_w: usize,
         p: Conv2dParams,
     ) -> Result<ConvGeometry> {
-        if p.stride == 0 {
-            return invalid(op, "stride must be at least 1");
-        }
-        if in_h + 2 * p.padding < self.kh || in_w + 2 * p.padding < self.kw {
-            return shape_err(
-                op,
-                format!(
-                    "{in_h}x{in_w} input is smaller than the {}x{} kernel",
-                    self.kh, self.kw
-                ),
-            );
-        }
-        Ok(ConvGeometry {
-            in_h,
-            in_w,
-            cin: self.cin,
-            cout: self.cout,
-            kh: self.kh,
-            kw: self.kw,
-            stride: p.stride,
-            pad: p.padding,
-        })
+        conv_geometry(op, self.kh, self.kw, self.cin, self.cout, in_h, in_w, p)
     }
+}
+
+/// The geometry of a `kh x kw`, `cin -> cout` conv over an `in_h x in_w` input, after the
+/// checks every conv (CPU or device) makes: stride at least 1, input no smaller than the
+/// padded kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_geometry(
+    op: &'static str,
+    kh: usize,
+    kw: usize,
+    cin: usize,
+    cout: usize,
+    in_h: usize,
+    in_w: usize,
+    p: Conv2dParams,
+) -> Result<ConvGeometry> {
+    if p.stride == 0 {
+        return invalid(op, "stride must be at least 1");
+    }
+    if in_h + 2 * p.padding < kh || in_w + 2 * p.padding < kw {
+        return shape_err(
+            op,
+            format!("{in_h}x{in_w} input is smaller than the {kh}x{kw} kernel"),
+        );
+    }
+    Ok(ConvGeometry {
+        in_h,
+        in_w,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride: p.stride,
+        pad: p.padding,
+    })
 }
 
 impl Tensor {

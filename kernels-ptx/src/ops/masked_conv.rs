@@ -36,42 +36,11 @@ impl Conv2dWeight {
         let g = self.geometry(OP, in_h, in_w, params)?;
         let cache_dtype = first.cached.dtype();
         for (i, s) in segments.iter().enumerate() {
-            if (s.active.height(), s.active.width()) != (in_h, in_w) {
-                return shape_err(OP, format!("segment {i}: input grids differ"));
-            }
-            if s.fresh.shape() != [s.active.len(), cin] {
-                return shape_err(
-                    OP,
-                    format!(
-                        "segment {i}: fresh rows {:?}, expected [{}, {cin}]",
-                        s.fresh.shape(),
-                        s.active.len()
-                    ),
-                );
-            }
-            if s.cached.elem_count() != in_h * in_w * cin {
-                return shape_err(
-                    OP,
-                    format!(
-                        "segment {i}: cached map {:?} is not {in_h}x{in_w}x{cin}",
-                        s.cached.shape()
-                    ),
-                );
-            }
+            let (fresh, cached) = (s.fresh.shape(), s.cached.shape());
+            let grids = ((in_h, in_w), (g.out_h(), g.out_w()));
+            check_segment(OP, i, s.active, s.outputs, fresh, cached, cin, grids)?;
             if s.cached.dtype() != cache_dtype {
                 return invalid(OP, "all segments' caches must share one dtype");
-            }
-            if (s.outputs.height(), s.outputs.width()) != (g.out_h(), g.out_w()) {
-                return shape_err(
-                    OP,
-                    format!(
-                        "segment {i}: output grid {}x{}, expected {}x{}",
-                        s.outputs.height(),
-                        s.outputs.width(),
-                        g.out_h(),
-                        g.out_w()
-                    ),
-                );
             }
         }
         let rows: Vec<OutRow> = segments
@@ -117,4 +86,52 @@ impl Conv2dWeight {
 /// The data of a tensor whose dtype the caller has matched already.
 pub(crate) fn slice<C: crate::tensor::TensorElement>(t: &Tensor) -> &[C] {
     t.as_slice::<C>().expect("dtype checked by the caller")
+}
+
+/// The checks each segment of a masked conv passes, on the CPU or a device: its input grid is
+/// the batch's (`grids.0`), its fresh rows are `[active.len(), cin]`, its cached map holds the
+/// whole grid, and its outputs lie on the conv's output grid (`grids.1`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_segment(
+    op: &'static str,
+    i: usize,
+    active: &TokenSet,
+    outputs: &TokenSet,
+    fresh: &[usize],
+    cached: &[usize],
+    cin: usize,
+    (in_hw, out_hw): ((usize, usize), (usize, usize)),
+) -> Result<()> {
+    let (in_h, in_w) = in_hw;
+    if (active.height(), active.width()) != in_hw {
+        return shape_err(op, format!("segment {i}: input grids differ"));
+    }
+    if fresh != [active.len(), cin] {
+        return shape_err(
+            op,
+            format!(
+                "segment {i}: fresh rows {fresh:?}, expected [{}, {cin}]",
+                active.len()
+            ),
+        );
+    }
+    if cached.iter().product::<usize>() != in_h * in_w * cin {
+        return shape_err(
+            op,
+            format!("segment {i}: cached map {cached:?} is not {in_h}x{in_w}x{cin}"),
+        );
+    }
+    if (outputs.height(), outputs.width()) != out_hw {
+        return shape_err(
+            op,
+            format!(
+                "segment {i}: output grid {}x{}, expected {}x{}",
+                outputs.height(),
+                outputs.width(),
+                out_hw.0,
+                out_hw.1
+            ),
+        );
+    }
+    Ok(())
 }
