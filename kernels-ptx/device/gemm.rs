@@ -483,6 +483,35 @@ pub struct ConvA {
     pub m: u32,
 }
 
+impl ConvA {
+    /// The dense conv's A operand from the kernel arguments
+    /// `[h, w, cin, kh, kw, stride, pad, out_h, out_w]` (shared by the CUDA-core and TF32
+    /// kernels).
+    #[inline(always)]
+    pub fn new(
+        x: *const f32,
+        m: u32,
+        [h, w, cin, kh, kw, stride, pad, out_h, out_w]: [u32; 9],
+    ) -> ConvA {
+        let g = ConvGeom {
+            h,
+            w,
+            cin,
+            kw,
+            stride,
+            pad,
+            out_w,
+            k: kh * kw * cin,
+        };
+        ConvA {
+            x,
+            g,
+            out_hw: out_h * out_w,
+            m,
+        }
+    }
+}
+
 impl ALoad for ConvA {
     type Row = ConvRow;
     type Col = ConvCol;
@@ -538,37 +567,8 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     out_w: u32,
     has_bias: u32,
 ) {
-    let g = ConvGeom {
-        h,
-        w,
-        cin,
-        kw,
-        stride,
-        pad,
-        out_w,
-        k: kh * kw * cin,
-    };
-    let a = ConvA {
-        x,
-        g,
-        out_hw: out_h * out_w,
-        m,
-    };
-    let b = BMatrix {
-        b: weight,
-        n: cout,
-        k: g.k,
-        kn: true,
-    };
-    let e = Epilogue {
-        c: out,
-        bias,
-        has_bias: has_bias != 0,
-        alpha: 1.0,
-        beta: 0.0,
-        m,
-        n: cout,
-    };
+    let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
+    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
 }
 
@@ -672,10 +672,27 @@ unsafe fn masked_conv<C: Widen>(
         m,
         _c: 0usize as *const C,
     };
+    let (b, e) = conv_operands(weight, bias, out, m, cout, g.k, has_bias);
+    unsafe { gemm_block(&a, b, e) };
+}
+
+/// A conv's B operand and epilogue, shared by every conv kernel: the packed weight
+/// `[k, cout]` and the output rows `[m, cout]`, bias fused when `has_bias != 0`, nothing
+/// accumulated.
+#[inline(always)]
+pub fn conv_operands(
+    weight: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    m: u32,
+    cout: u32,
+    k: u32,
+    has_bias: u32,
+) -> (BMatrix, Epilogue) {
     let b = BMatrix {
         b: weight,
         n: cout,
-        k: g.k,
+        k,
         kn: true,
     };
     let e = Epilogue {
@@ -687,7 +704,7 @@ unsafe fn masked_conv<C: Widen>(
         m,
         n: cout,
     };
-    unsafe { gemm_block(&a, b, e) };
+    (b, e)
 }
 
 macro_rules! masked_conv_kernel {

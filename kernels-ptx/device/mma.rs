@@ -18,8 +18,8 @@
 //! bytes (two 16 x 136 A and two 16 x 72 B tiles).
 
 use crate::gemm::{
-    ALoad, BK, BM, BMatrix, BN, ConvA, ConvGeom, DenseA, Epilogue, F4, Smem, load_tile, rows_of,
-    store_one, store_tile,
+    ALoad, BK, BM, BMatrix, BN, ConvA, DenseA, Epilogue, F4, Smem, conv_operands, load_tile,
+    rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::prelude::*;
@@ -239,36 +239,7 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     out_w: u32,
     has_bias: u32,
 ) {
-    let g = ConvGeom {
-        h,
-        w,
-        cin,
-        kw,
-        stride,
-        pad,
-        out_w,
-        k: kh * kw * cin,
-    };
-    let a = ConvA {
-        x,
-        g,
-        out_hw: out_h * out_w,
-        m,
-    };
-    let b = BMatrix {
-        b: weight,
-        n: cout,
-        k: g.k,
-        kn: true,
-    };
-    let e = Epilogue {
-        c: out,
-        bias,
-        has_bias: has_bias != 0,
-        alpha: 1.0,
-        beta: 0.0,
-        m,
-        n: cout,
-    };
+    let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
+    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block_tf32(&a, b, e) };
 }
