@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, on a GPU machine without a Rust toolchain: `retouch selftest
-# --device cuda:0` (every kernel against the CPU, then the GEMM/conv timings in GFLOP/s when
-# every check passes) and, where one is written, the GPU bench.
+# The GPU checks in one go, on a GPU machine without a Rust toolchain (one device call):
+#   1. ptxas (the machine's CUDA toolkit) assembles the committed PTX, as CI does with its wheel;
+#   2. `retouch selftest --device cuda:0 --group G` for each check group, each in its own
+#      process, so a kernel that faults hides only its own group;
+#   3. `retouch selftest --timings`: the GEMM/conv kernels at SD1.5 sizes (GFLOP/s);
+#   4. tools/gpu-reference.py: PyTorch at the same shapes, and diffusers' dense UNet step of
+#      the sd15 preset (diffusers from carried wheels in .whl/, when there).
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
 #
 # Usage: tools/gpu-check.sh [RETOUCH_BINARY]
@@ -9,8 +13,8 @@
 #                   $CARGO_TARGET_DIR/release/retouch); build it with
 #                   `cargo build --release -p retouch-runtime`.
 #   OUT             output folder (default ./gpu-check-out).
-# Exit status: non-zero when the selftest fails (or cannot run). Bounded to well under
-# 8 minutes by per-step timeouts (selftest 300 s, bench 120 s).
+# Exit status: non-zero when any selftest group fails (or cannot run). Bounded to about
+# 8 minutes by per-step timeouts.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-${CARGO_TARGET_DIR:-$root/target}/release/retouch}"
@@ -18,8 +22,10 @@ out="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 log="$out/gpu-check.txt"
 status_file="$(mktemp)"
+groups="elementwise norms rows lora attention gemm conv masked_conv"
 
 run_checks() {
+    local failed=0
     echo "== gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ), binary $bin"
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi
@@ -31,21 +37,56 @@ run_checks() {
         echo 1 >"$status_file"
         return
     fi
+
     echo
-    echo "== retouch selftest --device cuda:0"
-    local start=$SECONDS
-    timeout 300 "$bin" selftest --device cuda:0
-    local st=$?
-    echo "selftest exit status $st after $((SECONDS - start)) s"
-    echo "$st" >"$status_file"
+    echo "== ptxas on the committed PTX"
+    local ptxas
+    ptxas="$(command -v ptxas || ls /usr/local/cuda/bin/ptxas 2>/dev/null || true)"
+    if [ -n "$ptxas" ]; then
+        "$ptxas" --version | tail -1
+        PTXAS="$ptxas" timeout 120 "$root/tools/ptxas-check" || echo "ptxas-check exit status $?"
+    else
+        echo "no ptxas on this machine"
+    fi
+
+    for g in $groups; do
+        echo
+        echo "== retouch selftest --device cuda:0 --group $g"
+        local start=$SECONDS
+        timeout 60 "$bin" selftest --device cuda:0 --group "$g"
+        local st=$?
+        echo "group $g: exit status $st after $((SECONDS - start)) s"
+        [ "$st" = 0 ] || failed=$((failed + 1))
+    done
+    echo "$failed" >"$status_file"
     echo
-    echo "== retouch bench --device cuda:0 --quick (not a failure if no GPU bench is written)"
-    timeout 120 "$bin" bench --device cuda:0 --quick --min-time-ms 300 --min-runs 3 \
-        || echo "bench exit status $?"
+    echo "== selftest groups failed: $failed"
+
+    echo
+    echo "== retouch selftest --device cuda:0 --timings (rows of failed groups mean nothing)"
+    timeout 90 "$bin" selftest --device cuda:0 --timings || echo "timings exit status $?"
+
+    echo
+    echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"
+    if command -v python3 >/dev/null 2>&1; then
+        local site
+        site="$(mktemp -d)"
+        if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --target "$site" "$root"/.whl/*.whl || echo "wheel install failed"
+        fi
+        local cfg="$site/unet-config.json"
+        "$bin" bench --unet sd15 --print-unet-config >"$cfg" || echo "no unet config"
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 timeout 200 \
+            python3 "$root/tools/gpu-reference.py" --unet-config "$cfg" \
+            || echo "gpu-reference exit status $?"
+    else
+        echo "no python3"
+    fi
 }
 
 run_checks 2>&1 | tee "$log"
 status="$(cat "$status_file")"
 rm -f "$status_file"
-echo "gpu-check: output in $log; selftest status $status"
+echo "gpu-check: output in $log; selftest groups failed: $status"
 [ "$status" = 0 ]

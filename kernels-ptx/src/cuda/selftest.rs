@@ -628,21 +628,50 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     Ok(out)
 }
 
+/// The check groups, in the order [`run`] runs them. `retouch selftest --group NAME` runs one,
+/// so a kernel that faults (and poisons the CUDA context) hides only its own group's results
+/// when each group runs in its own process, as `tools/gpu-check.sh` does.
+pub const GROUPS: [&str; 8] = [
+    "elementwise",
+    "norms",
+    "rows",
+    "lora",
+    "attention",
+    "gemm",
+    "conv",
+    "masked_conv",
+];
+
 /// Runs every check on `dev`; a driver error stops the run (it is not a tolerance failure).
 pub fn run(dev: &CudaDevice) -> Result<Vec<Check>> {
+    run_groups(dev, &GROUPS)
+}
+
+/// Runs the named groups' checks (names from [`GROUPS`]; an unknown name is an error).
+pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
     let mut r = Runner {
         dev,
         checks: Vec::new(),
         seed: 0x5e1f,
     };
-    r.elementwise()?;
-    r.norms()?;
-    r.rows()?;
-    r.lora()?;
-    r.attention()?;
-    r.gemm()?;
-    r.conv()?;
-    r.masked_conv()?;
+    for &group in groups {
+        match group {
+            "elementwise" => r.elementwise()?,
+            "norms" => r.norms()?,
+            "rows" => r.rows()?,
+            "lora" => r.lora()?,
+            "attention" => r.attention()?,
+            "gemm" => r.gemm()?,
+            "conv" => r.conv()?,
+            "masked_conv" => r.masked_conv()?,
+            other => {
+                return crate::error::invalid(
+                    "selftest",
+                    format!("unknown group {other:?}; groups: {}", GROUPS.join(", ")),
+                );
+            }
+        }
+    }
     dev.synchronize()?;
     Ok(r.checks)
 }

@@ -1,5 +1,9 @@
 //! `retouch selftest --device cuda:N`: every GPU kernel against its CPU implementation, then
 //! (when all pass) the GEMM-shaped kernels' timings in GFLOP/s.
+//!
+//! `--group NAME` runs some check groups only and `--timings` only the timings, so a script can
+//! run each in its own process: a kernel that faults poisons its CUDA context, and would
+//! otherwise hide every later result.
 
 use clap::Args;
 use retouch_kernels::Device;
@@ -10,44 +14,81 @@ pub struct SelftestArgs {
     /// The CUDA device to check against the CPU (`cuda:N`).
     #[arg(long, default_value = "cuda:0")]
     device: Device,
+    /// Run only these check groups (repeatable): elementwise, norms, rows, lora, attention,
+    /// gemm, conv, masked_conv. Without it every group runs, then the timings if all pass.
+    #[arg(long = "group", value_name = "NAME")]
+    groups: Vec<String>,
+    /// Skip the checks and only time the GEMM-shaped kernels.
+    #[arg(long, conflicts_with = "groups")]
+    timings: bool,
 }
 
 pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.device == Device::Cpu {
         return Err("selftest compares a CUDA device with the CPU: give --device cuda:N".into());
     }
+    for g in &args.groups {
+        if !selftest::GROUPS.contains(&g.as_str()) {
+            return Err(format!(
+                "unknown selftest group {g:?}; groups: {}",
+                selftest::GROUPS.join(", ")
+            )
+            .into());
+        }
+    }
     let dev = CudaDevice::for_device(args.device)?;
     println!("device: {}", dev.describe());
-    let checks = selftest::run(&dev)?;
+    if args.timings {
+        print_timings(&dev)?;
+        return Ok(());
+    }
+    let groups: Vec<&str> = if args.groups.is_empty() {
+        selftest::GROUPS.to_vec()
+    } else {
+        args.groups.iter().map(String::as_str).collect()
+    };
     println!(
         "{:<16} {:<22} {:>12} {:>10}  result",
         "op", "size", "max err", "tolerance"
     );
-    for c in &checks {
-        println!(
-            "{:<16} {:<22} {:>12.3e} {:>10.1e}  {}",
-            c.op,
-            c.size,
-            c.max_err,
-            c.tolerance,
-            if c.passed() { "PASS" } else { "FAIL" }
-        );
-    }
-    let failed = checks.iter().filter(|c| !c.passed()).count();
-    println!("{} checks, {failed} failed", checks.len());
-    if failed == 0 {
-        // Timings only of kernels that passed (a wrong kernel's speed means nothing).
-        println!();
-        println!("{:<16} {:<34} {:>10} {:>10}", "op", "size", "ms", "GFLOP/s");
-        for t in selftest::timings(&dev)? {
+    let mut total = 0;
+    let mut failed = 0;
+    for group in groups {
+        // One group at a time, printed as it finishes, so a later fault keeps earlier lines.
+        let checks = selftest::run_groups(&dev, &[group])
+            .map_err(|e| format!("selftest group {group}: {e}"))?;
+        for c in &checks {
             println!(
-                "{:<16} {:<34} {:>10.3} {:>10.0}",
-                t.op, t.size, t.ms, t.gflops
+                "{:<16} {:<22} {:>12.3e} {:>10.1e}  {}",
+                c.op,
+                c.size,
+                c.max_err,
+                c.tolerance,
+                if c.passed() { "PASS" } else { "FAIL" }
             );
         }
+        total += checks.len();
+        failed += checks.iter().filter(|c| !c.passed()).count();
     }
+    println!("{total} checks, {failed} failed");
     if failed > 0 {
-        return Err(format!("{failed} of {} GPU kernel checks failed", checks.len()).into());
+        return Err(format!("{failed} of {total} GPU kernel checks failed").into());
+    }
+    if args.groups.is_empty() {
+        // Timings only when every kernel passed (a wrong kernel's speed means nothing).
+        println!();
+        print_timings(&dev)?;
+    }
+    Ok(())
+}
+
+fn print_timings(dev: &CudaDevice) -> Result<(), Box<dyn std::error::Error>> {
+    println!("{:<16} {:<34} {:>10} {:>10}", "op", "size", "ms", "GFLOP/s");
+    for t in selftest::timings(dev)? {
+        println!(
+            "{:<16} {:<34} {:>10.3} {:>10.0}",
+            t.op, t.size, t.ms, t.gflops
+        );
     }
     Ok(())
 }
