@@ -22,7 +22,7 @@ out="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 log="$out/gpu-check.txt"
 status_file="$(mktemp)"
-groups="elementwise norms rows lora attention gemm conv masked_conv"
+groups="elementwise norms rows layout lora attention gemm conv masked_conv"
 
 run_checks() {
     local failed=0

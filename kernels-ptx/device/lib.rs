@@ -26,6 +26,7 @@ mod attention;
 mod elementwise;
 mod gemm;
 mod gpu;
+mod layout;
 mod lora;
 mod math;
 mod mma;

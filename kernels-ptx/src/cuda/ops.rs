@@ -456,6 +456,118 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Concatenation along the last dimension, as [`crate::Tensor::concat_last`]: every part
+    /// has the same leading dimensions; the output's last dimension is the sum of theirs.
+    /// One `copy_cols_f32` launch per (non-empty) part.
+    pub fn concat_last(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        const K: &str = "copy_cols_f32";
+        let Some(first) = parts.first() else {
+            return shape_err(K, "nothing to concatenate");
+        };
+        let Some((_, lead)) = first.shape().split_last() else {
+            return shape_err(K, "expected at least one dimension");
+        };
+        for p in parts {
+            if p.shape().split_last().map(|(_, l)| l) != Some(lead) {
+                return shape_err(
+                    K,
+                    format!("{:?} does not match {:?}", p.shape(), first.shape()),
+                );
+            }
+            len_u32(K, p.elem_count())?;
+        }
+        let rows: usize = lead.iter().product();
+        let total: usize = parts.iter().map(|p| p.shape()[p.shape().len() - 1]).sum();
+        let mut shape = lead.to_vec();
+        shape.push(total);
+        len_u32(K, rows.saturating_mul(total))?;
+        let (rows_u, dst_cols) = (len_u32(K, rows)?, len_u32(K, total)?);
+        let mut out = CudaTensor::zeros(self, &shape)?;
+        let mut offset = 0u32;
+        for p in parts {
+            let src_cols = p.shape()[p.shape().len() - 1] as u32;
+            if rows_u > 0 && src_cols > 0 {
+                let mut l = self.stream().launch_builder(self.function(K)?);
+                l.arg(&p.data)
+                    .arg(&mut out.data)
+                    .arg(&rows_u)
+                    .arg(&src_cols)
+                    .arg(&dst_cols)
+                    .arg(&offset);
+                // SAFETY: matches `copy_cols_f32(src, dst, rows, src_cols, dst_cols,
+                // col_offset)`; src holds rows * src_cols values, dst rows * dst_cols, and
+                // offset + src_cols <= dst_cols.
+                launched(K, unsafe { l.launch(grid_stride(rows_u * src_cols)) })?;
+            }
+            offset += src_cols;
+        }
+        Ok(out)
+    }
+
+    /// Nearest-neighbour 2x upsampling of a channels-last `[batch, h, w, c]` map to
+    /// `[batch, 2h, 2w, c]`, as [`crate::Tensor::upsample_nearest2x`].
+    pub fn upsample_nearest2x(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        const K: &str = "upsample_nearest2x_f32";
+        let &[batch, h, w, c] = x.shape() else {
+            return shape_err(K, format!("expected [batch, h, w, c], got {:?}", x.shape()));
+        };
+        let shape = [batch, 2 * h, 2 * w, c];
+        // Four outputs per input; the kernel indexes both in u32.
+        let n = len_u32(K, x.elem_count().saturating_mul(4))?;
+        let mut out = CudaTensor::zeros(self, &shape)?;
+        if n > 0 {
+            let (b_u, h_u, w_u, c_u) = (batch as u32, h as u32, w as u32, c as u32);
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&mut out.data)
+                .arg(&b_u)
+                .arg(&h_u)
+                .arg(&w_u)
+                .arg(&c_u);
+            // SAFETY: matches `upsample_nearest2x_f32(src, dst, batch, h, w, c)`; out holds
+            // the n = 4 * batch * h * w * c < 2^31 outputs, x a quarter of them.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// `x + v` with `x = [samples, ..., c]` and `v = [samples, c]` broadcast over each
+    /// sample's positions (a ResNet block's time embedding added to its feature map).
+    pub fn add_per_sample(&self, x: &CudaTensor, v: &CudaTensor) -> Result<CudaTensor> {
+        const K: &str = "add_per_sample_f32";
+        let (samples, c) = match (x.shape(), v.shape()) {
+            (&[s, .., c], &[vs, vc]) if s == vs && c == vc => (s, c),
+            _ => {
+                return shape_err(
+                    K,
+                    format!(
+                        "expected x [samples, ..., c] and v [samples, c], got {:?} and {:?}",
+                        x.shape(),
+                        v.shape()
+                    ),
+                );
+            }
+        };
+        let n = len_u32(K, x.elem_count())?;
+        len_u32(K, v.elem_count())?;
+        let mut out = CudaTensor::zeros(self, x.shape())?;
+        if n > 0 {
+            let per_sample = n / samples as u32;
+            let c_u = c as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&v.data)
+                .arg(&mut out.data)
+                .arg(&n)
+                .arg(&per_sample)
+                .arg(&c_u);
+            // SAFETY: matches `add_per_sample_f32(x, v, out, n, per_sample, c)`; per_sample
+            // is a multiple of c and v holds samples * c values.
+            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
     /// Merges a LoRA into an `[out, in]` weight in place: `W += scale * up * down` with
     /// `up = [out, rank]`, `down = [rank, in]` (PEFT's lora_B, lora_A), accumulated in f32
     /// and rounded once for f16 weights. Keep a [`CudaTensor::try_clone`] to restore exactly.

@@ -1,7 +1,8 @@
 //! Every CUDA kernel against its CPU implementation, on random inputs of awkward sizes
 //! (rows 1, 7, 333; channels 3, 40, 77, 320, 1283; GEMMs m 1/7/333 x k 3/40/77/320 x n
-//! 5/77/320; convs on 7x9 maps): what `retouch selftest` runs. [`timings`] times the
-//! GEMM-shaped kernels at UNet sizes (GFLOP/s).
+//! 5/77/320; convs on 7x9 maps; concat, upsample and per-sample adds on 7x9 and 5x3 maps):
+//! what `retouch selftest` runs. [`timings`] times the GEMM-shaped kernels at UNet sizes
+//! (GFLOP/s).
 //!
 //! The error of an element is `|gpu - cpu| / max(1, |cpu|)`: absolute for values up to 1,
 //! relative above, so one tolerance per op serves inputs of any scale.
@@ -43,6 +44,14 @@ pub fn max_err(gpu: &Tensor, cpu: &Tensor) -> f32 {
             m.max(e)
         }
     })
+}
+
+/// `[2, 7, 9]` as `2x7x9` (with `sep` "x").
+fn joined(dims: &[usize], sep: &str) -> String {
+    dims.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
 const ROWS: [usize; 3] = [1, 7, 333];
@@ -231,6 +240,66 @@ impl Runner<'_> {
                     .scatter_rows(&mut gdst, &index, &self.up(&fresh)?)?;
                 self.record("scatter_rows", size, &gdst, &want, 0.0)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The UNet's layout ops: skip-connection concatenation (2 and 3 parts), nearest 2x
+    /// upsampling, and the time embedding added per sample. Copies are exact.
+    fn layout(&mut self) -> Result<()> {
+        let leads: [&[usize]; 3] = [&[1, 7, 9], &[2, 5, 3], &[333]];
+        let widths: [&[usize]; 4] = [&[3, 77], &[320, 40], &[77, 3, 320], &[40, 320, 3]];
+        for lead in leads {
+            for cols in widths {
+                let parts = cols
+                    .iter()
+                    .map(|&c| {
+                        let mut shape = lead.to_vec();
+                        shape.push(c);
+                        self.randn(&shape)
+                    })
+                    .collect::<Vec<_>>();
+                let gparts = parts
+                    .iter()
+                    .map(|p| self.up(p))
+                    .collect::<Result<Vec<_>>>()?;
+                let got = self.dev.concat_last(&gparts.iter().collect::<Vec<_>>())?;
+                let want = Tensor::concat_last(&parts.iter().collect::<Vec<_>>())?;
+                let size = format!("{}x({})", joined(lead, "x"), joined(cols, "+"));
+                self.record("concat_last", size, &got, &want, 0.0)?;
+            }
+        }
+        for shape in [[2, 7, 9, 3], [1, 4, 4, 320], [2, 3, 5, 77], [1, 1, 1, 40]] {
+            let x = self.randn(&shape);
+            let got = self.dev.upsample_nearest2x(&self.up(&x)?)?;
+            let size = joined(&shape, "x");
+            self.record(
+                "upsample_nearest2x",
+                size,
+                &got,
+                &x.upsample_nearest2x()?,
+                0.0,
+            )?;
+        }
+        let shapes: [&[usize]; 5] = [
+            &[2, 7, 9, 77],
+            &[3, 33, 320],
+            &[1, 4, 4, 40],
+            &[2, 5, 3],
+            &[7, 1283],
+        ];
+        for shape in shapes {
+            let (samples, c) = (shape[0], shape[shape.len() - 1]);
+            let x = self.randn(shape);
+            let v = self.randn(&[samples, c]);
+            let got = self.dev.add_per_sample(&self.up(&x)?, &self.up(&v)?)?;
+            // [samples, 1, .., 1, c]: the CPU's add broadcasts it over the positions.
+            let mut vshape = vec![1; shape.len()];
+            vshape[0] = samples;
+            vshape[shape.len() - 1] = c;
+            let want = x.add(&v.clone().reshape(&vshape)?)?;
+            let size = joined(shape, "x");
+            self.record("add_per_sample", size, &got, &want, 1e-6)?;
         }
         Ok(())
     }
@@ -631,10 +700,11 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
 /// The check groups, in the order [`run`] runs them. `retouch selftest --group NAME` runs one,
 /// so a kernel that faults (and poisons the CUDA context) hides only its own group's results
 /// when each group runs in its own process, as `tools/gpu-check.sh` does.
-pub const GROUPS: [&str; 8] = [
+pub const GROUPS: [&str; 9] = [
     "elementwise",
     "norms",
     "rows",
+    "layout",
     "lora",
     "attention",
     "gemm",
@@ -659,6 +729,7 @@ pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
             "elementwise" => r.elementwise()?,
             "norms" => r.norms()?,
             "rows" => r.rows()?,
+            "layout" => r.layout()?,
             "lora" => r.lora()?,
             "attention" => r.attention()?,
             "gemm" => r.gemm()?,

@@ -14,8 +14,9 @@ pub struct SelftestArgs {
     /// The CUDA device to check against the CPU (`cuda:N`).
     #[arg(long, default_value = "cuda:0")]
     device: Device,
-    /// Run only these check groups (repeatable): elementwise, norms, rows, lora, attention,
-    /// gemm, conv, masked_conv. Without it every group runs, then the timings if all pass.
+    /// Run only these check groups (repeatable): elementwise, norms, rows, layout, lora,
+    /// attention, gemm, conv, masked_conv. Without it every group runs, then the timings if
+    /// all pass.
     #[arg(long = "group", value_name = "NAME")]
     groups: Vec<String>,
     /// Skip the checks and only time the GEMM-shaped kernels.

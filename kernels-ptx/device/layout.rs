@@ -1,0 +1,73 @@
+//! Layout kernels of the UNet forward: concatenation along channels (the skip connections),
+//! nearest-neighbour 2x upsampling, and a per-sample channel vector added to every position
+//! (the ResNet blocks' time embedding). Channels-last maps, `[batch, ..., c]`.
+//!
+//! Launch: 1-D grid-stride over the outputs each kernel writes, any grid and block. The host
+//! checks every element count below 2^31, so no index below wraps in u32.
+
+use crate::elementwise::grid_stride;
+use crate::gpu::{block, block_dim, grid_dim, thread};
+
+/// `dst[r, col_offset + c] = src[r, c]` for a `[rows, src_cols]` source and a
+/// `[rows, dst_cols]` destination (`col_offset + src_cols <= dst_cols`): one part of a
+/// concatenation along the last dimension, launched once per part.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn copy_cols_f32(
+    src: *const f32,
+    dst: *mut f32,
+    rows: u32,
+    src_cols: u32,
+    dst_cols: u32,
+    col_offset: u32,
+) {
+    grid_stride!(rows * src_cols, |i| {
+        let r = i / src_cols;
+        let c = i - r * src_cols;
+        unsafe {
+            let to = r as usize * dst_cols as usize + col_offset as usize + c as usize;
+            *dst.add(to) = *src.add(i as usize);
+        }
+    });
+}
+
+/// `dst[b, y, x, ch] = src[b, y / 2, x / 2, ch]` for `src = [batch, h, w, c]` and
+/// `dst = [batch, 2h, 2w, c]`: grid-stride over the output.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn upsample_nearest2x_f32(
+    src: *const f32,
+    dst: *mut f32,
+    batch: u32,
+    h: u32,
+    w: u32,
+    c: u32,
+) {
+    let (oh, ow) = (2 * h, 2 * w);
+    grid_stride!(batch * oh * ow * c, |i| {
+        let p = i / c;
+        let ch = i - p * c;
+        let q = p / ow;
+        let ox = p - q * ow;
+        let b = q / oh;
+        let oy = q - b * oh;
+        let from = ((b * h + oy / 2) * w + ox / 2) * c + ch;
+        unsafe { *dst.add(i as usize) = *src.add(from as usize) };
+    });
+}
+
+/// `out[i] = x[i] + v[s, i % c]` with `s = i / per_sample`: `x = [samples, ..., c]` holding
+/// `per_sample` values per sample (a multiple of `c`), `v = [samples, c]` broadcast over each
+/// sample's positions.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
+    x: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    n: u32,
+    per_sample: u32,
+    c: u32,
+) {
+    grid_stride!(n, |i| {
+        let j = (i / per_sample) * c + i % c;
+        unsafe { *out.add(i as usize) = *x.add(i as usize) + *v.add(j as usize) };
+    });
+}
