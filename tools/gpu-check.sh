@@ -22,7 +22,7 @@ out="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$out"
 log="$out/gpu-check.txt"
 status_file="$(mktemp)"
-groups="elementwise norms rows layout lora attention gemm conv masked_conv"
+groups="elementwise norms rows layout lora attention gemm conv masked_conv unet"
 
 run_checks() {
     local failed=0
@@ -53,7 +53,7 @@ run_checks() {
         echo
         echo "== retouch selftest --device cuda:0 --group $g"
         local start=$SECONDS
-        timeout 60 "$bin" selftest --device cuda:0 --group "$g"
+        timeout "$([ "$g" = unet ] && echo 240 || echo 60)" "$bin" selftest --device cuda:0 --group "$g"
         local st=$?
         echo "group $g: exit status $st after $((SECONDS - start)) s"
         [ "$st" = 0 ] || failed=$((failed + 1))

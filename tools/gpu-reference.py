@@ -57,6 +57,13 @@ def kernels():
         row("torch conv2d" + tag, f"1x{h}x{wd}x{c}->{c} 3x3", ms, 2.0 * h * wd * 9 * c * c)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # SD1.5's attention at a 64x64 latent: 8 heads of 40, self (4096 keys) and cross (77).
+    for lk, name in [(4096, "self-attn"), (77, "cross-attn")]:
+        q = torch.randn(2, 8, 4096, 40, device=dev)
+        k = torch.randn(2, 8, lk, 40, device=dev)
+        v = torch.randn(2, 8, lk, 40, device=dev)
+        ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        row("torch " + name, f"2x4096x{lk}x320 h8", ms, 4.0 * 2 * 4096 * lk * 320)
 
 
 def unet_step(config_path):

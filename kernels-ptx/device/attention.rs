@@ -11,7 +11,8 @@
 //! memory `warps * 2 * d * 4` bytes (each warp's scaled query and accumulator).
 
 use crate::gpu::{
-    NEG_INF, block, block_dim, block_y, exp, shared_f32, shfl_idx, thread, warp_max, warp_sum,
+    NEG_INF, block, block_dim, block_y, exp, shared_f32, shfl_idx, sync_threads, thread,
+    warp_max, warp_sum,
 };
 
 #[unsafe(no_mangle)]
@@ -105,4 +106,144 @@ pub unsafe extern "ptx-kernel" fn attention_rows_f32(
         unsafe { *out_row.add(t as usize) = *acc.add(t as usize) * inv };
         t += 32;
     }
+}
+
+/// [`attention_rows_f32`] with the keys and values shared by the block: each round the block
+/// stages 32 keys and their values of its (batch, head) in shared memory (coalesced loads),
+/// and every warp, one query row each, reads them from there. The rows kernel streams each key
+/// row once per query; this one once per `warps` queries, and without strided global loads.
+///
+/// Launch: grid `(ceil(lq / warps), batch * heads)`, block `32 * warps`, dynamic shared
+/// memory `(warps * 2 * d + 32 * (d + 1) + 32 * d) * 4` bytes: each warp's scaled query and
+/// accumulator, then the key tile (rows padded to `d + 1` floats so the lanes' dot products,
+/// one key row each, hit distinct banks) and the value tile.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn attention_tiles_f32(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    lq: u32,
+    lk: u32,
+    heads: u32,
+    d: u32,
+    scale: f32,
+    causal: u32,
+) {
+    let warps = block_dim() >> 5;
+    let warp = thread() >> 5;
+    let lane = thread() & 31;
+    let first = block() * warps;
+    let i = first + warp;
+    // Rows past `lq` still load tiles and meet every barrier; they only skip the math.
+    let active = i < lq;
+    let (b, h) = (block_y() / heads, block_y() % heads);
+    let c = (heads * d) as usize;
+    let row = if active { i } else { 0 };
+    let q_row = unsafe { q.add((b as usize * lq as usize + row as usize) * c + (h * d) as usize) };
+    let out_row =
+        unsafe { out.add((b as usize * lq as usize + row as usize) * c + (h * d) as usize) };
+    let k_base = unsafe { k.add(b as usize * lk as usize * c + (h * d) as usize) };
+    let v_base = unsafe { v.add(b as usize * lk as usize * c + (h * d) as usize) };
+    let q_sh = unsafe { shared_f32().add((warp * 2 * d) as usize) };
+    let acc = unsafe { q_sh.add(d as usize) };
+    let kd = d + 1;
+    let k_tile = unsafe { shared_f32().add((warps * 2 * d) as usize) };
+    let v_tile = unsafe { k_tile.add((32 * kd) as usize) };
+
+    let mut t = lane;
+    while t < d {
+        unsafe {
+            *q_sh.add(t as usize) = if active {
+                *q_row.add(t as usize) * scale
+            } else {
+                0.0
+            };
+            *acc.add(t as usize) = 0.0;
+        }
+        t += 32;
+    }
+
+    // This warp's keys end at `end`; the block loads up to its last row's end.
+    let end = keys_seen(row, lk, causal);
+    let last_row = if first + warps <= lq { first + warps - 1 } else { lq - 1 };
+    let block_end = keys_seen(last_row, lk, causal);
+    let mut m = NEG_INF;
+    let mut l = 0.0f32;
+    let mut kb = 0u32;
+    while kb < block_end {
+        let n_tile = if block_end - kb < 32 { block_end - kb } else { 32 };
+        sync_threads();
+        let mut e = thread();
+        while e < n_tile * d {
+            let (r, col) = (e / d, e % d);
+            unsafe {
+                let src = (kb + r) as usize * c + col as usize;
+                *k_tile.add((r * kd + col) as usize) = *k_base.add(src);
+                *v_tile.add((r * d + col) as usize) = *v_base.add(src);
+            }
+            e += block_dim();
+        }
+        sync_threads();
+        if active && kb < end {
+            let j = kb + lane;
+            let valid = j < end;
+            let mut s = NEG_INF;
+            if valid {
+                let k_row = unsafe { k_tile.add((lane * kd) as usize) };
+                let mut dot = 0.0f32;
+                let mut t = 0u32;
+                while t < d {
+                    dot = unsafe { (*q_sh.add(t as usize)).mul_add(*k_row.add(t as usize), dot) };
+                    t += 1;
+                }
+                s = dot;
+            }
+            let m_new = m.max(warp_max(s));
+            let p = if valid { exp(s - m_new) } else { 0.0 };
+            let corr = exp(m - m_new);
+            l = l * corr + warp_sum(p);
+            let n = if end - kb < 32 { end - kb } else { 32 };
+            // Every lane makes the same passes (the shuffles are full-mask `shfl.sync`);
+            // lanes past `d` in the last pass only shuffle.
+            let mut t0 = 0u32;
+            while t0 < d {
+                let t = t0 + lane;
+                let live = t < d;
+                let mut a = if live {
+                    unsafe { *acc.add(t as usize) * corr }
+                } else {
+                    0.0
+                };
+                let mut jj = 0u32;
+                while jj < n {
+                    let pj = shfl_idx(p, jj);
+                    if live {
+                        a = pj.mul_add(unsafe { *v_tile.add((jj * d + t) as usize) }, a);
+                    }
+                    jj += 1;
+                }
+                if live {
+                    unsafe { *acc.add(t as usize) = a };
+                }
+                t0 += 32;
+            }
+            m = m_new;
+        }
+        kb += 32;
+    }
+    if active {
+        let inv = 1.0 / l;
+        let mut t = lane;
+        while t < d {
+            unsafe { *out_row.add(t as usize) = *acc.add(t as usize) * inv };
+            t += 32;
+        }
+    }
+}
+
+/// How many keys query row `r` attends to: all `lk`, or `0..=r` when causal.
+fn keys_seen(r: u32, lk: u32, causal: u32) -> u32 {
+    if causal != 0 && r + 1 < lk { r + 1 } else { lk }
 }

@@ -20,10 +20,12 @@ mod tensor;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
+pub use ops::AttentionKernel;
 pub use ptx::{KERNELS, ptx_for};
 pub use tensor::{CudaTensor, GpuElement};
 
@@ -36,6 +38,8 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
+    /// Whether [`CudaDevice::attention`] runs the rows kernel instead of the tiles kernel.
+    attention_rows: AtomicBool,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -101,6 +105,7 @@ impl CudaDevice {
             compute_capability,
             stream: ctx.default_stream(),
             functions,
+            attention_rows: AtomicBool::new(false),
         })
     }
 
@@ -123,6 +128,20 @@ impl CudaDevice {
             "cuda:{} ({}, sm_{major}{minor}, PTX for {arch})",
             self.ordinal, self.name
         )
+    }
+
+    /// The kernel [`CudaDevice::attention`] runs (for benchmarks comparing the two).
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        if self.attention_rows.load(Ordering::Relaxed) {
+            AttentionKernel::Rows
+        } else {
+            AttentionKernel::Tiles
+        }
+    }
+
+    pub fn set_attention_kernel(&self, kernel: AttentionKernel) {
+        self.attention_rows
+            .store(kernel == AttentionKernel::Rows, Ordering::Relaxed);
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

@@ -614,7 +614,8 @@ impl CudaDevice {
 
     /// Scaled dot-product attention, as [`crate::Tensor::attention`]: `q = [batch, lq, c]`,
     /// `k = v = [batch, lk, c]`, `heads` heads of `c / heads` channels, scale
-    /// `1/sqrt(c / heads)`; with `causal`, query `i` attends to keys `0..=i`.
+    /// `1/sqrt(c / heads)`; with `causal`, query `i` attends to keys `0..=i`. Runs the
+    /// device's chosen [`AttentionKernel`] (tiles unless set otherwise).
     pub fn attention(
         &self,
         q: &CudaTensor,
@@ -623,9 +624,21 @@ impl CudaDevice {
         heads: usize,
         causal: bool,
     ) -> Result<CudaTensor> {
-        const K: &str = "attention_rows_f32";
-        /// Warps (query rows) per block.
-        const WARPS: u32 = 4;
+        self.attention_with(self.attention_kernel(), q, k, v, heads, causal)
+    }
+
+    /// [`CudaDevice::attention`] with a given kernel. `Tiles` falls back to `Rows` for heads
+    /// too wide for its shared-memory tiles.
+    pub fn attention_with(
+        &self,
+        kernel: AttentionKernel,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<CudaTensor> {
+        const K: &str = "attention";
         let &[batch, lq, c] = q.shape() else {
             return shape_err(K, format!("q must be [batch, lq, c], got {:?}", q.shape()));
         };
@@ -657,37 +670,87 @@ impl CudaDevice {
         len_u32(K, q.elem_count().max(k.elem_count()))?;
         let mut out = CudaTensor::zeros(self, q.shape())?;
         // No keys: zeros, as on the CPU.
-        if q.elem_count() > 0 && lk > 0 {
-            let (lq_u, lk_u, heads_u, d_u) = (lq as u32, lk as u32, heads as u32, d as u32);
-            let scale = 1.0 / (d as f32).sqrt();
-            let causal_u = u32::from(causal);
-            let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&q.data)
-                .arg(&k.data)
-                .arg(&v.data)
-                .arg(&mut out.data)
-                .arg(&lq_u)
-                .arg(&lk_u)
-                .arg(&heads_u)
-                .arg(&d_u)
-                .arg(&scale)
-                .arg(&causal_u);
-            let cfg = LaunchConfig {
-                grid_dim: (lq_u.div_ceil(WARPS), (batch * heads) as u32, 1),
-                block_dim: (32 * WARPS, 1, 1),
-                shared_mem_bytes: WARPS * 2 * d_u * 4,
-            };
-            // SAFETY: matches `attention_rows_f32(q, k, v, out, lq, lk, heads, d, scale,
-            // causal)`; shapes checked above.
-            launched(K, unsafe { l.launch(cfg) })?;
+        if q.elem_count() == 0 || lk == 0 {
+            return Ok(out);
         }
+        let (name, warps, shared_floats) = match (kernel, tile_warps(d)) {
+            (AttentionKernel::Tiles, Some(warps)) => {
+                ("attention_tiles_f32", warps, tiles_shared_floats(warps, d))
+            }
+            // Each warp's scaled query and accumulator.
+            _ => ("attention_rows_f32", ROW_WARPS, ROW_WARPS * 2 * d as u32),
+        };
+        let (lq_u, lk_u, heads_u, d_u) = (lq as u32, lk as u32, heads as u32, d as u32);
+        let scale = 1.0 / (d as f32).sqrt();
+        let causal_u = u32::from(causal);
+        let mut l = self.stream().launch_builder(self.function(name)?);
+        l.arg(&q.data)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&mut out.data)
+            .arg(&lq_u)
+            .arg(&lk_u)
+            .arg(&heads_u)
+            .arg(&d_u)
+            .arg(&scale)
+            .arg(&causal_u);
+        let cfg = LaunchConfig {
+            grid_dim: (lq_u.div_ceil(warps), (batch * heads) as u32, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: shared_floats * 4,
+        };
+        // SAFETY: both kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
+        // checked above, the shared memory sized by the kernel's own rule.
+        launched(name, unsafe { l.launch(cfg) })?;
         Ok(out)
     }
+}
+
+/// Which attention kernel [`CudaDevice::attention`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `attention_rows_f32`: one warp per query row, keys and values read from global memory.
+    Rows,
+    /// `attention_tiles_f32`: the block's warps share 32-key tiles staged in shared memory.
+    Tiles,
+}
+
+/// Warps (query rows) per block of the rows kernel.
+const ROW_WARPS: u32 = 4;
+
+/// Default dynamic shared memory a launch may use without opting in.
+const SHARED_LIMIT_BYTES: u32 = 48 * 1024;
+
+/// Shared floats of `attention_tiles_f32`: per warp a query and an accumulator, then a
+/// 32-key tile with rows padded to `d + 1` and a 32-value tile.
+fn tiles_shared_floats(warps: u32, d: usize) -> u32 {
+    let d = d as u32;
+    warps * 2 * d + 32 * (d + 1) + 32 * d
+}
+
+/// The most warps (8, 4, 2 or 1) whose tiles fit the default shared memory, or None.
+fn tile_warps(d: usize) -> Option<u32> {
+    [8, 4, 2, 1]
+        .into_iter()
+        .find(|&w| tiles_shared_floats(w, d) * 4 <= SHARED_LIMIT_BYTES)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_tiles_fit_shared_memory() {
+        // SD heads (40, 64, 80, 160) fit; 8 warps for the narrow ones.
+        assert_eq!(tile_warps(40), Some(8));
+        assert_eq!(tile_warps(64), Some(8));
+        assert_eq!(tile_warps(160), Some(4));
+        for d in [1, 40, 77, 160, 170] {
+            let w = tile_warps(d).unwrap();
+            assert!(tiles_shared_floats(w, d) * 4 <= SHARED_LIMIT_BYTES, "{d}");
+        }
+        assert_eq!(tile_warps(1024), None);
+    }
 
     #[test]
     fn launch_shapes_follow_the_kernels_conventions() {

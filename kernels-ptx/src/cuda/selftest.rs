@@ -9,7 +9,9 @@
 
 use half::f16;
 
-use super::{CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GpuElement};
+use super::{
+    AttentionKernel, CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GpuElement,
+};
 use crate::{
     Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result, Tensor, TokenSet,
 };
@@ -353,13 +355,20 @@ impl Runner<'_> {
             let k = self.randn(&[batch, lk, c]);
             let v = self.randn(&[batch, lk, c]);
             let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
-            let got = self.dev.attention(&gq, &gk, &gv, heads, causal)?;
             let want = Tensor::attention(&q, &k, &v, heads, causal)?;
             let size = format!(
                 "{batch}x{lq}x{lk}x{c} h{heads}{}",
                 if causal { " causal" } else { "" }
             );
-            self.record("attention", size, &got, &want, 1e-4)?;
+            for (op, kernel) in [
+                ("attention", AttentionKernel::Rows),
+                ("attention_tiles", AttentionKernel::Tiles),
+            ] {
+                let got = self
+                    .dev
+                    .attention_with(kernel, &gq, &gk, &gv, heads, causal)?;
+                self.record(op, size.clone(), &got, &want, 1e-4)?;
+            }
         }
         Ok(())
     }
@@ -644,6 +653,34 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             ms,
             gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
         });
+    }
+    // SD1.5's self-attention at a 64x64 latent (8 heads of 40) and the cross-attention to 77
+    // tokens, with each attention kernel.
+    for (lk, name_rows, name_tiles) in [
+        (4096, "self-attn rows", "self-attn tiles"),
+        (77, "cross-attn rows", "cross-attn tiles"),
+    ] {
+        let (batch, lq, c, heads) = (2, 4096, 320, 8);
+        let (q, k, v) = (
+            randn(&[batch, lq, c], 9)?,
+            randn(&[batch, lk, c], 10)?,
+            randn(&[batch, lk, c], 11)?,
+        );
+        for (op, kernel) in [
+            (name_rows, AttentionKernel::Rows),
+            (name_tiles, AttentionKernel::Tiles),
+        ] {
+            let ms = time_ms(dev, || {
+                dev.attention_with(kernel, &q, &k, &v, heads, false)
+                    .map(|_| ())
+            })?;
+            out.push(Timing {
+                op,
+                size: format!("{batch}x{lq}x{lk}x{c} h{heads}"),
+                ms,
+                gflops: 4.0 * (batch * lq * lk * c) as f64 / ms / 1e6,
+            });
+        }
     }
     let (h, w, c) = (64, 64, 320);
     let wt = Conv2dWeight::from_oihw(

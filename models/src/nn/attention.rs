@@ -1,3 +1,4 @@
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{AttentionSegment, RaggedSegment, Tensor};
 
 use super::exec::{CacheEntry, Exec, per_batch_rows};
@@ -49,6 +50,28 @@ impl Attention {
     /// `context = [batch, ctx_tokens, context_dim]`. Masked: `x = [rows, query_dim]` (the
     /// segments' active rows stacked), `context = [segments, ctx_tokens, context_dim]`: each
     /// segment's rows attend to its own text, all projections still one product each.
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+            l.upload(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Dense attention on the device: self-attention without `context`, cross with it.
+    pub fn forward_gpu(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        context: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let source = context.unwrap_or(x);
+        let q = self.to_q.forward_gpu(dev, x)?;
+        let k = self.to_k.forward_gpu(dev, source)?;
+        let v = self.to_v.forward_gpu(dev, source)?;
+        let attended = dev.attention(&q, &k, &v, self.heads, false)?;
+        self.to_out.forward_gpu(dev, &attended)
+    }
+
     pub fn forward_cross_exec(
         &self,
         x: &Tensor,

@@ -1,13 +1,17 @@
+use retouch_kernels::cuda::{CudaConv2dWeight, CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
 use super::exec::{CacheEntry, Exec, per_batch_rows};
+use super::gpu::{on_device, upload_f32};
 use crate::Result;
 
 /// `x * W^T + b` over the last dimension.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight and bias in device memory, once uploaded.
+    gpu: Option<(CudaTensor, Option<CudaTensor>)>,
 }
 
 impl Linear {
@@ -19,6 +23,7 @@ impl Linear {
             } else {
                 None
             },
+            gpu: None,
         })
     }
 
@@ -27,11 +32,25 @@ impl Linear {
         Ok(Linear {
             weight: s.get("weight", &[out, inp, 1, 1])?.reshape(&[out, inp])?,
             bias: Some(s.get("bias", &[out])?),
+            gpu: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.linear(&self.weight, self.bias.as_ref())?)
+    }
+
+    /// Copies the weights to `dev` (again after a LoRA patch of the host weights).
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        let bias = self.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
+        self.gpu = Some((upload_f32(dev, &self.weight)?, bias));
+        Ok(())
+    }
+
+    /// The dense forward on the device the weights were uploaded to.
+    pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
+        let (w, b) = on_device(self.gpu.as_ref(), "linear")?;
+        Ok(dev.linear(x, w, b.as_ref())?)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -47,6 +66,7 @@ impl Linear {
 pub struct Conv2d {
     weight: Conv2dWeight,
     params: Conv2dParams,
+    gpu: Option<CudaConv2dWeight>,
 }
 
 impl Conv2d {
@@ -62,11 +82,23 @@ impl Conv2d {
         Ok(Conv2d {
             weight: Conv2dWeight::from_oihw(&w, Some(&b))?,
             params,
+            gpu: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.conv2d(&self.weight, self.params)?)
+    }
+
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.gpu = Some(CudaConv2dWeight::upload(dev, &self.weight)?);
+        Ok(())
+    }
+
+    /// The dense conv of a channels-last map on the device.
+    pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
+        let w = on_device(self.gpu.as_ref(), "conv2d")?;
+        Ok(dev.conv2d(x, w, self.params)?)
     }
 
     pub fn weight(&self) -> &Conv2dWeight {
@@ -122,6 +154,7 @@ pub struct GroupNorm {
     beta: Tensor,
     groups: usize,
     eps: f32,
+    gpu: Option<(CudaTensor, CudaTensor)>,
 }
 
 impl GroupNorm {
@@ -131,11 +164,25 @@ impl GroupNorm {
             beta: s.get("bias", &[channels])?,
             groups,
             eps,
+            gpu: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         Ok(x.group_norm(self.groups, &self.gamma, &self.beta, self.eps, silu)?)
+    }
+
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.gpu = Some((
+            upload_f32(dev, &self.gamma)?,
+            upload_f32(dev, &self.beta)?,
+        ));
+        Ok(())
+    }
+
+    pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor, silu: bool) -> Result<CudaTensor> {
+        let (gamma, beta) = on_device(self.gpu.as_ref(), "group norm")?;
+        Ok(dev.group_norm(x, self.groups, gamma, beta, self.eps, silu)?)
     }
 
     /// The norm in any mode; masked runs normalise the rows with the template's statistics.
@@ -166,6 +213,7 @@ pub struct LayerNorm {
     gamma: Tensor,
     beta: Tensor,
     eps: f32,
+    gpu: Option<(CudaTensor, CudaTensor)>,
 }
 
 impl LayerNorm {
@@ -174,10 +222,24 @@ impl LayerNorm {
             gamma: s.get("weight", &[channels])?,
             beta: s.get("bias", &[channels])?,
             eps,
+            gpu: None,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.layer_norm(&self.gamma, &self.beta, self.eps)?)
+    }
+
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.gpu = Some((
+            upload_f32(dev, &self.gamma)?,
+            upload_f32(dev, &self.beta)?,
+        ));
+        Ok(())
+    }
+
+    pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
+        let (gamma, beta) = on_device(self.gpu.as_ref(), "layer norm")?;
+        Ok(dev.layer_norm(x, gamma, beta, self.eps)?)
     }
 }

@@ -2,6 +2,7 @@
 
 mod attention;
 pub mod exec;
+mod gpu;
 mod layers;
 mod resnet;
 mod scope;

@@ -1,3 +1,4 @@
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, Tensor};
 
 use super::exec::{Exec, add_per_sample};
@@ -92,6 +93,49 @@ impl ResnetBlock {
             Ok(sum)
         } else {
             Ok(sum.affine(1.0 / self.output_scale, 0.0)?)
+        }
+    }
+}
+
+impl ResnetBlock {
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.norm1.upload(dev)?;
+        self.conv1.upload(dev)?;
+        if let Some(p) = &mut self.time_emb_proj {
+            p.upload(dev)?;
+        }
+        self.norm2.upload(dev)?;
+        self.conv2.upload(dev)?;
+        if let Some(p) = &mut self.shortcut {
+            p.upload(dev)?;
+        }
+        Ok(())
+    }
+
+    /// [`ResnetBlock::forward`] on the device: `x = [batch, h, w, in]`.
+    pub fn forward_gpu(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        temb_act: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let mut h = self
+            .conv1
+            .forward_gpu(dev, &self.norm1.forward_gpu(dev, x, true)?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
+            h = dev.add_per_sample(&h, &proj.forward_gpu(dev, t)?)?;
+        }
+        let h = self
+            .conv2
+            .forward_gpu(dev, &self.norm2.forward_gpu(dev, &h, true)?)?;
+        let sum = match &self.shortcut {
+            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, &h)?,
+            None => dev.add(x, &h)?,
+        };
+        if self.output_scale == 1.0 {
+            Ok(sum)
+        } else {
+            Ok(dev.affine(&sum, 1.0 / self.output_scale, 0.0)?)
         }
     }
 }

@@ -1,4 +1,5 @@
 use retouch_kernels::Tensor;
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 
 use super::exec::Exec;
 use super::{Attention, GroupNorm, LayerNorm, Linear, Scope};
@@ -51,6 +52,38 @@ impl TransformerBlock {
 /// diffusers' Transformer2DModel (continuous input): group norm, projection in (a 1x1 conv in
 /// SD 1.x, a linear layer in SD 2.x: the same product on channels-last rows), transformer
 /// blocks over the `h * w` tokens, projection out, plus the input.
+impl TransformerBlock {
+    fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        for n in [&mut self.norm1, &mut self.norm2, &mut self.norm3] {
+            n.upload(dev)?;
+        }
+        self.attn1.upload(dev)?;
+        self.attn2.upload(dev)?;
+        self.ff_in.upload(dev)?;
+        self.ff_out.upload(dev)
+    }
+
+    /// [`TransformerBlock::forward`]'s dense path on the device.
+    fn forward_gpu(
+        &self,
+        dev: &CudaDevice,
+        x: CudaTensor,
+        context: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let attn = self
+            .attn1
+            .forward_gpu(dev, &self.norm1.forward_gpu(dev, &x)?, None)?;
+        let x = dev.add(&x, &attn)?;
+        let attn =
+            self.attn2
+                .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
+        let x = dev.add(&x, &attn)?;
+        let hidden = dev.geglu(&self.ff_in.forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?)?;
+        let ff = self.ff_out.forward_gpu(dev, &hidden)?;
+        Ok(dev.add(&x, &ff)?)
+    }
+}
+
 pub struct Transformer2D {
     norm: GroupNorm,
     proj_in: Linear,
@@ -128,5 +161,36 @@ impl Transformer2D {
         }
         let h = self.proj_out.forward(&h)?.reshape(&shape)?;
         Ok(h.add(x)?)
+    }
+}
+
+impl Transformer2D {
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.norm.upload(dev)?;
+        self.proj_in.upload(dev)?;
+        for b in &mut self.blocks {
+            b.upload(dev)?;
+        }
+        self.proj_out.upload(dev)
+    }
+
+    /// The dense forward on the device: `x = [batch, h, w, c]`, `context = [batch, tokens,
+    /// context_dim]`.
+    pub fn forward_gpu(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        context: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let shape = x.shape().to_vec();
+        let (b, c) = (shape[0], shape[shape.len() - 1]);
+        let tokens = x.elem_count() / (b * c).max(1);
+        let normed = self.norm.forward_gpu(dev, x, false)?.reshape(&[b, tokens, c])?;
+        let mut h = self.proj_in.forward_gpu(dev, &normed)?;
+        for block in &self.blocks {
+            h = block.forward_gpu(dev, h, context)?;
+        }
+        let h = self.proj_out.forward_gpu(dev, &h)?.reshape(&shape)?;
+        Ok(dev.add(&h, x)?)
     }
 }

@@ -5,6 +5,7 @@ mod masked;
 
 use std::path::Path;
 
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
@@ -246,7 +247,7 @@ impl UNet {
     /// (channels-last), one timestep per sample, `context = [batch, tokens, cross_dim]`.
     /// `h` and `w` must be divisible by 2^(blocks - 1).
     pub fn forward(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
-        self.check_inputs(sample, timesteps, context)?;
+        self.check_inputs(sample.shape(), timesteps, context.shape())?;
         self.run(sample, timesteps, context, &mut Exec::Dense)
     }
 
@@ -259,7 +260,7 @@ impl UNet {
         context: &Tensor,
         dtype: DType,
     ) -> Result<(Tensor, StepCache)> {
-        self.check_inputs(sample, timesteps, context)?;
+        self.check_inputs(sample.shape(), timesteps, context.shape())?;
         let mut cache = StepCache::default();
         let out = self.run(
             sample,
@@ -329,8 +330,117 @@ impl UNet {
         self.conv_out.forward_exec(&h, exec, None)
     }
 
-    fn check_inputs(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<()> {
-        let shape = sample.shape();
+    /// Copies every weight to `dev`, for [`UNet::forward_gpu`].
+    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
+        self.time_linear_1.upload(dev)?;
+        self.time_linear_2.upload(dev)?;
+        self.conv_in.upload(dev)?;
+        for block in &mut self.down {
+            for r in &mut block.resnets {
+                r.upload(dev)?;
+            }
+            for a in &mut block.attentions {
+                a.upload(dev)?;
+            }
+            if let Some(c) = &mut block.downsample {
+                c.upload(dev)?;
+            }
+        }
+        self.mid.resnet_in.upload(dev)?;
+        self.mid.attention.upload(dev)?;
+        self.mid.resnet_out.upload(dev)?;
+        for block in &mut self.up {
+            for r in &mut block.resnets {
+                r.upload(dev)?;
+            }
+            for a in &mut block.attentions {
+                a.upload(dev)?;
+            }
+            if let Some(c) = &mut block.upsample {
+                c.upload(dev)?;
+            }
+        }
+        self.norm_out.upload(dev)?;
+        self.conv_out.upload(dev)
+    }
+
+    /// [`UNet::forward`] on the device the weights were [`UNet::upload`]ed to, inputs and
+    /// output in device memory: `sample = [batch, h, w, in_channels]`, `context = [batch,
+    /// tokens, cross_dim]`. The same layers in the same order as the host's dense forward.
+    pub fn forward_gpu(
+        &self,
+        dev: &CudaDevice,
+        sample: &CudaTensor,
+        timesteps: &[f32],
+        context: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.check_inputs(sample.shape(), timesteps, context.shape())?;
+        // The sinusoidal embedding is a few hundred values: computed here, then uploaded.
+        let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
+        let proj = CudaTensor::upload(dev, &self.time_proj.embed(&t)?)?;
+        let emb = dev.silu(&self.time_linear_1.forward_gpu(dev, &proj)?)?;
+        let temb = dev.silu(&self.time_linear_2.forward_gpu(dev, &emb)?)?;
+
+        // Each down-path output is pushed once and read from the stack (no copies): the
+        // next layer's input is the stack's top.
+        let mut skips = vec![self.conv_in.forward_gpu(dev, sample)?];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let mut h = resnet.forward_gpu(dev, prev, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_gpu(dev, &h, context)?;
+                }
+                skips.push(h);
+            }
+            if let Some(conv) = &block.downsample {
+                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let h = conv.forward_gpu(dev, prev)?;
+                skips.push(h);
+            }
+        }
+        let mut h = self.mid.resnet_in.forward_gpu(
+            dev,
+            skips.last().expect("the stack starts with conv_in's output"),
+            Some(&temb),
+        )?;
+        h = self.mid.attention.forward_gpu(dev, &h, context)?;
+        h = self.mid.resnet_out.forward_gpu(dev, &h, Some(&temb))?;
+
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
+                h = resnet.forward_gpu(dev, &dev.concat_last(&[&h, &skip])?, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_gpu(dev, &h, context)?;
+                }
+            }
+            if let Some(conv) = &block.upsample {
+                h = conv.forward_gpu(dev, &dev.upsample_nearest2x(&h)?)?;
+            }
+        }
+        let h = self.norm_out.forward_gpu(dev, &h, true)?;
+        self.conv_out.forward_gpu(dev, &h)
+    }
+
+    /// [`UNet::forward_gpu`] with host tensors in and out (uploads the inputs, downloads the
+    /// prediction).
+    pub fn forward_on(
+        &self,
+        dev: &CudaDevice,
+        sample: &Tensor,
+        timesteps: &[f32],
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let sample = CudaTensor::upload(dev, &sample.to_dtype(DType::F32)?)?;
+        let context = CudaTensor::upload(dev, &context.to_dtype(DType::F32)?)?;
+        let out = self.forward_gpu(dev, &sample, timesteps, &context)?;
+        Ok(out.download(dev)?)
+    }
+
+    fn check_inputs(&self, shape: &[usize], timesteps: &[f32], cs: &[usize]) -> Result<()> {
         let factor = 1usize << (self.down.len() - 1);
         if shape.len() != 4 || shape[3] != self.config.in_channels {
             return Err(Error::Invalid(format!(
@@ -351,7 +461,6 @@ impl UNet {
                 timesteps.len()
             )));
         }
-        let cs = context.shape();
         if cs.len() != 3 || cs[0] != batch || cs[2] != self.config.cross_attention_dim {
             return Err(Error::Invalid(format!(
                 "unet: encoder_hidden_states must be [{batch}, tokens, {}], got {cs:?}",

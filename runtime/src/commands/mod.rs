@@ -8,6 +8,7 @@ pub mod quality;
 pub mod random_model;
 pub mod replay;
 pub mod selftest;
+mod selftest_unet;
 pub mod serve;
 pub mod template;
 pub mod tokenize;

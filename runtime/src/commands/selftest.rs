@@ -9,14 +9,20 @@ use clap::Args;
 use retouch_kernels::Device;
 use retouch_kernels::cuda::{CudaDevice, selftest};
 
+use super::selftest_unet;
+
+/// The whole dense UNet on the GPU against the host (after the kernel groups).
+const UNET_GROUP: &str = "unet";
+
 #[derive(Args)]
 pub struct SelftestArgs {
     /// The CUDA device to check against the CPU (`cuda:N`).
     #[arg(long, default_value = "cuda:0")]
     device: Device,
     /// Run only these check groups (repeatable): elementwise, norms, rows, layout, lora,
-    /// attention, gemm, conv, masked_conv. Without it every group runs, then the timings if
-    /// all pass.
+    /// attention, gemm, conv, masked_conv, unet (the dense UNet of the tiny and sd15 presets
+    /// on the GPU against the host, and the sd15 step's time). Without it every group runs,
+    /// then the timings if all pass.
     #[arg(long = "group", value_name = "NAME")]
     groups: Vec<String>,
     /// Skip the checks and only time the GEMM-shaped kernels.
@@ -29,9 +35,9 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("selftest compares a CUDA device with the CPU: give --device cuda:N".into());
     }
     for g in &args.groups {
-        if !selftest::GROUPS.contains(&g.as_str()) {
+        if !selftest::GROUPS.contains(&g.as_str()) && g != UNET_GROUP {
             return Err(format!(
-                "unknown selftest group {g:?}; groups: {}",
+                "unknown selftest group {g:?}; groups: {}, {UNET_GROUP}",
                 selftest::GROUPS.join(", ")
             )
             .into());
@@ -44,7 +50,7 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let groups: Vec<&str> = if args.groups.is_empty() {
-        selftest::GROUPS.to_vec()
+        selftest::GROUPS.iter().copied().chain([UNET_GROUP]).collect()
     } else {
         args.groups.iter().map(String::as_str).collect()
     };
@@ -55,6 +61,12 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut total = 0;
     let mut failed = 0;
     for group in groups {
+        if group == UNET_GROUP {
+            let (checks, failures) = selftest_unet::run(&dev)?;
+            total += checks;
+            failed += failures;
+            continue;
+        }
         // One group at a time, printed as it finishes, so a later fault keeps earlier lines.
         let checks = selftest::run_groups(&dev, &[group])
             .map_err(|e| format!("selftest group {group}: {e}"))?;
