@@ -10,9 +10,10 @@
 //! Launch: grid `(ceil(lq / warps), batch * heads)`, block `32 * warps`, dynamic shared
 //! memory `warps * 2 * d * 4` bytes (each warp's scaled query and accumulator).
 
+use crate::gemm::{F4, load4};
 use crate::gpu::{
-    NEG_INF, block, block_dim, block_y, exp, shared_f32, shfl_idx, sync_threads, thread,
-    warp_max, warp_sum,
+    NEG_INF, block, block_dim, block_y, exp, shared_f32, shfl_idx, shfl_xor, sync_threads,
+    thread, warp_max, warp_sum,
 };
 
 #[unsafe(no_mangle)]
@@ -246,4 +247,200 @@ pub unsafe extern "ptx-kernel" fn attention_tiles_f32(
 /// How many keys query row `r` attends to: all `lk`, or `0..=r` when causal.
 fn keys_seen(r: u32, lk: u32, causal: u32) -> u32 {
     if causal != 0 && r + 1 < lk { r + 1 } else { lk }
+}
+
+/// Repeats `body` with `$i` bound to each listed constant: a loop whose index selects
+/// registers (an array indexed at run time lands in local memory).
+macro_rules! unroll {
+    ($i:ident in [$($n:literal),*] $body:block) => {
+        $({
+            #[allow(unused_variables)]
+            let $i: usize = $n;
+            $body
+        })*
+    };
+}
+
+/// Queries per block of [`attention_flash_f32`].
+pub const FLASH_Q: u32 = 64;
+/// Keys per tile.
+pub const FLASH_K: u32 = 32;
+/// Row stride of the transposed key tile: a multiple of 4 floats (16-byte loads) that spreads
+/// the transposing stores over more banks than `FLASH_K` would.
+const KT_LD: u32 = FLASH_K + 4;
+/// Output column chunks of 32 per lane group: heads up to 96 wide (the host allows 80).
+const CHUNKS: usize = 3;
+
+/// Dense attention tiled like a GEMM, for heads whose width `d` is a multiple of 4 and at
+/// most 80 (SD's 40, 64 and 80). A block of 128 threads takes 64 query rows of one
+/// (batch, head); each round it stages 32 keys (transposed) and their values in shared memory.
+/// Thread `(tq, tk) = (tid / 8, tid % 8)` computes the 4 x 4 scores of query rows `4 tq..`
+/// and keys `4 tk..` with two 16-byte shared loads per 16 FMAs, keeps the online-softmax
+/// state of its 4 rows (the 8 lanes of a row group reduce by butterfly shuffles), and
+/// accumulates its 4 rows x columns `4 tk + 32 u ..` of the output, the probabilities of the
+/// other keys coming from their owners by shuffles.
+///
+/// Launch: grid `(ceil(lq / 64), batch * heads)`, block 128, dynamic shared memory
+/// `d * (64 + 36 + 32) * 4` bytes: the scaled query tile transposed `[d][64]`, the key tile
+/// transposed `[d][36]`, the value tile `[32][d]`.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn attention_flash_f32(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    lq: u32,
+    lk: u32,
+    heads: u32,
+    d: u32,
+    scale: f32,
+    causal: u32,
+) {
+    let tid = thread();
+    let lane = tid & 31;
+    let (tq, tk) = (tid >> 3, tid & 7);
+    let group = lane - tk;
+    let q0 = block() * FLASH_Q;
+    let (b, h) = (block_y() / heads, block_y() % heads);
+    let c = (heads * d) as usize;
+    let head = (h * d) as usize;
+    let q_base = unsafe { q.add(b as usize * lq as usize * c + head) };
+    let k_base = unsafe { k.add(b as usize * lk as usize * c + head) };
+    let v_base = unsafe { v.add(b as usize * lk as usize * c + head) };
+    let qs = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut f32;
+    let ks = unsafe { qs.add((d * FLASH_Q) as usize) };
+    let vs = unsafe { ks.add((d * KT_LD) as usize) };
+
+    // The scaled query tile, transposed; rows past `lq` are zeros (computed, never stored).
+    let mut e = tid;
+    while e < FLASH_Q * d {
+        let (r, t) = (e / d, e % d);
+        let row = q0 + r;
+        unsafe {
+            *qs.add((t * FLASH_Q + r) as usize) = if row < lq {
+                *q_base.add(row as usize * c + t as usize) * scale
+            } else {
+                0.0
+            };
+        }
+        e += block_dim();
+    }
+
+    let rows_end = if q0 + FLASH_Q < lq { q0 + FLASH_Q } else { lq };
+    let last = rows_end - 1;
+    let k_end = keys_seen(last, lk, causal);
+    let mut m = [NEG_INF; 4];
+    let mut l = [0.0f32; 4];
+    let mut acc = [[[0.0f32; 4]; CHUNKS]; 4];
+    let mut kb = 0u32;
+    while kb < k_end {
+        sync_threads();
+        let mut e = tid;
+        while e < FLASH_K * d {
+            let (r, t) = (e / d, e % d);
+            let key = kb + r;
+            let (kv, vv) = if key < lk {
+                let at = key as usize * c + t as usize;
+                unsafe { (*k_base.add(at), *v_base.add(at)) }
+            } else {
+                (0.0, 0.0)
+            };
+            unsafe {
+                *ks.add((t * KT_LD + r) as usize) = kv;
+                *vs.add((r * d + t) as usize) = vv;
+            }
+            e += block_dim();
+        }
+        sync_threads();
+
+        let mut s = [[0.0f32; 4]; 4];
+        let mut t = 0u32;
+        while t < d {
+            let qv = unsafe { load4(qs.add((t * FLASH_Q + 4 * tq) as usize)) };
+            let kv = unsafe { load4(ks.add((t * KT_LD + 4 * tk) as usize)) };
+            unroll!(i in [0, 1, 2, 3] {
+                unroll!(j in [0, 1, 2, 3] {
+                    s[i][j] = qv[i].mul_add(kv[j], s[i][j]);
+                });
+            });
+            t += 1;
+        }
+
+        // Mask, then the online softmax of each of this thread's 4 rows.
+        let mut p = [[0.0f32; 4]; 4];
+        unroll!(i in [0, 1, 2, 3] {
+            let row = q0 + 4 * tq + i as u32;
+            let mut mx = NEG_INF;
+            unroll!(j in [0, 1, 2, 3] {
+                let key = kb + 4 * tk + j as u32;
+                if key >= lk || (causal != 0 && key > row) {
+                    s[i][j] = NEG_INF;
+                }
+                mx = mx.max(s[i][j]);
+            });
+            mx = mx.max(shfl_xor(mx, 1));
+            mx = mx.max(shfl_xor(mx, 2));
+            mx = mx.max(shfl_xor(mx, 4));
+            // Every row sees key 0 in the first tile, so `m_new` is finite from then on.
+            let m_new = m[i].max(mx);
+            let corr = exp(m[i] - m_new);
+            let mut sum = 0.0f32;
+            unroll!(j in [0, 1, 2, 3] {
+                p[i][j] = exp(s[i][j] - m_new);
+                sum += p[i][j];
+            });
+            sum += shfl_xor(sum, 1);
+            sum += shfl_xor(sum, 2);
+            sum += shfl_xor(sum, 4);
+            l[i] = l[i] * corr + sum;
+            m[i] = m_new;
+            unroll!(u in [0, 1, 2] {
+                unroll!(x in [0, 1, 2, 3] {
+                    acc[i][u][x] *= corr;
+                });
+            });
+        });
+
+        // acc += P V: key `4 owner + e`'s probabilities come from lane `group + owner`.
+        let mut owner = 0u32;
+        while owner < 8 {
+            unroll!(e in [0, 1, 2, 3] {
+                let key = 4 * owner + e as u32;
+                let mut pk = [0.0f32; 4];
+                unroll!(i in [0, 1, 2, 3] {
+                    pk[i] = shfl_idx(p[i][e], group + owner);
+                });
+                unroll!(u in [0, 1, 2] {
+                    let col = 32 * u as u32 + 4 * tk;
+                    if col < d {
+                        let vv = unsafe { load4(vs.add((key * d + col) as usize)) };
+                        unroll!(i in [0, 1, 2, 3] {
+                            unroll!(x in [0, 1, 2, 3] {
+                                acc[i][u][x] = pk[i].mul_add(vv[x], acc[i][u][x]);
+                            });
+                        });
+                    }
+                });
+            });
+            owner += 1;
+        }
+        kb += FLASH_K;
+    }
+
+    unroll!(i in [0, 1, 2, 3] {
+        let row = q0 + 4 * tq + i as u32;
+        if row < lq {
+            let inv = 1.0 / l[i];
+            let out_row = unsafe { out.add(b as usize * lq as usize * c + row as usize * c + head) };
+            unroll!(u in [0, 1, 2] {
+                let col = 32 * u as u32 + 4 * tk;
+                if col < d {
+                    unroll!(x in [0, 1, 2, 3] {
+                        unsafe { *out_row.add(col as usize + x) = acc[i][u][x] * inv };
+                    });
+                }
+            });
+        }
+    });
 }

@@ -43,7 +43,7 @@ pub struct F4([f32; 4]);
 impl Copy for F4 {}
 
 #[inline(always)]
-unsafe fn load4(p: *const f32) -> [f32; 4] {
+pub(crate) unsafe fn load4(p: *const f32) -> [f32; 4] {
     unsafe { transmute(*(p as *const F4)) }
 }
 

@@ -72,6 +72,12 @@ pub fn shfl_idx(v: f32, src: u32) -> f32 {
     unsafe { shfl_idx_f32(0xffff_ffff, v, src, 31) }
 }
 
+/// `v` of lane `self ^ mask` (a butterfly step; all 32 lanes must call it).
+#[inline(always)]
+pub fn shfl_xor(v: f32, mask: u32) -> f32 {
+    unsafe { shfl_bfly_f32(0xffff_ffff, v, mask, 31) }
+}
+
 /// Sum over the 32 lanes of a warp; every lane gets the total.
 #[inline(always)]
 pub fn warp_sum(mut v: f32) -> f32 {

@@ -20,7 +20,7 @@ mod tensor;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
@@ -38,8 +38,8 @@ pub struct CudaDevice {
     compute_capability: (i32, i32),
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
-    /// Whether [`CudaDevice::attention`] runs the rows kernel instead of the tiles kernel.
-    attention_rows: AtomicBool,
+    /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
+    attention_kernel: AtomicU8,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -105,7 +105,7 @@ impl CudaDevice {
             compute_capability,
             stream: ctx.default_stream(),
             functions,
-            attention_rows: AtomicBool::new(false),
+            attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
         })
     }
 
@@ -132,16 +132,15 @@ impl CudaDevice {
 
     /// The kernel [`CudaDevice::attention`] runs (for benchmarks comparing the two).
     pub fn attention_kernel(&self) -> AttentionKernel {
-        if self.attention_rows.load(Ordering::Relaxed) {
-            AttentionKernel::Rows
-        } else {
-            AttentionKernel::Tiles
+        match self.attention_kernel.load(Ordering::Relaxed) {
+            k if k == AttentionKernel::Rows as u8 => AttentionKernel::Rows,
+            k if k == AttentionKernel::Tiles as u8 => AttentionKernel::Tiles,
+            _ => AttentionKernel::Flash,
         }
     }
 
     pub fn set_attention_kernel(&self, kernel: AttentionKernel) {
-        self.attention_rows
-            .store(kernel == AttentionKernel::Rows, Ordering::Relaxed);
+        self.attention_kernel.store(kernel as u8, Ordering::Relaxed);
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

@@ -627,8 +627,9 @@ impl CudaDevice {
         self.attention_with(self.attention_kernel(), q, k, v, heads, causal)
     }
 
-    /// [`CudaDevice::attention`] with a given kernel. `Tiles` falls back to `Rows` for heads
-    /// too wide for its shared-memory tiles.
+    /// [`CudaDevice::attention`] with a given kernel. `Flash` falls back to `Tiles` for
+    /// heads it does not take (width not a multiple of 4, or over 80), and `Tiles` to `Rows`
+    /// for heads too wide for its shared-memory tiles.
     pub fn attention_with(
         &self,
         kernel: AttentionKernel,
@@ -673,12 +674,30 @@ impl CudaDevice {
         if q.elem_count() == 0 || lk == 0 {
             return Ok(out);
         }
-        let (name, warps, shared_floats) = match (kernel, tile_warps(d)) {
-            (AttentionKernel::Tiles, Some(warps)) => {
-                ("attention_tiles_f32", warps, tiles_shared_floats(warps, d))
-            }
+        let kernel = match kernel {
+            AttentionKernel::Flash if !flash_fits(d) => AttentionKernel::Tiles,
+            other => other,
+        };
+        let (name, rows_per_block, threads, shared_floats) = match (kernel, tile_warps(d)) {
+            (AttentionKernel::Flash, _) => (
+                "attention_flash_f32",
+                FLASH_Q,
+                FLASH_THREADS,
+                flash_shared_floats(d),
+            ),
+            (AttentionKernel::Tiles, Some(warps)) => (
+                "attention_tiles_f32",
+                warps,
+                32 * warps,
+                tiles_shared_floats(warps, d),
+            ),
             // Each warp's scaled query and accumulator.
-            _ => ("attention_rows_f32", ROW_WARPS, ROW_WARPS * 2 * d as u32),
+            _ => (
+                "attention_rows_f32",
+                ROW_WARPS,
+                32 * ROW_WARPS,
+                ROW_WARPS * 2 * d as u32,
+            ),
         };
         let (lq_u, lk_u, heads_u, d_u) = (lq as u32, lk as u32, heads as u32, d as u32);
         let scale = 1.0 / (d as f32).sqrt();
@@ -695,11 +714,11 @@ impl CudaDevice {
             .arg(&scale)
             .arg(&causal_u);
         let cfg = LaunchConfig {
-            grid_dim: (lq_u.div_ceil(warps), (batch * heads) as u32, 1),
-            block_dim: (32 * warps, 1, 1),
+            grid_dim: (lq_u.div_ceil(rows_per_block), (batch * heads) as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: shared_floats * 4,
         };
-        // SAFETY: both kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
+        // SAFETY: the three kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
         // checked above, the shared memory sized by the kernel's own rule.
         launched(name, unsafe { l.launch(cfg) })?;
         Ok(out)
@@ -713,6 +732,24 @@ pub enum AttentionKernel {
     Rows,
     /// `attention_tiles_f32`: the block's warps share 32-key tiles staged in shared memory.
     Tiles,
+    /// `attention_flash_f32`: 64 queries x 32 keys per step, register-tiled 4 x 4 per thread.
+    Flash,
+}
+
+/// Query rows per block and threads of `attention_flash_f32` (`FLASH_Q` in the kernel).
+const FLASH_Q: u32 = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// Shared floats of `attention_flash_f32`: the query tile `[d][64]`, the key tile `[d][36]`,
+/// the value tile `[32][d]`.
+fn flash_shared_floats(d: usize) -> u32 {
+    d as u32 * (64 + 36 + 32)
+}
+
+/// Head widths the flash kernel takes: 16-byte rows, three 32-column chunks, its tiles within
+/// the default shared memory.
+fn flash_fits(d: usize) -> bool {
+    d > 0 && d.is_multiple_of(4) && d <= 80 && flash_shared_floats(d) * 4 <= SHARED_LIMIT_BYTES
 }
 
 /// Warps (query rows) per block of the rows kernel.
@@ -738,6 +775,16 @@ fn tile_warps(d: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flash_attention_takes_sd_heads() {
+        for d in [4, 40, 64, 80] {
+            assert!(flash_fits(d), "{d}");
+        }
+        for d in [0, 2, 77, 84, 160] {
+            assert!(!flash_fits(d), "{d}");
+        }
+    }
 
     #[test]
     fn attention_tiles_fit_shared_memory() {

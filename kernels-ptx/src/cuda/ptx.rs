@@ -34,6 +34,7 @@ pub const KERNELS: &[&str] = &[
     "lora_patch_f16",
     "attention_rows_f32",
     "attention_tiles_f32",
+    "attention_flash_f32",
     "sgemm_f32",
     "sgemm_tf32",
     "conv2d_f32",

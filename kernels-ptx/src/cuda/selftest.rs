@@ -349,6 +349,9 @@ impl Runner<'_> {
             (1, 77, 77, 128, 2, true),
             (2, 65, 65, 154, 2, true),
             (1, 1024, 1024, 320, 8, false),
+            (2, 333, 1000, 160, 2, false),
+            (1, 130, 130, 160, 2, true),
+            (1, 65, 33, 8, 2, true),
         ];
         for (batch, lq, lk, c, heads, causal) in cases {
             let q = self.randn(&[batch, lq, c]);
@@ -363,6 +366,7 @@ impl Runner<'_> {
             for (op, kernel) in [
                 ("attention", AttentionKernel::Rows),
                 ("attention_tiles", AttentionKernel::Tiles),
+                ("attention_flash", AttentionKernel::Flash),
             ] {
                 let got = self
                     .dev
@@ -656,9 +660,9 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     }
     // SD1.5's self-attention at a 64x64 latent (8 heads of 40) and the cross-attention to 77
     // tokens, with each attention kernel.
-    for (lk, name_rows, name_tiles) in [
-        (4096, "self-attn rows", "self-attn tiles"),
-        (77, "cross-attn rows", "cross-attn tiles"),
+    for (lk, name_rows, name_tiles, name_flash) in [
+        (4096, "self-attn rows", "self-attn tiles", "self-attn flash"),
+        (77, "cross-attn rows", "cross-attn tiles", "cross-attn flash"),
     ] {
         let (batch, lq, c, heads) = (2, 4096, 320, 8);
         let (q, k, v) = (
@@ -669,6 +673,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         for (op, kernel) in [
             (name_rows, AttentionKernel::Rows),
             (name_tiles, AttentionKernel::Tiles),
+            (name_flash, AttentionKernel::Flash),
         ] {
             let ms = time_ms(dev, || {
                 dev.attention_with(kernel, &q, &k, &v, heads, false)

@@ -42,7 +42,11 @@ fn rel_l2(gpu: &Tensor, cpu: &Tensor) -> f32 {
 }
 
 const PRESETS: [Preset; 2] = [Preset::Tiny, Preset::Sd15];
-const KERNELS: [AttentionKernel; 2] = [AttentionKernel::Tiles, AttentionKernel::Rows];
+const KERNELS: [AttentionKernel; 3] = [
+    AttentionKernel::Flash,
+    AttentionKernel::Tiles,
+    AttentionKernel::Rows,
+];
 
 /// Runs the checks and prints one row per preset and attention kernel; returns (checks,
 /// failures).
