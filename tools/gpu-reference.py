@@ -55,6 +55,16 @@ def kernels():
         bias = torch.randn(c, device=dev)
         ms = time_ms(lambda: F.conv2d(x, wt, bias, padding=1))
         row("torch conv2d" + tag, f"1x{h}x{wd}x{c}->{c} 3x3", ms, 2.0 * h * wd * 9 * c * c)
+        if not tf32:
+            # SD1.5's deep convs: 1280 channels at 16x16 and 8x8, CFG batch 2.
+            for side in (16, 8):
+                c2 = 1280
+                x2 = torch.randn(2, c2, side, side, device=dev).to(memory_format=torch.channels_last)
+                w2 = torch.randn(c2, c2, 3, 3, device=dev).to(memory_format=torch.channels_last)
+                b2 = torch.randn(c2, device=dev)
+                ms = time_ms(lambda: F.conv2d(x2, w2, b2, padding=1))
+                row("torch conv2d", f"2x{side}x{side}x{c2}->{c2} 3x3", ms,
+                    2.0 * 2 * side * side * 9 * c2 * c2)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     # SD1.5's attention at a 64x64 latent: 8 heads of 40, self (4096 keys) and cross (77).

@@ -22,7 +22,8 @@
 //! Launch (all four): grid `(ceil(n / 64), ceil(m / 128))`, block 256, dynamic shared memory
 //! `SHARED_BYTES` = 25600 bytes.
 
-use crate::gpu::{block, block_y, sync_threads, thread};
+use crate::elementwise::grid_stride;
+use crate::gpu::{block, block_dim, block_y, block_z, grid_dim, grid_dim_z, sync_threads, thread};
 use crate::prelude::*;
 
 pub const BM: u32 = 128;
@@ -77,7 +78,10 @@ pub struct Epilogue {
     pub n: u32,
 }
 
-/// The whole tile loop of one block.
+/// The whole tile loop of one block. With `gridDim.z = splits > 1` (split-K, for products
+/// with too few output tiles to fill the GPU), block `z` sums only its share of the k tiles
+/// and writes them to slice `z` of a `[splits, m, n]` workspace (the host passes alpha 1,
+/// beta 0, no bias, and sums the slices with `splitk_reduce_f32`).
 #[inline(always)]
 pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     let t = thread();
@@ -94,15 +98,30 @@ pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     let mut acc = [[0.0f32; 4]; 8];
 
     let ktiles = (b.k + BK - 1) / BK;
-    unsafe {
-        load_tile(a, &rows, b, 0, t, n0, &mut ar, &mut br);
-        store_tile(smem, 0, t, &ar, &br, b.kn, SIMT);
+    let splits = grid_dim_z();
+    let per_split = (ktiles + splits - 1) / splits;
+    let kt_begin = block_z() * per_split;
+    let kt_end = if kt_begin + per_split < ktiles {
+        kt_begin + per_split
+    } else {
+        ktiles
+    };
+    let e = Epilogue {
+        c: unsafe { e.c.add(block_z() as usize * e.m as usize * e.n as usize) },
+        ..e
+    };
+    // An empty share (possible for the last split) still writes its zeros.
+    if kt_begin < kt_end {
+        unsafe {
+            load_tile(a, &rows, b, kt_begin * BK, t, n0, &mut ar, &mut br);
+            store_tile(smem, 0, t, &ar, &br, b.kn, SIMT);
+        }
     }
     sync_threads();
-    let mut kt = 0u32;
-    while kt < ktiles {
-        let cur = kt & 1;
-        let more = kt + 1 < ktiles;
+    let mut kt = kt_begin;
+    while kt < kt_end {
+        let cur = (kt - kt_begin) & 1;
+        let more = kt + 1 < kt_end;
         if more {
             unsafe { load_tile(a, &rows, b, (kt + 1) * BK, t, n0, &mut ar, &mut br) };
         }
@@ -393,6 +412,42 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
         n,
     };
     unsafe { gemm_block(&a, b, e) };
+}
+
+/// The second half of a split-K product: `c = alpha * sum_z ws[z] + beta * c + bias` over
+/// the `[splits, m, n]` workspace the split blocks wrote (`mn = m * n`). C is read only when
+/// `beta != 0`. Launch: 1-D grid-stride over `mn`.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
+    ws: *const f32,
+    c: *mut f32,
+    bias: *const f32,
+    mn: u32,
+    n: u32,
+    splits: u32,
+    has_bias: u32,
+    alpha: f32,
+    beta: f32,
+) {
+    grid_stride!(mn, |i| {
+        let mut sum = 0.0f32;
+        let mut z = 0u32;
+        while z < splits {
+            sum += unsafe { *ws.add(z as usize * mn as usize + i as usize) };
+            z += 1;
+        }
+        let mut v = alpha * sum;
+        unsafe {
+            if beta != 0.0 {
+                v = beta.mul_add(*c.add(i as usize), v);
+            }
+            if has_bias != 0 {
+                v += *bias.add((i % n) as usize);
+            }
+            *c.add(i as usize) = v;
+        }
+    });
 }
 
 /// Geometry of a conv as the kernels take it; `ky - pad` and `kx - pad` wrap around in u32,

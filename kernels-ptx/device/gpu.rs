@@ -16,6 +16,10 @@ unsafe extern "C" {
     fn ctaid_y() -> u32;
     #[link_name = "llvm.nvvm.read.ptx.sreg.nctaid.x"]
     fn nctaid_x() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.ctaid.z"]
+    fn ctaid_z() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.nctaid.z"]
+    fn nctaid_z() -> u32;
     #[link_name = "llvm.nvvm.barrier0"]
     fn barrier0();
     #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
@@ -47,6 +51,14 @@ pub fn block_y() -> u32 {
 #[inline(always)]
 pub fn grid_dim() -> u32 {
     unsafe { nctaid_x() }
+}
+#[inline(always)]
+pub fn block_z() -> u32 {
+    unsafe { ctaid_z() }
+}
+#[inline(always)]
+pub fn grid_dim_z() -> u32 {
+    unsafe { nctaid_z() }
 }
 #[inline(always)]
 pub fn sync_threads() {

@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::ops::{launched, len_u32};
+use super::ops::{grid_stride, launched, len_u32};
 use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
@@ -41,6 +41,90 @@ fn tiles(op: &'static str, m: usize, n: usize) -> Result<LaunchConfig> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: SHARED_BYTES,
     })
+}
+
+/// Split-K limits: each split covers at least this many 16-wide k tiles (its loads must
+/// outweigh its extra output write), and at most this many splits.
+const MIN_TILES_PER_SPLIT: usize = 8;
+const MAX_SPLITS: usize = 16;
+
+/// How many k-splits an output of `blocks` tiles with inner size `k` gets on a device of
+/// `sms` multiprocessors: 1 when the tiles alone give about two blocks per multiprocessor,
+/// else enough splits to get there, as long as each keeps `MIN_TILES_PER_SPLIT` tiles.
+fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
+    let target = 2 * sms;
+    if blocks >= target {
+        return 1;
+    }
+    let by_k = k.div_ceil(16) / MIN_TILES_PER_SPLIT;
+    target.div_ceil(blocks.max(1)).min(by_k).clamp(1, MAX_SPLITS)
+}
+
+/// What a CUDA-core GEMM or conv launch writes: C itself, or (split-K) a `[splits, m, n]`
+/// workspace summed into C afterwards by `splitk_reduce_f32`.
+struct SplitK {
+    splits: usize,
+    workspace: Option<CudaSlice<f32>>,
+}
+
+impl CudaDevice {
+    /// The split of an `m x n x k` product launched as `cfg` (its grid's z set here).
+    fn plan_split(
+        &self,
+        op: &'static str,
+        cfg: &mut LaunchConfig,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<SplitK> {
+        let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+        let splits = k_splits(blocks, k, self.sm_count() as usize);
+        if splits == 1 {
+            return Ok(SplitK {
+                splits,
+                workspace: None,
+            });
+        }
+        len_u32(op, splits * m * n)?;
+        cfg.grid_dim.2 = splits as u32;
+        let workspace = self
+            .stream()
+            .alloc_zeros::<f32>(splits * m * n)
+            .map_err(driver_err(op))?;
+        Ok(SplitK {
+            splits,
+            workspace: Some(workspace),
+        })
+    }
+
+    /// `c = alpha * sum of the workspace slices + beta * c + bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn splitk_reduce(
+        &self,
+        workspace: &CudaSlice<f32>,
+        splits: usize,
+        c: &mut CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        (m, n): (usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        const K: &str = "splitk_reduce_f32";
+        let mn = len_u32(K, m * n)?;
+        let (n_u, splits_u) = (n as u32, splits as u32);
+        let has_bias = u32::from(bias.is_some());
+        let mut l = self.stream().launch_builder(self.function(K)?);
+        l.arg(workspace)
+            .arg(c)
+            .arg(bias.unwrap_or(workspace))
+            .arg(&mn)
+            .arg(&n_u)
+            .arg(&splits_u)
+            .arg(&has_bias)
+            .arg(&alpha)
+            .arg(&beta);
+        // SAFETY: matches `splitk_reduce_f32(ws, c, bias, mn, n, splits, has_bias, alpha,
+        // beta)`; the workspace holds `splits * mn` values, c `mn`, bias (if read) `n`.
+        launched(K, unsafe { l.launch(grid_stride(mn)) })
+    }
 }
 
 fn kernel_name(cores: Cores) -> &'static str {
@@ -230,26 +314,56 @@ impl CudaDevice {
         if cores == Cores::TensorTf32 {
             cfg.shared_mem_bytes = SHARED_BYTES_TF32;
         }
+        // Split-K on CUDA cores only (the TF32 kernel has no split yet).
+        let split = match cores {
+            Cores::Cuda => self.plan_split(k_name, &mut cfg, (m, n, k))?,
+            Cores::TensorTf32 => SplitK {
+                splits: 1,
+                workspace: None,
+            },
+        };
         let (m_u, n_u, k_u) = (m as u32, n as u32, k as u32);
         let b_kn = u32::from(!b_transposed);
-        let has_bias = u32::from(bias.is_some());
+        // A split writes raw partial sums; the reduction applies alpha, beta and the bias.
+        let (has_bias, k_alpha, k_beta) = match split.workspace {
+            Some(_) => (0, 1.0f32, 0.0f32),
+            None => (u32::from(bias.is_some()), alpha, beta),
+        };
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
         let bias_data = bias.map_or(&a.data, |t| &t.data);
-        let mut l = self.stream().launch_builder(self.function(k_name)?);
-        l.arg(&a.data)
-            .arg(&b.data)
-            .arg(c)
-            .arg(bias_data)
-            .arg(&m_u)
-            .arg(&n_u)
-            .arg(&k_u)
-            .arg(&b_kn)
-            .arg(&has_bias)
-            .arg(&alpha)
-            .arg(&beta);
-        // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, bias, m, n, k, b_kn, has_bias,
-        // alpha, beta)`; sizes checked by the callers, every index below 2^31.
-        launched(k_name, unsafe { l.launch(cfg) })
+        let mut workspace = split.workspace;
+        {
+            let mut l = self.stream().launch_builder(self.function(k_name)?);
+            l.arg(&a.data).arg(&b.data);
+            match workspace.as_mut() {
+                Some(ws) => l.arg(ws),
+                None => l.arg(&mut *c),
+            };
+            l.arg(bias_data)
+                .arg(&m_u)
+                .arg(&n_u)
+                .arg(&k_u)
+                .arg(&b_kn)
+                .arg(&has_bias)
+                .arg(&k_alpha)
+                .arg(&k_beta);
+            // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, bias, m, n, k, b_kn,
+            // has_bias, alpha, beta)`; sizes checked by the callers, every index below 2^31;
+            // a split launch's C is its `[splits, m, n]` workspace.
+            launched(k_name, unsafe { l.launch(cfg) })?;
+        }
+        if let Some(ws) = &workspace {
+            self.splitk_reduce(
+                ws,
+                split.splits,
+                c,
+                bias.map(|t| &t.data),
+                (m, n),
+                alpha,
+                beta,
+            )?;
+        }
+        Ok(())
     }
 
     /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
@@ -385,7 +499,19 @@ impl CudaDevice {
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;
         cfg.shared_mem_bytes = shared;
+        let split = match cores {
+            Cores::Cuda => {
+                let k = weight.kh * weight.kw * cin;
+                self.plan_split(k_name, &mut cfg, (m, weight.cout, k))?
+            }
+            Cores::TensorTf32 => SplitK {
+                splits: 1,
+                workspace: None,
+            },
+        };
         let u = |v: usize| v as u32;
+        // A split writes raw partial sums; the reduction adds the bias.
+        let has_bias = weight.bias.is_some() && split.workspace.is_none();
         let args = [
             u(m),
             u(weight.cout),
@@ -398,23 +524,39 @@ impl CudaDevice {
             u(params.padding),
             u(oh),
             u(ow),
-            u32::from(weight.bias.is_some()),
+            u32::from(has_bias),
         ];
         let bias_data = weight
             .bias
             .as_ref()
             .map_or(&weight.packed.data, |b| &b.data);
-        let mut l = self.stream().launch_builder(self.function(k_name)?);
-        l.arg(&x.data)
-            .arg(&weight.packed.data)
-            .arg(bias_data)
-            .arg(&mut out.data);
-        for a in &args {
-            l.arg(a);
+        let mut workspace = split.workspace;
+        {
+            let mut l = self.stream().launch_builder(self.function(k_name)?);
+            l.arg(&x.data).arg(&weight.packed.data).arg(bias_data);
+            match workspace.as_mut() {
+                Some(ws) => l.arg(ws),
+                None => l.arg(&mut out.data),
+            };
+            for a in &args {
+                l.arg(a);
+            }
+            // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w,
+            // cin, kh, kw, stride, pad, out_h, out_w, has_bias)`; shapes checked, every index
+            // below 2^31; a split launch's output is its `[splits, m, cout]` workspace.
+            launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
-        // pad, out_h, out_w, has_bias)`; shapes checked, every index below 2^31.
-        launched(k_name, unsafe { l.launch(cfg) })?;
+        if let Some(ws) = &workspace {
+            self.splitk_reduce(
+                ws,
+                split.splits,
+                &mut out.data,
+                weight.bias.as_ref().map(|b| &b.data),
+                (m, weight.cout),
+                1.0,
+                0.0,
+            )?;
+        }
         Ok(out)
     }
 
@@ -521,5 +663,24 @@ impl CudaDevice {
         launched(op, unsafe { l.launch(cfg) })?;
         drop(guards);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_splits_fill_the_device_without_starving_splits() {
+        // H100: 132 SMs. Enough tiles already: no split.
+        assert_eq!(k_splits(264, 11520, 132), 1);
+        assert_eq!(k_splits(1000, 320, 132), 1);
+        // SD1.5's 8x8 conv (m 128, n 1280: 20 tiles, k 11520): 14 splits of ~52 k-tiles.
+        assert_eq!(k_splits(20, 11520, 132), 14);
+        // Short k: splits of at least 8 tiles (k 320 = 20 tiles: 2 splits), or none.
+        assert_eq!(k_splits(4, 320, 132), 2);
+        assert_eq!(k_splits(4, 64, 132), 1);
+        // Capped.
+        assert_eq!(k_splits(1, 1 << 20, 132), MAX_SPLITS);
     }
 }

@@ -40,6 +40,8 @@ pub struct CudaDevice {
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
+    /// Streaming multiprocessors: how many blocks a launch needs to fill the device.
+    sm_count: u32,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -86,6 +88,12 @@ impl CudaDevice {
             .compute_capability()
             .map_err(|e| unavailable(e.to_string()))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| unavailable(e.to_string()))?
+            .max(1) as u32;
         let (_, source) = ptx_for(compute_capability);
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(source))
@@ -106,6 +114,7 @@ impl CudaDevice {
             stream: ctx.default_stream(),
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
+            sm_count,
         })
     }
 
@@ -141,6 +150,10 @@ impl CudaDevice {
 
     pub fn set_attention_kernel(&self, kernel: AttentionKernel) {
         self.attention_kernel.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

@@ -24,7 +24,7 @@ pub(super) fn len_u32(op: &'static str, n: usize) -> Result<u32> {
     Ok(n as u32)
 }
 
-fn grid_stride(n: u32) -> LaunchConfig {
+pub(super) fn grid_stride(n: u32) -> LaunchConfig {
     let blocks = (n as usize).div_ceil(BLOCK as usize).clamp(1, MAX_GRID);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),

@@ -37,6 +37,7 @@ pub const KERNELS: &[&str] = &[
     "attention_flash_f32",
     "sgemm_f32",
     "sgemm_tf32",
+    "splitk_reduce_f32",
     "conv2d_f32",
     "conv2d_tf32",
     "masked_conv2d_cache_f32",

@@ -378,8 +378,8 @@ impl Runner<'_> {
     }
 }
 
-/// Tolerance of the GEMM-shaped checks (k <= 693 here): f32 sums of up to a few hundred
-/// products in another order than the CPU's.
+/// Tolerance of the GEMM-shaped checks (k up to 11520 here): f32 sums in another order than
+/// the CPU's (errors relative above 1, see `max_err`).
 const GEMM_TOL: f32 = 2e-4;
 
 /// Tolerance of the TF32 checks: each input rounded to 10 mantissa bits (relative error up
@@ -409,6 +409,29 @@ fn some_positions(len: usize, percent: u64, seed: u64) -> Vec<u32> {
 
 impl Runner<'_> {
     fn gemm(&mut self) -> Result<()> {
+        // Long k over few output tiles: split-K launches (several k-slices, then the
+        // reduction applying alpha, beta and the bias).
+        for (m, k, n) in [(7, 2880, 77), (333, 1283, 320), (1, 11520, 5), (130, 5120, 64)] {
+            let a = self.randn(&[m, k]);
+            let w = self.randn(&[n, k]);
+            let bias = self.randn(&[n]);
+            let (ga, gw, gbias) = (self.up(&a)?, self.up(&w)?, self.up(&bias)?);
+            let got = self.dev.linear(&ga, &gw, Some(&gbias))?;
+            let want = a.linear(&w, Some(&bias))?;
+            self.record("linear splitk", format!("{m}x{k}x{n}"), &got, &want, GEMM_TOL)?;
+            let b = self.randn(&[k, n]);
+            let c0 = self.randn(&[m, n]);
+            let mut gc = self.up(&c0)?;
+            let gb = self.up(&b)?;
+            self.dev
+                .gemm(&ga, &gb, false, Some(&gbias), 0.5, -2.0, &mut gc)?;
+            let want = a
+                .matmul(&b)?
+                .affine(0.5, 0.0)?
+                .add(&c0.affine(-2.0, 0.0)?)?
+                .add(&bias)?;
+            self.record("gemm_ab splitk", format!("{m}x{k}x{n}"), &gc, &want, GEMM_TOL)?;
+        }
         for m in ROWS {
             for k in [3, 40, 77, 320] {
                 for n in [5, 77, 320] {
@@ -500,6 +523,16 @@ impl Runner<'_> {
                 let got = self.dev.conv2d_tf32(&self.up(&x)?, &gw, p)?;
                 self.record("conv2d_tf32", size, &got, &want, tf32_tol(kh * kw * cin))?;
             }
+        }
+        // SD's deepest 3x3 convs: an 8x8 map, wide channels, few output tiles: split-K.
+        for (cin, cout, bias) in [(320, 77, true), (643, 130, false)] {
+            let w = self.conv_weight(cout, cin, 3, 3, bias)?;
+            let gw = CudaConv2dWeight::upload(self.dev, &w)?;
+            let x = self.randn(&[2, 8, 8, cin]);
+            let got = self.dev.conv2d(&self.up(&x)?, &gw, Conv2dParams::SAME_3X3)?;
+            let want = x.conv2d(&w, Conv2dParams::SAME_3X3)?;
+            let size = format!("2x8x8x{cin}->{cout} 3x3/1 p1");
+            self.record("conv2d splitk", size, &got, &want, GEMM_TOL)?;
         }
         Ok(())
     }
@@ -713,6 +746,26 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         ms,
         gflops: flops / ms / 1e6,
     });
+    // SD1.5's deep 3x3 convs (1280 channels at 16x16 and 8x8, CFG batch 2): few output
+    // tiles, long k, so split-K.
+    for side in [16, 8] {
+        let c = 1280;
+        let wt = Conv2dWeight::from_oihw(
+            &Tensor::randn(&[c, c, 3, 3], 12, Device::Cpu),
+            Some(&Tensor::randn(&[c], 13, Device::Cpu)),
+        )?;
+        let gw = CudaConv2dWeight::upload(dev, &wt)?;
+        let x = randn(&[2, side, side, c], 14)?;
+        let ms = time_ms(dev, || {
+            dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
+        })?;
+        out.push(Timing {
+            op: "conv2d",
+            size: format!("2x{side}x{side}x{c}->{c} 3x3"),
+            ms,
+            gflops: 2.0 * (2 * side * side * 9 * c * c) as f64 / ms / 1e6,
+        });
+    }
     let active = TokenSet::from_positions(h, w, some_positions(h * w, 20, 1))?;
     let outputs = TokenSet::from_positions(h, w, some_positions(h * w, 20, 2))?;
     let fresh = randn(&[active.len(), c], 7)?;
