@@ -49,13 +49,14 @@ const MIN_TILES_PER_SPLIT: usize = 8;
 const MAX_SPLITS: usize = 16;
 
 /// How many k-splits an output of `blocks` tiles with inner size `k` gets on a device of
-/// `sms` multiprocessors: 1 when the tiles alone give about two blocks per multiprocessor,
-/// else enough splits to get there, as long as each keeps `MIN_TILES_PER_SPLIT` tiles.
+/// `sms` multiprocessors: 1 when the tiles alone give every multiprocessor a block, else
+/// enough splits for about two blocks each, as long as each keeps `MIN_TILES_PER_SPLIT`
+/// tiles. (A split costs a workspace write and a reduction, so it must buy idle SMs.)
 fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
-    let target = 2 * sms;
-    if blocks >= target {
+    if blocks >= sms {
         return 1;
     }
+    let target = 2 * sms;
     let by_k = k.div_ceil(16) / MIN_TILES_PER_SPLIT;
     target.div_ceil(blocks.max(1)).min(by_k).clamp(1, MAX_SPLITS)
 }
@@ -675,6 +676,8 @@ mod tests {
         // H100: 132 SMs. Enough tiles already: no split.
         assert_eq!(k_splits(264, 11520, 132), 1);
         assert_eq!(k_splits(1000, 320, 132), 1);
+        // SD1.5's 4096x320x320 linear (160 tiles) fills the device already.
+        assert_eq!(k_splits(160, 320, 132), 1);
         // SD1.5's 8x8 conv (m 128, n 1280: 20 tiles, k 11520): 14 splits of ~52 k-tiles.
         assert_eq!(k_splits(20, 11520, 132), 14);
         // Short k: splits of at least 8 tiles (k 320 = 20 tiles: 2 splits), or none.

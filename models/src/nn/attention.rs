@@ -50,8 +50,18 @@ impl Attention {
     /// `context = [batch, ctx_tokens, context_dim]`. Masked: `x = [rows, query_dim]` (the
     /// segments' active rows stacked), `context = [segments, ctx_tokens, context_dim]`: each
     /// segment's rows attend to its own text, all projections still one product each.
+    /// The query, key, value and output projections (a LoRA's targets).
+    pub fn projections_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ]
+    }
+
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
-        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+        for l in self.projections_mut() {
             l.upload(dev)?;
         }
         Ok(())

@@ -60,6 +60,11 @@ impl Linear {
     pub fn weight_mut(&mut self) -> &mut Tensor {
         &mut self.weight
     }
+
+    /// The device copy of the weight, once uploaded (what a device-side LoRA patch changes).
+    pub fn gpu_weight_mut(&mut self) -> Option<&mut CudaTensor> {
+        self.gpu.as_mut().map(|(w, _)| w)
+    }
 }
 
 /// A 2-D convolution on channels-last maps.

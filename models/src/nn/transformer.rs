@@ -165,6 +165,18 @@ impl Transformer2D {
 }
 
 impl Transformer2D {
+    /// Every attention projection of every block (self- and cross-attention).
+    pub fn attention_projections_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| {
+                let [q, k, v, o] = b.attn1.projections_mut();
+                let [q2, k2, v2, o2] = b.attn2.projections_mut();
+                [q, k, v, o, q2, k2, v2, o2]
+            })
+            .collect()
+    }
+
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
         self.norm.upload(dev)?;
         self.proj_in.upload(dev)?;

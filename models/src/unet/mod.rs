@@ -330,6 +330,17 @@ impl UNet {
         self.conv_out.forward_exec(&h, exec, None)
     }
 
+    /// Every attention projection of the network (q, k, v, out of each self- and
+    /// cross-attention), in down, mid, up order: what an attention LoRA patches.
+    pub fn attention_projections_mut(&mut self) -> Vec<&mut Linear> {
+        let down = self.down.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        let up = self.up.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        down.chain(std::iter::once(&mut self.mid.attention))
+            .chain(up)
+            .flat_map(Transformer2D::attention_projections_mut)
+            .collect()
+    }
+
     /// Copies every weight to `dev`, for [`UNet::forward_gpu`].
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
         self.time_linear_1.upload(dev)?;

@@ -83,10 +83,60 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
         }
         if all_passed && preset == Preset::Sd15 {
             print_step_time(dev, &unet, &sample, &timesteps, &context, preset)?;
+            print_lora_patch_time(dev, &mut unet, LORA_RANK)?;
         }
     }
     dev.set_attention_kernel(chosen);
     Ok((PRESETS.len() * KERNELS.len(), failed))
+}
+
+/// The rank of the LoRA whose patch is timed (on every attention projection).
+const LORA_RANK: usize = 64;
+
+/// Times patching a rank-`rank` LoRA into every attention projection of the uploaded UNet,
+/// in place on the device (`W += up * down`): the median of 5 rounds, each ended by a
+/// synchronize. Random factors, uploaded before the clock starts. The patched weights stay
+/// patched: this runs after the checks and the step timing.
+fn print_lora_patch_time(
+    dev: &CudaDevice,
+    unet: &mut retouch_models::unet::UNet,
+    rank: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut projections = unet.attention_projections_mut();
+    let mut factors = Vec::with_capacity(projections.len());
+    let mut elements = 0usize;
+    for (i, p) in projections.iter_mut().enumerate() {
+        let w = p
+            .gpu_weight_mut()
+            .ok_or("the UNet's attention projections are not on the device")?;
+        let (out, inp) = (w.shape()[0], w.shape()[1]);
+        elements += out * inp;
+        let seed = 100 + 2 * i as u64;
+        let up = Tensor::randn(&[out, rank], seed, Device::Cpu).affine(0.01, 0.0)?;
+        let down = Tensor::randn(&[rank, inp], seed + 1, Device::Cpu);
+        factors.push((CudaTensor::upload(dev, &up)?, CudaTensor::upload(dev, &down)?));
+    }
+    dev.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        for (p, (up, down)) in projections.iter_mut().zip(&factors) {
+            let w = p.gpu_weight_mut().ok_or("projection left the device")?;
+            dev.lora_patch(w, up, down, 1.0)?;
+        }
+        dev.synchronize()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "lora patch, rank {rank}, f32, every attention projection ({} weights, {:.1} M \
+         values): median {:.2} ms, min {:.2} ms (5 rounds)",
+        projections.len(),
+        elements as f64 / 1e6,
+        times[2],
+        times[0]
+    );
+    Ok(())
 }
 
 /// Median wall time of the dense step with inputs already on the device (10 runs after 2
