@@ -599,7 +599,9 @@ impl CudaDevice {
         if m == 0 {
             return Ok(out);
         }
-        let cfg = tiles(op, m, weight.cout)?;
+        let mut cfg = tiles(op, m, weight.cout)?;
+        let k = weight.kh * weight.kw * cin;
+        let split = self.plan_split(op, &mut cfg, (m, weight.cout, k))?;
         let mut rows = Vec::with_capacity(2 * m);
         let mut row_of = Vec::with_capacity(segments.len() * hw);
         for (i, s) in segments.iter().enumerate() {
@@ -639,20 +641,25 @@ impl CudaDevice {
             u(params.stride),
             u(params.padding),
             u(ow),
-            u32::from(weight.bias.is_some()),
+            // A split writes raw partial sums; the reduction adds the bias.
+            u32::from(weight.bias.is_some() && split.workspace.is_none()),
         ];
         let bias_data = weight
             .bias
             .as_ref()
             .map_or(&weight.packed.data, |b| &b.data);
+        let mut workspace = split.workspace;
         let mut l = stream.launch_builder(self.function(op)?);
         l.arg(&fresh_d)
             .arg(&cached_d)
             .arg(&row_of_d)
             .arg(&rows_d)
             .arg(&weight.packed.data)
-            .arg(bias_data)
-            .arg(&mut out.data);
+            .arg(bias_data);
+        match workspace.as_mut() {
+            Some(ws) => l.arg(ws),
+            None => l.arg(&mut out.data),
+        };
         for a in &args {
             l.arg(a);
         }
@@ -660,8 +667,20 @@ impl CudaDevice {
         // out, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`. The address tables
         // point at live buffers of the checked sizes (borrowed for this call); `row_of` holds
         // fresh-row indices below each segment's `active.len()` (TokenSet's invariant) or
-        // u32::MAX; `rows` holds segment indices and positions on the output grid.
+        // u32::MAX; `rows` holds segment indices and positions on the output grid. A split
+        // launch's output is its `[splits, m, cout]` workspace.
         launched(op, unsafe { l.launch(cfg) })?;
+        if let Some(ws) = &workspace {
+            self.splitk_reduce(
+                ws,
+                split.splits,
+                &mut out.data,
+                weight.bias.as_ref().map(|b| &b.data),
+                (m, weight.cout),
+                1.0,
+                0.0,
+            )?;
+        }
         drop(guards);
         Ok(out)
     }

@@ -249,6 +249,24 @@ impl Runner<'_> {
     /// The UNet's layout ops: skip-connection concatenation (2 and 3 parts), nearest 2x
     /// upsampling, and the time embedding added per sample. Copies are exact.
     fn layout(&mut self) -> Result<()> {
+        // Row blocks of a ragged batch: split (an empty block among them) and stacked again
+        // in another order, against the CPU's `split_batch` / `concat_batch`.
+        for (shape, counts) in [
+            (vec![333, 77], vec![100, 0, 233]),
+            (vec![7, 4, 40], vec![1, 6]),
+        ] {
+            let x = self.randn(&shape);
+            let gx = self.up(&x)?;
+            let parts = gx.split_rows(self.dev, &counts)?;
+            let want = x.split_batch(&counts)?;
+            for (i, (got, want)) in parts.iter().zip(&want).enumerate() {
+                self.record("split_rows", format!("{shape:?} part {i}"), got, want, 0.0)?;
+            }
+            let reversed: Vec<&CudaTensor> = parts.iter().rev().collect();
+            let got = CudaTensor::concat_rows(self.dev, &reversed)?;
+            let want = Tensor::concat_batch(&want.iter().rev().collect::<Vec<_>>())?;
+            self.record("concat_rows", format!("{shape:?}"), &got, &want, 0.0)?;
+        }
         let leads: [&[usize]; 3] = [&[1, 7, 9], &[2, 5, 3], &[333]];
         let widths: [&[usize]; 4] = [&[3, 77], &[320, 40], &[77, 3, 320], &[40, 320, 3]];
         for lead in leads {

@@ -87,6 +87,71 @@ impl<T: GpuElement> CudaTensor<T> {
         &self.shape
     }
 
+    /// Consecutive blocks of `counts[i]` rows (dimension 0) as separate tensors (device
+    /// copies): the segments of a ragged batch.
+    pub fn split_rows(&self, dev: &CudaDevice, counts: &[usize]) -> Result<Vec<Self>> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if counts.iter().sum::<usize>() != rows {
+            return shape_err(
+                "split_rows",
+                format!("row counts {counts:?} do not add up to {:?}", self.shape),
+            );
+        }
+        let per_row = self.elem_count() / rows.max(1);
+        let mut at = 0;
+        counts
+            .iter()
+            .map(|&n| {
+                let mut shape = self.shape.clone();
+                shape[0] = n;
+                let mut part = Self::zeros(dev, &shape)?;
+                if n > 0 && per_row > 0 {
+                    let src = self.data.slice(at * per_row..(at + n) * per_row);
+                    let mut dst = part.data.slice_mut(0..n * per_row);
+                    dev.stream()
+                        .memcpy_dtod(&src, &mut dst)
+                        .map_err(driver_err("split_rows"))?;
+                }
+                at += n;
+                Ok(part)
+            })
+            .collect()
+    }
+
+    /// The parts' rows stacked along dimension 0 (same trailing shape).
+    pub fn concat_rows(dev: &CudaDevice, parts: &[&Self]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            return shape_err("concat_rows", "nothing to concatenate");
+        };
+        let tail = first.shape.get(1..).unwrap_or(&[]).to_vec();
+        if let Some(bad) = parts
+            .iter()
+            .find(|p| p.shape.is_empty() || p.shape[1..] != tail[..])
+        {
+            return shape_err(
+                "concat_rows",
+                format!("parts {:?} and {:?} differ past dimension 0", first.shape, bad.shape),
+            );
+        }
+        let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
+        let mut shape = vec![rows];
+        shape.extend_from_slice(&tail);
+        let mut out = Self::zeros(dev, &shape)?;
+        let mut at = 0;
+        for p in parts {
+            let n = p.elem_count();
+            if n > 0 {
+                let src = p.data.slice(0..n);
+                let mut dst = out.data.slice_mut(at..at + n);
+                dev.stream()
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(driver_err("concat_rows"))?;
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
