@@ -2,6 +2,7 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{AttentionSegment, RaggedSegment, Tensor};
 
 use super::exec::{CacheEntry, Exec, per_batch_rows};
+use super::gpu::GpuMasked;
 use super::{Linear, Scope};
 use crate::{Error, Result};
 
@@ -79,6 +80,84 @@ impl Attention {
         let k = self.to_k.forward_gpu(dev, source)?;
         let v = self.to_v.forward_gpu(dev, source)?;
         let attended = dev.attention(&q, &k, &v, self.heads, false)?;
+        self.to_out.forward_gpu(dev, &attended)
+    }
+
+    /// Masked self-attention on the device: `x = [rows, c]`, the segments' active rows.
+    /// Each segment's queries attend to its template's cached keys and values with its
+    /// active positions replaced by the fresh ones (a full `[grid, c]` key map per segment,
+    /// widened from f16, then dense attention).
+    pub fn forward_self_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let q = self.to_q.forward_gpu(dev, x)?;
+        let k = self.to_k.forward_gpu(dev, x)?;
+        let v = self.to_v.forward_gpu(dev, x)?;
+        let kv = m.key_values()?;
+        let rows = m.host().rows()?;
+        let tokens = m.host().tokens()?;
+        let (qs, ks, vs) = (
+            q.split_rows(dev, &rows)?,
+            k.split_rows(dev, &rows)?,
+            v.split_rows(dev, &rows)?,
+        );
+        let mut outs = Vec::with_capacity(rows.len());
+        for (i, (q_i, ((ck, cv), t))) in qs.into_iter().zip(kv.iter().zip(tokens)).enumerate() {
+            let mut k_full = dev.f16_to_f32(ck)?;
+            let mut v_full = dev.f16_to_f32(cv)?;
+            dev.scatter_rows(&mut k_full, t.positions(), &ks[i])?;
+            dev.scatter_rows(&mut v_full, t.positions(), &vs[i])?;
+            let (grid, c) = (k_full.shape()[0], k_full.shape()[1]);
+            let attended = dev.attention(
+                &q_i.reshape(&[1, rows[i], c])?,
+                &k_full.reshape(&[1, grid, c])?,
+                &v_full.reshape(&[1, grid, c])?,
+                self.heads,
+                false,
+            )?;
+            outs.push(attended.reshape(&[rows[i], c])?);
+        }
+        let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;
+        self.to_out.forward_gpu(dev, &attended)
+    }
+
+    /// Masked cross-attention on the device: each segment's rows of `x = [rows, c]` attend
+    /// to its own text, `context = [segments, tokens, dim]`.
+    pub fn forward_cross_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        context: &CudaTensor,
+        m: &GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let rows = m.host().rows()?;
+        let segments = context.shape()[0];
+        if rows.len() != segments {
+            return Err(Error::Invalid(format!(
+                "{segments} text contexts for {} segments",
+                rows.len()
+            )));
+        }
+        let q = self.to_q.forward_gpu(dev, x)?;
+        let k = self.to_k.forward_gpu(dev, context)?;
+        let v = self.to_v.forward_gpu(dev, context)?;
+        let ones = vec![1; segments];
+        let (qs, ks, vs) = (
+            q.split_rows(dev, &rows)?,
+            k.split_rows(dev, &ones)?,
+            v.split_rows(dev, &ones)?,
+        );
+        let mut outs = Vec::with_capacity(segments);
+        for (i, q_i) in qs.into_iter().enumerate() {
+            let c = q_i.shape()[1];
+            let attended =
+                dev.attention(&q_i.reshape(&[1, rows[i], c])?, &ks[i], &vs[i], self.heads, false)?;
+            outs.push(attended.reshape(&[rows[i], c])?);
+        }
+        let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;
         self.to_out.forward_gpu(dev, &attended)
     }
 

@@ -211,6 +211,22 @@ impl<'a> Masked<'a> {
         Ok(all)
     }
 
+    /// The index of the cache entry the next layer reads.
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    /// The segment of every stacked row at the current level (which template's statistics,
+    /// time embedding and keys a row uses).
+    pub fn row_segments(&self) -> Result<Vec<u32>> {
+        Ok(self
+            .rows()?
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| std::iter::repeat_n(s as u32, n))
+            .collect())
+    }
+
     /// Whether every segment's cache was used up (a check that caches and model agree).
     pub fn finished(&self) -> bool {
         self.segments
@@ -235,12 +251,7 @@ pub(crate) fn add_per_sample(x: &Tensor, v: &Tensor, exec: &Exec<'_>) -> Result<
     match exec {
         Exec::Masked(m) => {
             // One row of `v` per row of `x`, then one elementwise add.
-            let index: Vec<u32> = m
-                .rows()?
-                .iter()
-                .enumerate()
-                .flat_map(|(s, &n)| std::iter::repeat_n(s as u32, n))
-                .collect();
+            let index = m.row_segments()?;
             if samples != m.segments().len() {
                 return Err(Error::Invalid(format!(
                     "{samples} vectors for {} segments",

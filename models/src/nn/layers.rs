@@ -1,9 +1,9 @@
-use retouch_kernels::cuda::{CudaConv2dWeight, CudaDevice, CudaTensor};
+use retouch_kernels::cuda::{CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor};
 use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
 use super::exec::{CacheEntry, Exec, per_batch_rows};
-use super::gpu::{on_device, upload_f32};
+use super::gpu::{GpuMasked, on_device, upload_f32};
 use crate::Result;
 
 /// `x * W^T + b` over the last dimension.
@@ -106,6 +106,36 @@ impl Conv2d {
         Ok(dev.conv2d(x, w, self.params)?)
     }
 
+    /// [`Conv2d::forward_exec`]'s masked case on the device: `x = [rows, cin]`, the
+    /// segments' active rows stacked; outputs at `out_level`'s positions (the current
+    /// level when None), stacked the same way.
+    pub fn forward_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        m: &mut GpuMasked<'_>,
+        out_level: Option<usize>,
+    ) -> Result<CudaTensor> {
+        let w = on_device(self.gpu.as_ref(), "conv2d")?;
+        let maps = m.conv_inputs()?;
+        let host = m.host();
+        let active = host.tokens()?;
+        let outputs = host.level_tokens(out_level.unwrap_or(host.level()))?;
+        let fresh = x.split_rows(dev, &host.rows()?)?;
+        let segments: Vec<CudaMaskedConvSegment<'_, _>> = fresh
+            .iter()
+            .zip(maps)
+            .zip(active.into_iter().zip(outputs))
+            .map(|((fresh, cached), (active, outputs))| CudaMaskedConvSegment {
+                fresh,
+                active,
+                cached,
+                outputs,
+            })
+            .collect();
+        Ok(dev.masked_conv2d(w, &segments, self.params)?)
+    }
+
     pub fn weight(&self) -> &Conv2dWeight {
         &self.weight
     }
@@ -188,6 +218,20 @@ impl GroupNorm {
     pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor, silu: bool) -> Result<CudaTensor> {
         let (gamma, beta) = on_device(self.gpu.as_ref(), "group norm")?;
         Ok(dev.group_norm(x, self.groups, gamma, beta, self.eps, silu)?)
+    }
+
+    /// The masked norm on the device: every row of `x = [rows, c]` normalised with its
+    /// segment's template statistics (each row is its own "sample" of one position).
+    pub fn forward_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        silu: bool,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let (gamma, beta) = on_device(self.gpu.as_ref(), "group norm")?;
+        let stats = m.row_stats(dev, self.groups)?;
+        Ok(dev.group_norm_with_stats(x, &stats, self.groups, gamma, beta, silu)?)
     }
 
     /// The norm in any mode; masked runs normalise the rows with the template's statistics.

@@ -2,7 +2,7 @@
 
 mod attention;
 pub mod exec;
-mod gpu;
+pub mod gpu;
 mod layers;
 mod resnet;
 mod scope;

@@ -2,6 +2,7 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, Tensor};
 
 use super::exec::{Exec, add_per_sample};
+use super::gpu::GpuMasked;
 use super::{Conv2d, GroupNorm, Linear, Scope};
 use crate::Result;
 
@@ -128,6 +129,35 @@ impl ResnetBlock {
         let h = self
             .conv2
             .forward_gpu(dev, &self.norm2.forward_gpu(dev, &h, true)?)?;
+        let sum = match &self.shortcut {
+            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, &h)?,
+            None => dev.add(x, &h)?,
+        };
+        if self.output_scale == 1.0 {
+            Ok(sum)
+        } else {
+            Ok(dev.affine(&sum, 1.0 / self.output_scale, 0.0)?)
+        }
+    }
+
+    /// The masked block on the device: `x = [rows, in]`, the segments' active rows;
+    /// `temb_act = [segments, temb]`.
+    pub fn forward_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        temb_act: Option<&CudaTensor>,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let normed = self.norm1.forward_gpu_masked(dev, x, true, m)?;
+        let mut h = self.conv1.forward_gpu_masked(dev, &normed, m, None)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
+            // Each row gets its segment's projected time embedding.
+            let per_row = dev.gather_rows(&proj.forward_gpu(dev, t)?, &m.host().row_segments()?)?;
+            h = dev.add(&h, &per_row)?;
+        }
+        let normed = self.norm2.forward_gpu_masked(dev, &h, true, m)?;
+        let h = self.conv2.forward_gpu_masked(dev, &normed, m, None)?;
         let sum = match &self.shortcut {
             Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, &h)?,
             None => dev.add(x, &h)?,

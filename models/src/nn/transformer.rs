@@ -2,6 +2,7 @@ use retouch_kernels::Tensor;
 use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 
 use super::exec::Exec;
+use super::gpu::GpuMasked;
 use super::{Attention, GroupNorm, LayerNorm, Linear, Scope};
 use crate::Result;
 
@@ -77,6 +78,30 @@ impl TransformerBlock {
         let attn =
             self.attn2
                 .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
+        let x = dev.add(&x, &attn)?;
+        let hidden = dev.geglu(&self.ff_in.forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?)?;
+        let ff = self.ff_out.forward_gpu(dev, &hidden)?;
+        Ok(dev.add(&x, &ff)?)
+    }
+
+    /// The masked block on the device: `x = [rows, dim]`.
+    fn forward_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: CudaTensor,
+        context: &CudaTensor,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let attn = self
+            .attn1
+            .forward_self_gpu_masked(dev, &self.norm1.forward_gpu(dev, &x)?, m)?;
+        let x = dev.add(&x, &attn)?;
+        let attn = self.attn2.forward_cross_gpu_masked(
+            dev,
+            &self.norm2.forward_gpu(dev, &x)?,
+            context,
+            m,
+        )?;
         let x = dev.add(&x, &attn)?;
         let hidden = dev.geglu(&self.ff_in.forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?)?;
         let ff = self.ff_out.forward_gpu(dev, &hidden)?;
@@ -203,6 +228,24 @@ impl Transformer2D {
             h = block.forward_gpu(dev, h, context)?;
         }
         let h = self.proj_out.forward_gpu(dev, &h)?.reshape(&shape)?;
+        Ok(dev.add(&h, x)?)
+    }
+
+    /// The masked forward on the device: `x = [rows, c]`, the segments' active rows;
+    /// `context = [segments, tokens, context_dim]`.
+    pub fn forward_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        context: &CudaTensor,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let normed = self.norm.forward_gpu_masked(dev, x, false, m)?;
+        let mut h = self.proj_in.forward_gpu(dev, &normed)?;
+        for block in &self.blocks {
+            h = block.forward_gpu_masked(dev, h, context, m)?;
+        }
+        let h = self.proj_out.forward_gpu(dev, &h)?;
         Ok(dev.add(&h, x)?)
     }
 }

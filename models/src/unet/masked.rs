@@ -2,10 +2,12 @@
 //! CFG branches, each a segment with its own rows, token sets, template cache, timestep and
 //! text. The single-request forward is the case of one segment per branch.
 
-use retouch_kernels::{Tensor, TokenSet};
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
+use retouch_kernels::{DType, Tensor, TokenSet};
 
 use super::UNet;
 use crate::nn::exec::{Exec, Masked, Segment, StepCache};
+use crate::nn::gpu::{GpuMasked, GpuStepCache};
 use crate::{Error, Result};
 
 /// One segment of a ragged masked forward: one CFG branch of one cached-mode request.
@@ -76,6 +78,50 @@ impl UNet {
     /// text. Segments must share the latent grid and the cache dtype (the masked kernels
     /// read every segment's cache as one type). Returns `[rows, out_channels]`.
     pub fn forward_ragged(&self, rows: &Tensor, segments: &[CachedSegment<'_>]) -> Result<Tensor> {
+        let (context, timesteps, exec_segments) = self.ragged_inputs(rows.shape(), segments)?;
+        let mut exec = Exec::Masked(Masked::new(exec_segments));
+        let out = self.run(rows, &timesteps, &context, &mut exec)?;
+        if let Exec::Masked(m) = &exec
+            && !m.finished()
+        {
+            return Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// [`UNet::forward_ragged`] on the device the weights were uploaded to: `rows = [sum
+    /// of levels[0].len(), in_channels]` in device memory, each segment's template cache
+    /// uploaded beside its host copy. Returns `[rows, out_channels]` in device memory.
+    pub fn forward_gpu_ragged(
+        &self,
+        dev: &CudaDevice,
+        rows: &CudaTensor,
+        segments: &[GpuCachedSegment<'_>],
+    ) -> Result<CudaTensor> {
+        let host: Vec<CachedSegment<'_>> = segments.iter().map(|s| s.host).collect();
+        let (context, timesteps, exec_segments) = self.ragged_inputs(rows.shape(), &host)?;
+        let context = CudaTensor::upload(dev, &context.to_dtype(DType::F32)?)?;
+        let device = segments.iter().map(|s| s.device).collect();
+        let mut m = GpuMasked::new(Masked::new(exec_segments), device)?;
+        let out = self.run_gpu_masked(dev, rows, &timesteps, &context, &mut m)?;
+        if !m.host().finished() {
+            return Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Checks a ragged batch (rows of shape `rows_shape`) and gathers what its forward
+    /// takes: the stacked text contexts `[segments, tokens, dim]`, the timesteps, and the
+    /// segments as the masked executor reads them.
+    fn ragged_inputs<'a>(
+        &self,
+        rows_shape: &[usize],
+        segments: &[CachedSegment<'a>],
+    ) -> Result<(Tensor, Vec<f32>, Vec<Segment<'a>>)> {
         let Some(first) = segments.first() else {
             return Err(Error::Invalid(
                 "unet: a ragged forward needs a segment".into(),
@@ -89,11 +135,10 @@ impl UNet {
             )));
         }
         let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
-        if rows.shape() != [total, self.config.in_channels] {
+        if rows_shape != [total, self.config.in_channels] {
             return Err(Error::Invalid(format!(
-                "unet: masked rows must be [{total}, {}], got {:?}",
-                self.config.in_channels,
-                rows.shape()
+                "unet: masked rows must be [{total}, {}], got {rows_shape:?}",
+                self.config.in_channels
             )));
         }
         let tokens = context_tokens(first.context, self.config.cross_attention_dim)?;
@@ -117,17 +162,16 @@ impl UNet {
                 levels: s.levels,
             })
             .collect();
-        let mut exec = Exec::Masked(Masked::new(exec_segments));
-        let out = self.run(rows, &timesteps, &context, &mut exec)?;
-        if let Exec::Masked(m) = &exec
-            && !m.finished()
-        {
-            return Err(Error::Invalid(
-                "activation cache has entries the model did not use".into(),
-            ));
-        }
-        Ok(out)
+        Ok((context, timesteps, exec_segments))
     }
+}
+
+/// One segment of a masked forward on the device: the host segment and the device copy of
+/// its template's cache.
+#[derive(Clone, Copy)]
+pub struct GpuCachedSegment<'a> {
+    pub host: CachedSegment<'a>,
+    pub device: &'a GpuStepCache,
 }
 
 /// The token count of a context `[tokens, dim]` or `[1, tokens, dim]`.
@@ -143,6 +187,14 @@ fn context_tokens(context: &Tensor, dim: usize) -> Result<usize> {
 /// Nearest 2x up-sampling of masked rows to `level`: each segment's active position there
 /// takes its parent's row one level down (one gather over the stacked rows).
 pub(super) fn upsample_rows(h: &Tensor, m: &mut Masked<'_>, level: usize) -> Result<Tensor> {
+    let parents = upsample_parents(m, level)?;
+    m.set_level(level);
+    Ok(h.gather_rows(&parents)?)
+}
+
+/// For each active position at `level` (segment by segment), the stacked row of its parent
+/// at the current level.
+pub(super) fn upsample_parents(m: &Masked<'_>, level: usize) -> Result<Vec<u32>> {
     let lows = m.tokens()?;
     let highs = m.level_tokens(level)?;
     let mut parents = Vec::with_capacity(highs.iter().map(|t| t.len()).sum());
@@ -164,8 +216,7 @@ pub(super) fn upsample_rows(h: &Tensor, m: &mut Masked<'_>, level: usize) -> Res
         }
         offset += low.len() as u32;
     }
-    m.set_level(level);
-    Ok(h.gather_rows(&parents)?)
+    Ok(parents)
 }
 
 /// The active token sets of a latent mask at each of `levels` resolutions: level 0 is the

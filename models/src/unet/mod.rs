@@ -9,9 +9,10 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
-pub use masked::{CachedSegment, token_levels};
+pub use masked::{CachedSegment, GpuCachedSegment, token_levels};
 
 use crate::nn::exec::{Exec, StepCache};
+use crate::nn::gpu::GpuMasked;
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -386,11 +387,7 @@ impl UNet {
         context: &CudaTensor,
     ) -> Result<CudaTensor> {
         self.check_inputs(sample.shape(), timesteps, context.shape())?;
-        // The sinusoidal embedding is a few hundred values: computed here, then uploaded.
-        let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
-        let proj = CudaTensor::upload(dev, &self.time_proj.embed(&t)?)?;
-        let emb = dev.silu(&self.time_linear_1.forward_gpu(dev, &proj)?)?;
-        let temb = dev.silu(&self.time_linear_2.forward_gpu(dev, &emb)?)?;
+        let temb = self.time_embedding_gpu(dev, timesteps)?;
 
         // Each down-path output is pushed once and read from the stack (no copies): the
         // next layer's input is the stack's top.
@@ -434,6 +431,75 @@ impl UNet {
         }
         let h = self.norm_out.forward_gpu(dev, &h, true)?;
         self.conv_out.forward_gpu(dev, &h)
+    }
+
+    /// [`UNet::run`]'s masked case on the device: `rows = [rows, in_channels]`, the
+    /// segments' active level-0 rows; one timestep and one context per segment.
+    fn run_gpu_masked(
+        &self,
+        dev: &CudaDevice,
+        rows: &CudaTensor,
+        timesteps: &[f32],
+        context: &CudaTensor,
+        m: &mut GpuMasked<'_>,
+    ) -> Result<CudaTensor> {
+        let temb = self.time_embedding_gpu(dev, timesteps)?;
+        let mut skips = vec![self.conv_in.forward_gpu_masked(dev, rows, m, None)?];
+        for (level, block) in self.down.iter().enumerate() {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let mut h = resnet.forward_gpu_masked(dev, prev, Some(&temb), m)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_gpu_masked(dev, &h, context, m)?;
+                }
+                skips.push(h);
+            }
+            if let Some(conv) = &block.downsample {
+                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let h = conv.forward_gpu_masked(dev, prev, m, Some(level + 1))?;
+                m.host_mut().set_level(level + 1);
+                skips.push(h);
+            }
+        }
+        let mut h = self.mid.resnet_in.forward_gpu_masked(
+            dev,
+            skips.last().expect("the stack starts with conv_in's output"),
+            Some(&temb),
+            m,
+        )?;
+        h = self.mid.attention.forward_gpu_masked(dev, &h, context, m)?;
+        h = self.mid.resnet_out.forward_gpu_masked(dev, &h, Some(&temb), m)?;
+
+        let top = self.up.len() - 1;
+        for (i, block) in self.up.iter().enumerate() {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
+                let joined = dev.concat_last(&[&h, &skip])?;
+                h = resnet.forward_gpu_masked(dev, &joined, Some(&temb), m)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward_gpu_masked(dev, &h, context, m)?;
+                }
+            }
+            if let Some(conv) = &block.upsample {
+                let level = top - i - 1;
+                let parents = masked::upsample_parents(m.host(), level)?;
+                m.host_mut().set_level(level);
+                h = conv.forward_gpu_masked(dev, &dev.gather_rows(&h, &parents)?, m, None)?;
+            }
+        }
+        let h = self.norm_out.forward_gpu_masked(dev, &h, true, m)?;
+        self.conv_out.forward_gpu_masked(dev, &h, m, None)
+    }
+
+    /// SiLU of the time embedding of each timestep, `[timesteps, temb]` on the device (the
+    /// sinusoidal part is a few hundred values: computed here, then uploaded).
+    fn time_embedding_gpu(&self, dev: &CudaDevice, timesteps: &[f32]) -> Result<CudaTensor> {
+        let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
+        let proj = CudaTensor::upload(dev, &self.time_proj.embed(&t)?)?;
+        let emb = dev.silu(&self.time_linear_1.forward_gpu(dev, &proj)?)?;
+        Ok(dev.silu(&self.time_linear_2.forward_gpu(dev, &emb)?)?)
     }
 
     /// [`UNet::forward_gpu`] with host tensors in and out (uploads the inputs, downloads the

@@ -1,5 +1,7 @@
-//! `retouch selftest --group unet`: the dense UNet forward on the GPU against the host's, for
-//! the tiny and SD1.5 presets built from random weights, then the GPU step's time.
+//! `retouch selftest --group unet`: the UNet on the GPU against the host, for the tiny and
+//! SD1.5 presets built from random weights: the dense forward with each attention kernel,
+//! and the cached-mode forward at a 20% mask; then, for SD1.5, the dense and cached steps'
+//! times and a rank-64 LoRA patch of every attention projection.
 //!
 //! The kernels are checked one by one elsewhere; this checks that they compose into the same
 //! network (layer order, skips, broadcasts) at real sizes.
@@ -8,8 +10,10 @@ use std::time::Instant;
 
 use retouch_kernels::cuda::selftest::max_err;
 use retouch_kernels::cuda::{AttentionKernel, CudaDevice, CudaTensor};
-use retouch_kernels::{Device, Tensor};
+use retouch_kernels::{DType, Device, Tensor};
+use retouch_models::nn::gpu::GpuStepCache;
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
+use retouch_models::unet::{CachedSegment, GpuCachedSegment, UNet, token_levels};
 
 /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: both sides compute in f32,
 /// so only summation order differs, through a few dozen layers.
@@ -81,13 +85,22 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
                 if passed { "PASS" } else { "FAIL" }
             );
         }
-        if all_passed && preset == Preset::Sd15 {
-            print_step_time(dev, &unet, &sample, &timesteps, &context, preset)?;
+        let dense_ms = if all_passed && preset == Preset::Sd15 {
+            Some(print_step_time(
+                dev, &unet, &sample, &timesteps, &context, preset,
+            )?)
+        } else {
+            None
+        };
+        let inputs = (&sample, timesteps.as_slice(), &context);
+        let cached_passed = check_cached_step(dev, &unet, inputs, preset, dense_ms)?;
+        failed += usize::from(!cached_passed);
+        if dense_ms.is_some() {
             print_lora_patch_time(dev, &mut unet, LORA_RANK)?;
         }
     }
     dev.set_attention_kernel(chosen);
-    Ok((PRESETS.len() * KERNELS.len(), failed))
+    Ok((PRESETS.len() * (KERNELS.len() + 1), failed))
 }
 
 /// The rank of the LoRA whose patch is timed (on every attention projection).
@@ -99,7 +112,7 @@ const LORA_RANK: usize = 64;
 /// patched: this runs after the checks and the step timing.
 fn print_lora_patch_time(
     dev: &CudaDevice,
-    unet: &mut retouch_models::unet::UNet,
+    unet: &mut UNet,
     rank: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut projections = unet.attention_projections_mut();
@@ -139,42 +152,153 @@ fn print_lora_patch_time(
     Ok(())
 }
 
-/// Median wall time of the dense step with inputs already on the device (10 runs after 2
-/// warm-ups, each ended by a synchronize).
+/// Median and minimum wall time in ms of `step` (10 runs after 2 warm-ups, each ended by a
+/// synchronize).
+fn time_step(
+    dev: &CudaDevice,
+    mut step: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let mut times = Vec::new();
+    for run in 0..12 {
+        let start = Instant::now();
+        step()?;
+        dev.synchronize()?;
+        if run >= 2 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
+/// Times the dense step with each attention kernel (inputs already on the device); returns
+/// the default kernel's median.
 fn print_step_time(
     dev: &CudaDevice,
-    unet: &retouch_models::unet::UNet,
+    unet: &UNet,
     sample: &Tensor,
     timesteps: &[f32],
     context: &Tensor,
     preset: Preset,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<f64, Box<dyn std::error::Error>> {
     let sample = CudaTensor::upload(dev, sample)?;
     let context = CudaTensor::upload(dev, context)?;
     let chosen = dev.attention_kernel();
+    let mut default_median = f64::NAN;
     for kernel in KERNELS {
         dev.set_attention_kernel(kernel);
-        let mut times = Vec::new();
-        for run in 0..12 {
-            let start = Instant::now();
+        let (median, min) = time_step(dev, || {
             unet.forward_gpu(dev, &sample, timesteps, &context)?;
-            dev.synchronize()?;
-            if run >= 2 {
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
+            Ok(())
+        })?;
+        if kernel == chosen {
+            default_median = median;
         }
-        times.sort_by(f64::total_cmp);
         println!(
             "unet {} dense step on the GPU, f32, attention {kernel:?}, batch 2 at {}x{}: \
-             median {:.2} ms, min {:.2} ms ({} runs)",
+             median {median:.2} ms, min {min:.2} ms (10 runs)",
             preset.name(),
             sample.shape()[1],
             sample.shape()[2],
-            times[times.len() / 2],
-            times[0],
-            times.len()
         );
     }
     dev.set_attention_kernel(chosen);
-    Ok(())
+    Ok(default_median)
+}
+
+/// The latent mask of the cached-step check: a centred square over this share of the grid.
+const MASK_RATIO: f64 = 0.2;
+
+/// Cached mode on the GPU against the host: the step recorded as a template (f16 cache),
+/// then a masked step of both CFG branches on a centred 20% mask (halo 1) on each side.
+/// Prints the check row, and with `dense_ms` the GPU step's time against the dense step's.
+/// Returns whether it passed.
+fn check_cached_step(
+    dev: &CudaDevice,
+    unet: &UNet,
+    (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
+    preset: Preset,
+    dense_ms: Option<f64>,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let s = sample.shape().to_vec();
+    let (batch, side, channels) = (s[0], s[1], s[3]);
+    let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
+    let blocks = unet.config().block_out_channels.len();
+    let mask = centred_mask(side, MASK_RATIO);
+    let levels = token_levels(&mask, side, side, blocks, 1)?;
+    let positions = levels[0].positions();
+    let n = positions.len();
+    let index: Vec<u32> = (0..batch)
+        .flat_map(|b| positions.iter().map(move |&p| p + (b * side * side) as u32))
+        .collect();
+    let rows = sample
+        .clone()
+        .reshape(&[batch * side * side, channels])?
+        .gather_rows(&index)?;
+    let cpu = unet.forward_masked(
+        &rows.clone().reshape(&[batch, n, channels])?,
+        timesteps,
+        context,
+        &cache,
+        &levels,
+    )?;
+    let device_cache = GpuStepCache::upload(dev, &cache)?;
+    let contexts = context.split_batch(&vec![1; batch])?;
+    let segments: Vec<GpuCachedSegment<'_>> = (0..batch)
+        .map(|branch| GpuCachedSegment {
+            host: CachedSegment {
+                levels: &levels,
+                cache: &cache,
+                branch,
+                timestep: timesteps[branch],
+                context: &contexts[branch],
+            },
+            device: &device_cache,
+        })
+        .collect();
+    let gpu_rows = CudaTensor::upload(dev, &rows)?;
+    let gpu = unet
+        .forward_gpu_ragged(dev, &gpu_rows, &segments)?
+        .download(dev)?;
+    let cpu = cpu.reshape(&[batch * n, gpu.shape()[1]])?;
+    let rel = rel_l2(&gpu, &cpu);
+    let passed = rel <= REL_L2_TOL;
+    println!(
+        "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
+        format!("unet {} cached", preset.name()),
+        format!("{}% {batch}x{n}", MASK_RATIO * 100.0),
+        max_err(&gpu, &cpu),
+        rel,
+        REL_L2_TOL,
+        if passed { "PASS" } else { "FAIL" }
+    );
+    if let (true, Some(dense_ms)) = (passed, dense_ms) {
+        let (median, min) = time_step(dev, || {
+            unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
+            Ok(())
+        })?;
+        println!(
+            "unet {} cached step on the GPU, f32 (f16 cache, {:.0} MB on the device), mask \
+             {}% ({n} of {} positions active with the halo), batch 2: median {median:.2} ms, \
+             min {min:.2} ms (10 runs); {:.3}x the dense step",
+            preset.name(),
+            device_cache.size_in_bytes() as f64 / 1e6,
+            MASK_RATIO * 100.0,
+            side * side,
+            median / dense_ms
+        );
+    }
+    Ok(passed)
+}
+
+/// A centred square of `ratio` of a `side x side` grid.
+fn centred_mask(side: usize, ratio: f64) -> Vec<bool> {
+    let box_side = ((ratio * (side * side) as f64).sqrt().round() as usize).clamp(1, side);
+    let start = (side - box_side) / 2;
+    (0..side * side)
+        .map(|p| {
+            let (y, x) = (p / side, p % side);
+            (start..start + box_side).contains(&y) && (start..start + box_side).contains(&x)
+        })
+        .collect()
 }
