@@ -85,6 +85,8 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
                 if passed { "PASS" } else { "FAIL" }
             );
         }
+        // Back to the default kernel for the timings and the cached step.
+        dev.set_attention_kernel(chosen);
         let dense_ms = if all_passed && preset == Preset::Sd15 {
             Some(print_step_time(
                 dev, &unet, &sample, &timesteps, &context, preset,
@@ -152,23 +154,39 @@ fn print_lora_patch_time(
     Ok(())
 }
 
-/// Median and minimum wall time in ms of `step` (10 runs after 2 warm-ups, each ended by a
-/// synchronize).
+/// Wall times in ms of `step` (10 runs after 2 warm-ups, each ended by a synchronize):
+/// the median and minimum, and the median time until `step` returned, before the
+/// synchronize (the host's share: launching, uploads; equal to the total when the GPU waits
+/// on the host).
+struct StepTime {
+    median: f64,
+    min: f64,
+    enqueue: f64,
+}
+
 fn time_step(
     dev: &CudaDevice,
     mut step: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
-) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+) -> Result<StepTime, Box<dyn std::error::Error>> {
     let mut times = Vec::new();
+    let mut enqueue = Vec::new();
     for run in 0..12 {
         let start = Instant::now();
         step()?;
+        let queued = start.elapsed();
         dev.synchronize()?;
         if run >= 2 {
             times.push(start.elapsed().as_secs_f64() * 1e3);
+            enqueue.push(queued.as_secs_f64() * 1e3);
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0]))
+    enqueue.sort_by(f64::total_cmp);
+    Ok(StepTime {
+        median: times[times.len() / 2],
+        min: times[0],
+        enqueue: enqueue[enqueue.len() / 2],
+    })
 }
 
 /// Times the dense step with each attention kernel (inputs already on the device); returns
@@ -187,19 +205,22 @@ fn print_step_time(
     let mut default_median = f64::NAN;
     for kernel in KERNELS {
         dev.set_attention_kernel(kernel);
-        let (median, min) = time_step(dev, || {
+        let t = time_step(dev, || {
             unet.forward_gpu(dev, &sample, timesteps, &context)?;
             Ok(())
         })?;
         if kernel == chosen {
-            default_median = median;
+            default_median = t.median;
         }
         println!(
             "unet {} dense step on the GPU, f32, attention {kernel:?}, batch 2 at {}x{}: \
-             median {median:.2} ms, min {min:.2} ms (10 runs)",
+             median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs)",
             preset.name(),
             sample.shape()[1],
             sample.shape()[2],
+            t.median,
+            t.min,
+            t.enqueue,
         );
     }
     dev.set_attention_kernel(chosen);
@@ -273,19 +294,44 @@ fn check_cached_step(
         if passed { "PASS" } else { "FAIL" }
     );
     if let (true, Some(dense_ms)) = (passed, dense_ms) {
-        let (median, min) = time_step(dev, || {
+        let t = time_step(dev, || {
             unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
             Ok(())
         })?;
         println!(
             "unet {} cached step on the GPU, f32 (f16 cache, {:.0} MB on the device), mask \
-             {}% ({n} of {} positions active with the halo), batch 2: median {median:.2} ms, \
-             min {min:.2} ms (10 runs); {:.3}x the dense step",
+             {}% ({n} of {} positions active with the halo), batch 2: median {:.2} ms, \
+             min {:.2} ms, host enqueue {:.2} ms (10 runs); {:.3}x the dense step",
             preset.name(),
             device_cache.size_in_bytes() as f64 / 1e6,
             MASK_RATIO * 100.0,
             side * side,
-            median / dense_ms
+            t.median,
+            t.min,
+            t.enqueue,
+            t.median / dense_ms
+        );
+        // Four such edits fused into one ragged step (8 segments), as the worker batches
+        // them: the cost per edit against one edit alone.
+        const FUSED: usize = 4;
+        let fused_segments: Vec<GpuCachedSegment<'_>> =
+            segments.iter().copied().cycle().take(FUSED * batch).collect();
+        let fused_rows = CudaTensor::upload(
+            dev,
+            &Tensor::concat_batch(&[&rows; FUSED])?,
+        )?;
+        let fused = time_step(dev, || {
+            unet.forward_gpu_ragged(dev, &fused_rows, &fused_segments)?;
+            Ok(())
+        })?;
+        println!(
+            "unet {} {FUSED} cached edits fused into one step: median {:.2} ms, host enqueue \
+             {:.2} ms; {:.2} ms per edit, {:.3}x one edit alone",
+            preset.name(),
+            fused.median,
+            fused.enqueue,
+            fused.median / FUSED as f64,
+            fused.median / FUSED as f64 / t.median
         );
     }
     Ok(passed)
