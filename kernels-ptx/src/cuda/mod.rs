@@ -84,6 +84,10 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(e.to_string()))?;
+        // SAFETY: every launch, copy and free of this device goes to its one stream, so
+        // stream order alone orders them; cudarc's per-buffer events (two created and
+        // destroyed per allocation) would only guard against other streams.
+        unsafe { ctx.disable_event_tracking() };
         let compute_capability = ctx
             .compute_capability()
             .map_err(|e| unavailable(e.to_string()))?;
