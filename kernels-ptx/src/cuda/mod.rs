@@ -56,6 +56,28 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Lets the device's stream-ordered memory pool keep freed memory across synchronizations.
+/// By default it hands everything back to the driver at each synchronize, and the next step
+/// maps it again, allocation by allocation. A device without pools keeps its default.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: the context is current on this thread (CudaContext::new binds it); `pool` and
+    // `threshold` outlive the calls, and the attribute takes a u64.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            == sys::CUresult::CUDA_SUCCESS
+        {
+            let mut threshold = u64::MAX;
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            );
+        }
+    }
+}
+
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Cuda {
         op,
@@ -88,6 +110,7 @@ impl CudaDevice {
         // stream order alone orders them; cudarc's per-buffer events (two created and
         // destroyed per allocation) would only guard against other streams.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let compute_capability = ctx
             .compute_capability()
             .map_err(|e| unavailable(e.to_string()))?;
