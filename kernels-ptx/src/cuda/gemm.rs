@@ -58,7 +58,10 @@ fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
     }
     let target = 2 * sms;
     let by_k = k.div_ceil(16) / MIN_TILES_PER_SPLIT;
-    target.div_ceil(blocks.max(1)).min(by_k).clamp(1, MAX_SPLITS)
+    target
+        .div_ceil(blocks.max(1))
+        .min(by_k)
+        .clamp(1, MAX_SPLITS)
 }
 
 /// What a CUDA-core GEMM or conv launch writes: C itself, or (split-K) a `[splits, m, n]`

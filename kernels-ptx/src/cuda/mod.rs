@@ -65,8 +65,7 @@ fn keep_pool_memory(ctx: &CudaContext) {
     // SAFETY: the context is current on this thread (CudaContext::new binds it); `pool` and
     // `threshold` outlive the calls, and the attribute takes a u64.
     unsafe {
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            == sys::CUresult::CUDA_SUCCESS
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
         {
             let mut threshold = u64::MAX;
             let _ = sys::cuMemPoolSetAttribute(

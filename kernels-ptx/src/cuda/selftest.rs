@@ -429,14 +429,25 @@ impl Runner<'_> {
     fn gemm(&mut self) -> Result<()> {
         // Long k over few output tiles: split-K launches (several k-slices, then the
         // reduction applying alpha, beta and the bias).
-        for (m, k, n) in [(7, 2880, 77), (333, 1283, 320), (1, 11520, 5), (130, 5120, 64)] {
+        for (m, k, n) in [
+            (7, 2880, 77),
+            (333, 1283, 320),
+            (1, 11520, 5),
+            (130, 5120, 64),
+        ] {
             let a = self.randn(&[m, k]);
             let w = self.randn(&[n, k]);
             let bias = self.randn(&[n]);
             let (ga, gw, gbias) = (self.up(&a)?, self.up(&w)?, self.up(&bias)?);
             let got = self.dev.linear(&ga, &gw, Some(&gbias))?;
             let want = a.linear(&w, Some(&bias))?;
-            self.record("linear splitk", format!("{m}x{k}x{n}"), &got, &want, GEMM_TOL)?;
+            self.record(
+                "linear splitk",
+                format!("{m}x{k}x{n}"),
+                &got,
+                &want,
+                GEMM_TOL,
+            )?;
             let b = self.randn(&[k, n]);
             let c0 = self.randn(&[m, n]);
             let mut gc = self.up(&c0)?;
@@ -448,7 +459,13 @@ impl Runner<'_> {
                 .affine(0.5, 0.0)?
                 .add(&c0.affine(-2.0, 0.0)?)?
                 .add(&bias)?;
-            self.record("gemm_ab splitk", format!("{m}x{k}x{n}"), &gc, &want, GEMM_TOL)?;
+            self.record(
+                "gemm_ab splitk",
+                format!("{m}x{k}x{n}"),
+                &gc,
+                &want,
+                GEMM_TOL,
+            )?;
         }
         for m in ROWS {
             for k in [3, 40, 77, 320] {
@@ -547,7 +564,9 @@ impl Runner<'_> {
             let w = self.conv_weight(cout, cin, 3, 3, bias)?;
             let gw = CudaConv2dWeight::upload(self.dev, &w)?;
             let x = self.randn(&[2, 8, 8, cin]);
-            let got = self.dev.conv2d(&self.up(&x)?, &gw, Conv2dParams::SAME_3X3)?;
+            let got = self
+                .dev
+                .conv2d(&self.up(&x)?, &gw, Conv2dParams::SAME_3X3)?;
             let want = x.conv2d(&w, Conv2dParams::SAME_3X3)?;
             let size = format!("2x8x8x{cin}->{cout} 3x3/1 p1");
             self.record("conv2d splitk", size, &got, &want, GEMM_TOL)?;
@@ -713,7 +732,12 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     // tokens, with each attention kernel.
     for (lk, name_rows, name_tiles, name_flash) in [
         (4096, "self-attn rows", "self-attn tiles", "self-attn flash"),
-        (77, "cross-attn rows", "cross-attn tiles", "cross-attn flash"),
+        (
+            77,
+            "cross-attn rows",
+            "cross-attn tiles",
+            "cross-attn flash",
+        ),
     ] {
         let (batch, lq, c, heads) = (2, 4096, 320, 8);
         let (q, k, v) = (

@@ -130,7 +130,10 @@ impl<T: GpuElement> CudaTensor<T> {
         {
             return shape_err(
                 "concat_rows",
-                format!("parts {:?} and {:?} differ past dimension 0", first.shape, bad.shape),
+                format!(
+                    "parts {:?} and {:?} differ past dimension 0",
+                    first.shape, bad.shape
+                ),
             );
         }
         let rows: usize = parts.iter().map(|p| p.shape[0]).sum();

@@ -153,8 +153,13 @@ impl Attention {
         let mut outs = Vec::with_capacity(segments);
         for (i, q_i) in qs.into_iter().enumerate() {
             let c = q_i.shape()[1];
-            let attended =
-                dev.attention(&q_i.reshape(&[1, rows[i], c])?, &ks[i], &vs[i], self.heads, false)?;
+            let attended = dev.attention(
+                &q_i.reshape(&[1, rows[i], c])?,
+                &ks[i],
+                &vs[i],
+                self.heads,
+                false,
+            )?;
             outs.push(attended.reshape(&[rows[i], c])?);
         }
         let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;

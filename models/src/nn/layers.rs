@@ -126,12 +126,14 @@ impl Conv2d {
             .iter()
             .zip(maps)
             .zip(active.into_iter().zip(outputs))
-            .map(|((fresh, cached), (active, outputs))| CudaMaskedConvSegment {
-                fresh,
-                active,
-                cached,
-                outputs,
-            })
+            .map(
+                |((fresh, cached), (active, outputs))| CudaMaskedConvSegment {
+                    fresh,
+                    active,
+                    cached,
+                    outputs,
+                },
+            )
             .collect();
         Ok(dev.masked_conv2d(w, &segments, self.params)?)
     }
@@ -208,10 +210,7 @@ impl GroupNorm {
     }
 
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
-        self.gpu = Some((
-            upload_f32(dev, &self.gamma)?,
-            upload_f32(dev, &self.beta)?,
-        ));
+        self.gpu = Some((upload_f32(dev, &self.gamma)?, upload_f32(dev, &self.beta)?));
         Ok(())
     }
 
@@ -280,10 +279,7 @@ impl LayerNorm {
     }
 
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
-        self.gpu = Some((
-            upload_f32(dev, &self.gamma)?,
-            upload_f32(dev, &self.beta)?,
-        ));
+        self.gpu = Some((upload_f32(dev, &self.gamma)?, upload_f32(dev, &self.beta)?));
         Ok(())
     }
 

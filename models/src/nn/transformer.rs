@@ -75,11 +75,15 @@ impl TransformerBlock {
             .attn1
             .forward_gpu(dev, &self.norm1.forward_gpu(dev, &x)?, None)?;
         let x = dev.add(&x, &attn)?;
-        let attn =
-            self.attn2
-                .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
+        let attn = self
+            .attn2
+            .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
         let x = dev.add(&x, &attn)?;
-        let hidden = dev.geglu(&self.ff_in.forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?)?;
+        let hidden = dev.geglu(
+            &self
+                .ff_in
+                .forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?,
+        )?;
         let ff = self.ff_out.forward_gpu(dev, &hidden)?;
         Ok(dev.add(&x, &ff)?)
     }
@@ -103,7 +107,11 @@ impl TransformerBlock {
             m,
         )?;
         let x = dev.add(&x, &attn)?;
-        let hidden = dev.geglu(&self.ff_in.forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?)?;
+        let hidden = dev.geglu(
+            &self
+                .ff_in
+                .forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?,
+        )?;
         let ff = self.ff_out.forward_gpu(dev, &hidden)?;
         Ok(dev.add(&x, &ff)?)
     }
@@ -222,7 +230,10 @@ impl Transformer2D {
         let shape = x.shape().to_vec();
         let (b, c) = (shape[0], shape[shape.len() - 1]);
         let tokens = x.elem_count() / (b * c).max(1);
-        let normed = self.norm.forward_gpu(dev, x, false)?.reshape(&[b, tokens, c])?;
+        let normed = self
+            .norm
+            .forward_gpu(dev, x, false)?
+            .reshape(&[b, tokens, c])?;
         let mut h = self.proj_in.forward_gpu(dev, &normed)?;
         for block in &self.blocks {
             h = block.forward_gpu(dev, h, context)?;

@@ -394,7 +394,9 @@ impl UNet {
         let mut skips = vec![self.conv_in.forward_gpu(dev, sample)?];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let prev = skips
+                    .last()
+                    .expect("the stack starts with conv_in's output");
                 let mut h = resnet.forward_gpu(dev, prev, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward_gpu(dev, &h, context)?;
@@ -402,14 +404,18 @@ impl UNet {
                 skips.push(h);
             }
             if let Some(conv) = &block.downsample {
-                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let prev = skips
+                    .last()
+                    .expect("the stack starts with conv_in's output");
                 let h = conv.forward_gpu(dev, prev)?;
                 skips.push(h);
             }
         }
         let mut h = self.mid.resnet_in.forward_gpu(
             dev,
-            skips.last().expect("the stack starts with conv_in's output"),
+            skips
+                .last()
+                .expect("the stack starts with conv_in's output"),
             Some(&temb),
         )?;
         h = self.mid.attention.forward_gpu(dev, &h, context)?;
@@ -447,7 +453,9 @@ impl UNet {
         let mut skips = vec![self.conv_in.forward_gpu_masked(dev, rows, m, None)?];
         for (level, block) in self.down.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let prev = skips
+                    .last()
+                    .expect("the stack starts with conv_in's output");
                 let mut h = resnet.forward_gpu_masked(dev, prev, Some(&temb), m)?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward_gpu_masked(dev, &h, context, m)?;
@@ -455,7 +463,9 @@ impl UNet {
                 skips.push(h);
             }
             if let Some(conv) = &block.downsample {
-                let prev = skips.last().expect("the stack starts with conv_in's output");
+                let prev = skips
+                    .last()
+                    .expect("the stack starts with conv_in's output");
                 let h = conv.forward_gpu_masked(dev, prev, m, Some(level + 1))?;
                 m.host_mut().set_level(level + 1);
                 skips.push(h);
@@ -463,12 +473,17 @@ impl UNet {
         }
         let mut h = self.mid.resnet_in.forward_gpu_masked(
             dev,
-            skips.last().expect("the stack starts with conv_in's output"),
+            skips
+                .last()
+                .expect("the stack starts with conv_in's output"),
             Some(&temb),
             m,
         )?;
         h = self.mid.attention.forward_gpu_masked(dev, &h, context, m)?;
-        h = self.mid.resnet_out.forward_gpu_masked(dev, &h, Some(&temb), m)?;
+        h = self
+            .mid
+            .resnet_out
+            .forward_gpu_masked(dev, &h, Some(&temb), m)?;
 
         let top = self.up.len() - 1;
         for (i, block) in self.up.iter().enumerate() {

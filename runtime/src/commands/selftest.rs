@@ -50,7 +50,11 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let groups: Vec<&str> = if args.groups.is_empty() {
-        selftest::GROUPS.iter().copied().chain([UNET_GROUP]).collect()
+        selftest::GROUPS
+            .iter()
+            .copied()
+            .chain([UNET_GROUP])
+            .collect()
     } else {
         args.groups.iter().map(String::as_str).collect()
     };

@@ -40,7 +40,11 @@ fn rel_l2(gpu: &Tensor, cpu: &Tensor) -> f32 {
     if g.len() != c.len() {
         return f32::INFINITY;
     }
-    let diff: f64 = g.iter().zip(&c).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+    let diff: f64 = g
+        .iter()
+        .zip(&c)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
     let norm: f64 = c.iter().map(|b| f64::from(*b).powi(2)).sum();
     (diff / norm.max(f64::MIN_POSITIVE)).sqrt() as f32
 }
@@ -129,7 +133,10 @@ fn print_lora_patch_time(
         let seed = 100 + 2 * i as u64;
         let up = Tensor::randn(&[out, rank], seed, Device::Cpu).affine(0.01, 0.0)?;
         let down = Tensor::randn(&[rank, inp], seed + 1, Device::Cpu);
-        factors.push((CudaTensor::upload(dev, &up)?, CudaTensor::upload(dev, &down)?));
+        factors.push((
+            CudaTensor::upload(dev, &up)?,
+            CudaTensor::upload(dev, &down)?,
+        ));
     }
     dev.synchronize()?;
     let mut times = Vec::new();
@@ -314,12 +321,13 @@ fn check_cached_step(
         // Four such edits fused into one ragged step (8 segments), as the worker batches
         // them: the cost per edit against one edit alone.
         const FUSED: usize = 4;
-        let fused_segments: Vec<GpuCachedSegment<'_>> =
-            segments.iter().copied().cycle().take(FUSED * batch).collect();
-        let fused_rows = CudaTensor::upload(
-            dev,
-            &Tensor::concat_batch(&[&rows; FUSED])?,
-        )?;
+        let fused_segments: Vec<GpuCachedSegment<'_>> = segments
+            .iter()
+            .copied()
+            .cycle()
+            .take(FUSED * batch)
+            .collect();
+        let fused_rows = CudaTensor::upload(dev, &Tensor::concat_batch(&[&rows; FUSED])?)?;
         let fused = time_step(dev, || {
             unet.forward_gpu_ragged(dev, &fused_rows, &fused_segments)?;
             Ok(())
