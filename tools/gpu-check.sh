@@ -3,7 +3,8 @@
 #   1. ptxas (the machine's CUDA toolkit) assembles the committed PTX, as CI does with its wheel;
 #   2. `retouch selftest --device cuda:0 --group G` for each check group, each in its own
 #      process, so a kernel that faults hides only its own group;
-#   3. `retouch selftest --timings`: the GEMM/conv kernels at SD1.5 sizes (GFLOP/s);
+#   3. `retouch selftest --timings`: the GEMM/conv/attention kernels at SD1.5 sizes (GFLOP/s),
+#      and `retouch bench --unet sd15` on the GPU (dense against cached steps, 5-100% masks);
 #   4. tools/gpu-reference.py: PyTorch at the same shapes, and diffusers' dense UNet step of
 #      the sd15 preset (diffusers from carried wheels in .whl/, when there).
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
@@ -13,8 +14,8 @@
 #                   $CARGO_TARGET_DIR/release/retouch); build it with
 #                   `cargo build --release -p retouch-runtime`.
 #   OUT             output folder (default ./gpu-check-out).
-# Exit status: non-zero when any selftest group fails (or cannot run). Bounded to about
-# 8 minutes by per-step timeouts.
+# Exit status: non-zero when any selftest group fails (or cannot run). Each step has its own
+# timeout; the whole check took 76 s on an H100 (docs/gpu.md, run 7, before the bench step).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-${CARGO_TARGET_DIR:-$root/target}/release/retouch}"
@@ -65,6 +66,11 @@ run_checks() {
     echo
     echo "== retouch selftest --device cuda:0 --timings (rows of failed groups mean nothing)"
     timeout 90 "$bin" selftest --device cuda:0 --timings || echo "timings exit status $?"
+
+    echo
+    echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
+    timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
+        --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
 
     echo
     echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"

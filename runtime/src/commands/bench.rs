@@ -4,6 +4,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use retouch_kernels::Device;
 use retouch_kernels::bench::{self, Measurement};
+use retouch_kernels::cuda::CudaDevice;
 use retouch_models::random_pipeline::Preset;
 
 use super::bench_unet;
@@ -12,8 +13,9 @@ use super::random_model::PresetArg;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Device to run on: `cpu` (GPU benchmarks are not written yet; `retouch selftest
-    /// --device cuda:N` checks the GPU kernels).
+    /// Device to run on: `cpu`, or `cuda:N` for the UNet steps (`--unet`: the weights
+    /// uploaded, the dense and cached steps run on the GPU, each run synchronised; the
+    /// kernels themselves are timed by `retouch selftest --device cuda:N --timings`).
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Skip the largest cases (the 4096^3 GEMM, the smaller conv shapes).
@@ -75,12 +77,16 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             if args.batch == 0 {
                 return Err("--batch must be at least 1".into());
             }
-            bench_unet::unet_cases(preset, &args.mask_ratios, args.halo, args.batch)
+            let gpu = match args.device {
+                Device::Cpu => None,
+                device => Some(CudaDevice::for_device(device)?),
+            };
+            bench_unet::unet_cases(preset, &args.mask_ratios, args.halo, args.batch, gpu)
         }
         None if args.device != Device::Cpu => {
             return Err(format!(
-                "{} is not available for benchmarks: no GPU benchmarks are written yet \
-                 (`retouch selftest --device {}` checks the GPU kernels)",
+                "the kernel benchmarks run on the CPU only; on {} give --unet PRESET (the UNet \
+                 steps), and `retouch selftest --device {} --timings` times the GPU kernels",
                 args.device, args.device
             )
             .into());

@@ -6,10 +6,12 @@ use std::cell::OnceCell;
 use std::rc::Rc;
 
 use retouch_kernels::bench::BenchCase;
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{DType, Device, Tensor, TokenSet};
 use retouch_models::nn::exec::StepCache;
+use retouch_models::nn::gpu::GpuStepCache;
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
-use retouch_models::unet::{CachedSegment, UNet, token_levels};
+use retouch_models::unet::{CachedSegment, GpuCachedSegment, UNet, token_levels};
 
 /// A classifier-free-guidance batch: the conditional and unconditional branch.
 const BATCH: usize = 2;
@@ -26,6 +28,10 @@ struct Shared {
     unet: OnceCell<Rc<UNet>>,
     inputs: OnceCell<Rc<(Tensor, Tensor)>>,
     cache: OnceCell<Rc<StepCache>>,
+    /// With `--device cuda:N`: the device, the UNet's weights are uploaded to it, and the
+    /// steps run there (the recorded step too is uploaded, as f16).
+    gpu: Option<Rc<CudaDevice>>,
+    gpu_cache: OnceCell<Rc<GpuStepCache>>,
 }
 
 impl Shared {
@@ -33,12 +39,24 @@ impl Shared {
         if let Some(unet) = self.unet.get() {
             return Ok(unet.clone());
         }
-        let unet = Rc::new(
-            RandomPipeline::new(self.preset)
-                .unet()
-                .map_err(kernel_error)?,
-        );
+        let mut unet = RandomPipeline::new(self.preset)
+            .unet()
+            .map_err(kernel_error)?;
+        if let Some(dev) = &self.gpu {
+            unet.upload(dev).map_err(kernel_error)?;
+        }
+        let unet = Rc::new(unet);
         Ok(self.unet.get_or_init(|| unet).clone())
+    }
+
+    /// The recorded step in device memory (with `--device cuda:N`).
+    fn gpu_cache(&self, dev: &CudaDevice) -> retouch_kernels::Result<Rc<GpuStepCache>> {
+        if let Some(cache) = self.gpu_cache.get() {
+            return Ok(cache.clone());
+        }
+        let host = self.cache()?;
+        let cache = Rc::new(GpuStepCache::upload(dev, &host).map_err(kernel_error)?);
+        Ok(self.gpu_cache.get_or_init(|| cache).clone())
     }
 
     /// `(sample, context)`: random latents `[2, s, s, c]` and a random 77-token context.
@@ -75,6 +93,7 @@ pub fn unet_cases(
     mask_percents: &[f64],
     halo: usize,
     batch: usize,
+    gpu: Option<CudaDevice>,
 ) -> Vec<BenchCase> {
     let config = preset.unet_config();
     let dim = |key: &str| {
@@ -93,6 +112,8 @@ pub fn unet_cases(
         unet: OnceCell::new(),
         inputs: OnceCell::new(),
         cache: OnceCell::new(),
+        gpu: gpu.map(Rc::new),
+        gpu_cache: OnceCell::new(),
     });
     let image = preset.image_size();
     let dense_name = format!("unet step {} {image}x{image} cfg{BATCH}", preset.name());
@@ -134,6 +155,16 @@ fn dense_case(shared: &Rc<Shared>, name: String) -> BenchCase {
         setup: Box::new(move || {
             let unet = shared.unet()?;
             let inputs = shared.inputs();
+            if let Some(dev) = shared.gpu.clone() {
+                // Inputs uploaded once; each run ends with a synchronize.
+                let sample = CudaTensor::upload(&dev, &inputs.0)?;
+                let context = CudaTensor::upload(&dev, &inputs.1)?;
+                return Ok(Box::new(move || {
+                    unet.forward_gpu(&dev, &sample, &[TIMESTEP; BATCH], &context)
+                        .map_err(kernel_error)?;
+                    dev.synchronize()
+                }));
+            }
             Ok(Box::new(move || {
                 unet.forward(&inputs.0, &[TIMESTEP; BATCH], &inputs.1)
                     .map(drop)
@@ -164,6 +195,28 @@ fn masked_runner(
         .gather_rows(&index)?
         .reshape(&[BATCH, positions.len(), c])?;
     let levels = levels.to_vec();
+    if let Some(dev) = shared.gpu.clone() {
+        let device_cache = shared.gpu_cache(&dev)?;
+        let rows = CudaTensor::upload(&dev, &rows.reshape(&[BATCH * positions.len(), c])?)?;
+        let contexts = inputs.1.split_batch(&[1; BATCH])?;
+        return Ok(Box::new(move || {
+            let segments: Vec<GpuCachedSegment<'_>> = (0..BATCH)
+                .map(|branch| GpuCachedSegment {
+                    host: CachedSegment {
+                        levels: &levels,
+                        cache: &cache,
+                        branch,
+                        timestep: TIMESTEP,
+                        context: &contexts[branch],
+                    },
+                    device: &device_cache,
+                })
+                .collect();
+            unet.forward_gpu_ragged(&dev, &rows, &segments)
+                .map_err(kernel_error)?;
+            dev.synchronize()
+        }));
+    }
     Ok(Box::new(move || {
         unet.forward_masked(&rows, &[TIMESTEP; BATCH], &inputs.1, &cache, &levels)
             .map(drop)
@@ -260,6 +313,43 @@ fn batch_runner(
     }
     let timestep = |i: usize| TIMESTEP - 10.0 * i as f32;
     let edits = edits.to_vec();
+    if let Some(dev) = shared.gpu.clone() {
+        let device_cache = shared.gpu_cache(&dev)?;
+        let rows = rows
+            .iter()
+            .map(|r| CudaTensor::upload(&dev, r))
+            .collect::<retouch_kernels::Result<Vec<_>>>()?;
+        let packed = CudaTensor::concat_rows(&dev, &rows.iter().collect::<Vec<_>>())?;
+        return Ok(Box::new(move || {
+            // Each edit's two CFG branches are two segments.
+            let device_cache = &*device_cache;
+            let segments_of = |i: usize| {
+                let (levels, cache, contexts) = (&edits[i], &*cache, &contexts[i]);
+                (0..BATCH).map(move |branch| GpuCachedSegment {
+                    host: CachedSegment {
+                        levels,
+                        cache,
+                        branch,
+                        timestep: timestep(i),
+                        context: &contexts[branch],
+                    },
+                    device: device_cache,
+                })
+            };
+            if fused {
+                let segments: Vec<_> = (0..edits.len()).flat_map(segments_of).collect();
+                unet.forward_gpu_ragged(&dev, &packed, &segments)
+                    .map_err(kernel_error)?;
+            } else {
+                for (i, rows) in rows.iter().enumerate() {
+                    let segments: Vec<_> = segments_of(i).collect();
+                    unet.forward_gpu_ragged(&dev, rows, &segments)
+                        .map_err(kernel_error)?;
+                }
+            }
+            dev.synchronize()
+        }));
+    }
     if !fused {
         return Ok(Box::new(move || {
             for (i, (levels, rows)) in edits.iter().zip(&rows).enumerate() {
