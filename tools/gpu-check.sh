@@ -5,6 +5,7 @@
 #      process, so a kernel that faults hides only its own group;
 #   3. `retouch selftest --timings`: the GEMM/conv/attention kernels at SD1.5 sizes (GFLOP/s),
 #      and `retouch bench --unet sd15` on the GPU (dense against cached steps, 5-100% masks);
+#      then `retouch serve --device cuda:0` driven by `retouch replay` (a GPU worker end to end);
 #   4. tools/gpu-reference.py: PyTorch at the same shapes, and diffusers' dense UNet step of
 #      the sd15 preset (diffusers from carried wheels in .whl/, when there).
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
@@ -71,6 +72,26 @@ run_checks() {
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
         --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
+
+    echo
+    echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"
+    local port=8397
+    timeout 150 "$bin" serve --device cuda:0 --port "$port" >"$out/serve.log" 2>&1 &
+    local serve_pid=$!
+    local up=0
+    for _ in $(seq 1 60); do
+        if curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; then up=1; break; fi
+        sleep 1
+    done
+    if [ "$up" = 1 ]; then
+        timeout 100 "$bin" replay --url "http://127.0.0.1:$port" --rates 2 --requests 20 \
+            --templates 2 --seed 0 || echo "replay exit status $?"
+    else
+        echo "serve did not come up:"
+        tail -20 "$out/serve.log"
+    fi
+    kill -INT "$serve_pid" 2>/dev/null
+    wait "$serve_pid" 2>/dev/null
 
     echo
     echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"

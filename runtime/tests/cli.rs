@@ -64,6 +64,27 @@ fn an_unavailable_device_is_a_clear_error() {
     );
 }
 
+/// Without a driver, a CUDA worker or benchmark fails at start with the reason; on a GPU
+/// machine there is nothing to check here.
+#[test]
+fn cuda_without_a_driver_fails_at_start() {
+    if retouch_kernels::cuda::driver_present() {
+        return;
+    }
+    for args in [
+        &["bench", "--unet", "tiny", "--device", "cuda:0"][..],
+        &["serve", "--device", "cuda:0", "--port", "0"][..],
+    ] {
+        let out = retouch(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cuda:0") && err.contains("no CUDA driver"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 fn fixtures() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }

@@ -10,8 +10,10 @@ mod job;
 mod template;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use retouch_kernels::Tensor;
+use retouch_kernels::cuda::CudaDevice;
+use retouch_kernels::{Device, Tensor};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
 pub use image::{RgbImage, latents_to_image};
@@ -34,6 +36,8 @@ pub struct Pipeline {
     pub unet: UNet,
     pub vae: Vae,
     pub scheduler_config: SchedulerConfig,
+    /// The CUDA device the UNet's steps run on ([`Pipeline::use_device`]); None: the host.
+    gpu: Option<Arc<CudaDevice>>,
 }
 
 /// A text-to-image request, with diffusers' defaults in [`GenerateRequest::new`].
@@ -158,7 +162,28 @@ impl Pipeline {
                 dir.join("scheduler/scheduler_config.json"),
             )?,
             dir,
+            gpu: None,
         })
+    }
+
+    /// Runs the UNet's steps on `device` from now on: opens it (a clear error without a
+    /// driver) and uploads the UNet's weights. Dense steps and cached-mode steps run there;
+    /// template registrations (which record activations), the text encoder and the VAE stay
+    /// on the host. `Device::Cpu` keeps everything on the host.
+    pub fn use_device(&mut self, device: Device) -> Result<()> {
+        if device == Device::Cpu {
+            self.gpu = None;
+            return Ok(());
+        }
+        let dev = CudaDevice::for_device(device)?;
+        self.unet.upload(&dev)?;
+        self.gpu = Some(Arc::new(dev));
+        Ok(())
+    }
+
+    /// The device the UNet's steps run on, when not the host.
+    pub fn gpu(&self) -> Option<&CudaDevice> {
+        self.gpu.as_deref()
     }
 
     /// The image size the UNet was trained at (`sample_size` x VAE factor), else 512.

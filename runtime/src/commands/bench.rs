@@ -85,8 +85,9 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         None if args.device != Device::Cpu => {
             return Err(format!(
-                "the kernel benchmarks run on the CPU only; on {} give --unet PRESET (the UNet \
-                 steps), and `retouch selftest --device {} --timings` times the GPU kernels",
+                "the kernel benchmarks are not available on {}: they run on the CPU. Give \
+                 --unet PRESET to time the UNet steps there; `retouch selftest --device {} \
+                 --timings` times the GPU kernels",
                 args.device, args.device
             )
             .into());

@@ -16,7 +16,8 @@ pub struct ServeArgs {
     /// Pipeline folder; defaults to the built-in models/tiny.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A device to run a worker on (repeatable); only `cpu` exists so far.
+    /// A device to run a worker on (repeatable): `cpu`, or `cuda:N` (the worker's UNet steps
+    /// run on that GPU; templates are recorded, and text and images encoded, on the host).
     #[arg(long = "device", default_value = "cpu")]
     devices: Vec<Device>,
     /// CPU workers, splitting the cores between them (overrides the `cpu` count of --device).

@@ -217,11 +217,12 @@ impl Engine {
             .or_else(|| calibrate.and_then(|_| balancer::read_bandwidth(&config.model_dir)))
             .unwrap_or(CostModel::assumed().load_bytes_per_s);
         for (index, device) in config.devices.iter().enumerate() {
-            if *device != Device::Cpu {
-                return Err(format!("device {device:?} is not supported yet"));
-            }
-            let pipe = Pipeline::load(&config.model_dir, config.variant.as_deref())
+            let mut pipe = Pipeline::load(&config.model_dir, config.variant.as_deref())
                 .map_err(|e| format!("loading the model: {e}"))?;
+            // A CUDA worker runs its UNet steps on the device (a missing driver or device
+            // fails here, before any request is taken).
+            pipe.use_device(*device)
+                .map_err(|e| format!("worker {index} on {device}: {e}"))?;
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),
             });

@@ -8,12 +8,14 @@
 
 use std::time::Instant;
 
+use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{DType, Tensor};
 
 use super::{DenoiseJob, Kind, StepInput, UnetOutput};
 use crate::nn::exec::StepCache;
+use crate::nn::gpu::GpuStepCache;
 use crate::pipeline::Pipeline;
-use crate::unet::CachedSegment;
+use crate::unet::{CachedSegment, GpuCachedSegment};
 use crate::{Error, Result};
 
 /// Which jobs may share one UNet call.
@@ -221,9 +223,11 @@ fn run_cached(
         }
         sizes.push(input.input.dim(0)? * job.guidance.branches());
     }
-    let out = pipe
-        .unet
-        .forward_ragged(&Tensor::concat_batch(&rows)?, &segments)?;
+    let rows = Tensor::concat_batch(&rows)?;
+    let out = match pipe.gpu() {
+        Some(dev) => forward_ragged_on(pipe, dev, &rows, &segments)?,
+        None => pipe.unet.forward_ragged(&rows, &segments)?,
+    };
     Ok(out
         .split_batch(&sizes)?
         .into_iter()
@@ -232,6 +236,42 @@ fn run_cached(
             recorded: None,
         })
         .collect())
+}
+
+/// The ragged cached-mode forward on the pipeline's device: each distinct template step
+/// uploaded (as f16) for this call, the rows up, the prediction back. (A device tier that
+/// keeps uploaded steps across calls is the cache manager's next step.)
+fn forward_ragged_on(
+    pipe: &Pipeline,
+    dev: &CudaDevice,
+    rows: &Tensor,
+    segments: &[CachedSegment<'_>],
+) -> Result<Tensor> {
+    // One upload per distinct cache: the segments of one edit share theirs.
+    let mut uploaded: Vec<(*const StepCache, GpuStepCache)> = Vec::new();
+    let mut slots = Vec::with_capacity(segments.len());
+    for s in segments {
+        let key: *const StepCache = s.cache;
+        let slot = match uploaded.iter().position(|(k, _)| *k == key) {
+            Some(slot) => slot,
+            None => {
+                uploaded.push((key, GpuStepCache::upload(dev, s.cache)?));
+                uploaded.len() - 1
+            }
+        };
+        slots.push(slot);
+    }
+    let device_segments: Vec<GpuCachedSegment<'_>> = segments
+        .iter()
+        .zip(&slots)
+        .map(|(s, &slot)| GpuCachedSegment {
+            host: *s,
+            device: &uploaded[slot].1,
+        })
+        .collect();
+    let rows = CudaTensor::upload(dev, &rows.to_dtype(DType::F32)?)?;
+    let out = pipe.unet.forward_gpu_ragged(dev, &rows, &device_segments)?;
+    Ok(out.download(dev)?)
 }
 
 /// Dense jobs of one latent shape: one batched forward, each branch a sample with its own
@@ -251,11 +291,14 @@ fn run_dense(
         contexts.push(job.guidance.context());
         sizes.push(branches);
     }
-    let out = pipe.unet.forward(
-        &Tensor::concat_batch(&samples)?,
-        &timesteps,
-        &Tensor::concat_batch(&contexts)?,
-    )?;
+    let (sample, context) = (
+        Tensor::concat_batch(&samples)?,
+        Tensor::concat_batch(&contexts)?,
+    );
+    let out = match pipe.gpu() {
+        Some(dev) => pipe.unet.forward_on(dev, &sample, &timesteps, &context)?,
+        None => pipe.unet.forward(&sample, &timesteps, &context)?,
+    };
     Ok(out
         .split_batch(&sizes)?
         .into_iter()
