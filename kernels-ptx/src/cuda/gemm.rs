@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::ops::{grid_stride, launched, len_u32};
+use super::ops::{grid_stride, len_u32};
 use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
@@ -127,7 +127,7 @@ impl CudaDevice {
             .arg(&beta);
         // SAFETY: matches `splitk_reduce_f32(ws, c, bias, mn, n, splits, has_bias, alpha,
         // beta)`; the workspace holds `splits * mn` values, c `mn`, bias (if read) `n`.
-        launched(K, unsafe { l.launch(grid_stride(mn)) })
+        self.launched(K, unsafe { l.launch(grid_stride(mn)) })
     }
 }
 
@@ -354,7 +354,7 @@ impl CudaDevice {
             // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, bias, m, n, k, b_kn,
             // has_bias, alpha, beta)`; sizes checked by the callers, every index below 2^31;
             // a split launch's C is its `[splits, m, n]` workspace.
-            launched(k_name, unsafe { l.launch(cfg) })?;
+            self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
         if let Some(ws) = &workspace {
             self.splitk_reduce(
@@ -548,7 +548,7 @@ impl CudaDevice {
             // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w,
             // cin, kh, kw, stride, pad, out_h, out_w, has_bias)`; shapes checked, every index
             // below 2^31; a split launch's output is its `[splits, m, cout]` workspace.
-            launched(k_name, unsafe { l.launch(cfg) })?;
+            self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
         if let Some(ws) = &workspace {
             self.splitk_reduce(
@@ -672,7 +672,7 @@ impl CudaDevice {
         // fresh-row indices below each segment's `active.len()` (TokenSet's invariant) or
         // u32::MAX; `rows` holds segment indices and positions on the output grid. A split
         // launch's output is its `[splits, m, cout]` workspace.
-        launched(op, unsafe { l.launch(cfg) })?;
+        self.launched(op, unsafe { l.launch(cfg) })?;
         if let Some(ws) = &workspace {
             self.splitk_reduce(
                 ws,

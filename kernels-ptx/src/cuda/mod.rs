@@ -18,9 +18,10 @@ mod ptx;
 pub mod selftest;
 mod tensor;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
@@ -42,6 +43,24 @@ pub struct CudaDevice {
     attention_kernel: AtomicU8,
     /// Streaming multiprocessors: how many blocks a launch needs to fill the device.
     sm_count: u32,
+    /// Per-kernel times while profiling ([`CudaDevice::start_profile`]).
+    profile: Mutex<Option<Profile>>,
+}
+
+/// What profiling collects: per kernel, launches and wall time.
+struct Profile {
+    last: Instant,
+    kernels: BTreeMap<&'static str, (u64, f64)>,
+}
+
+/// One kernel's share of a profiled stretch of work.
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub kernel: &'static str,
+    pub launches: u64,
+    /// Wall time from the previous launch's end to this launch's end, summed: the host's
+    /// preparation (allocations, uploads, argument checks) plus the kernel itself.
+    pub ms: f64,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -141,6 +160,7 @@ impl CudaDevice {
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             sm_count,
+            profile: Mutex::new(None),
         })
     }
 
@@ -188,6 +208,61 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Starts profiling: from now on every launch is waited for and its wall time (since the
+    /// previous launch ended) charged to its kernel. Slow; for finding where a step's time
+    /// goes, not for timing it.
+    pub fn start_profile(&self) -> Result<()> {
+        self.synchronize()?;
+        *self.profile_guard() = Some(Profile {
+            last: Instant::now(),
+            kernels: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Stops profiling; the kernels by total time, largest first.
+    pub fn take_profile(&self) -> Vec<KernelTime> {
+        let Some(profile) = self.profile_guard().take() else {
+            return Vec::new();
+        };
+        let mut times: Vec<KernelTime> = profile
+            .kernels
+            .into_iter()
+            .map(|(kernel, (launches, seconds))| KernelTime {
+                kernel,
+                launches,
+                ms: seconds * 1e3,
+            })
+            .collect();
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        times
+    }
+
+    fn profile_guard(&self) -> std::sync::MutexGuard<'_, Option<Profile>> {
+        // A panic while holding it leaves only statistics behind: keep going.
+        self.profile.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A launch's result as this crate's error; while profiling, also waits for it and
+    /// charges its time.
+    pub(crate) fn launched<T>(
+        &self,
+        op: &'static str,
+        r: std::result::Result<T, cudarc::driver::DriverError>,
+    ) -> Result<()> {
+        r.map_err(driver_err(op))?;
+        let mut guard = self.profile_guard();
+        if let Some(p) = guard.as_mut() {
+            self.synchronize()?;
+            let now = Instant::now();
+            let entry = p.kernels.entry(op).or_insert((0, 0.0));
+            entry.0 += 1;
+            entry.1 += now.duration_since(p.last).as_secs_f64();
+            p.last = now;
+        }
+        Ok(())
     }
 
     /// Waits for every launch so far (their errors surface here too).

@@ -43,13 +43,6 @@ fn per_row(grid: (u32, u32), cols: usize) -> LaunchConfig {
     }
 }
 
-pub(super) fn launched<T>(
-    op: &'static str,
-    r: std::result::Result<T, cudarc::driver::DriverError>,
-) -> Result<()> {
-    r.map(|_| ()).map_err(driver_err(op))
-}
-
 /// `(rows, cols)` of a tensor seen as rows over its last dimension.
 fn rows_cols(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
     match shape.last() {
@@ -95,7 +88,7 @@ impl CudaDevice {
                 .arg(&n)
                 .arg(&b_len);
             // SAFETY: argument types and sizes match the kernel's signature, checked above.
-            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -125,7 +118,7 @@ impl CudaDevice {
             let mut l = self.stream().launch_builder(f);
             l.arg(&x.data).arg(&mut out.data).arg(&n);
             // SAFETY: (x, out, n) as the kernel takes them; both buffers hold n values.
-            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -164,7 +157,7 @@ impl CudaDevice {
                 .arg(&scale)
                 .arg(&shift);
             // SAFETY: matches `affine_f32(x, out, n, scale, shift)`.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -180,7 +173,7 @@ impl CudaDevice {
             let mut l = self.stream().launch_builder(self.function(kernel)?);
             l.arg(&x.data).arg(&mut out.data).arg(&n);
             // SAFETY: matches `convert_*(x, out, n)` with the element types of A and B.
-            launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -213,7 +206,7 @@ impl CudaDevice {
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&x.data).arg(&mut out.data).arg(&n).arg(&half);
             // SAFETY: matches `geglu_f32(x, out, n, half)`; x holds 2n values.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -229,7 +222,7 @@ impl CudaDevice {
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&x.data).arg(&mut out.data).arg(&cols_u);
             // SAFETY: matches `softmax_rows_f32(x, out, cols)`, one block per row.
-            launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
+            self.launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
         }
         Ok(out)
     }
@@ -258,7 +251,7 @@ impl CudaDevice {
                 .arg(&cols_u)
                 .arg(&eps);
             // SAFETY: matches `layer_norm_rows_f32(x, gamma, beta, out, cols, eps)`.
-            launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
+            self.launched(K, unsafe { l.launch(per_row((rows as u32, 1), cols)) })?;
         }
         Ok(out)
     }
@@ -307,7 +300,7 @@ impl CudaDevice {
                 .arg(&eps);
             let cfg = per_row((g_u, batch as u32), hw * (c / groups));
             // SAFETY: matches `group_norm_stats_f32(x, stats, hw, c, groups, eps)`.
-            launched(K, unsafe { l.launch(cfg) })?;
+            self.launched(K, unsafe { l.launch(cfg) })?;
         }
         Ok(stats)
     }
@@ -355,7 +348,7 @@ impl CudaDevice {
                 .arg(&c_u)
                 .arg(&g_u);
             // SAFETY: matches `group_norm_apply_f32(x, stats, gamma, beta, out, n, hw, c, groups)`.
-            launched(k, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(k, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -401,7 +394,7 @@ impl CudaDevice {
                 .arg(&count)
                 .arg(&cols_u);
             // SAFETY: matches `gather_rows_f32(src, index, out, count, cols)`; indices checked.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -451,7 +444,7 @@ impl CudaDevice {
                 .arg(&cols_u);
             // SAFETY: matches `scatter_rows_f32(dst, index, rows, count, cols)`; indices
             // checked in range and unique.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(())
     }
@@ -497,7 +490,7 @@ impl CudaDevice {
                 // SAFETY: matches `copy_cols_f32(src, dst, rows, src_cols, dst_cols,
                 // col_offset)`; src holds rows * src_cols values, dst rows * dst_cols, and
                 // offset + src_cols <= dst_cols.
-                launched(K, unsafe { l.launch(grid_stride(rows_u * src_cols)) })?;
+                self.launched(K, unsafe { l.launch(grid_stride(rows_u * src_cols)) })?;
             }
             offset += src_cols;
         }
@@ -526,7 +519,7 @@ impl CudaDevice {
                 .arg(&c_u);
             // SAFETY: matches `upsample_nearest2x_f32(src, dst, batch, h, w, c)`; out holds
             // the n = 4 * batch * h * w * c < 2^31 outputs, x a quarter of them.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -563,7 +556,7 @@ impl CudaDevice {
                 .arg(&c_u);
             // SAFETY: matches `add_per_sample_f32(x, v, out, n, per_sample, c)`; per_sample
             // is a multiple of c and v holds samples * c values.
-            launched(K, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
     }
@@ -607,7 +600,7 @@ impl CudaDevice {
                 .arg(&rank_u)
                 .arg(&scale);
             // SAFETY: matches `lora_patch_*(w, up, down, n, in, rank, scale)`; shapes checked.
-            launched(k, unsafe { l.launch(grid_stride(n)) })?;
+            self.launched(k, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(())
     }
@@ -720,7 +713,7 @@ impl CudaDevice {
         };
         // SAFETY: the three kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
         // checked above, the shared memory sized by the kernel's own rule.
-        launched(name, unsafe { l.launch(cfg) })?;
+        self.launched(name, unsafe { l.launch(cfg) })?;
         Ok(out)
     }
 }

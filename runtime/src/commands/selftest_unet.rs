@@ -196,6 +196,31 @@ fn time_step(
     })
 }
 
+/// One profiled run of `step` ([`CudaDevice::start_profile`]): every launch waited for, its
+/// wall time charged to its kernel; prints the kernels by total, the largest `top` of them.
+fn print_profile(
+    dev: &CudaDevice,
+    label: &str,
+    top: usize,
+    step: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    dev.start_profile()?;
+    let start = Instant::now();
+    let outcome = step();
+    let wall = start.elapsed().as_secs_f64() * 1e3;
+    let kernels = dev.take_profile();
+    outcome?;
+    let launches: u64 = kernels.iter().map(|k| k.launches).sum();
+    println!(
+        "profile of one {label} (each launch waited for): {wall:.1} ms, {launches} launches; \
+         per kernel: launches, ms (host preparation plus the kernel)"
+    );
+    for k in kernels.iter().take(top) {
+        println!("    {:<28} {:>6} {:>9.2}", k.kernel, k.launches, k.ms);
+    }
+    Ok(())
+}
+
 /// Times the dense step with each attention kernel (inputs already on the device); returns
 /// the default kernel's median.
 fn print_step_time(
@@ -231,6 +256,10 @@ fn print_step_time(
         );
     }
     dev.set_attention_kernel(chosen);
+    print_profile(dev, &format!("{} dense step", preset.name()), 12, || {
+        unet.forward_gpu(dev, &sample, timesteps, &context)?;
+        Ok(())
+    })?;
     Ok(default_median)
 }
 
@@ -318,6 +347,10 @@ fn check_cached_step(
             t.enqueue,
             t.median / dense_ms
         );
+        print_profile(dev, &format!("{} cached step", preset.name()), 12, || {
+            unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
+            Ok(())
+        })?;
         // Four such edits fused into one ragged step (8 segments), as the worker batches
         // them: the cost per edit against one edit alone.
         const FUSED: usize = 4;
