@@ -259,6 +259,7 @@ impl Engine {
             shape.ok_or("no worker started")?,
             cost_models.clone(),
             Arc::new(cache.clone()) as Arc<dyn CacheResidency>,
+            config.max_batch_requests,
         );
         let scheduler = Scheduler::new(slots, config.max_queue, balancer, Arc::clone(&progress))
             .traced(&tracer);

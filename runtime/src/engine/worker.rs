@@ -60,12 +60,16 @@ pub struct WorkerLoad {
     work_us: AtomicU64,
     /// Active tokens times steps left, likewise.
     tokens: AtomicU64,
+    /// Steps left summed over the charged requests (what fused steps must still cover).
+    request_steps: AtomicU64,
 }
 
 impl WorkerLoad {
     pub fn add(&self, charge: &Charge) {
         self.work_us.fetch_add(charge.work_us(), Ordering::Relaxed);
         self.tokens.fetch_add(charge.tokens(), Ordering::Relaxed);
+        self.request_steps
+            .fetch_add(charge.steps_left, Ordering::Relaxed);
     }
 
     /// One step of the charged request ran.
@@ -74,6 +78,7 @@ impl WorkerLoad {
             charge.steps_left -= 1;
             self.work_us.fetch_sub(charge.step_us, Ordering::Relaxed);
             self.tokens.fetch_sub(charge.step_tokens, Ordering::Relaxed);
+            self.request_steps.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -81,7 +86,22 @@ impl WorkerLoad {
     pub fn release(&self, charge: &mut Charge) {
         self.work_us.fetch_sub(charge.work_us(), Ordering::Relaxed);
         self.tokens.fetch_sub(charge.tokens(), Ordering::Relaxed);
+        self.request_steps
+            .fetch_sub(charge.steps_left, Ordering::Relaxed);
         *charge = Charge::default();
+    }
+
+    /// Fused steps the worker still has to run if a request of `steps` steps joined: at
+    /// least the new request's own, at least the average charged request's (the longest is
+    /// no shorter), and at least the request-steps spread over full batches of
+    /// `max_batch`.
+    pub fn steps_ahead_with(&self, steps: u64, max_batch: usize) -> u64 {
+        let total = self.request_steps.load(Ordering::Relaxed) + steps;
+        let requests =
+            (self.queued.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed) + 1) as u64;
+        steps
+            .max(total.div_ceil(requests))
+            .max(total.div_ceil(max_batch.max(1) as u64))
     }
 
     /// Predicted seconds of work left.

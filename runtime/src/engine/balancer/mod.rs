@@ -182,6 +182,9 @@ impl Work {
 }
 
 /// The predicted work a routed request adds to its worker's load, discharged as it runs.
+/// `step_us` is the request's own share of a step (its FLOPs); the step's fixed cost is paid
+/// once per fused step whatever the batch holds, so the balancer prices it per worker
+/// ([`WorkerLoad::steps_ahead_with`]), not per request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Charge {
     pub step_us: u64,
@@ -204,15 +207,19 @@ impl Charge {
 /// A request's predicted cost on one worker.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Prediction {
+    /// The request's own share of a step (its FLOPs at the worker's rate).
     pub step_s: f64,
+    /// A step's fixed cost, paid once per fused step however many requests it holds.
+    pub fixed_step_s: f64,
     pub other_s: f64,
     pub load_s: f64,
     pub steps: usize,
 }
 
 impl Prediction {
+    /// The request's time on an otherwise idle worker.
     pub fn total_s(&self) -> f64 {
-        self.steps as f64 * self.step_s + self.other_s + self.load_s
+        self.steps as f64 * (self.fixed_step_s + self.step_s) + self.other_s + self.load_s
     }
 }
 
@@ -250,21 +257,25 @@ pub struct Balancer {
     shape: ModelShape,
     models: Vec<CostModel>,
     residency: Arc<dyn CacheResidency>,
+    /// Requests a worker fuses into one step (its batch limit).
+    max_batch: usize,
 }
 
 impl Balancer {
-    /// One cost model per worker, in worker order.
+    /// One cost model per worker, in worker order; `max_batch` is the workers' batch limit.
     pub fn new(
         routing: Routing,
         shape: ModelShape,
         models: Vec<CostModel>,
         residency: Arc<dyn CacheResidency>,
+        max_batch: usize,
     ) -> Balancer {
         Balancer {
             routing,
             shape,
             models,
             residency,
+            max_batch,
         }
     }
 
@@ -295,7 +306,8 @@ impl Balancer {
             .as_deref()
             .map_or(0, |t| self.residency.bytes_missing(t, worker));
         Prediction {
-            step_s: m.step_seconds(work.step_flops),
+            step_s: m.step_seconds(work.step_flops) - m.step_s,
+            fixed_step_s: m.step_s,
             other_s: m.request_s * work.pixels as f64 / native as f64,
             load_s: m.load_seconds(missing),
             steps: work.steps,
@@ -311,6 +323,19 @@ impl Balancer {
             steps_left: work.steps as u64,
             other_us: us(p.other_s + p.load_s),
         }
+    }
+
+    /// Predicted completion of `work` on worker `i` given its load: the requests' own step
+    /// shares and other work already charged, this request's, and the fixed step cost once
+    /// per fused step still to run.
+    pub fn completion_s(&self, i: usize, load: &WorkerLoad, work: &Work) -> f64 {
+        let p = self.predict(i, work);
+        let steps_ahead = load.steps_ahead_with(p.steps as u64, self.max_batch);
+        load.work_s()
+            + p.steps as f64 * p.step_s
+            + steps_ahead as f64 * p.fixed_step_s
+            + p.other_s
+            + p.load_s
     }
 
     /// The worker for `work` given the workers' loads (a queue at `max_queue` is full),
@@ -331,7 +356,7 @@ impl Balancer {
                     has_room: queued < max_queue,
                     requests: queued + load.running.load(Ordering::Relaxed),
                     tokens: load.tokens(),
-                    completion_s: load.work_s() + self.predict(i, work).total_s(),
+                    completion_s: self.completion_s(i, load, work),
                 }
             })
             .collect();

@@ -100,6 +100,7 @@ fn cost_routing_weighs_outstanding_work_against_cache_loading() {
         shape.clone(),
         vec![model(), model()],
         Arc::new(residency),
+        8,
     );
     let work = edit_work(&shape, 0.15, EditMode::Cached);
     let p0 = balancer.predict(0, &work);
@@ -138,6 +139,7 @@ fn cost_routing_weighs_outstanding_work_against_cache_loading() {
         shape,
         vec![model(), model()],
         Arc::new(Residency(HashMap::new())),
+        8,
     );
     loads[1].queued.store(0, Ordering::Relaxed);
     assert_eq!(by_count.route(&work, &view(), 8, 0), Some(0));
@@ -155,6 +157,7 @@ fn a_faster_worker_gets_the_request_when_loads_are_equal() {
         shape.clone(),
         vec![slow, model()],
         Arc::new(Residency(HashMap::new())),
+        8,
     );
     let loads = [WorkerLoad::default(), WorkerLoad::default()];
     let work = edit_work(&shape, 1.0, EditMode::Dense);
@@ -162,6 +165,72 @@ fn a_faster_worker_gets_the_request_when_loads_are_equal() {
         balancer.route(&work, &[&loads[0], &loads[1]], 8, 0),
         Some(1)
     );
+}
+
+#[test]
+fn a_steps_fixed_cost_is_paid_once_per_fused_step() {
+    let shape = shape();
+    // A step's fixed cost dominates: 50 ms, against next to nothing per FLOP.
+    let fixed = CostModel {
+        step_s: 0.05,
+        s_per_flop: 1e-15,
+        request_s: 0.0,
+        ..model()
+    };
+    let balancer = Balancer::new(
+        Routing::Cost,
+        shape.clone(),
+        vec![fixed, fixed],
+        Arc::new(Residency(HashMap::new())),
+        8,
+    );
+    let work = edit_work(&shape, 0.15, EditMode::Cached);
+    let p = balancer.predict(0, &work);
+    assert!(
+        (p.fixed_step_s - 0.05).abs() < 1e-12 && p.step_s < 1e-3,
+        "{p:?}"
+    );
+    // The same 40 request-steps: four running requests of 10 steps on worker 0 (fused:
+    // 10 steps to run), one request of 40 steps on worker 1 (40 steps).
+    let loads = [WorkerLoad::default(), WorkerLoad::default()];
+    let share = |steps| Charge {
+        step_us: 1_000,
+        steps_left: steps,
+        ..Charge::default()
+    };
+    for _ in 0..4 {
+        loads[0].add(&share(10));
+    }
+    loads[0].running.store(4, Ordering::Relaxed);
+    loads[1].add(&share(40));
+    loads[1].running.store(1, Ordering::Relaxed);
+    assert_eq!(loads[0].work_s(), loads[1].work_s());
+    assert_eq!(loads[0].steps_ahead_with(10, 8), 10);
+    assert_eq!(loads[1].steps_ahead_with(10, 8), 25);
+    assert!(
+        balancer.completion_s(0, &loads[0], &work) + 0.7
+            < balancer.completion_s(1, &loads[1], &work)
+    );
+    assert_eq!(
+        balancer.route(&work, &[&loads[0], &loads[1]], 8, 1),
+        Some(0)
+    );
+    // Past the batch limit the steps queue up: 20 requests of 10 steps on a batch of 8.
+    let crowded = WorkerLoad::default();
+    for _ in 0..20 {
+        crowded.add(&share(10));
+    }
+    crowded.running.store(8, Ordering::Relaxed);
+    crowded.queued.store(12, Ordering::Relaxed);
+    assert_eq!(crowded.steps_ahead_with(10, 8), 27);
+    // Discharging takes the request-steps off again.
+    let mut c = share(3);
+    let idle = WorkerLoad::default();
+    idle.add(&c);
+    idle.step_done(&mut c);
+    assert_eq!(idle.steps_ahead_with(0, 8), 2);
+    idle.release(&mut c);
+    assert_eq!(idle.steps_ahead_with(0, 8), 0);
 }
 
 #[test]
