@@ -394,9 +394,7 @@ impl UNet {
         let mut skips = vec![self.conv_in.forward_gpu(dev, sample)?];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = skips
-                    .last()
-                    .expect("the stack starts with conv_in's output");
+                let prev = stack_top(&skips)?;
                 let mut h = resnet.forward_gpu(dev, prev, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward_gpu(dev, &h, context)?;
@@ -404,20 +402,15 @@ impl UNet {
                 skips.push(h);
             }
             if let Some(conv) = &block.downsample {
-                let prev = skips
-                    .last()
-                    .expect("the stack starts with conv_in's output");
+                let prev = stack_top(&skips)?;
                 let h = conv.forward_gpu(dev, prev)?;
                 skips.push(h);
             }
         }
-        let mut h = self.mid.resnet_in.forward_gpu(
-            dev,
-            skips
-                .last()
-                .expect("the stack starts with conv_in's output"),
-            Some(&temb),
-        )?;
+        let mut h = self
+            .mid
+            .resnet_in
+            .forward_gpu(dev, stack_top(&skips)?, Some(&temb))?;
         h = self.mid.attention.forward_gpu(dev, &h, context)?;
         h = self.mid.resnet_out.forward_gpu(dev, &h, Some(&temb))?;
 
@@ -453,9 +446,7 @@ impl UNet {
         let mut skips = vec![self.conv_in.forward_gpu_masked(dev, rows, m, None)?];
         for (level, block) in self.down.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = skips
-                    .last()
-                    .expect("the stack starts with conv_in's output");
+                let prev = stack_top(&skips)?;
                 let mut h = resnet.forward_gpu_masked(dev, prev, Some(&temb), m)?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward_gpu_masked(dev, &h, context, m)?;
@@ -463,22 +454,16 @@ impl UNet {
                 skips.push(h);
             }
             if let Some(conv) = &block.downsample {
-                let prev = skips
-                    .last()
-                    .expect("the stack starts with conv_in's output");
+                let prev = stack_top(&skips)?;
                 let h = conv.forward_gpu_masked(dev, prev, m, Some(level + 1))?;
                 m.host_mut().set_level(level + 1);
                 skips.push(h);
             }
         }
-        let mut h = self.mid.resnet_in.forward_gpu_masked(
-            dev,
-            skips
-                .last()
-                .expect("the stack starts with conv_in's output"),
-            Some(&temb),
-            m,
-        )?;
+        let mut h =
+            self.mid
+                .resnet_in
+                .forward_gpu_masked(dev, stack_top(&skips)?, Some(&temb), m)?;
         h = self.mid.attention.forward_gpu_masked(dev, &h, context, m)?;
         h = self
             .mid
@@ -561,6 +546,13 @@ impl UNet {
         }
         Ok(())
     }
+}
+
+/// The newest down-path output (the next layer's input on the device paths).
+fn stack_top(skips: &[CudaTensor]) -> Result<&CudaTensor> {
+    skips
+        .last()
+        .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))
 }
 
 fn set_level(exec: &mut Exec<'_>, level: usize) {
