@@ -112,6 +112,11 @@ async fn a_traced_engine_writes_every_request_and_actor_trace_summarises_it() {
     assert_eq!((first.kind.as_str(), first.steps), ("edit", STEPS));
     assert_eq!(first.mode.as_deref(), Some("cached"));
     assert!((first.mask_ratio.unwrap() - 0.25).abs() < 1e-9);
+    // Its tokens: the active positions of a quarter mask (plus the halo) of the 16x16
+    // latent, times two guidance branches; fewer than the dense 2 x 256.
+    let tokens = first.tokens.expect("step records carry tokens");
+    assert!(tokens > 2 * 64 && tokens < 2 * 256, "{tokens}");
+    assert!(edit_steps.iter().all(|b| b.tokens == Some(tokens)));
 
     let rows = breakdown(records);
     assert_eq!(rows.len(), 2);

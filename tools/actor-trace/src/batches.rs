@@ -17,6 +17,9 @@ pub struct Bucket {
     pub stepping_us: u64,
     /// Requests per step, weighted by each step's time in the bucket (0 without steps).
     pub mean_batch: f64,
+    /// Latent tokens per step through the UNet, weighted likewise; None when no step in the
+    /// bucket recorded its tokens (traces written before they were recorded).
+    pub mean_tokens: Option<f64>,
     /// Every request in one of its steps, by id.
     pub requests: Vec<u64>,
 }
@@ -47,6 +50,9 @@ struct Slot {
     sizes: usize,
     stepping_us: u64,
     weighted: u64,
+    /// Steps that recorded tokens: their time in the bucket and tokens x time.
+    token_us: u64,
+    token_weighted: f64,
     ids: BTreeSet<u64>,
 }
 
@@ -66,6 +72,12 @@ pub fn timelines(records: &[Record], bucket_us: u64) -> Vec<Timeline> {
             .map(|b| b.id)
             .chain(r.requests.iter().copied())
             .collect();
+        let tokens: Option<usize> = r
+            .batch
+            .iter()
+            .map(|b| b.tokens)
+            .sum::<Option<usize>>()
+            .filter(|_| !r.batch.is_empty());
         let first = (r.start_us - t0) / width;
         let last = (r.end_us.max(r.start_us + 1) - 1 - t0) / width;
         let slots = by_actor.entry(&r.actor).or_default();
@@ -77,6 +89,11 @@ pub fn timelines(records: &[Record], bucket_us: u64) -> Vec<Timeline> {
             slot.sizes += ids.len();
             slot.stepping_us += overlap;
             slot.weighted += ids.len() as u64 * overlap;
+            if let Some(tokens) = tokens {
+                // At least 1 us, so a zero-length step still counts.
+                slot.token_us += overlap.max(1);
+                slot.token_weighted += tokens as f64 * overlap.max(1) as f64;
+            }
             slot.ids.extend(&ids);
         }
     }
@@ -94,6 +111,8 @@ pub fn timelines(records: &[Record], bucket_us: u64) -> Vec<Timeline> {
                         steps: slot.steps,
                         stepping_us: slot.stepping_us,
                         mean_batch: mean_batch(&slot),
+                        mean_tokens: (slot.token_us > 0)
+                            .then(|| slot.token_weighted / slot.token_us as f64),
                         requests: slot.ids.into_iter().collect(),
                     }
                 })
@@ -144,6 +163,32 @@ mod tests {
             (1, 200, 1.0)
         );
         assert_eq!(b[2].requests, [2]);
+    }
+
+    #[test]
+    fn tokens_average_over_the_steps_that_recorded_them() {
+        let mut records = fixture::records();
+        assert!(
+            timelines(&records, 2_000)[0].buckets[0]
+                .mean_tokens
+                .is_none()
+        );
+        // Every request puts 100 tokens through each step: a step of requests 1 and 2
+        // carries 200.
+        for r in records.iter_mut().filter(|r| r.kind == kinds::STEP) {
+            for b in &mut r.batch {
+                b.tokens = Some(100);
+            }
+        }
+        let b = &timelines(&records, 2_000)[0].buckets;
+        // Bucket 0: 600 us at 100, 800 us at 100, 400 us at 200.
+        let want = (600.0 * 100.0 + 800.0 * 100.0 + 400.0 * 200.0) / 1_800.0;
+        assert!(
+            (b[0].mean_tokens.unwrap() - want).abs() < 1e-9,
+            "{:?}",
+            b[0]
+        );
+        assert!(b[1].mean_tokens.is_some());
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct BatchEntry {
     /// Edits: the fraction of the image inside the mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_ratio: Option<f64>,
+    /// Latent tokens this request put through the UNet in this step (active positions, or
+    /// all when dense, times guidance branches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
 }
 
 impl Record {

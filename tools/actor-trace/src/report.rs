@@ -85,13 +85,18 @@ pub fn summary(trace: &Trace, opts: &Options) -> String {
         for b in &line.buckets {
             let ids: Vec<String> = b.requests.iter().map(u64::to_string).collect();
             let stepping = b.stepping_us as f64 / (b.end_us - b.start_us) as f64;
+            let tokens = b
+                .mean_tokens
+                .map_or_else(|| "-".to_string(), |t| format!("{t:.0}"));
             let _ = writeln!(
                 out,
-                "  {:>10} ms  steps {:>3}  stepping {:>5.1}%  mean batch {:>4.1}  requests [{}]",
+                "  {:>10} ms  steps {:>3}  stepping {:>5.1}%  mean batch {:>4.1}  tokens {:>6}  \
+                 requests [{}]",
                 ms(Some(b.start_us)),
                 b.steps,
                 stepping * 100.0,
                 b.mean_batch,
+                tokens,
                 ids.join(",")
             );
         }
@@ -171,7 +176,8 @@ mod tests {
             worker[1..8],
             ["10", "4.650", "4.420", "95.1", "2", "0.180", "0.100"]
         );
-        let bucket = "1.400 ms  steps   3  stepping  90.0%  mean batch  1.2  requests [1,2]";
+        let bucket =
+            "1.400 ms  steps   3  stepping  90.0%  mean batch  1.2  tokens      -  requests [1,2]";
         assert!(text.contains(bucket), "{text}");
         assert!(text.contains("dropped 2 records"), "{text}");
         assert!(!text.contains("did not end cleanly"));

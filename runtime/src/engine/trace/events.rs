@@ -175,6 +175,7 @@ impl WorkerTrace {
                     steps: job.total_steps(),
                     mode: known.and_then(|j| j.mode).map(Into::into),
                     mask_ratio: known.and_then(|j| j.mask_ratio),
+                    tokens: Some(job.step_tokens()),
                 }
             })
             .collect();
