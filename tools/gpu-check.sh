@@ -80,7 +80,13 @@ run_checks() {
     local serve_pid=$!
     local up=0
     for _ in $(seq 1 60); do
-        if curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; then up=1; break; fi
+        # python3 rather than curl: the GPU image is not known to have curl.
+        if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" \
+            >/dev/null 2>&1; then
+            up=1
+            break
+        fi
+        kill -0 "$serve_pid" 2>/dev/null || break # it exited: no point waiting
         sleep 1
     done
     if [ "$up" = 1 ]; then
