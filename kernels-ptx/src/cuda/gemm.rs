@@ -71,6 +71,26 @@ struct SplitK {
     workspace: Option<CudaSlice<f32>>,
 }
 
+impl SplitK {
+    /// No split: the launch writes C (and applies alpha, beta and the bias itself).
+    const NONE: SplitK = SplitK {
+        splits: 1,
+        workspace: None,
+    };
+
+    fn is_split(&self) -> bool {
+        self.workspace.is_some()
+    }
+
+    /// Where the launch writes: the workspace when split, else `c`.
+    fn target<'a>(&'a mut self, c: &'a mut CudaSlice<f32>) -> &'a mut CudaSlice<f32> {
+        match self.workspace.as_mut() {
+            Some(ws) => ws,
+            None => c,
+        }
+    }
+}
+
 impl CudaDevice {
     /// The split of an `m x n x k` product launched as `cfg` (its grid's z set here).
     fn plan_split(
@@ -82,10 +102,7 @@ impl CudaDevice {
         let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
         let splits = k_splits(blocks, k, self.sm_count() as usize);
         if splits == 1 {
-            return Ok(SplitK {
-                splits,
-                workspace: None,
-            });
+            return Ok(SplitK::NONE);
         }
         len_u32(op, splits * m * n)?;
         cfg.grid_dim.2 = splits as u32;
@@ -97,6 +114,24 @@ impl CudaDevice {
             splits,
             workspace: Some(workspace),
         })
+    }
+
+    /// After a split launch, `c = alpha * sum of the slices + beta * c + bias`; nothing
+    /// when the launch wrote C itself.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_split(
+        &self,
+        split: &SplitK,
+        c: &mut CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        (m, n): (usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        match &split.workspace {
+            Some(ws) => self.splitk_reduce(ws, split.splits, c, bias, (m, n), alpha, beta),
+            None => Ok(()),
+        }
     }
 
     /// `c = alpha * sum of the workspace slices + beta * c + bias`.
@@ -319,31 +354,26 @@ impl CudaDevice {
             cfg.shared_mem_bytes = SHARED_BYTES_TF32;
         }
         // Split-K on CUDA cores only (the TF32 kernel has no split yet).
-        let split = match cores {
+        let mut split = match cores {
             Cores::Cuda => self.plan_split(k_name, &mut cfg, (m, n, k))?,
-            Cores::TensorTf32 => SplitK {
-                splits: 1,
-                workspace: None,
-            },
+            Cores::TensorTf32 => SplitK::NONE,
         };
         let (m_u, n_u, k_u) = (m as u32, n as u32, k as u32);
         let b_kn = u32::from(!b_transposed);
         // A split writes raw partial sums; the reduction applies alpha, beta and the bias.
-        let (has_bias, k_alpha, k_beta) = match split.workspace {
-            Some(_) => (0, 1.0f32, 0.0f32),
-            None => (u32::from(bias.is_some()), alpha, beta),
+        let (has_bias, k_alpha, k_beta) = if split.is_split() {
+            (0, 1.0f32, 0.0f32)
+        } else {
+            (u32::from(bias.is_some()), alpha, beta)
         };
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
         let bias_data = bias.map_or(&a.data, |t| &t.data);
-        let mut workspace = split.workspace;
         {
             let mut l = self.stream().launch_builder(self.function(k_name)?);
-            l.arg(&a.data).arg(&b.data);
-            match workspace.as_mut() {
-                Some(ws) => l.arg(ws),
-                None => l.arg(&mut *c),
-            };
-            l.arg(bias_data)
+            l.arg(&a.data)
+                .arg(&b.data)
+                .arg(split.target(c))
+                .arg(bias_data)
                 .arg(&m_u)
                 .arg(&n_u)
                 .arg(&k_u)
@@ -356,18 +386,7 @@ impl CudaDevice {
             // a split launch's C is its `[splits, m, n]` workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        if let Some(ws) = &workspace {
-            self.splitk_reduce(
-                ws,
-                split.splits,
-                c,
-                bias.map(|t| &t.data),
-                (m, n),
-                alpha,
-                beta,
-            )?;
-        }
-        Ok(())
+        self.finish_split(&split, c, bias.map(|t| &t.data), (m, n), alpha, beta)
     }
 
     /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
@@ -503,19 +522,16 @@ impl CudaDevice {
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;
         cfg.shared_mem_bytes = shared;
-        let split = match cores {
+        let mut split = match cores {
             Cores::Cuda => {
                 let k = weight.kh * weight.kw * cin;
                 self.plan_split(k_name, &mut cfg, (m, weight.cout, k))?
             }
-            Cores::TensorTf32 => SplitK {
-                splits: 1,
-                workspace: None,
-            },
+            Cores::TensorTf32 => SplitK::NONE,
         };
         let u = |v: usize| v as u32;
         // A split writes raw partial sums; the reduction adds the bias.
-        let has_bias = weight.bias.is_some() && split.workspace.is_none();
+        let has_bias = weight.bias.is_some() && !split.is_split();
         let args = [
             u(m),
             u(weight.cout),
@@ -534,14 +550,12 @@ impl CudaDevice {
             .bias
             .as_ref()
             .map_or(&weight.packed.data, |b| &b.data);
-        let mut workspace = split.workspace;
         {
             let mut l = self.stream().launch_builder(self.function(k_name)?);
-            l.arg(&x.data).arg(&weight.packed.data).arg(bias_data);
-            match workspace.as_mut() {
-                Some(ws) => l.arg(ws),
-                None => l.arg(&mut out.data),
-            };
+            l.arg(&x.data)
+                .arg(&weight.packed.data)
+                .arg(bias_data)
+                .arg(split.target(&mut out.data));
             for a in &args {
                 l.arg(a);
             }
@@ -550,17 +564,8 @@ impl CudaDevice {
             // below 2^31; a split launch's output is its `[splits, m, cout]` workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        if let Some(ws) = &workspace {
-            self.splitk_reduce(
-                ws,
-                split.splits,
-                &mut out.data,
-                weight.bias.as_ref().map(|b| &b.data),
-                (m, weight.cout),
-                1.0,
-                0.0,
-            )?;
-        }
+        let bias = weight.bias.as_ref().map(|b| &b.data);
+        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
         Ok(out)
     }
 
@@ -604,7 +609,7 @@ impl CudaDevice {
         }
         let mut cfg = tiles(op, m, weight.cout)?;
         let k = weight.kh * weight.kw * cin;
-        let split = self.plan_split(op, &mut cfg, (m, weight.cout, k))?;
+        let mut split = self.plan_split(op, &mut cfg, (m, weight.cout, k))?;
         let mut rows = Vec::with_capacity(2 * m);
         let mut row_of = Vec::with_capacity(segments.len() * hw);
         for (i, s) in segments.iter().enumerate() {
@@ -645,45 +650,35 @@ impl CudaDevice {
             u(params.padding),
             u(ow),
             // A split writes raw partial sums; the reduction adds the bias.
-            u32::from(weight.bias.is_some() && split.workspace.is_none()),
+            u32::from(weight.bias.is_some() && !split.is_split()),
         ];
         let bias_data = weight
             .bias
             .as_ref()
             .map_or(&weight.packed.data, |b| &b.data);
-        let mut workspace = split.workspace;
-        let mut l = stream.launch_builder(self.function(op)?);
-        l.arg(&fresh_d)
-            .arg(&cached_d)
-            .arg(&row_of_d)
-            .arg(&rows_d)
-            .arg(&weight.packed.data)
-            .arg(bias_data);
-        match workspace.as_mut() {
-            Some(ws) => l.arg(ws),
-            None => l.arg(&mut out.data),
-        };
-        for a in &args {
-            l.arg(a);
+        {
+            let mut l = stream.launch_builder(self.function(op)?);
+            l.arg(&fresh_d)
+                .arg(&cached_d)
+                .arg(&row_of_d)
+                .arg(&rows_d)
+                .arg(&weight.packed.data)
+                .arg(bias_data)
+                .arg(split.target(&mut out.data));
+            for a in &args {
+                l.arg(a);
+            }
+            // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight,
+            // bias, out, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`. The
+            // address tables point at live buffers of the checked sizes (borrowed for this
+            // call); `row_of` holds fresh-row indices below each segment's `active.len()`
+            // (TokenSet's invariant) or u32::MAX; `rows` holds segment indices and positions
+            // on the output grid. A split launch's output is its `[splits, m, cout]`
+            // workspace.
+            self.launched(op, unsafe { l.launch(cfg) })?;
         }
-        // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight, bias,
-        // out, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`. The address tables
-        // point at live buffers of the checked sizes (borrowed for this call); `row_of` holds
-        // fresh-row indices below each segment's `active.len()` (TokenSet's invariant) or
-        // u32::MAX; `rows` holds segment indices and positions on the output grid. A split
-        // launch's output is its `[splits, m, cout]` workspace.
-        self.launched(op, unsafe { l.launch(cfg) })?;
-        if let Some(ws) = &workspace {
-            self.splitk_reduce(
-                ws,
-                split.splits,
-                &mut out.data,
-                weight.bias.as_ref().map(|b| &b.data),
-                (m, weight.cout),
-                1.0,
-                0.0,
-            )?;
-        }
+        let bias = weight.bias.as_ref().map(|b| &b.data);
+        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
         drop(guards);
         Ok(out)
     }

@@ -104,24 +104,15 @@ impl Attention {
             k.split_rows(dev, &rows)?,
             v.split_rows(dev, &rows)?,
         );
-        let mut outs = Vec::with_capacity(rows.len());
-        for (i, (q_i, ((ck, cv), t))) in qs.into_iter().zip(kv.iter().zip(tokens)).enumerate() {
+        let mut keys_values = Vec::with_capacity(rows.len());
+        for (((ck, cv), t), (k_i, v_i)) in kv.iter().zip(tokens).zip(ks.iter().zip(&vs)) {
             let mut k_full = dev.f16_to_f32(ck)?;
             let mut v_full = dev.f16_to_f32(cv)?;
-            dev.scatter_rows(&mut k_full, t.positions(), &ks[i])?;
-            dev.scatter_rows(&mut v_full, t.positions(), &vs[i])?;
-            let (grid, c) = (k_full.shape()[0], k_full.shape()[1]);
-            let attended = dev.attention(
-                &q_i.reshape(&[1, rows[i], c])?,
-                &k_full.reshape(&[1, grid, c])?,
-                &v_full.reshape(&[1, grid, c])?,
-                self.heads,
-                false,
-            )?;
-            outs.push(attended.reshape(&[rows[i], c])?);
+            dev.scatter_rows(&mut k_full, t.positions(), k_i)?;
+            dev.scatter_rows(&mut v_full, t.positions(), v_i)?;
+            keys_values.push((k_full, v_full));
         }
-        let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;
-        self.to_out.forward_gpu(dev, &attended)
+        self.attend_per_segment(dev, qs, keys_values)
     }
 
     /// Masked cross-attention on the device: each segment's rows of `x = [rows, c]` attend
@@ -150,17 +141,29 @@ impl Attention {
             k.split_rows(dev, &ones)?,
             v.split_rows(dev, &ones)?,
         );
-        let mut outs = Vec::with_capacity(segments);
-        for (i, q_i) in qs.into_iter().enumerate() {
-            let c = q_i.shape()[1];
+        self.attend_per_segment(dev, qs, ks.into_iter().zip(vs).collect())
+    }
+
+    /// Each segment's queries `[n, c]` against its own keys and values (`len * c` values
+    /// each), the results stacked in segment order, then the output projection.
+    fn attend_per_segment(
+        &self,
+        dev: &CudaDevice,
+        queries: Vec<CudaTensor>,
+        keys_values: Vec<(CudaTensor, CudaTensor)>,
+    ) -> Result<CudaTensor> {
+        let mut outs = Vec::with_capacity(queries.len());
+        for (q, (k, v)) in queries.into_iter().zip(keys_values) {
+            let (n, c) = (q.shape()[0], q.shape()[1]);
+            let len = k.elem_count() / c.max(1);
             let attended = dev.attention(
-                &q_i.reshape(&[1, rows[i], c])?,
-                &ks[i],
-                &vs[i],
+                &q.reshape(&[1, n, c])?,
+                &k.reshape(&[1, len, c])?,
+                &v.reshape(&[1, len, c])?,
                 self.heads,
                 false,
             )?;
-            outs.push(attended.reshape(&[rows[i], c])?);
+            outs.push(attended.reshape(&[n, c])?);
         }
         let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;
         self.to_out.forward_gpu(dev, &attended)

@@ -129,9 +129,14 @@ impl ResnetBlock {
         let h = self
             .conv2
             .forward_gpu(dev, &self.norm2.forward_gpu(dev, &h, true)?)?;
+        self.residual_gpu(dev, x, &h)
+    }
+
+    /// The block's end on the device: the (projected) input plus `h`, scaled.
+    fn residual_gpu(&self, dev: &CudaDevice, x: &CudaTensor, h: &CudaTensor) -> Result<CudaTensor> {
         let sum = match &self.shortcut {
-            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, &h)?,
-            None => dev.add(x, &h)?,
+            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, h)?,
+            None => dev.add(x, h)?,
         };
         if self.output_scale == 1.0 {
             Ok(sum)
@@ -158,14 +163,6 @@ impl ResnetBlock {
         }
         let normed = self.norm2.forward_gpu_masked(dev, &h, true, m)?;
         let h = self.conv2.forward_gpu_masked(dev, &normed, m, None)?;
-        let sum = match &self.shortcut {
-            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, &h)?,
-            None => dev.add(x, &h)?,
-        };
-        if self.output_scale == 1.0 {
-            Ok(sum)
-        } else {
-            Ok(dev.affine(&sum, 1.0 / self.output_scale, 0.0)?)
-        }
+        self.residual_gpu(dev, x, &h)
     }
 }

@@ -78,14 +78,18 @@ impl TransformerBlock {
         let attn = self
             .attn2
             .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
-        let x = dev.add(&x, &attn)?;
+        self.feed_forward_gpu(dev, &dev.add(&x, &attn)?)
+    }
+
+    /// `x` plus the feed-forward of its third norm, on the device (the blocks' common end).
+    fn feed_forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
         let hidden = dev.geglu(
             &self
                 .ff_in
-                .forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?,
+                .forward_gpu(dev, &self.norm3.forward_gpu(dev, x)?)?,
         )?;
         let ff = self.ff_out.forward_gpu(dev, &hidden)?;
-        Ok(dev.add(&x, &ff)?)
+        Ok(dev.add(x, &ff)?)
     }
 
     /// The masked block on the device: `x = [rows, dim]`.
@@ -106,14 +110,7 @@ impl TransformerBlock {
             context,
             m,
         )?;
-        let x = dev.add(&x, &attn)?;
-        let hidden = dev.geglu(
-            &self
-                .ff_in
-                .forward_gpu(dev, &self.norm3.forward_gpu(dev, &x)?)?,
-        )?;
-        let ff = self.ff_out.forward_gpu(dev, &hidden)?;
-        Ok(dev.add(&x, &ff)?)
+        self.feed_forward_gpu(dev, &dev.add(&x, &attn)?)
     }
 }
 

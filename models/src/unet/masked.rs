@@ -3,11 +3,11 @@
 //! text. The single-request forward is the case of one segment per branch.
 
 use retouch_kernels::cuda::{CudaDevice, CudaTensor};
-use retouch_kernels::{DType, Tensor, TokenSet};
+use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
 use crate::nn::exec::{Exec, Masked, Segment, StepCache};
-use crate::nn::gpu::{GpuMasked, GpuStepCache};
+use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
 use crate::{Error, Result};
 
 /// One segment of a ragged masked forward: one CFG branch of one cached-mode request.
@@ -102,7 +102,7 @@ impl UNet {
     ) -> Result<CudaTensor> {
         let host: Vec<CachedSegment<'_>> = segments.iter().map(|s| s.host).collect();
         let (context, timesteps, exec_segments) = self.ragged_inputs(rows.shape(), &host)?;
-        let context = CudaTensor::upload(dev, &context.to_dtype(DType::F32)?)?;
+        let context = upload_f32(dev, &context)?;
         let device = segments.iter().map(|s| s.device).collect();
         let mut m = GpuMasked::new(Masked::new(exec_segments), device)?;
         let out = self.run_gpu_masked(dev, rows, &timesteps, &context, &mut m)?;

@@ -12,7 +12,7 @@ pub use config::{PerBlock, UNetConfig, UNetPlan};
 pub use masked::{CachedSegment, GpuCachedSegment, token_levels};
 
 use crate::nn::exec::{Exec, StepCache};
-use crate::nn::gpu::GpuMasked;
+use crate::nn::gpu::{GpuMasked, upload_f32};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -348,29 +348,23 @@ impl UNet {
         self.time_linear_2.upload(dev)?;
         self.conv_in.upload(dev)?;
         for block in &mut self.down {
-            for r in &mut block.resnets {
-                r.upload(dev)?;
-            }
-            for a in &mut block.attentions {
-                a.upload(dev)?;
-            }
-            if let Some(c) = &mut block.downsample {
-                c.upload(dev)?;
-            }
+            upload_block(
+                dev,
+                &mut block.resnets,
+                &mut block.attentions,
+                &mut block.downsample,
+            )?;
         }
         self.mid.resnet_in.upload(dev)?;
         self.mid.attention.upload(dev)?;
         self.mid.resnet_out.upload(dev)?;
         for block in &mut self.up {
-            for r in &mut block.resnets {
-                r.upload(dev)?;
-            }
-            for a in &mut block.attentions {
-                a.upload(dev)?;
-            }
-            if let Some(c) = &mut block.upsample {
-                c.upload(dev)?;
-            }
+            upload_block(
+                dev,
+                &mut block.resnets,
+                &mut block.attentions,
+                &mut block.upsample,
+            )?;
         }
         self.norm_out.upload(dev)?;
         self.conv_out.upload(dev)
@@ -511,8 +505,8 @@ impl UNet {
         timesteps: &[f32],
         context: &Tensor,
     ) -> Result<Tensor> {
-        let sample = CudaTensor::upload(dev, &sample.to_dtype(DType::F32)?)?;
-        let context = CudaTensor::upload(dev, &context.to_dtype(DType::F32)?)?;
+        let sample = upload_f32(dev, sample)?;
+        let context = upload_f32(dev, context)?;
         let out = self.forward_gpu(dev, &sample, timesteps, &context)?;
         Ok(out.download(dev)?)
     }
@@ -546,6 +540,25 @@ impl UNet {
         }
         Ok(())
     }
+}
+
+/// Uploads one down or up block: its resnets, transformers and resampling conv.
+fn upload_block(
+    dev: &CudaDevice,
+    resnets: &mut [ResnetBlock],
+    attentions: &mut [Transformer2D],
+    resample: &mut Option<Conv2d>,
+) -> Result<()> {
+    for r in resnets {
+        r.upload(dev)?;
+    }
+    for a in attentions {
+        a.upload(dev)?;
+    }
+    if let Some(c) = resample {
+        c.upload(dev)?;
+    }
+    Ok(())
 }
 
 /// The newest down-path output (the next layer's input on the device paths).

@@ -182,18 +182,9 @@ fn masked_runner(
     let unet = shared.unet()?;
     let cache = shared.cache()?;
     let inputs = shared.inputs();
-    let (s, c) = (shared.latent, shared.channels);
+    let c = shared.channels;
     let positions = levels[0].positions();
-    // Both batch elements' active rows, gathered from the flattened batch in one pass.
-    let index: Vec<u32> = (0..BATCH)
-        .flat_map(|b| positions.iter().map(move |&p| p + (b * s * s) as u32))
-        .collect();
-    let rows = inputs
-        .0
-        .clone()
-        .reshape(&[BATCH * s * s, c])?
-        .gather_rows(&index)?
-        .reshape(&[BATCH, positions.len(), c])?;
+    let rows = active_rows(&inputs.0, positions)?.reshape(&[BATCH, positions.len(), c])?;
     let levels = levels.to_vec();
     if let Some(dev) = shared.gpu.clone() {
         let device_cache = shared.gpu_cache(&dev)?;
@@ -290,20 +281,11 @@ fn batch_runner(
     let unet = shared.unet()?;
     let cache = shared.cache()?;
     let inputs = shared.inputs();
-    let (s, c) = (shared.latent, shared.channels);
-    let flat = inputs.0.clone().reshape(&[BATCH * s * s, c])?;
+    let c = shared.channels;
     let mut rows = Vec::with_capacity(edits.len());
     let mut contexts = Vec::with_capacity(edits.len());
     for (i, levels) in edits.iter().enumerate() {
-        let index: Vec<u32> = (0..BATCH)
-            .flat_map(|b| {
-                levels[0]
-                    .positions()
-                    .iter()
-                    .map(move |&p| p + (b * s * s) as u32)
-            })
-            .collect();
-        rows.push(flat.gather_rows(&index)?);
+        rows.push(active_rows(&inputs.0, levels[0].positions())?);
         let context = Tensor::randn(
             &[BATCH, TOKENS, shared.context_dim],
             10 + i as u64,
@@ -385,8 +367,22 @@ fn batch_runner(
     }))
 }
 
+/// Every sample's rows at `positions` of channels-last latents `[batch, h, w, c]`, gathered
+/// in one pass: `[batch * positions.len(), c]`, sample by sample.
+pub(super) fn active_rows(latents: &Tensor, positions: &[u32]) -> retouch_kernels::Result<Tensor> {
+    let shape = latents.shape();
+    let (batch, grid, c) = (shape[0], shape[1] * shape[2], shape[3]);
+    let index: Vec<u32> = (0..batch)
+        .flat_map(|b| positions.iter().map(move |&p| p + (b * grid) as u32))
+        .collect();
+    latents
+        .clone()
+        .reshape(&[batch * grid, c])?
+        .gather_rows(&index)
+}
+
 /// A centred, nearly square mask covering `round(ratio * h * w)` positions.
-fn centred_mask(height: usize, width: usize, ratio: f64) -> Vec<bool> {
+pub(super) fn centred_mask(height: usize, width: usize, ratio: f64) -> Vec<bool> {
     let count = ((ratio * (height * width) as f64).round() as usize).clamp(1, height * width);
     let side = (count as f64).sqrt().ceil() as usize;
     let (box_w, box_h) = (side.min(width), count.div_ceil(side.min(width)));

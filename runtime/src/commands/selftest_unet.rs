@@ -15,6 +15,8 @@ use retouch_models::nn::gpu::GpuStepCache;
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
 use retouch_models::unet::{CachedSegment, GpuCachedSegment, UNet, token_levels};
 
+use super::bench_unet::{active_rows, centred_mask};
+
 /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: both sides compute in f32,
 /// so only summation order differs, through a few dozen layers.
 const REL_L2_TOL: f32 = 1e-4;
@@ -281,17 +283,11 @@ fn check_cached_step(
     let (batch, side, channels) = (s[0], s[1], s[3]);
     let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
     let blocks = unet.config().block_out_channels.len();
-    let mask = centred_mask(side, MASK_RATIO);
+    let mask = centred_mask(side, side, MASK_RATIO);
     let levels = token_levels(&mask, side, side, blocks, 1)?;
     let positions = levels[0].positions();
     let n = positions.len();
-    let index: Vec<u32> = (0..batch)
-        .flat_map(|b| positions.iter().map(move |&p| p + (b * side * side) as u32))
-        .collect();
-    let rows = sample
-        .clone()
-        .reshape(&[batch * side * side, channels])?
-        .gather_rows(&index)?;
+    let rows = active_rows(sample, positions)?;
     let cpu = unet.forward_masked(
         &rows.clone().reshape(&[batch, n, channels])?,
         timesteps,
@@ -376,16 +372,4 @@ fn check_cached_step(
         );
     }
     Ok(passed)
-}
-
-/// A centred square of `ratio` of a `side x side` grid.
-fn centred_mask(side: usize, ratio: f64) -> Vec<bool> {
-    let box_side = ((ratio * (side * side) as f64).sqrt().round() as usize).clamp(1, side);
-    let start = (side - box_side) / 2;
-    (0..side * side)
-        .map(|p| {
-            let (y, x) = (p / side, p % side);
-            (start..start + box_side).contains(&y) && (start..start + box_side).contains(&x)
-        })
-        .collect()
 }

@@ -8,12 +8,12 @@
 
 use std::time::Instant;
 
-use retouch_kernels::cuda::{CudaDevice, CudaTensor};
+use retouch_kernels::cuda::CudaDevice;
 use retouch_kernels::{DType, Tensor};
 
 use super::{DenoiseJob, Kind, StepInput, UnetOutput};
 use crate::nn::exec::StepCache;
-use crate::nn::gpu::GpuStepCache;
+use crate::nn::gpu::{GpuStepCache, upload_f32};
 use crate::pipeline::Pipeline;
 use crate::unet::{CachedSegment, GpuCachedSegment};
 use crate::{Error, Result};
@@ -269,7 +269,7 @@ fn forward_ragged_on(
             device: &uploaded[slot].1,
         })
         .collect();
-    let rows = CudaTensor::upload(dev, &rows.to_dtype(DType::F32)?)?;
+    let rows = upload_f32(dev, rows)?;
     let out = pipe.unet.forward_gpu_ragged(dev, &rows, &device_segments)?;
     Ok(out.download(dev)?)
 }
