@@ -283,7 +283,13 @@ fn check_cached_step(
     let (batch, side, channels) = (s[0], s[1], s[3]);
     let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
     let blocks = unet.config().block_out_channels.len();
-    let mask = centred_mask(side, side, MASK_RATIO);
+    // The whole square nearest to the ratio (29x29 of 64x64), as in the runs docs/gpu.md
+    // records: centred_mask covers exactly the positions asked for.
+    let square = (MASK_RATIO * (side * side) as f64)
+        .sqrt()
+        .round()
+        .clamp(1.0, side as f64);
+    let mask = centred_mask(side, side, square * square / (side * side) as f64);
     let levels = token_levels(&mask, side, side, blocks, 1)?;
     let positions = levels[0].positions();
     let n = positions.len();
