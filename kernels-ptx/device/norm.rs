@@ -2,6 +2,7 @@
 
 use crate::elementwise::grid_stride;
 use crate::gpu::{block, block_dim, block_sum, block_y, grid_dim, shared_f32, thread};
+use crate::gemm::Widen;
 use crate::math::silu;
 
 /// Layer norm of one row per block, two-pass (mean, then centred variance) like the CPU.
@@ -154,4 +155,80 @@ pub unsafe extern "ptx-kernel" fn group_norm_silu_apply_f32(
     groups: u32,
 ) {
     group_norm_apply(x, stats, gamma, beta, out, n, hw, c, groups, true);
+}
+
+/// Group-norm statistics of the maps a ragged masked batch computes on (the CPU's
+/// `blended_group_stats`, one segment per block row): segment `s` owns rows `offsets[s]..
+/// offsets[s + 1]` of `x = [rows, c]`, row `r` holds position `positions[r]` of its map of
+/// `hw` positions, `template[2 (s groups + g)]` is (mean, rstd) of its template's map and
+/// `moments[s]` the device address of that map's per-position moments `[hw, groups, 2]` (f16,
+/// in units of those statistics). The map is the fresh rows at their positions and the
+/// template elsewhere; the template's moments over the whole map follow from its statistics,
+/// so only the active rows are read. Writes (mean, rstd) to `stats[2 (s groups + g)]`.
+///
+/// Launch: grid `(groups, segments)`, block a multiple of 32 up to 1024, 128 bytes of dynamic
+/// shared memory.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn group_norm_blended_stats_f16(
+    x: *const f32,
+    offsets: *const u32,
+    positions: *const u32,
+    template: *const f32,
+    moments: *const u64,
+    stats: *mut f32,
+    c: u32,
+    groups: u32,
+    hw: u32,
+    eps: f32,
+) {
+    let scratch = shared_f32();
+    let (g, s) = (block(), block_y());
+    let cpg = c / groups;
+    let at = 2 * (s * groups + g) as usize;
+    let (mean_t, rstd_t) = unsafe { (*template.add(at), *template.add(at + 1)) };
+    let (first, end) = unsafe { (*offsets.add(s as usize), *offsets.add(s as usize + 1)) };
+    let moments = unsafe { *moments.add(s as usize) } as *const f16;
+    // Fresh rows' z and z^2, minus the template's at the same positions.
+    let (mut sum, mut squares) = (0.0f32, 0.0f32);
+    let total = (end - first) * cpg;
+    let mut k = thread();
+    while k < total {
+        let row = first + k / cpg;
+        let ch = g * cpg + k % cpg;
+        let z = (unsafe { *x.add(row as usize * c as usize + ch as usize) } - mean_t) * rstd_t;
+        sum += z;
+        squares += z * z;
+        k += block_dim();
+    }
+    let mut row = first + thread();
+    while row < end {
+        let p = unsafe { *positions.add(row as usize) } as usize;
+        let m = unsafe { moments.add((p * groups as usize + g as usize) * 2) };
+        unsafe {
+            sum -= (*m).widen();
+            squares -= (*m.add(1)).widen();
+        }
+        row += block_dim();
+    }
+    let sum = block_sum(sum, scratch);
+    let squares = block_sum(squares, scratch);
+    if thread() == 0 {
+        let count = (hw * cpg) as f32;
+        let rstd2 = rstd_t * rstd_t;
+        // The template's own sum of z^2 over its map: var * rstd^2 per value.
+        let mut template_squares = count * (1.0 - eps * rstd2);
+        if template_squares < 0.0 {
+            template_squares = 0.0;
+        }
+        let mean_z = sum / count;
+        let mut var_z = (template_squares + squares) / count - mean_z * mean_z;
+        if var_z < 0.0 {
+            var_z = 0.0;
+        }
+        unsafe {
+            *stats.add(at) = mean_t + mean_z / rstd_t;
+            *stats.add(at + 1) = 1.0 / (var_z / rstd2 + eps).sqrt();
+        }
+    }
 }

@@ -334,3 +334,101 @@ fn ragged_group_norm_uses_each_samples_statistics() {
             .is_err()
     );
 }
+
+/// A template map with its active positions replaced by fresh rows: the blended statistics
+/// (from the template's statistics, its per-position moments at the active positions and
+/// the fresh rows) must be the plain statistics of that map, whatever the mask covers.
+#[test]
+fn blended_group_stats_are_the_stats_of_the_blended_map() {
+    use retouch_kernels::DType;
+    let (h, w, channels, groups) = (7, 9, 20, 5);
+    let eps = 1e-5;
+    let template = randn_affine(&[1, h * w, channels], 31, 0.8, 1.7);
+    let stats = template.group_norm_stats(groups, eps).unwrap();
+    let moments = template.group_position_moments(groups, &stats).unwrap();
+    assert_eq!(moments.shape(), [1, h * w, groups * 2]);
+    let moments = moments.reshape(&[h * w, groups * 2]).unwrap();
+    for (ratio, seed) in [(0.05, 1), (0.3, 2), (0.7, 3), (1.0, 4)] {
+        let tokens = random_tokens(h, w, ratio, seed);
+        let active = tokens.len();
+        if active == 0 {
+            continue;
+        }
+        // Fresh rows from another distribution, so the blend moves the statistics.
+        let fresh = randn_affine(&[active, channels], 40 + seed, 1.9, -0.6);
+        let mut blended = f64s(&template);
+        let fresh64 = f64s(&fresh);
+        for (row, &p) in tokens.positions().iter().enumerate() {
+            let p = p as usize;
+            blended[p * channels..(p + 1) * channels]
+                .copy_from_slice(&fresh64[row * channels..(row + 1) * channels]);
+        }
+        let want = group_stats_ref(&blended, 1, channels, groups, eps as f64);
+        for dtype in [DType::F32, DType::F16] {
+            let stored = moments.to_dtype(dtype).unwrap();
+            let got = fresh
+                .blended_group_stats(&stats, &stored, tokens.positions(), eps)
+                .unwrap();
+            // f16 moments carry ~1e-3 relative error per position, a fraction of the
+            // statistics' scale once summed over the positions.
+            let tol = if dtype == DType::F16 { 2e-3 } else { 1e-5 };
+            for (g, (s, &(mean, rstd))) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (s.mean as f64 - mean).abs() <= tol * (1.0 + mean.abs()),
+                    "ratio {ratio} {dtype:?} group {g}: mean {} vs {mean}",
+                    s.mean
+                );
+                assert!(
+                    (s.rstd as f64 - rstd).abs() <= tol * rstd,
+                    "ratio {ratio} {dtype:?} group {g}: rstd {} vs {rstd}",
+                    s.rstd
+                );
+            }
+        }
+    }
+    // Fresh rows equal to the template's give back the template's statistics.
+    let tokens = random_tokens(h, w, 0.4, 9);
+    let same = template
+        .reshape(&[h * w, channels])
+        .unwrap()
+        .gather_rows(tokens.positions())
+        .unwrap();
+    let got = same
+        .blended_group_stats(&stats, &moments, tokens.positions(), eps)
+        .unwrap();
+    for (s, t) in got.iter().zip(&stats) {
+        assert!((s.mean - t.mean).abs() <= 1e-5 * (1.0 + t.mean.abs()));
+        assert!((s.rstd - t.rstd).abs() <= 1e-5 * t.rstd);
+    }
+}
+
+#[test]
+fn blended_group_stats_reject_mismatched_moments() {
+    let fresh = randn(&[4, 8], 1);
+    let template = randn(&[1, 10, 8], 2);
+    let stats = template.group_norm_stats(2, 1e-5).unwrap();
+    let moments = randn(&[10, 4], 3);
+    let wrong = randn(&[10, 3], 4);
+    assert!(
+        fresh
+            .blended_group_stats(&stats, &wrong, &[0, 1, 2, 3], 1e-5)
+            .is_err()
+    );
+    // Four rows need four positions, each inside the map.
+    assert!(
+        fresh
+            .blended_group_stats(&stats, &moments, &[0, 1, 2], 1e-5)
+            .is_err()
+    );
+    assert!(
+        fresh
+            .blended_group_stats(&stats, &moments, &[0, 1, 2, 10], 1e-5)
+            .is_err()
+    );
+    assert!(
+        fresh
+            .blended_group_stats(&stats, &moments, &[0, 1, 2, 9], 1e-5)
+            .is_ok()
+    );
+    assert!(template.group_position_moments(3, &stats).is_err());
+}

@@ -216,3 +216,88 @@ pub fn layer_norm(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: 
         .zip(out.par_chunks_mut(per_task))
         .for_each(|(x, o)| layer_norm_rows(x, o, gamma, beta, eps));
 }
+
+/// Per-position group moments of one sample `x = [positions, channels]`, in units of that
+/// sample's group statistics: for each position and group, `sum z` and `sum z^2` over the
+/// group's channels with `z = (x - mean) * rstd`. Kept with a template's statistics so that
+/// a masked edit can take the template's share of the moments over any set of positions.
+/// Returns `[positions, groups, 2]`.
+pub fn group_position_moments(
+    x: &[f32],
+    channels: usize,
+    groups: usize,
+    stats: &[GroupStats],
+) -> Vec<f32> {
+    assert_eq!(stats.len(), groups, "group_position_moments: stats");
+    let cpg = channels / groups;
+    let mut out = Vec::with_capacity(x.len() / cpg.max(1) * 2);
+    for row in x.chunks_exact(channels) {
+        for (group, s) in row.chunks_exact(cpg).zip(stats) {
+            let (mut sum, mut squares) = (0.0f32, 0.0f32);
+            for &v in group {
+                let z = (v - s.mean) * s.rstd;
+                sum += z;
+                squares += z * z;
+            }
+            out.extend([sum, squares]);
+        }
+    }
+    out
+}
+
+/// The group statistics of a map whose positions `active` hold the rows `fresh = [active,
+/// channels]` and whose other positions hold the template's values. `template` are the
+/// template map's statistics and `moments = [positions, groups, 2]` its
+/// [`group_position_moments`]: the template's moments over the whole map are known from
+/// its statistics (`sum z = 0`, `sum z^2 = n var / (var + eps)`), so the active positions'
+/// share is swapped for the fresh rows' without visiting the rest.
+pub fn blended_group_stats<M: Copy + Into<f32>>(
+    fresh: &[f32],
+    channels: usize,
+    template: &[GroupStats],
+    moments: &[M],
+    active: &[u32],
+    eps: f32,
+) -> Vec<GroupStats> {
+    let groups = template.len();
+    let cpg = channels / groups;
+    let positions = moments.len() / (groups * 2).max(1);
+    assert_eq!(
+        fresh.len(),
+        active.len() * channels,
+        "blended_group_stats: rows"
+    );
+    let mut sums = vec![0.0f64; groups];
+    let mut squares = vec![0.0f64; groups];
+    for (row, &p) in fresh.chunks_exact(channels).zip(active) {
+        let at = &moments[p as usize * groups * 2..(p as usize + 1) * groups * 2];
+        for (g, (group, s)) in row.chunks_exact(cpg).zip(template).enumerate() {
+            let (mut sum, mut sq) = (0.0f32, 0.0f32);
+            for &v in group {
+                let z = (v - s.mean) * s.rstd;
+                sum += z;
+                sq += z * z;
+            }
+            sums[g] += (sum - at[2 * g].into()) as f64;
+            squares[g] += (sq - at[2 * g + 1].into()) as f64;
+        }
+    }
+    let count = (positions * cpg) as f64;
+    template
+        .iter()
+        .zip(sums.iter().zip(&squares))
+        .map(|(s, (&sum, &sq))| {
+            let rstd2 = s.rstd as f64 * s.rstd as f64;
+            // The template's own sum of z^2 over the whole map: var * rstd^2 per value.
+            let template_squares = count * (1.0 - eps as f64 * rstd2).max(0.0);
+            let mean_z = sum / count;
+            let var_z = ((template_squares + sq) / count - mean_z * mean_z).max(0.0);
+            let mean = s.mean as f64 + mean_z / s.rstd as f64;
+            let var = var_z / rstd2;
+            GroupStats {
+                mean: mean as f32,
+                rstd: (1.0 / (var + eps as f64).sqrt()) as f32,
+            }
+        })
+        .collect()
+}

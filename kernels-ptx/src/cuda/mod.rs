@@ -26,7 +26,7 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
-pub use ops::AttentionKernel;
+pub use ops::{AttentionKernel, CudaBlendedSegment};
 pub use ptx::{KERNELS, ptx_for};
 pub use tensor::{CudaTensor, GpuElement};
 

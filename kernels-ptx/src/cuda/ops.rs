@@ -2,12 +2,21 @@
 //! then one launch on the device's stream. Launch shapes follow each kernel's doc comment
 //! in `kernels-ptx/device/`.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
 use crate::Result;
 use crate::error::{invalid, shape_err};
+
+/// One segment of [`CudaDevice::group_norm_blended_stats`]: the active positions of its fresh
+/// rows, its template's statistics (`groups`) and its template's per-position moments
+/// `[positions, groups * 2]` (f16, as a template's recording is kept on the device).
+pub struct CudaBlendedSegment<'a> {
+    pub active: &'a [u32],
+    pub template: &'a [crate::GroupStats],
+    pub moments: &'a CudaTensor<f16>,
+}
 
 /// Threads per block for the grid-stride kernels and the largest row-kernel block.
 const BLOCK: u32 = 256;
@@ -351,6 +360,107 @@ impl CudaDevice {
             self.launched(k, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
+    }
+
+    /// The group statistics of each segment's blended map, as [`Tensor::blended_group_stats`]
+    /// per segment: `x = [rows, c]` stacks the segments' fresh rows, segment `i` owning
+    /// `segments[i].active.len()` of them, in that order. Returns `[segments, groups, 2]`
+    /// (mean, 1 / std).
+    ///
+    /// [`Tensor::blended_group_stats`]: crate::Tensor::blended_group_stats
+    pub fn group_norm_blended_stats(
+        &self,
+        x: &CudaTensor,
+        segments: &[CudaBlendedSegment<'_>],
+        groups: usize,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        const K: &str = "group_norm_blended_stats_f16";
+        let (rows, c) = rows_cols(K, x.shape())?;
+        if groups == 0 || !c.is_multiple_of(groups) {
+            return invalid(K, format!("{c} channels do not split into {groups} groups"));
+        }
+        let hw = segments.first().map_or(0, |s| s.moments.shape()[0]);
+        let mut offsets = Vec::with_capacity(segments.len() + 1);
+        let mut positions = Vec::with_capacity(rows);
+        let mut template = Vec::with_capacity(segments.len() * groups * 2);
+        offsets.push(0u32);
+        for (i, s) in segments.iter().enumerate() {
+            if s.moments.shape() != [hw, groups * 2] {
+                return shape_err(
+                    K,
+                    format!(
+                        "segment {i}: moments {:?}, expected [{hw}, {}]",
+                        s.moments.shape(),
+                        groups * 2
+                    ),
+                );
+            }
+            if s.template.len() != groups {
+                return invalid(
+                    K,
+                    format!(
+                        "segment {i}: {} statistics for {groups} groups",
+                        s.template.len()
+                    ),
+                );
+            }
+            if let Some(&p) = s.active.iter().find(|&&p| p as usize >= hw) {
+                return invalid(
+                    K,
+                    format!("segment {i}: position {p} outside {hw} positions"),
+                );
+            }
+            positions.extend_from_slice(s.active);
+            offsets.push(positions.len() as u32);
+            template.extend(s.template.iter().flat_map(|t| [t.mean, t.rstd]));
+        }
+        if positions.len() != rows {
+            return shape_err(
+                K,
+                format!("{rows} rows for {} active positions", positions.len()),
+            );
+        }
+        len_u32(K, x.elem_count().max(hw * groups * 2))?;
+        let mut stats = CudaTensor::zeros(self, &[segments.len(), groups, 2])?;
+        if segments.is_empty() {
+            return Ok(stats);
+        }
+        let stream = self.stream();
+        let mut guards = Vec::with_capacity(segments.len());
+        let mut moment_ptrs = Vec::with_capacity(segments.len());
+        for s in segments {
+            let (p, g) = s.moments.data.device_ptr(stream);
+            moment_ptrs.push(p);
+            guards.push(g);
+        }
+        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(K));
+        let (offsets_d, positions_d) = (up(&offsets)?, up(&positions)?);
+        let template_d = stream.clone_htod(&template).map_err(driver_err(K))?;
+        let moments_d = stream.clone_htod(&moment_ptrs).map_err(driver_err(K))?;
+        let (c_u, g_u, hw_u) = (c as u32, groups as u32, hw as u32);
+        {
+            let mut l = stream.launch_builder(self.function(K)?);
+            l.arg(&x.data)
+                .arg(&offsets_d)
+                .arg(&positions_d)
+                .arg(&template_d)
+                .arg(&moments_d)
+                .arg(&mut stats.data)
+                .arg(&c_u)
+                .arg(&g_u)
+                .arg(&hw_u)
+                .arg(&eps);
+            let widest = segments.iter().map(|s| s.active.len()).max().unwrap_or(0);
+            let cfg = per_row((g_u, segments.len() as u32), widest * (c / groups));
+            // SAFETY: matches `group_norm_blended_stats_f16(x, offsets, positions, template,
+            // moments, stats, c, groups, hw, eps)`: the offsets partition x's checked rows,
+            // every position is below hw, and each address points at a live `[hw, groups,
+            // 2]` f16 buffer borrowed for this call.
+            self.launched(K, unsafe { l.launch(cfg) })?;
+        }
+        drop(guards);
+        Ok(stats)
     }
 
     /// Group norm of a channels-last tensor (statistics per sample and group over every

@@ -25,6 +25,7 @@ pub const KERNELS: &[&str] = &[
     "group_norm_stats_f32",
     "group_norm_apply_f32",
     "group_norm_silu_apply_f32",
+    "group_norm_blended_stats_f16",
     "gather_rows_f32",
     "scatter_rows_f32",
     "copy_cols_f32",

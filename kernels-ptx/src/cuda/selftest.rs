@@ -10,7 +10,8 @@
 use half::f16;
 
 use super::{
-    AttentionKernel, CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GpuElement,
+    AttentionKernel, CudaBlendedSegment, CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment,
+    CudaTensor, GpuElement,
 };
 use crate::{
     Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result, Tensor, TokenSet,
@@ -215,6 +216,52 @@ impl Runner<'_> {
                     self.record(op, format!("{batch}x{hw}x{c} g{groups}"), &got, &want, 1e-4)?;
                 }
             }
+        }
+        self.blended_stats()
+    }
+
+    /// Blended group-norm statistics over three segments (each its own template, active set
+    /// and fresh rows; 5%, 30% and every position), against the CPU per segment.
+    fn blended_stats(&mut self) -> Result<()> {
+        for (hw, c, groups) in [(63, 40, 8), (333, 77, 7), (4096, 320, 32)] {
+            let mut fresh = Vec::new();
+            let mut active = Vec::new();
+            let mut stats = Vec::new();
+            let mut moments = Vec::new();
+            let mut want = Vec::new();
+            for (seg, percent) in [5u64, 30, 100].into_iter().enumerate() {
+                let template = self.randn(&[1, hw, c]).affine(1.5, 0.7 + seg as f32)?;
+                let s = template.group_norm_stats(groups, 1e-5)?;
+                let m = template
+                    .group_position_moments(groups, &s)?
+                    .reshape(&[hw, groups * 2])?
+                    .to_dtype(DType::F16)?;
+                let a = some_positions(hw, percent, seg as u64 + hw as u64);
+                let f = self.randn(&[a.len(), c]).affine(2.0, -0.4)?;
+                want.extend(
+                    f.blended_group_stats(&s, &m, &a, 1e-5)?
+                        .into_iter()
+                        .flat_map(|g| [g.mean, g.rstd]),
+                );
+                fresh.push(f);
+                active.push(a);
+                stats.push(s);
+                moments.push(CudaTensor::<f16>::upload(self.dev, &m)?);
+            }
+            let x = Tensor::concat_batch(&fresh.iter().collect::<Vec<_>>())?;
+            let segments: Vec<CudaBlendedSegment<'_>> = (0..fresh.len())
+                .map(|i| CudaBlendedSegment {
+                    active: &active[i],
+                    template: &stats[i],
+                    moments: &moments[i],
+                })
+                .collect();
+            let got = self
+                .dev
+                .group_norm_blended_stats(&self.up(&x)?, &segments, groups, 1e-5)?;
+            let want = Tensor::from_vec(want, &[fresh.len(), groups, 2])?;
+            let size = format!("3 seg {hw}x{c} g{groups}");
+            self.record("group_norm_blended_stats", size, &got, &want, 1e-4)?;
         }
         Ok(())
     }

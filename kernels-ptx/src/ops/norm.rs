@@ -1,6 +1,6 @@
 use crate::cpu::norm::{self, GroupStats};
 use crate::error::{invalid, shape_err};
-use crate::{Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 fn check_affine(op: &'static str, channels: usize, gamma: &Tensor, beta: &Tensor) -> Result<()> {
     if gamma.shape() != [channels] || beta.shape() != [channels] {
@@ -158,6 +158,104 @@ impl Tensor {
             silu,
         );
         Ok(Tensor::from_f32_unchecked(out, self.shape()))
+    }
+
+    /// Each sample's per-position group moments in units of its statistics `stats` (`batch *
+    /// groups`, as [`Tensor::group_norm_stats`] gives them): for `self = [batch, ...,
+    /// channels]`, `[batch, positions, groups * 2]` holding `sum z` and `sum z^2` per group
+    /// with `z = (x - mean) * rstd`. A template records them so that an edit's masked norm
+    /// can compute the statistics of its blended map ([`Tensor::blended_group_stats`]).
+    pub fn group_position_moments(&self, groups: usize, stats: &[GroupStats]) -> Result<Tensor> {
+        const OP: &str = "group_position_moments";
+        let (batch, channels) = self.batch_and_channels(OP)?;
+        Self::check_groups(OP, channels, groups)?;
+        if stats.len() != batch * groups {
+            return invalid(
+                OP,
+                format!(
+                    "{} statistics given for {batch} samples of {groups} groups",
+                    stats.len()
+                ),
+            );
+        }
+        let x = self.f32s(OP)?;
+        let per_sample = x.len() / batch.max(1);
+        let mut out = Vec::with_capacity(x.len() / (channels / groups).max(1) * 2);
+        for (b, sample) in x.chunks(per_sample.max(1)).take(batch).enumerate() {
+            out.extend(norm::group_position_moments(
+                sample,
+                channels,
+                groups,
+                &stats[b * groups..(b + 1) * groups],
+            ));
+        }
+        let positions = per_sample / channels.max(1);
+        Ok(Tensor::from_f32_unchecked(
+            out,
+            &[batch, positions, groups * 2],
+        ))
+    }
+
+    /// The group statistics of a map whose positions `active` (sorted or not) hold the rows
+    /// of `self = [active, channels]` and whose other positions hold a template's values:
+    /// `template` are the template map's statistics (`groups` of them) and `template_moments
+    /// = [positions, groups * 2]` its [`Tensor::group_position_moments`], in any float type.
+    /// A masked edit normalises its fresh rows with these, so that its norms see the map it
+    /// computes on (fresh rows in the mask, the template around it) rather than the template
+    /// alone.
+    pub fn blended_group_stats(
+        &self,
+        template: &[GroupStats],
+        template_moments: &Tensor,
+        active: &[u32],
+        eps: f32,
+    ) -> Result<Vec<GroupStats>> {
+        const OP: &str = "blended_group_stats";
+        let channels = self.dim(-1)?;
+        let groups = template.len();
+        Self::check_groups(OP, channels, groups)?;
+        let rows = self.elem_count() / channels.max(1);
+        let moments_shape = template_moments.shape();
+        if moments_shape.len() != 2 || moments_shape[1] != groups * 2 {
+            return shape_err(
+                OP,
+                format!(
+                    "moments {moments_shape:?} must be [positions, {}]",
+                    groups * 2
+                ),
+            );
+        }
+        if rows != active.len() {
+            return shape_err(
+                OP,
+                format!("{rows} rows for {} active positions", active.len()),
+            );
+        }
+        if let Some(&p) = active.iter().find(|&&p| p as usize >= moments_shape[0]) {
+            return invalid(
+                OP,
+                format!(
+                    "active position {p} outside a map of {} positions",
+                    moments_shape[0]
+                ),
+            );
+        }
+        let fresh = self.f32s(OP)?;
+        Ok(match template_moments.dtype() {
+            DType::F32 => {
+                let m = template_moments.as_slice::<f32>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            DType::F16 => {
+                let m = template_moments.as_slice::<half::f16>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            DType::BF16 => {
+                let m = template_moments.as_slice::<half::bf16>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            other => return invalid(OP, format!("moments of {other:?}")),
+        })
     }
 
     /// Layer norm over the last dimension.

@@ -13,8 +13,13 @@ pub enum CacheEntry {
     ConvInput(Vec<Tensor>),
     /// A self-attention's keys and values, `[tokens, c]` each, per batch element.
     KeyValue(Vec<(Tensor, Tensor)>),
-    /// A group norm's statistics, `batch * groups`.
-    Stats(Vec<GroupStats>),
+    /// A group norm's statistics (`batch * groups`) and, per batch element, its input's
+    /// per-position moments `[positions, groups * 2]` in units of those statistics
+    /// ([`Tensor::group_position_moments`]): a masked norm blends them with its fresh rows.
+    Stats {
+        stats: Vec<GroupStats>,
+        moments: Vec<Tensor>,
+    },
 }
 
 impl CacheEntry {
@@ -25,7 +30,10 @@ impl CacheEntry {
                 .iter()
                 .map(|(k, v)| k.size_in_bytes() + v.size_in_bytes())
                 .sum(),
-            CacheEntry::Stats(s) => s.len() * std::mem::size_of::<GroupStats>(),
+            CacheEntry::Stats { stats, moments } => {
+                stats.len() * std::mem::size_of::<GroupStats>()
+                    + moments.iter().map(Tensor::size_in_bytes).sum::<usize>()
+            }
         }
     }
 
@@ -33,7 +41,7 @@ impl CacheEntry {
         match self {
             CacheEntry::ConvInput(_) => "conv input",
             CacheEntry::KeyValue(_) => "keys/values",
-            CacheEntry::Stats(_) => "group-norm statistics",
+            CacheEntry::Stats { .. } => "group-norm statistics",
         }
     }
 }
@@ -54,7 +62,7 @@ impl StepCache {
         self.entries.iter().find_map(|e| match e {
             CacheEntry::ConvInput(maps) => Some(maps.len()),
             CacheEntry::KeyValue(kv) => Some(kv.len()),
-            CacheEntry::Stats(_) => None,
+            CacheEntry::Stats { moments, .. } => (!moments.is_empty()).then_some(moments.len()),
         })
     }
 
@@ -63,7 +71,7 @@ impl StepCache {
         self.entries.iter().find_map(|e| match e {
             CacheEntry::ConvInput(maps) => maps.first().map(Tensor::dtype),
             CacheEntry::KeyValue(kv) => kv.first().map(|(k, _)| k.dtype()),
-            CacheEntry::Stats(_) => None,
+            CacheEntry::Stats { moments, .. } => moments.first().map(Tensor::dtype),
         })
     }
 }
@@ -189,24 +197,45 @@ impl<'a> Masked<'a> {
             .collect()
     }
 
-    /// The next entry's group-norm statistics of every segment, concatenated
-    /// (`groups` per segment).
-    pub fn stats(&mut self, groups: usize) -> Result<Vec<GroupStats>> {
-        let mut all = Vec::with_capacity(self.segments.len() * groups);
-        for (entry, branch) in self.next(STATS)? {
-            let CacheEntry::Stats(stats) = entry else {
-                unreachable!("kind checked by next()")
-            };
-            let part = stats
-                .get(branch * groups..(branch + 1) * groups)
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "cached {STATS} have {} values, branch {branch} of {groups} groups \
-                         is not among them",
-                        stats.len()
-                    ))
-                })?;
-            all.extend_from_slice(part);
+    /// The next entry's group-norm statistics of every segment (`groups` each) with the
+    /// moments of its template's branch, `[positions, groups * 2]`.
+    pub fn norm_records(&mut self, groups: usize) -> Result<Vec<(&'a [GroupStats], &'a Tensor)>> {
+        self.next(STATS)?
+            .into_iter()
+            .map(|(entry, branch)| {
+                let CacheEntry::Stats { stats, moments } = entry else {
+                    unreachable!("kind checked by next()")
+                };
+                let part = stats
+                    .get(branch * groups..(branch + 1) * groups)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "cached {STATS} have {} values, branch {branch} of {groups} groups \
+                             is not among them",
+                            stats.len()
+                        ))
+                    })?;
+                Ok((part, branch_of(moments, branch, STATS)?))
+            })
+            .collect()
+    }
+
+    /// The next entry's statistics for the stacked rows `x = [rows, c]`, `groups` per
+    /// segment: those of the map the segment computes on, its fresh rows at the active
+    /// positions and its template's values elsewhere ([`Tensor::blended_group_stats`]).
+    pub fn blended_stats(
+        &mut self,
+        x: &Tensor,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Vec<GroupStats>> {
+        let tokens = self.tokens()?;
+        let records = self.norm_records(groups)?;
+        let rows: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
+        let parts = x.split_batch(&rows)?;
+        let mut all = Vec::with_capacity(records.len() * groups);
+        for ((part, t), (stats, moments)) in parts.iter().zip(&tokens).zip(records) {
+            all.extend(part.blended_group_stats(stats, moments, t.positions(), eps)?);
         }
         Ok(all)
     }

@@ -6,7 +6,7 @@
 //! template's step runs on the host.
 
 use half::f16;
-use retouch_kernels::cuda::{CudaDevice, CudaTensor};
+use retouch_kernels::cuda::{CudaBlendedSegment, CudaDevice, CudaTensor};
 use retouch_kernels::{DType, Tensor};
 
 use super::exec::{CacheEntry, Masked, StepCache};
@@ -41,8 +41,9 @@ pub struct GpuStepCache {
 enum GpuEntry {
     ConvInput(Vec<CudaTensor<f16>>),
     KeyValue(Vec<(CudaTensor<f16>, CudaTensor<f16>)>),
-    /// Statistics stay on the host (a few values per group), uploaded per layer.
-    Stats,
+    /// The per-position moments per branch; the statistics themselves stay on the host (a
+    /// few values per group), uploaded per layer.
+    Stats(Vec<CudaTensor<f16>>),
 }
 
 impl GpuStepCache {
@@ -64,7 +65,9 @@ impl GpuStepCache {
                             .map(|(k, v)| Ok((half(k)?, half(v)?)))
                             .collect::<Result<_>>()?,
                     ),
-                    CacheEntry::Stats(_) => GpuEntry::Stats,
+                    CacheEntry::Stats { moments, .. } => {
+                        GpuEntry::Stats(moments.iter().map(half).collect::<Result<_>>()?)
+                    }
                 })
             })
             .collect::<Result<_>>()?;
@@ -79,7 +82,7 @@ impl GpuStepCache {
             .map(|e| match e {
                 GpuEntry::ConvInput(maps) => maps.iter().map(bytes).sum(),
                 GpuEntry::KeyValue(kv) => kv.iter().map(|(k, v)| bytes(k) + bytes(v)).sum(),
-                GpuEntry::Stats => 0,
+                GpuEntry::Stats(moments) => moments.iter().map(bytes).sum::<usize>(),
             })
             .sum()
     }
@@ -142,17 +145,38 @@ impl<'a> GpuMasked<'a> {
         })
     }
 
-    /// The next entry's group-norm statistics as `[rows, groups, 2]` (mean, 1/std) on the
-    /// device: each row gets its segment's, so one apply kernel serves the ragged rows.
-    pub fn row_stats(&mut self, dev: &CudaDevice, groups: usize) -> Result<CudaTensor> {
-        let stats = self.host.stats(groups)?;
-        let flat: Vec<f32> = stats.iter().flat_map(|s| [s.mean, s.rstd]).collect();
-        let segments = self.device.len();
-        let per_segment = Tensor::from_vec(flat, &[segments, groups * 2])?;
-        let gathered = dev.gather_rows(
-            &CudaTensor::upload(dev, &per_segment)?,
-            &self.host.row_segments()?,
-        )?;
+    /// The next entry's group-norm statistics for the rows `x` as `[rows, groups, 2]` (mean,
+    /// 1/std) on the device: each row gets the statistics of its segment's blended map
+    /// (fresh rows in the active set, the template around), so one apply kernel serves the
+    /// ragged rows.
+    pub fn row_stats(
+        &mut self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        groups: usize,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let at = self.host.cursor();
+        let tokens = self.host.tokens()?;
+        let records = self.host.norm_records(groups)?;
+        let moments = self.device_entries(at, |e, branch| match e {
+            GpuEntry::Stats(m) => m.get(branch),
+            _ => None,
+        })?;
+        let segments: Vec<CudaBlendedSegment<'_>> = tokens
+            .iter()
+            .zip(&records)
+            .zip(moments)
+            .map(|((t, (stats, _)), moments)| CudaBlendedSegment {
+                active: t.positions(),
+                template: stats,
+                moments,
+            })
+            .collect();
+        let per_segment = dev.group_norm_blended_stats(x, &segments, groups, eps)?;
+        let segments = segments.len();
+        let per_segment = per_segment.reshape(&[segments, groups * 2])?;
+        let gathered = dev.gather_rows(&per_segment, &self.host.row_segments()?)?;
         let rows = gathered.shape()[0];
         Ok(gathered.reshape(&[rows, groups, 2])?)
     }

@@ -229,24 +229,27 @@ impl GroupNorm {
         m: &mut GpuMasked<'_>,
     ) -> Result<CudaTensor> {
         let (gamma, beta) = on_device(self.gpu.as_ref(), "group norm")?;
-        let stats = m.row_stats(dev, self.groups)?;
+        let stats = m.row_stats(dev, x, self.groups, self.eps)?;
         Ok(dev.group_norm_with_stats(x, &stats, self.groups, gamma, beta, silu)?)
     }
 
-    /// The norm in any mode; masked runs normalise the rows with the template's statistics.
+    /// The norm in any mode. Masked runs normalise each segment's rows with the statistics
+    /// of the map it computes on: fresh rows in the active set, the template's values around.
     pub fn forward_exec(&self, x: &Tensor, silu: bool, exec: &mut Exec<'_>) -> Result<Tensor> {
         match exec {
             Exec::Dense => self.forward(x, silu),
-            Exec::Record { cache, .. } => {
+            Exec::Record { cache, dtype } => {
                 let stats = x.group_norm_stats(self.groups, self.eps)?;
                 let y = x.group_norm_with_stats(&stats, self.groups, &self.gamma, &self.beta, silu);
-                cache.entries.push(CacheEntry::Stats(stats));
+                let moments = x.group_position_moments(self.groups, &stats)?;
+                let moments = per_batch_rows(&moments, *dtype)?;
+                cache.entries.push(CacheEntry::Stats { stats, moments });
                 Ok(y?)
             }
-            // Each segment's rows with its own template's statistics.
+            // Each segment's rows with the statistics of its blended map.
             Exec::Masked(m) => Ok(x.group_norm_with_stats_ragged(
                 &m.rows()?,
-                &m.stats(self.groups)?,
+                &m.blended_stats(x, self.groups, self.eps)?,
                 self.groups,
                 &self.gamma,
                 &self.beta,
@@ -286,5 +289,65 @@ impl LayerNorm {
     pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
         let (gamma, beta) = on_device(self.gpu.as_ref(), "layer norm")?;
         Ok(dev.layer_norm(x, gamma, beta, self.eps)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use retouch_kernels::{DType, Device, Tensor, TokenSet};
+
+    use super::GroupNorm;
+    use crate::nn::Scope;
+    use crate::nn::exec::{Exec, Masked, Segment, StepCache};
+    use crate::weights::Weights;
+
+    /// A masked norm's rows are the dense norm of the blended map (the template with the
+    /// fresh rows written in) at the active positions.
+    #[test]
+    fn masked_group_norm_normalises_with_the_blended_maps_statistics() {
+        let weights = Weights::random(7);
+        let norm = GroupNorm::load(Scope::root(&weights).at("norm").scope(), 12, 4, 1e-5).unwrap();
+        let (h, w, c) = (5, 6, 12);
+        let template = Tensor::randn(&[2, h, w, c], 1, Device::Cpu)
+            .affine(0.8, 0.3)
+            .unwrap();
+        let mut cache = StepCache::default();
+        let mut record = Exec::Record {
+            cache: &mut cache,
+            dtype: DType::F32,
+        };
+        norm.forward_exec(&template, true, &mut record).unwrap();
+        let positions = vec![1, 7, 8, 20, 29];
+        let levels = [TokenSet::from_positions(h, w, positions.clone()).unwrap()];
+        let fresh = Tensor::randn(&[positions.len(), c], 2, Device::Cpu)
+            .affine(2.0, -1.0)
+            .unwrap();
+        let segment = Segment {
+            cache: &cache,
+            branch: 1,
+            levels: &levels,
+        };
+        let mut masked = Exec::Masked(Masked::new(vec![segment]));
+        let got = norm.forward_exec(&fresh, true, &mut masked).unwrap();
+
+        let mut blended = template.split_batch(&[1, 1]).unwrap()[1]
+            .clone()
+            .reshape(&[h * w, c])
+            .unwrap();
+        blended.scatter_rows(&positions, &fresh).unwrap();
+        let dense = norm
+            .forward(&blended.reshape(&[1, h * w, c]).unwrap(), true)
+            .unwrap();
+        let want = dense
+            .reshape(&[h * w, c])
+            .unwrap()
+            .gather_rows(&positions)
+            .unwrap();
+        for (i, (g, w)) in got.to_vec_f32().iter().zip(want.to_vec_f32()).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "element {i}: {g} vs {w}"
+            );
+        }
     }
 }

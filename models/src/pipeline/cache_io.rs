@@ -1,6 +1,7 @@
 //! A step's activation cache on disk: one safetensors file per step, entries named in forward
 //! order (`00012.conv.1` is entry 12's conv input for batch element 1; `k`/`v` for keys and
-//! values; `stats` is `[batch * groups, 2]` means and reciprocal deviations).
+//! values; `stats` is `[batch * groups, 2]` means and reciprocal deviations, `moments.1` batch
+//! element 1's per-position moments of that norm's input).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,12 +34,15 @@ pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()
                     named.push((format!("{i:05}.v.{b}"), v.clone()));
                 }
             }
-            CacheEntry::Stats(stats) => {
+            CacheEntry::Stats { stats, moments } => {
                 let flat: Vec<f32> = stats.iter().flat_map(|s| [s.mean, s.rstd]).collect();
                 named.push((
                     format!("{i:05}.stats"),
                     Tensor::from_vec(flat, &[stats.len(), 2])?,
                 ));
+                for (b, m) in moments.iter().enumerate() {
+                    named.push((format!("{i:05}.moments.{b}"), m.clone()));
+                }
             }
         }
     }
@@ -74,7 +78,9 @@ pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
             return Err(bad(format!("cache entry {expected} is missing")));
         }
         parts.sort_by_key(|p| (p.0.clone(), p.1));
-        let entry = match parts[0].0.as_str() {
+        // Sorted by kind: "moments" parts come before their entry's "stats".
+        let kind = parts.last().map(|p| p.0.clone()).unwrap_or_default();
+        let entry = match kind.as_str() {
             "conv" => CacheEntry::ConvInput(parts.into_iter().map(|p| p.2).collect()),
             "k" | "v" => {
                 let (ks, vs): (Vec<_>, Vec<_>) = parts.into_iter().partition(|p| p.0 == "k");
@@ -86,15 +92,22 @@ pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
                 CacheEntry::KeyValue(ks.into_iter().zip(vs).map(|(k, v)| (k.2, v.2)).collect())
             }
             "stats" => {
-                let flat = parts[0].2.to_vec_f32();
-                CacheEntry::Stats(
-                    flat.chunks_exact(2)
+                let flat = parts.pop().map(|p| p.2.to_vec_f32()).unwrap_or_default();
+                if parts.iter().any(|p| p.0 != "moments") {
+                    return Err(bad(format!(
+                        "entry {index}: statistics mixed with other kinds"
+                    )));
+                }
+                CacheEntry::Stats {
+                    stats: flat
+                        .chunks_exact(2)
                         .map(|p| GroupStats {
                             mean: p[0],
                             rstd: p[1],
                         })
                         .collect(),
-                )
+                    moments: parts.into_iter().map(|p| p.2).collect(),
+                }
             }
             other => return Err(bad(format!("entry {index}: unknown kind `{other}`"))),
         };

@@ -25,14 +25,17 @@ fn step_cache(step: usize) -> StepCache {
         })
         .collect();
     StepCache {
-        entries: vec![CacheEntry::Stats(stats)],
+        entries: vec![CacheEntry::Stats {
+            stats,
+            moments: Vec::new(),
+        }],
     }
 }
 
 /// Which step a cache was made for (its first mean).
 fn step_of(cache: &StepCache) -> usize {
     match &cache.entries[0] {
-        CacheEntry::Stats(s) => (s[0].mean / 1000.0) as usize,
+        CacheEntry::Stats { stats, .. } => (stats[0].mean / 1000.0) as usize,
         other => panic!("unexpected entry {other:?}"),
     }
 }
