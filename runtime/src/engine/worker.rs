@@ -9,10 +9,10 @@
 //! of one latent shape as one batched forward. Admission is first come, first served, up to
 //! `max_batch_requests` and `max_batch_tokens`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
@@ -62,6 +62,9 @@ pub struct WorkerLoad {
     tokens: AtomicU64,
     /// Steps left summed over the charged requests (what fused steps must still cover).
     request_steps: AtomicU64,
+    /// How many charged requests have each count of steps left: the longest one bounds the
+    /// fused steps still to run from below.
+    steps_left: Mutex<BTreeMap<u64, usize>>,
 }
 
 impl WorkerLoad {
@@ -70,6 +73,36 @@ impl WorkerLoad {
         self.tokens.fetch_add(charge.tokens(), Ordering::Relaxed);
         self.request_steps
             .fetch_add(charge.steps_left, Ordering::Relaxed);
+        self.count_steps_left(charge.steps_left, None);
+    }
+
+    /// Moves one request in the steps-left histogram from `from` (None: a new request) to
+    /// `to` (0: it no longer counts).
+    fn count_steps_left(&self, to: u64, from: Option<u64>) {
+        let mut counts = self
+            .steps_left
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(from) = from
+            && let Some(n) = counts.get_mut(&from)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&from);
+            }
+        }
+        if to > 0 {
+            *counts.entry(to).or_default() += 1;
+        }
+    }
+
+    /// The most steps any charged request has left.
+    fn longest_steps_left(&self) -> u64 {
+        let counts = self
+            .steps_left
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        counts.keys().next_back().copied().unwrap_or(0)
     }
 
     /// One step of the charged request ran.
@@ -79,6 +112,7 @@ impl WorkerLoad {
             self.work_us.fetch_sub(charge.step_us, Ordering::Relaxed);
             self.tokens.fetch_sub(charge.step_tokens, Ordering::Relaxed);
             self.request_steps.fetch_sub(1, Ordering::Relaxed);
+            self.count_steps_left(charge.steps_left, Some(charge.steps_left + 1));
         }
     }
 
@@ -88,19 +122,17 @@ impl WorkerLoad {
         self.tokens.fetch_sub(charge.tokens(), Ordering::Relaxed);
         self.request_steps
             .fetch_sub(charge.steps_left, Ordering::Relaxed);
+        self.count_steps_left(0, Some(charge.steps_left));
         *charge = Charge::default();
     }
 
     /// Fused steps the worker still has to run if a request of `steps` steps joined: at
-    /// least the new request's own, at least the average charged request's (the longest is
-    /// no shorter), and at least the request-steps spread over full batches of
-    /// `max_batch`.
+    /// least the new request's own, at least the longest charged request's, and at least
+    /// the request-steps spread over full batches of `max_batch`.
     pub fn steps_ahead_with(&self, steps: u64, max_batch: usize) -> u64 {
         let total = self.request_steps.load(Ordering::Relaxed) + steps;
-        let requests =
-            (self.queued.load(Ordering::Relaxed) + self.running.load(Ordering::Relaxed) + 1) as u64;
         steps
-            .max(total.div_ceil(requests))
+            .max(self.longest_steps_left())
             .max(total.div_ceil(max_batch.max(1) as u64))
     }
 

@@ -191,7 +191,7 @@ fn a_steps_fixed_cost_is_paid_once_per_fused_step() {
         "{p:?}"
     );
     // The same 40 request-steps: four running requests of 10 steps on worker 0 (fused:
-    // 10 steps to run), one request of 40 steps on worker 1 (40 steps).
+    // 10 steps to run), one request of 40 steps on worker 1 (40 steps, whatever joins).
     let loads = [WorkerLoad::default(), WorkerLoad::default()];
     let share = |steps| Charge {
         step_us: 1_000,
@@ -206,7 +206,7 @@ fn a_steps_fixed_cost_is_paid_once_per_fused_step() {
     loads[1].running.store(1, Ordering::Relaxed);
     assert_eq!(loads[0].work_s(), loads[1].work_s());
     assert_eq!(loads[0].steps_ahead_with(10, 8), 10);
-    assert_eq!(loads[1].steps_ahead_with(10, 8), 25);
+    assert_eq!(loads[1].steps_ahead_with(10, 8), 40);
     assert!(
         balancer.completion_s(0, &loads[0], &work) + 0.7
             < balancer.completion_s(1, &loads[1], &work)
@@ -231,6 +231,20 @@ fn a_steps_fixed_cost_is_paid_once_per_fused_step() {
     assert_eq!(idle.steps_ahead_with(0, 8), 2);
     idle.release(&mut c);
     assert_eq!(idle.steps_ahead_with(0, 8), 0);
+    // The longest request sets the bound, and it moves as requests step and leave.
+    let mixed = WorkerLoad::default();
+    let mut long = share(30);
+    let mut short = share(5);
+    mixed.add(&long);
+    mixed.add(&short);
+    assert_eq!(mixed.steps_ahead_with(1, 8), 30);
+    mixed.step_done(&mut long);
+    mixed.step_done(&mut short);
+    assert_eq!(mixed.steps_ahead_with(1, 8), 29);
+    mixed.release(&mut long);
+    assert_eq!(mixed.steps_ahead_with(1, 8), 4);
+    mixed.release(&mut short);
+    assert_eq!(mixed.steps_ahead_with(1, 8), 1);
 }
 
 #[test]
