@@ -378,3 +378,120 @@ mod ragged {
         );
     }
 }
+
+/// The cached-mode forward that recomputes its first units densely (the load-or-recompute
+/// plan's "recompute" side) on the fixtures' template: any switch point gives the dense
+/// forward's rows, and needs only the cache entries from the switch on.
+mod recomputing {
+    use retouch_kernels::{DType, Tensor};
+    use retouch_models::nn::exec::StepCache;
+    use retouch_models::unet::{CachedSegment, UNet, token_levels};
+
+    use super::{fixture, masked_inputs};
+
+    /// Each sample's rows of a `[batch, h, w, c]` map at `positions`, stacked: `[batch * n, c]`.
+    fn stacked_rows(map: &Tensor, positions: &[u32]) -> Tensor {
+        let s = map.shape().to_vec();
+        let parts: Vec<Tensor> = map
+            .split_batch(&vec![1; s[0]])
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                t.reshape(&[s[1] * s[2], s[3]])
+                    .unwrap()
+                    .gather_rows(positions)
+                    .unwrap()
+            })
+            .collect();
+        Tensor::concat_batch(&parts.iter().collect::<Vec<_>>()).unwrap()
+    }
+
+    fn assert_rows_close(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
+        let (g, d) = (got.to_vec_f32(), want.to_vec_f32());
+        assert_eq!(g.len(), d.len(), "{what}: row count");
+        let scale = d.iter().map(|v| v.abs()).sum::<f32>() / d.len() as f32;
+        for (i, (a, b)) in g.iter().zip(&d).enumerate() {
+            assert!(
+                (a - b).abs() <= rel * (b.abs() + scale),
+                "{what}: value {i} is {a}, dense gives {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_switch_point_reproduces_the_dense_rows() {
+        let dir = fixture("unet-sd1");
+        let unet = UNet::load(&dir, None).unwrap();
+        let (sample, t, ctx) = masked_inputs(&dir);
+        let s = sample.shape().to_vec();
+        let (batch, h, w) = (s[0], s[1], s[2]);
+        let (dense, cache) = unet
+            .forward_recording(&sample, &t, &ctx, DType::F32)
+            .unwrap();
+        let bits: Vec<bool> = (0..h * w)
+            .map(|p| (3..9).contains(&(p / w)) && (2..6).contains(&(p % w)))
+            .collect();
+        let levels = token_levels(&bits, h, w, 3, 1).unwrap();
+        let contexts = ctx.split_batch(&vec![1; batch]).unwrap();
+        let segments: Vec<CachedSegment<'_>> = (0..batch)
+            .map(|i| CachedSegment {
+                levels: &levels,
+                cache: &cache,
+                branch: i,
+                timestep: t[i],
+                context: &contexts[i],
+            })
+            .collect();
+        let positions = levels[0].positions();
+        let masked = unet
+            .forward_ragged(&stacked_rows(&sample, positions), &segments)
+            .unwrap();
+        let want = stacked_rows(&dense, positions);
+
+        let starts = unet.entry_starts().unwrap().to_vec();
+        let units = unet.units().unwrap();
+        assert_eq!(starts.len(), units + 1);
+        assert_eq!(starts[0], 0);
+        assert_eq!(starts[units], cache.entries.len());
+        assert!(starts.windows(2).all(|p| p[0] <= p[1]), "{starts:?}");
+        for k in 0..=units {
+            let got = unet
+                .forward_ragged_recomputing(&sample, &segments, k)
+                .unwrap();
+            if k == 0 {
+                assert_eq!(got.to_vec_f32(), masked.to_vec_f32(), "nothing recomputed");
+            }
+            let rel = if k == units { 1e-6 } else { 1e-4 };
+            assert_rows_close(&format!("switch at unit {k}"), &got, &want, rel);
+            // A step holding only the entries from the switch on serves the same forward.
+            let partial = StepCache {
+                first: starts[k],
+                entries: cache.entries[starts[k]..].to_vec(),
+            };
+            let partial_segments: Vec<CachedSegment<'_>> = segments
+                .iter()
+                .map(|s| CachedSegment {
+                    cache: &partial,
+                    ..*s
+                })
+                .collect();
+            let again = unet
+                .forward_ragged_recomputing(&sample, &partial_segments, k)
+                .unwrap();
+            assert_eq!(again.to_vec_f32(), got.to_vec_f32(), "partial cache at {k}");
+            // Switching earlier than the loaded entries reach is an error that says so.
+            if k > 0 && starts[k] > starts[k - 1] {
+                let err = unet
+                    .forward_ragged_recomputing(&sample, &partial_segments, k - 1)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("not loaded"), "{err}");
+            }
+        }
+        let err = unet
+            .forward_ragged_recomputing(&sample, &segments, units + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("units to recompute"), "{err}");
+    }
+}

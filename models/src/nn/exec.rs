@@ -46,13 +46,28 @@ impl CacheEntry {
     }
 }
 
-/// The activations of one denoising step of a template.
+/// The activations of one denoising step of a template: entries `first..` of the recording
+/// (a step loaded for a forward that recomputes its first units holds only the entries from
+/// the first one it reads; a whole recording starts at 0).
 #[derive(Clone, Debug, Default)]
 pub struct StepCache {
+    pub first: usize,
     pub entries: Vec<CacheEntry>,
 }
 
 impl StepCache {
+    /// The index after its last entry (the recording's length for a whole one).
+    pub fn end(&self) -> usize {
+        self.first + self.entries.len()
+    }
+
+    /// Entry `index` of the recording, if held.
+    pub fn entry(&self, index: usize) -> Option<&CacheEntry> {
+        index
+            .checked_sub(self.first)
+            .and_then(|i| self.entries.get(i))
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         self.entries.iter().map(CacheEntry::size_in_bytes).sum()
     }
@@ -108,10 +123,16 @@ pub struct Masked<'a> {
 
 impl<'a> Masked<'a> {
     pub fn new(segments: Vec<Segment<'a>>) -> Masked<'a> {
+        Masked::resume(segments, 0, 0)
+    }
+
+    /// A masked forward taking over from a dense one at cache entry `cursor` and resolution
+    /// `level` (the dense part's layers need no cache entries).
+    pub fn resume(segments: Vec<Segment<'a>>, cursor: usize, level: usize) -> Masked<'a> {
         Masked {
             segments,
-            cursor: 0,
-            level: 0,
+            cursor,
+            level,
         }
     }
 
@@ -156,10 +177,17 @@ impl<'a> Masked<'a> {
             .segments
             .iter()
             .map(|s| {
-                let entry = s.cache.entries.get(cursor).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "activation cache ended at entry {cursor} (wanted {expected})"
-                    ))
+                let entry = s.cache.entry(cursor).ok_or_else(|| {
+                    Error::Invalid(if cursor < s.cache.first {
+                        format!(
+                            "activation cache entry {cursor} was not loaded (the step holds \
+                             entries {} to {})",
+                            s.cache.first,
+                            s.cache.end()
+                        )
+                    } else {
+                        format!("activation cache ended at entry {cursor} (wanted {expected})")
+                    })
                 })?;
                 if entry.kind() != expected {
                     return Err(Error::Invalid(format!(
@@ -258,9 +286,7 @@ impl<'a> Masked<'a> {
 
     /// Whether every segment's cache was used up (a check that caches and model agree).
     pub fn finished(&self) -> bool {
-        self.segments
-            .iter()
-            .all(|s| s.cache.entries.len() == self.cursor)
+        self.segments.iter().all(|s| s.cache.end() == self.cursor)
     }
 }
 

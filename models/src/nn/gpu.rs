@@ -35,6 +35,8 @@ pub(crate) fn on_device<'a, T>(gpu: Option<&'a T>, layer: &str) -> Result<&'a T>
 /// [`StepCache`] (which keeps the kinds, the statistics and the order: the masked GPU forward
 /// walks the host cache and reads the maps and keys from here).
 pub struct GpuStepCache {
+    /// The host cache's first entry index.
+    first: usize,
     entries: Vec<GpuEntry>,
 }
 
@@ -71,7 +73,10 @@ impl GpuStepCache {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(GpuStepCache { entries })
+        Ok(GpuStepCache {
+            first: cache.first,
+            entries,
+        })
     }
 
     /// Device bytes held.
@@ -106,10 +111,13 @@ impl<'a> GpuMasked<'a> {
             )));
         }
         for (i, (d, s)) in device.iter().zip(host.segments()).enumerate() {
-            if d.entries.len() != s.cache.entries.len() {
+            if d.first != s.cache.first || d.entries.len() != s.cache.entries.len() {
                 return Err(Error::Invalid(format!(
-                    "segment {i}: the device cache has {} entries, the host cache {}",
+                    "segment {i}: the device cache holds entries {}.., {} of them, the host \
+                     cache {}.., {}",
+                    d.first,
                     d.entries.len(),
+                    s.cache.first,
                     s.cache.entries.len()
                 )));
             }
@@ -190,8 +198,8 @@ impl<'a> GpuMasked<'a> {
             .iter()
             .zip(self.host.segments())
             .map(|(d, s)| {
-                d.entries
-                    .get(at)
+                at.checked_sub(d.first)
+                    .and_then(|i| d.entries.get(i))
                     .and_then(|e| pick(e, s.branch))
                     .ok_or_else(|| {
                         Error::Invalid(format!(

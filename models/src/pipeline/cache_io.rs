@@ -21,7 +21,7 @@ pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()
         source,
     })?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
-    for (i, entry) in cache.entries.iter().enumerate() {
+    for (i, entry) in (cache.first..).zip(&cache.entries) {
         match entry {
             CacheEntry::ConvInput(maps) => {
                 for (b, m) in maps.iter().enumerate() {
@@ -53,7 +53,9 @@ pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()
     Ok(())
 }
 
-pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
+/// The step's entries from `first` on (0: the whole recording); the file's other tensors are
+/// not read.
+pub(crate) fn load_step(dir: &Path, step: usize, first: usize) -> Result<StepCache> {
     let path = step_file(dir, step);
     let file = SafeTensorsFile::open(&path)?;
     let bad = |message: String| Error::config(&path, message);
@@ -67,13 +69,16 @@ pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
             .ok_or_else(|| bad(format!("unexpected tensor name `{name}`")))?;
         let kind = parts.next().unwrap_or_default().to_string();
         let batch = parts.next().and_then(|p| p.parse::<usize>().ok());
+        if index < first {
+            continue;
+        }
         grouped
             .entry(index)
             .or_default()
             .push((kind, batch, file.get(&name)?));
     }
     let mut entries = Vec::with_capacity(grouped.len());
-    for (expected, (index, mut parts)) in grouped.into_iter().enumerate() {
+    for (expected, (index, mut parts)) in (first..).zip(grouped) {
         if index != expected {
             return Err(bad(format!("cache entry {expected} is missing")));
         }
@@ -113,5 +118,5 @@ pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
         };
         entries.push(entry);
     }
-    Ok(StepCache { entries })
+    Ok(StepCache { first, entries })
 }

@@ -133,7 +133,18 @@ impl Template {
 
     /// One step's activation cache of the template saved in `dir`, alone.
     pub fn load_step_cache(dir: impl AsRef<Path>, step: usize) -> Result<StepCache> {
-        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step)
+        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, 0)
+    }
+
+    /// One step's cache entries from `first` on (what a forward that recomputes the units
+    /// before entry `first` reads, [`crate::unet::UNet::forward_ragged_recomputing`]); the
+    /// file's other tensors are not read.
+    pub fn load_step_cache_from(
+        dir: impl AsRef<Path>,
+        step: usize,
+        first: usize,
+    ) -> Result<StepCache> {
+        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, first)
     }
 }
 

@@ -6,6 +6,7 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
+use super::walk::Boundaries;
 use crate::nn::exec::{Exec, Masked, Segment, StepCache};
 use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
 use crate::{Error, Result};
@@ -80,7 +81,13 @@ impl UNet {
     pub fn forward_ragged(&self, rows: &Tensor, segments: &[CachedSegment<'_>]) -> Result<Tensor> {
         let (context, timesteps, exec_segments) = self.ragged_inputs(rows.shape(), segments)?;
         let mut exec = Exec::Masked(Masked::new(exec_segments));
-        let out = self.run(rows, &timesteps, &context, &mut exec)?;
+        let out = self.run(
+            rows,
+            &timesteps,
+            &context,
+            &mut exec,
+            &mut Boundaries::default(),
+        )?;
         if let Exec::Masked(m) = &exec
             && !m.finished()
         {
@@ -89,6 +96,62 @@ impl UNet {
             ));
         }
         Ok(out)
+    }
+
+    /// [`UNet::forward_ragged`] that recomputes its first `recompute` units (of
+    /// [`UNet::units`]) instead of reading their cache entries: they run densely over the
+    /// whole latents `[segments, h, w, in_channels]` (segment i's map in sample i), then the
+    /// walk turns masked on each segment's active rows and reads the caches from entry
+    /// `entry_starts()[recompute]` on, so a step's cache needs only those entries loaded
+    /// ([`crate::pipeline::Template::load_step_cache_from`]). What a cache too slow to load
+    /// trades for compute: the dense units' outputs at inactive positions are recomputed
+    /// under the edit's prompt rather than read from the template. `recompute = 0` is
+    /// [`UNet::forward_ragged`] on the latents' active rows, `units()` the dense forward
+    /// read at them. Returns `[rows, out_channels]`.
+    pub fn forward_ragged_recomputing(
+        &self,
+        latents: &Tensor,
+        segments: &[CachedSegment<'_>],
+        recompute: usize,
+    ) -> Result<Tensor> {
+        let starts = self.entry_starts()?;
+        let Some(&cursor) = starts.get(recompute) else {
+            return Err(Error::Invalid(format!(
+                "unet: {recompute} units to recompute, the network has {}",
+                starts.len().saturating_sub(1)
+            )));
+        };
+        let first = segments.first().map(|s| s.levels);
+        let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
+        let (context, timesteps, exec_segments) =
+            self.ragged_inputs(&[total, self.config.in_channels], segments)?;
+        let grid = first.and_then(|l| l.first()).map(|t| (t.height(), t.width()));
+        let s = latents.shape();
+        if s.len() != 4
+            || s[0] != segments.len()
+            || Some((s[1], s[2])) != grid
+            || s[3] != self.config.in_channels
+        {
+            return Err(Error::Invalid(format!(
+                "unet: recomputing needs the latents as [{}, h, w, {}] on the segments' \
+                 {grid:?} grid, got {s:?}",
+                segments.len(),
+                self.config.in_channels
+            )));
+        }
+        self.check_inputs(s, &timesteps, context.shape())?;
+        let mut exec = Exec::Dense;
+        let mut walk = Boundaries::switching(recompute, cursor, exec_segments);
+        let out = self.run(latents, &timesteps, &context, &mut exec, &mut walk)?;
+        match &exec {
+            Exec::Masked(m) if !walk.switch_pending() && m.finished() => Ok(out),
+            Exec::Masked(_) => Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            )),
+            _ => Err(Error::Invalid(
+                "unet: the forward never reached its switch to masked rows".into(),
+            )),
+        }
     }
 
     /// [`UNet::forward_ragged`] on the device the weights were uploaded to: `rows = [sum

@@ -2,8 +2,10 @@
 
 mod config;
 mod masked;
+mod walk;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
@@ -13,6 +15,7 @@ pub use masked::{CachedSegment, GpuCachedSegment, token_levels};
 
 use crate::nn::exec::{Exec, StepCache};
 use crate::nn::gpu::{GpuMasked, upload_f32};
+use walk::Boundaries;
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -52,6 +55,8 @@ pub struct UNet {
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// [`UNet::entry_starts`], found once.
+    entry_starts: OnceLock<Vec<usize>>,
 }
 
 impl UNet {
@@ -203,6 +208,7 @@ impl UNet {
         }
 
         Ok(UNet {
+            entry_starts: OnceLock::new(),
             time_proj: TimestepEmbedding {
                 dim: ch[0],
                 flip_sin_to_cos: config.flip_sin_to_cos,
@@ -249,7 +255,13 @@ impl UNet {
     /// `h` and `w` must be divisible by 2^(blocks - 1).
     pub fn forward(&self, sample: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
         self.check_inputs(sample.shape(), timesteps, context.shape())?;
-        self.run(sample, timesteps, context, &mut Exec::Dense)
+        self.run(
+            sample,
+            timesteps,
+            context,
+            &mut Exec::Dense,
+            &mut Boundaries::default(),
+        )
     }
 
     /// The dense forward, also recording the activations a cached-mode edit of this step
@@ -271,16 +283,18 @@ impl UNet {
                 cache: &mut cache,
                 dtype,
             },
+            &mut Boundaries::default(),
         )?;
         Ok((out, cache))
     }
 
-    fn run(
+    fn run<'a>(
         &self,
         sample: &Tensor,
         timesteps: &[f32],
         context: &Tensor,
-        exec: &mut Exec<'_>,
+        exec: &mut Exec<'a>,
+        walk: &mut Boundaries<'a>,
     ) -> Result<Tensor> {
         // One timestep per sample (per segment when masked).
         let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
@@ -290,45 +304,106 @@ impl UNet {
             .silu()?;
         let temb = self.time_linear_2.forward(&emb)?.silu()?;
 
-        let mut h = self.conv_in.forward_exec(sample, exec, None)?;
-        let mut skips = vec![h.clone()];
-        for (level, block) in self.down.iter().enumerate() {
+        let mut h = sample.clone();
+        let mut skips: Vec<Tensor> = Vec::new();
+        let mut skip_levels: Vec<usize> = Vec::new();
+        walk.pass(exec, &mut h, &mut skips, 0, &skip_levels)?;
+        h = self.conv_in.forward_exec(&h, exec, None)?;
+        skips.push(h.clone());
+        skip_levels.push(0);
+        let mut level = 0;
+        for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
+                walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
                 h = resnet.forward_exec(&h, Some(&temb), exec)?;
                 if let Some(attn) = block.attentions.get(j) {
+                    walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
                     h = attn.forward_exec(&h, context, exec)?;
                 }
                 skips.push(h.clone());
+                skip_levels.push(level);
             }
             if let Some(conv) = &block.downsample {
+                walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
                 h = conv.forward_exec(&h, exec, Some(level + 1))?;
-                set_level(exec, level + 1);
+                level += 1;
+                set_level(exec, level);
                 skips.push(h.clone());
+                skip_levels.push(level);
             }
         }
 
+        walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
         h = self.mid.resnet_in.forward_exec(&h, Some(&temb), exec)?;
+        walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
         h = self.mid.attention.forward_exec(&h, context, exec)?;
+        walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
         h = self.mid.resnet_out.forward_exec(&h, Some(&temb), exec)?;
 
-        let top = self.up.len() - 1;
-        for (i, block) in self.up.iter().enumerate() {
+        for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
+                walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
+                skip_levels.pop();
                 h = resnet.forward_exec(&Tensor::concat_last(&[&h, &skip])?, Some(&temb), exec)?;
                 if let Some(attn) = block.attentions.get(j) {
+                    walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
                     h = attn.forward_exec(&h, context, exec)?;
                 }
             }
             if let Some(conv) = &block.upsample {
-                h = upsample(&h, exec, top - i - 1)?;
+                walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
+                level = level.checked_sub(1).ok_or_else(|| {
+                    Error::Invalid("unet: more up-samplers than down-samplers".into())
+                })?;
+                h = upsample(&h, exec, level)?;
                 h = conv.forward_exec(&h, exec, None)?;
             }
         }
-        let h = self.norm_out.forward_exec(&h, true, exec)?;
-        self.conv_out.forward_exec(&h, exec, None)
+        walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
+        let normed = self.norm_out.forward_exec(&h, true, exec)?;
+        h = self.conv_out.forward_exec(&normed, exec, None)?;
+        walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
+        Ok(h)
+    }
+
+    /// The cache entries a recording has made before each unit boundary of a forward (before
+    /// `conv_in`, each resnet, each transformer, each down- or up-sampler and the output norm,
+    /// then at the end: the last value is the length of a step's recording). A forward that
+    /// recomputes its first `k` units densely reads its cache from entry `entry_starts[k]`.
+    /// Found once, by recording a forward on the smallest latent the network takes.
+    pub fn entry_starts(&self) -> Result<&[usize]> {
+        if let Some(starts) = self.entry_starts.get() {
+            return Ok(starts);
+        }
+        let side = 1usize << (self.down.len() - 1);
+        let sample = Tensor::zeros(
+            &[1, side, side, self.config.in_channels],
+            DType::F32,
+            Default::default(),
+        );
+        let context = Tensor::zeros(
+            &[1, 1, self.config.cross_attention_dim],
+            DType::F32,
+            Default::default(),
+        );
+        let mut cache = StepCache::default();
+        let mut walk = Boundaries::counting();
+        let mut exec = Exec::Record {
+            cache: &mut cache,
+            dtype: DType::F32,
+        };
+        self.run(&sample, &[0.0], &context, &mut exec, &mut walk)?;
+        let starts = walk.entry_starts.take().unwrap_or_default();
+        Ok(self.entry_starts.get_or_init(|| starts))
+    }
+
+    /// Unit boundaries of a forward: a recomputing forward switches at one of
+    /// `0..=units()` (0: the whole forward masked; `units()`: the whole forward dense).
+    pub fn units(&self) -> Result<usize> {
+        Ok(self.entry_starts()?.len().saturating_sub(1))
     }
 
     /// Every attention projection of the network (q, k, v, out of each self- and
