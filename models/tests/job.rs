@@ -373,3 +373,76 @@ fn a_job_that_fails_in_a_fused_step_fails_alone() {
         _ => panic!("expected an edit"),
     }
 }
+
+/// A cached edit stepped with a loading cache and a dense prefix: recomputing no unit is the
+/// plain cached edit, recomputing every unit is the dense-mode edit (both forwards then see
+/// the same latents), and any prefix in between needs only the entries after it.
+#[test]
+fn cached_edits_that_recompute_a_dense_prefix_bracket_the_modes() {
+    use retouch_models::pipeline::StepCacheSource;
+    let pipe = tiny();
+    let size = (64, 64);
+    let tpl = template(&pipe, "a house", 2, size, "euler");
+    let mask = box_mask(size, (16, 40), (8, 32));
+    let req = cached_edit("a red door", 7, 1);
+    let units = pipe.unet.units().unwrap();
+    let starts = pipe.unet.entry_starts().unwrap().to_vec();
+    let run = |recompute: usize| -> Tensor {
+        let mut job = DenoiseJob::edit(&pipe, TemplateRef::Borrowed(&tpl), &mask, &req).unwrap();
+        while let Some(step) = job.cache_step() {
+            let whole = &tpl.cache[step];
+            let first = starts[recompute];
+            let slot = OnceLock::new();
+            let source = StepCacheSource::Loading {
+                slot: &slot,
+                dtype: DType::F16,
+            };
+            let results = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let partial = retouch_models::nn::exec::StepCache {
+                        first,
+                        entries: whole.entries[first..].to_vec(),
+                    };
+                    slot.set(Ok(partial)).unwrap();
+                });
+                DenoiseJob::step_many_with_sources(
+                    &pipe,
+                    &mut [&mut job],
+                    &[Some(source)],
+                    recompute,
+                )
+            });
+            results.into_iter().for_each(|r| r.unwrap());
+        }
+        final_latents(job.finish(&pipe).unwrap())
+    };
+    let plain = final_latents(
+        pipe.edit(&tpl, &mask, &req, &mut |_, _| {})
+            .map(JobOutput::Edited)
+            .unwrap(),
+    );
+    assert_eq!(
+        run(0).to_vec_f32(),
+        plain.to_vec_f32(),
+        "nothing recomputed"
+    );
+    let mut dense_req = req.clone();
+    dense_req.mode = EditMode::Dense;
+    let dense = final_latents(
+        pipe.edit(&tpl, &mask, &dense_req, &mut |_, _| {})
+            .map(JobOutput::Edited)
+            .unwrap(),
+    );
+    let all = run(units);
+    assert!(
+        relative_error(&all, &dense) < 1e-5,
+        "{}",
+        relative_error(&all, &dense)
+    );
+    assert!(
+        relative_error(&plain, &dense) > 1e-3,
+        "the modes differ on this edit"
+    );
+    let half = run(units / 2);
+    assert!(half.to_vec_f32().iter().all(|v| v.is_finite()));
+}

@@ -385,9 +385,13 @@ mod ragged {
 mod recomputing {
     use retouch_kernels::{DType, Tensor};
     use retouch_models::nn::exec::StepCache;
-    use retouch_models::unet::{CachedSegment, UNet, token_levels};
+    use retouch_models::unet::{CachedSegment, RecomputeSegment, UNet, token_levels};
 
     use super::{fixture, masked_inputs};
+
+    fn recomputing<'a>(segments: &[CachedSegment<'a>]) -> Vec<RecomputeSegment<'a>> {
+        segments.iter().map(|&s| s.into()).collect()
+    }
 
     /// Each sample's rows of a `[batch, h, w, c]` map at `positions`, stacked: `[batch * n, c]`.
     fn stacked_rows(map: &Tensor, positions: &[u32]) -> Tensor {
@@ -456,7 +460,7 @@ mod recomputing {
         assert!(starts.windows(2).all(|p| p[0] <= p[1]), "{starts:?}");
         for k in 0..=units {
             let got = unet
-                .forward_ragged_recomputing(&sample, &segments, k)
+                .forward_ragged_recomputing(&sample, &recomputing(&segments), k)
                 .unwrap();
             if k == 0 {
                 assert_eq!(got.to_vec_f32(), masked.to_vec_f32(), "nothing recomputed");
@@ -476,22 +480,98 @@ mod recomputing {
                 })
                 .collect();
             let again = unet
-                .forward_ragged_recomputing(&sample, &partial_segments, k)
+                .forward_ragged_recomputing(&sample, &recomputing(&partial_segments), k)
                 .unwrap();
             assert_eq!(again.to_vec_f32(), got.to_vec_f32(), "partial cache at {k}");
             // Switching earlier than the loaded entries reach is an error that says so.
             if k > 0 && starts[k] > starts[k - 1] {
                 let err = unet
-                    .forward_ragged_recomputing(&sample, &partial_segments, k - 1)
+                    .forward_ragged_recomputing(&sample, &recomputing(&partial_segments), k - 1)
                     .unwrap_err()
                     .to_string();
                 assert!(err.contains("not loaded"), "{err}");
             }
         }
         let err = unet
-            .forward_ragged_recomputing(&sample, &segments, units + 1)
+            .forward_ragged_recomputing(&sample, &recomputing(&segments), units + 1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("units to recompute"), "{err}");
+    }
+}
+
+/// A recomputing forward runs its dense units while the cache loads on another thread, and
+/// waits for it only at its switch; a failed load fails the forward with the reason.
+mod recomputing_while_loading {
+    use std::sync::OnceLock;
+
+    use retouch_kernels::DType;
+    use retouch_models::nn::exec::{CacheRef, StepCache};
+    use retouch_models::unet::{RecomputeSegment, UNet, token_levels};
+
+    use super::{fixture, masked_inputs};
+
+    #[test]
+    fn the_forward_waits_for_the_load_at_its_switch() {
+        let dir = fixture("unet-sd1");
+        let unet = UNet::load(&dir, None).unwrap();
+        let (sample, t, ctx) = masked_inputs(&dir);
+        let s = sample.shape().to_vec();
+        let (batch, h, w) = (s[0], s[1], s[2]);
+        let (_, cache) = unet
+            .forward_recording(&sample, &t, &ctx, DType::F32)
+            .unwrap();
+        let bits: Vec<bool> = (0..h * w).map(|p| p % 5 == 0).collect();
+        let levels = token_levels(&bits, h, w, 3, 1).unwrap();
+        let contexts = ctx.split_batch(&vec![1; batch]).unwrap();
+        let k = unet.units().unwrap() / 2;
+        let first = unet.entry_starts().unwrap()[k];
+        let ready: Vec<RecomputeSegment<'_>> = (0..batch)
+            .map(|i| RecomputeSegment {
+                levels: &levels,
+                cache: CacheRef::Ready(&cache),
+                branch: i,
+                timestep: t[i],
+                context: &contexts[i],
+            })
+            .collect();
+        let want = unet.forward_ragged_recomputing(&sample, &ready, k).unwrap();
+
+        let slot = OnceLock::new();
+        let loading: Vec<RecomputeSegment<'_>> = ready
+            .iter()
+            .map(|s| RecomputeSegment {
+                cache: CacheRef::Loading(&slot),
+                ..*s
+            })
+            .collect();
+        let got = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let partial = StepCache {
+                    first,
+                    entries: cache.entries[first..].to_vec(),
+                };
+                slot.set(Ok(partial)).unwrap();
+            });
+            unet.forward_ragged_recomputing(&sample, &loading, k)
+        })
+        .unwrap();
+        assert_eq!(got.to_vec_f32(), want.to_vec_f32());
+
+        let failed = OnceLock::new();
+        failed.set(Err("disk on fire".to_string())).unwrap();
+        let broken: Vec<RecomputeSegment<'_>> = ready
+            .iter()
+            .map(|s| RecomputeSegment {
+                cache: CacheRef::Loading(&failed),
+                ..*s
+            })
+            .collect();
+        let err = unet
+            .forward_ragged_recomputing(&sample, &broken, k)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("disk on fire"), "{err}");
     }
 }

@@ -1,6 +1,8 @@
 //! How a UNet forward runs: dense, dense while recording the activations that cached-mode
 //! edits reuse, or masked (active token rows only, the recorded activations for the rest).
 
+use std::sync::OnceLock;
+
 use retouch_kernels::{DType, GroupStats, Tensor, TokenSet};
 
 use crate::{Error, Result};
@@ -88,6 +90,27 @@ impl StepCache {
             CacheEntry::KeyValue(kv) => kv.first().map(|(k, _)| k.dtype()),
             CacheEntry::Stats { moments, .. } => moments.first().map(Tensor::dtype),
         })
+    }
+}
+
+/// A step cache as a recomputing forward takes it: held, or being loaded by another thread
+/// into `slot` (the forward waits for it only where it turns masked, after its dense units).
+#[derive(Clone, Copy)]
+pub enum CacheRef<'a> {
+    Ready(&'a StepCache),
+    Loading(&'a OnceLock<std::result::Result<StepCache, String>>),
+}
+
+impl<'a> CacheRef<'a> {
+    /// The cache, once loaded; a failed load is an error with its reason.
+    pub fn wait(self) -> Result<&'a StepCache> {
+        match self {
+            CacheRef::Ready(cache) => Ok(cache),
+            CacheRef::Loading(slot) => slot
+                .wait()
+                .as_ref()
+                .map_err(|e| Error::Invalid(format!("loading the step's cache: {e}"))),
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 
 mod batch;
 
+pub use batch::StepCacheSource;
+
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -311,15 +313,16 @@ impl<'a> DenoiseJob<'a> {
             .current_timestep()
             .ok_or_else(|| Error::Invalid("scheduler ended early".into()))?;
         let scaled = self.scheduler.scale_model_input(&self.latents)?;
-        let input = match self.cached() {
+        let (input, full) = match self.cached() {
             Some((_, positions)) => {
                 let c = scaled.dim(-1)?;
                 let rows = scaled.elem_count() / c.max(1);
-                scaled.reshape(&[rows, c])?.gather_rows(positions)?
+                let input = scaled.clone().reshape(&[rows, c])?.gather_rows(positions)?;
+                (input, Some(scaled))
             }
-            None => scaled,
+            None => (scaled, None),
         };
-        Ok(StepInput { t, input })
+        Ok(StepInput { t, input, full })
     }
 
     /// Everything a step does after the UNet, given its output for this job's branches
@@ -434,6 +437,9 @@ impl<'a> DenoiseJob<'a> {
 struct StepInput {
     t: f32,
     input: Tensor,
+    /// A cached edit's whole latents `[1, h, w, c]` (scaled like `input`), for a forward that
+    /// recomputes its first units densely.
+    full: Option<Tensor>,
 }
 
 /// The UNet's output for one job's branches, and the activations it recorded (templates).

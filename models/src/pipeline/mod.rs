@@ -17,7 +17,7 @@ use retouch_kernels::{Device, Tensor};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
 pub use image::{RgbImage, latents_to_image};
-pub use job::{DenoiseJob, JobOutput, TemplateRef};
+pub use job::{DenoiseJob, JobOutput, StepCacheSource, TemplateRef};
 pub use template::{Template, TemplateSpec};
 
 use crate::clip::ClipTextEncoder;

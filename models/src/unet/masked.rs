@@ -6,8 +6,8 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
-use super::walk::Boundaries;
-use crate::nn::exec::{Exec, Masked, Segment, StepCache};
+use super::walk::{Boundaries, SwitchSegment};
+use crate::nn::exec::{CacheRef, Exec, Masked, Segment, StepCache};
 use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
 use crate::{Error, Result};
 
@@ -103,15 +103,16 @@ impl UNet {
     /// whole latents `[segments, h, w, in_channels]` (segment i's map in sample i), then the
     /// walk turns masked on each segment's active rows and reads the caches from entry
     /// `entry_starts()[recompute]` on, so a step's cache needs only those entries loaded
-    /// ([`crate::pipeline::Template::load_step_cache_from`]). What a cache too slow to load
-    /// trades for compute: the dense units' outputs at inactive positions are recomputed
-    /// under the edit's prompt rather than read from the template. `recompute = 0` is
+    /// ([`crate::pipeline::Template::load_step_cache_from`]), and a cache still loading is
+    /// waited for only there ([`CacheRef::Loading`]). What a cache too slow to load trades
+    /// for compute: the dense units' outputs at inactive positions are recomputed under the
+    /// edit's prompt rather than read from the template. `recompute = 0` is
     /// [`UNet::forward_ragged`] on the latents' active rows, `units()` the dense forward
     /// read at them. Returns `[rows, out_channels]`.
     pub fn forward_ragged_recomputing(
         &self,
         latents: &Tensor,
-        segments: &[CachedSegment<'_>],
+        segments: &[RecomputeSegment<'_>],
         recompute: usize,
     ) -> Result<Tensor> {
         let starts = self.entry_starts()?;
@@ -121,27 +122,45 @@ impl UNet {
                 starts.len().saturating_sub(1)
             )));
         };
-        let first = segments.first().map(|s| s.levels);
+        let views: Vec<SegmentView<'_>> = segments
+            .iter()
+            .map(|s| SegmentView {
+                levels: s.levels,
+                timestep: s.timestep,
+                context: s.context,
+            })
+            .collect();
         let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
-        let (context, timesteps, exec_segments) =
-            self.ragged_inputs(&[total, self.config.in_channels], segments)?;
-        let grid = first.and_then(|l| l.first()).map(|t| (t.height(), t.width()));
+        let (context, timesteps) =
+            self.segment_inputs(&[total, self.config.in_channels], &views)?;
+        let grid = segments[0].levels[0].height();
+        let grid = (grid, segments[0].levels[0].width());
         let s = latents.shape();
         if s.len() != 4
             || s[0] != segments.len()
-            || Some((s[1], s[2])) != grid
+            || (s[1], s[2]) != grid
             || s[3] != self.config.in_channels
         {
             return Err(Error::Invalid(format!(
-                "unet: recomputing needs the latents as [{}, h, w, {}] on the segments' \
-                 {grid:?} grid, got {s:?}",
+                "unet: recomputing needs the latents as [{}, {}, {}, {}] (the segments' grid), \
+                 got {s:?}",
                 segments.len(),
+                grid.0,
+                grid.1,
                 self.config.in_channels
             )));
         }
         self.check_inputs(s, &timesteps, context.shape())?;
+        let switch_segments = segments
+            .iter()
+            .map(|s| SwitchSegment {
+                cache: s.cache,
+                branch: s.branch,
+                levels: s.levels,
+            })
+            .collect();
         let mut exec = Exec::Dense;
-        let mut walk = Boundaries::switching(recompute, cursor, exec_segments);
+        let mut walk = Boundaries::switching(recompute, cursor, switch_segments);
         let out = self.run(latents, &timesteps, &context, &mut exec, &mut walk)?;
         match &exec {
             Exec::Masked(m) if !walk.switch_pending() && m.finished() => Ok(out),
@@ -185,6 +204,26 @@ impl UNet {
         rows_shape: &[usize],
         segments: &[CachedSegment<'a>],
     ) -> Result<(Tensor, Vec<f32>, Vec<Segment<'a>>)> {
+        let views: Vec<SegmentView<'_>> = segments.iter().map(SegmentView::of).collect();
+        let (context, timesteps) = self.segment_inputs(rows_shape, &views)?;
+        let exec_segments = segments
+            .iter()
+            .map(|s| Segment {
+                cache: s.cache,
+                branch: s.branch,
+                levels: s.levels,
+            })
+            .collect();
+        Ok((context, timesteps, exec_segments))
+    }
+
+    /// Checks the segments of a ragged batch (rows of shape `rows_shape`) and stacks their
+    /// text contexts `[segments, tokens, dim]` and timesteps.
+    fn segment_inputs(
+        &self,
+        rows_shape: &[usize],
+        segments: &[SegmentView<'_>],
+    ) -> Result<(Tensor, Vec<f32>)> {
         let Some(first) = segments.first() else {
             return Err(Error::Invalid(
                 "unet: a ragged forward needs a segment".into(),
@@ -217,15 +256,47 @@ impl UNet {
         }
         let context = Tensor::concat_batch(&contexts.iter().collect::<Vec<_>>())?;
         let timesteps: Vec<f32> = segments.iter().map(|s| s.timestep).collect();
-        let exec_segments = segments
-            .iter()
-            .map(|s| Segment {
-                cache: s.cache,
-                branch: s.branch,
-                levels: s.levels,
-            })
-            .collect();
-        Ok((context, timesteps, exec_segments))
+        Ok((context, timesteps))
+    }
+}
+
+/// What the checks of a ragged batch read of a segment.
+struct SegmentView<'a> {
+    levels: &'a [TokenSet],
+    timestep: f32,
+    context: &'a Tensor,
+}
+
+impl<'a> SegmentView<'a> {
+    fn of(s: &CachedSegment<'a>) -> SegmentView<'a> {
+        SegmentView {
+            levels: s.levels,
+            timestep: s.timestep,
+            context: s.context,
+        }
+    }
+}
+
+/// One segment of a recomputing masked forward ([`UNet::forward_ragged_recomputing`]): a
+/// [`CachedSegment`] whose cache may still be loading.
+#[derive(Clone, Copy)]
+pub struct RecomputeSegment<'a> {
+    pub levels: &'a [TokenSet],
+    pub cache: CacheRef<'a>,
+    pub branch: usize,
+    pub timestep: f32,
+    pub context: &'a Tensor,
+}
+
+impl<'a> From<CachedSegment<'a>> for RecomputeSegment<'a> {
+    fn from(s: CachedSegment<'a>) -> RecomputeSegment<'a> {
+        RecomputeSegment {
+            levels: s.levels,
+            cache: CacheRef::Ready(s.cache),
+            branch: s.branch,
+            timestep: s.timestep,
+            context: s.context,
+        }
     }
 }
 

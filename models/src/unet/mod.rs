@@ -11,16 +11,16 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
-pub use masked::{CachedSegment, GpuCachedSegment, token_levels};
+pub use masked::{CachedSegment, GpuCachedSegment, RecomputeSegment, token_levels};
 
 use crate::nn::exec::{Exec, StepCache};
 use crate::nn::gpu::{GpuMasked, upload_f32};
-use walk::Boundaries;
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
 use crate::weights::{Weights, read_json};
 use crate::{Error, Result};
+use walk::Boundaries;
 
 /// One down block: resnets (each followed by a transformer in cross-attention blocks), then
 /// an optional stride-2 conv.

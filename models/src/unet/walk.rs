@@ -6,7 +6,7 @@
 
 use retouch_kernels::{Tensor, TokenSet};
 
-use crate::nn::exec::{Exec, Masked, Segment};
+use crate::nn::exec::{CacheRef, Exec, Masked, Segment};
 use crate::{Error, Result};
 
 /// What a walk does at its unit boundaries.
@@ -24,7 +24,15 @@ struct Switch<'a> {
     boundary: usize,
     /// The cache entry the masked part starts reading at.
     cursor: usize,
-    segments: Vec<Segment<'a>>,
+    segments: Vec<SwitchSegment<'a>>,
+}
+
+/// A segment of the masked part, its cache resolved at the switch (waiting for a load
+/// still under way).
+pub(super) struct SwitchSegment<'a> {
+    pub(super) cache: CacheRef<'a>,
+    pub(super) branch: usize,
+    pub(super) levels: &'a [TokenSet],
 }
 
 impl<'a> Boundaries<'a> {
@@ -41,7 +49,7 @@ impl<'a> Boundaries<'a> {
     pub(super) fn switching(
         boundary: usize,
         cursor: usize,
-        segments: Vec<Segment<'a>>,
+        segments: Vec<SwitchSegment<'a>>,
     ) -> Boundaries<'a> {
         Boundaries {
             switch: Some(Switch {
@@ -73,9 +81,24 @@ impl<'a> Boundaries<'a> {
         if let (Some(starts), Exec::Record { cache, .. }) = (&mut self.entry_starts, &*exec) {
             starts.push(cache.entries.len());
         }
-        if self.switch.as_ref().is_some_and(|s| s.boundary == self.next) {
+        if self
+            .switch
+            .as_ref()
+            .is_some_and(|s| s.boundary == self.next)
+        {
             let s = self.switch.take().expect("checked above");
-            let m = Masked::resume(s.segments, s.cursor, level);
+            let segments = s
+                .segments
+                .into_iter()
+                .map(|seg| {
+                    Ok(Segment {
+                        cache: seg.cache.wait()?,
+                        branch: seg.branch,
+                        levels: seg.levels,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let m = Masked::resume(segments, s.cursor, level);
             *h = active_rows(h, &m.level_tokens(level)?)?;
             for (skip, &l) in skips.iter_mut().zip(skip_levels) {
                 *skip = active_rows(skip, &m.level_tokens(l)?)?;
@@ -110,7 +133,9 @@ fn active_rows(map: &Tensor, tokens: &[&TokenSet]) -> Result<Tensor> {
                     t.width()
                 )));
             }
-            Ok(sample.reshape(&[positions, c])?.gather_rows(t.positions())?)
+            Ok(sample
+                .reshape(&[positions, c])?
+                .gather_rows(t.positions())?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::concat_batch(&rows.iter().collect::<Vec<_>>())?)

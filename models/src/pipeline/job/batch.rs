@@ -6,16 +6,17 @@
 //! fused call would record (and convert to the cache dtype) the other jobs' too, or need a
 //! per-sample switch in every layer; they are rare next to edits.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use retouch_kernels::cuda::CudaDevice;
 use retouch_kernels::{DType, Tensor};
 
 use super::{DenoiseJob, Kind, StepInput, UnetOutput};
-use crate::nn::exec::StepCache;
+use crate::nn::exec::{CacheRef, StepCache};
 use crate::nn::gpu::{GpuStepCache, upload_f32};
 use crate::pipeline::Pipeline;
-use crate::unet::{CachedSegment, GpuCachedSegment};
+use crate::unet::{CachedSegment, GpuCachedSegment, RecomputeSegment};
 use crate::{Error, Result};
 
 /// Which jobs may share one UNet call.
@@ -53,8 +54,28 @@ impl DenoiseJob<'_> {
         jobs: &mut [&mut DenoiseJob<'_>],
         caches: &[Option<&StepCache>],
     ) -> Vec<Result<()>> {
+        let sources: Vec<Option<StepCacheSource<'_>>> = caches
+            .iter()
+            .map(|c| c.map(StepCacheSource::Ready))
+            .collect();
+        DenoiseJob::step_many_with_sources(pipe, jobs, &sources, 0)
+    }
+
+    /// [`DenoiseJob::step_many_with_caches`] where a cached edit's activations may still be
+    /// loading ([`StepCacheSource::Loading`]) and the cached-mode call recomputes its first
+    /// `recompute` UNet units densely ([`crate::unet::UNet::forward_ragged_recomputing`]):
+    /// those units run while the loads finish, and a loading cache needs only the entries
+    /// from `entry_starts()[recompute]` on. With loading caches the call waits for them
+    /// where it turns masked (at once when `recompute` is 0, and on a GPU pipeline, whose
+    /// forward has no dense prefix: the caches must then be whole).
+    pub fn step_many_with_sources(
+        pipe: &Pipeline,
+        jobs: &mut [&mut DenoiseJob<'_>],
+        caches: &[Option<StepCacheSource<'_>>],
+        recompute: usize,
+    ) -> Vec<Result<()>> {
         let started = Instant::now();
-        let caches: Vec<Option<&StepCache>> = (0..jobs.len())
+        let caches: Vec<Option<StepCacheSource<'_>>> = (0..jobs.len())
             .map(|i| caches.get(i).copied().flatten())
             .collect();
         let mut inputs = Vec::with_capacity(jobs.len());
@@ -73,7 +94,7 @@ impl DenoiseJob<'_> {
         }
         let mut outputs: Vec<Option<Result<UnetOutput>>> = jobs.iter().map(|_| None).collect();
         for group in groups(jobs, &inputs, &caches) {
-            match run_group(pipe, jobs, &inputs, &caches, &group) {
+            match run_group(pipe, jobs, &inputs, &caches, &group, recompute) {
                 Ok(outs) => {
                     for (&i, out) in group.iter().zip(outs) {
                         outputs[i] = Some(Ok(out));
@@ -83,12 +104,11 @@ impl DenoiseJob<'_> {
                 // Which job broke the fused call is unknown: run each alone.
                 Err(_) => {
                     for &i in &group {
-                        outputs[i] = Some(run_group(pipe, jobs, &inputs, &caches, &[i]).and_then(
-                            |mut o| {
-                                o.pop()
-                                    .ok_or_else(|| Error::Invalid("no UNet output".into()))
-                            },
-                        ));
+                        let alone = run_group(pipe, jobs, &inputs, &caches, &[i], recompute);
+                        outputs[i] = Some(alone.and_then(|mut o| {
+                            o.pop()
+                                .ok_or_else(|| Error::Invalid("no UNet output".into()))
+                        }));
                     }
                 }
             }
@@ -103,16 +123,29 @@ impl DenoiseJob<'_> {
         results
     }
 
-    fn fuse_key(&self, index: usize, input: &StepInput, cache: Option<&StepCache>) -> FuseKey {
+    fn fuse_key(
+        &self,
+        index: usize,
+        input: &StepInput,
+        cache: Option<StepCacheSource<'_>>,
+    ) -> FuseKey {
+        let dtype = match cache {
+            Some(StepCacheSource::Ready(c)) => Some(c.dtype()),
+            Some(StepCacheSource::Loading { dtype, .. }) => Some(Some(dtype)),
+            None => None,
+        };
         match &self.kind {
             Kind::Template {
                 cache_dtype: Some(_),
                 ..
             } => FuseKey::Alone(index),
-            Kind::Edit(edit) => match (&edit.cached, cache.or(edit.template.cache.first())) {
-                (Some((levels, _)), Some(cache)) => FuseKey::Cached {
+            Kind::Edit(edit) => match (
+                &edit.cached,
+                dtype.or_else(|| edit.template.cache.first().map(StepCache::dtype)),
+            ) {
+                (Some((levels, _)), Some(dtype)) => FuseKey::Cached {
                     grid: (levels[0].height(), levels[0].width()),
-                    dtype: cache.dtype().unwrap_or(DType::F32),
+                    dtype: dtype.unwrap_or(DType::F32),
                 },
                 (Some(_), None) => FuseKey::Alone(index),
                 (None, _) => FuseKey::Dense {
@@ -130,7 +163,7 @@ impl DenoiseJob<'_> {
 fn groups(
     jobs: &[&mut DenoiseJob<'_>],
     inputs: &[Option<StepInput>],
-    caches: &[Option<&StepCache>],
+    caches: &[Option<StepCacheSource<'_>>],
 ) -> Vec<Vec<usize>> {
     let mut keys: Vec<FuseKey> = Vec::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -153,8 +186,9 @@ fn run_group(
     pipe: &Pipeline,
     jobs: &[&mut DenoiseJob<'_>],
     inputs: &[Option<StepInput>],
-    caches: &[Option<&StepCache>],
+    caches: &[Option<StepCacheSource<'_>>],
     group: &[usize],
+    recompute: usize,
 ) -> Result<Vec<UnetOutput>> {
     let members: Vec<(&DenoiseJob<'_>, &StepInput)> = group
         .iter()
@@ -168,8 +202,9 @@ fn run_group(
     match members.first() {
         None => Ok(Vec::new()),
         Some((job, _)) if job.cached().is_some() => {
-            let caches: Vec<Option<&StepCache>> = group.iter().map(|&i| caches[i]).collect();
-            run_cached(pipe, &members, &caches)
+            let caches: Vec<Option<StepCacheSource<'_>>> =
+                group.iter().map(|&i| caches[i]).collect();
+            run_cached(pipe, &members, &caches, recompute)
         }
         Some((job, input))
             if matches!(
@@ -186,24 +221,51 @@ fn run_group(
     }
 }
 
-/// Cached edits: one ragged masked forward, each job's branches as segments.
+/// Where a cached edit's activations for a step come from.
+#[derive(Clone, Copy)]
+pub enum StepCacheSource<'a> {
+    /// Held already.
+    Ready(&'a StepCache),
+    /// Being loaded by another thread into `slot`, as `dtype` (the cache dtype decides
+    /// which edits share a call before the load is done).
+    Loading {
+        slot: &'a OnceLock<std::result::Result<StepCache, String>>,
+        dtype: DType,
+    },
+}
+
+/// Cached edits: one ragged masked forward, each job's branches as segments (recomputing
+/// the first `recompute` units densely, or waiting for a loading cache, when asked).
 fn run_cached(
     pipe: &Pipeline,
     members: &[(&DenoiseJob<'_>, &StepInput)],
-    caches: &[Option<&StepCache>],
+    caches: &[Option<StepCacheSource<'_>>],
+    recompute: usize,
 ) -> Result<Vec<UnetOutput>> {
+    let loading = caches
+        .iter()
+        .any(|c| matches!(c, Some(StepCacheSource::Loading { .. })));
+    let dense_prefix = (recompute > 0 || loading) && pipe.gpu().is_none();
     let mut segments = Vec::new();
     let mut rows = Vec::new();
+    let mut latents = Vec::new();
     let mut sizes = Vec::with_capacity(members.len());
     for ((job, input), given) in members.iter().zip(caches) {
         let (Kind::Edit(edit), Some((levels, _))) = (&job.kind, job.cached()) else {
             return Err(Error::Invalid("not a cached-mode edit".into()));
         };
         let cache = match given {
-            Some(cache) => cache,
-            None => edit.step_cache(job.step)?,
+            Some(StepCacheSource::Ready(cache)) => CacheRef::Ready(cache),
+            // Without a dense prefix to overlap, the call waits for the load here.
+            Some(StepCacheSource::Loading { slot, .. }) if !dense_prefix => {
+                CacheRef::Ready(CacheRef::Loading(slot).wait()?)
+            }
+            Some(StepCacheSource::Loading { slot, .. }) => CacheRef::Loading(slot),
+            None => CacheRef::Ready(edit.step_cache(job.step)?),
         };
-        if cache.branches() != Some(job.guidance.branches()) {
+        if let CacheRef::Ready(cache) = cache
+            && cache.branches() != Some(job.guidance.branches())
+        {
             return Err(Error::Invalid(format!(
                 "this cached-mode edit runs {} guidance branch(es), the template's activation \
                  cache holds {}: use the template's guidance (or dense mode)",
@@ -211,8 +273,12 @@ fn run_cached(
                 cache.branches().unwrap_or(0)
             )));
         }
+        let full = input
+            .full
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("a cached edit's input lacks its latents".into()))?;
         for (branch, context) in job.guidance.branch_contexts().iter().enumerate() {
-            segments.push(CachedSegment {
+            segments.push(RecomputeSegment {
                 levels,
                 cache,
                 branch,
@@ -220,13 +286,32 @@ fn run_cached(
                 context,
             });
             rows.push(&input.input);
+            latents.push(full);
         }
         sizes.push(input.input.dim(0)? * job.guidance.branches());
     }
-    let rows = Tensor::concat_batch(&rows)?;
-    let out = match pipe.gpu() {
-        Some(dev) => forward_ragged_on(pipe, dev, &rows, &segments)?,
-        None => pipe.unet.forward_ragged(&rows, &segments)?,
+    let out = if dense_prefix {
+        let latents = Tensor::concat_batch(&latents)?;
+        pipe.unet
+            .forward_ragged_recomputing(&latents, &segments, recompute)?
+    } else {
+        let ready: Vec<CachedSegment<'_>> = segments
+            .iter()
+            .map(|s| {
+                Ok(CachedSegment {
+                    levels: s.levels,
+                    cache: s.cache.wait()?,
+                    branch: s.branch,
+                    timestep: s.timestep,
+                    context: s.context,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let rows = Tensor::concat_batch(&rows)?;
+        match pipe.gpu() {
+            Some(dev) => forward_ragged_on(pipe, dev, &rows, &ready)?,
+            None => pipe.unet.forward_ragged(&rows, &ready)?,
+        }
     };
     Ok(out
         .split_batch(&sizes)?
