@@ -25,6 +25,7 @@ fn step_cache(step: usize) -> StepCache {
         })
         .collect();
     StepCache {
+        first: 0,
         entries: vec![CacheEntry::Stats {
             stats,
             moments: Vec::new(),
