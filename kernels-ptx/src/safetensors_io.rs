@@ -64,6 +64,12 @@ impl SafeTensorsFile {
         Ok(self.info(name)?.shape.clone())
     }
 
+    /// Bytes a tensor occupies in the file, without reading it.
+    pub fn byte_len(&self, name: &str) -> Result<usize> {
+        let (start, end) = self.info(name)?.data_offsets;
+        Ok(end - start)
+    }
+
     fn info(&self, name: &str) -> Result<&TensorInfo> {
         self.metadata
             .info(name)

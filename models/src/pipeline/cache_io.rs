@@ -120,3 +120,27 @@ pub(crate) fn load_step(dir: &Path, step: usize, first: usize) -> Result<StepCac
     }
     Ok(StepCache { first, entries })
 }
+
+/// Bytes of each entry of a step's file (all its batch elements' tensors), in entry order,
+/// from the file's header alone.
+pub(crate) fn entry_bytes(dir: &Path, step: usize) -> Result<Vec<u64>> {
+    let path = step_file(dir, step);
+    let file = SafeTensorsFile::open(&path)?;
+    let mut bytes: BTreeMap<usize, u64> = BTreeMap::new();
+    for name in file.names() {
+        let index = name
+            .split('.')
+            .next()
+            .and_then(|p| p.parse::<usize>().ok())
+            .ok_or_else(|| Error::config(&path, format!("unexpected tensor name `{name}`")))?;
+        *bytes.entry(index).or_default() += file.byte_len(&name)? as u64;
+    }
+    let count = bytes.keys().next_back().map_or(0, |&i| i + 1);
+    if bytes.len() != count {
+        return Err(Error::config(
+            &path,
+            "cache entries are missing".to_string(),
+        ));
+    }
+    Ok(bytes.into_values().collect())
+}

@@ -292,6 +292,16 @@ impl<'a> DenoiseJob<'a> {
         }
     }
 
+    /// Guidance branches each step runs (the samples of its UNet batch).
+    pub fn branches(&self) -> usize {
+        self.guidance.branches()
+    }
+
+    /// Positions of the job's latent grid.
+    pub fn latent_positions(&self) -> usize {
+        self.latents.elem_count() / self.latents.dim(-1).unwrap_or(1).max(1)
+    }
+
     /// Latent tokens one step of this job runs through the UNet: its active positions (all
     /// positions when dense) times its guidance branches. A serving batch's size in tokens.
     pub fn step_tokens(&self) -> usize {

@@ -136,6 +136,12 @@ impl Template {
         cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, 0)
     }
 
+    /// Bytes of each entry of one step's saved cache, from its file's header (every step of
+    /// a template has the same layout).
+    pub fn step_cache_entry_bytes(dir: impl AsRef<Path>, step: usize) -> Result<Vec<u64>> {
+        cache_io::entry_bytes(&dir.as_ref().join(CACHE_DIR), step)
+    }
+
     /// One step's cache entries from `first` on (what a forward that recomputes the units
     /// before entry `first` reads, [`crate::unet::UNet::forward_ragged_recomputing`]); the
     /// file's other tensors are not read.

@@ -5,7 +5,7 @@ mod masked;
 mod walk;
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
@@ -57,6 +57,19 @@ pub struct UNet {
     conv_out: Conv2d,
     /// [`UNet::entry_starts`], found once.
     entry_starts: OnceLock<Vec<usize>>,
+    /// The unit times of the last whole dense or masked forward on the host.
+    last_walk: Mutex<Option<UnitTimes>>,
+}
+
+/// Each unit's seconds in one host forward of the UNet (units as [`UNet::entry_starts`]
+/// counts them), with what it ran on: a serving worker learns its per-unit costs from these.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnitTimes {
+    /// Masked (active rows only) or dense (whole maps; a recording counts as dense).
+    pub masked: bool,
+    /// Dense: the samples of the batch; masked: the level-0 active rows of all segments.
+    pub size: usize,
+    pub seconds: Vec<f64>,
 }
 
 impl UNet {
@@ -209,6 +222,7 @@ impl UNet {
 
         Ok(UNet {
             entry_starts: OnceLock::new(),
+            last_walk: Mutex::new(None),
             time_proj: TimestepEmbedding {
                 dim: ch[0],
                 flip_sin_to_cos: config.flip_sin_to_cos,
@@ -304,6 +318,11 @@ impl UNet {
             .silu()?;
         let temb = self.time_linear_2.forward(&emb)?.silu()?;
 
+        // What this walk runs on (samples, or active rows), for its unit times; a walk that
+        // switches mode, or counts entries, keeps none.
+        let size = sample.dim(0)?;
+        let masked = matches!(exec, Exec::Masked(_));
+        let timed = !walk.switches() && walk.entry_starts.is_none();
         let mut h = sample.clone();
         let mut skips: Vec<Tensor> = Vec::new();
         let mut skip_levels: Vec<usize> = Vec::new();
@@ -366,6 +385,17 @@ impl UNet {
         let normed = self.norm_out.forward_exec(&h, true, exec)?;
         h = self.conv_out.forward_exec(&normed, exec, None)?;
         walk.pass(exec, &mut h, &mut skips, level, &skip_levels)?;
+        if timed {
+            let times = UnitTimes {
+                masked,
+                size,
+                seconds: walk.unit_seconds(),
+            };
+            *self
+                .last_walk
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(times);
+        }
         Ok(h)
     }
 
@@ -398,6 +428,15 @@ impl UNet {
         self.run(&sample, &[0.0], &context, &mut exec, &mut walk)?;
         let starts = walk.entry_starts.take().unwrap_or_default();
         Ok(self.entry_starts.get_or_init(|| starts))
+    }
+
+    /// The unit times of the last dense, recording or masked forward on the host (not one
+    /// that recomputed a dense prefix), taken: each forward's times are read once.
+    pub fn take_unit_times(&self) -> Option<UnitTimes> {
+        self.last_walk
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 
     /// Unit boundaries of a forward: a recomputing forward switches at one of

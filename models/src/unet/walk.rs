@@ -4,6 +4,8 @@
 //! before each boundary; a walk that recomputes its first units runs them densely and turns
 //! masked at a boundary, from the cache entry the recording had reached there.
 
+use std::time::Instant;
+
 use retouch_kernels::{Tensor, TokenSet};
 
 use crate::nn::exec::{CacheRef, Exec, Masked, Segment};
@@ -18,6 +20,8 @@ pub(super) struct Boundaries<'a> {
     pub(super) entry_starts: Option<Vec<usize>>,
     /// Turn a dense walk masked at this boundary.
     switch: Option<Switch<'a>>,
+    /// When each boundary was passed.
+    passed_at: Vec<Instant>,
 }
 
 struct Switch<'a> {
@@ -61,6 +65,19 @@ impl<'a> Boundaries<'a> {
         }
     }
 
+    /// Seconds between consecutive boundaries: each unit's time in this walk.
+    pub(super) fn unit_seconds(&self) -> Vec<f64> {
+        self.passed_at
+            .windows(2)
+            .map(|p| (p[1] - p[0]).as_secs_f64())
+            .collect()
+    }
+
+    /// Whether this walk switches from dense to masked somewhere.
+    pub(super) fn switches(&self) -> bool {
+        self.switch.is_some()
+    }
+
     /// Whether a switch is still to come (a walk that ends with one pending was given a
     /// boundary past its end).
     pub(super) fn switch_pending(&self) -> bool {
@@ -78,6 +95,7 @@ impl<'a> Boundaries<'a> {
         level: usize,
         skip_levels: &[usize],
     ) -> Result<()> {
+        self.passed_at.push(Instant::now());
         if let (Some(starts), Exec::Record { cache, .. }) = (&mut self.entry_starts, &*exec) {
             starts.push(cache.entries.len());
         }

@@ -6,6 +6,7 @@
 pub mod balancer;
 pub mod cache;
 pub mod progress;
+pub mod recompute;
 pub mod request;
 pub mod scheduler;
 pub mod telemetry;
@@ -236,6 +237,7 @@ impl Engine {
                 max_batch_tokens: config.max_batch_tokens,
                 cache_dtype: config.cache_dtype,
                 threads: config.threads_per_worker,
+                load_bytes_per_s: bandwidth,
             };
             let load = Arc::new(WorkerLoad::default());
             let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?

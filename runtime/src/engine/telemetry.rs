@@ -22,6 +22,8 @@ pub const CACHE_EVICTIONS: &str = "retouch_cache_evictions_total";
 pub const CACHE_LOAD_SECONDS: &str = "retouch_cache_load_seconds";
 pub const CACHE_WAIT_SECONDS: &str = "retouch_cache_wait_seconds";
 pub const CACHE_LOAD_ERRORS: &str = "retouch_cache_load_errors_total";
+pub const RECOMPUTED_UNITS: &str = "retouch_recomputed_units_total";
+pub const CACHE_BYTES_SKIPPED: &str = "retouch_cache_bytes_skipped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -50,6 +52,15 @@ fn describe() {
     metrics::describe_counter!(
         CACHE_HITS,
         "Activation-cache steps found in memory when a worker needed them, by tier"
+    );
+    metrics::describe_counter!(
+        RECOMPUTED_UNITS,
+        "UNet units run densely instead of reading their cache entries (load-or-recompute \
+         plans of steps whose caches were on disk), per worker"
+    );
+    metrics::describe_counter!(
+        CACHE_BYTES_SKIPPED,
+        "Activation-cache bytes not read because their units were recomputed, per worker"
     );
     metrics::describe_counter!(
         CACHE_MISSES,

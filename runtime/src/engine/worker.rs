@@ -12,18 +12,19 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use retouch_kernels::DType;
 use retouch_models::nn::exec::StepCache;
-use retouch_models::pipeline::{DenoiseJob, Pipeline, TemplateRef};
+use retouch_models::pipeline::{DenoiseJob, Pipeline, StepCacheSource, TemplateRef};
 use tokio::sync::oneshot;
 
 use super::balancer::{CalibrationPlan, Charge, ModelShape, Timings, time_worker};
 use super::cache::StepWindow;
 use super::progress::{ProgressBook, State};
+use super::recompute::{self, UnitCosts};
 use super::request::{Completed, EngineError, JobSpec, Reply, Request, RequestId};
 use super::telemetry;
 use super::trace::{Tracer, WorkerTrace};
@@ -157,6 +158,9 @@ pub struct WorkerSettings {
     /// A thread pool of its own, so several CPU workers split the cores; None uses the
     /// global pool.
     pub threads: Option<usize>,
+    /// Bytes per second of reading a template's cache from disk, for the load-or-recompute
+    /// plan (the cost model's).
+    pub load_bytes_per_s: f64,
 }
 
 pub struct Worker {
@@ -170,6 +174,34 @@ pub struct Worker {
     /// A `Step` message is pending.
     step_pending: bool,
     trace: WorkerTrace,
+    /// Per-unit UNet costs measured on this worker's forwards (the plan's compute side).
+    unit_costs: UnitCosts,
+    /// Bytes per second of this worker's partial reads of step files (the plan's load side):
+    /// the cost model's figure, then an average over the reads made.
+    load_bytes_per_s: f64,
+}
+
+/// Where a running request's activations for this step come from.
+enum Source {
+    /// From a memory tier.
+    Ready(Arc<StepCache>),
+    /// Only on disk: a miss.
+    Disk(usize),
+    /// Not a cached edit (or the template's own cache).
+    Own,
+}
+
+/// A miss plan as the worker follows it.
+struct MissPlan {
+    /// Leading UNet units run densely.
+    recompute: usize,
+    /// The first cache entry read.
+    first: usize,
+    /// Bytes read, and bytes the recomputed units spared.
+    bytes: u64,
+    skipped: u64,
+    /// The requests whose steps were on disk.
+    requests: Vec<RequestId>,
 }
 
 struct Running {
@@ -192,6 +224,7 @@ impl Worker {
         load: Arc<WorkerLoad>,
         progress: Arc<ProgressBook>,
     ) -> Result<Worker, String> {
+        let settings_bandwidth = settings.load_bytes_per_s;
         let pool = match settings.threads {
             Some(n) => Some(
                 rayon::ThreadPoolBuilder::new()
@@ -212,6 +245,8 @@ impl Worker {
             progress,
             step_pending: false,
             trace: WorkerTrace::default(),
+            unit_costs: UnitCosts::default(),
+            load_bytes_per_s: settings_bandwidth,
         })
     }
 
@@ -272,56 +307,150 @@ impl Worker {
         }
         let started = Instant::now();
         let mut running = std::mem::take(&mut self.running);
-        // Each cached edit's activations for this step, from the cache tiers (a miss waits
-        // for its load); a failed load fails only its request.
+        // Each cached edit's activations for this step from memory; a step only on disk is
+        // a miss, which the load-or-recompute plan hides behind a dense prefix of units or
+        // (without a plan) waits for. A failed load fails only its request.
         let mut live: Vec<&mut Running> = Vec::new();
-        let mut caches: Vec<Option<Arc<StepCache>>> = Vec::new();
+        let mut sources: Vec<Source> = Vec::new();
         for r in running.iter_mut().filter(|r| r.failure.is_none()) {
-            let cache = match (&r.cache, r.job.cache_step()) {
+            let source = match (&r.cache, r.job.cache_step()) {
                 (Some(window), Some(step)) => {
-                    let waited = Instant::now();
-                    let fetched = window.fetch(step);
-                    self.trace.cache_fetched(r.id, step, waited);
-                    match fetched {
-                        Ok(cache) => Some(cache),
+                    let looked = Instant::now();
+                    match window.try_fetch(step) {
+                        Ok(Some(cache)) => {
+                            self.trace.cache_fetched(r.id, step, looked);
+                            Source::Ready(cache)
+                        }
+                        Ok(None) => Source::Disk(step),
                         Err(e) => {
                             r.failure = Some(e);
                             continue;
                         }
                     }
                 }
-                _ => None,
+                _ => Source::Own,
             };
-            caches.push(cache);
+            sources.push(source);
             live.push(r);
         }
-        let caches: Vec<Option<&StepCache>> = caches.iter().map(|c| c.as_deref()).collect();
+        let mut plan = self.plan_misses(&live, &sources);
+        if let Some(p) = plan.as_ref().filter(|p| p.recompute == 0) {
+            // Nothing to recompute: the steps load whole, into the tiers, as plain misses.
+            self.record_plan(p);
+            plan = None;
+        }
+        if plan.is_none() {
+            // No plan, or one that waits: each missing step loads whole, as a plain miss.
+            for (r, source) in live.iter_mut().zip(sources.iter_mut()) {
+                let (Source::Disk(step), Some(window)) = (&*source, &r.cache) else {
+                    continue;
+                };
+                let waited = Instant::now();
+                let fetched = window.fetch(*step);
+                self.trace.cache_fetched(r.id, *step, waited);
+                *source = match fetched {
+                    Ok(cache) => Source::Ready(cache),
+                    Err(e) => {
+                        r.failure = Some(e);
+                        Source::Own
+                    }
+                };
+            }
+        }
         let before: Vec<usize> = live.iter().map(|r| r.job.steps_done()).collect();
-        let fused = {
+        let recompute = plan.as_ref().map_or(0, |p| p.recompute);
+        let first = plan.as_ref().map_or(0, |p| p.first);
+        let slots: Vec<OnceLock<Result<StepCache, String>>> =
+            live.iter().map(|_| OnceLock::new()).collect();
+        let dtype = self.settings.cache_dtype;
+        let reads: Mutex<Vec<(u64, f64)>> = Mutex::new(Vec::new());
+        let fused = std::thread::scope(|scope| {
+            // Each request's job (stepped) apart from its window and id (read by loaders).
+            let mut parts: Vec<(
+                &mut DenoiseJob<'static>,
+                Option<&StepWindow>,
+                RequestId,
+                bool,
+            )> = live
+                .iter_mut()
+                .map(|r| (&mut r.job, r.cache.as_ref(), r.id, r.failure.is_none()))
+                .collect();
+            let mut given: Vec<Option<StepCacheSource<'_>>> = Vec::with_capacity(parts.len());
+            for ((part, source), slot) in parts.iter().zip(&sources).zip(&slots) {
+                let &(_, window, id, ok) = part;
+                given.push(match source {
+                    Source::Ready(cache) => Some(StepCacheSource::Ready(cache)),
+                    Source::Disk(step) if ok => {
+                        let step = *step;
+                        let (trace, reads) = (&self.trace, &reads);
+                        scope.spawn(move || {
+                            let started = Instant::now();
+                            let read = catch_unwind(AssertUnwindSafe(|| match window {
+                                Some(w) => w.read_from(step, first),
+                                None => Err("no cache window".to_string()),
+                            }))
+                            .unwrap_or_else(|p| Err(panic_message(&p)));
+                            trace.cache_fetched(id, step, started);
+                            if let Ok(cache) = &read {
+                                let bytes = cache.size_in_bytes() as u64;
+                                let secs = started.elapsed().as_secs_f64();
+                                reads
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((bytes, secs));
+                            }
+                            // The forward waits on the slot: it must always be set.
+                            let _ = slot.set(read);
+                        });
+                        Some(StepCacheSource::Loading { slot, dtype })
+                    }
+                    _ => None,
+                });
+            }
             let mut jobs: Vec<&mut DenoiseJob<'static>> =
-                live.iter_mut().map(|r| &mut r.job).collect();
-            self.compute(|pipe| Ok(DenoiseJob::step_many_with_caches(pipe, &mut jobs, &caches)))
-        };
+                parts.iter_mut().map(|p| &mut *p.0).collect();
+            self.compute(|pipe| {
+                Ok(DenoiseJob::step_many_with_sources(
+                    pipe, &mut jobs, &given, recompute,
+                ))
+            })
+        });
+        let reads = reads.into_inner().unwrap_or_else(|p| p.into_inner());
+        self.learn_costs(&reads, plan.as_ref());
         let results: Vec<Result<(), EngineError>> = match fused {
             Ok(results) => results
                 .into_iter()
                 .map(|r| r.map_err(EngineError::from_model))
                 .collect(),
             // The fused call panicked: step alone each request it had not stepped yet (a
-            // job changes only when its step completes), so only the culprit fails.
+            // job changes only when its step completes), so only the culprit fails. A step
+            // read in part for the plan is fetched whole for this.
             Err(_) => live
                 .iter_mut()
                 .zip(&before)
-                .zip(&caches)
-                .map(|((r, &before), &cache)| {
+                .zip(&sources)
+                .map(|((r, &before), source)| {
                     if r.job.steps_done() > before {
-                        Ok(())
-                    } else {
-                        self.compute(|pipe| r.job.step_with_cache(pipe, cache))
+                        return Ok(());
                     }
+                    let cache = match (source, &r.cache) {
+                        (Source::Ready(cache), _) => Some(Arc::clone(cache)),
+                        (Source::Disk(step), Some(window)) => Some(window.fetch(*step)?),
+                        _ => None,
+                    };
+                    self.compute(|pipe| r.job.step_with_cache(pipe, cache.as_deref()))
                 })
                 .collect(),
         };
+        // A failed read of a planned step fails its request as a load failure (as a plain
+        // miss would), whatever error the forward that waited for it reported.
+        let results = results
+            .into_iter()
+            .zip(&slots)
+            .map(|(result, slot)| match slot.get() {
+                Some(Err(e)) => Err(EngineError::Failed(e.clone())),
+                _ => result,
+            });
         for (r, result) in live.into_iter().zip(results) {
             match result {
                 Ok(()) => {
@@ -341,6 +470,81 @@ impl Worker {
         metrics::histogram!(telemetry::STEP_SECONDS, "worker" => worker)
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::STEP_BATCH).record(stepped as f64);
+    }
+
+    /// The load-or-recompute plan for this step's misses (steps only on disk), from the
+    /// unit costs this worker measured and the bytes still to read; None when nothing is
+    /// missing, on a GPU worker (its forward has no dense prefix), or before the worker has
+    /// timed a dense forward.
+    fn plan_misses(&self, live: &[&mut Running], sources: &[Source]) -> Option<MissPlan> {
+        if !sources.iter().any(|s| matches!(s, Source::Disk(_))) || self.pipe.gpu().is_some() {
+            return None;
+        }
+        let starts = self.pipe.unet.entry_starts().ok()?;
+        let units = starts.len().checked_sub(1)?;
+        let (mut samples, mut rows, mut positions) = (0, 0, 0);
+        let mut bytes = vec![0u64; units];
+        let mut requests = Vec::new();
+        for (r, source) in live.iter().zip(sources) {
+            if matches!(source, Source::Own) {
+                continue;
+            }
+            samples += r.job.branches();
+            rows += r.job.step_tokens();
+            positions = r.job.latent_positions();
+            if let (Source::Disk(_), Some(window)) = (source, &r.cache) {
+                requests.push(r.id);
+                let unit = recompute::unit_bytes(&window.entry_bytes()?, starts);
+                bytes.iter_mut().zip(unit).for_each(|(b, u)| *b += u);
+            }
+        }
+        let (dense, masked) = self.unit_costs.predict(samples, rows, positions)?;
+        let load: Vec<f64> = bytes
+            .iter()
+            .map(|&b| b as f64 / self.load_bytes_per_s.max(1.0))
+            .collect();
+        let plan = recompute::plan(&dense, &masked, &load);
+        let skipped = bytes[..plan.recompute].iter().sum();
+        Some(MissPlan {
+            first: starts[plan.recompute],
+            recompute: plan.recompute,
+            bytes: bytes.iter().sum::<u64>() - skipped,
+            skipped,
+            requests,
+        })
+    }
+
+    /// Folds this step's measurements in: the UNet's unit times, and the bandwidth of the
+    /// partial reads (`(bytes, seconds)` each) a plan made.
+    fn learn_costs(&mut self, reads: &[(u64, f64)], plan: Option<&MissPlan>) {
+        if let Some(times) = self.pipe.unet.take_unit_times() {
+            self.unit_costs.observe(&times);
+        }
+        // Reads run in parallel: together they moved their bytes in the longest one's time.
+        let bytes: u64 = reads.iter().map(|r| r.0).sum();
+        let secs = reads.iter().map(|r| r.1).fold(0.0, f64::max);
+        if bytes > 0 && secs > 0.0 {
+            let measured = bytes as f64 / secs;
+            self.load_bytes_per_s += 0.3 * (measured - self.load_bytes_per_s);
+        }
+        if let Some(plan) = plan {
+            self.record_plan(plan);
+        }
+    }
+
+    /// Counts and traces a plan the worker followed.
+    fn record_plan(&self, plan: &MissPlan) {
+        let worker = self.settings.index.to_string();
+        metrics::counter!(telemetry::RECOMPUTED_UNITS, "worker" => worker.clone())
+            .increment(plan.recompute as u64);
+        metrics::counter!(telemetry::CACHE_BYTES_SKIPPED, "worker" => worker)
+            .increment(plan.skipped);
+        self.trace.recompute_planned(
+            plan.requests.clone(),
+            plan.recompute,
+            plan.bytes,
+            plan.skipped,
+        );
     }
 
     /// Whether `req` may join a batch already holding `staying` requests of `tokens` tokens

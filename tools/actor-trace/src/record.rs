@@ -17,6 +17,9 @@ pub mod kinds {
     pub const RETIRE: &str = "retire";
     /// Loading a template's cache for requests (the cache manager's work).
     pub const CACHE_LOAD: &str = "cache_load";
+    /// A worker planned a step whose caches were only on disk: how many leading UNet units
+    /// it recomputes densely while the rest of the entries load.
+    pub const RECOMPUTE_PLAN: &str = "recompute_plan";
     /// The tracer's last record, with the count of records it dropped.
     pub const TRACE_END: &str = "trace_end";
 }
@@ -65,9 +68,15 @@ pub struct Record {
     /// Cache loads: the template whose step was loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
-    /// Cache loads: bytes in memory once loaded.
+    /// Cache loads: bytes in memory once loaded; recompute plans: bytes the plan reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// Recompute plans: leading UNet units run densely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recompute_units: Option<usize>,
+    /// Recompute plans: cache bytes the recomputed units spared reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_bytes: Option<u64>,
 }
 
 /// One request's part in a step.

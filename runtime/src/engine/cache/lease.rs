@@ -99,6 +99,27 @@ impl StepWindow {
             .map_err(EngineError::Failed)
     }
 
+    /// The activation cache of `step` if a memory tier holds it for this worker; None when
+    /// only the disk has it (a miss the caller may plan around). Never waits.
+    pub fn try_fetch(&self, step: usize) -> Result<Option<Arc<StepCache>>, EngineError> {
+        let shared = &self.lease.manager.shared;
+        shared
+            .try_fetch(&self.lease.template, step, self.worker)
+            .map_err(EngineError::Failed)
+    }
+
+    /// Entries `first..` of `step` read from disk for one forward that recomputes the units
+    /// before them; the partial step enters no tier.
+    pub fn read_from(&self, step: usize, first: usize) -> Result<StepCache, String> {
+        let shared = &self.lease.manager.shared;
+        shared.read_partial(&self.lease.template, step, first)
+    }
+
+    /// Bytes of each cache entry of the template's steps (None without a saved cache).
+    pub fn entry_bytes(&self) -> Option<Vec<u64>> {
+        self.lease.manager.shared.entry_bytes(&self.lease.template)
+    }
+
     /// The request moved on to step `next`: the pins and the prefetch window follow.
     pub fn advance(&mut self, next: usize) {
         if next == self.at {

@@ -60,9 +60,9 @@ pub(super) fn spawn(
     Ok(())
 }
 
-/// Reads one step file; a panic in the reader becomes an error.
-pub(super) fn read_step(dir: &Path, step: usize) -> Result<StepCache, String> {
-    match catch_unwind(|| Template::load_step_cache(dir, step)) {
+/// Reads one step file (its entries from `first` on); a panic in the reader becomes an error.
+pub(super) fn read_step(dir: &Path, step: usize, first: usize) -> Result<StepCache, String> {
+    match catch_unwind(|| Template::load_step_cache_from(dir, step, first)) {
         Ok(Ok(cache)) => Ok(cache),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(

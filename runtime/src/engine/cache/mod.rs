@@ -157,6 +157,7 @@ impl CacheManager {
             leases: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             purged: AtomicBool::new(false),
+            entry_bytes: std::sync::OnceLock::new(),
         });
         self.shared
             .templates

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use dashmap::mapref::entry::Entry;
 use retouch_models::nn::exec::StepCache;
+use retouch_models::pipeline::Template;
 
 use super::loader::{self, Pending};
 use super::shared::{Shared, TemplateCache};
@@ -24,6 +25,26 @@ impl Shared {
         step: usize,
         worker: usize,
     ) -> Result<Arc<StepCache>, String> {
+        if let Some(cache) = self.try_fetch(template, step, worker)? {
+            return Ok(cache);
+        }
+        metrics::counter!(telemetry::CACHE_MISSES).increment(1);
+        let waited = Instant::now();
+        let loaded = self.load_host(template, step, true);
+        metrics::histogram!(telemetry::CACHE_WAIT_SECONDS).record(waited.elapsed().as_secs_f64());
+        let cache = loaded?;
+        self.place(Tier::Device(worker), &template.key(step), &cache);
+        Ok(cache)
+    }
+
+    /// A step's cache for a worker from memory: its tier, or the host tier (moving up to
+    /// the worker's); None when only the disk has it. Never waits for a load.
+    pub(super) fn try_fetch(
+        &self,
+        template: &TemplateCache,
+        step: usize,
+        worker: usize,
+    ) -> Result<Option<Arc<StepCache>>, String> {
         let key = template.key(step);
         let (device, host) = match self.index.get(&key) {
             Some(e) => (e.get(Tier::Device(worker)).cloned(), e.host.clone()),
@@ -40,21 +61,38 @@ impl Shared {
         if let Some(cache) = device {
             self.touch(Tier::Device(worker), &key);
             metrics::counter!(telemetry::CACHE_HITS, "tier" => "device").increment(1);
-            return Ok(cache);
+            return Ok(Some(cache));
         }
         if let Some(cache) = host {
             self.touch(Tier::Host, &key);
             metrics::counter!(telemetry::CACHE_HITS, "tier" => "host").increment(1);
             self.place(Tier::Device(worker), &key, &cache);
-            return Ok(cache);
+            return Ok(Some(cache));
         }
+        Ok(None)
+    }
+
+    /// A step's entries from `first` on, read from disk for one forward that recomputes the
+    /// units before them (a miss). The partial step goes into no tier: other requests want
+    /// whole steps.
+    pub(super) fn read_partial(
+        &self,
+        template: &TemplateCache,
+        step: usize,
+        first: usize,
+    ) -> Result<StepCache, String> {
         metrics::counter!(telemetry::CACHE_MISSES).increment(1);
-        let waited = Instant::now();
-        let loaded = self.load_host(template, step, true);
-        metrics::histogram!(telemetry::CACHE_WAIT_SECONDS).record(waited.elapsed().as_secs_f64());
-        let cache = loaded?;
-        self.place(Tier::Device(worker), &key, &cache);
-        Ok(cache)
+        self.read_entries(template, step, first, true)
+    }
+
+    /// Bytes of each entry of the template's steps, from a step file's header (read once).
+    pub(super) fn entry_bytes(&self, template: &TemplateCache) -> Option<Vec<u64>> {
+        if let Some(bytes) = template.entry_bytes.get() {
+            return Some(bytes.clone());
+        }
+        let dir = template.dir.as_ref()?;
+        let bytes = Template::step_cache_entry_bytes(dir, 0).ok()?;
+        Some(template.entry_bytes.get_or_init(|| bytes).clone())
     }
 
     /// Moves a step toward a worker ahead of need (a loader's job). Failures are left for
@@ -130,6 +168,24 @@ impl Shared {
         step: usize,
         demand: bool,
     ) -> Result<StepCache, String> {
+        let result = self.read_entries(template, step, 0, demand);
+        if let Ok(cache) = &result
+            && let Some(mut entry) = self.index.get_mut(&template.key(step))
+        {
+            entry.bytes = cache.size_in_bytes() as u64;
+        }
+        result
+    }
+
+    /// Reads a step file's entries from `first` on, recording the load's time and telling
+    /// the observer.
+    fn read_entries(
+        &self,
+        template: &TemplateCache,
+        step: usize,
+        first: usize,
+        demand: bool,
+    ) -> Result<StepCache, String> {
         let Some(dir) = &template.dir else {
             return Err(format!(
                 "template {}: step {step}'s activation cache is neither in memory nor on disk",
@@ -137,7 +193,7 @@ impl Shared {
             ));
         };
         let started = Instant::now();
-        let result = loader::read_step(dir, step);
+        let result = loader::read_step(dir, step, first);
         let ended = Instant::now();
         metrics::histogram!(telemetry::CACHE_LOAD_SECONDS).record((ended - started).as_secs_f64());
         let bytes = result.as_ref().map_or(0, |c| c.size_in_bytes() as u64);
@@ -153,12 +209,7 @@ impl Shared {
             });
         }
         match result {
-            Ok(cache) => {
-                if let Some(mut entry) = self.index.get_mut(&template.key(step)) {
-                    entry.bytes = bytes;
-                }
-                Ok(cache)
-            }
+            Ok(cache) => Ok(cache),
             Err(e) => {
                 metrics::counter!(telemetry::CACHE_LOAD_ERRORS).increment(1);
                 Err(format!(

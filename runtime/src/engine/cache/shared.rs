@@ -74,6 +74,9 @@ pub(super) struct TemplateCache {
     pub(super) leases: AtomicUsize,
     pub(super) deleted: AtomicBool,
     pub(super) purged: AtomicBool,
+    /// Bytes of each entry of a step (every step has the same layout), read once from a
+    /// step file's header.
+    pub(super) entry_bytes: OnceLock<Vec<u64>>,
 }
 
 impl TemplateCache {

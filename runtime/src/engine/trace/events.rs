@@ -200,6 +200,32 @@ impl WorkerTrace {
         });
     }
 
+    /// Planned a step whose caches (of `requests`) were only on disk: `units` leading UNet
+    /// units recomputed, `bytes` read, `skipped` bytes spared.
+    pub fn recompute_planned(
+        &self,
+        requests: Vec<RequestId>,
+        units: usize,
+        bytes: u64,
+        skipped: u64,
+    ) {
+        let t = &self.tracer;
+        if !t.enabled() {
+            return;
+        }
+        let now = t.us(Instant::now());
+        t.record(Record {
+            kind: kinds::RECOMPUTE_PLAN.into(),
+            requests,
+            start_us: now,
+            end_us: now,
+            bytes: Some(bytes),
+            recompute_units: Some(units),
+            skipped_bytes: Some(skipped),
+            ..Record::default()
+        });
+    }
+
     /// Handled a `Step` sent at `sent`: `batch` (from [`WorkerTrace::batch`]) ran one step
     /// from `start` to now.
     pub fn stepped(&self, sent: Instant, start: Instant, batch: Option<Vec<BatchEntry>>) {

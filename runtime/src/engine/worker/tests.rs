@@ -8,6 +8,7 @@ use retouch_models::pipeline::{EditMode, EditRequest, Mask, Template, TemplateSp
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
 
 use super::*;
+use crate::engine::cache::{CacheConfig, CacheManager};
 
 fn tiny() -> Pipeline {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -46,6 +47,7 @@ fn worker(pipe: Pipeline, max_batch_tokens: Option<usize>) -> Worker {
         max_batch_tokens,
         cache_dtype: DType::F16,
         threads: None,
+        load_bytes_per_s: 1e9,
     };
     let load = Arc::new(WorkerLoad::default());
     Worker::new(settings, pipe, load, Arc::new(ProgressBook::new(16))).unwrap()
@@ -178,4 +180,63 @@ fn a_fused_batch_step_advances_every_request_and_a_bad_one_fails_alone() {
         .map(|r| (r.job.steps_done(), r.failure.is_some()))
         .collect();
     assert_eq!(state, vec![(1, false), (2, true), (1, false)]);
+}
+
+/// The recomputed-units counter of worker 0 in the process's metrics.
+fn recomputed_units() -> f64 {
+    let text = crate::engine::telemetry::prometheus().render();
+    text.lines()
+        .filter(|l| l.starts_with(crate::engine::telemetry::RECOMPUTED_UNITS))
+        .filter(|l| l.contains("worker=\"0\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
+    crate::engine::telemetry::prometheus();
+    let mut w = worker(tiny(), None);
+    // Registering the template runs dense forwards on the worker's own UNet: its first
+    // measured unit costs.
+    let t = template(&w.pipe);
+    w.learn_costs(&[], None);
+    let dir = std::env::temp_dir().join(format!("retouch-worker-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    t.save(&dir).unwrap();
+    // One byte of memory per tier and no prefetch: every step is read from disk when the
+    // worker needs it.
+    let config = CacheConfig {
+        host_bytes: 1,
+        device_bytes: 1,
+        prefetch_steps: 0,
+        loaders: 1,
+    };
+    let cache = CacheManager::new(&config, 1).unwrap();
+    cache.add_saved("t", t.spec.steps, dir.clone());
+    // A disk a thousand times slower than the dense units: the plan recomputes.
+    w.load_bytes_per_s = 1e3;
+    let (mut request, rx) = edit(1, &t, 24);
+    let JobSpec::Edit {
+        template, cache: c, ..
+    } = &mut request.spec
+    else {
+        unreachable!()
+    };
+    *template = Arc::new(Template::load_without_cache(&dir).unwrap());
+    *c = Some(cache.lease("t").unwrap());
+    let before = recomputed_units();
+    let mut rx = enqueue(&mut w, vec![(request, rx)]);
+    w.admit();
+    while w
+        .running
+        .iter()
+        .any(|r| !r.job.is_done() && r.failure.is_none())
+    {
+        w.step_batch();
+    }
+    assert!(w.running[0].failure.is_none(), "{:?}", w.running[0].failure);
+    assert!(recomputed_units() > before, "no unit was recomputed");
+    w.retire();
+    assert!(matches!(rx[0].try_recv(), Ok(Ok(_))));
+    let _ = std::fs::remove_dir_all(&dir);
 }
