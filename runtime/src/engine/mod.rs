@@ -69,6 +69,9 @@ pub struct EngineConfig {
     pub prefetch_steps: usize,
     /// Threads loading step caches from disk.
     pub cache_loaders: usize,
+    /// A cached step whose activations are only on disk follows the load-or-recompute plan
+    /// (a dense prefix of UNet units while the rest loads); off: it waits for the load.
+    pub recompute_plan: bool,
     /// Largest JSON body the HTTP routes accept.
     pub max_body_bytes: usize,
     /// Finished requests whose progress stays readable.
@@ -97,6 +100,7 @@ impl EngineConfig {
             cache_device_bytes: CacheConfig::default().device_bytes,
             prefetch_steps: CacheConfig::default().prefetch_steps,
             cache_loaders: CacheConfig::default().loaders,
+            recompute_plan: true,
             max_body_bytes: 16 << 20,
             keep_progress: 4096,
             trace: None,
@@ -238,6 +242,7 @@ impl Engine {
                 cache_dtype: config.cache_dtype,
                 threads: config.threads_per_worker,
                 load_bytes_per_s: bandwidth,
+                recompute_plan: config.recompute_plan,
             };
             let load = Arc::new(WorkerLoad::default());
             let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?

@@ -161,6 +161,8 @@ pub struct WorkerSettings {
     /// Bytes per second of reading a template's cache from disk, for the load-or-recompute
     /// plan (the cost model's).
     pub load_bytes_per_s: f64,
+    /// Follow the load-or-recompute plan on misses (else wait for the load).
+    pub recompute_plan: bool,
 }
 
 pub struct Worker {
@@ -477,7 +479,10 @@ impl Worker {
     /// missing, on a GPU worker (its forward has no dense prefix), or before the worker has
     /// timed a dense forward.
     fn plan_misses(&self, live: &[&mut Running], sources: &[Source]) -> Option<MissPlan> {
-        if !sources.iter().any(|s| matches!(s, Source::Disk(_))) || self.pipe.gpu().is_some() {
+        if !self.settings.recompute_plan
+            || !sources.iter().any(|s| matches!(s, Source::Disk(_)))
+            || self.pipe.gpu().is_some()
+        {
             return None;
         }
         let starts = self.pipe.unet.entry_starts().ok()?;

@@ -48,6 +48,7 @@ fn worker(pipe: Pipeline, max_batch_tokens: Option<usize>) -> Worker {
         cache_dtype: DType::F16,
         threads: None,
         load_bytes_per_s: 1e9,
+        recompute_plan: true,
     };
     let load = Arc::new(WorkerLoad::default());
     Worker::new(settings, pipe, load, Arc::new(ProgressBook::new(16))).unwrap()
