@@ -16,6 +16,20 @@ fn check_affine(op: &'static str, channels: usize, gamma: &Tensor, beta: &Tensor
     Ok(())
 }
 
+/// One statistic per (sample, group).
+fn check_stats(op: &'static str, stats: &[GroupStats], batch: usize, groups: usize) -> Result<()> {
+    if stats.len() != batch * groups {
+        return invalid(
+            op,
+            format!(
+                "{} statistics given for {batch} samples of {groups} groups",
+                stats.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
 impl Tensor {
     /// (batch, channels) of a channels-last tensor `[batch, ..., channels]` of rank >= 2.
     fn batch_and_channels(&self, op: &'static str) -> Result<(usize, usize)> {
@@ -80,15 +94,7 @@ impl Tensor {
         let (batch, channels) = self.batch_and_channels(OP)?;
         Self::check_groups(OP, channels, groups)?;
         check_affine(OP, channels, gamma, beta)?;
-        if stats.len() != batch * groups {
-            return invalid(
-                OP,
-                format!(
-                    "{} statistics given for {batch} samples of {groups} groups",
-                    stats.len()
-                ),
-            );
-        }
+        check_stats(OP, stats, batch, groups)?;
         let x = self.f32s(OP)?;
         let mut out = vec![0.0f32; x.len()];
         norm::group_norm_apply(
@@ -169,15 +175,7 @@ impl Tensor {
         const OP: &str = "group_position_moments";
         let (batch, channels) = self.batch_and_channels(OP)?;
         Self::check_groups(OP, channels, groups)?;
-        if stats.len() != batch * groups {
-            return invalid(
-                OP,
-                format!(
-                    "{} statistics given for {batch} samples of {groups} groups",
-                    stats.len()
-                ),
-            );
-        }
+        check_stats(OP, stats, batch, groups)?;
         let x = self.f32s(OP)?;
         let per_sample = x.len() / batch.max(1);
         let mut out = Vec::with_capacity(x.len() / (channels / groups).max(1) * 2);
