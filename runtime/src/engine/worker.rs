@@ -359,6 +359,12 @@ impl Worker {
                 };
             }
         }
+        // A request whose load failed does not step (its failure is its answer).
+        let (mut live, sources): (Vec<&mut Running>, Vec<Source>) = live
+            .into_iter()
+            .zip(sources)
+            .filter(|(r, _)| r.failure.is_none())
+            .unzip();
         let before: Vec<usize> = live.iter().map(|r| r.job.steps_done()).collect();
         let recompute = plan.as_ref().map_or(0, |p| p.recompute);
         let first = plan.as_ref().map_or(0, |p| p.first);

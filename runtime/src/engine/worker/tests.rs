@@ -193,19 +193,18 @@ fn recomputed_units() -> f64 {
         .sum()
 }
 
-#[test]
-fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
+/// A worker that has timed its dense units (by registering a template) and a cached edit of
+/// that template whose steps are all on disk only (one byte of memory per tier, no
+/// prefetch): every step is a miss. Returns the worker, the queued edit's reply and the
+/// template's folder.
+fn edit_on_disk(tag: &str) -> (Worker, oneshot::Receiver<Reply>, PathBuf, CacheManager) {
     crate::engine::telemetry::prometheus();
     let mut w = worker(tiny(), None);
-    // Registering the template runs dense forwards on the worker's own UNet: its first
-    // measured unit costs.
     let t = template(&w.pipe);
     w.learn_costs(&[], None);
-    let dir = std::env::temp_dir().join(format!("retouch-worker-disk-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("retouch-worker-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     t.save(&dir).unwrap();
-    // One byte of memory per tier and no prefetch: every step is read from disk when the
-    // worker needs it.
     let config = CacheConfig {
         host_bytes: 1,
         device_bytes: 1,
@@ -214,8 +213,6 @@ fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
     };
     let cache = CacheManager::new(&config, 1).unwrap();
     cache.add_saved("t", t.spec.steps, dir.clone());
-    // A disk a thousand times slower than the dense units: the plan recomputes.
-    w.load_bytes_per_s = 1e3;
     let (mut request, rx) = edit(1, &t, 24);
     let JobSpec::Edit {
         template, cache: c, ..
@@ -225,8 +222,11 @@ fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
     };
     *template = Arc::new(Template::load_without_cache(&dir).unwrap());
     *c = Some(cache.lease("t").unwrap());
-    let before = recomputed_units();
     let mut rx = enqueue(&mut w, vec![(request, rx)]);
+    (w, rx.remove(0), dir, cache)
+}
+
+fn run_to_end(w: &mut Worker) {
     w.admit();
     while w
         .running
@@ -235,9 +235,40 @@ fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
     {
         w.step_batch();
     }
+}
+
+#[test]
+fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
+    let (mut w, mut rx, dir, _cache) = edit_on_disk("plan");
+    // A disk a thousand times slower than the dense units: the plan recomputes.
+    w.load_bytes_per_s = 1e3;
+    let before = recomputed_units();
+    run_to_end(&mut w);
     assert!(w.running[0].failure.is_none(), "{:?}", w.running[0].failure);
     assert!(recomputed_units() > before, "no unit was recomputed");
     w.retire();
-    assert!(matches!(rx[0].try_recv(), Ok(Ok(_))));
+    assert!(matches!(rx.try_recv(), Ok(Ok(_))));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_load_answers_with_its_reason_with_or_without_a_plan() {
+    for plan in [false, true] {
+        let (mut w, mut rx, dir, _cache) = edit_on_disk(&format!("corrupt-{plan}"));
+        w.settings.recompute_plan = plan;
+        w.load_bytes_per_s = 1e3;
+        let corrupt = Template::step_cache_path(&dir, 1);
+        std::fs::write(&corrupt, b"not safetensors").unwrap();
+        run_to_end(&mut w);
+        let failure = w.running[0].failure.as_ref().map(|e| e.to_string());
+        let message = failure.unwrap_or_default();
+        assert!(
+            message.contains("step_0001.safetensors"),
+            "plan {plan}: {message}"
+        );
+        assert_eq!(w.running[0].job.steps_done(), 1, "plan {plan}: step 0 ran");
+        w.retire();
+        assert!(matches!(rx.try_recv(), Ok(Err(EngineError::Failed(_)))));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
