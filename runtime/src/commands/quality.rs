@@ -35,6 +35,9 @@ pub struct QualityArgs {
     /// Guidance scale of templates and edits (5: the tiny model's evaluation setting).
     #[arg(long, default_value_t = 5.0)]
     guidance: f32,
+    /// Guidance scale of the edits (default: the templates', `--guidance`).
+    #[arg(long)]
+    edit_guidance: Option<f32>,
     /// Cached mode: latent positions recomputed around the mask.
     #[arg(long, default_value_t = 1)]
     halo: usize,
@@ -130,6 +133,9 @@ struct Report {
     model: String,
     steps: usize,
     guidance: f32,
+    /// The edits' guidance, where it differs from the templates'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edit_guidance: Option<f32>,
     halo: usize,
     ratios: Vec<RatioRow>,
     classifier: Option<CaseScores>,
@@ -138,6 +144,9 @@ struct Report {
 
 pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
     check_steps_and_guidance(args.steps, args.guidance)?;
+    if let Some(g) = args.edit_guidance {
+        check_steps_and_guidance(args.steps, g)?;
+    }
     if args.pairs == 0 {
         return Err("--pairs must be at least 1".into());
     }
@@ -168,6 +177,7 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
             req.seed = seed;
             req.mode = mode;
             req.halo = args.halo;
+            req.guidance = args.edit_guidance;
             pipe.edit(template, mask, &req, &mut |_, _| {})
         };
         Ok::<_, retouch_models::Error>((run(EditMode::Dense)?, run(EditMode::Cached)?))
@@ -272,6 +282,7 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
         model: dir.display().to_string(),
         steps: args.steps,
         guidance: args.guidance,
+        edit_guidance: args.edit_guidance,
         halo: args.halo,
         ratios,
         classifier,
@@ -358,9 +369,12 @@ fn summarise(percent: f64, scores: &[PairScores]) -> RatioRow {
 }
 
 fn to_markdown(r: &Report, pairs: usize) -> String {
+    let edits = r
+        .edit_guidance
+        .map_or(String::new(), |g| format!(" (edits {g})"));
     let mut s = format!(
-        "Model `{}`, {} DDIM steps, guidance {}, halo {}, {pairs} template/mask pairs per ratio \
-         ({:.0} s in all).\n\n",
+        "Model `{}`, {} DDIM steps, guidance {}{edits}, halo {}, {pairs} template/mask pairs per \
+         ratio ({:.0} s in all).\n\n",
         r.model, r.steps, r.guidance, r.halo, r.seconds
     );
     s += "| mask % (measured) | cached vs dense PSNR dB (min) | cached vs dense SSIM | \
