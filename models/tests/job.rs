@@ -392,18 +392,16 @@ fn cached_edits_that_recompute_a_dense_prefix_bracket_the_modes() {
         while let Some(step) = job.cache_step() {
             let whole = &tpl.cache[step];
             let first = starts[recompute];
-            let slot = OnceLock::new();
-            let source = StepCacheSource::Loading {
-                slot: &slot,
+            let stream = retouch_models::nn::exec::StreamingStep::new(first, whole.end());
+            let source = StepCacheSource::Streaming {
+                step: &stream,
                 dtype: DType::F16,
             };
             let results = std::thread::scope(|scope| {
                 scope.spawn(|| {
-                    let partial = retouch_models::nn::exec::StepCache {
-                        first,
-                        entries: whole.entries[first..].to_vec(),
-                    };
-                    slot.set(Ok(partial)).unwrap();
+                    for index in first..whole.end() {
+                        stream.deliver(index, Ok(whole.entry(index).unwrap().clone()));
+                    }
                 });
                 DenoiseJob::step_many_with_sources(
                     &pipe,

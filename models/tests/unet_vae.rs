@@ -500,19 +500,18 @@ mod recomputing {
     }
 }
 
-/// A recomputing forward runs its dense units while the cache loads on another thread, and
-/// waits for it only at its switch; a failed load fails the forward with the reason.
-mod recomputing_while_loading {
-    use std::sync::OnceLock;
-
+/// A recomputing forward runs its dense units while the step's entries stream in from
+/// another thread, each masked layer waiting only for its own entries; a failed read fails
+/// the forward with the reason.
+mod recomputing_while_streaming {
     use retouch_kernels::DType;
-    use retouch_models::nn::exec::{CacheRef, StepCache};
+    use retouch_models::nn::exec::{StepSource, StreamingStep};
     use retouch_models::unet::{RecomputeSegment, UNet, token_levels};
 
     use super::{fixture, masked_inputs};
 
     #[test]
-    fn the_forward_waits_for_the_load_at_its_switch() {
+    fn each_masked_layer_waits_for_its_own_entries() {
         let dir = fixture("unet-sd1");
         let unet = UNet::load(&dir, None).unwrap();
         let (sample, t, ctx) = masked_inputs(&dir);
@@ -529,7 +528,7 @@ mod recomputing_while_loading {
         let ready: Vec<RecomputeSegment<'_>> = (0..batch)
             .map(|i| RecomputeSegment {
                 levels: &levels,
-                cache: CacheRef::Ready(&cache),
+                cache: StepSource::Whole(&cache),
                 branch: i,
                 timestep: t[i],
                 context: &contexts[i],
@@ -537,39 +536,41 @@ mod recomputing_while_loading {
             .collect();
         let want = unet.forward_ragged_recomputing(&sample, &ready, k).unwrap();
 
-        let slot = OnceLock::new();
-        let loading: Vec<RecomputeSegment<'_>> = ready
+        let stream = StreamingStep::new(first, cache.end());
+        let streaming: Vec<RecomputeSegment<'_>> = ready
             .iter()
             .map(|s| RecomputeSegment {
-                cache: CacheRef::Loading(&slot),
+                cache: StepSource::Streaming(&stream),
                 ..*s
             })
             .collect();
         let got = std::thread::scope(|scope| {
             scope.spawn(|| {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                let partial = StepCache {
-                    first,
-                    entries: cache.entries[first..].to_vec(),
-                };
-                slot.set(Ok(partial)).unwrap();
+                for index in first..cache.end() {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    assert!(stream.deliver(index, Ok(cache.entry(index).unwrap().clone())));
+                }
             });
-            unet.forward_ragged_recomputing(&sample, &loading, k)
+            unet.forward_ragged_recomputing(&sample, &streaming, k)
         })
         .unwrap();
         assert_eq!(got.to_vec_f32(), want.to_vec_f32());
 
-        let failed = OnceLock::new();
-        failed.set(Err("disk on fire".to_string())).unwrap();
-        let broken: Vec<RecomputeSegment<'_>> = ready
+        // A reader that stops half-way: the layers past it fail with its reason.
+        let broken = StreamingStep::new(first, cache.end());
+        for index in first..(first + cache.end()) / 2 {
+            broken.deliver(index, Ok(cache.entry(index).unwrap().clone()));
+        }
+        broken.fail_rest("disk on fire");
+        let segments: Vec<RecomputeSegment<'_>> = ready
             .iter()
             .map(|s| RecomputeSegment {
-                cache: CacheRef::Loading(&failed),
+                cache: StepSource::Streaming(&broken),
                 ..*s
             })
             .collect();
         let err = unet
-            .forward_ragged_recomputing(&sample, &broken, k)
+            .forward_ragged_recomputing(&sample, &segments, k)
             .unwrap_err()
             .to_string();
         assert!(err.contains("disk on fire"), "{err}");

@@ -93,23 +93,94 @@ impl StepCache {
     }
 }
 
-/// A step cache as a recomputing forward takes it: held, or being loaded by another thread
-/// into `slot` (the forward waits for it only where it turns masked, after its dense units).
-#[derive(Clone, Copy)]
-pub enum CacheRef<'a> {
-    Ready(&'a StepCache),
-    Loading(&'a OnceLock<std::result::Result<StepCache, String>>),
+/// A step's cache entries `first..end` arriving one by one, in order, from a loader thread:
+/// a masked forward reading from it waits for each entry only when its layer needs it, so
+/// the load overlaps the layers before (the bubble-free rule's per-layer wait).
+pub struct StreamingStep {
+    first: usize,
+    entries: Vec<OnceLock<std::result::Result<CacheEntry, String>>>,
 }
 
-impl<'a> CacheRef<'a> {
-    /// The cache, once loaded; a failed load is an error with its reason.
-    pub fn wait(self) -> Result<&'a StepCache> {
-        match self {
-            CacheRef::Ready(cache) => Ok(cache),
-            CacheRef::Loading(slot) => slot
-                .wait()
+impl StreamingStep {
+    pub fn new(first: usize, end: usize) -> StreamingStep {
+        StreamingStep {
+            first,
+            entries: (first..end.max(first)).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    pub fn end(&self) -> usize {
+        self.first + self.entries.len()
+    }
+
+    /// Delivers entry `index`, or the reason it could not be read; false if it is outside
+    /// the step or was delivered already.
+    pub fn deliver(&self, index: usize, entry: std::result::Result<CacheEntry, String>) -> bool {
+        index
+            .checked_sub(self.first)
+            .and_then(|i| self.entries.get(i))
+            .is_some_and(|slot| slot.set(entry).is_ok())
+    }
+
+    /// Fails every entry not delivered yet (a loader that stopped early), so no reader
+    /// waits forever.
+    pub fn fail_rest(&self, reason: &str) {
+        for slot in &self.entries {
+            let _ = slot.set(Err(reason.to_string()));
+        }
+    }
+
+    /// Entry `index`, once delivered; None outside the step.
+    pub fn wait(&self, index: usize) -> Option<Result<&CacheEntry>> {
+        let slot = self.entries.get(index.checked_sub(self.first)?)?;
+        Some(
+            slot.wait()
                 .as_ref()
                 .map_err(|e| Error::Invalid(format!("loading the step's cache: {e}"))),
+        )
+    }
+}
+
+/// Where a masked forward reads a segment's cache entries: a whole (or partial) step in
+/// memory, or one still streaming in.
+#[derive(Clone, Copy)]
+pub enum StepSource<'a> {
+    Whole(&'a StepCache),
+    Streaming(&'a StreamingStep),
+}
+
+impl<'a> StepSource<'a> {
+    pub fn first(self) -> usize {
+        match self {
+            StepSource::Whole(c) => c.first,
+            StepSource::Streaming(s) => s.first(),
+        }
+    }
+
+    pub fn end(self) -> usize {
+        match self {
+            StepSource::Whole(c) => c.end(),
+            StepSource::Streaming(s) => s.end(),
+        }
+    }
+
+    /// Entry `index` (waiting for a streaming one); None outside the held entries.
+    fn entry(self, index: usize) -> Result<Option<&'a CacheEntry>> {
+        match self {
+            StepSource::Whole(c) => Ok(c.entry(index)),
+            StepSource::Streaming(s) => s.wait(index).transpose(),
+        }
+    }
+
+    /// The step when it is whole in memory.
+    pub fn whole(self) -> Option<&'a StepCache> {
+        match self {
+            StepSource::Whole(c) => Some(c),
+            StepSource::Streaming(_) => None,
         }
     }
 }
@@ -129,7 +200,7 @@ pub enum Exec<'a> {
 /// its token sets per resolution and its template's recording of this step.
 #[derive(Clone, Copy)]
 pub struct Segment<'a> {
-    pub cache: &'a StepCache,
+    pub cache: StepSource<'a>,
     /// The branch of `cache` (its per-batch entries) this segment reads.
     pub branch: usize,
     pub levels: &'a [TokenSet],
@@ -200,12 +271,12 @@ impl<'a> Masked<'a> {
             .segments
             .iter()
             .map(|s| {
-                let entry = s.cache.entry(cursor).ok_or_else(|| {
-                    Error::Invalid(if cursor < s.cache.first {
+                let entry = s.cache.entry(cursor)?.ok_or_else(|| {
+                    Error::Invalid(if cursor < s.cache.first() {
                         format!(
                             "activation cache entry {cursor} was not loaded (the step holds \
                              entries {} to {})",
-                            s.cache.first,
+                            s.cache.first(),
                             s.cache.end()
                         )
                     } else {

@@ -111,14 +111,19 @@ impl<'a> GpuMasked<'a> {
             )));
         }
         for (i, (d, s)) in device.iter().zip(host.segments()).enumerate() {
-            if d.first != s.cache.first || d.entries.len() != s.cache.entries.len() {
+            let Some(cache) = s.cache.whole() else {
+                return Err(Error::Invalid(format!(
+                    "segment {i}: a GPU forward reads whole steps, not streaming ones"
+                )));
+            };
+            if d.first != cache.first || d.entries.len() != cache.entries.len() {
                 return Err(Error::Invalid(format!(
                     "segment {i}: the device cache holds entries {}.., {} of them, the host \
                      cache {}.., {}",
                     d.first,
                     d.entries.len(),
-                    s.cache.first,
-                    s.cache.entries.len()
+                    cache.first,
+                    cache.entries.len()
                 )));
             }
         }

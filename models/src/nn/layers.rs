@@ -298,7 +298,7 @@ mod tests {
 
     use super::GroupNorm;
     use crate::nn::Scope;
-    use crate::nn::exec::{Exec, Masked, Segment, StepCache};
+    use crate::nn::exec::{Exec, Masked, Segment, StepCache, StepSource};
     use crate::weights::Weights;
 
     /// A masked norm's rows are the dense norm of the blended map (the template with the
@@ -323,7 +323,7 @@ mod tests {
             .affine(2.0, -1.0)
             .unwrap();
         let segment = Segment {
-            cache: &cache,
+            cache: StepSource::Whole(&cache),
             branch: 1,
             levels: &levels,
         };

@@ -56,11 +56,25 @@ pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()
 /// The step's entries from `first` on (0: the whole recording); the file's other tensors are
 /// not read.
 pub(crate) fn load_step(dir: &Path, step: usize, first: usize) -> Result<StepCache> {
+    let mut entries = Vec::new();
+    read_entries(dir, step, first, &mut |_, entry| entries.push(entry))?;
+    Ok(StepCache { first, entries })
+}
+
+/// Reads the step's entries from `first` on in order, handing each to `deliver(index,
+/// entry)` as soon as its tensors are read (a reader streaming them to a forward). The file's
+/// header is checked first: a missing entry is an error before any is delivered.
+pub(crate) fn read_entries(
+    dir: &Path,
+    step: usize,
+    first: usize,
+    deliver: &mut dyn FnMut(usize, CacheEntry),
+) -> Result<()> {
     let path = step_file(dir, step);
     let file = SafeTensorsFile::open(&path)?;
     let bad = |message: String| Error::config(&path, message);
-    // entry index -> (kind, batch index or none, tensor)
-    let mut grouped: BTreeMap<usize, Vec<(String, Option<usize>, Tensor)>> = BTreeMap::new();
+    // entry index -> (kind, batch index or none, tensor name)
+    let mut grouped: BTreeMap<usize, Vec<(String, Option<usize>, String)>> = BTreeMap::new();
     for name in file.names() {
         let mut parts = name.split('.');
         let index = parts
@@ -69,56 +83,61 @@ pub(crate) fn load_step(dir: &Path, step: usize, first: usize) -> Result<StepCac
             .ok_or_else(|| bad(format!("unexpected tensor name `{name}`")))?;
         let kind = parts.next().unwrap_or_default().to_string();
         let batch = parts.next().and_then(|p| p.parse::<usize>().ok());
-        if index < first {
-            continue;
+        if index >= first {
+            grouped.entry(index).or_default().push((kind, batch, name));
         }
-        grouped
-            .entry(index)
-            .or_default()
-            .push((kind, batch, file.get(&name)?));
     }
-    let mut entries = Vec::with_capacity(grouped.len());
-    for (expected, (index, mut parts)) in (first..).zip(grouped) {
-        if index != expected {
-            return Err(bad(format!("cache entry {expected} is missing")));
+    if let Some(missing) = (first..)
+        .zip(grouped.keys())
+        .find_map(|(expected, &index)| (index != expected).then_some(expected))
+    {
+        return Err(bad(format!("cache entry {missing} is missing")));
+    }
+    for (index, mut parts) in grouped {
+        parts.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let mut tensors = Vec::with_capacity(parts.len());
+        for (kind, _, name) in parts {
+            tensors.push((kind, file.get(&name)?));
         }
-        parts.sort_by_key(|p| (p.0.clone(), p.1));
-        // Sorted by kind: "moments" parts come before their entry's "stats".
-        let kind = parts.last().map(|p| p.0.clone()).unwrap_or_default();
-        let entry = match kind.as_str() {
-            "conv" => CacheEntry::ConvInput(parts.into_iter().map(|p| p.2).collect()),
-            "k" | "v" => {
-                let (ks, vs): (Vec<_>, Vec<_>) = parts.into_iter().partition(|p| p.0 == "k");
-                if ks.len() != vs.len() {
-                    return Err(bad(format!(
-                        "entry {index}: keys and values differ in count"
-                    )));
-                }
-                CacheEntry::KeyValue(ks.into_iter().zip(vs).map(|(k, v)| (k.2, v.2)).collect())
-            }
-            "stats" => {
-                let flat = parts.pop().map(|p| p.2.to_vec_f32()).unwrap_or_default();
-                if parts.iter().any(|p| p.0 != "moments") {
-                    return Err(bad(format!(
-                        "entry {index}: statistics mixed with other kinds"
-                    )));
-                }
-                CacheEntry::Stats {
-                    stats: flat
-                        .chunks_exact(2)
-                        .map(|p| GroupStats {
-                            mean: p[0],
-                            rstd: p[1],
-                        })
-                        .collect(),
-                    moments: parts.into_iter().map(|p| p.2).collect(),
-                }
-            }
-            other => return Err(bad(format!("entry {index}: unknown kind `{other}`"))),
-        };
-        entries.push(entry);
+        deliver(index, entry_of(index, tensors).map_err(bad)?);
     }
-    Ok(StepCache { first, entries })
+    Ok(())
+}
+
+/// One entry from its tensors, sorted by (kind, batch element).
+fn entry_of(
+    index: usize,
+    mut parts: Vec<(String, Tensor)>,
+) -> std::result::Result<CacheEntry, String> {
+    // Sorted by kind: "moments" parts come before their entry's "stats".
+    let kind = parts.last().map(|p| p.0.clone()).unwrap_or_default();
+    Ok(match kind.as_str() {
+        "conv" => CacheEntry::ConvInput(parts.into_iter().map(|p| p.1).collect()),
+        "k" | "v" => {
+            let (ks, vs): (Vec<_>, Vec<_>) = parts.into_iter().partition(|p| p.0 == "k");
+            if ks.len() != vs.len() {
+                return Err(format!("entry {index}: keys and values differ in count"));
+            }
+            CacheEntry::KeyValue(ks.into_iter().zip(vs).map(|(k, v)| (k.1, v.1)).collect())
+        }
+        "stats" => {
+            let flat = parts.pop().map(|p| p.1.to_vec_f32()).unwrap_or_default();
+            if parts.iter().any(|p| p.0 != "moments") {
+                return Err(format!("entry {index}: statistics mixed with other kinds"));
+            }
+            CacheEntry::Stats {
+                stats: flat
+                    .chunks_exact(2)
+                    .map(|p| GroupStats {
+                        mean: p[0],
+                        rstd: p[1],
+                    })
+                    .collect(),
+                moments: parts.into_iter().map(|p| p.1).collect(),
+            }
+        }
+        other => return Err(format!("entry {index}: unknown kind `{other}`")),
+    })
 }
 
 /// Bytes of each entry of a step's file (all its batch elements' tensors), in entry order,

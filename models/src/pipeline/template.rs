@@ -136,6 +136,17 @@ impl Template {
         cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, 0)
     }
 
+    /// Reads one step's cache entries from `first` on in order, handing each to `deliver`
+    /// as soon as it is read (to a [`crate::nn::exec::StreamingStep`] a forward reads from).
+    pub fn stream_step_cache(
+        dir: impl AsRef<Path>,
+        step: usize,
+        first: usize,
+        deliver: &mut dyn FnMut(usize, crate::nn::exec::CacheEntry),
+    ) -> Result<()> {
+        cache_io::read_entries(&dir.as_ref().join(CACHE_DIR), step, first, deliver)
+    }
+
     /// Bytes of each entry of one step's saved cache, from its file's header (every step of
     /// a template has the same layout).
     pub fn step_cache_entry_bytes(dir: impl AsRef<Path>, step: usize) -> Result<Vec<u64>> {

@@ -7,7 +7,7 @@ use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
 use super::walk::{Boundaries, SwitchSegment};
-use crate::nn::exec::{CacheRef, Exec, Masked, Segment, StepCache};
+use crate::nn::exec::{Exec, Masked, Segment, StepCache, StepSource};
 use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
 use crate::{Error, Result};
 
@@ -103,8 +103,8 @@ impl UNet {
     /// whole latents `[segments, h, w, in_channels]` (segment i's map in sample i), then the
     /// walk turns masked on each segment's active rows and reads the caches from entry
     /// `entry_starts()[recompute]` on, so a step's cache needs only those entries loaded
-    /// ([`crate::pipeline::Template::load_step_cache_from`]), and a cache still loading is
-    /// waited for only there ([`CacheRef::Loading`]). What a cache too slow to load trades
+    /// ([`crate::pipeline::Template::load_step_cache_from`]), and a step still streaming in
+    /// is waited for entry by entry, each when its layer needs it ([`StepSource::Streaming`]). What a cache too slow to load trades
     /// for compute: the dense units' outputs at inactive positions are recomputed under the
     /// edit's prompt rather than read from the template. `recompute = 0` is
     /// [`UNet::forward_ragged`] on the latents' active rows, `units()` the dense forward
@@ -209,7 +209,7 @@ impl UNet {
         let exec_segments = segments
             .iter()
             .map(|s| Segment {
-                cache: s.cache,
+                cache: StepSource::Whole(s.cache),
                 branch: s.branch,
                 levels: s.levels,
             })
@@ -278,11 +278,11 @@ impl<'a> SegmentView<'a> {
 }
 
 /// One segment of a recomputing masked forward ([`UNet::forward_ragged_recomputing`]): a
-/// [`CachedSegment`] whose cache may still be loading.
+/// [`CachedSegment`] whose cache may still be streaming in.
 #[derive(Clone, Copy)]
 pub struct RecomputeSegment<'a> {
     pub levels: &'a [TokenSet],
-    pub cache: CacheRef<'a>,
+    pub cache: StepSource<'a>,
     pub branch: usize,
     pub timestep: f32,
     pub context: &'a Tensor,
@@ -292,7 +292,7 @@ impl<'a> From<CachedSegment<'a>> for RecomputeSegment<'a> {
     fn from(s: CachedSegment<'a>) -> RecomputeSegment<'a> {
         RecomputeSegment {
             levels: s.levels,
-            cache: CacheRef::Ready(s.cache),
+            cache: StepSource::Whole(s.cache),
             branch: s.branch,
             timestep: s.timestep,
             context: s.context,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use retouch_kernels::{Tensor, TokenSet};
 
-use crate::nn::exec::{CacheRef, Exec, Masked, Segment};
+use crate::nn::exec::{Exec, Masked, Segment, StepSource};
 use crate::{Error, Result};
 
 /// What a walk does at its unit boundaries.
@@ -31,10 +31,9 @@ struct Switch<'a> {
     segments: Vec<SwitchSegment<'a>>,
 }
 
-/// A segment of the masked part, its cache resolved at the switch (waiting for a load
-/// still under way).
+/// A segment of the masked part.
 pub(super) struct SwitchSegment<'a> {
-    pub(super) cache: CacheRef<'a>,
+    pub(super) cache: StepSource<'a>,
     pub(super) branch: usize,
     pub(super) levels: &'a [TokenSet],
 }
@@ -108,14 +107,12 @@ impl<'a> Boundaries<'a> {
             let segments = s
                 .segments
                 .into_iter()
-                .map(|seg| {
-                    Ok(Segment {
-                        cache: seg.cache.wait()?,
-                        branch: seg.branch,
-                        levels: seg.levels,
-                    })
+                .map(|seg| Segment {
+                    cache: seg.cache,
+                    branch: seg.branch,
+                    levels: seg.levels,
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect();
             let m = Masked::resume(segments, s.cursor, level);
             *h = active_rows(h, &m.level_tokens(level)?)?;
             for (skip, &l) in skips.iter_mut().zip(skip_levels) {

@@ -4,16 +4,17 @@
 //! values, norm statistics); a unit can instead be recomputed densely over the whole latent,
 //! which needs no entries but costs the dense unit. Only a prefix can be recomputed (a dense
 //! unit needs its whole input), so the plan is the number `k` of leading units to run
-//! densely while the entries of the rest load, in parallel, then the masked units. The
-//! forward waits for the load where it turns masked, so a plan's predicted time is
+//! densely. Meanwhile the entries of units `k..` stream in, in order, and each masked unit
+//! waits for its own: walking the units, masked unit `u` starts at `max(its entries loaded,
+//! the unit before it done)`, so a plan's predicted time is
 //!
-//! `T(k) = max(dense[0..k], load[k..]) + masked[k..]`
+//! `t = dense[0..k]; for u in k.. { t = max(t, load[k..=u]) + masked[u] }`
 //!
-//! (sums over the units), and the plan is the `k` with the lowest `T`, ties to fewer units
-//! recomputed. With the entries resident (`load = 0`) that is `k = 0`, the plain cached
-//! step; with a slow disk it recomputes as much as the load would stall. This is the design
-//! guide's bubble-free rule with one wait at the switch rather than one per layer (the
-//! step's entries come in one read, not streamed layer by layer).
+//! (sums over units), and the plan is the `k` with the lowest `t`, ties to fewer units
+//! recomputed. With the entries resident (`load = 0`) that is `k = 0`, the plain cached step;
+//! with a slow disk it recomputes as long as the stream would stall the masked units. This is
+//! the design guide's bubble-free rule (use the cache for unit `i` only if waiting for its
+//! load costs less than computing it in full), taken over the whole walk.
 
 use retouch_models::unet::UnitTimes;
 
@@ -33,10 +34,13 @@ pub struct Plan {
 pub fn plan(dense: &[f64], masked: &[f64], load: &[f64]) -> Plan {
     let units = dense.len().min(masked.len()).min(load.len());
     let predicted = |k: usize| -> f64 {
-        let prefix: f64 = dense[..k].iter().sum();
-        let loading: f64 = load[k..units].iter().sum();
-        let rest: f64 = masked[k..units].iter().sum();
-        prefix.max(loading) + rest
+        let mut t: f64 = dense[..k].iter().sum();
+        let mut loaded = 0.0;
+        for u in k..units {
+            loaded += load[u];
+            t = t.max(loaded) + masked[u];
+        }
+        t
     };
     let cached_s = predicted(0);
     let (recompute, predicted_s) =
@@ -146,18 +150,23 @@ mod tests {
 
     #[test]
     fn a_slow_load_is_hidden_behind_dense_units() {
-        // Loading everything takes 9 s: waiting first costs 9 + 3. Recomputing one unit
-        // (4 s) while units 1-2 load (6 s) costs 6 + 2; two units (8 s, 3 s of load) 8 + 1.
+        // Each unit's entries take 3 s, a masked unit 1 s: nothing recomputed, unit u waits
+        // for 3 (u + 1) s of loading, so the walk ends at 9 + 1 = 10 s. One dense unit (4 s)
+        // while units 1 and 2 stream: 4 + 1, then max(5, 6) + 1 = 7 s. Two: 8 + 1 = 9 s.
         let p = plan(&[4.0, 4.0, 4.0], &[1.0, 1.0, 1.0], &[3.0, 3.0, 3.0]);
-        assert_eq!(p.cached_s, 12.0);
-        assert_eq!(p.recompute, 1);
-        assert_eq!(p.predicted_s, 8.0);
+        assert_eq!(p.cached_s, 10.0);
+        assert_eq!((p.recompute, p.predicted_s), (1, 7.0));
         // A dense unit cheaper than its load: recompute everything.
         let p = plan(&[1.0, 1.0], &[0.5, 0.5], &[5.0, 5.0]);
         assert_eq!((p.recompute, p.predicted_s), (2, 2.0));
-        // Ties go to the plan that recomputes less: one unit (1 + 1) or both (2 + 0).
+        // Streaming hides a load behind the masked units before it: the first unit's
+        // entries are free and the second's (1 s) arrive while the first runs (1 s).
         let p = plan(&[1.0, 1.0], &[1.0, 1.0], &[0.0, 1.0]);
-        assert_eq!((p.recompute, p.predicted_s), (1, 2.0));
+        assert_eq!((p.recompute, p.predicted_s), (0, 2.0));
+        // Ties go to the plan that recomputes less: none (1 s of load, then 1 + 1) or one
+        // unit (2 s dense, then 1).
+        let p = plan(&[2.0, 2.0], &[1.0, 1.0], &[1.0, 0.0]);
+        assert_eq!((p.recompute, p.predicted_s, p.cached_s), (0, 3.0, 3.0));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use retouch_kernels::DType;
-use retouch_models::nn::exec::StepCache;
+use retouch_models::nn::exec::{StepCache, StreamingStep};
 use retouch_models::pipeline::{DenoiseJob, Pipeline, StepCacheSource, TemplateRef};
 use tokio::sync::oneshot;
 
@@ -197,8 +197,9 @@ enum Source {
 struct MissPlan {
     /// Leading UNet units run densely.
     recompute: usize,
-    /// The first cache entry read.
+    /// The first cache entry read, and the end of a step's entries.
     first: usize,
+    end: usize,
     /// Bytes read, and bytes the recomputed units spared.
     bytes: u64,
     skipped: u64,
@@ -367,8 +368,13 @@ impl Worker {
             .unzip();
         let before: Vec<usize> = live.iter().map(|r| r.job.steps_done()).collect();
         let recompute = plan.as_ref().map_or(0, |p| p.recompute);
-        let first = plan.as_ref().map_or(0, |p| p.first);
-        let slots: Vec<OnceLock<Result<StepCache, String>>> =
+        let (first, end) = plan.as_ref().map_or((0, 0), |p| (p.first, p.end));
+        // Per request: the entries streaming in, and how its read ended.
+        let streams: Vec<StreamingStep> = live
+            .iter()
+            .map(|_| StreamingStep::new(first, end))
+            .collect();
+        let read_ends: Vec<OnceLock<Result<u64, String>>> =
             live.iter().map(|_| OnceLock::new()).collect();
         let dtype = self.settings.cache_dtype;
         let reads: Mutex<Vec<(u64, f64)>> = Mutex::new(Vec::new());
@@ -384,33 +390,45 @@ impl Worker {
                 .map(|r| (&mut r.job, r.cache.as_ref(), r.id, r.failure.is_none()))
                 .collect();
             let mut given: Vec<Option<StepCacheSource<'_>>> = Vec::with_capacity(parts.len());
-            for ((part, source), slot) in parts.iter().zip(&sources).zip(&slots) {
+            for (((part, source), stream), read_end) in
+                parts.iter().zip(&sources).zip(&streams).zip(&read_ends)
+            {
                 let &(_, window, id, ok) = part;
                 given.push(match source {
                     Source::Ready(cache) => Some(StepCacheSource::Ready(cache)),
+                    // A plan that recomputes every unit reads nothing.
+                    Source::Disk(_) if ok && first == end => Some(StepCacheSource::Streaming {
+                        step: stream,
+                        dtype,
+                    }),
                     Source::Disk(step) if ok => {
                         let step = *step;
                         let (trace, reads) = (&self.trace, &reads);
                         scope.spawn(move || {
                             let started = Instant::now();
                             let read = catch_unwind(AssertUnwindSafe(|| match window {
-                                Some(w) => w.read_from(step, first),
+                                Some(w) => w.stream_from(step, first, stream),
                                 None => Err("no cache window".to_string()),
                             }))
                             .unwrap_or_else(|p| Err(panic_message(&p)));
+                            // The forward waits on the stream: no entry may stay pending.
+                            if let Err(e) = &read {
+                                stream.fail_rest(e);
+                            }
                             trace.cache_fetched(id, step, started);
-                            if let Ok(cache) = &read {
-                                let bytes = cache.size_in_bytes() as u64;
+                            if let Ok(bytes) = &read {
                                 let secs = started.elapsed().as_secs_f64();
                                 reads
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .push((bytes, secs));
+                                    .push((*bytes, secs));
                             }
-                            // The forward waits on the slot: it must always be set.
-                            let _ = slot.set(read);
+                            let _ = read_end.set(read);
                         });
-                        Some(StepCacheSource::Loading { slot, dtype })
+                        Some(StepCacheSource::Streaming {
+                            step: stream,
+                            dtype,
+                        })
                     }
                     _ => None,
                 });
@@ -450,14 +468,14 @@ impl Worker {
                 })
                 .collect(),
         };
-        // A failed read of a planned step fails its request as a load failure (as a plain
-        // miss would), whatever error the forward that waited for it reported.
+        // A step that failed after its planned read failed fails as a load failure (as a
+        // plain miss would), whatever error the forward that waited for it reported.
         let results = results
             .into_iter()
-            .zip(&slots)
-            .map(|(result, slot)| match slot.get() {
-                Some(Err(e)) => Err(EngineError::Failed(e.clone())),
-                _ => result,
+            .zip(&read_ends)
+            .map(|(result, read_end)| match (result, read_end.get()) {
+                (Err(_), Some(Err(e))) => Err(EngineError::Failed(e.clone())),
+                (result, _) => result,
             });
         for (r, result) in live.into_iter().zip(results) {
             match result {
@@ -518,6 +536,7 @@ impl Worker {
         let skipped = bytes[..plan.recompute].iter().sum();
         Some(MissPlan {
             first: starts[plan.recompute],
+            end: starts[units],
             recompute: plan.recompute,
             bytes: bytes.iter().sum::<u64>() - skipped,
             skipped,

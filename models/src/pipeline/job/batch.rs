@@ -6,14 +6,13 @@
 //! fused call would record (and convert to the cache dtype) the other jobs' too, or need a
 //! per-sample switch in every layer; they are rare next to edits.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use retouch_kernels::cuda::CudaDevice;
 use retouch_kernels::{DType, Tensor};
 
 use super::{DenoiseJob, Kind, StepInput, UnetOutput};
-use crate::nn::exec::{CacheRef, StepCache};
+use crate::nn::exec::{StepCache, StepSource, StreamingStep};
 use crate::nn::gpu::{GpuStepCache, upload_f32};
 use crate::pipeline::Pipeline;
 use crate::unet::{CachedSegment, GpuCachedSegment, RecomputeSegment};
@@ -62,12 +61,11 @@ impl DenoiseJob<'_> {
     }
 
     /// [`DenoiseJob::step_many_with_caches`] where a cached edit's activations may still be
-    /// loading ([`StepCacheSource::Loading`]) and the cached-mode call recomputes its first
-    /// `recompute` UNet units densely ([`crate::unet::UNet::forward_ragged_recomputing`]):
-    /// those units run while the loads finish, and a loading cache needs only the entries
-    /// from `entry_starts()[recompute]` on. With loading caches the call waits for them
-    /// where it turns masked (at once when `recompute` is 0, and on a GPU pipeline, whose
-    /// forward has no dense prefix: the caches must then be whole).
+    /// streaming in ([`StepCacheSource::Streaming`]) and the cached-mode call recomputes its
+    /// first `recompute` UNet units densely ([`crate::unet::UNet::forward_ragged_recomputing`]):
+    /// those units run while the entries after them arrive, and each masked layer waits only
+    /// for its own entries. Streaming steps need the host forward (a GPU pipeline's has no
+    /// dense prefix and reads whole steps).
     pub fn step_many_with_sources(
         pipe: &Pipeline,
         jobs: &mut [&mut DenoiseJob<'_>],
@@ -131,7 +129,7 @@ impl DenoiseJob<'_> {
     ) -> FuseKey {
         let dtype = match cache {
             Some(StepCacheSource::Ready(c)) => Some(c.dtype()),
-            Some(StepCacheSource::Loading { dtype, .. }) => Some(Some(dtype)),
+            Some(StepCacheSource::Streaming { dtype, .. }) => Some(Some(dtype)),
             None => None,
         };
         match &self.kind {
@@ -226,10 +224,10 @@ fn run_group(
 pub enum StepCacheSource<'a> {
     /// Held already.
     Ready(&'a StepCache),
-    /// Being loaded by another thread into `slot`, as `dtype` (the cache dtype decides
-    /// which edits share a call before the load is done).
-    Loading {
-        slot: &'a OnceLock<std::result::Result<StepCache, String>>,
+    /// Streaming in from another thread, as `dtype` (the cache dtype decides which edits
+    /// share a call before the entries arrive).
+    Streaming {
+        step: &'a StreamingStep,
         dtype: DType,
     },
 }
@@ -242,10 +240,15 @@ fn run_cached(
     caches: &[Option<StepCacheSource<'_>>],
     recompute: usize,
 ) -> Result<Vec<UnetOutput>> {
-    let loading = caches
+    let streaming = caches
         .iter()
-        .any(|c| matches!(c, Some(StepCacheSource::Loading { .. })));
-    let dense_prefix = (recompute > 0 || loading) && pipe.gpu().is_none();
+        .any(|c| matches!(c, Some(StepCacheSource::Streaming { .. })));
+    if streaming && pipe.gpu().is_some() {
+        return Err(Error::Invalid(
+            "a streaming step cache needs the host forward (the GPU one reads whole steps)".into(),
+        ));
+    }
+    let dense_prefix = (recompute > 0 || streaming) && pipe.gpu().is_none();
     let mut segments = Vec::new();
     let mut rows = Vec::new();
     let mut latents = Vec::new();
@@ -255,15 +258,11 @@ fn run_cached(
             return Err(Error::Invalid("not a cached-mode edit".into()));
         };
         let cache = match given {
-            Some(StepCacheSource::Ready(cache)) => CacheRef::Ready(cache),
-            // Without a dense prefix to overlap, the call waits for the load here.
-            Some(StepCacheSource::Loading { slot, .. }) if !dense_prefix => {
-                CacheRef::Ready(CacheRef::Loading(slot).wait()?)
-            }
-            Some(StepCacheSource::Loading { slot, .. }) => CacheRef::Loading(slot),
-            None => CacheRef::Ready(edit.step_cache(job.step)?),
+            Some(StepCacheSource::Ready(cache)) => StepSource::Whole(cache),
+            Some(StepCacheSource::Streaming { step, .. }) => StepSource::Streaming(step),
+            None => StepSource::Whole(edit.step_cache(job.step)?),
         };
-        if let CacheRef::Ready(cache) = cache
+        if let StepSource::Whole(cache) = cache
             && cache.branches() != Some(job.guidance.branches())
         {
             return Err(Error::Invalid(format!(
@@ -300,7 +299,9 @@ fn run_cached(
             .map(|s| {
                 Ok(CachedSegment {
                     levels: s.levels,
-                    cache: s.cache.wait()?,
+                    cache: s.cache.whole().ok_or_else(|| {
+                        Error::Invalid("a streaming step cache needs a dense prefix".into())
+                    })?,
                     branch: s.branch,
                     timestep: s.timestep,
                     context: s.context,

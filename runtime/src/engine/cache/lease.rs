@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use retouch_models::nn::exec::StepCache;
+use retouch_models::nn::exec::{StepCache, StreamingStep};
 
 use super::shared::TemplateCache;
 use super::{CacheManager, Tier};
@@ -108,11 +108,17 @@ impl StepWindow {
             .map_err(EngineError::Failed)
     }
 
-    /// Entries `first..` of `step` read from disk for one forward that recomputes the units
-    /// before them; the partial step enters no tier.
-    pub fn read_from(&self, step: usize, first: usize) -> Result<StepCache, String> {
+    /// Entries `first..` of `step` read from disk in order into `stream`, for one forward
+    /// that recomputes the units before them and reads the rest as they arrive; the partial
+    /// step enters no tier. Ok is the bytes read; on an error every entry not read is failed.
+    pub fn stream_from(
+        &self,
+        step: usize,
+        first: usize,
+        stream: &StreamingStep,
+    ) -> Result<u64, String> {
         let shared = &self.lease.manager.shared;
-        shared.read_partial(&self.lease.template, step, first)
+        shared.stream_entries(&self.lease.template, step, first, stream)
     }
 
     /// Bytes of each cache entry of the template's steps (None without a saved cache).

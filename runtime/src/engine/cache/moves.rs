@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use dashmap::mapref::entry::Entry;
-use retouch_models::nn::exec::StepCache;
+use retouch_models::nn::exec::{StepCache, StreamingStep};
 use retouch_models::pipeline::Template;
 
 use super::loader::{self, Pending};
@@ -72,26 +72,83 @@ impl Shared {
         Ok(None)
     }
 
-    /// A step's entries from `first` on, read from disk for one forward that recomputes the
-    /// units before them (a miss). The partial step goes into no tier: other requests want
-    /// whole steps.
-    pub(super) fn read_partial(
+    /// A step's entries from `first` on, read from disk in order into `stream` for one
+    /// forward that recomputes the units before them and reads the rest as they arrive (a
+    /// miss). The partial step goes into no tier: other requests want whole steps. Every
+    /// entry of `stream` is delivered or failed when this returns; Ok is the bytes read.
+    pub(super) fn stream_entries(
         &self,
         template: &TemplateCache,
         step: usize,
         first: usize,
-    ) -> Result<StepCache, String> {
+        stream: &StreamingStep,
+    ) -> Result<u64, String> {
         metrics::counter!(telemetry::CACHE_MISSES).increment(1);
-        self.read_entries(template, step, first, true)
+        let Some(dir) = &template.dir else {
+            let e = format!(
+                "template {}: step {step}'s activation cache is not on disk",
+                template.id
+            );
+            stream.fail_rest(&e);
+            return Err(e);
+        };
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        let read = catch_unwind(AssertUnwindSafe(|| {
+            Template::stream_step_cache(dir, step, first, &mut |index, entry| {
+                bytes += entry.size_in_bytes() as u64;
+                stream.deliver(index, Ok(entry));
+            })
+        }));
+        let ended = Instant::now();
+        metrics::histogram!(telemetry::CACHE_LOAD_SECONDS).record((ended - started).as_secs_f64());
+        let result = match read {
+            Ok(Ok(())) => Ok(bytes),
+            Ok(Err(e)) => Err(format!(
+                "template {}, step {step}: loading its activation cache: {}: {e}",
+                template.id,
+                Template::step_cache_path(dir, step).display()
+            )),
+            Err(_) => Err(format!(
+                "template {}, step {step}: loading its activation cache panicked",
+                template.id
+            )),
+        };
+        match &result {
+            Err(e) => {
+                metrics::counter!(telemetry::CACHE_LOAD_ERRORS).increment(1);
+                stream.fail_rest(e);
+            }
+            // Entries the file lacks would leave the forward waiting: they fail instead.
+            Ok(_) => stream.fail_rest(&format!(
+                "template {}, step {step}: the step's file ended before entry {}",
+                template.id,
+                stream.end()
+            )),
+        }
+        if let Some(observe) = self.observer.get() {
+            observe(&loader::LoadEvent {
+                template: Arc::clone(&template.id),
+                step,
+                bytes: *result.as_ref().unwrap_or(&0),
+                demand: true,
+                started,
+                ended,
+                error: result.as_ref().err().cloned(),
+            });
+        }
+        result
     }
 
-    /// Bytes of each entry of the template's steps, from a step file's header (read once).
+    /// Bytes of each entry of the template's steps, from the first readable step file's
+    /// header (read once; every step has the same layout).
     pub(super) fn entry_bytes(&self, template: &TemplateCache) -> Option<Vec<u64>> {
         if let Some(bytes) = template.entry_bytes.get() {
             return Some(bytes.clone());
         }
         let dir = template.dir.as_ref()?;
-        let bytes = Template::step_cache_entry_bytes(dir, 0).ok()?;
+        let bytes = (0..template.steps)
+            .find_map(|step| Template::step_cache_entry_bytes(dir, step).ok())?;
         Some(template.entry_bytes.get_or_init(|| bytes).clone())
     }
 

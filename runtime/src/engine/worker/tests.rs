@@ -9,6 +9,7 @@ use retouch_models::random_pipeline::{Preset, RandomPipeline};
 
 use super::*;
 use crate::engine::cache::{CacheConfig, CacheManager};
+use retouch_models::unet::UnitTimes;
 
 fn tiny() -> Pipeline {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -237,18 +238,44 @@ fn run_to_end(w: &mut Worker) {
     }
 }
 
+/// Costs that make the plan recompute the first unit only and stream the rest: the first
+/// unit is free, every other one costs far more densely than its read at 1 MB/s.
+fn first_unit_free(w: &mut Worker) {
+    let units = w.pipe.unet.units().unwrap();
+    let mut dense = vec![10.0; units];
+    dense[0] = 0.0;
+    w.unit_costs = UnitCosts::default();
+    w.unit_costs.observe(&UnitTimes {
+        masked: false,
+        size: 1,
+        seconds: dense,
+    });
+    w.load_bytes_per_s = 1e6;
+}
+
 #[test]
 fn a_step_only_on_disk_recomputes_a_dense_prefix_while_the_rest_loads() {
-    let (mut w, mut rx, dir, _cache) = edit_on_disk("plan");
-    // A disk a thousand times slower than the dense units: the plan recomputes.
-    w.load_bytes_per_s = 1e3;
-    let before = recomputed_units();
-    run_to_end(&mut w);
-    assert!(w.running[0].failure.is_none(), "{:?}", w.running[0].failure);
-    assert!(recomputed_units() > before, "no unit was recomputed");
-    w.retire();
-    assert!(matches!(rx.try_recv(), Ok(Ok(_))));
-    let _ = std::fs::remove_dir_all(&dir);
+    // A disk a million times slower than the dense units: every unit is recomputed and
+    // nothing read. Then a plan that recomputes the first unit and streams the rest.
+    for (tag, partial) in [("slow-disk", false), ("stream", true)] {
+        let (mut w, mut rx, dir, _cache) = edit_on_disk(tag);
+        if partial {
+            first_unit_free(&mut w);
+        } else {
+            w.load_bytes_per_s = 1e3;
+        }
+        let before = recomputed_units();
+        run_to_end(&mut w);
+        assert!(
+            w.running[0].failure.is_none(),
+            "{tag}: {:?}",
+            w.running[0].failure
+        );
+        assert!(recomputed_units() > before, "{tag}: no unit was recomputed");
+        w.retire();
+        assert!(matches!(rx.try_recv(), Ok(Ok(_))), "{tag}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
@@ -256,17 +283,26 @@ fn a_failed_load_answers_with_its_reason_with_or_without_a_plan() {
     for plan in [false, true] {
         let (mut w, mut rx, dir, _cache) = edit_on_disk(&format!("corrupt-{plan}"));
         w.settings.recompute_plan = plan;
-        w.load_bytes_per_s = 1e3;
-        let corrupt = Template::step_cache_path(&dir, 1);
+        if plan {
+            first_unit_free(&mut w);
+        }
+        let corrupt = Template::step_cache_path(&dir, 0);
         std::fs::write(&corrupt, b"not safetensors").unwrap();
+        let before = recomputed_units();
         run_to_end(&mut w);
         let failure = w.running[0].failure.as_ref().map(|e| e.to_string());
         let message = failure.unwrap_or_default();
         assert!(
-            message.contains("step_0001.safetensors"),
+            message.contains("step_0000.safetensors"),
             "plan {plan}: {message}"
         );
-        assert_eq!(w.running[0].job.steps_done(), 1, "plan {plan}: step 0 ran");
+        assert_eq!(w.running[0].job.steps_done(), 0, "plan {plan}");
+        if plan {
+            assert!(
+                recomputed_units() >= before + 1.0,
+                "the plan recomputed a unit"
+            );
+        }
         w.retire();
         assert!(matches!(rx.try_recv(), Ok(Err(EngineError::Failed(_)))));
         let _ = std::fs::remove_dir_all(&dir);
