@@ -11,7 +11,10 @@
 //! `t = dense[0..k]; for u in k.. { t = max(t, load[k..=u]) + masked[u] }`
 //!
 //! (sums over units), and the plan is the `k` with the lowest `t`, ties to fewer units
-//! recomputed. With the entries resident (`load = 0`) that is `k = 0`, the plain cached step;
+//! recomputed. That holds where reads run beside compute (`Overlap::Parallel`); on a CPU
+//! worker they take the cores the units need, so nothing is hidden and a unit is worth
+//! recomputing only if its dense cost is below its load plus masked cost
+//! (`Overlap::Shared`: `t = dense[..k] + (load + masked)[k..]`). With the entries resident (`load = 0`) that is `k = 0`, the plain cached step;
 //! with a slow disk it recomputes as long as the stream would stall the masked units. This is
 //! the design guide's bubble-free rule (use the cache for unit `i` only if waiting for its
 //! load costs less than computing it in full), taken over the whole walk.
@@ -29,16 +32,33 @@ pub struct Plan {
     pub cached_s: f64,
 }
 
+/// Whether loading runs beside compute or takes its turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlap {
+    /// Reads proceed while the units compute (a GPU worker: the copy engine and the host
+    /// thread reading files are not the SMs).
+    Parallel,
+    /// Reads take the cores the units compute on (a CPU worker: its threads are all busy
+    /// computing, so a read's time adds to the step's): the plan then trades each unit's
+    /// load and masked cost against its dense cost, with nothing hidden.
+    Shared,
+}
+
 /// The plan for per-unit dense and masked seconds and per-unit load seconds (each slice
 /// one value per unit).
-pub fn plan(dense: &[f64], masked: &[f64], load: &[f64]) -> Plan {
+pub fn plan(dense: &[f64], masked: &[f64], load: &[f64], overlap: Overlap) -> Plan {
     let units = dense.len().min(masked.len()).min(load.len());
     let predicted = |k: usize| -> f64 {
         let mut t: f64 = dense[..k].iter().sum();
         let mut loaded = 0.0;
         for u in k..units {
-            loaded += load[u];
-            t = t.max(loaded) + masked[u];
+            match overlap {
+                Overlap::Parallel => {
+                    loaded += load[u];
+                    t = t.max(loaded) + masked[u];
+                }
+                Overlap::Shared => t += load[u] + masked[u],
+            }
         }
         t
     };
@@ -142,7 +162,12 @@ mod tests {
 
     #[test]
     fn resident_entries_recompute_nothing() {
-        let p = plan(&[4.0, 4.0, 4.0], &[1.0, 1.0, 1.0], &[0.0, 0.0, 0.0]);
+        let p = plan(
+            &[4.0, 4.0, 4.0],
+            &[1.0, 1.0, 1.0],
+            &[0.0, 0.0, 0.0],
+            Overlap::Parallel,
+        );
         assert_eq!(p.recompute, 0);
         assert_eq!(p.predicted_s, 3.0);
         assert_eq!(p.cached_s, 3.0);
@@ -153,20 +178,40 @@ mod tests {
         // Each unit's entries take 3 s, a masked unit 1 s: nothing recomputed, unit u waits
         // for 3 (u + 1) s of loading, so the walk ends at 9 + 1 = 10 s. One dense unit (4 s)
         // while units 1 and 2 stream: 4 + 1, then max(5, 6) + 1 = 7 s. Two: 8 + 1 = 9 s.
-        let p = plan(&[4.0, 4.0, 4.0], &[1.0, 1.0, 1.0], &[3.0, 3.0, 3.0]);
+        let p = plan(
+            &[4.0, 4.0, 4.0],
+            &[1.0, 1.0, 1.0],
+            &[3.0, 3.0, 3.0],
+            Overlap::Parallel,
+        );
         assert_eq!(p.cached_s, 10.0);
         assert_eq!((p.recompute, p.predicted_s), (1, 7.0));
         // A dense unit cheaper than its load: recompute everything.
-        let p = plan(&[1.0, 1.0], &[0.5, 0.5], &[5.0, 5.0]);
+        let p = plan(&[1.0, 1.0], &[0.5, 0.5], &[5.0, 5.0], Overlap::Parallel);
         assert_eq!((p.recompute, p.predicted_s), (2, 2.0));
         // Streaming hides a load behind the masked units before it: the first unit's
         // entries are free and the second's (1 s) arrive while the first runs (1 s).
-        let p = plan(&[1.0, 1.0], &[1.0, 1.0], &[0.0, 1.0]);
+        let p = plan(&[1.0, 1.0], &[1.0, 1.0], &[0.0, 1.0], Overlap::Parallel);
         assert_eq!((p.recompute, p.predicted_s), (0, 2.0));
         // Ties go to the plan that recomputes less: none (1 s of load, then 1 + 1) or one
         // unit (2 s dense, then 1).
-        let p = plan(&[2.0, 2.0], &[1.0, 1.0], &[1.0, 0.0]);
+        let p = plan(&[2.0, 2.0], &[1.0, 1.0], &[1.0, 0.0], Overlap::Parallel);
         assert_eq!((p.recompute, p.predicted_s, p.cached_s), (0, 3.0, 3.0));
+    }
+
+    #[test]
+    fn on_shared_cores_a_load_hides_nothing() {
+        // The slow load of the parallel example: each unit costs 3 + 1 cached, 4 dense.
+        let p = plan(
+            &[4.0, 4.0, 4.0],
+            &[1.0, 1.0, 1.0],
+            &[3.0, 3.0, 3.0],
+            Overlap::Shared,
+        );
+        assert_eq!((p.recompute, p.predicted_s, p.cached_s), (0, 12.0, 12.0));
+        // A unit cheaper dense than loaded and masked is recomputed; the rest are read.
+        let p = plan(&[1.0, 9.0], &[1.0, 1.0], &[3.0, 3.0], Overlap::Shared);
+        assert_eq!((p.recompute, p.predicted_s, p.cached_s), (1, 5.0, 8.0));
     }
 
     #[test]

@@ -352,7 +352,11 @@ impl Worker {
                 let fetched = window.fetch(*step);
                 self.trace.cache_fetched(r.id, *step, waited);
                 *source = match fetched {
-                    Ok(cache) => Source::Ready(cache),
+                    Ok(cache) => {
+                        let bytes = cache.size_in_bytes() as u64;
+                        self.observe_reads(&[(bytes, waited.elapsed().as_secs_f64())]);
+                        Source::Ready(cache)
+                    }
                     Err(e) => {
                         r.failure = Some(e);
                         Source::Own
@@ -532,7 +536,8 @@ impl Worker {
             .iter()
             .map(|&b| b as f64 / self.load_bytes_per_s.max(1.0))
             .collect();
-        let plan = recompute::plan(&dense, &masked, &load);
+        // This worker's threads compute on the host's cores, which its reads share.
+        let plan = recompute::plan(&dense, &masked, &load, recompute::Overlap::Shared);
         let skipped = bytes[..plan.recompute].iter().sum();
         Some(MissPlan {
             first: starts[plan.recompute],
@@ -550,15 +555,20 @@ impl Worker {
         if let Some(times) = self.pipe.unet.take_unit_times() {
             self.unit_costs.observe(&times);
         }
-        // Reads run in parallel: together they moved their bytes in the longest one's time.
+        self.observe_reads(reads);
+        if let Some(plan) = plan {
+            self.record_plan(plan);
+        }
+    }
+
+    /// Folds reads that ran together (`(bytes, seconds)` each: their bytes moved in the
+    /// longest one's time) into the load bandwidth.
+    fn observe_reads(&mut self, reads: &[(u64, f64)]) {
         let bytes: u64 = reads.iter().map(|r| r.0).sum();
         let secs = reads.iter().map(|r| r.1).fold(0.0, f64::max);
         if bytes > 0 && secs > 0.0 {
             let measured = bytes as f64 / secs;
             self.load_bytes_per_s += 0.3 * (measured - self.load_bytes_per_s);
-        }
-        if let Some(plan) = plan {
-            self.record_plan(plan);
         }
     }
 
