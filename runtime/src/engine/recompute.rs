@@ -19,6 +19,8 @@
 //! the design guide's bubble-free rule (use the cache for unit `i` only if waiting for its
 //! load costs less than computing it in full), taken over the whole walk.
 
+use std::collections::VecDeque;
+
 use retouch_models::unet::UnitTimes;
 
 /// A plan and what it predicts.
@@ -77,17 +79,19 @@ pub fn plan(dense: &[f64], masked: &[f64], load: &[f64], overlap: Overlap) -> Pl
     }
 }
 
-/// Each unit's cost as a worker measured it on its own forwards: seconds per sample run
-/// densely, and per level-0 active row run masked, each an exponential average over the
-/// forwards seen (so the costs follow the machine's load).
+/// Each unit's cost as a worker measured it on its own forwards, dense (by samples) and
+/// masked (by level-0 active rows): per unit, a line `seconds = fixed + slope * size`
+/// through the most recent forwards of each mode, so a unit's launch and bookkeeping cost
+/// (which dominates small maps) is not scaled with the rows. The window follows the
+/// machine's load.
 #[derive(Clone, Debug, Default)]
 pub struct UnitCosts {
-    dense_per_sample: Option<Vec<f64>>,
-    masked_per_row: Option<Vec<f64>>,
+    dense: VecDeque<UnitTimes>,
+    masked: VecDeque<UnitTimes>,
 }
 
-/// Weight of the newest forward in the averages.
-const NEWEST: f64 = 0.3;
+/// Forwards of each mode kept for the fits.
+const WINDOW: usize = 32;
 
 impl UnitCosts {
     /// Folds one forward's unit times in.
@@ -95,24 +99,22 @@ impl UnitCosts {
         if times.size == 0 || times.seconds.is_empty() {
             return;
         }
-        let per: Vec<f64> = times
-            .seconds
-            .iter()
-            .map(|s| s / times.size as f64)
-            .collect();
-        let slot = if times.masked {
-            &mut self.masked_per_row
+        let window = if times.masked {
+            &mut self.masked
         } else {
-            &mut self.dense_per_sample
+            &mut self.dense
         };
-        match slot {
-            Some(avg) if avg.len() == per.len() => {
-                for (a, p) in avg.iter_mut().zip(&per) {
-                    *a += NEWEST * (p - *a);
-                }
-            }
-            _ => *slot = Some(per),
+        // A model change (another unit count) starts the window afresh.
+        if window
+            .front()
+            .is_some_and(|t| t.seconds.len() != times.seconds.len())
+        {
+            window.clear();
         }
+        if window.len() == WINDOW {
+            window.pop_front();
+        }
+        window.push_back(times.clone());
     }
 
     /// Per-unit seconds of a step over `samples` whole latents of `positions` level-0
@@ -126,22 +128,45 @@ impl UnitCosts {
         rows: usize,
         positions: usize,
     ) -> Option<(Vec<f64>, Vec<f64>)> {
-        let dense_per_sample = self.dense_per_sample.as_ref()?;
-        let dense = dense_per_sample
-            .iter()
-            .map(|s| s * samples as f64)
-            .collect();
-        let masked = match &self.masked_per_row {
-            Some(per_row) if per_row.len() == dense_per_sample.len() => {
-                per_row.iter().map(|s| s * rows as f64).collect()
-            }
-            _ => dense_per_sample
-                .iter()
-                .map(|s| s * rows as f64 / positions.max(1) as f64)
-                .collect(),
+        let dense = fit_units(&self.dense, samples as f64)?;
+        let masked = match fit_units(&self.masked, rows as f64) {
+            Some(masked) if masked.len() == dense.len() => masked,
+            _ => fit_units(&self.dense, rows as f64 / positions.max(1) as f64)?,
         };
         Some((dense, masked))
     }
+}
+
+/// Each unit's predicted seconds at `size`, from the least-squares line through the window's
+/// (size, seconds) points; through the origin where the sizes do not spread (one size seen),
+/// and never below zero.
+fn fit_units(window: &VecDeque<UnitTimes>, size: f64) -> Option<Vec<f64>> {
+    let units = window.front()?.seconds.len();
+    let n = window.len() as f64;
+    let mean_x = window.iter().map(|t| t.size as f64).sum::<f64>() / n;
+    let sxx: f64 = window
+        .iter()
+        .map(|t| (t.size as f64 - mean_x).powi(2))
+        .sum();
+    Some(
+        (0..units)
+            .map(|u| {
+                let mean_y = window.iter().map(|t| t.seconds[u]).sum::<f64>() / n;
+                let y = if sxx > 1e-9 * mean_x.max(1.0).powi(2) {
+                    let sxy: f64 = window
+                        .iter()
+                        .map(|t| (t.size as f64 - mean_x) * (t.seconds[u] - mean_y))
+                        .sum();
+                    let slope = (sxy / sxx).max(0.0);
+                    let fixed = (mean_y - slope * mean_x).max(0.0);
+                    fixed + slope * size
+                } else {
+                    mean_y / mean_x.max(1e-12) * size
+                };
+                y.max(0.0)
+            })
+            .collect(),
+    )
 }
 
 /// Bytes of each unit's cache entries: `entry_bytes` per entry, `starts` the entries before
@@ -215,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn unit_costs_follow_the_forwards_they_see() {
+    fn unit_costs_fit_a_fixed_cost_and_a_slope_per_unit() {
         let mut costs = UnitCosts::default();
         assert!(costs.predict(2, 10, 100).is_none());
         costs.observe(&UnitTimes {
@@ -223,25 +248,33 @@ mod tests {
             size: 2,
             seconds: vec![2.0, 4.0],
         });
-        // Masked units unseen yet: the dense cost per position, times the rows.
+        // One dense size seen: proportional. Masked unseen: the dense cost per position.
         let (dense, masked) = costs.predict(4, 10, 100).unwrap();
         assert_eq!(dense, vec![4.0, 8.0]);
         assert_eq!(masked, vec![0.1, 0.2]);
-        costs.observe(&UnitTimes {
-            masked: true,
-            size: 20,
-            seconds: vec![1.0, 1.0],
-        });
-        let (_, masked) = costs.predict(4, 10, 100).unwrap();
-        assert_eq!(masked, vec![0.5, 0.5]);
-        // A newer dense forward moves the average part of the way.
-        costs.observe(&UnitTimes {
-            masked: false,
-            size: 1,
-            seconds: vec![2.0, 2.0],
-        });
-        let (dense, _) = costs.predict(1, 10, 100).unwrap();
-        assert!((dense[0] - 1.3).abs() < 1e-12 && (dense[1] - 2.0).abs() < 1e-12);
+        // Masked forwards of 20 and 60 rows: unit 0 costs 1 + 0.05 per row, unit 1 a flat 2.
+        for (rows, s0) in [(20, 2.0), (60, 4.0)] {
+            costs.observe(&UnitTimes {
+                masked: true,
+                size: rows,
+                seconds: vec![s0, 2.0],
+            });
+        }
+        let (_, masked) = costs.predict(4, 100, 100).unwrap();
+        assert!(
+            (masked[0] - 6.0).abs() < 1e-9 && (masked[1] - 2.0).abs() < 1e-9,
+            "{masked:?}"
+        );
+        // The window keeps the newest forwards only.
+        for _ in 0..WINDOW {
+            costs.observe(&UnitTimes {
+                masked: true,
+                size: 10,
+                seconds: vec![1.0, 1.0],
+            });
+        }
+        let (_, masked) = costs.predict(4, 30, 100).unwrap();
+        assert_eq!(masked, vec![3.0, 3.0]);
     }
 
     #[test]
