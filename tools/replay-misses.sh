@@ -24,8 +24,8 @@ run() { # $1 tag, $2 port, $3 extra serve flag
     wait "$pid" || true
 }
 for r in $(seq 1 "$runs"); do
-    run "plan$r" 8941 ""
-    run "wait$r" 8942 "--no-recompute-plan"
+    run "plan$r" 8941 "--recompute-plan"
+    run "wait$r" 8942 ""
 done
 python3 - "$work" <<'PY'
 import json, statistics as st, sys, glob, os

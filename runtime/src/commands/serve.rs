@@ -41,10 +41,12 @@ pub struct ServeArgs {
     /// Steps of a cached edit's template cache loaded ahead of the step it is at.
     #[arg(long, default_value_t = 4)]
     prefetch_steps: usize,
-    /// A cached step whose activations are only on disk waits for the whole load, instead
-    /// of recomputing a dense prefix of UNet units while the rest loads (for comparison).
+    /// A cached step whose activations are only on disk follows the load-or-recompute plan
+    /// (recomputes a dense prefix of UNet units while the rest streams in) instead of
+    /// waiting for the load. Off by default: on CPU workers it measured slower than waiting
+    /// (docs/replay.md).
     #[arg(long)]
-    no_recompute_plan: bool,
+    recompute_plan: bool,
     /// Requests per running batch.
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -89,7 +91,7 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.cache_host_bytes = args.cache_host_bytes;
     config.cache_device_bytes = args.cache_device_bytes;
     config.prefetch_steps = args.prefetch_steps;
-    config.recompute_plan = !args.no_recompute_plan;
+    config.recompute_plan = args.recompute_plan;
     config.max_batch_requests = args.max_batch;
     config.max_batch_tokens = args.max_batch_tokens;
     config.max_queue = args.max_queue;

@@ -70,7 +70,9 @@ pub struct EngineConfig {
     /// Threads loading step caches from disk.
     pub cache_loaders: usize,
     /// A cached step whose activations are only on disk follows the load-or-recompute plan
-    /// (a dense prefix of UNet units while the rest loads); off: it waits for the load.
+    /// (a dense prefix of UNet units while the rest streams in); off (the default): it waits
+    /// for the load. Off by default because on CPU workers it measured slower than waiting
+    /// (docs/replay.md, "Misses").
     pub recompute_plan: bool,
     /// Largest JSON body the HTTP routes accept.
     pub max_body_bytes: usize,
@@ -100,7 +102,7 @@ impl EngineConfig {
             cache_device_bytes: CacheConfig::default().device_bytes,
             prefetch_steps: CacheConfig::default().prefetch_steps,
             cache_loaders: CacheConfig::default().loaders,
-            recompute_plan: true,
+            recompute_plan: false,
             max_body_bytes: 16 << 20,
             keep_progress: 4096,
             trace: None,
