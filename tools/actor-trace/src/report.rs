@@ -102,6 +102,31 @@ pub fn summary(trace: &Trace, opts: &Options) -> String {
         }
     }
 
+    let plans: Vec<_> = records
+        .iter()
+        .filter(|r| r.kind == kinds::RECOMPUTE_PLAN)
+        .collect();
+    if !plans.is_empty() {
+        let mut by_units = std::collections::BTreeMap::<usize, usize>::new();
+        for p in &plans {
+            *by_units.entry(p.recompute_units.unwrap_or(0)).or_default() += 1;
+        }
+        let counts: Vec<String> = by_units.iter().map(|(u, n)| format!("{u}: {n}")).collect();
+        let mb = |f: fn(&&crate::record::Record) -> Option<u64>| {
+            plans.iter().filter_map(f).sum::<u64>() as f64 / 1e6
+        };
+        let _ = writeln!(
+            out,
+            "
+recompute plans (steps whose caches were on disk): {}; units recomputed: \
+             {}; read {:.3} MB, spared {:.3} MB",
+            plans.len(),
+            counts.join(", "),
+            mb(|r| r.bytes),
+            mb(|r| r.skipped_bytes),
+        );
+    }
+
     let end = records.iter().find(|r| r.kind == kinds::TRACE_END);
     match end {
         Some(end) => {
@@ -181,6 +206,29 @@ mod tests {
         assert!(text.contains(bucket), "{text}");
         assert!(text.contains("dropped 2 records"), "{text}");
         assert!(!text.contains("did not end cleanly"));
+    }
+
+    #[test]
+    fn recompute_plans_are_counted_by_units() {
+        let mut trace = fixture_trace();
+        assert!(!summary(&trace, &Options::default()).contains("recompute plans"));
+        for (units, bytes, skipped) in [(0, 2_000_000, 0), (2, 1_500_000, 500_000), (2, 0, 0)] {
+            trace.records.push(crate::record::Record {
+                actor: "worker-0".into(),
+                kind: kinds::RECOMPUTE_PLAN.into(),
+                requests: vec![2],
+                start_us: 3000,
+                end_us: 3000,
+                bytes: Some(bytes),
+                recompute_units: Some(units),
+                skipped_bytes: Some(skipped),
+                ..Default::default()
+            });
+        }
+        let text = summary(&trace, &Options::default());
+        let line = "recompute plans (steps whose caches were on disk): 3; units recomputed: \
+                    0: 1, 2: 2; read 3.500 MB, spared 0.500 MB";
+        assert!(text.contains(line), "{text}");
     }
 
     #[test]
