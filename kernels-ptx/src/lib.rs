@@ -27,6 +27,7 @@ pub use ops::attention::{AttentionSegment, RaggedSegment};
 pub use ops::conv::{Conv2dParams, Conv2dWeight};
 pub use ops::lora::{LoraBackup, LoraSegment};
 pub use ops::masked_conv::MaskedConvSegment;
+pub use ops::norm::BlendedSegment;
 pub use ops::timestep::TimestepEmbedding;
 pub use safetensors_io::{SafeTensorsFile, save_safetensors, save_safetensors_with_metadata};
 pub use tensor::{Tensor, TensorElement};

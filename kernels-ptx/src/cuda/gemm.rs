@@ -5,10 +5,10 @@
 //! All share one launch shape: a 128 x 64 output tile per block of 256 threads, with
 //! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32` for the tensor-core ones).
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::ops::{grid_stride, len_u32};
-use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
+use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
 
@@ -620,23 +620,12 @@ impl CudaDevice {
             row_of.extend_from_slice(s.active.row_of());
         }
         let stream = self.stream();
-        // The device addresses of each segment's buffers; the guards keep cudarc's
-        // read-after-write ordering until the launch is queued.
-        let mut guards = Vec::with_capacity(2 * segments.len());
-        let mut fresh_ptrs = Vec::with_capacity(segments.len());
-        let mut cached_ptrs = Vec::with_capacity(segments.len());
-        for s in segments {
-            let (p, g) = s.fresh.data.device_ptr(stream);
-            fresh_ptrs.push(p);
-            guards.push(g);
-            let (p, g) = s.cached.data.device_ptr(stream);
-            cached_ptrs.push(p);
-            guards.push(g);
-        }
+        let (fresh_d, fresh_guards) =
+            address_table(stream, op, segments.iter().map(|s| &s.fresh.data))?;
+        let (cached_d, cached_guards) =
+            address_table(stream, op, segments.iter().map(|s| &s.cached.data))?;
         let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(op));
         let (rows_d, row_of_d) = (up(&rows)?, up(&row_of)?);
-        let fresh_d = stream.clone_htod(&fresh_ptrs).map_err(driver_err(op))?;
-        let cached_d = stream.clone_htod(&cached_ptrs).map_err(driver_err(op))?;
         let u = |v: usize| v as u32;
         let args = [
             u(m),
@@ -679,7 +668,7 @@ impl CudaDevice {
         }
         let bias = weight.bias.as_ref().map(|b| &b.data);
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
-        drop(guards);
+        drop((fresh_guards, cached_guards));
         Ok(out)
     }
 }

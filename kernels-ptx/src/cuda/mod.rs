@@ -96,6 +96,24 @@ fn keep_pool_memory(ctx: &CudaContext) {
     }
 }
 
+/// The device addresses of `buffers` as a table in device memory (a kernel reading one
+/// buffer per segment indexes it), with the guards that keep cudarc's read-after-write
+/// ordering on the buffers until the launch that reads them is queued.
+pub(crate) fn address_table<'a, T: 'a>(
+    stream: &'a Arc<CudaStream>,
+    op: &'static str,
+    buffers: impl IntoIterator<Item = &'a cudarc::driver::CudaSlice<T>>,
+) -> Result<(
+    cudarc::driver::CudaSlice<u64>,
+    Vec<cudarc::driver::SyncOnDrop<'a>>,
+)> {
+    use cudarc::driver::DevicePtr;
+    let (addresses, guards): (Vec<u64>, Vec<_>) =
+        buffers.into_iter().map(|b| b.device_ptr(stream)).unzip();
+    let table = stream.clone_htod(&addresses).map_err(driver_err(op))?;
+    Ok((table, guards))
+}
+
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Cuda {
         op,

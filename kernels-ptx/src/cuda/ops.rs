@@ -2,10 +2,10 @@
 //! then one launch on the device's stream. Launch shapes follow each kernel's doc comment
 //! in `kernels-ptx/device/`.
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{CudaDevice, CudaTensor, GpuElement, driver_err};
+use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
 use crate::Result;
 use crate::error::{invalid, shape_err};
 
@@ -427,17 +427,11 @@ impl CudaDevice {
             return Ok(stats);
         }
         let stream = self.stream();
-        let mut guards = Vec::with_capacity(segments.len());
-        let mut moment_ptrs = Vec::with_capacity(segments.len());
-        for s in segments {
-            let (p, g) = s.moments.data.device_ptr(stream);
-            moment_ptrs.push(p);
-            guards.push(g);
-        }
+        let (moments_d, guards) =
+            address_table(stream, K, segments.iter().map(|s| &s.moments.data))?;
         let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(K));
         let (offsets_d, positions_d) = (up(&offsets)?, up(&positions)?);
         let template_d = stream.clone_htod(&template).map_err(driver_err(K))?;
-        let moments_d = stream.clone_htod(&moment_ptrs).map_err(driver_err(K))?;
         let (c_u, g_u, hw_u) = (c as u32, groups as u32, hw as u32);
         {
             let mut l = stream.launch_builder(self.function(K)?);

@@ -30,6 +30,70 @@ fn check_stats(op: &'static str, stats: &[GroupStats], batch: usize, groups: usi
     Ok(())
 }
 
+/// One segment of [`Tensor::blended_group_stats_ragged`]: its template's statistics
+/// (`groups`), its template's per-position moments `[positions, groups * 2]` and the active
+/// positions its fresh rows hold.
+#[derive(Clone, Copy)]
+pub struct BlendedSegment<'a> {
+    pub template: &'a [GroupStats],
+    pub moments: &'a Tensor,
+    pub active: &'a [u32],
+}
+
+impl BlendedSegment<'_> {
+    /// The statistics of this segment's blended map, its fresh rows `fresh = [active,
+    /// channels]`.
+    fn stats(
+        &self,
+        op: &'static str,
+        fresh: &[f32],
+        channels: usize,
+        eps: f32,
+    ) -> Result<Vec<GroupStats>> {
+        let groups = self.template.len();
+        Tensor::check_groups(op, channels, groups)?;
+        let moments_shape = self.moments.shape();
+        if moments_shape.len() != 2 || moments_shape[1] != groups * 2 {
+            return shape_err(
+                op,
+                format!(
+                    "moments {moments_shape:?} must be [positions, {}]",
+                    groups * 2
+                ),
+            );
+        }
+        if let Some(&p) = self
+            .active
+            .iter()
+            .find(|&&p| p as usize >= moments_shape[0])
+        {
+            return invalid(
+                op,
+                format!(
+                    "active position {p} outside a map of {} positions",
+                    moments_shape[0]
+                ),
+            );
+        }
+        let (template, active) = (self.template, self.active);
+        Ok(match self.moments.dtype() {
+            DType::F32 => {
+                let m = self.moments.as_slice::<f32>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            DType::F16 => {
+                let m = self.moments.as_slice::<half::f16>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            DType::BF16 => {
+                let m = self.moments.as_slice::<half::bf16>()?;
+                norm::blended_group_stats(fresh, channels, template, m, active, eps)
+            }
+            other => return invalid(op, format!("moments of {other:?}")),
+        })
+    }
+}
+
 impl Tensor {
     /// (batch, channels) of a channels-last tensor `[batch, ..., channels]` of rank >= 2.
     fn batch_and_channels(&self, op: &'static str) -> Result<(usize, usize)> {
@@ -208,52 +272,38 @@ impl Tensor {
         active: &[u32],
         eps: f32,
     ) -> Result<Vec<GroupStats>> {
+        let segment = BlendedSegment {
+            template,
+            moments: template_moments,
+            active,
+        };
+        self.blended_group_stats_ragged(&[segment], eps)
+    }
+
+    /// [`Tensor::blended_group_stats`] of several segments whose fresh rows `self` stacks in
+    /// segment order (`segments[i].active.len()` rows each, read in place): every segment's
+    /// statistics, `groups` each, in order.
+    pub fn blended_group_stats_ragged(
+        &self,
+        segments: &[BlendedSegment<'_>],
+        eps: f32,
+    ) -> Result<Vec<GroupStats>> {
         const OP: &str = "blended_group_stats";
         let channels = self.dim(-1)?;
-        let groups = template.len();
-        Self::check_groups(OP, channels, groups)?;
         let rows = self.elem_count() / channels.max(1);
-        let moments_shape = template_moments.shape();
-        if moments_shape.len() != 2 || moments_shape[1] != groups * 2 {
-            return shape_err(
-                OP,
-                format!(
-                    "moments {moments_shape:?} must be [positions, {}]",
-                    groups * 2
-                ),
-            );
-        }
-        if rows != active.len() {
-            return shape_err(
-                OP,
-                format!("{rows} rows for {} active positions", active.len()),
-            );
-        }
-        if let Some(&p) = active.iter().find(|&&p| p as usize >= moments_shape[0]) {
-            return invalid(
-                OP,
-                format!(
-                    "active position {p} outside a map of {} positions",
-                    moments_shape[0]
-                ),
-            );
+        let stacked: usize = segments.iter().map(|s| s.active.len()).sum();
+        if rows != stacked {
+            return shape_err(OP, format!("{rows} rows for {stacked} active positions"));
         }
         let fresh = self.f32s(OP)?;
-        Ok(match template_moments.dtype() {
-            DType::F32 => {
-                let m = template_moments.as_slice::<f32>()?;
-                norm::blended_group_stats(fresh, channels, template, m, active, eps)
-            }
-            DType::F16 => {
-                let m = template_moments.as_slice::<half::f16>()?;
-                norm::blended_group_stats(fresh, channels, template, m, active, eps)
-            }
-            DType::BF16 => {
-                let m = template_moments.as_slice::<half::bf16>()?;
-                norm::blended_group_stats(fresh, channels, template, m, active, eps)
-            }
-            other => return invalid(OP, format!("moments of {other:?}")),
-        })
+        let mut all = Vec::with_capacity(segments.iter().map(|s| s.template.len()).sum());
+        let mut offset = 0;
+        for s in segments {
+            let rows = &fresh[offset * channels..(offset + s.active.len()) * channels];
+            offset += s.active.len();
+            all.extend(s.stats(OP, rows, channels, eps)?);
+        }
+        Ok(all)
     }
 
     /// Layer norm over the last dimension.

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use retouch_kernels::{DType, GroupStats, Tensor, TokenSet};
+use retouch_kernels::{BlendedSegment, DType, GroupStats, Tensor, TokenSet};
 
 use crate::{Error, Result};
 
@@ -353,13 +353,16 @@ impl<'a> Masked<'a> {
     ) -> Result<Vec<GroupStats>> {
         let tokens = self.tokens()?;
         let records = self.norm_records(groups)?;
-        let rows: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
-        let parts = x.split_batch(&rows)?;
-        let mut all = Vec::with_capacity(records.len() * groups);
-        for ((part, t), (stats, moments)) in parts.iter().zip(&tokens).zip(records) {
-            all.extend(part.blended_group_stats(stats, moments, t.positions(), eps)?);
-        }
-        Ok(all)
+        let segments: Vec<BlendedSegment<'_>> = tokens
+            .iter()
+            .zip(records)
+            .map(|(t, (template, moments))| BlendedSegment {
+                template,
+                moments,
+                active: t.positions(),
+            })
+            .collect();
+        Ok(x.blended_group_stats_ragged(&segments, eps)?)
     }
 
     /// The index of the cache entry the next layer reads.

@@ -53,12 +53,11 @@ pub(crate) fn save_step(dir: &Path, step: usize, cache: &StepCache) -> Result<()
     Ok(())
 }
 
-/// The step's entries from `first` on (0: the whole recording); the file's other tensors are
-/// not read.
-pub(crate) fn load_step(dir: &Path, step: usize, first: usize) -> Result<StepCache> {
+/// The step's whole recording.
+pub(crate) fn load_step(dir: &Path, step: usize) -> Result<StepCache> {
     let mut entries = Vec::new();
-    read_entries(dir, step, first, &mut |_, entry| entries.push(entry))?;
-    Ok(StepCache { first, entries })
+    read_entries(dir, step, 0, &mut |_, entry| entries.push(entry))?;
+    Ok(StepCache { first: 0, entries })
 }
 
 /// Reads the step's entries from `first` on in order, handing each to `deliver(index,

@@ -133,7 +133,7 @@ impl Template {
 
     /// One step's activation cache of the template saved in `dir`, alone.
     pub fn load_step_cache(dir: impl AsRef<Path>, step: usize) -> Result<StepCache> {
-        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, 0)
+        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step)
     }
 
     /// Reads one step's cache entries from `first` on in order, handing each to `deliver`
@@ -151,17 +151,6 @@ impl Template {
     /// a template has the same layout).
     pub fn step_cache_entry_bytes(dir: impl AsRef<Path>, step: usize) -> Result<Vec<u64>> {
         cache_io::entry_bytes(&dir.as_ref().join(CACHE_DIR), step)
-    }
-
-    /// One step's cache entries from `first` on (what a forward that recomputes the units
-    /// before entry `first` reads, [`crate::unet::UNet::forward_ragged_recomputing`]); the
-    /// file's other tensors are not read.
-    pub fn load_step_cache_from(
-        dir: impl AsRef<Path>,
-        step: usize,
-        first: usize,
-    ) -> Result<StepCache> {
-        cache_io::load_step(&dir.as_ref().join(CACHE_DIR), step, first)
     }
 }
 

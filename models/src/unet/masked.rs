@@ -6,7 +6,7 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
-use super::walk::{Boundaries, SwitchSegment};
+use super::walk::Boundaries;
 use crate::nn::exec::{Exec, Masked, Segment, StepCache, StepSource};
 use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
 use crate::{Error, Result};
@@ -103,10 +103,10 @@ impl UNet {
     /// whole latents `[segments, h, w, in_channels]` (segment i's map in sample i), then the
     /// walk turns masked on each segment's active rows and reads the caches from entry
     /// `entry_starts()[recompute]` on, so a step's cache needs only those entries loaded
-    /// ([`crate::pipeline::Template::load_step_cache_from`]), and a step still streaming in
-    /// is waited for entry by entry, each when its layer needs it ([`StepSource::Streaming`]). What a cache too slow to load trades
-    /// for compute: the dense units' outputs at inactive positions are recomputed under the
-    /// edit's prompt rather than read from the template. `recompute = 0` is
+    /// ([`crate::pipeline::Template::stream_step_cache`]), and a step still streaming in
+    /// is waited for entry by entry, each when its layer needs it ([`StepSource::Streaming`]).
+    /// What a cache too slow to load trades for compute: the dense units' outputs at inactive
+    /// positions are recomputed under the edit's prompt rather than read from the template. `recompute = 0` is
     /// [`UNet::forward_ragged`] on the latents' active rows, `units()` the dense forward
     /// read at them. Returns `[rows, out_channels]`.
     pub fn forward_ragged_recomputing(
@@ -122,17 +122,9 @@ impl UNet {
                 starts.len().saturating_sub(1)
             )));
         };
-        let views: Vec<SegmentView<'_>> = segments
-            .iter()
-            .map(|s| SegmentView {
-                levels: s.levels,
-                timestep: s.timestep,
-                context: s.context,
-            })
-            .collect();
         let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
         let (context, timesteps) =
-            self.segment_inputs(&[total, self.config.in_channels], &views)?;
+            self.segment_inputs(&[total, self.config.in_channels], segments)?;
         let grid = segments[0].levels[0].height();
         let grid = (grid, segments[0].levels[0].width());
         let s = latents.shape();
@@ -151,16 +143,9 @@ impl UNet {
             )));
         }
         self.check_inputs(s, &timesteps, context.shape())?;
-        let switch_segments = segments
-            .iter()
-            .map(|s| SwitchSegment {
-                cache: s.cache,
-                branch: s.branch,
-                levels: s.levels,
-            })
-            .collect();
         let mut exec = Exec::Dense;
-        let mut walk = Boundaries::switching(recompute, cursor, switch_segments);
+        let exec_segments = segments.iter().map(RecomputeSegment::exec).collect();
+        let mut walk = Boundaries::switching(recompute, cursor, exec_segments);
         let out = self.run(latents, &timesteps, &context, &mut exec, &mut walk)?;
         match &exec {
             Exec::Masked(m) if !walk.switch_pending() && m.finished() => Ok(out),
@@ -204,16 +189,9 @@ impl UNet {
         rows_shape: &[usize],
         segments: &[CachedSegment<'a>],
     ) -> Result<(Tensor, Vec<f32>, Vec<Segment<'a>>)> {
-        let views: Vec<SegmentView<'_>> = segments.iter().map(SegmentView::of).collect();
-        let (context, timesteps) = self.segment_inputs(rows_shape, &views)?;
-        let exec_segments = segments
-            .iter()
-            .map(|s| Segment {
-                cache: StepSource::Whole(s.cache),
-                branch: s.branch,
-                levels: s.levels,
-            })
-            .collect();
+        let segments: Vec<RecomputeSegment<'a>> = segments.iter().map(|&s| s.into()).collect();
+        let (context, timesteps) = self.segment_inputs(rows_shape, &segments)?;
+        let exec_segments = segments.iter().map(RecomputeSegment::exec).collect();
         Ok((context, timesteps, exec_segments))
     }
 
@@ -222,7 +200,7 @@ impl UNet {
     fn segment_inputs(
         &self,
         rows_shape: &[usize],
-        segments: &[SegmentView<'_>],
+        segments: &[RecomputeSegment<'_>],
     ) -> Result<(Tensor, Vec<f32>)> {
         let Some(first) = segments.first() else {
             return Err(Error::Invalid(
@@ -260,23 +238,6 @@ impl UNet {
     }
 }
 
-/// What the checks of a ragged batch read of a segment.
-struct SegmentView<'a> {
-    levels: &'a [TokenSet],
-    timestep: f32,
-    context: &'a Tensor,
-}
-
-impl<'a> SegmentView<'a> {
-    fn of(s: &CachedSegment<'a>) -> SegmentView<'a> {
-        SegmentView {
-            levels: s.levels,
-            timestep: s.timestep,
-            context: s.context,
-        }
-    }
-}
-
 /// One segment of a recomputing masked forward ([`UNet::forward_ragged_recomputing`]): a
 /// [`CachedSegment`] whose cache may still be streaming in.
 #[derive(Clone, Copy)]
@@ -286,6 +247,17 @@ pub struct RecomputeSegment<'a> {
     pub branch: usize,
     pub timestep: f32,
     pub context: &'a Tensor,
+}
+
+impl<'a> RecomputeSegment<'a> {
+    /// The segment as the masked executor reads it.
+    fn exec(&self) -> Segment<'a> {
+        Segment {
+            cache: self.cache,
+            branch: self.branch,
+            levels: self.levels,
+        }
+    }
 }
 
 impl<'a> From<CachedSegment<'a>> for RecomputeSegment<'a> {

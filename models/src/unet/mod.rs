@@ -322,7 +322,7 @@ impl UNet {
         // switches mode, or counts entries, keeps none.
         let size = sample.dim(0)?;
         let masked = matches!(exec, Exec::Masked(_));
-        let timed = !walk.switches() && walk.entry_starts.is_none();
+        let timed = !walk.switch_pending() && walk.entry_starts.is_none();
         let mut h = sample.clone();
         let mut skips: Vec<Tensor> = Vec::new();
         let mut skip_levels: Vec<usize> = Vec::new();

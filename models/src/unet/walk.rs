@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use retouch_kernels::{Tensor, TokenSet};
 
-use crate::nn::exec::{Exec, Masked, Segment, StepSource};
+use crate::nn::exec::{Exec, Masked, Segment};
 use crate::{Error, Result};
 
 /// What a walk does at its unit boundaries.
@@ -28,14 +28,7 @@ struct Switch<'a> {
     boundary: usize,
     /// The cache entry the masked part starts reading at.
     cursor: usize,
-    segments: Vec<SwitchSegment<'a>>,
-}
-
-/// A segment of the masked part.
-pub(super) struct SwitchSegment<'a> {
-    pub(super) cache: StepSource<'a>,
-    pub(super) branch: usize,
-    pub(super) levels: &'a [TokenSet],
+    segments: Vec<Segment<'a>>,
 }
 
 impl<'a> Boundaries<'a> {
@@ -52,7 +45,7 @@ impl<'a> Boundaries<'a> {
     pub(super) fn switching(
         boundary: usize,
         cursor: usize,
-        segments: Vec<SwitchSegment<'a>>,
+        segments: Vec<Segment<'a>>,
     ) -> Boundaries<'a> {
         Boundaries {
             switch: Some(Switch {
@@ -72,13 +65,8 @@ impl<'a> Boundaries<'a> {
             .collect()
     }
 
-    /// Whether this walk switches from dense to masked somewhere.
-    pub(super) fn switches(&self) -> bool {
-        self.switch.is_some()
-    }
-
-    /// Whether a switch is still to come (a walk that ends with one pending was given a
-    /// boundary past its end).
+    /// Whether a switch is still to come: before the walk, whether it switches at all; after
+    /// it, whether it was given a boundary past its end.
     pub(super) fn switch_pending(&self) -> bool {
         self.switch.is_some()
     }
@@ -104,16 +92,7 @@ impl<'a> Boundaries<'a> {
             .is_some_and(|s| s.boundary == self.next)
         {
             let s = self.switch.take().expect("checked above");
-            let segments = s
-                .segments
-                .into_iter()
-                .map(|seg| Segment {
-                    cache: seg.cache,
-                    branch: seg.branch,
-                    levels: seg.levels,
-                })
-                .collect();
-            let m = Masked::resume(segments, s.cursor, level);
+            let m = Masked::resume(s.segments, s.cursor, level);
             *h = active_rows(h, &m.level_tokens(level)?)?;
             for (skip, &l) in skips.iter_mut().zip(skip_levels) {
                 *skip = active_rows(skip, &m.level_tokens(l)?)?;

@@ -23,6 +23,8 @@ use std::collections::VecDeque;
 
 use retouch_models::unet::UnitTimes;
 
+use super::balancer::least_squares;
+
 /// A plan and what it predicts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -138,30 +140,24 @@ impl UnitCosts {
 }
 
 /// Each unit's predicted seconds at `size`, from the least-squares line through the window's
-/// (size, seconds) points; through the origin where the sizes do not spread (one size seen),
-/// and never below zero.
+/// (size, seconds) points ([`least_squares`]; a falling line is taken flat, at the mean);
+/// through the origin where the sizes do not spread (one size seen); never below zero.
 fn fit_units(window: &VecDeque<UnitTimes>, size: f64) -> Option<Vec<f64>> {
     let units = window.front()?.seconds.len();
     let n = window.len() as f64;
     let mean_x = window.iter().map(|t| t.size as f64).sum::<f64>() / n;
-    let sxx: f64 = window
-        .iter()
-        .map(|t| (t.size as f64 - mean_x).powi(2))
-        .sum();
     Some(
         (0..units)
             .map(|u| {
-                let mean_y = window.iter().map(|t| t.seconds[u]).sum::<f64>() / n;
-                let y = if sxx > 1e-9 * mean_x.max(1.0).powi(2) {
-                    let sxy: f64 = window
-                        .iter()
-                        .map(|t| (t.size as f64 - mean_x) * (t.seconds[u] - mean_y))
-                        .sum();
-                    let slope = (sxy / sxx).max(0.0);
-                    let fixed = (mean_y - slope * mean_x).max(0.0);
-                    fixed + slope * size
-                } else {
-                    mean_y / mean_x.max(1e-12) * size
+                let points: Vec<(f64, f64)> = window
+                    .iter()
+                    .map(|t| (t.size as f64, t.seconds[u]))
+                    .collect();
+                let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+                let y = match least_squares(&points) {
+                    Some(line) if line.slope >= 0.0 => line.intercept.max(0.0) + line.slope * size,
+                    Some(_) => mean_y,
+                    None => mean_y / mean_x.max(1e-12) * size,
                 };
                 y.max(0.0)
             })

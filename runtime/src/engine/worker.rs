@@ -227,7 +227,6 @@ impl Worker {
         load: Arc<WorkerLoad>,
         progress: Arc<ProgressBook>,
     ) -> Result<Worker, String> {
-        let settings_bandwidth = settings.load_bytes_per_s;
         let pool = match settings.threads {
             Some(n) => Some(
                 rayon::ThreadPoolBuilder::new()
@@ -239,6 +238,7 @@ impl Worker {
             None => None,
         };
         Ok(Worker {
+            load_bytes_per_s: settings.load_bytes_per_s,
             settings,
             pipe,
             pool,
@@ -249,7 +249,6 @@ impl Worker {
             step_pending: false,
             trace: WorkerTrace::default(),
             unit_costs: UnitCosts::default(),
-            load_bytes_per_s: settings_bandwidth,
         })
     }
 
@@ -384,28 +383,23 @@ impl Worker {
         let reads: Mutex<Vec<(u64, f64)>> = Mutex::new(Vec::new());
         let fused = std::thread::scope(|scope| {
             // Each request's job (stepped) apart from its window and id (read by loaders).
-            let mut parts: Vec<(
-                &mut DenoiseJob<'static>,
-                Option<&StepWindow>,
-                RequestId,
-                bool,
-            )> = live
+            let mut parts: Vec<(&mut DenoiseJob<'static>, Option<&StepWindow>, RequestId)> = live
                 .iter_mut()
-                .map(|r| (&mut r.job, r.cache.as_ref(), r.id, r.failure.is_none()))
+                .map(|r| (&mut r.job, r.cache.as_ref(), r.id))
                 .collect();
             let mut given: Vec<Option<StepCacheSource<'_>>> = Vec::with_capacity(parts.len());
             for (((part, source), stream), read_end) in
                 parts.iter().zip(&sources).zip(&streams).zip(&read_ends)
             {
-                let &(_, window, id, ok) = part;
+                let &(_, window, id) = part;
                 given.push(match source {
                     Source::Ready(cache) => Some(StepCacheSource::Ready(cache)),
                     // A plan that recomputes every unit reads nothing.
-                    Source::Disk(_) if ok && first == end => Some(StepCacheSource::Streaming {
+                    Source::Disk(_) if first == end => Some(StepCacheSource::Streaming {
                         step: stream,
                         dtype,
                     }),
-                    Source::Disk(step) if ok => {
+                    Source::Disk(step) => {
                         let step = *step;
                         let (trace, reads) = (&self.trace, &reads);
                         scope.spawn(move || {
@@ -552,6 +546,9 @@ impl Worker {
     /// Folds this step's measurements in: the UNet's unit times, and the bandwidth of the
     /// partial reads (`(bytes, seconds)` each) a plan made.
     fn learn_costs(&mut self, reads: &[(u64, f64)], plan: Option<&MissPlan>) {
+        if !self.settings.recompute_plan {
+            return;
+        }
         if let Some(times) = self.pipe.unet.take_unit_times() {
             self.unit_costs.observe(&times);
         }
@@ -564,6 +561,10 @@ impl Worker {
     /// Folds reads that ran together (`(bytes, seconds)` each: their bytes moved in the
     /// longest one's time) into the load bandwidth.
     fn observe_reads(&mut self, reads: &[(u64, f64)]) {
+        // Without the plan nothing reads the costs: keep them off the step's path.
+        if !self.settings.recompute_plan {
+            return;
+        }
         let bytes: u64 = reads.iter().map(|r| r.0).sum();
         let secs = reads.iter().map(|r| r.1).fold(0.0, f64::max);
         if bytes > 0 && secs > 0.0 {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use retouch_models::nn::exec::StepCache;
+use retouch_models::nn::exec::{StepCache, StreamingStep};
 use retouch_models::pipeline::Template;
 
 use super::shared::{Shared, TemplateCache, lock};
@@ -60,10 +60,37 @@ pub(super) fn spawn(
     Ok(())
 }
 
-/// Reads one step file (its entries from `first` on); a panic in the reader becomes an error.
-pub(super) fn read_step(dir: &Path, step: usize, first: usize) -> Result<StepCache, String> {
-    match catch_unwind(|| Template::load_step_cache_from(dir, step, first)) {
-        Ok(Ok(cache)) => Ok(cache),
+/// Reads one step file; a panic in the reader becomes an error.
+pub(super) fn read_step(dir: &Path, step: usize) -> Result<StepCache, String> {
+    unwound(dir, step, || Template::load_step_cache(dir, step))
+}
+
+/// Reads one step file's entries from `first` on into `stream` as each is read; the bytes
+/// read, or the reason it stopped (a panic included).
+pub(super) fn stream_step(
+    dir: &Path,
+    step: usize,
+    first: usize,
+    stream: &StreamingStep,
+) -> Result<u64, String> {
+    let mut bytes = 0u64;
+    unwound(dir, step, || {
+        Template::stream_step_cache(dir, step, first, &mut |index, entry| {
+            bytes += entry.size_in_bytes() as u64;
+            stream.deliver(index, Ok(entry));
+        })
+    })?;
+    Ok(bytes)
+}
+
+/// A reader of step file `step`, its error or panic as a message.
+fn unwound<T>(
+    dir: &Path,
+    step: usize,
+    read: impl FnOnce() -> retouch_models::Result<T>,
+) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(read)) {
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(
             "{}: the reader panicked",

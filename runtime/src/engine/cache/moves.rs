@@ -2,6 +2,7 @@
 //! step toward a worker ahead of need, and the disk reads both share.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -84,58 +85,16 @@ impl Shared {
         stream: &StreamingStep,
     ) -> Result<u64, String> {
         metrics::counter!(telemetry::CACHE_MISSES).increment(1);
-        let Some(dir) = &template.dir else {
-            let e = format!(
-                "template {}: step {step}'s activation cache is not on disk",
-                template.id
-            );
-            stream.fail_rest(&e);
-            return Err(e);
-        };
-        let started = Instant::now();
-        let mut bytes = 0u64;
-        let read = catch_unwind(AssertUnwindSafe(|| {
-            Template::stream_step_cache(dir, step, first, &mut |index, entry| {
-                bytes += entry.size_in_bytes() as u64;
-                stream.deliver(index, Ok(entry));
-            })
-        }));
-        let ended = Instant::now();
-        metrics::histogram!(telemetry::CACHE_LOAD_SECONDS).record((ended - started).as_secs_f64());
-        let result = match read {
-            Ok(Ok(())) => Ok(bytes),
-            Ok(Err(e)) => Err(format!(
-                "template {}, step {step}: loading its activation cache: {}: {e}",
-                template.id,
-                Template::step_cache_path(dir, step).display()
-            )),
-            Err(_) => Err(format!(
-                "template {}, step {step}: loading its activation cache panicked",
-                template.id
-            )),
-        };
+        let read = |dir: &Path| loader::stream_step(dir, step, first, stream);
+        let result = self.timed_read(template, step, true, read, |&bytes| bytes);
+        // Entries the file lacked (or a failed read left) would keep the forward waiting.
         match &result {
-            Err(e) => {
-                metrics::counter!(telemetry::CACHE_LOAD_ERRORS).increment(1);
-                stream.fail_rest(e);
-            }
-            // Entries the file lacks would leave the forward waiting: they fail instead.
+            Err(e) => stream.fail_rest(e),
             Ok(_) => stream.fail_rest(&format!(
                 "template {}, step {step}: the step's file ended before entry {}",
                 template.id,
                 stream.end()
             )),
-        }
-        if let Some(observe) = self.observer.get() {
-            observe(&loader::LoadEvent {
-                template: Arc::clone(&template.id),
-                step,
-                bytes: *result.as_ref().unwrap_or(&0),
-                demand: true,
-                started,
-                ended,
-                error: result.as_ref().err().cloned(),
-            });
         }
         result
     }
@@ -225,7 +184,10 @@ impl Shared {
         step: usize,
         demand: bool,
     ) -> Result<StepCache, String> {
-        let result = self.read_entries(template, step, 0, demand);
+        let read = |dir: &Path| loader::read_step(dir, step);
+        let result = self.timed_read(template, step, demand, read, |c: &StepCache| {
+            c.size_in_bytes() as u64
+        });
         if let Ok(cache) = &result
             && let Some(mut entry) = self.index.get_mut(&template.key(step))
         {
@@ -234,15 +196,17 @@ impl Shared {
         result
     }
 
-    /// Reads a step file's entries from `first` on, recording the load's time and telling
-    /// the observer.
-    fn read_entries(
+    /// Runs `read` on the template's saved folder, recording the read's time, telling the
+    /// observer (with `bytes` of what it read) and counting a failure, whose message names
+    /// the template and step.
+    fn timed_read<T>(
         &self,
         template: &TemplateCache,
         step: usize,
-        first: usize,
         demand: bool,
-    ) -> Result<StepCache, String> {
+        read: impl FnOnce(&Path) -> Result<T, String>,
+        bytes: impl Fn(&T) -> u64,
+    ) -> Result<T, String> {
         let Some(dir) = &template.dir else {
             return Err(format!(
                 "template {}: step {step}'s activation cache is neither in memory nor on disk",
@@ -250,30 +214,26 @@ impl Shared {
             ));
         };
         let started = Instant::now();
-        let result = loader::read_step(dir, step, first);
+        let result = read(dir);
         let ended = Instant::now();
         metrics::histogram!(telemetry::CACHE_LOAD_SECONDS).record((ended - started).as_secs_f64());
-        let bytes = result.as_ref().map_or(0, |c| c.size_in_bytes() as u64);
         if let Some(observe) = self.observer.get() {
             observe(&loader::LoadEvent {
                 template: Arc::clone(&template.id),
                 step,
-                bytes,
+                bytes: result.as_ref().map_or(0, &bytes),
                 demand,
                 started,
                 ended,
                 error: result.as_ref().err().cloned(),
             });
         }
-        match result {
-            Ok(cache) => Ok(cache),
-            Err(e) => {
-                metrics::counter!(telemetry::CACHE_LOAD_ERRORS).increment(1);
-                Err(format!(
-                    "template {}, step {step}: loading its activation cache: {e}",
-                    template.id
-                ))
-            }
-        }
+        result.map_err(|e| {
+            metrics::counter!(telemetry::CACHE_LOAD_ERRORS).increment(1);
+            format!(
+                "template {}, step {step}: loading its activation cache: {e}",
+                template.id
+            )
+        })
     }
 }
