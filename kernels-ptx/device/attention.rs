@@ -297,17 +297,199 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
     scale: f32,
     causal: u32,
 ) {
+    let (b, h) = (block_y() / heads, block_y() % heads);
+    let c = (heads * d) as usize;
+    let head = (h * d) as usize;
+    let source = DenseHead {
+        q: unsafe { q.add(b as usize * lq as usize * c + head) },
+        k: unsafe { k.add(b as usize * lk as usize * c + head) },
+        v: unsafe { v.add(b as usize * lk as usize * c + head) },
+        out: unsafe { out.add(b as usize * lq as usize * c + head) },
+        lq,
+        lk,
+        c,
+    };
+    unsafe { flash_block(&source, block() * FLASH_Q, d, scale, causal) };
+}
+
+/// Attention over a ragged batch, tiled as [`attention_flash_f32`]. The rows of
+/// `q = [rows, c]` are the segments' queries stacked; segment `s` is described by
+/// `segs[5 s..5 s + 5] = (q_start, q_len, key_start, key_len, map_start)` and owns query rows
+/// `q_start .. q_start + q_len` (also its output rows).
+///
+/// - Without a cache (`has_cache == 0`), key `j` of segment `s` is row `key_start + j` of `k`
+///   and `v` (cross-attention, each segment to its own text).
+/// - With one, key `j` is grid position `j` of the segment's template: the fresh row
+///   `key_start + row_of[map_start + j]` of `k`, `v` when that position is active, else row
+///   `j` of the f16 maps at `cached_k[s]`, `cached_v[s]` (device addresses), widened as read.
+///   Masked self-attention thus reads the template's keys in place: no widened copy, no
+///   scatter, one launch for every segment.
+///
+/// Block `x` takes the 64 query rows from `tiles[2 x + 1]` of segment `tiles[2 x]`, block
+/// `y` is the head. Launch: grid `(tiles, heads)`, block 128, shared memory as
+/// [`attention_flash_f32`].
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn attention_masked_flash_f32(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    cached_k: *const u64,
+    cached_v: *const u64,
+    row_of: *const u32,
+    tiles: *const u32,
+    segs: *const u32,
+    out: *mut f32,
+    heads: u32,
+    d: u32,
+    scale: f32,
+    has_cache: u32,
+) {
+    let tile = block() as usize;
+    let (s, q0) = unsafe { (*tiles.add(2 * tile), *tiles.add(2 * tile + 1)) };
+    let seg = unsafe { segs.add(5 * s as usize) };
+    let (q_start, lq, key_start, key_len, map_start) =
+        unsafe { (*seg, *seg.add(1), *seg.add(2), *seg.add(3), *seg.add(4)) };
+    let c = (heads * d) as usize;
+    let head = (block_y() * d) as usize;
+    let source = MaskedHead {
+        q: unsafe { q.add(q_start as usize * c + head) },
+        k: unsafe { k.add(key_start as usize * c + head) },
+        v: unsafe { v.add(key_start as usize * c + head) },
+        cached_k: unsafe { segment_map(cached_k, has_cache, s, head) },
+        cached_v: unsafe { segment_map(cached_v, has_cache, s, head) },
+        row_of: unsafe { row_of.add(map_start as usize) },
+        has_cache: has_cache != 0,
+        out: unsafe { out.add(q_start as usize * c + head) },
+        lq,
+        lk: key_len,
+        c,
+    };
+    unsafe { flash_block(&source, q0, d, scale, 0) };
+}
+
+/// Segment `s`'s f16 map from an address table, at column `head`; null without a cache.
+#[inline(always)]
+unsafe fn segment_map(table: *const u64, has_cache: u32, s: u32, head: usize) -> *const f16 {
+    if has_cache != 0 {
+        unsafe { (*table.add(s as usize) as *const f16).add(head) }
+    } else {
+        0usize as *const f16
+    }
+}
+
+/// Where one block of [`flash_block`] reads its queries, keys and values and writes its
+/// outputs: the rows of one sequence and head, columns counted from the head's first one.
+trait FlashSource {
+    /// Query rows and keys of the sequence.
+    fn lq(&self) -> u32;
+    fn lk(&self) -> u32;
+    /// Element `t` of query row `row`; `row < lq`.
+    unsafe fn query(&self, row: u32, t: u32) -> f32;
+    /// Element `t` of key `key` and of its value; `key < lk`.
+    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32);
+    /// The head's first output element of row `row`.
+    unsafe fn out_row(&self, row: u32) -> *mut f32;
+}
+
+/// One (batch, head) of dense `[batch, len, c]` tensors, pointers at the head's first column.
+struct DenseHead {
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    lq: u32,
+    lk: u32,
+    c: usize,
+}
+
+impl FlashSource for DenseHead {
+    #[inline(always)]
+    fn lq(&self) -> u32 {
+        self.lq
+    }
+    #[inline(always)]
+    fn lk(&self) -> u32 {
+        self.lk
+    }
+    #[inline(always)]
+    unsafe fn query(&self, row: u32, t: u32) -> f32 {
+        unsafe { *self.q.add(row as usize * self.c + t as usize) }
+    }
+    #[inline(always)]
+    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32) {
+        let at = key as usize * self.c + t as usize;
+        unsafe { (*self.k.add(at), *self.v.add(at)) }
+    }
+    #[inline(always)]
+    unsafe fn out_row(&self, row: u32) -> *mut f32 {
+        unsafe { self.out.add(row as usize * self.c) }
+    }
+}
+
+/// One segment and head of [`attention_masked_flash_f32`], pointers at the head's first
+/// column: `q`, `out` at the segment's first query row, `k`, `v` at its first fresh key row,
+/// `row_of` at its grid's map when `has_cache`.
+struct MaskedHead {
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    cached_k: *const f16,
+    cached_v: *const f16,
+    row_of: *const u32,
+    has_cache: bool,
+    out: *mut f32,
+    lq: u32,
+    lk: u32,
+    c: usize,
+}
+
+/// `row_of` of an inactive position (the CPU's `tokens::NOT_ACTIVE`).
+const NOT_ACTIVE: u32 = 0xffff_ffff;
+
+impl FlashSource for MaskedHead {
+    #[inline(always)]
+    fn lq(&self) -> u32 {
+        self.lq
+    }
+    #[inline(always)]
+    fn lk(&self) -> u32 {
+        self.lk
+    }
+    #[inline(always)]
+    unsafe fn query(&self, row: u32, t: u32) -> f32 {
+        unsafe { *self.q.add(row as usize * self.c + t as usize) }
+    }
+    #[inline(always)]
+    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32) {
+        let fresh_row = if self.has_cache {
+            unsafe { *self.row_of.add(key as usize) }
+        } else {
+            key
+        };
+        if fresh_row != NOT_ACTIVE {
+            let at = fresh_row as usize * self.c + t as usize;
+            unsafe { (*self.k.add(at), *self.v.add(at)) }
+        } else {
+            let at = key as usize * self.c + t as usize;
+            unsafe { ((*self.cached_k.add(at)) as f32, (*self.cached_v.add(at)) as f32) }
+        }
+    }
+    #[inline(always)]
+    unsafe fn out_row(&self, row: u32) -> *mut f32 {
+        unsafe { self.out.add(row as usize * self.c) }
+    }
+}
+
+/// The body of the flash kernels: query rows `q0..q0 + 64` of one sequence and head, against
+/// all its keys (or, when `causal`, those up to each row).
+#[inline(always)]
+unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, causal: u32) {
     let tid = thread();
     let lane = tid & 31;
     let (tq, tk) = (tid >> 3, tid & 7);
     let group = lane - tk;
-    let q0 = block() * FLASH_Q;
-    let (b, h) = (block_y() / heads, block_y() % heads);
-    let c = (heads * d) as usize;
-    let head = (h * d) as usize;
-    let q_base = unsafe { q.add(b as usize * lq as usize * c + head) };
-    let k_base = unsafe { k.add(b as usize * lk as usize * c + head) };
-    let v_base = unsafe { v.add(b as usize * lk as usize * c + head) };
+    let (lq, lk) = (src.lq(), src.lk());
     let qs = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut f32;
     let ks = unsafe { qs.add((d * FLASH_Q) as usize) };
     let vs = unsafe { ks.add((d * KT_LD) as usize) };
@@ -319,7 +501,7 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
         let row = q0 + r;
         unsafe {
             *qs.add((t * FLASH_Q + r) as usize) = if row < lq {
-                *q_base.add(row as usize * c + t as usize) * scale
+                src.query(row, t) * scale
             } else {
                 0.0
             };
@@ -341,8 +523,7 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
             let (r, t) = (e / d, e % d);
             let key = kb + r;
             let (kv, vv) = if key < lk {
-                let at = key as usize * c + t as usize;
-                unsafe { (*k_base.add(at), *v_base.add(at)) }
+                unsafe { src.key_value(key, t) }
             } else {
                 (0.0, 0.0)
             };
@@ -432,7 +613,7 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
         let row = q0 + 4 * tq + i as u32;
         if row < lq {
             let inv = 1.0 / l[i];
-            let out_row = unsafe { out.add(b as usize * lq as usize * c + row as usize * c + head) };
+            let out_row = unsafe { src.out_row(row) };
             unroll!(u in [0, 1, 2] {
                 let col = 32 * u as u32 + 4 * tk;
                 if col < d {

@@ -12,6 +12,7 @@
 //! f16 cached maps). [`selftest`] checks each against the CPU implementation and times the
 //! GEMM-shaped kernels.
 
+mod attention;
 mod gemm;
 mod ops;
 mod ptx;
@@ -25,8 +26,9 @@ use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
+pub use attention::{AttentionKernel, CudaAttentionSegment};
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
-pub use ops::{AttentionKernel, CudaBlendedSegment};
+pub use ops::CudaBlendedSegment;
 pub use ptx::{KERNELS, ptx_for};
 pub use tensor::{CudaTensor, GpuElement};
 

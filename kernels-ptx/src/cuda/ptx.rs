@@ -36,6 +36,7 @@ pub const KERNELS: &[&str] = &[
     "attention_rows_f32",
     "attention_tiles_f32",
     "attention_flash_f32",
+    "attention_masked_flash_f32",
     "sgemm_f32",
     "sgemm_tf32",
     "splitk_reduce_f32",

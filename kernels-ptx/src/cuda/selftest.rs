@@ -10,11 +10,12 @@
 use half::f16;
 
 use super::{
-    AttentionKernel, CudaBlendedSegment, CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment,
-    CudaTensor, GpuElement,
+    AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
+    CudaMaskedConvSegment, CudaTensor, GpuElement,
 };
 use crate::{
-    Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, Result, Tensor, TokenSet,
+    AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, RaggedSegment,
+    Result, Tensor, TokenSet,
 };
 
 /// One op at one size.
@@ -438,6 +439,111 @@ impl Runner<'_> {
                     .attention_with(kernel, &gq, &gk, &gv, heads, causal)?;
                 self.record(op, size.clone(), &got, &want, 1e-4)?;
             }
+        }
+        self.masked_attention()?;
+        self.ragged_attention()
+    }
+
+    /// Masked self-attention over a ragged batch against the CPU's (which reads the same f16
+    /// cache): segments with 1 to all of their positions active, SD's head widths 40 and 64,
+    /// the tiny model's 32, and 160 (the per-segment path).
+    fn masked_attention(&mut self) -> Result<()> {
+        let cases: [(usize, usize, usize, usize, &[u64]); 5] = [
+            (7, 9, 80, 2, &[30, 1, 100]),
+            (64, 64, 320, 8, &[20, 3]),
+            (16, 16, 128, 2, &[50]),
+            (16, 16, 32, 1, &[11, 40]),
+            (5, 13, 160, 1, &[30, 60]),
+        ];
+        for (h, w, c, heads, percents) in cases {
+            let mut tokens = Vec::new();
+            let mut cached = Vec::new();
+            for (i, &percent) in percents.iter().enumerate() {
+                let positions = some_positions(h * w, percent, 31 * i as u64 + c as u64);
+                tokens.push(TokenSet::from_positions(h, w, positions)?);
+                let k = self.randn(&[h * w, c]).to_dtype(DType::F16)?;
+                let v = self.randn(&[h * w, c]).to_dtype(DType::F16)?;
+                cached.push((k, v));
+            }
+            let rows: usize = tokens.iter().map(TokenSet::len).sum();
+            let (q, k, v) = (
+                self.randn(&[rows, c]),
+                self.randn(&[rows, c]),
+                self.randn(&[rows, c]),
+            );
+            let mut at = 0;
+            let ranges: Vec<_> = tokens
+                .iter()
+                .map(|t| {
+                    at += t.len();
+                    at - t.len()..at
+                })
+                .collect();
+            let cpu_segments: Vec<AttentionSegment<'_>> = (0..tokens.len())
+                .map(|i| AttentionSegment {
+                    rows: ranges[i].clone(),
+                    tokens: &tokens[i],
+                    cached_k: &cached[i].0,
+                    cached_v: &cached[i].1,
+                })
+                .collect();
+            let want = Tensor::masked_attention(&q, &k, &v, &cpu_segments, heads)?;
+            let gpu_cached = cached
+                .iter()
+                .map(|(k, v)| {
+                    Ok((
+                        CudaTensor::<f16>::upload(self.dev, k)?,
+                        CudaTensor::<f16>::upload(self.dev, v)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let gpu_segments: Vec<CudaAttentionSegment<'_>> = (0..tokens.len())
+                .map(|i| CudaAttentionSegment {
+                    rows: ranges[i].clone(),
+                    tokens: &tokens[i],
+                    cached_k: &gpu_cached[i].0,
+                    cached_v: &gpu_cached[i].1,
+                })
+                .collect();
+            let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
+            let got = self
+                .dev
+                .masked_attention(&gq, &gk, &gv, &gpu_segments, heads)?;
+            let size = format!("{} seg {h}x{w}x{c} h{heads}, {rows} rows", percents.len());
+            self.record("masked_attention", size, &got, &want, 1e-4)?;
+        }
+        Ok(())
+    }
+
+    /// Ragged cross-attention (each segment's queries to its own keys) against the CPU's.
+    fn ragged_attention(&mut self) -> Result<()> {
+        let cases: [(usize, usize, usize, &[usize]); 3] = [
+            (320, 8, 77, &[130, 1, 64]),
+            (64, 2, 7, &[65]),
+            (160, 1, 77, &[33, 5]),
+        ];
+        for (c, heads, tokens, counts) in cases {
+            let rows: usize = counts.iter().sum();
+            let q = self.randn(&[rows, c]);
+            let k = self.randn(&[counts.len() * tokens, c]);
+            let v = self.randn(&[counts.len() * tokens, c]);
+            let mut at = 0;
+            let segments: Vec<RaggedSegment> = counts
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| {
+                    at += n;
+                    RaggedSegment {
+                        queries: at - n..at,
+                        keys: s * tokens..(s + 1) * tokens,
+                    }
+                })
+                .collect();
+            let want = Tensor::ragged_attention(&q, &k, &v, &segments, heads)?;
+            let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
+            let got = self.dev.ragged_attention(&gq, &gk, &gv, &segments, heads)?;
+            let size = format!("{} seg x{tokens} keys, {rows}x{c} h{heads}", counts.len());
+            self.record("ragged_attention", size, &got, &want, 1e-4)?;
         }
         Ok(())
     }
@@ -878,6 +984,61 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         ms,
         gflops: 2.0 * (outputs.len() * 9 * c * c) as f64 / ms / 1e6,
     });
+    out.extend(masked_attention_timings(dev)?);
+    Ok(out)
+}
+
+/// SD1.5's masked self-attention at a 64x64 latent, 20% of the positions active, CFG's two
+/// segments: the fused kernel against the per-segment path it replaced (widen the f16 cache,
+/// scatter the fresh rows, dense flash attention, per segment).
+fn masked_attention_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
+    let (h, w, c, heads) = (64, 64, 320, 8);
+    let tokens = TokenSet::from_positions(h, w, some_positions(h * w, 20, 3))?;
+    let n = tokens.len();
+    let randn =
+        |shape: &[usize], seed| CudaTensor::upload(dev, &Tensor::randn(shape, seed, Device::Cpu));
+    let half = |seed| {
+        CudaTensor::<f16>::upload(
+            dev,
+            &Tensor::randn(&[h * w, c], seed, Device::Cpu).to_dtype(DType::F16)?,
+        )
+    };
+    let (q, k, v) = (
+        randn(&[2 * n, c], 15)?,
+        randn(&[2 * n, c], 16)?,
+        randn(&[2 * n, c], 17)?,
+    );
+    let cached = [(half(18)?, half(19)?), (half(20)?, half(21)?)];
+    let segments: Vec<CudaAttentionSegment<'_>> = (0..2)
+        .map(|i| CudaAttentionSegment {
+            rows: i * n..(i + 1) * n,
+            tokens: &tokens,
+            cached_k: &cached[i].0,
+            cached_v: &cached[i].1,
+        })
+        .collect();
+    let size = format!("2 seg 64x64x320 h8, {n} rows each");
+    let flops = 4.0 * (2 * n * h * w * c) as f64;
+    let mut out = Vec::new();
+    for (op, per_segment) in [
+        ("masked self-attn fused", false),
+        ("masked self-attn per segment", true),
+    ] {
+        let ms = time_ms(dev, || {
+            let attended = if per_segment {
+                dev.masked_attention_per_segment(&q, &k, &v, &segments, heads)
+            } else {
+                dev.masked_attention(&q, &k, &v, &segments, heads)
+            };
+            attended.map(|_| ())
+        })?;
+        out.push(Timing {
+            op,
+            size: size.clone(),
+            ms,
+            gflops: flops / ms / 1e6,
+        });
+    }
     Ok(out)
 }
 

@@ -8,7 +8,7 @@ use crate::error::{invalid, shape_err};
 use crate::tensor::CpuStorage;
 use crate::{FloatElement, Result, Tensor, TokenSet};
 
-fn heads_of(op: &'static str, channels: usize, heads: usize) -> Result<Heads> {
+pub(crate) fn heads_of(op: &'static str, channels: usize, heads: usize) -> Result<Heads> {
     if heads == 0 || !channels.is_multiple_of(heads) {
         return invalid(
             op,
@@ -21,6 +21,78 @@ fn heads_of(op: &'static str, channels: usize, heads: usize) -> Result<Heads> {
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
     })
+}
+
+/// Checks a ragged batch's segments over `rows` query rows and `key_rows` key rows: query
+/// ranges ascending and disjoint, key ranges inside, none empty where it has queries.
+pub(crate) fn check_ragged_segments(
+    op: &'static str,
+    rows: usize,
+    key_rows: usize,
+    segments: &[RaggedSegment],
+) -> Result<()> {
+    let mut previous_end = 0;
+    for (i, s) in segments.iter().enumerate() {
+        let (qs, ks) = (&s.queries, &s.keys);
+        if qs.start < previous_end || qs.start > qs.end || qs.end > rows {
+            return invalid(
+                op,
+                format!("segment {i}: query rows {qs:?} overlap or exceed {rows}"),
+            );
+        }
+        previous_end = qs.end;
+        if ks.start > ks.end || ks.end > key_rows || (ks.is_empty() && !qs.is_empty()) {
+            return invalid(
+                op,
+                format!("segment {i}: key rows {ks:?} are empty or exceed {key_rows}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks segment `i` of a masked-attention batch of `rows` query rows of `c` channels, the
+/// previous segment ending at `previous_end`: its rows follow and fit, one per active
+/// token, and its cached keys and values (`cached` shapes) hold `[grid_len, c]` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_masked_segment(
+    op: &'static str,
+    i: usize,
+    seg_rows: &Range<usize>,
+    previous_end: usize,
+    rows: usize,
+    tokens: &TokenSet,
+    cached: (&[usize], &[usize]),
+    c: usize,
+) -> Result<()> {
+    if seg_rows.start < previous_end || seg_rows.end > rows || seg_rows.start > seg_rows.end {
+        return invalid(
+            op,
+            format!("segment {i}: rows {seg_rows:?} overlap or exceed {rows}"),
+        );
+    }
+    if seg_rows.len() != tokens.len() {
+        return invalid(
+            op,
+            format!(
+                "segment {i}: {} rows for {} active tokens",
+                seg_rows.len(),
+                tokens.len()
+            ),
+        );
+    }
+    let want = [tokens.grid_len(), c];
+    let count = |shape: &[usize]| shape.iter().product::<usize>();
+    if count(cached.0) != want[0] * c || count(cached.1) != want[0] * c {
+        return shape_err(
+            op,
+            format!(
+                "segment {i}: cached k {:?} / v {:?}, expected {want:?}",
+                cached.0, cached.1
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// One request of a masked-attention batch.
@@ -115,25 +187,8 @@ impl Tensor {
                 ),
             );
         }
-        let key_rows = k.shape()[0];
         let h = heads_of(OP, c, heads)?;
-        let mut previous_end = 0;
-        for (i, s) in segments.iter().enumerate() {
-            let (qs, ks) = (&s.queries, &s.keys);
-            if qs.start < previous_end || qs.start > qs.end || qs.end > rows {
-                return invalid(
-                    OP,
-                    format!("segment {i}: query rows {qs:?} overlap or exceed {rows}"),
-                );
-            }
-            previous_end = qs.end;
-            if ks.start > ks.end || ks.end > key_rows || (ks.is_empty() && !qs.is_empty()) {
-                return invalid(
-                    OP,
-                    format!("segment {i}: key rows {ks:?} are empty or exceed {key_rows}"),
-                );
-            }
-        }
+        check_ragged_segments(OP, rows, k.shape()[0], segments)?;
         let sequences: Vec<Sequence> = segments
             .iter()
             .map(|s| Sequence {
@@ -184,34 +239,9 @@ impl Tensor {
         let mut previous_end = 0;
         let dtype = segments.first().map(|s| s.cached_k.dtype());
         for (i, s) in segments.iter().enumerate() {
-            if s.rows.start < previous_end || s.rows.end > rows || s.rows.start > s.rows.end {
-                return invalid(
-                    OP,
-                    format!("segment {i}: rows {:?} overlap or exceed {rows}", s.rows),
-                );
-            }
+            let cached = (s.cached_k.shape(), s.cached_v.shape());
+            check_masked_segment(OP, i, &s.rows, previous_end, rows, s.tokens, cached, c)?;
             previous_end = s.rows.end;
-            if s.rows.len() != s.tokens.len() {
-                return invalid(
-                    OP,
-                    format!(
-                        "segment {i}: {} rows for {} active tokens",
-                        s.rows.len(),
-                        s.tokens.len()
-                    ),
-                );
-            }
-            let want = [s.tokens.grid_len(), c];
-            if s.cached_k.elem_count() != want[0] * c || s.cached_v.elem_count() != want[0] * c {
-                return shape_err(
-                    OP,
-                    format!(
-                        "segment {i}: cached k {:?} / v {:?}, expected {want:?}",
-                        s.cached_k.shape(),
-                        s.cached_v.shape()
-                    ),
-                );
-            }
             if Some(s.cached_k.dtype()) != dtype || Some(s.cached_v.dtype()) != dtype {
                 return invalid(OP, "all cached keys and values must share one dtype");
             }

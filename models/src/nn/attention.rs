@@ -1,4 +1,4 @@
-use retouch_kernels::cuda::{CudaDevice, CudaTensor};
+use retouch_kernels::cuda::{CudaAttentionSegment, CudaDevice, CudaTensor};
 use retouch_kernels::{AttentionSegment, RaggedSegment, Tensor};
 
 use super::exec::{CacheEntry, Exec, per_batch_rows};
@@ -84,9 +84,8 @@ impl Attention {
     }
 
     /// Masked self-attention on the device: `x = [rows, c]`, the segments' active rows.
-    /// Each segment's queries attend to its template's cached keys and values with its
-    /// active positions replaced by the fresh ones (a full `[grid, c]` key map per segment,
-    /// widened from f16, then dense attention).
+    /// Each segment's queries attend to its template's cached keys and values (f16, read in
+    /// place) with its active positions' rows replaced by the fresh ones.
     pub fn forward_self_gpu_masked(
         &self,
         dev: &CudaDevice,
@@ -97,22 +96,23 @@ impl Attention {
         let k = self.to_k.forward_gpu(dev, x)?;
         let v = self.to_v.forward_gpu(dev, x)?;
         let kv = m.key_values()?;
-        let rows = m.host().rows()?;
         let tokens = m.host().tokens()?;
-        let (qs, ks, vs) = (
-            q.split_rows(dev, &rows)?,
-            k.split_rows(dev, &rows)?,
-            v.split_rows(dev, &rows)?,
-        );
-        let mut keys_values = Vec::with_capacity(rows.len());
-        for (((ck, cv), t), (k_i, v_i)) in kv.iter().zip(tokens).zip(ks.iter().zip(&vs)) {
-            let mut k_full = dev.f16_to_f32(ck)?;
-            let mut v_full = dev.f16_to_f32(cv)?;
-            dev.scatter_rows(&mut k_full, t.positions(), k_i)?;
-            dev.scatter_rows(&mut v_full, t.positions(), v_i)?;
-            keys_values.push((k_full, v_full));
-        }
-        self.attend_per_segment(dev, qs, keys_values)
+        let mut at = 0;
+        let segments: Vec<CudaAttentionSegment<'_>> = kv
+            .iter()
+            .zip(tokens)
+            .map(|((cached_k, cached_v), tokens)| {
+                at += tokens.len();
+                CudaAttentionSegment {
+                    rows: at - tokens.len()..at,
+                    tokens,
+                    cached_k,
+                    cached_v,
+                }
+            })
+            .collect();
+        let attended = dev.masked_attention(&q, &k, &v, &segments, self.heads)?;
+        self.to_out.forward_gpu(dev, &attended)
     }
 
     /// Masked cross-attention on the device: each segment's rows of `x = [rows, c]` attend
@@ -125,7 +125,7 @@ impl Attention {
         m: &GpuMasked<'_>,
     ) -> Result<CudaTensor> {
         let rows = m.host().rows()?;
-        let segments = context.shape()[0];
+        let (segments, tokens) = (context.shape()[0], context.shape()[1]);
         if rows.len() != segments {
             return Err(Error::Invalid(format!(
                 "{segments} text contexts for {} segments",
@@ -133,39 +133,14 @@ impl Attention {
             )));
         }
         let q = self.to_q.forward_gpu(dev, x)?;
-        let k = self.to_k.forward_gpu(dev, context)?;
-        let v = self.to_v.forward_gpu(dev, context)?;
-        let ones = vec![1; segments];
-        let (qs, ks, vs) = (
-            q.split_rows(dev, &rows)?,
-            k.split_rows(dev, &ones)?,
-            v.split_rows(dev, &ones)?,
-        );
-        self.attend_per_segment(dev, qs, ks.into_iter().zip(vs).collect())
-    }
-
-    /// Each segment's queries `[n, c]` against its own keys and values (`len * c` values
-    /// each), the results stacked in segment order, then the output projection.
-    fn attend_per_segment(
-        &self,
-        dev: &CudaDevice,
-        queries: Vec<CudaTensor>,
-        keys_values: Vec<(CudaTensor, CudaTensor)>,
-    ) -> Result<CudaTensor> {
-        let mut outs = Vec::with_capacity(queries.len());
-        for (q, (k, v)) in queries.into_iter().zip(keys_values) {
-            let (n, c) = (q.shape()[0], q.shape()[1]);
-            let len = k.elem_count() / c.max(1);
-            let attended = dev.attention(
-                &q.reshape(&[1, n, c])?,
-                &k.reshape(&[1, len, c])?,
-                &v.reshape(&[1, len, c])?,
-                self.heads,
-                false,
-            )?;
-            outs.push(attended.reshape(&[n, c])?);
-        }
-        let attended = CudaTensor::concat_rows(dev, &outs.iter().collect::<Vec<_>>())?;
+        let flat = |t: CudaTensor| {
+            let c = t.shape()[t.shape().len() - 1];
+            t.reshape(&[segments * tokens, c])
+        };
+        let k = flat(self.to_k.forward_gpu(dev, context)?)?;
+        let v = flat(self.to_v.forward_gpu(dev, context)?)?;
+        let spans = ragged_spans(&rows, tokens);
+        let attended = dev.ragged_attention(&q, &k, &v, &spans, self.heads)?;
         self.to_out.forward_gpu(dev, &attended)
     }
 
@@ -193,18 +168,7 @@ impl Attention {
         };
         let k = flat(self.to_k.forward(context)?)?;
         let v = flat(self.to_v.forward(context)?)?;
-        let mut at = 0;
-        let spans: Vec<RaggedSegment> = rows
-            .iter()
-            .enumerate()
-            .map(|(s, &n)| {
-                at += n;
-                RaggedSegment {
-                    queries: at - n..at,
-                    keys: s * tokens..(s + 1) * tokens,
-                }
-            })
-            .collect();
+        let spans = ragged_spans(&rows, tokens);
         let attended = Tensor::ragged_attention(&q, &k, &v, &spans, self.heads)?;
         self.to_out.forward(&attended)
     }
@@ -248,4 +212,19 @@ impl Attention {
         };
         self.to_out.forward(&attended)
     }
+}
+
+/// Each segment's stacked query rows (`rows[s]` of them) against its own `tokens` text rows.
+fn ragged_spans(rows: &[usize], tokens: usize) -> Vec<RaggedSegment> {
+    let mut at = 0;
+    rows.iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            at += n;
+            RaggedSegment {
+                queries: at - n..at,
+                keys: s * tokens..(s + 1) * tokens,
+            }
+        })
+        .collect()
 }
