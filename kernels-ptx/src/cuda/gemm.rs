@@ -8,7 +8,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::ops::{grid_stride, len_u32};
-use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
+use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err, offset_table};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
 
@@ -229,11 +229,11 @@ impl CudaConv2dWeight {
     }
 }
 
-/// One request of a masked convolution on the device, as [`crate::MaskedConvSegment`]:
-/// fresh rows `[active.len(), cin]` in the order of `active`'s positions, the template's
-/// cached input map (`in_h * in_w * cin` values, f32 or f16), and the output positions.
+/// One request of a masked convolution on the device, as [`crate::MaskedConvSegment`]
+/// without its fresh rows (the call takes every segment's, stacked): the active positions,
+/// the template's cached input map (`in_h * in_w * cin` values, f32 or f16), and the output
+/// positions.
 pub struct CudaMaskedConvSegment<'a, C: GpuElement> {
-    pub fresh: &'a CudaTensor,
     pub active: &'a TokenSet,
     pub cached: &'a CudaTensor<C>,
     pub outputs: &'a TokenSet,
@@ -572,10 +572,13 @@ impl CudaDevice {
     /// Convolution at selected output positions over a ragged batch, as
     /// [`Conv2dWeight::masked_conv2d`]: each neighbour comes from the segment's fresh rows
     /// when its position is active, else from its cached map (f32 or f16, widened where
-    /// read). Returns the output rows of all segments stacked, `[sum outputs, cout]`.
+    /// read). `fresh = [sum active, cin]` holds every segment's fresh rows, stacked in
+    /// segment order (read in place). Returns the output rows of all segments stacked,
+    /// `[sum outputs, cout]`.
     pub fn masked_conv2d<C: GpuElement>(
         &self,
         weight: &CudaConv2dWeight,
+        fresh: &CudaTensor,
         segments: &[CudaMaskedConvSegment<'_, C>],
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
@@ -586,11 +589,28 @@ impl CudaDevice {
         let cin = weight.cin;
         let (in_h, in_w) = (first.active.height(), first.active.width());
         let (oh, ow) = weight.out_size(op, in_h, in_w, params)?;
+        let fresh_rows: usize = segments.iter().map(|s| s.active.len()).sum();
+        if fresh.shape() != [fresh_rows, cin] {
+            return shape_err(
+                op,
+                format!(
+                    "fresh rows {:?}, expected [{fresh_rows}, {cin}] (every segment's, stacked)",
+                    fresh.shape()
+                ),
+            );
+        }
         for (i, s) in segments.iter().enumerate() {
-            let (fresh, cached) = (s.fresh.shape(), s.cached.shape());
             let grids = ((in_h, in_w), (oh, ow));
+            let rows = [s.active.len(), cin];
             crate::ops::masked_conv::check_segment(
-                op, i, s.active, s.outputs, fresh, cached, cin, grids,
+                op,
+                i,
+                s.active,
+                s.outputs,
+                &rows,
+                s.cached.shape(),
+                cin,
+                grids,
             )?;
         }
         let hw = in_h * in_w;
@@ -620,8 +640,12 @@ impl CudaDevice {
             row_of.extend_from_slice(s.active.row_of());
         }
         let stream = self.stream();
-        let (fresh_d, fresh_guards) =
-            address_table(stream, op, segments.iter().map(|s| &s.fresh.data))?;
+        let mut at = 0;
+        let starts = segments.iter().map(|s| {
+            at += s.active.len() * cin;
+            at - s.active.len() * cin
+        });
+        let (fresh_d, fresh_guard) = offset_table(stream, op, &fresh.data, starts)?;
         let (cached_d, cached_guards) =
             address_table(stream, op, segments.iter().map(|s| &s.cached.data))?;
         let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(op));
@@ -668,7 +692,7 @@ impl CudaDevice {
         }
         let bias = weight.bias.as_ref().map(|b| &b.data);
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
-        drop((fresh_guards, cached_guards));
+        drop((fresh_guard, cached_guards));
         Ok(out)
     }
 }

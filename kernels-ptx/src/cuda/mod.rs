@@ -116,6 +116,30 @@ pub(crate) fn address_table<'a, T: 'a>(
     Ok((table, guards))
 }
 
+/// The device addresses of elements `starts` of `buffer` as a table in device memory (a
+/// kernel reading one block of a stacked buffer per segment indexes it), with the guard that
+/// keeps cudarc's read-after-write ordering on the buffer until the launch is queued.
+/// Offsets must lie inside the buffer.
+pub(crate) fn offset_table<'a, T: 'a>(
+    stream: &'a Arc<CudaStream>,
+    op: &'static str,
+    buffer: &'a cudarc::driver::CudaSlice<T>,
+    starts: impl IntoIterator<Item = usize>,
+) -> Result<(
+    cudarc::driver::CudaSlice<u64>,
+    cudarc::driver::SyncOnDrop<'a>,
+)> {
+    use cudarc::driver::DevicePtr;
+    let (base, guard) = buffer.device_ptr(stream);
+    let size = std::mem::size_of::<T>() as u64;
+    let addresses: Vec<u64> = starts
+        .into_iter()
+        .map(|at| base + at as u64 * size)
+        .collect();
+    let table = stream.clone_htod(&addresses).map_err(driver_err(op))?;
+    Ok((table, guard))
+}
+
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
     move |e| Error::Cuda {
         op,

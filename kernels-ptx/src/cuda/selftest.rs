@@ -765,10 +765,6 @@ impl Runner<'_> {
                 "2 seg 7x9x{cin}->{cout} /{stride} {} out",
                 if all_outputs { "all" } else { "30%" }
             );
-            let gfresh = fresh
-                .iter()
-                .map(|f| self.up(f))
-                .collect::<Result<Vec<_>>>()?;
             for dtype in [DType::F32, DType::F16] {
                 let cached_t = cached
                     .iter()
@@ -786,12 +782,12 @@ impl Runner<'_> {
                 let (op, got) = if dtype == DType::F32 {
                     (
                         "masked_conv_f32",
-                        self.masked::<f32>(&gw, &gfresh, &active, &cached_t, &outputs, p)?,
+                        self.masked::<f32>(&gw, &fresh, &active, &cached_t, &outputs, p)?,
                     )
                 } else {
                     (
                         "masked_conv_f16",
-                        self.masked::<f16>(&gw, &gfresh, &active, &cached_t, &outputs, p)?,
+                        self.masked::<f16>(&gw, &fresh, &active, &cached_t, &outputs, p)?,
                     )
                 };
                 self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
@@ -803,7 +799,7 @@ impl Runner<'_> {
     fn masked<C: GpuElement>(
         &self,
         w: &CudaConv2dWeight,
-        fresh: &[CudaTensor],
+        fresh: &[Tensor],
         active: &[TokenSet],
         cached: &[Tensor],
         outputs: &[TokenSet],
@@ -813,15 +809,15 @@ impl Runner<'_> {
             .iter()
             .map(|c| CudaTensor::<C>::upload(self.dev, c))
             .collect::<Result<Vec<_>>>()?;
+        let stacked = Tensor::concat_batch(&fresh.iter().collect::<Vec<_>>())?;
         let segs: Vec<CudaMaskedConvSegment<'_, C>> = (0..fresh.len())
             .map(|i| CudaMaskedConvSegment {
-                fresh: &fresh[i],
                 active: &active[i],
                 cached: &gcached[i],
                 outputs: &outputs[i],
             })
             .collect();
-        self.dev.masked_conv2d(w, &segs, p)
+        self.dev.masked_conv2d(w, &self.up(&stacked)?, &segs, p)
     }
 }
 
@@ -969,13 +965,12 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         &Tensor::randn(&[h, w, c], 8, Device::Cpu).to_dtype(DType::F16)?,
     )?;
     let segs = [CudaMaskedConvSegment {
-        fresh: &fresh,
         active: &active,
         cached: &cached,
         outputs: &outputs,
     }];
     let ms = time_ms(dev, || {
-        dev.masked_conv2d(&gw, &segs, Conv2dParams::SAME_3X3)
+        dev.masked_conv2d(&gw, &fresh, &segs, Conv2dParams::SAME_3X3)
             .map(|_| ())
     })?;
     out.push(Timing {

@@ -121,21 +121,16 @@ impl Conv2d {
         let host = m.host();
         let active = host.tokens()?;
         let outputs = host.level_tokens(out_level.unwrap_or(host.level()))?;
-        let fresh = x.split_rows(dev, &host.rows()?)?;
-        let segments: Vec<CudaMaskedConvSegment<'_, _>> = fresh
-            .iter()
-            .zip(maps)
+        let segments: Vec<CudaMaskedConvSegment<'_, _>> = maps
+            .into_iter()
             .zip(active.into_iter().zip(outputs))
-            .map(
-                |((fresh, cached), (active, outputs))| CudaMaskedConvSegment {
-                    fresh,
-                    active,
-                    cached,
-                    outputs,
-                },
-            )
+            .map(|(cached, (active, outputs))| CudaMaskedConvSegment {
+                active,
+                cached,
+                outputs,
+            })
             .collect();
-        Ok(dev.masked_conv2d(w, &segments, self.params)?)
+        Ok(dev.masked_conv2d(w, x, &segments, self.params)?)
     }
 
     pub fn weight(&self) -> &Conv2dWeight {
