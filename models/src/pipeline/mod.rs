@@ -3,6 +3,7 @@
 
 mod cache_io;
 mod cost;
+pub mod device_steps;
 mod edit;
 mod image;
 pub mod image_metrics;
@@ -21,12 +22,15 @@ pub use job::{DenoiseJob, JobOutput, StepCacheSource, TemplateRef};
 pub use template::{Template, TemplateSpec};
 
 use crate::clip::ClipTextEncoder;
+use crate::nn::exec::StepCache;
+use crate::nn::gpu::GpuStepCache;
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::Vae;
 use crate::weights::read_json;
 use crate::{Error, Result};
+use device_steps::DeviceSteps;
 
 /// A loaded pipeline folder: tokenizer, text encoder, UNet, VAE and scheduler config.
 pub struct Pipeline {
@@ -38,6 +42,8 @@ pub struct Pipeline {
     pub scheduler_config: SchedulerConfig,
     /// The CUDA device the UNet's steps run on ([`Pipeline::use_device`]); None: the host.
     gpu: Option<Arc<CudaDevice>>,
+    /// Template steps kept in the device's memory across calls (with `gpu`).
+    device_steps: Option<DeviceSteps<StepCache, GpuStepCache>>,
 }
 
 /// A text-to-image request, with diffusers' defaults in [`GenerateRequest::new`].
@@ -163,6 +169,7 @@ impl Pipeline {
             )?,
             dir,
             gpu: None,
+            device_steps: None,
         })
     }
 
@@ -170,15 +177,25 @@ impl Pipeline {
     /// driver) and uploads the UNet's weights. Dense steps and cached-mode steps run there;
     /// template registrations (which record activations), the text encoder and the VAE stay
     /// on the host. `Device::Cpu` keeps everything on the host.
-    pub fn use_device(&mut self, device: Device) -> Result<()> {
+    /// With a GPU, template steps handed to cached edits as shared host copies
+    /// ([`StepCacheSource::Shared`]) stay in its memory across calls, up to
+    /// `device_step_bytes` ([`device_steps::DeviceSteps`]).
+    pub fn use_device(&mut self, device: Device, device_step_bytes: u64) -> Result<()> {
         if device == Device::Cpu {
             self.gpu = None;
+            self.device_steps = None;
             return Ok(());
         }
         let dev = CudaDevice::for_device(device)?;
         self.unet.upload(&dev)?;
         self.gpu = Some(Arc::new(dev));
+        self.device_steps = Some(DeviceSteps::new(device_step_bytes));
         Ok(())
+    }
+
+    /// The device tier's resident template steps (with a GPU).
+    pub fn device_steps(&self) -> Option<&DeviceSteps<StepCache, GpuStepCache>> {
+        self.device_steps.as_ref()
     }
 
     /// The device the UNet's steps run on, when not the host.

@@ -35,7 +35,8 @@ pub struct ServeArgs {
     /// budget is only counted.
     #[arg(long, value_parser = parse_bytes, default_value = "8G")]
     cache_host_bytes: u64,
-    /// Activation-cache budget of each worker's own tier, in bytes (suffixes as above).
+    /// Activation-cache budget of each worker's own tier (a GPU worker's device memory), in
+    /// bytes (suffixes as above).
     #[arg(long, value_parser = parse_bytes, default_value = "4G")]
     cache_device_bytes: u64,
     /// Steps of a cached edit's template cache loaded ahead of the step it is at.

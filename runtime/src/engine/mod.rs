@@ -227,8 +227,9 @@ impl Engine {
             let mut pipe = Pipeline::load(&config.model_dir, config.variant.as_deref())
                 .map_err(|e| format!("loading the model: {e}"))?;
             // A CUDA worker runs its UNet steps on the device (a missing driver or device
-            // fails here, before any request is taken).
-            pipe.use_device(*device)
+            // fails here, before any request is taken), keeping template steps resident
+            // there within the device tier's budget.
+            pipe.use_device(*device, config.cache_device_bytes)
                 .map_err(|e| format!("worker {index} on {device}: {e}"))?;
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),

@@ -24,6 +24,8 @@ pub const CACHE_WAIT_SECONDS: &str = "retouch_cache_wait_seconds";
 pub const CACHE_LOAD_ERRORS: &str = "retouch_cache_load_errors_total";
 pub const RECOMPUTED_UNITS: &str = "retouch_recomputed_units_total";
 pub const CACHE_BYTES_SKIPPED: &str = "retouch_cache_bytes_skipped_total";
+/// Recorded by the models crate, where a GPU pipeline looks its template steps up.
+pub const DEVICE_STEP_LOOKUPS: &str = retouch_models::pipeline::device_steps::DEVICE_STEP_LOOKUPS;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -74,6 +76,11 @@ fn describe() {
     metrics::describe_histogram!(CACHE_LOAD_SECONDS, "Seconds per step file read from disk");
     metrics::describe_histogram!(CACHE_WAIT_SECONDS, "Seconds a worker waited on a miss");
     metrics::describe_counter!(CACHE_LOAD_ERRORS, "Step files that failed to load");
+    metrics::describe_counter!(
+        DEVICE_STEP_LOOKUPS,
+        "GPU workers' lookups of template steps in device memory, by outcome (hit; uploaded \
+         and kept; passing: uploaded for one call, larger than the device budget)"
+    );
 }
 
 /// Counts one request outcome (`ok`, `invalid`, `not_found`, `overloaded`, `failed`,

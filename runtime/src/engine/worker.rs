@@ -393,7 +393,7 @@ impl Worker {
             {
                 let &(_, window, id) = part;
                 given.push(match source {
-                    Source::Ready(cache) => Some(StepCacheSource::Ready(cache)),
+                    Source::Ready(cache) => Some(StepCacheSource::Shared(cache)),
                     // A plan that recomputes every unit reads nothing.
                     Source::Disk(_) if first == end => Some(StepCacheSource::Streaming {
                         step: stream,

@@ -6,6 +6,7 @@
 //! fused call would record (and convert to the cache dtype) the other jobs' too, or need a
 //! per-sample switch in every layer; they are rare next to edits.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use retouch_kernels::cuda::CudaDevice;
@@ -15,6 +16,7 @@ use super::{DenoiseJob, Kind, StepInput, UnetOutput};
 use crate::nn::exec::{StepCache, StepSource, StreamingStep};
 use crate::nn::gpu::{GpuStepCache, upload_f32};
 use crate::pipeline::Pipeline;
+use crate::pipeline::device_steps::DEVICE_STEP_LOOKUPS;
 use crate::unet::{CachedSegment, GpuCachedSegment, RecomputeSegment};
 use crate::{Error, Result};
 
@@ -129,6 +131,7 @@ impl DenoiseJob<'_> {
     ) -> FuseKey {
         let dtype = match cache {
             Some(StepCacheSource::Ready(c)) => Some(c.dtype()),
+            Some(StepCacheSource::Shared(c)) => Some(c.dtype()),
             Some(StepCacheSource::Streaming { dtype, .. }) => Some(Some(dtype)),
             None => None,
         };
@@ -224,6 +227,9 @@ fn run_group(
 pub enum StepCacheSource<'a> {
     /// Held already.
     Ready(&'a StepCache),
+    /// Held already, as a shared copy (a runtime's memory tier): a GPU pipeline keeps its
+    /// device copy across calls while this one lives.
+    Shared(&'a Arc<StepCache>),
     /// Streaming in from another thread, as `dtype` (the cache dtype decides which edits
     /// share a call before the entries arrive).
     Streaming {
@@ -253,12 +259,15 @@ fn run_cached(
     let mut rows = Vec::new();
     let mut latents = Vec::new();
     let mut sizes = Vec::with_capacity(members.len());
+    // Per segment, the shared host copy its step came as (a GPU pipeline keeps its upload).
+    let mut shared = Vec::new();
     for ((job, input), given) in members.iter().zip(caches) {
         let (Kind::Edit(edit), Some((levels, _))) = (&job.kind, job.cached()) else {
             return Err(Error::Invalid("not a cached-mode edit".into()));
         };
         let cache = match given {
             Some(StepCacheSource::Ready(cache)) => StepSource::Whole(cache),
+            Some(StepCacheSource::Shared(cache)) => StepSource::Whole(cache),
             Some(StepCacheSource::Streaming { step, .. }) => StepSource::Streaming(step),
             None => StepSource::Whole(edit.step_cache(job.step)?),
         };
@@ -286,6 +295,10 @@ fn run_cached(
             });
             rows.push(&input.input);
             latents.push(full);
+            shared.push(match given {
+                Some(StepCacheSource::Shared(cache)) => Some(*cache),
+                _ => None,
+            });
         }
         sizes.push(input.input.dim(0)? * job.guidance.branches());
     }
@@ -310,7 +323,7 @@ fn run_cached(
             .collect::<Result<_>>()?;
         let rows = Tensor::concat_batch(&rows)?;
         match pipe.gpu() {
-            Some(dev) => forward_ragged_on(pipe, dev, &rows, &ready)?,
+            Some(dev) => forward_ragged_on(pipe, dev, &rows, &ready, &shared)?,
             None => pipe.unet.forward_ragged(&rows, &ready)?,
         }
     };
@@ -325,24 +338,35 @@ fn run_cached(
 }
 
 /// The ragged cached-mode forward on the pipeline's device: each distinct template step
-/// uploaded (as f16) for this call, the rows up, the prediction back. (A device tier that
-/// keeps uploaded steps across calls is the cache manager's next step.)
+/// from the device tier when it came as a shared copy (`shared[i]` for segment `i`), else
+/// uploaded (as f16) for this call; the rows up, the prediction back.
 fn forward_ragged_on(
     pipe: &Pipeline,
     dev: &CudaDevice,
     rows: &Tensor,
     segments: &[CachedSegment<'_>],
+    shared: &[Option<&Arc<StepCache>>],
 ) -> Result<Tensor> {
-    // One upload per distinct cache: the segments of one edit share theirs.
-    let mut uploaded: Vec<(*const StepCache, GpuStepCache)> = Vec::new();
+    // One copy per distinct step: the segments of one edit share theirs.
+    let mut copies: Vec<(*const StepCache, Arc<GpuStepCache>)> = Vec::new();
     let mut slots = Vec::with_capacity(segments.len());
-    for s in segments {
+    for (i, s) in segments.iter().enumerate() {
         let key: *const StepCache = s.cache;
-        let slot = match uploaded.iter().position(|(k, _)| *k == key) {
+        let slot = match copies.iter().position(|(k, _)| *k == key) {
             Some(slot) => slot,
             None => {
-                uploaded.push((key, GpuStepCache::upload(dev, s.cache)?));
-                uploaded.len() - 1
+                let upload = |host: &StepCache| GpuStepCache::upload(dev, host);
+                let copy = match (shared.get(i).copied().flatten(), pipe.device_steps()) {
+                    (Some(host), Some(tier)) => {
+                        let (copy, lookup) = tier.get_or_upload(host, upload)?;
+                        metrics::counter!(DEVICE_STEP_LOOKUPS, "outcome" => lookup.name())
+                            .increment(1);
+                        copy
+                    }
+                    _ => Arc::new(upload(s.cache)?),
+                };
+                copies.push((key, copy));
+                copies.len() - 1
             }
         };
         slots.push(slot);
@@ -352,7 +376,7 @@ fn forward_ragged_on(
         .zip(&slots)
         .map(|(s, &slot)| GpuCachedSegment {
             host: *s,
-            device: &uploaded[slot].1,
+            device: &copies[slot].1,
         })
         .collect();
     let rows = upload_f32(dev, rows)?;

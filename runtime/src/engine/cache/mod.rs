@@ -2,8 +2,10 @@
 //! three tiers, each step placed on its own:
 //!
 //! - **device**: resident for one worker, with a byte budget per worker. A CPU worker's
-//!   device tier shares the host copy's memory (an `Arc`, no copy); the tier exists so that
-//!   GPU workers, whose copy is in device memory, slot in with the same bookkeeping.
+//!   device tier shares the host copy's memory (an `Arc`, no copy). A GPU worker's pipeline
+//!   keeps the device copies itself (`retouch_models::pipeline::device_steps`, the same
+//!   budget): each step this manager hands the worker as an `Arc` is uploaded once and
+//!   reused across calls while that `Arc` lives in a tier here.
 //! - **host**: shared host memory, with one byte budget.
 //! - **disk**: the template's saved folder, one safetensors file per step.
 //!
