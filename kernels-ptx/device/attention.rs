@@ -353,17 +353,19 @@ pub unsafe extern "ptx-kernel" fn attention_masked_flash_f32(
     let c = (heads * d) as usize;
     let head = (block_y() * d) as usize;
     let source = MaskedHead {
-        q: unsafe { q.add(q_start as usize * c + head) },
-        k: unsafe { k.add(key_start as usize * c + head) },
-        v: unsafe { v.add(key_start as usize * c + head) },
+        rows: DenseHead {
+            q: unsafe { q.add(q_start as usize * c + head) },
+            k: unsafe { k.add(key_start as usize * c + head) },
+            v: unsafe { v.add(key_start as usize * c + head) },
+            out: unsafe { out.add(q_start as usize * c + head) },
+            lq,
+            lk: key_len,
+            c,
+        },
         cached_k: unsafe { segment_map(cached_k, has_cache, s, head) },
         cached_v: unsafe { segment_map(cached_v, has_cache, s, head) },
         row_of: unsafe { row_of.add(map_start as usize) },
         has_cache: has_cache != 0,
-        out: unsafe { out.add(q_start as usize * c + head) },
-        lq,
-        lk: key_len,
-        c,
     };
     unsafe { flash_block(&source, q0, d, scale, 0) };
 }
@@ -379,20 +381,21 @@ unsafe fn segment_map(table: *const u64, has_cache: u32, s: u32, head: usize) ->
 }
 
 /// Where one block of [`flash_block`] reads its queries, keys and values and writes its
-/// outputs: the rows of one sequence and head, columns counted from the head's first one.
+/// outputs: the rows of one sequence and head ([`DenseHead`]), keys read from its rows unless
+/// the source says otherwise.
 trait FlashSource {
-    /// Query rows and keys of the sequence.
-    fn lq(&self) -> u32;
-    fn lk(&self) -> u32;
-    /// Element `t` of query row `row`; `row < lq`.
-    unsafe fn query(&self, row: u32, t: u32) -> f32;
+    fn head(&self) -> &DenseHead;
     /// Element `t` of key `key` and of its value; `key < lk`.
-    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32);
-    /// The head's first output element of row `row`.
-    unsafe fn out_row(&self, row: u32) -> *mut f32;
+    #[inline(always)]
+    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32) {
+        let h = self.head();
+        let at = key as usize * h.c + t as usize;
+        unsafe { (*h.k.add(at), *h.v.add(at)) }
+    }
 }
 
-/// One (batch, head) of dense `[batch, len, c]` tensors, pointers at the head's first column.
+/// One sequence and head of row-major `[len, c]` queries, keys, values and outputs, pointers
+/// at the sequence's first row and the head's first column.
 struct DenseHead {
     q: *const f32,
     k: *const f32,
@@ -403,45 +406,35 @@ struct DenseHead {
     c: usize,
 }
 
-impl FlashSource for DenseHead {
-    #[inline(always)]
-    fn lq(&self) -> u32 {
-        self.lq
-    }
-    #[inline(always)]
-    fn lk(&self) -> u32 {
-        self.lk
-    }
+impl DenseHead {
+    /// Element `t` of query row `row`; `row < lq`.
     #[inline(always)]
     unsafe fn query(&self, row: u32, t: u32) -> f32 {
         unsafe { *self.q.add(row as usize * self.c + t as usize) }
     }
-    #[inline(always)]
-    unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32) {
-        let at = key as usize * self.c + t as usize;
-        unsafe { (*self.k.add(at), *self.v.add(at)) }
-    }
+    /// The head's first output element of row `row`.
     #[inline(always)]
     unsafe fn out_row(&self, row: u32) -> *mut f32 {
         unsafe { self.out.add(row as usize * self.c) }
     }
 }
 
-/// One segment and head of [`attention_masked_flash_f32`], pointers at the head's first
-/// column: `q`, `out` at the segment's first query row, `k`, `v` at its first fresh key row,
-/// `row_of` at its grid's map when `has_cache`.
+impl FlashSource for DenseHead {
+    #[inline(always)]
+    fn head(&self) -> &DenseHead {
+        self
+    }
+}
+
+/// One segment and head of [`attention_masked_flash_f32`]: `rows` at the segment's first
+/// query row (`q`, `out`) and first fresh key row (`k`, `v`); with `has_cache`, `row_of` at
+/// its grid's map and the f16 maps at the head's first column.
 struct MaskedHead {
-    q: *const f32,
-    k: *const f32,
-    v: *const f32,
+    rows: DenseHead,
     cached_k: *const f16,
     cached_v: *const f16,
     row_of: *const u32,
     has_cache: bool,
-    out: *mut f32,
-    lq: u32,
-    lk: u32,
-    c: usize,
 }
 
 /// `row_of` of an inactive position (the CPU's `tokens::NOT_ACTIVE`).
@@ -449,16 +442,8 @@ const NOT_ACTIVE: u32 = 0xffff_ffff;
 
 impl FlashSource for MaskedHead {
     #[inline(always)]
-    fn lq(&self) -> u32 {
-        self.lq
-    }
-    #[inline(always)]
-    fn lk(&self) -> u32 {
-        self.lk
-    }
-    #[inline(always)]
-    unsafe fn query(&self, row: u32, t: u32) -> f32 {
-        unsafe { *self.q.add(row as usize * self.c + t as usize) }
+    fn head(&self) -> &DenseHead {
+        &self.rows
     }
     #[inline(always)]
     unsafe fn key_value(&self, key: u32, t: u32) -> (f32, f32) {
@@ -467,17 +452,14 @@ impl FlashSource for MaskedHead {
         } else {
             key
         };
+        let c = self.rows.c;
         if fresh_row != NOT_ACTIVE {
-            let at = fresh_row as usize * self.c + t as usize;
-            unsafe { (*self.k.add(at), *self.v.add(at)) }
+            let at = fresh_row as usize * c + t as usize;
+            unsafe { (*self.rows.k.add(at), *self.rows.v.add(at)) }
         } else {
-            let at = key as usize * self.c + t as usize;
+            let at = key as usize * c + t as usize;
             unsafe { ((*self.cached_k.add(at)) as f32, (*self.cached_v.add(at)) as f32) }
         }
-    }
-    #[inline(always)]
-    unsafe fn out_row(&self, row: u32) -> *mut f32 {
-        unsafe { self.out.add(row as usize * self.c) }
     }
 }
 
@@ -489,7 +471,8 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
     let lane = tid & 31;
     let (tq, tk) = (tid >> 3, tid & 7);
     let group = lane - tk;
-    let (lq, lk) = (src.lq(), src.lk());
+    let rows = src.head();
+    let (lq, lk) = (rows.lq, rows.lk);
     let qs = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut f32;
     let ks = unsafe { qs.add((d * FLASH_Q) as usize) };
     let vs = unsafe { ks.add((d * KT_LD) as usize) };
@@ -501,7 +484,7 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
         let row = q0 + r;
         unsafe {
             *qs.add((t * FLASH_Q + r) as usize) = if row < lq {
-                src.query(row, t) * scale
+                rows.query(row, t) * scale
             } else {
                 0.0
             };
@@ -613,7 +596,7 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
         let row = q0 + 4 * tq + i as u32;
         if row < lq {
             let inv = 1.0 / l[i];
-            let out_row = unsafe { src.out_row(row) };
+            let out_row = unsafe { rows.out_row(row) };
             unroll!(u in [0, 1, 2] {
                 let col = 32 * u as u32 + 4 * tk;
                 if col < d {

@@ -9,7 +9,9 @@ use half::f16;
 use super::ops::len_u32;
 use super::{CudaDevice, CudaTensor, address_table, driver_err};
 use crate::error::{invalid, shape_err};
-use crate::ops::attention::{check_masked_segment, check_ragged_segments, heads_of};
+use crate::ops::attention::{
+    check_masked_inputs, check_masked_segments, check_ragged_segments, heads_of,
+};
 use crate::{RaggedSegment, Result, TokenSet};
 
 /// One request of [`CudaDevice::masked_attention`], as [`crate::AttentionSegment`] with the
@@ -154,27 +156,16 @@ impl CudaDevice {
         heads: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "masked_attention";
-        let &[rows, c] = q.shape() else {
-            return shape_err(OP, format!("q must be [rows, c], got {:?}", q.shape()));
-        };
-        if k_fresh.shape() != q.shape() || v_fresh.shape() != q.shape() {
-            return shape_err(
-                OP,
-                format!(
-                    "q {:?}, fresh k {:?}, fresh v {:?} must match",
-                    q.shape(),
-                    k_fresh.shape(),
-                    v_fresh.shape()
-                ),
-            );
-        }
+        let (rows, c) = check_masked_inputs(OP, q.shape(), k_fresh.shape(), v_fresh.shape())?;
         let d = heads_of(OP, c, heads)?.head_dim;
-        let mut previous_end = 0;
-        for (i, s) in segments.iter().enumerate() {
-            let cached = (s.cached_k.shape(), s.cached_v.shape());
-            check_masked_segment(OP, i, &s.rows, previous_end, rows, s.tokens, cached, c)?;
-            previous_end = s.rows.end;
-        }
+        check_masked_segments(
+            OP,
+            (rows, c),
+            segments.iter().map(|s| {
+                let cached = (s.cached_k.shape(), s.cached_v.shape());
+                (&s.rows, s.tokens, cached)
+            }),
+        )?;
         if !flash_fits(d) {
             return self.masked_attention_per_segment(q, k_fresh, v_fresh, segments, heads);
         }

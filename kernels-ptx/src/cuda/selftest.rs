@@ -527,18 +527,7 @@ impl Runner<'_> {
             let q = self.randn(&[rows, c]);
             let k = self.randn(&[counts.len() * tokens, c]);
             let v = self.randn(&[counts.len() * tokens, c]);
-            let mut at = 0;
-            let segments: Vec<RaggedSegment> = counts
-                .iter()
-                .enumerate()
-                .map(|(s, &n)| {
-                    at += n;
-                    RaggedSegment {
-                        queries: at - n..at,
-                        keys: s * tokens..(s + 1) * tokens,
-                    }
-                })
-                .collect();
+            let segments = RaggedSegment::each_to_own_keys(counts, tokens);
             let want = Tensor::ragged_attention(&q, &k, &v, &segments, heads)?;
             let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
             let got = self.dev.ragged_attention(&gq, &gk, &gv, &segments, heads)?;

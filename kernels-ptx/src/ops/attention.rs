@@ -51,46 +51,64 @@ pub(crate) fn check_ragged_segments(
     Ok(())
 }
 
-/// Checks segment `i` of a masked-attention batch of `rows` query rows of `c` channels, the
-/// previous segment ending at `previous_end`: its rows follow and fit, one per active
-/// token, and its cached keys and values (`cached` shapes) hold `[grid_len, c]` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_masked_segment(
+/// Checks a masked-attention batch's packed inputs: `q = [rows, c]`, fresh keys and values
+/// the same shape. Returns `(rows, c)`.
+pub(crate) fn check_masked_inputs(
     op: &'static str,
-    i: usize,
-    seg_rows: &Range<usize>,
-    previous_end: usize,
-    rows: usize,
-    tokens: &TokenSet,
-    cached: (&[usize], &[usize]),
-    c: usize,
-) -> Result<()> {
-    if seg_rows.start < previous_end || seg_rows.end > rows || seg_rows.start > seg_rows.end {
-        return invalid(
-            op,
-            format!("segment {i}: rows {seg_rows:?} overlap or exceed {rows}"),
-        );
-    }
-    if seg_rows.len() != tokens.len() {
-        return invalid(
-            op,
-            format!(
-                "segment {i}: {} rows for {} active tokens",
-                seg_rows.len(),
-                tokens.len()
-            ),
-        );
-    }
-    let want = [tokens.grid_len(), c];
-    let count = |shape: &[usize]| shape.iter().product::<usize>();
-    if count(cached.0) != want[0] * c || count(cached.1) != want[0] * c {
+    q: &[usize],
+    k_fresh: &[usize],
+    v_fresh: &[usize],
+) -> Result<(usize, usize)> {
+    let &[rows, c] = q else {
+        return shape_err(op, format!("q must be [rows, c], got {q:?}"));
+    };
+    if k_fresh != q || v_fresh != q {
         return shape_err(
             op,
-            format!(
-                "segment {i}: cached k {:?} / v {:?}, expected {want:?}",
-                cached.0, cached.1
-            ),
+            format!("q {q:?}, fresh k {k_fresh:?}, fresh v {v_fresh:?} must match"),
         );
+    }
+    Ok((rows, c))
+}
+
+/// Checks a masked-attention batch's segments (rows, active tokens, shapes of the cached
+/// keys and values) over `rows` packed query rows of `c` channels: rows ascending, disjoint
+/// and inside, one per active token, cached maps of `[grid_len, c]` values.
+pub(crate) fn check_masked_segments<'a>(
+    op: &'static str,
+    (rows, c): (usize, usize),
+    segments: impl IntoIterator<Item = (&'a Range<usize>, &'a TokenSet, (&'a [usize], &'a [usize]))>,
+) -> Result<()> {
+    let mut previous_end = 0;
+    for (i, (seg_rows, tokens, cached)) in segments.into_iter().enumerate() {
+        if seg_rows.start < previous_end || seg_rows.end > rows || seg_rows.start > seg_rows.end {
+            return invalid(
+                op,
+                format!("segment {i}: rows {seg_rows:?} overlap or exceed {rows}"),
+            );
+        }
+        previous_end = seg_rows.end;
+        if seg_rows.len() != tokens.len() {
+            return invalid(
+                op,
+                format!(
+                    "segment {i}: {} rows for {} active tokens",
+                    seg_rows.len(),
+                    tokens.len()
+                ),
+            );
+        }
+        let want = [tokens.grid_len(), c];
+        let count = |shape: &[usize]| shape.iter().product::<usize>();
+        if count(cached.0) != want[0] * c || count(cached.1) != want[0] * c {
+            return shape_err(
+                op,
+                format!(
+                    "segment {i}: cached k {:?} / v {:?}, expected {want:?}",
+                    cached.0, cached.1
+                ),
+            );
+        }
     }
     Ok(())
 }
@@ -113,6 +131,25 @@ pub struct AttentionSegment<'a> {
 pub struct RaggedSegment {
     pub queries: Range<usize>,
     pub keys: Range<usize>,
+}
+
+impl RaggedSegment {
+    /// Segments of `rows[s]` stacked query rows each, segment `s` against key rows
+    /// `s * keys..(s + 1) * keys` (a ragged batch's cross-attention, each request to its own
+    /// text).
+    pub fn each_to_own_keys(rows: &[usize], keys: usize) -> Vec<RaggedSegment> {
+        let mut at = 0;
+        rows.iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                at += n;
+                RaggedSegment {
+                    queries: at - n..at,
+                    keys: s * keys..(s + 1) * keys,
+                }
+            })
+            .collect()
+    }
 }
 
 impl Tensor {
@@ -220,31 +257,22 @@ impl Tensor {
         heads: usize,
     ) -> Result<Tensor> {
         const OP: &str = "masked_attention";
-        q.check_rank(OP, 2)?;
-        let &[rows, c] = q.shape() else {
-            unreachable!()
-        };
-        if k_fresh.shape() != q.shape() || v_fresh.shape() != q.shape() {
-            return shape_err(
-                OP,
-                format!(
-                    "q {:?}, fresh k {:?}, fresh v {:?} must match",
-                    q.shape(),
-                    k_fresh.shape(),
-                    v_fresh.shape()
-                ),
-            );
-        }
+        let (rows, c) = check_masked_inputs(OP, q.shape(), k_fresh.shape(), v_fresh.shape())?;
         let h = heads_of(OP, c, heads)?;
-        let mut previous_end = 0;
+        check_masked_segments(
+            OP,
+            (rows, c),
+            segments.iter().map(|s| {
+                let cached = (s.cached_k.shape(), s.cached_v.shape());
+                (&s.rows, s.tokens, cached)
+            }),
+        )?;
         let dtype = segments.first().map(|s| s.cached_k.dtype());
-        for (i, s) in segments.iter().enumerate() {
-            let cached = (s.cached_k.shape(), s.cached_v.shape());
-            check_masked_segment(OP, i, &s.rows, previous_end, rows, s.tokens, cached, c)?;
-            previous_end = s.rows.end;
-            if Some(s.cached_k.dtype()) != dtype || Some(s.cached_v.dtype()) != dtype {
-                return invalid(OP, "all cached keys and values must share one dtype");
-            }
+        if segments
+            .iter()
+            .any(|s| Some(s.cached_k.dtype()) != dtype || Some(s.cached_v.dtype()) != dtype)
+        {
+            return invalid(OP, "all cached keys and values must share one dtype");
         }
         let (q_data, k_data, v_data) = (q.f32s(OP)?, k_fresh.f32s(OP)?, v_fresh.f32s(OP)?);
         let mut out = vec![0.0f32; q.elem_count()];

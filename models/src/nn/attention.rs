@@ -139,7 +139,7 @@ impl Attention {
         };
         let k = flat(self.to_k.forward_gpu(dev, context)?)?;
         let v = flat(self.to_v.forward_gpu(dev, context)?)?;
-        let spans = ragged_spans(&rows, tokens);
+        let spans = RaggedSegment::each_to_own_keys(&rows, tokens);
         let attended = dev.ragged_attention(&q, &k, &v, &spans, self.heads)?;
         self.to_out.forward_gpu(dev, &attended)
     }
@@ -168,7 +168,7 @@ impl Attention {
         };
         let k = flat(self.to_k.forward(context)?)?;
         let v = flat(self.to_v.forward(context)?)?;
-        let spans = ragged_spans(&rows, tokens);
+        let spans = RaggedSegment::each_to_own_keys(&rows, tokens);
         let attended = Tensor::ragged_attention(&q, &k, &v, &spans, self.heads)?;
         self.to_out.forward(&attended)
     }
@@ -212,19 +212,4 @@ impl Attention {
         };
         self.to_out.forward(&attended)
     }
-}
-
-/// Each segment's stacked query rows (`rows[s]` of them) against its own `tokens` text rows.
-fn ragged_spans(rows: &[usize], tokens: usize) -> Vec<RaggedSegment> {
-    let mut at = 0;
-    rows.iter()
-        .enumerate()
-        .map(|(s, &n)| {
-            at += n;
-            RaggedSegment {
-                queries: at - n..at,
-                keys: s * tokens..(s + 1) * tokens,
-            }
-        })
-        .collect()
 }
