@@ -112,6 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--card-only", action="store_true",
+                   help="rewrite the model card from a finished run's work folder and "
+                        "metrics.json (same arguments as the run), training and scoring nothing")
+    p.add_argument("--card-note", default=None,
+                   help="a paragraph for the model card's training section (how the run went "
+                        "where its timings alone would mislead, e.g. a resumed stage)")
     return p.parse_args(argv)
 
 
@@ -736,6 +742,9 @@ def main(argv=None):
     run.log(f"train_tiny: {' '.join(sys.argv[1:])}")
     (run.work / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     last = STAGES.index(args.stop_after)
+    if args.card_only:
+        write_model_card(run, json.loads((run.work / "metrics.json").read_text()))
+        return
 
     data = stage_data(run)
     if last < 1:
@@ -804,7 +813,7 @@ def write_model_card(run, metrics):
     defaults = vars(parse_args([]))
     skip = {"out", "work_dir", "tokenizer", "stop_after", "ckpt_minutes", "log_every",
             "vae_minutes", "classifier_minutes", "unet_minutes",
-            "vae_steps", "classifier_steps", "unet_steps"}
+            "vae_steps", "classifier_steps", "unet_steps", "card_only", "card_note"}
     changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                if k not in skip and v != defaults[k]]
     reproduce = " \\\n  ".join(
@@ -874,6 +883,7 @@ def write_model_card(run, metrics):
         f"lr {args.unet_lr:g}, EMA {args.ema} (exported) |",
         f"| eval | - | {metrics['eval_minutes']:.1f} | |",
         "",
+    ] + ([args.card_note, ""] if args.card_note else []) + [
         f"About {total_min:.0f} minutes in all. To reproduce these weights exactly (step counts "
         "instead of time budgets):",
         "",
