@@ -14,6 +14,7 @@
 
 mod attention;
 mod gemm;
+mod lora;
 mod ops;
 mod ptx;
 pub mod selftest;
@@ -28,6 +29,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 pub use attention::{AttentionKernel, CudaAttentionSegment};
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
+pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
 pub use ptx::{KERNELS, ptx_for};
 pub use tensor::{CudaTensor, GpuElement};

@@ -664,50 +664,6 @@ impl CudaDevice {
         }
         Ok(out)
     }
-
-    /// Merges a LoRA into an `[out, in]` weight in place: `W += scale * up * down` with
-    /// `up = [out, rank]`, `down = [rank, in]` (PEFT's lora_B, lora_A), accumulated in f32
-    /// and rounded once for f16 weights. Keep a [`CudaTensor::try_clone`] to restore exactly.
-    pub fn lora_patch<T: GpuElement>(
-        &self,
-        w: &mut CudaTensor<T>,
-        up: &CudaTensor,
-        down: &CudaTensor,
-        scale: f32,
-    ) -> Result<()> {
-        let k = T::LORA_PATCH;
-        let [out, inp] = *w.shape() else {
-            return shape_err(k, format!("weight must be [out, in], got {:?}", w.shape()));
-        };
-        let rank = down.shape().first().copied().unwrap_or(0);
-        if down.shape() != [rank, inp] || up.shape() != [out, rank] {
-            return shape_err(
-                k,
-                format!(
-                    "for a [{out}, {inp}] weight, down must be [rank, {inp}] and up [{out}, rank]; \
-                     got down {:?}, up {:?}",
-                    down.shape(),
-                    up.shape()
-                ),
-            );
-        }
-        let n = len_u32(k, w.elem_count())?;
-        len_u32(k, up.elem_count().max(down.elem_count()))?;
-        if n > 0 && rank > 0 {
-            let (inp_u, rank_u) = (inp as u32, rank as u32);
-            let mut l = self.stream().launch_builder(self.function(k)?);
-            l.arg(&mut w.data)
-                .arg(&up.data)
-                .arg(&down.data)
-                .arg(&n)
-                .arg(&inp_u)
-                .arg(&rank_u)
-                .arg(&scale);
-            // SAFETY: matches `lora_patch_*(w, up, down, n, in, rank, scale)`; shapes checked.
-            self.launched(k, unsafe { l.launch(grid_stride(n)) })?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

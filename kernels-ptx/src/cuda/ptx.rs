@@ -33,6 +33,8 @@ pub const KERNELS: &[&str] = &[
     "add_per_sample_f32",
     "lora_patch_f32",
     "lora_patch_f16",
+    "lora_shrink_segments_f32",
+    "lora_expand_segments_f32",
     "attention_rows_f32",
     "attention_tiles_f32",
     "attention_flash_f32",

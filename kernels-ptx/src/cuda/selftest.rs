@@ -11,11 +11,11 @@ use half::f16;
 
 use super::{
     AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
-    CudaMaskedConvSegment, CudaTensor, GpuElement,
+    CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GpuElement,
 };
 use crate::{
-    AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, MaskedConvSegment, RaggedSegment,
-    Result, Tensor, TokenSet,
+    AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, LoraSegment, MaskedConvSegment,
+    RaggedSegment, Result, Tensor, TokenSet,
 };
 
 /// One op at one size.
@@ -400,6 +400,60 @@ impl Runner<'_> {
                 tolerance: 2e-3,
             });
         }
+        self.lora_segments()
+    }
+
+    /// The unmerged path over a ragged batch: segments with their own adapters and ranks
+    /// (1 to 64), rows no segment owns (kept as they were), a one-row segment.
+    fn lora_segments(&mut self) -> Result<()> {
+        // (in, out, [(rows, rank)]).
+        let cases: [(usize, usize, &[RowsRank]); 3] = [
+            (40, 77, &[(0..5, 4), (9..10, 1), (10..70, 16)]),
+            (320, 320, &[(3..333, 64)]),
+            (77, 3, &[(0..1, 2), (1..7, 3)]),
+        ];
+        for (inp, out, segs) in cases {
+            let n = segs.iter().map(|(r, _)| r.end).max().unwrap_or(0) + 3;
+            let x = self.randn(&[n, inp]);
+            let y = self.randn(&[n, out]);
+            let adapters: Vec<(Tensor, Tensor)> = segs
+                .iter()
+                .map(|(_, rank)| (self.randn(&[*rank, inp]), self.randn(&[out, *rank])))
+                .collect();
+            let scale = |i: usize| 0.5 + 0.25 * i as f32;
+            let cpu: Vec<LoraSegment<'_>> = segs
+                .iter()
+                .zip(&adapters)
+                .enumerate()
+                .map(|(i, ((rows, _), (down, up)))| LoraSegment {
+                    rows: rows.clone(),
+                    down,
+                    up,
+                    scale: scale(i),
+                })
+                .collect();
+            let mut want = y.clone();
+            x.lora_segments(&mut want, &cpu)?;
+            let gpu_adapters = adapters
+                .iter()
+                .map(|(d, u)| Ok((self.up(d)?, self.up(u)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let gpu: Vec<CudaLoraSegment<'_>> = segs
+                .iter()
+                .zip(&gpu_adapters)
+                .enumerate()
+                .map(|(i, ((rows, _), (down, up)))| CudaLoraSegment {
+                    rows: rows.clone(),
+                    down,
+                    up,
+                    scale: scale(i),
+                })
+                .collect();
+            let mut got = self.up(&y)?;
+            self.dev.lora_segments(&self.up(&x)?, &mut got, &gpu)?;
+            let size = format!("{} seg {n}x{inp}->{out}", segs.len());
+            self.record("lora_segments", size, &got, &want, 1e-4)?;
+        }
         Ok(())
     }
 }
@@ -537,6 +591,9 @@ impl Runner<'_> {
         Ok(())
     }
 }
+
+/// A segment's rows and its adapter's rank.
+type RowsRank = (std::ops::Range<usize>, usize);
 
 /// Tolerance of the GEMM-shaped checks (k up to 11520 here): f32 sums in another order than
 /// the CPU's (errors relative above 1, see `max_err`).

@@ -32,29 +32,52 @@ pub struct LoraSegment<'a> {
     pub scale: f32,
 }
 
-fn check_adapter(
+/// Checks an adapter for an `[out, inp]` weight (`down = [rank, inp]`, `up = [out, rank]`,
+/// given as shapes) and returns its rank.
+pub(crate) fn check_adapter(
     op: &'static str,
     out: usize,
     inp: usize,
-    up: &Tensor,
-    down: &Tensor,
+    up: &[usize],
+    down: &[usize],
 ) -> Result<usize> {
-    if down.rank() != 2 || up.rank() != 2 {
+    if down.len() != 2 || up.len() != 2 {
         return shape_err(op, "up and down must be matrices");
     }
-    let rank = down.shape()[0];
-    if down.shape() != [rank, inp] || up.shape() != [out, rank] {
+    let rank = down[0];
+    if down != [rank, inp] || up != [out, rank] {
         return shape_err(
             op,
             format!(
                 "for a [{out}, {inp}] weight, down must be [rank, {inp}] and up [{out}, rank]; \
-                 got down {:?}, up {:?}",
-                down.shape(),
-                up.shape()
+                 got down {down:?}, up {up:?}"
             ),
         );
     }
     Ok(rank)
+}
+
+/// Checks an unmerged batch over `x = [n, inp]` and `y = [n, out]`: segments' rows ascending,
+/// disjoint and inside, each adapter (`(rows, up shape, down shape)`) fitting. Returns the
+/// ranks.
+pub(crate) fn check_lora_segments<'a>(
+    op: &'static str,
+    (n, inp, out): (usize, usize, usize),
+    segments: impl IntoIterator<Item = (&'a Range<usize>, &'a [usize], &'a [usize])>,
+) -> Result<Vec<usize>> {
+    let mut previous_end = 0;
+    let mut ranks = Vec::new();
+    for (i, (rows, up, down)) in segments.into_iter().enumerate() {
+        if rows.start < previous_end || rows.end > n || rows.start > rows.end {
+            return invalid(
+                op,
+                format!("segment {i}: rows {rows:?} overlap or exceed {n}"),
+            );
+        }
+        previous_end = rows.end;
+        ranks.push(check_adapter(op, out, inp, up, down)?);
+    }
+    Ok(ranks)
 }
 
 impl Tensor {
@@ -65,7 +88,7 @@ impl Tensor {
         const OP: &str = "lora_patch";
         self.check_rank(OP, 2)?;
         let (out, inp) = (self.shape()[0], self.shape()[1]);
-        let rank = check_adapter(OP, out, inp, up, down)?;
+        let rank = check_adapter(OP, out, inp, up.shape(), down.shape())?;
         let up = up.to_dtype(DType::F32)?;
         let down = down.to_dtype(DType::F32)?;
         let (up, down) = (up.f32s(OP)?, down.f32s(OP)?);
@@ -113,17 +136,15 @@ impl Tensor {
                 format!("x {:?} and y {:?} differ in rows", self.shape(), y.shape()),
             );
         }
+        let ranks = check_lora_segments(
+            OP,
+            (n, inp, out),
+            segments
+                .iter()
+                .map(|s| (&s.rows, s.up.shape(), s.down.shape())),
+        )?;
         let mut owned = Vec::with_capacity(segments.len());
-        let mut previous_end = 0;
-        for (i, s) in segments.iter().enumerate() {
-            if s.rows.start < previous_end || s.rows.end > n || s.rows.start > s.rows.end {
-                return invalid(
-                    OP,
-                    format!("segment {i}: rows {:?} overlap or exceed {n}", s.rows),
-                );
-            }
-            previous_end = s.rows.end;
-            let rank = check_adapter(OP, out, inp, s.up, s.down)?;
+        for (s, rank) in segments.iter().zip(ranks) {
             owned.push((
                 s.down.to_dtype(DType::F32)?,
                 s.up.to_dtype(DType::F32)?,
