@@ -272,8 +272,14 @@ impl CudaDevice {
             &plan.row_of
         })?;
         let (tiles_d, segs_d) = (up(&plan.tiles)?, up(&plan.segs)?);
-        let none = stream.clone_htod(&[0u64]).map_err(driver_err(K))?;
-        let (cached_k, cached_v) = cached.unwrap_or((&none, &none));
+        let stand_in;
+        let (cached_k, cached_v) = match cached {
+            Some(tables) => tables,
+            None => {
+                stand_in = stream.clone_htod(&[0u64]).map_err(driver_err(K))?;
+                (&stand_in, &stand_in)
+            }
+        };
         let (heads_u, d_u) = (heads as u32, d as u32);
         let scale = 1.0 / (d as f32).sqrt();
         let has_cache = u32::from(cached.is_some());
