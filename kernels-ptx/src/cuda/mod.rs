@@ -32,7 +32,7 @@ pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
 pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
 pub use ptx::{KERNELS, ptx_for};
-pub use tensor::{CudaTensor, GpuElement};
+pub use tensor::{CudaTensor, GpuElement, Staging};
 
 use crate::{Device, Error, Result};
 
@@ -42,6 +42,9 @@ pub struct CudaDevice {
     name: String,
     compute_capability: (i32, i32),
     stream: Arc<CudaStream>,
+    /// A second stream for uploads that run beside the compute stream's work (template steps
+    /// loaded ahead of need); readers wait for a [`CopyFence`].
+    copy: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
@@ -50,6 +53,9 @@ pub struct CudaDevice {
     /// Per-kernel times while profiling ([`CudaDevice::start_profile`]).
     profile: Mutex<Option<Profile>>,
 }
+
+/// The point on the copy stream after a set of uploads ([`CudaDevice::fence_copies`]).
+pub struct CopyFence(cudarc::driver::CudaEvent);
 
 /// What profiling collects: per kernel, launches and wall time.
 struct Profile {
@@ -170,9 +176,12 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(e.to_string()))?;
-        // SAFETY: every launch, copy and free of this device goes to its one stream, so
-        // stream order alone orders them; cudarc's per-buffer events (two created and
-        // destroyed per allocation) would only guard against other streams.
+        // SAFETY: every launch and most copies go to one stream, so stream order alone orders
+        // them; cudarc's per-buffer events (two created and destroyed per allocation) would
+        // only guard against other streams. The one other stream, for uploads ahead of need,
+        // is ordered by hand: its readers wait for a `CopyFence`, and its buffers outlive
+        // the compute work that reads them (their owners keep them until a synchronising
+        // download).
         unsafe { ctx.disable_event_tracking() };
         keep_pool_memory(&ctx);
         let compute_capability = ctx
@@ -198,11 +207,15 @@ impl CudaDevice {
             })?;
             functions.insert(name, f);
         }
+        let copy = ctx
+            .new_stream()
+            .map_err(|e| unavailable(format!("creating the copy stream: {e}")))?;
         Ok(CudaDevice {
             ordinal,
             name,
             compute_capability,
             stream: ctx.default_stream(),
+            copy,
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             sm_count,
@@ -254,6 +267,27 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The stream for uploads beside the compute stream ([`CudaTensor::upload_staged`]).
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy
+    }
+
+    /// Marks the copies queued on the copy stream so far: the compute stream's work may read
+    /// their results once it has waited for this ([`CudaDevice::wait_for`]).
+    pub fn fence_copies(&self) -> Result<CopyFence> {
+        let event = self
+            .copy
+            .record_event(None)
+            .map_err(driver_err("fence_copies"))?;
+        Ok(CopyFence(event))
+    }
+
+    /// Makes the compute stream's later work wait for the copies before `fence` (the host
+    /// does not wait).
+    pub fn wait_for(&self, fence: &CopyFence) -> Result<()> {
+        self.stream.wait(&fence.0).map_err(driver_err("wait_for"))
     }
 
     /// Starts profiling: from now on every launch is waited for and its wall time (since the

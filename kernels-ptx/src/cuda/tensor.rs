@@ -1,6 +1,6 @@
 //! A minimal device tensor: a contiguous device buffer and a shape.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use half::f16;
 
 use super::{CudaDevice, driver_err};
@@ -25,6 +25,13 @@ impl GpuElement for f16 {
     const MASKED_CONV: &'static str = "masked_conv2d_cache_f16";
 }
 
+/// The page-locked host buffer an upload on the copy stream reads from
+/// ([`CudaTensor::upload_staged`]); dropping it waits for that copy to finish.
+pub struct Staging<T> {
+    /// Held for its drop, which waits for the copy.
+    _buffer: Option<PinnedHostSlice<T>>,
+}
+
 /// Dense, row-major data in device memory. Ops on it are the launchers in [`CudaDevice`];
 /// nothing is copied back until [`CudaTensor::download`].
 #[derive(Debug)]
@@ -45,6 +52,35 @@ impl<T: GpuElement> CudaTensor<T> {
             data,
             shape: t.shape().to_vec(),
         })
+    }
+
+    /// Queues an upload of `t` on the device's copy stream, from a page-locked copy of its
+    /// data, so it runs beside the compute stream's work. Until the compute stream has waited
+    /// for a fence recorded after it ([`CudaDevice::fence_copies`], [`CudaDevice::wait_for`]),
+    /// no kernel may read the tensor; the returned [`Staging`] must outlive the copy (dropping
+    /// it waits for the copy to finish).
+    pub fn upload_staged(dev: &CudaDevice, t: &Tensor) -> Result<(Self, Staging<T>)> {
+        let src = t.as_slice::<T>()?;
+        if src.is_empty() {
+            return Ok((Self::zeros(dev, t.shape())?, Staging { _buffer: None }));
+        }
+        let err = driver_err("upload_staged");
+        let copy = dev.copy_stream();
+        // SAFETY: every element is written below before the buffer is read.
+        let mut staging = unsafe { copy.context().alloc_pinned::<T>(src.len()) }.map_err(&err)?;
+        staging.as_mut_slice().map_err(&err)?.copy_from_slice(src);
+        // SAFETY: every element is written by the copy queued next, on the same stream.
+        let mut data = unsafe { copy.alloc::<T>(src.len()) }.map_err(&err)?;
+        copy.memcpy_htod(&staging, &mut data).map_err(&err)?;
+        Ok((
+            CudaTensor {
+                data,
+                shape: t.shape().to_vec(),
+            },
+            Staging {
+                _buffer: Some(staging),
+            },
+        ))
     }
 
     /// A device-side copy (a LoRA backup, or an input an in-place op must not change).

@@ -5,8 +5,10 @@
 //! cached-mode forward over a ragged batch of active rows ([`GpuMasked`]). Recording a
 //! template's step runs on the host.
 
+use std::sync::Mutex;
+
 use half::f16;
-use retouch_kernels::cuda::{CudaBlendedSegment, CudaDevice, CudaTensor};
+use retouch_kernels::cuda::{CopyFence, CudaBlendedSegment, CudaDevice, CudaTensor, Staging};
 use retouch_kernels::{DType, Tensor};
 
 use super::exec::{CacheEntry, Masked, StepCache};
@@ -38,6 +40,14 @@ pub struct GpuStepCache {
     /// The host cache's first entry index.
     first: usize,
     entries: Vec<GpuEntry>,
+    /// An upload still running on the copy stream ([`GpuStepCache::upload_ahead`]): what the
+    /// compute stream must wait for before reading, and the staging buffers it reads from.
+    pending: Mutex<Option<PendingUpload>>,
+}
+
+struct PendingUpload {
+    fence: CopyFence,
+    staging: Vec<Staging<f16>>,
 }
 
 enum GpuEntry {
@@ -49,34 +59,47 @@ enum GpuEntry {
 }
 
 impl GpuStepCache {
-    /// Uploads every map and key/value tensor of `cache` as f16.
+    /// Uploads every map and key/value tensor of `cache` as f16, on the compute stream.
     pub fn upload(dev: &CudaDevice, cache: &StepCache) -> Result<GpuStepCache> {
-        let half = |t: &Tensor| -> Result<CudaTensor<f16>> {
-            Ok(CudaTensor::upload(dev, &t.to_dtype(DType::F16)?)?)
-        };
-        let entries = cache
-            .entries
-            .iter()
-            .map(|e| {
-                Ok(match e {
-                    CacheEntry::ConvInput(maps) => {
-                        GpuEntry::ConvInput(maps.iter().map(half).collect::<Result<_>>()?)
-                    }
-                    CacheEntry::KeyValue(kv) => GpuEntry::KeyValue(
-                        kv.iter()
-                            .map(|(k, v)| Ok((half(k)?, half(v)?)))
-                            .collect::<Result<_>>()?,
-                    ),
-                    CacheEntry::Stats { moments, .. } => {
-                        GpuEntry::Stats(moments.iter().map(half).collect::<Result<_>>()?)
-                    }
-                })
-            })
-            .collect::<Result<_>>()?;
+        let entries = upload_entries(cache, |t| Ok(CudaTensor::upload(dev, t)?))?;
         Ok(GpuStepCache {
             first: cache.first,
             entries,
+            pending: Mutex::new(None),
         })
+    }
+
+    /// [`GpuStepCache::upload`] queued on the copy stream from page-locked buffers, so it
+    /// runs beside the compute stream's work (a step loaded ahead of need); returns once the
+    /// copies are queued. [`GpuStepCache::make_ready`] must run before a forward reads it.
+    pub fn upload_ahead(dev: &CudaDevice, cache: &StepCache) -> Result<GpuStepCache> {
+        let mut staging = Vec::new();
+        let entries = upload_entries(cache, |t| {
+            let (tensor, buffer) = CudaTensor::upload_staged(dev, t)?;
+            staging.push(buffer);
+            Ok(tensor)
+        })?;
+        let fence = dev.fence_copies()?;
+        Ok(GpuStepCache {
+            first: cache.first,
+            entries,
+            pending: Mutex::new(Some(PendingUpload { fence, staging })),
+        })
+    }
+
+    /// Orders the compute stream's later work after this step's upload, if it was loaded
+    /// ahead; frees its staging buffers (the host waits for the copies to finish first).
+    pub fn make_ready(&self, dev: &CudaDevice) -> Result<()> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(p) = pending {
+            dev.wait_for(&p.fence)?;
+            drop(p.staging);
+        }
+        Ok(())
     }
 
     /// Device bytes held.
@@ -91,6 +114,33 @@ impl GpuStepCache {
             })
             .sum()
     }
+}
+
+/// Every map and key/value tensor of `cache` as f16, each through `upload`.
+fn upload_entries(
+    cache: &StepCache,
+    mut upload: impl FnMut(&Tensor) -> Result<CudaTensor<f16>>,
+) -> Result<Vec<GpuEntry>> {
+    let mut half = |t: &Tensor| upload(&t.to_dtype(DType::F16)?);
+    cache
+        .entries
+        .iter()
+        .map(|e| {
+            Ok(match e {
+                CacheEntry::ConvInput(maps) => {
+                    GpuEntry::ConvInput(maps.iter().map(&mut half).collect::<Result<_>>()?)
+                }
+                CacheEntry::KeyValue(kv) => GpuEntry::KeyValue(
+                    kv.iter()
+                        .map(|(k, v)| Ok((half(k)?, half(v)?)))
+                        .collect::<Result<_>>()?,
+                ),
+                CacheEntry::Stats { moments, .. } => {
+                    GpuEntry::Stats(moments.iter().map(&mut half).collect::<Result<_>>()?)
+                }
+            })
+        })
+        .collect()
 }
 
 /// The state of a masked forward on the device: the host [`Masked`] (token sets, the cursor

@@ -47,6 +47,9 @@ struct Resident<H, D> {
 /// Counter of device-tier lookups, by outcome ([`Lookup::name`]).
 pub const DEVICE_STEP_LOOKUPS: &str = "retouch_device_step_lookups_total";
 
+/// Counter of uploads ahead of need, by outcome (`hit`: already resident; `uploaded`).
+pub const DEVICE_STEP_PREFETCHES: &str = "retouch_device_step_prefetches_total";
+
 /// What a lookup did, for the caller's counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -116,6 +119,35 @@ impl<H, D: DeviceBytes> DeviceSteps<H, D> {
             last_use: now,
         });
         Ok((device, Lookup::Uploaded))
+    }
+
+    /// Makes `host` resident ahead of need (`upload` queues a copy beside the compute
+    /// stream's work): [`DeviceSteps::get_or_upload`] without handing the copy out. Nothing
+    /// is uploaded when `bytes_at_most` (a bound on the copy's size) exceeds the budget: the
+    /// copy could not stay.
+    pub fn prefetch(
+        &self,
+        host: &Arc<H>,
+        bytes_at_most: u64,
+        upload: impl FnOnce(&H) -> Result<D>,
+    ) -> Result<Option<Lookup>> {
+        if self.holds(host) {
+            return Ok(Some(Lookup::Hit));
+        }
+        if bytes_at_most > self.budget {
+            return Ok(None);
+        }
+        let (_, lookup) = self.get_or_upload(host, upload)?;
+        Ok(Some(lookup))
+    }
+
+    /// Whether a copy of `host` is resident.
+    pub fn holds(&self, host: &Arc<H>) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .resident
+            .iter()
+            .any(|r| std::ptr::eq(r.host.as_ptr(), Arc::as_ptr(host)) && r.host.strong_count() > 0)
     }
 
     /// Bytes of the resident copies.
@@ -215,6 +247,29 @@ mod tests {
         let (copy, lookup) = tier.get_or_upload(&huge, |_| Ok(Copy(500))).unwrap();
         assert_eq!((lookup, copy.0), (Lookup::Passing, 500));
         assert_eq!((tier.len(), tier.resident_bytes()), (1, 60));
+    }
+
+    #[test]
+    fn a_prefetched_copy_is_found_by_the_call_that_needs_it() {
+        let tier: DeviceSteps<u32, Copy> = DeviceSteps::new(100);
+        let v = Arc::new(1);
+        assert!(!tier.holds(&v));
+        let big = Arc::new(2);
+        assert_eq!(
+            tier.prefetch(&big, 500, |_| panic!("too big")).unwrap(),
+            None
+        );
+        assert_eq!(
+            tier.prefetch(&v, 30, |_| Ok(Copy(30))).unwrap(),
+            Some(Lookup::Uploaded)
+        );
+        assert_eq!(
+            tier.prefetch(&v, 30, |_| panic!("resident")).unwrap(),
+            Some(Lookup::Hit)
+        );
+        assert!(tier.holds(&v));
+        let (_, lookup) = tier.get_or_upload(&v, |_| panic!("resident")).unwrap();
+        assert_eq!(lookup, Lookup::Hit);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod job;
 mod template;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use retouch_kernels::cuda::CudaDevice;
 use retouch_kernels::{Device, Tensor};
@@ -44,6 +44,9 @@ pub struct Pipeline {
     gpu: Option<Arc<CudaDevice>>,
     /// Template steps kept in the device's memory across calls (with `gpu`).
     device_steps: Option<DeviceSteps<StepCache, GpuStepCache>>,
+    /// Steps to upload ahead of need during the next cached-mode call on the device
+    /// ([`Pipeline::prefetch_device_steps`]).
+    device_prefetch: Mutex<Vec<Arc<StepCache>>>,
 }
 
 /// A text-to-image request, with diffusers' defaults in [`GenerateRequest::new`].
@@ -170,6 +173,7 @@ impl Pipeline {
             dir,
             gpu: None,
             device_steps: None,
+            device_prefetch: Mutex::new(Vec::new()),
         })
     }
 
@@ -191,6 +195,28 @@ impl Pipeline {
         self.gpu = Some(Arc::new(dev));
         self.device_steps = Some(DeviceSteps::new(device_step_bytes));
         Ok(())
+    }
+
+    /// Asks for `steps` (the next steps of the running edits) to be uploaded to the device
+    /// during the next cached-mode call, beside its compute: the copies are queued once its
+    /// kernels are, and found resident by the call after. Without a GPU, nothing happens.
+    pub fn prefetch_device_steps(&self, steps: Vec<Arc<StepCache>>) {
+        if self.device_steps.is_some() {
+            *self
+                .device_prefetch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = steps;
+        }
+    }
+
+    /// The steps [`Pipeline::prefetch_device_steps`] asked for, once.
+    pub(crate) fn take_device_prefetch(&self) -> Vec<Arc<StepCache>> {
+        std::mem::take(
+            &mut *self
+                .device_prefetch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// The device tier's resident template steps (with a GPU).

@@ -26,6 +26,8 @@ pub const RECOMPUTED_UNITS: &str = "retouch_recomputed_units_total";
 pub const CACHE_BYTES_SKIPPED: &str = "retouch_cache_bytes_skipped_total";
 /// Recorded by the models crate, where a GPU pipeline looks its template steps up.
 pub const DEVICE_STEP_LOOKUPS: &str = retouch_models::pipeline::device_steps::DEVICE_STEP_LOOKUPS;
+pub const DEVICE_STEP_PREFETCHES: &str =
+    retouch_models::pipeline::device_steps::DEVICE_STEP_PREFETCHES;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -80,6 +82,11 @@ fn describe() {
         DEVICE_STEP_LOOKUPS,
         "GPU workers' lookups of template steps in device memory, by outcome (hit; uploaded \
          and kept; passing: uploaded for one call, larger than the device budget)"
+    );
+    metrics::describe_counter!(
+        DEVICE_STEP_PREFETCHES,
+        "GPU workers' uploads of their edits' next template steps on the copy stream while a \
+         step computes, by outcome (hit: already resident; uploaded)"
     );
 }
 

@@ -431,6 +431,20 @@ impl Worker {
                     _ => None,
                 });
             }
+            // A GPU worker uploads its edits' next steps while this one computes.
+            if self.pipe.gpu().is_some() {
+                let ahead = parts
+                    .iter()
+                    .filter_map(|(job, window, _)| {
+                        let next = job.cache_step()? + 1;
+                        if next >= job.total_steps() {
+                            return None;
+                        }
+                        window.as_ref()?.peek(next)
+                    })
+                    .collect();
+                self.pipe.prefetch_device_steps(ahead);
+            }
             let mut jobs: Vec<&mut DenoiseJob<'static>> =
                 parts.iter_mut().map(|p| &mut *p.0).collect();
             self.compute(|pipe| {

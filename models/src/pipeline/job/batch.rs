@@ -16,7 +16,7 @@ use super::{DenoiseJob, Kind, StepInput, UnetOutput};
 use crate::nn::exec::{StepCache, StepSource, StreamingStep};
 use crate::nn::gpu::{GpuStepCache, upload_f32};
 use crate::pipeline::Pipeline;
-use crate::pipeline::device_steps::DEVICE_STEP_LOOKUPS;
+use crate::pipeline::device_steps::{DEVICE_STEP_LOOKUPS, DEVICE_STEP_PREFETCHES};
 use crate::unet::{CachedSegment, GpuCachedSegment, RecomputeSegment};
 use crate::{Error, Result};
 
@@ -339,7 +339,8 @@ fn run_cached(
 
 /// The ragged cached-mode forward on the pipeline's device: each distinct template step
 /// from the device tier when it came as a shared copy (`shared[i]` for segment `i`), else
-/// uploaded (as f16) for this call; the rows up, the prediction back.
+/// uploaded (as f16) for this call; the rows up, the kernels queued, then the steps asked
+/// for ahead uploaded on the copy stream while they run, and the prediction back.
 fn forward_ragged_on(
     pipe: &Pipeline,
     dev: &CudaDevice,
@@ -379,8 +380,22 @@ fn forward_ragged_on(
             device: &copies[slot].1,
         })
         .collect();
+    for (_, copy) in &copies {
+        copy.make_ready(dev)?;
+    }
     let rows = upload_f32(dev, rows)?;
     let out = pipe.unet.forward_gpu_ragged(dev, &rows, &device_segments)?;
+    // The kernels are queued: upload the next steps beside them. A failed upload only
+    // leaves its step to be uploaded when needed.
+    if let Some(tier) = pipe.device_steps() {
+        for host in pipe.take_device_prefetch() {
+            let bound = host.size_in_bytes() as u64;
+            let upload = |h: &StepCache| GpuStepCache::upload_ahead(dev, h);
+            if let Ok(Some(lookup)) = tier.prefetch(&host, bound, upload) {
+                metrics::counter!(DEVICE_STEP_PREFETCHES, "outcome" => lookup.name()).increment(1);
+            }
+        }
+    }
     Ok(out.download(dev)?)
 }
 

@@ -108,6 +108,15 @@ impl StepWindow {
             .map_err(EngineError::Failed)
     }
 
+    /// The activation cache of `step` if a memory tier holds it, without counting a hit or
+    /// moving it (a GPU worker uploading its next step ahead).
+    pub fn peek(&self, step: usize) -> Option<Arc<StepCache>> {
+        self.lease
+            .manager
+            .shared
+            .peek(&self.lease.template, step, self.worker)
+    }
+
     /// Entries `first..` of `step` read from disk in order into `stream`, for one forward
     /// that recomputes the units before them and reads the rest as they arrive; the partial
     /// step enters no tier. Ok is the bytes read; on an error every entry not read is failed.

@@ -73,6 +73,21 @@ impl Shared {
         Ok(None)
     }
 
+    /// The activation cache of `step` if a memory tier holds it (this worker's first), for a
+    /// look ahead: no hit is counted and nothing moves between tiers.
+    pub(super) fn peek(
+        &self,
+        template: &TemplateCache,
+        step: usize,
+        worker: usize,
+    ) -> Option<Arc<StepCache>> {
+        let entry = self.index.get(&template.key(step))?;
+        entry
+            .get(Tier::Device(worker))
+            .cloned()
+            .or_else(|| entry.host.clone())
+    }
+
     /// A step's entries from `first` on, read from disk in order into `stream` for one
     /// forward that recomputes the units before them and reads the rest as they arrive (a
     /// miss). The partial step goes into no tier: other requests want whole steps. Every
