@@ -9,7 +9,7 @@ use super::ops::{grid_stride, len_u32};
 use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
 use crate::Result;
 use crate::error::shape_err;
-use crate::ops::lora::{check_adapter, check_lora_segments};
+use crate::ops::lora::{LoraBatch, check_adapter, check_lora_segments};
 
 /// One request of [`CudaDevice::lora_segments`], as [`crate::LoraSegment`] with the adapter
 /// in device memory (f32).
@@ -71,25 +71,10 @@ impl CudaDevice {
         segments: &[CudaLoraSegment<'_>],
     ) -> Result<()> {
         const OP: &str = "lora_segments";
-        let (&[n, inp], &[y_rows, out]) = (x.shape(), y.shape()) else {
-            return shape_err(
-                OP,
-                format!(
-                    "x and y must be matrices, got {:?} and {:?}",
-                    x.shape(),
-                    y.shape()
-                ),
-            );
-        };
-        if y_rows != n {
-            return shape_err(
-                OP,
-                format!("x {:?} and y {:?} differ in rows", x.shape(), y.shape()),
-            );
-        }
-        let ranks = check_lora_segments(
+        let LoraBatch { n, inp, out, ranks } = check_lora_segments(
             OP,
-            (n, inp, out),
+            x.shape(),
+            y.shape(),
             segments
                 .iter()
                 .map(|s| (&s.rows, s.up.shape(), s.down.shape())),

@@ -57,14 +57,30 @@ pub(crate) fn check_adapter(
     Ok(rank)
 }
 
-/// Checks an unmerged batch over `x = [n, inp]` and `y = [n, out]`: segments' rows ascending,
-/// disjoint and inside, each adapter (`(rows, up shape, down shape)`) fitting. Returns the
-/// ranks.
+/// The shapes of an unmerged batch, checked: `x = [n, inp]`, `y = [n, out]`.
+pub(crate) struct LoraBatch {
+    pub n: usize,
+    pub inp: usize,
+    pub out: usize,
+    /// Each segment's adapter rank.
+    pub ranks: Vec<usize>,
+}
+
+/// Checks an unmerged batch (`x`, `y` and each segment's `(rows, up shape, down shape)` as
+/// shapes): `x = [n, inp]` and `y = [n, out]`, segments' rows ascending, disjoint and
+/// inside, each adapter fitting.
 pub(crate) fn check_lora_segments<'a>(
     op: &'static str,
-    (n, inp, out): (usize, usize, usize),
+    x: &[usize],
+    y: &[usize],
     segments: impl IntoIterator<Item = (&'a Range<usize>, &'a [usize], &'a [usize])>,
-) -> Result<Vec<usize>> {
+) -> Result<LoraBatch> {
+    let (&[n, inp], &[y_rows, out]) = (x, y) else {
+        return shape_err(op, format!("x and y must be matrices, got {x:?} and {y:?}"));
+    };
+    if y_rows != n {
+        return shape_err(op, format!("x {x:?} and y {y:?} differ in rows"));
+    }
     let mut previous_end = 0;
     let mut ranks = Vec::new();
     for (i, (rows, up, down)) in segments.into_iter().enumerate() {
@@ -77,7 +93,7 @@ pub(crate) fn check_lora_segments<'a>(
         previous_end = rows.end;
         ranks.push(check_adapter(op, out, inp, up, down)?);
     }
-    Ok(ranks)
+    Ok(LoraBatch { n, inp, out, ranks })
 }
 
 impl Tensor {
@@ -126,19 +142,12 @@ impl Tensor {
     /// each segment, with `x = [n, in]` (self) and `y = [n, out]`. Segments must not overlap.
     pub fn lora_segments(&self, y: &mut Tensor, segments: &[LoraSegment<'_>]) -> Result<()> {
         const OP: &str = "lora_segments";
-        self.check_rank(OP, 2)?;
-        y.check_rank(OP, 2)?;
-        let (n, inp) = (self.shape()[0], self.shape()[1]);
-        let out = y.shape()[1];
-        if y.shape()[0] != n {
-            return shape_err(
-                OP,
-                format!("x {:?} and y {:?} differ in rows", self.shape(), y.shape()),
-            );
-        }
-        let ranks = check_lora_segments(
+        let LoraBatch {
+            inp, out, ranks, ..
+        } = check_lora_segments(
             OP,
-            (n, inp, out),
+            self.shape(),
+            y.shape(),
             segments
                 .iter()
                 .map(|s| (&s.rows, s.up.shape(), s.down.shape())),
