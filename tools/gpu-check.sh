@@ -92,6 +92,9 @@ run_checks() {
     if [ "$up" = 1 ]; then
         timeout 100 "$bin" replay --url "http://127.0.0.1:$port" --rates 2 --requests 20 \
             --templates 2 --seed 0 || echo "replay exit status $?"
+        echo "-- the device tier's counters after the replay"
+        python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$port/metrics', timeout=5).read().decode())" \
+            | grep -E '^retouch_device_step_' || echo "(no device-tier counters)"
     else
         echo "serve did not come up:"
         tail -20 "$out/serve.log"
