@@ -3,14 +3,15 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::ops::len_u32;
 use super::{CudaDevice, CudaTensor, address_table, driver_err};
 use crate::error::{invalid, shape_err};
 use crate::ops::attention::{
-    check_masked_inputs, check_masked_segments, check_ragged_segments, heads_of,
+    check_masked_inputs, check_masked_segments, check_ragged_inputs, check_ragged_segments,
+    heads_of,
 };
 use crate::{RaggedSegment, Result, TokenSet};
 
@@ -175,20 +176,19 @@ impl CudaDevice {
             key_len: s.tokens.grid_len(),
             row_of: Some(s.tokens.row_of()),
         }));
-        let stream = self.stream();
-        let (cached_k, k_guards) =
-            address_table(stream, OP, segments.iter().map(|s| &s.cached_k.data))?;
-        let (cached_v, v_guards) =
-            address_table(stream, OP, segments.iter().map(|s| &s.cached_v.data))?;
-        let out = self.masked_flash(
-            q,
-            k_fresh,
-            v_fresh,
-            Some((&cached_k, &cached_v)),
-            &plan,
-            heads,
+        // One table, every segment's keys then every segment's values.
+        let n = segments.len();
+        let (cached, guards) = address_table(
+            self.stream(),
+            OP,
+            segments
+                .iter()
+                .map(|s| &s.cached_k.data)
+                .chain(segments.iter().map(|s| &s.cached_v.data)),
         )?;
-        drop((k_guards, v_guards));
+        let tables = (cached.slice(..n), cached.slice(n..));
+        let out = self.masked_flash(q, k_fresh, v_fresh, Some(tables), &plan, heads)?;
+        drop(guards);
         Ok(out)
     }
 
@@ -205,27 +205,7 @@ impl CudaDevice {
         heads: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "ragged_attention";
-        let (&[rows, c], &[key_rows, kc]) = (q.shape(), k.shape()) else {
-            return shape_err(
-                OP,
-                format!(
-                    "q and k must be [rows, c], got {:?} and {:?}",
-                    q.shape(),
-                    k.shape()
-                ),
-            );
-        };
-        if kc != c || k.shape() != v.shape() {
-            return shape_err(
-                OP,
-                format!(
-                    "q {:?}, k {:?}, v {:?} do not agree",
-                    q.shape(),
-                    k.shape(),
-                    v.shape()
-                ),
-            );
-        }
+        let (rows, c, key_rows) = check_ragged_inputs(OP, q.shape(), k.shape(), v.shape())?;
         let d = heads_of(OP, c, heads)?.head_dim;
         check_ragged_segments(OP, rows, key_rows, segments)?;
         if !flash_fits(d) {
@@ -241,13 +221,14 @@ impl CudaDevice {
     }
 
     /// Launches `attention_masked_flash_f32` over `plan`'s tiles; `cached` holds the address
-    /// tables of the segments' f16 keys and values when the plan maps grid positions.
+    /// tables of the segments' f16 keys and values when the plan maps grid positions. The
+    /// plan's three tables go up in one copy.
     fn masked_flash(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
-        cached: Option<(&CudaSlice<u64>, &CudaSlice<u64>)>,
+        cached: Option<(CudaView<'_, u64>, CudaView<'_, u64>)>,
         plan: &FlashPlan,
         heads: usize,
     ) -> Result<CudaTensor> {
@@ -264,32 +245,27 @@ impl CudaDevice {
             return Ok(out);
         }
         let stream = self.stream();
-        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(K));
-        // Kernels take no empty buffers: a one-element stand-in where nothing is read.
-        let row_of = up(if plan.row_of.is_empty() {
-            &[0]
-        } else {
-            &plan.row_of
-        })?;
-        let (tiles_d, segs_d) = (up(&plan.tiles)?, up(&plan.segs)?);
-        let stand_in;
-        let (cached_k, cached_v) = match cached {
-            Some(tables) => tables,
-            None => {
-                stand_in = stream.clone_htod(&[0u64]).map_err(driver_err(K))?;
-                (&stand_in, &stand_in)
-            }
-        };
+        let packed = [&plan.segs[..], &plan.tiles, &plan.row_of].concat();
+        let tables = stream.clone_htod(&packed).map_err(driver_err(K))?;
+        let (segs_end, tiles_end) = (plan.segs.len(), plan.segs.len() + plan.tiles.len());
+        // Without maps, `row_of` is an empty view at the end: never read.
+        let (segs_d, tiles_d, row_of_d) = (
+            tables.slice(..segs_end),
+            tables.slice(segs_end..tiles_end),
+            tables.slice(tiles_end..),
+        );
         let (heads_u, d_u) = (heads as u32, d as u32);
         let scale = 1.0 / (d as f32).sqrt();
         let has_cache = u32::from(cached.is_some());
+        // Null address tables where no cache is read.
+        let null = 0u64;
         let mut l = stream.launch_builder(self.function(K)?);
-        l.arg(&q.data)
-            .arg(&k.data)
-            .arg(&v.data)
-            .arg(cached_k)
-            .arg(cached_v)
-            .arg(&row_of)
+        l.arg(&q.data).arg(&k.data).arg(&v.data);
+        match &cached {
+            Some((keys, values)) => l.arg(keys).arg(values),
+            None => l.arg(&null).arg(&null),
+        };
+        l.arg(&row_of_d)
             .arg(&tiles_d)
             .arg(&segs_d)
             .arg(&mut out.data)
@@ -306,7 +282,8 @@ impl CudaDevice {
         // tiles, segs, out, heads, d, scale, has_cache)`. The segments were checked: query
         // rows inside `q` and `out`, fresh key rows inside `k`/`v` (`row_of` holds indices
         // below each segment's active count, or u32::MAX), cached maps of `key_len * c` values
-        // at live addresses borrowed for this call; the tiles name only those segments.
+        // at live addresses borrowed for this call (null tables only with `has_cache == 0`,
+        // when the kernel reads none); the tiles name only those segments.
         self.launched(K, unsafe { l.launch(cfg) })?;
         Ok(out)
     }

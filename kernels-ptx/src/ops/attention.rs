@@ -23,6 +23,26 @@ pub(crate) fn heads_of(op: &'static str, channels: usize, heads: usize) -> Resul
     })
 }
 
+/// Checks a ragged batch's packed inputs: `q = [rows, c]`, `k = v = [key_rows, c]`. Returns
+/// `(rows, c, key_rows)`.
+pub(crate) fn check_ragged_inputs(
+    op: &'static str,
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+) -> Result<(usize, usize, usize)> {
+    let (&[rows, c], &[key_rows, kc]) = (q, k) else {
+        return shape_err(
+            op,
+            format!("q and k must be [rows, c], got {q:?} and {k:?}"),
+        );
+    };
+    if kc != c || k != v {
+        return shape_err(op, format!("q {q:?}, k {k:?}, v {v:?} do not agree"));
+    }
+    Ok((rows, c, key_rows))
+}
+
 /// Checks a ragged batch's segments over `rows` query rows and `key_rows` key rows: query
 /// ranges ascending and disjoint, key ranges inside, none empty where it has queries.
 pub(crate) fn check_ragged_segments(
@@ -208,24 +228,9 @@ impl Tensor {
         heads: usize,
     ) -> Result<Tensor> {
         const OP: &str = "ragged_attention";
-        q.check_rank(OP, 2)?;
-        k.check_rank(OP, 2)?;
-        let &[rows, c] = q.shape() else {
-            unreachable!()
-        };
-        if k.shape()[1] != c || k.shape() != v.shape() {
-            return shape_err(
-                OP,
-                format!(
-                    "q {:?}, k {:?}, v {:?} do not agree",
-                    q.shape(),
-                    k.shape(),
-                    v.shape()
-                ),
-            );
-        }
+        let (rows, c, key_rows) = check_ragged_inputs(OP, q.shape(), k.shape(), v.shape())?;
         let h = heads_of(OP, c, heads)?;
-        check_ragged_segments(OP, rows, k.shape()[0], segments)?;
+        check_ragged_segments(OP, rows, key_rows, segments)?;
         let sequences: Vec<Sequence> = segments
             .iter()
             .map(|s| Sequence {

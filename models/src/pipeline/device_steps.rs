@@ -4,9 +4,10 @@
 //!
 //! A resident copy is keyed by the identity of the shared host copy it was made from (the
 //! runtime's memory tiers hand steps out as `Arc<StepCache>`). The tier holds only a `Weak`
-//! to it: while the host copy lives its address names it alone, and once it is gone (evicted
-//! from the host tiers, or its template deleted) the device copy is dropped at the next
-//! lookup rather than matched to a new step at the same address. Copies beyond the byte
+//! to it, which keeps the address from being reused by another step without keeping the step
+//! itself; once the host copy is gone (evicted from the host tiers, or its template deleted)
+//! the device copy is dropped at the next lookup, and a reload of that step (a new `Arc`) is
+//! uploaded afresh. Copies beyond the byte
 //! budget are evicted least recently used first; one in use by a running call stays alive
 //! (its `Arc`) until that call ends.
 
@@ -94,11 +95,8 @@ impl<H, D: DeviceBytes> DeviceSteps<H, D> {
         state.clock += 1;
         let now = state.clock;
         state.drop_orphans();
-        if let Some(r) = state
-            .resident
-            .iter_mut()
-            .find(|r| std::ptr::eq(r.host.as_ptr(), Arc::as_ptr(host)))
-        {
+        if let Some(at) = state.position(host) {
+            let r = &mut state.resident[at];
             r.last_use = now;
             return Ok((Arc::clone(&r.device), Lookup::Hit));
         }
@@ -144,10 +142,7 @@ impl<H, D: DeviceBytes> DeviceSteps<H, D> {
     /// Whether a copy of `host` is resident.
     pub fn holds(&self, host: &Arc<H>) -> bool {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state
-            .resident
-            .iter()
-            .any(|r| std::ptr::eq(r.host.as_ptr(), Arc::as_ptr(host)) && r.host.strong_count() > 0)
+        state.position(host).is_some()
     }
 
     /// Bytes of the resident copies.
@@ -167,6 +162,14 @@ impl<H, D: DeviceBytes> DeviceSteps<H, D> {
 }
 
 impl<H, D> State<H, D> {
+    /// Where `host`'s copy is. A `Weak` keeps its value's allocation (not the value), so no
+    /// other value can sit at the address of one an entry was made from.
+    fn position(&self, host: &Arc<H>) -> Option<usize> {
+        self.resident
+            .iter()
+            .position(|r| std::ptr::eq(r.host.as_ptr(), Arc::as_ptr(host)))
+    }
+
     /// Drops the copies whose host value is gone.
     fn drop_orphans(&mut self) {
         let mut freed = 0;
