@@ -9,6 +9,28 @@ fn retouch(args: &[&str]) -> std::process::Output {
         .expect("retouch runs")
 }
 
+/// Writes a random `tiny` pipeline into a fresh temporary folder named for `tag`; a failure
+/// shows what `random-model` printed.
+fn random_tiny_model(tag: &str) -> std::path::PathBuf {
+    let model = std::env::temp_dir().join(format!("retouch-cli-{tag}-{}", std::process::id()));
+    let out = retouch(&[
+        "random-model",
+        "--preset",
+        "tiny",
+        "--force",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "random-model --out {}: {}{}",
+        model.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
+
 #[test]
 fn bench_reports_masked_ops_against_their_dense_version() {
     let out = retouch(&[
@@ -173,16 +195,7 @@ fn tokenize_prints_padded_ids() {
 /// each edit; `--markdown` writes the table.
 #[test]
 fn replay_matrix_reports_every_configuration() {
-    let model = std::env::temp_dir().join(format!("retouch-cli-replay-{}", std::process::id()));
-    let out = retouch(&[
-        "random-model",
-        "--preset",
-        "tiny",
-        "--force",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
+    let model = random_tiny_model("replay");
     let md = model.join("replay.md");
     let run = retouch(&[
         "replay",
@@ -277,16 +290,7 @@ fn serve_answers_and_stops_on_ctrl_c() {
     use std::net::{TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 
-    let model = std::env::temp_dir().join(format!("retouch-cli-serve-{}", std::process::id()));
-    let out = retouch(&[
-        "random-model",
-        "--preset",
-        "tiny",
-        "--force",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
+    let model = random_tiny_model("serve");
     // A free port: bind, read it back, release it for the server.
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
