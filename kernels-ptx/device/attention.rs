@@ -245,7 +245,7 @@ pub unsafe extern "ptx-kernel" fn attention_tiles_f32(
 }
 
 /// How many keys query row `r` attends to: all `lk`, or `0..=r` when causal.
-fn keys_seen(r: u32, lk: u32, causal: u32) -> u32 {
+pub(crate) fn keys_seen(r: u32, lk: u32, causal: u32) -> u32 {
     if causal != 0 && r + 1 < lk { r + 1 } else { lk }
 }
 
@@ -260,6 +260,7 @@ macro_rules! unroll {
         })*
     };
 }
+pub(crate) use unroll;
 
 /// Queries per block of [`attention_flash_f32`].
 pub const FLASH_Q: u32 = 64;
@@ -297,10 +298,25 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
     scale: f32,
     causal: u32,
 ) {
+    let source = unsafe { dense_source([q, k, v], out, lq, lk, heads, d) };
+    unsafe { flash_block(&source, block() * FLASH_Q, d, scale, causal) };
+}
+
+/// The sequence and head of this block of a dense flash launch (block `y` is
+/// `batch * heads + head`).
+#[inline(always)]
+pub(crate) unsafe fn dense_source(
+    [q, k, v]: [*const f32; 3],
+    out: *mut f32,
+    lq: u32,
+    lk: u32,
+    heads: u32,
+    d: u32,
+) -> DenseHead {
     let (b, h) = (block_y() / heads, block_y() % heads);
     let c = (heads * d) as usize;
     let head = (h * d) as usize;
-    let source = DenseHead {
+    DenseHead {
         q: unsafe { q.add(b as usize * lq as usize * c + head) },
         k: unsafe { k.add(b as usize * lk as usize * c + head) },
         v: unsafe { v.add(b as usize * lk as usize * c + head) },
@@ -308,8 +324,7 @@ pub unsafe extern "ptx-kernel" fn attention_flash_f32(
         lq,
         lk,
         c,
-    };
-    unsafe { flash_block(&source, block() * FLASH_Q, d, scale, causal) };
+    }
 }
 
 /// Attention over a ragged batch, tiled as [`attention_flash_f32`]. The rows of
@@ -345,6 +360,37 @@ pub unsafe extern "ptx-kernel" fn attention_masked_flash_f32(
     scale: f32,
     has_cache: u32,
 ) {
+    let (source, q0) = unsafe {
+        masked_source(
+            [q, k, v],
+            [cached_k, cached_v],
+            row_of,
+            tiles,
+            segs,
+            out,
+            heads,
+            d,
+            has_cache,
+        )
+    };
+    unsafe { flash_block(&source, q0, d, scale, 0) };
+}
+
+/// The segment, head and first query row of this block of a masked flash launch (see
+/// [`attention_masked_flash_f32`] for the tables).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn masked_source(
+    [q, k, v]: [*const f32; 3],
+    [cached_k, cached_v]: [*const u64; 2],
+    row_of: *const u32,
+    tiles: *const u32,
+    segs: *const u32,
+    out: *mut f32,
+    heads: u32,
+    d: u32,
+    has_cache: u32,
+) -> (MaskedHead, u32) {
     let tile = block() as usize;
     let (s, q0) = unsafe { (*tiles.add(2 * tile), *tiles.add(2 * tile + 1)) };
     let seg = unsafe { segs.add(5 * s as usize) };
@@ -367,7 +413,7 @@ pub unsafe extern "ptx-kernel" fn attention_masked_flash_f32(
         row_of: unsafe { row_of.add(map_start as usize) },
         has_cache: has_cache != 0,
     };
-    unsafe { flash_block(&source, q0, d, scale, 0) };
+    (source, q0)
 }
 
 /// Segment `s`'s f16 map from an address table, at column `head`; null without a cache.
@@ -383,7 +429,7 @@ unsafe fn segment_map(table: *const u64, has_cache: u32, s: u32, head: usize) ->
 /// Where one block of [`flash_block`] reads its queries, keys and values and writes its
 /// outputs: the rows of one sequence and head ([`DenseHead`]), keys read from its rows unless
 /// the source says otherwise.
-trait FlashSource {
+pub(crate) trait FlashSource {
     fn head(&self) -> &DenseHead;
     /// Element `t` of key `key` and of its value; `key < lk`.
     #[inline(always)]
@@ -396,25 +442,25 @@ trait FlashSource {
 
 /// One sequence and head of row-major `[len, c]` queries, keys, values and outputs, pointers
 /// at the sequence's first row and the head's first column.
-struct DenseHead {
-    q: *const f32,
-    k: *const f32,
-    v: *const f32,
-    out: *mut f32,
-    lq: u32,
-    lk: u32,
-    c: usize,
+pub(crate) struct DenseHead {
+    pub q: *const f32,
+    pub k: *const f32,
+    pub v: *const f32,
+    pub out: *mut f32,
+    pub lq: u32,
+    pub lk: u32,
+    pub c: usize,
 }
 
 impl DenseHead {
     /// Element `t` of query row `row`; `row < lq`.
     #[inline(always)]
-    unsafe fn query(&self, row: u32, t: u32) -> f32 {
+    pub unsafe fn query(&self, row: u32, t: u32) -> f32 {
         unsafe { *self.q.add(row as usize * self.c + t as usize) }
     }
     /// The head's first output element of row `row`.
     #[inline(always)]
-    unsafe fn out_row(&self, row: u32) -> *mut f32 {
+    pub unsafe fn out_row(&self, row: u32) -> *mut f32 {
         unsafe { self.out.add(row as usize * self.c) }
     }
 }
@@ -429,7 +475,7 @@ impl FlashSource for DenseHead {
 /// One segment and head of [`attention_masked_flash_f32`]: `rows` at the segment's first
 /// query row (`q`, `out`) and first fresh key row (`k`, `v`); with `has_cache`, `row_of` at
 /// its grid's map and the f16 maps at the head's first column.
-struct MaskedHead {
+pub(crate) struct MaskedHead {
     rows: DenseHead,
     cached_k: *const f16,
     cached_v: *const f16,

@@ -15,7 +15,7 @@
 //! a channels-last map gathered on the fly (`conv2d_f32`: implicit GEMM, no im2col buffer in
 //! global memory), or a masked conv's patches, each neighbour read from the fresh rows when
 //! its position is active and from the template's cached map otherwise
-//! (`masked_conv2d_cache_f32` / `_f16`, the CPU's `MaskedInput`). Each thread loads the same
+//! (`masked_conv2d_cache_f32` / `_f16` / `_bf16`, the CPU's `MaskedInput`). Each thread loads the same
 //! 8 rows of A on every k-step, so the per-row work (output position -> input coordinates,
 //! the divisions) happens once per kernel, in `ALoad::row`.
 //!
@@ -643,6 +643,12 @@ impl Widen for f16 {
         self as f32
     }
 }
+impl Widen for crate::bf16::Bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// The CPU's `MaskedInput` per map (segment): `fresh[map]` are its fresh rows `[active, cin]`,
 /// `cached[map]` its template's map `[h * w, cin]` (device addresses, one per map), and
@@ -808,3 +814,4 @@ macro_rules! masked_conv_kernel {
 }
 masked_conv_kernel!(masked_conv2d_cache_f32, f32);
 masked_conv_kernel!(masked_conv2d_cache_f16, f16);
+masked_conv_kernel!(masked_conv2d_cache_bf16, crate::bf16::Bf16);

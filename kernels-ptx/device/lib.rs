@@ -23,6 +23,8 @@
 #![rustc_coherence_is_core]
 
 mod attention;
+mod attention_mma;
+mod bf16;
 mod elementwise;
 mod gemm;
 mod gpu;

@@ -2,13 +2,15 @@
 //!
 //! One thread per weight element; the rank is small (4-128), so each thread's dot product
 //! is short, `down[r, i]` reads coalesce across a warp and `up[o, r]` is one broadcast
-//! address per warp. Accumulation in f32; an f16 weight is widened, patched and rounded once.
+//! address per warp. Accumulation in f32; an f16 or bf16 weight is widened, patched and
+//! rounded once.
 //!
 //! Launch: 1-D grid-stride over `out * in` elements, any grid and block.
 //!
 //! The unmerged path (`lora_shrink_segments_f32`, `lora_expand_segments_f32`) applies each
 //! segment's own adapter to its rows without touching the weight.
 
+use crate::bf16::Bf16;
 use crate::elementwise::grid_stride;
 use crate::gpu::{block, block_dim, grid_dim, thread, warp_sum};
 
@@ -59,6 +61,25 @@ pub unsafe extern "ptx-kernel" fn lora_patch_f16(
         unsafe {
             let p = w.add(i as usize);
             *p = (*p as f32 + scale * d) as f16;
+        }
+    });
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn lora_patch_bf16(
+    w: *mut Bf16,
+    up: *const f32,
+    down: *const f32,
+    n: u32,
+    inp: u32,
+    rank: u32,
+    scale: f32,
+) {
+    grid_stride!(n, |i| {
+        let d = delta(up, down, i, inp, rank);
+        unsafe {
+            let p = w.add(i as usize);
+            *p = Bf16::from_f32((*p).to_f32() + scale * d);
         }
     });
 }

@@ -90,29 +90,27 @@ impl CudaDevice {
         if q.elem_count() == 0 || lk == 0 {
             return Ok(out);
         }
+        let flash = FlashKernel::choose(kernel, d);
         let kernel = match kernel {
-            AttentionKernel::Flash if !flash_fits(d) => AttentionKernel::Tiles,
+            AttentionKernel::Flash | AttentionKernel::FlashMma if flash.is_none() => {
+                AttentionKernel::Tiles
+            }
             other => other,
         };
-        let (name, rows_per_block, threads, shared_floats) = match (kernel, tile_warps(d)) {
-            (AttentionKernel::Flash, _) => (
-                "attention_flash_f32",
-                FLASH_Q,
-                FLASH_THREADS,
-                flash_shared_floats(d),
-            ),
-            (AttentionKernel::Tiles, Some(warps)) => (
+        let (name, rows_per_block, threads, shared_bytes) = match (flash, kernel, tile_warps(d)) {
+            (Some(flash), _, _) => (flash.dense, FLASH_Q, FLASH_THREADS, flash.shared_bytes),
+            (None, AttentionKernel::Tiles, Some(warps)) => (
                 "attention_tiles_f32",
                 warps,
                 32 * warps,
-                tiles_shared_floats(warps, d),
+                tiles_shared_floats(warps, d) * 4,
             ),
             // Each warp's scaled query and accumulator.
             _ => (
                 "attention_rows_f32",
                 ROW_WARPS,
                 32 * ROW_WARPS,
-                ROW_WARPS * 2 * d as u32,
+                ROW_WARPS * 2 * d as u32 * 4,
             ),
         };
         let (lq_u, lk_u, heads_u, d_u) = (lq as u32, lk as u32, heads as u32, d as u32);
@@ -132,9 +130,9 @@ impl CudaDevice {
         let cfg = LaunchConfig {
             grid_dim: (lq_u.div_ceil(rows_per_block), (batch * heads) as u32, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: shared_floats * 4,
+            shared_mem_bytes: shared_bytes,
         };
-        // SAFETY: the three kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
+        // SAFETY: the kernels take `(q, k, v, out, lq, lk, heads, d, scale, causal)`; shapes
         // checked above, the shared memory sized by the kernel's own rule.
         self.launched(name, unsafe { l.launch(cfg) })?;
         Ok(out)
@@ -167,9 +165,9 @@ impl CudaDevice {
                 (&s.rows, s.tokens, cached)
             }),
         )?;
-        if !flash_fits(d) {
+        let Some(flash) = FlashKernel::choose(self.attention_kernel(), d) else {
             return self.masked_attention_per_segment(q, k_fresh, v_fresh, segments, heads);
-        }
+        };
         let plan = FlashPlan::new(segments.iter().map(|s| FlashSegment {
             queries: s.rows.clone(),
             key_start: s.rows.start,
@@ -187,7 +185,7 @@ impl CudaDevice {
                 .chain(segments.iter().map(|s| &s.cached_v.data)),
         )?;
         let tables = (cached.slice(..n), cached.slice(n..));
-        let out = self.masked_flash(q, k_fresh, v_fresh, Some(tables), &plan, heads)?;
+        let out = self.masked_flash(flash, q, k_fresh, v_fresh, Some(tables), &plan, heads)?;
         drop(guards);
         Ok(out)
     }
@@ -208,23 +206,25 @@ impl CudaDevice {
         let (rows, c, key_rows) = check_ragged_inputs(OP, q.shape(), k.shape(), v.shape())?;
         let d = heads_of(OP, c, heads)?.head_dim;
         check_ragged_segments(OP, rows, key_rows, segments)?;
-        if !flash_fits(d) {
+        let Some(flash) = FlashKernel::choose(self.attention_kernel(), d) else {
             return self.ragged_attention_per_segment(q, k, v, segments, heads);
-        }
+        };
         let plan = FlashPlan::new(segments.iter().map(|s| FlashSegment {
             queries: s.queries.clone(),
             key_start: s.keys.start,
             key_len: s.keys.len(),
             row_of: None,
         }));
-        self.masked_flash(q, k, v, None, &plan, heads)
+        self.masked_flash(flash, q, k, v, None, &plan, heads)
     }
 
-    /// Launches `attention_masked_flash_f32` over `plan`'s tiles; `cached` holds the address
+    /// Launches `flash`'s masked kernel over `plan`'s tiles; `cached` holds the address
     /// tables of the segments' f16 keys and values when the plan maps grid positions. The
     /// plan's three tables go up in one copy.
+    #[allow(clippy::too_many_arguments)]
     fn masked_flash(
         &self,
+        flash: FlashKernel,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
@@ -232,21 +232,24 @@ impl CudaDevice {
         plan: &FlashPlan,
         heads: usize,
     ) -> Result<CudaTensor> {
-        const K: &str = "attention_masked_flash_f32";
+        let name = flash.masked;
         let c = q.shape()[1];
         let d = c / heads;
-        len_u32(K, q.elem_count().max(k.elem_count()).max(plan.row_of.len()))?;
+        len_u32(
+            name,
+            q.elem_count().max(k.elem_count()).max(plan.row_of.len()),
+        )?;
         if heads > 65_535 {
-            return invalid(K, format!("{heads} heads beyond the launch limits"));
+            return invalid(name, format!("{heads} heads beyond the launch limits"));
         }
         let mut out = CudaTensor::zeros(self, q.shape())?;
-        let tiles = len_u32(K, plan.tiles.len() / 2)?;
+        let tiles = len_u32(name, plan.tiles.len() / 2)?;
         if tiles == 0 {
             return Ok(out);
         }
         let stream = self.stream();
         let packed = [&plan.segs[..], &plan.tiles, &plan.row_of].concat();
-        let tables = stream.clone_htod(&packed).map_err(driver_err(K))?;
+        let tables = stream.clone_htod(&packed).map_err(driver_err(name))?;
         let (segs_end, tiles_end) = (plan.segs.len(), plan.segs.len() + plan.tiles.len());
         // Without maps, `row_of` is an empty view at the end: never read.
         let (segs_d, tiles_d, row_of_d) = (
@@ -259,7 +262,7 @@ impl CudaDevice {
         let has_cache = u32::from(cached.is_some());
         // Null address tables where no cache is read.
         let null = 0u64;
-        let mut l = stream.launch_builder(self.function(K)?);
+        let mut l = stream.launch_builder(self.function(name)?);
         l.arg(&q.data).arg(&k.data).arg(&v.data);
         match &cached {
             Some((keys, values)) => l.arg(keys).arg(values),
@@ -276,15 +279,16 @@ impl CudaDevice {
         let cfg = LaunchConfig {
             grid_dim: (tiles, heads_u, 1),
             block_dim: (FLASH_THREADS, 1, 1),
-            shared_mem_bytes: flash_shared_floats(d) * 4,
+            shared_mem_bytes: flash.shared_bytes,
         };
         // SAFETY: matches `attention_masked_flash_f32(q, k, v, cached_k, cached_v, row_of,
-        // tiles, segs, out, heads, d, scale, has_cache)`. The segments were checked: query
+        // tiles, segs, out, heads, d, scale, has_cache)`, which the tensor-core entries share
+        // (chosen for this `d`, with their own shared size). The segments were checked: query
         // rows inside `q` and `out`, fresh key rows inside `k`/`v` (`row_of` holds indices
         // below each segment's active count, or u32::MAX), cached maps of `key_len * c` values
         // at live addresses borrowed for this call (null tables only with `has_cache == 0`,
         // when the kernel reads none); the tiles name only those segments.
-        self.launched(K, unsafe { l.launch(cfg) })?;
+        self.launched(name, unsafe { l.launch(cfg) })?;
         Ok(out)
     }
 
@@ -413,6 +417,65 @@ pub enum AttentionKernel {
     Tiles,
     /// `attention_flash_f32`: 64 queries x 32 keys per step, register-tiled 4 x 4 per thread.
     Flash,
+    /// `attention_flash_mma_f16_d{40,64,80,160}`: 64 queries x 64 keys per step on tensor
+    /// cores (f16 products, f32 accumulation and softmax); other widths run `Flash`.
+    FlashMma,
+}
+
+/// A flash kernel pair for one head width: the dense entry, the masked/ragged entry (same
+/// tiling, arguments of `attention_masked_flash_f32`) and the launch's shared bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlashKernel {
+    dense: &'static str,
+    masked: &'static str,
+    shared_bytes: u32,
+}
+
+impl FlashKernel {
+    /// The flash kernels `kernel` runs for width `d`: the tensor-core pair where it has an
+    /// entry for `d`, else the f32 pair where its tiles take `d`; None for `Rows`, `Tiles`
+    /// and widths neither takes.
+    fn choose(kernel: AttentionKernel, d: usize) -> Option<FlashKernel> {
+        let mma = match (kernel, d) {
+            (AttentionKernel::FlashMma, 40) => Some((
+                "attention_flash_mma_f16_d40",
+                "attention_masked_flash_mma_f16_d40",
+            )),
+            (AttentionKernel::FlashMma, 64) => Some((
+                "attention_flash_mma_f16_d64",
+                "attention_masked_flash_mma_f16_d64",
+            )),
+            (AttentionKernel::FlashMma, 80) => Some((
+                "attention_flash_mma_f16_d80",
+                "attention_masked_flash_mma_f16_d80",
+            )),
+            (AttentionKernel::FlashMma, 160) => Some((
+                "attention_flash_mma_f16_d160",
+                "attention_masked_flash_mma_f16_d160",
+            )),
+            _ => None,
+        };
+        if let Some((dense, masked)) = mma {
+            return Some(FlashKernel {
+                dense,
+                masked,
+                shared_bytes: mma_shared_bytes(d),
+            });
+        }
+        let flash = matches!(kernel, AttentionKernel::Flash | AttentionKernel::FlashMma);
+        (flash && flash_fits(d)).then_some(FlashKernel {
+            dense: "attention_flash_f32",
+            masked: "attention_masked_flash_f32",
+            shared_bytes: flash_shared_floats(d) * 4,
+        })
+    }
+}
+
+/// Shared bytes of the tensor-core flash kernels (their module's rule): the query/key tile
+/// `[64][16 ceil(d / 16) + 8]` and the transposed value tile `[d][72]`, f16.
+fn mma_shared_bytes(d: usize) -> u32 {
+    let width = 16 * d.div_ceil(16) as u32;
+    2 * (64 * (width + 8) + d as u32 * 72)
 }
 
 /// Query rows per block and threads of `attention_flash_f32` (`FLASH_Q` in the kernel).
@@ -518,5 +581,31 @@ mod tests {
             assert!(tiles_shared_floats(w, d) * 4 <= SHARED_LIMIT_BYTES, "{d}");
         }
         assert_eq!(tile_warps(1024), None);
+    }
+
+    #[test]
+    fn flash_kernels_are_chosen_per_head_width() {
+        use AttentionKernel::*;
+        // Tensor cores for SD's widths, within the default shared memory.
+        for d in [40, 64, 80, 160] {
+            let k = FlashKernel::choose(FlashMma, d).unwrap();
+            assert_eq!(k.dense, format!("attention_flash_mma_f16_d{d}"));
+            assert_eq!(k.masked, format!("attention_masked_flash_mma_f16_d{d}"));
+            assert!(k.shared_bytes <= SHARED_LIMIT_BYTES, "{d}");
+            assert!(super::super::ptx::KERNELS.contains(&k.dense));
+            assert!(super::super::ptx::KERNELS.contains(&k.masked));
+        }
+        // d = 160: the [64][168] query/key tile and the [160][72] value tile, f16.
+        assert_eq!(mma_shared_bytes(160), 2 * (64 * 168 + 160 * 72));
+        // d = 40 pads the query/key tile to 48 columns.
+        assert_eq!(mma_shared_bytes(40), 2 * (64 * 56 + 40 * 72));
+        // Other widths: the f32 flash tiles where they fit, else none (tiles or rows).
+        let f32_flash = FlashKernel::choose(Flash, 32).unwrap();
+        assert_eq!(FlashKernel::choose(FlashMma, 32), Some(f32_flash));
+        assert_eq!(f32_flash.dense, "attention_flash_f32");
+        assert_eq!(FlashKernel::choose(FlashMma, 77), None);
+        assert_eq!(FlashKernel::choose(Flash, 160), None);
+        assert_eq!(FlashKernel::choose(Tiles, 40), None);
+        assert_eq!(FlashKernel::choose(Rows, 64), None);
     }
 }

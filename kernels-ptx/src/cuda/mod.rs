@@ -249,6 +249,7 @@ impl CudaDevice {
         match self.attention_kernel.load(Ordering::Relaxed) {
             k if k == AttentionKernel::Rows as u8 => AttentionKernel::Rows,
             k if k == AttentionKernel::Tiles as u8 => AttentionKernel::Tiles,
+            k if k == AttentionKernel::FlashMma as u8 => AttentionKernel::FlashMma,
             _ => AttentionKernel::Flash,
         }
     }

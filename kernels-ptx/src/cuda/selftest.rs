@@ -7,7 +7,7 @@
 //! The error of an element is `|gpu - cpu| / max(1, |cpu|)`: absolute for values up to 1,
 //! relative above, so one tolerance per op serves inputs of any scale.
 
-use half::f16;
+use half::{bf16, f16};
 
 use super::{
     AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
@@ -395,9 +395,23 @@ impl Runner<'_> {
             // One f16 rounding apart at most (the f32 sums differ in order).
             self.checks.push(Check {
                 op: "lora_patch_f16",
-                size,
+                size: size.clone(),
                 max_err: max_err(&got, &want),
                 tolerance: 2e-3,
+            });
+
+            let w_bf16 = w.to_dtype(DType::BF16)?;
+            let mut want = w_bf16.clone();
+            want.lora_patch(&up, &down, 0.75)?;
+            let mut gw = CudaTensor::<bf16>::upload(self.dev, &w_bf16)?;
+            self.dev.lora_patch(&mut gw, &gu, &gd, 0.75)?;
+            let got = gw.download(self.dev)?;
+            // One bf16 rounding apart at most (8-bit significands: 2^-8 relative).
+            self.checks.push(Check {
+                op: "lora_patch_bf16",
+                size,
+                max_err: max_err(&got, &want),
+                tolerance: 1.6e-2,
             });
         }
         self.lora_segments()
@@ -487,11 +501,12 @@ impl Runner<'_> {
                 ("attention", AttentionKernel::Rows),
                 ("attention_tiles", AttentionKernel::Tiles),
                 ("attention_flash", AttentionKernel::Flash),
+                ("attention_flash_mma", AttentionKernel::FlashMma),
             ] {
                 let got = self
                     .dev
                     .attention_with(kernel, &gq, &gk, &gv, heads, causal)?;
-                self.record(op, size.clone(), &got, &want, 1e-4)?;
+                self.record(op, size.clone(), &got, &want, attention_tol(kernel))?;
             }
         }
         self.masked_attention()?;
@@ -560,11 +575,16 @@ impl Runner<'_> {
                 })
                 .collect();
             let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
-            let got = self
-                .dev
-                .masked_attention(&gq, &gk, &gv, &gpu_segments, heads)?;
             let size = format!("{} seg {h}x{w}x{c} h{heads}, {rows} rows", percents.len());
-            self.record("masked_attention", size, &got, &want, 1e-4)?;
+            for (op, kernel) in [
+                ("masked_attention", AttentionKernel::Flash),
+                ("masked_attention_mma", AttentionKernel::FlashMma),
+            ] {
+                let got = self.with_attention_kernel(kernel, |dev| {
+                    dev.masked_attention(&gq, &gk, &gv, &gpu_segments, heads)
+                })?;
+                self.record(op, size.clone(), &got, &want, attention_tol(kernel))?;
+            }
         }
         Ok(())
     }
@@ -584,13 +604,56 @@ impl Runner<'_> {
             let segments = RaggedSegment::each_to_own_keys(counts, tokens);
             let want = Tensor::ragged_attention(&q, &k, &v, &segments, heads)?;
             let (gq, gk, gv) = (self.up(&q)?, self.up(&k)?, self.up(&v)?);
-            let got = self.dev.ragged_attention(&gq, &gk, &gv, &segments, heads)?;
             let size = format!("{} seg x{tokens} keys, {rows}x{c} h{heads}", counts.len());
-            self.record("ragged_attention", size, &got, &want, 1e-4)?;
+            for (op, kernel) in [
+                ("ragged_attention", AttentionKernel::Flash),
+                ("ragged_attention_mma", AttentionKernel::FlashMma),
+            ] {
+                let got = self.with_attention_kernel(kernel, |dev| {
+                    dev.ragged_attention(&gq, &gk, &gv, &segments, heads)
+                })?;
+                self.record(op, size.clone(), &got, &want, attention_tol(kernel))?;
+            }
         }
         Ok(())
     }
 }
+
+impl Runner<'_> {
+    /// Runs `f` with the device's attention kernel set to `kernel`, then restores it.
+    fn with_attention_kernel<T>(
+        &self,
+        kernel: AttentionKernel,
+        f: impl FnOnce(&CudaDevice) -> Result<T>,
+    ) -> Result<T> {
+        let chosen = self.dev.attention_kernel();
+        self.dev.set_attention_kernel(kernel);
+        let out = f(self.dev);
+        self.dev.set_attention_kernel(chosen);
+        out
+    }
+}
+
+/// Tolerance of an attention check: f32 kernels sum in another order than the CPU; the
+/// tensor-core kernels round queries, keys, values and probabilities to f16 (11-bit
+/// significands) on the way in, so outputs of unit-variance inputs move by up to ~3e-3.
+fn attention_tol(kernel: AttentionKernel) -> f32 {
+    match kernel {
+        AttentionKernel::FlashMma => 1e-2,
+        _ => 1e-4,
+    }
+}
+
+/// A masked conv check's weight, per-segment fresh rows, active sets, cached maps and
+/// outputs, and the conv's parameters.
+type MaskedConvArgs<'a> = (
+    &'a CudaConv2dWeight,
+    &'a [Tensor],
+    &'a [TokenSet],
+    &'a [Tensor],
+    &'a [TokenSet],
+    Conv2dParams,
+);
 
 /// A segment's rows and its adapter's rank.
 type RowsRank = (std::ops::Range<usize>, usize);
@@ -811,7 +874,7 @@ impl Runner<'_> {
                 "2 seg 7x9x{cin}->{cout} /{stride} {} out",
                 if all_outputs { "all" } else { "30%" }
             );
-            for dtype in [DType::F32, DType::F16] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let cached_t = cached
                     .iter()
                     .map(|c| c.to_dtype(dtype))
@@ -825,16 +888,11 @@ impl Runner<'_> {
                     })
                     .collect();
                 let want = wt.masked_conv2d(&segs, p)?;
-                let (op, got) = if dtype == DType::F32 {
-                    (
-                        "masked_conv_f32",
-                        self.masked::<f32>(&gw, &fresh, &active, &cached_t, &outputs, p)?,
-                    )
-                } else {
-                    (
-                        "masked_conv_f16",
-                        self.masked::<f16>(&gw, &fresh, &active, &cached_t, &outputs, p)?,
-                    )
+                let args = (&gw, &fresh[..], &active[..], &cached_t[..], &outputs[..], p);
+                let (op, got) = match dtype {
+                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args)?),
+                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args)?),
+                    _ => ("masked_conv_bf16", self.masked::<bf16>(args)?),
                 };
                 self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
             }
@@ -842,14 +900,10 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// The masked conv on the device, its cached maps uploaded as `C`.
     fn masked<C: GpuElement>(
         &self,
-        w: &CudaConv2dWeight,
-        fresh: &[Tensor],
-        active: &[TokenSet],
-        cached: &[Tensor],
-        outputs: &[TokenSet],
-        p: Conv2dParams,
+        (w, fresh, active, cached, outputs, p): MaskedConvArgs<'_>,
     ) -> Result<CudaTensor> {
         let gcached = cached
             .iter()
@@ -925,13 +979,24 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     }
     // SD1.5's self-attention at a 64x64 latent (8 heads of 40) and the cross-attention to 77
     // tokens, with each attention kernel.
-    for (lk, name_rows, name_tiles, name_flash) in [
-        (4096, "self-attn rows", "self-attn tiles", "self-attn flash"),
+    for (lk, names) in [
+        (
+            4096,
+            [
+                "self-attn rows",
+                "self-attn tiles",
+                "self-attn flash",
+                "self-attn flash mma",
+            ],
+        ),
         (
             77,
-            "cross-attn rows",
-            "cross-attn tiles",
-            "cross-attn flash",
+            [
+                "cross-attn rows",
+                "cross-attn tiles",
+                "cross-attn flash",
+                "cross-attn flash mma",
+            ],
         ),
     ] {
         let (batch, lq, c, heads) = (2, 4096, 320, 8);
@@ -940,11 +1005,13 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             randn(&[batch, lk, c], 10)?,
             randn(&[batch, lk, c], 11)?,
         );
-        for (op, kernel) in [
-            (name_rows, AttentionKernel::Rows),
-            (name_tiles, AttentionKernel::Tiles),
-            (name_flash, AttentionKernel::Flash),
-        ] {
+        let kernels = [
+            AttentionKernel::Rows,
+            AttentionKernel::Tiles,
+            AttentionKernel::Flash,
+            AttentionKernel::FlashMma,
+        ];
+        for (op, kernel) in names.into_iter().zip(kernels) {
             let ms = time_ms(dev, || {
                 dev.attention_with(kernel, &q, &k, &v, heads, false)
                     .map(|_| ())

@@ -1,13 +1,13 @@
 //! A minimal device tensor: a contiguous device buffer and a shape.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
-use half::f16;
+use half::{bf16, f16};
 
 use super::{CudaDevice, driver_err};
 use crate::error::shape_err;
 use crate::{Result, Tensor, TensorElement};
 
-/// Element types a [`CudaTensor`] holds: f32 (activations), f16 (weights, caches).
+/// Element types a [`CudaTensor`] holds: f32 (activations), f16 and bf16 (weights, caches).
 pub trait GpuElement: TensorElement + DeviceRepr + ValidAsZeroBits + Default {
     /// The LoRA patch kernel for weights of this type.
     #[doc(hidden)]
@@ -23,6 +23,10 @@ impl GpuElement for f32 {
 impl GpuElement for f16 {
     const LORA_PATCH: &'static str = "lora_patch_f16";
     const MASKED_CONV: &'static str = "masked_conv2d_cache_f16";
+}
+impl GpuElement for bf16 {
+    const LORA_PATCH: &'static str = "lora_patch_bf16";
+    const MASKED_CONV: &'static str = "masked_conv2d_cache_bf16";
 }
 
 /// The page-locked host buffer an upload on the copy stream reads from
