@@ -5,7 +5,8 @@
 //! without CUDA links no CUDA library: it runs its CPU paths anywhere, and opening a CUDA
 //! device without a driver is a clear error ([`CudaDevice::open`]), never a panic.
 //!
-//! What exists: [`CudaTensor`] (f32 and f16 device buffers with a shape), upload and download,
+//! What exists: [`CudaTensor`] (f32, f16 and bf16 device buffers with a shape), upload and
+//! download (synchronous, or staged through a pool of pinned buffers on a copy stream),
 //! and one launcher per kernel in `ops` (elementwise, activations, softmax, layer norm, group
 //! norm with optional SiLU, row gather/scatter, LoRA patch, attention) and in `gemm` (sgemm,
 //! `linear`, `matmul`, conv2d as an implicit GEMM, masked conv over a ragged batch with f32 or
@@ -18,6 +19,7 @@ mod lora;
 mod ops;
 mod ptx;
 pub mod selftest;
+mod staging;
 mod tensor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +34,8 @@ pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
 pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
 pub use ptx::{KERNELS, ptx_for};
-pub use tensor::{CudaTensor, GpuElement, Staging};
+pub use staging::{STAGING_BUDGET_BYTES, Staging};
+pub use tensor::{CudaTensor, GpuElement};
 
 use crate::{Device, Error, Result};
 
@@ -45,6 +48,8 @@ pub struct CudaDevice {
     /// A second stream for uploads that run beside the compute stream's work (template steps
     /// loaded ahead of need); readers wait for a [`CopyFence`].
     copy: Arc<CudaStream>,
+    /// Page-locked buffers the copy stream's uploads go through, reused.
+    staging: Arc<staging::StagingPool>,
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
@@ -216,6 +221,7 @@ impl CudaDevice {
             compute_capability,
             stream: ctx.default_stream(),
             copy,
+            staging: Arc::new(staging::StagingPool::new(STAGING_BUDGET_BYTES)),
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             sm_count,
@@ -273,6 +279,16 @@ impl CudaDevice {
     /// The stream for uploads beside the compute stream ([`CudaTensor::upload_staged`]).
     pub fn copy_stream(&self) -> &Arc<CudaStream> {
         &self.copy
+    }
+
+    /// Pinned bytes the staging pool keeps between uploads (at most
+    /// [`STAGING_BUDGET_BYTES`]).
+    pub fn staging_free_bytes(&self) -> usize {
+        self.staging.free_bytes()
+    }
+
+    pub(crate) fn staging_pool(&self) -> &Arc<staging::StagingPool> {
+        &self.staging
     }
 
     /// Marks the copies queued on the copy stream so far: the compute stream's work may read

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use super::{
     AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
-    CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GpuElement,
+    CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GpuElement, STAGING_BUDGET_BYTES,
 };
 use crate::{
     AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, LoraSegment, MaskedConvSegment,
@@ -644,6 +644,62 @@ fn attention_tol(kernel: AttentionKernel) -> f32 {
     }
 }
 
+impl Runner<'_> {
+    /// Uploads through the copy stream's pooled pinned buffers, three rounds so later ones
+    /// reuse (and rewrite) the buffers of earlier ones: each tensor must arrive bit for bit
+    /// once the compute stream waited for the fence, and the pool must keep within its budget.
+    fn staged_uploads(&mut self) -> Result<()> {
+        let lens = [1, 333, 77 * 320 + 5, (1 << 20) + 3];
+        for round in 0..3 {
+            self.staged_round::<f32>("upload_staged_f32", DType::F32, &lens, round)?;
+            self.staged_round::<f16>("upload_staged_f16", DType::F16, &lens, round)?;
+        }
+        let kept = self.dev.staging_free_bytes();
+        self.checks.push(Check {
+            op: "staging_pool",
+            size: format!("{:.1} MiB kept", kept as f64 / (1 << 20) as f64),
+            max_err: if kept <= STAGING_BUDGET_BYTES {
+                0.0
+            } else {
+                f32::INFINITY
+            },
+            tolerance: 0.0,
+        });
+        Ok(())
+    }
+
+    fn staged_round<T: GpuElement>(
+        &mut self,
+        op: &'static str,
+        dtype: DType,
+        lens: &[usize],
+        round: usize,
+    ) -> Result<()> {
+        let host = lens
+            .iter()
+            .map(|&n| self.randn(&[n]).to_dtype(dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let uploads = host
+            .iter()
+            .map(|t| CudaTensor::<T>::upload_staged(self.dev, t))
+            .collect::<Result<Vec<_>>>()?;
+        let fence = self.dev.fence_copies()?;
+        self.dev.wait_for(&fence)?;
+        for (t, (gpu, staging)) in host.iter().zip(uploads) {
+            // Downloads run on the compute stream, after the wait.
+            let got = gpu.download(self.dev)?;
+            drop(staging);
+            self.checks.push(Check {
+                op,
+                size: format!("{} round {round}", t.elem_count()),
+                max_err: max_err(&got, t),
+                tolerance: 0.0,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A masked conv check's weight, per-segment fresh rows, active sets, cached maps and
 /// outputs, and the conv's parameters.
 type MaskedConvArgs<'a> = (
@@ -1182,7 +1238,10 @@ pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
             "elementwise" => r.elementwise()?,
             "norms" => r.norms()?,
             "rows" => r.rows()?,
-            "layout" => r.layout()?,
+            "layout" => {
+                r.layout()?;
+                r.staged_uploads()?
+            }
             "lora" => r.lora()?,
             "attention" => r.attention()?,
             "gemm" => r.gemm()?,

@@ -1,14 +1,17 @@
 //! A minimal device tensor: a contiguous device buffer and a shape.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
+use super::staging::Staging;
 use super::{CudaDevice, driver_err};
-use crate::error::shape_err;
+use crate::error::{invalid, shape_err};
 use crate::{Result, Tensor, TensorElement};
 
 /// Element types a [`CudaTensor`] holds: f32 (activations), f16 and bf16 (weights, caches).
-pub trait GpuElement: TensorElement + DeviceRepr + ValidAsZeroBits + Default {
+pub trait GpuElement:
+    TensorElement + DeviceRepr + ValidAsZeroBits + Default + bytemuck::Pod
+{
     /// The LoRA patch kernel for weights of this type.
     #[doc(hidden)]
     const LORA_PATCH: &'static str;
@@ -27,13 +30,6 @@ impl GpuElement for f16 {
 impl GpuElement for bf16 {
     const LORA_PATCH: &'static str = "lora_patch_bf16";
     const MASKED_CONV: &'static str = "masked_conv2d_cache_bf16";
-}
-
-/// The page-locked host buffer an upload on the copy stream reads from
-/// ([`CudaTensor::upload_staged`]); dropping it waits for that copy to finish.
-pub struct Staging<T> {
-    /// Held for its drop, which waits for the copy.
-    _buffer: Option<PinnedHostSlice<T>>,
 }
 
 /// Dense, row-major data in device memory. Ops on it are the launchers in [`CudaDevice`];
@@ -58,32 +54,41 @@ impl<T: GpuElement> CudaTensor<T> {
         })
     }
 
-    /// Queues an upload of `t` on the device's copy stream, from a page-locked copy of its
-    /// data, so it runs beside the compute stream's work. Until the compute stream has waited
-    /// for a fence recorded after it ([`CudaDevice::fence_copies`], [`CudaDevice::wait_for`]),
-    /// no kernel may read the tensor; the returned [`Staging`] must outlive the copy (dropping
-    /// it waits for the copy to finish).
-    pub fn upload_staged(dev: &CudaDevice, t: &Tensor) -> Result<(Self, Staging<T>)> {
+    /// Queues an upload of `t` on the device's copy stream, through a page-locked buffer from
+    /// the device's pool, so it runs beside the compute stream's work. Until the compute
+    /// stream has waited for a fence recorded after it ([`CudaDevice::fence_copies`],
+    /// [`CudaDevice::wait_for`]), no kernel may read the tensor. Dropping the returned
+    /// [`Staging`] gives the buffer back to the pool, which rewrites or frees it only after
+    /// the copy.
+    pub fn upload_staged(dev: &CudaDevice, t: &Tensor) -> Result<(Self, Staging)> {
         let src = t.as_slice::<T>()?;
         if src.is_empty() {
-            return Ok((Self::zeros(dev, t.shape())?, Staging { _buffer: None }));
+            return Ok((Self::zeros(dev, t.shape())?, Staging::none()));
         }
         let err = driver_err("upload_staged");
         let copy = dev.copy_stream();
-        // SAFETY: every element is written below before the buffer is read.
-        let mut staging = unsafe { copy.context().alloc_pinned::<T>(src.len()) }.map_err(&err)?;
-        staging.as_mut_slice().map_err(&err)?.copy_from_slice(src);
+        let bytes: &[u8] = bytemuck::cast_slice(src);
+        let pool = dev.staging_pool();
+        let mut buffer = pool.take(copy.context(), bytes.len())?;
+        let staged = buffer.bytes_mut(bytes.len())?;
+        staged.copy_from_slice(bytes);
+        // Pinned allocations are page-aligned, so the bytes are a valid `[T]`.
+        let staged: &[T] = match bytemuck::try_cast_slice(staged) {
+            Ok(staged) => staged,
+            Err(e) => return invalid("upload_staged", format!("staging buffer: {e}")),
+        };
         // SAFETY: every element is written by the copy queued next, on the same stream.
         let mut data = unsafe { copy.alloc::<T>(src.len()) }.map_err(&err)?;
-        copy.memcpy_htod(&staging, &mut data).map_err(&err)?;
+        // From pinned memory the copy is asynchronous; the buffer stays untouched until the
+        // event recorded next has completed (`PinnedBuffer`).
+        copy.memcpy_htod(staged, &mut data).map_err(&err)?;
+        buffer.copied(copy.record_event(None).map_err(&err)?);
         Ok((
             CudaTensor {
                 data,
                 shape: t.shape().to_vec(),
             },
-            Staging {
-                _buffer: Some(staging),
-            },
+            Staging::pooled(buffer, pool.clone()),
         ))
     }
 

@@ -47,7 +47,7 @@ pub struct GpuStepCache {
 
 struct PendingUpload {
     fence: CopyFence,
-    staging: Vec<Staging<f16>>,
+    staging: Vec<Staging>,
 }
 
 enum GpuEntry {
@@ -88,7 +88,8 @@ impl GpuStepCache {
     }
 
     /// Orders the compute stream's later work after this step's upload, if it was loaded
-    /// ahead; frees its staging buffers (the host waits for the copies to finish first).
+    /// ahead; gives its staging buffers back to the device's pool (which reuses each only
+    /// after its copy).
     pub fn make_ready(&self, dev: &CudaDevice) -> Result<()> {
         let pending = self
             .pending
