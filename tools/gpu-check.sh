@@ -72,6 +72,10 @@ run_checks() {
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
         --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
+    echo
+    echo "== the same at 20% with the tensor-core attention (--attention flash-mma)"
+    timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --mask-ratios 20 \
+        --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
 
     echo
     echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"

@@ -13,7 +13,7 @@ mod template;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use retouch_kernels::cuda::CudaDevice;
+use retouch_kernels::cuda::{AttentionKernel, CudaDevice};
 use retouch_kernels::{Device, Tensor};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
@@ -195,6 +195,13 @@ impl Pipeline {
         self.gpu = Some(Arc::new(dev));
         self.device_steps = Some(DeviceSteps::new(device_step_bytes));
         Ok(())
+    }
+
+    /// The attention kernel the UNet's device steps run (no effect on the host).
+    pub fn set_attention_kernel(&self, kernel: AttentionKernel) {
+        if let Some(dev) = &self.gpu {
+            dev.set_attention_kernel(kernel);
+        }
     }
 
     /// Asks for `steps` (the next steps of the running edits) to be uploaded to the device

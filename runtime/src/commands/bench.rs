@@ -7,7 +7,7 @@ use retouch_kernels::bench::{self, Measurement};
 use retouch_kernels::cuda::CudaDevice;
 use retouch_models::random_pipeline::Preset;
 
-use super::bench_unet;
+use super::{AttentionArg, bench_unet};
 
 use super::random_model::PresetArg;
 
@@ -18,6 +18,9 @@ pub struct BenchArgs {
     /// kernels themselves are timed by `retouch selftest --device cuda:N --timings`).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// With --unet on a GPU: the attention kernel.
+    #[arg(long, value_enum, default_value = "flash")]
+    attention: AttentionArg,
     /// Skip the largest cases (the 4096^3 GEMM, the smaller conv shapes).
     #[arg(long)]
     quick: bool,
@@ -79,7 +82,11 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
             let gpu = match args.device {
                 Device::Cpu => None,
-                device => Some(CudaDevice::for_device(device)?),
+                device => {
+                    let dev = CudaDevice::for_device(device)?;
+                    dev.set_attention_kernel(args.attention.into());
+                    Some(dev)
+                }
             };
             bench_unet::unet_cases(preset, &args.mask_ratios, args.halo, args.batch, gpu)
         }

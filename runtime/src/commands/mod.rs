@@ -15,6 +15,34 @@ pub mod tokenize;
 
 use std::path::PathBuf;
 
+use retouch_kernels::cuda::AttentionKernel;
+
+/// `--attention`: the attention kernel of GPU workers (ignored on the CPU).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AttentionArg {
+    /// f32 flash tiles (64 queries x 32 keys), checked on an H100.
+    Flash,
+    /// Flash tiles on tensor cores: f16 products, f32 accumulation and softmax, for head
+    /// widths 40, 64, 80 and 160 (others run `flash`). Not yet checked on a GPU by this
+    /// project: run `retouch selftest --device cuda:N` first.
+    FlashMma,
+    /// Shared-memory key tiles, one warp per query row.
+    Tiles,
+    /// One warp per query row, keys read from global memory.
+    Rows,
+}
+
+impl From<AttentionArg> for AttentionKernel {
+    fn from(a: AttentionArg) -> AttentionKernel {
+        match a {
+            AttentionArg::Flash => AttentionKernel::Flash,
+            AttentionArg::FlashMma => AttentionKernel::FlashMma,
+            AttentionArg::Tiles => AttentionKernel::Tiles,
+            AttentionArg::Rows => AttentionKernel::Rows,
+        }
+    }
+}
+
 /// The pipeline folder to use: the one given, else the built-in default `models/tiny`
 /// (looked up in the working directory, then in the source tree the binary was built from).
 pub fn model_dir(given: Option<PathBuf>) -> Result<PathBuf, String> {

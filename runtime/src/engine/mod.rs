@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use actix::{Actor, Addr, Arbiter};
 use metrics_exporter_prometheus::PrometheusHandle;
+use retouch_kernels::cuda::AttentionKernel;
 use retouch_kernels::{DType, Device};
 use retouch_models::pipeline::Pipeline;
 use tokio::sync::oneshot;
@@ -65,6 +66,8 @@ pub struct EngineConfig {
     pub cache_host_bytes: u64,
     /// Activation-cache budget of each worker's device tier.
     pub cache_device_bytes: u64,
+    /// The attention kernel of GPU workers.
+    pub attention: AttentionKernel,
     /// Steps of a cached edit's template loaded ahead of the step it is at.
     pub prefetch_steps: usize,
     /// Threads loading step caches from disk.
@@ -100,6 +103,7 @@ impl EngineConfig {
             cache_dtype: DType::F16,
             cache_host_bytes: CacheConfig::default().host_bytes,
             cache_device_bytes: CacheConfig::default().device_bytes,
+            attention: AttentionKernel::Flash,
             prefetch_steps: CacheConfig::default().prefetch_steps,
             cache_loaders: CacheConfig::default().loaders,
             recompute_plan: false,
@@ -231,6 +235,7 @@ impl Engine {
             // there within the device tier's budget.
             pipe.use_device(*device, config.cache_device_bytes)
                 .map_err(|e| format!("worker {index} on {device}: {e}"))?;
+            pipe.set_attention_kernel(config.attention);
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),
             });
