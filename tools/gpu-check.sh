@@ -26,6 +26,25 @@ log="$out/gpu-check.txt"
 status_file="$(mktemp)"
 groups="elementwise norms rows layout lora attention gemm conv masked_conv unet"
 
+# cuBLAS (optional: the `--gemm cublas*` checks and timings) is loaded by its plain name:
+# put the machine's copy (CUDA toolkit, or PyTorch's nvidia wheels) on the library path.
+setup_cublas() {
+    local found
+    found="$( (ls /usr/local/cuda/lib64/libcublas.so* /usr/local/cuda/targets/*/lib/libcublas.so* 2>/dev/null
+        python3 -c "import glob, site
+for d in site.getsitepackages():
+    print('\n'.join(glob.glob(d + '/nvidia/*/lib/libcublas.so*')))" 2>/dev/null) | grep -v Lt | head -1)"
+    if [ -z "$found" ]; then
+        echo "cuBLAS: not found (its checks are skipped)"
+        return
+    fi
+    local dir
+    dir="$(mktemp -d)"
+    ln -s "$found" "$dir/libcublas.so"
+    export LD_LIBRARY_PATH="$dir:$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "cuBLAS: $found"
+}
+
 run_checks() {
     local failed=0
     echo "== gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ), binary $bin"
@@ -34,6 +53,7 @@ run_checks() {
     else
         echo "nvidia-smi: not found"
     fi
+    setup_cublas
     if [ ! -x "$bin" ]; then
         echo "gpu-check: no retouch binary at $bin (build it first: cargo build --release -p retouch-runtime)"
         echo 1 >"$status_file"
@@ -76,6 +96,10 @@ run_checks() {
     echo "== the same at 20% with the tensor-core attention (--attention flash-mma)"
     timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --mask-ratios 20 \
         --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
+    echo
+    echo "== and with cuBLAS's TF32 GEMMs too (--gemm cublas-tf32)"
+    timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --gemm cublas-tf32 \
+        --mask-ratios 20 --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
 
     echo
     echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"

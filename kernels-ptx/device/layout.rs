@@ -71,3 +71,55 @@ pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
         unsafe { *out.add(i as usize) = *x.add(i as usize) + *v.add(j as usize) };
     });
 }
+
+/// The patches of a channels-last convolution as rows, for a GEMM against the packed weight
+/// `[kh * kw * cin, cout]`: `cols[r, k]` with `r = (b * out_h + oy) * out_w + ox` and
+/// `k = (ky * kw + kx) * cin + ci` is `x[b, oy * stride - pad + ky, ox * stride - pad + kx, ci]`,
+/// 0 outside the map. `x = [batch, h, w, cin]`; `geom = [h, w, cin, kh, kw, stride, pad,
+/// out_h, out_w]`. Consecutive threads take consecutive channels: reads and writes coalesce.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn im2col_f32(
+    x: *const f32,
+    cols: *mut f32,
+    rows: u32,
+    geom: *const u32,
+) {
+    let g = unsafe {
+        [
+            *geom,
+            *geom.add(1),
+            *geom.add(2),
+            *geom.add(3),
+            *geom.add(4),
+            *geom.add(5),
+            *geom.add(6),
+            *geom.add(7),
+            *geom.add(8),
+        ]
+    };
+    let [h, w, cin, _kh, kw, stride, pad, out_h, out_w] = g;
+    let k_len = g[3] * kw * cin;
+    grid_stride!(rows * k_len, |i| {
+        let r = i / k_len;
+        let k = i - r * k_len;
+        let ci = k % cin;
+        let tap = k / cin;
+        let (ky, kx) = (tap / kw, tap % kw);
+        let b = r / (out_h * out_w);
+        let p = r - b * out_h * out_w;
+        let (oy, ox) = (p / out_w, p % out_w);
+        // Unsigned, built without overflow checks (tools/ptx-build): a position left of or
+        // above the map wraps past `h` / `w`.
+        let y = oy * stride + ky - pad;
+        let xx = ox * stride + kx - pad;
+        let v = if y < h && xx < w {
+            let at = ((b as usize * h as usize + y as usize) * w as usize + xx as usize)
+                * cin as usize
+                + ci as usize;
+            unsafe { *x.add(at) }
+        } else {
+            0.0
+        };
+        unsafe { *cols.add(i as usize) = v };
+    });
+}

@@ -177,12 +177,12 @@ fn kernel_name(cores: Cores) -> &'static str {
 /// [`Conv2dWeight`] (rows by (ky, kx, ci)) and its optional bias.
 #[derive(Debug)]
 pub struct CudaConv2dWeight {
-    packed: CudaTensor,
-    bias: Option<CudaTensor>,
-    kh: usize,
-    kw: usize,
-    cin: usize,
-    cout: usize,
+    pub(crate) packed: CudaTensor,
+    pub(crate) bias: Option<CudaTensor>,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
 }
 
 impl CudaConv2dWeight {
@@ -427,6 +427,19 @@ impl CudaDevice {
                 .max(weight.elem_count())
                 .max(out.elem_count()),
         )?;
+        if let Some(tf32) = self.cublas_tf32() {
+            self.cublas_gemm(
+                tf32,
+                &x.data,
+                &weight.data,
+                true,
+                bias,
+                (rows, out_f, in_f),
+                (1.0, 0.0),
+                &mut out.data,
+            )?;
+            return Ok(out);
+        }
         self.sgemm_raw(
             Cores::Cuda,
             x,
@@ -518,6 +531,11 @@ impl CudaDevice {
                 .max(weight.packed.elem_count()),
         )?;
         if m == 0 {
+            return Ok(out);
+        }
+        if let (Cores::Cuda, Some(tf32)) = (cores, self.cublas_tf32()) {
+            let dims = (batch, h, w, cin);
+            self.conv2d_cublas(tf32, x, weight, params, dims, (oh, ow), &mut out)?;
             return Ok(out);
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;

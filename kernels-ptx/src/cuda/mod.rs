@@ -14,6 +14,7 @@
 //! GEMM-shaped kernels.
 
 mod attention;
+mod blas;
 mod gemm;
 mod lora;
 mod ops;
@@ -30,6 +31,7 @@ use std::time::Instant;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 pub use attention::{AttentionKernel, CudaAttentionSegment};
+pub use blas::GemmBackend;
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
 pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
@@ -53,6 +55,10 @@ pub struct CudaDevice {
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
+    /// The GEMMs of linear layers and convolutions, as [`GemmBackend`]'s index.
+    gemm_backend: AtomicU8,
+    /// cuBLAS, loaded on first use ([`CudaDevice::set_gemm_backend`]).
+    blas: blas::BlasSlot,
     /// Streaming multiprocessors: how many blocks a launch needs to fill the device.
     sm_count: u32,
     /// Per-kernel times while profiling ([`CudaDevice::start_profile`]).
@@ -224,6 +230,8 @@ impl CudaDevice {
             staging: Arc::new(staging::StagingPool::new(STAGING_BUDGET_BYTES)),
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
+            gemm_backend: AtomicU8::new(GemmBackend::Kernels.index()),
+            blas: blas::BlasSlot::new(),
             sm_count,
             profile: Mutex::new(None),
         })

@@ -30,6 +30,7 @@ pub const KERNELS: &[&str] = &[
     "scatter_rows_f32",
     "copy_cols_f32",
     "upsample_nearest2x_f32",
+    "im2col_f32",
     "add_per_sample_f32",
     "lora_patch_f32",
     "lora_patch_f16",

@@ -11,7 +11,8 @@ use half::{bf16, f16};
 
 use super::{
     AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
-    CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GpuElement, STAGING_BUDGET_BYTES,
+    CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GemmBackend, GpuElement,
+    STAGING_BUDGET_BYTES,
 };
 use crate::{
     AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, LoraSegment, MaskedConvSegment,
@@ -700,6 +701,68 @@ impl Runner<'_> {
     }
 }
 
+impl Runner<'_> {
+    /// Linear layers and convolutions through cuBLAS (f32, then TF32) against the CPU, where
+    /// the machine has cuBLAS (skipped with a note where not: it is optional).
+    fn cublas(&mut self) -> Result<()> {
+        let chosen = self.dev.gemm_backend();
+        if let Err(e) = self.dev.set_gemm_backend(GemmBackend::Cublas) {
+            eprintln!("selftest: cuBLAS checks skipped: {e}");
+            return Ok(());
+        }
+        let result = self.cublas_checks();
+        self.dev.set_gemm_backend(chosen)?;
+        result
+    }
+
+    fn cublas_checks(&mut self) -> Result<()> {
+        for (backend, linear_op, conv_op) in [
+            (GemmBackend::Cublas, "linear cublas", "conv2d cublas"),
+            (
+                GemmBackend::CublasTf32,
+                "linear cublas_tf32",
+                "conv2d cublas_tf32",
+            ),
+        ] {
+            self.dev.set_gemm_backend(backend)?;
+            let tol = |k: usize| {
+                if backend == GemmBackend::CublasTf32 {
+                    tf32_tol(k)
+                } else {
+                    GEMM_TOL
+                }
+            };
+            for m in ROWS {
+                for (k, n, with_bias) in [(3, 5, true), (77, 320, false), (320, 77, true)] {
+                    let a = self.randn(&[m, k]);
+                    let w = self.randn(&[n, k]);
+                    let bias = with_bias.then(|| self.randn(&[n]));
+                    let gbias = bias.as_ref().map(|b| self.up(b)).transpose()?;
+                    let got = self
+                        .dev
+                        .linear(&self.up(&a)?, &self.up(&w)?, gbias.as_ref())?;
+                    let want = a.linear(&w, bias.as_ref())?;
+                    self.record(linear_op, format!("{m}x{k}x{n}"), &got, &want, tol(k))?;
+                }
+            }
+            let kernels = [(3, 3, 1, 1), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0)];
+            for (cin, cout) in [(40, 77), (77, 40)] {
+                for (kh, kw, stride, padding) in kernels {
+                    let p = Conv2dParams { stride, padding };
+                    let w = self.conv_weight(cout, cin, kh, kw, cin != 77)?;
+                    let gw = CudaConv2dWeight::upload(self.dev, &w)?;
+                    let x = self.randn(&[2, 7, 9, cin]);
+                    let got = self.dev.conv2d(&self.up(&x)?, &gw, p)?;
+                    let want = x.conv2d(&w, p)?;
+                    let size = format!("2x7x9x{cin}->{cout} {kh}x{kw}/{stride} p{padding}");
+                    self.record(conv_op, size, &got, &want, tol(kh * kw * cin))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A masked conv check's weight, per-segment fresh rows, active sets, cached maps and
 /// outputs, and the conv's parameters.
 type MaskedConvArgs<'a> = (
@@ -1149,6 +1212,57 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         gflops: 2.0 * (outputs.len() * 9 * c * c) as f64 / ms / 1e6,
     });
     out.extend(masked_attention_timings(dev)?);
+    out.extend(cublas_timings(dev)?);
+    Ok(out)
+}
+
+/// The linear and 3x3 conv shapes above through cuBLAS, f32 and TF32, where the machine has
+/// it (none where not).
+fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
+    let chosen = dev.gemm_backend();
+    if let Err(e) = dev.set_gemm_backend(GemmBackend::Cublas) {
+        eprintln!("selftest: cuBLAS timings skipped: {e}");
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let randn =
+        |shape: &[usize], seed| CudaTensor::upload(dev, &Tensor::randn(shape, seed, Device::Cpu));
+    let conv = Conv2dWeight::from_oihw(
+        &Tensor::randn(&[320, 320, 3, 3], 4, Device::Cpu),
+        Some(&Tensor::randn(&[320], 5, Device::Cpu)),
+    )?;
+    let gw = CudaConv2dWeight::upload(dev, &conv)?;
+    let x = randn(&[1, 64, 64, 320], 6)?;
+    for (backend, linear_op, conv_op) in [
+        (GemmBackend::Cublas, "linear cublas", "conv2d cublas"),
+        (
+            GemmBackend::CublasTf32,
+            "linear cublas_tf32",
+            "conv2d cublas_tf32",
+        ),
+    ] {
+        dev.set_gemm_backend(backend)?;
+        for (m, k, n) in [(4096, 320, 320), (1024, 1280, 1280), (4096, 4096, 4096)] {
+            let (a, w, bias) = (randn(&[m, k], 1)?, randn(&[n, k], 2)?, randn(&[n], 3)?);
+            let ms = time_ms(dev, || dev.linear(&a, &w, Some(&bias)).map(|_| ()))?;
+            out.push(Timing {
+                op: linear_op,
+                size: format!("{m}x{k}x{n}"),
+                ms,
+                gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
+            });
+        }
+        let ms = time_ms(dev, || {
+            dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
+        })?;
+        out.push(Timing {
+            op: conv_op,
+            size: "1x64x64x320->320 3x3".into(),
+            ms,
+            gflops: 2.0 * 64.0 * 64.0 * 9.0 * 320.0 * 320.0 / ms / 1e6,
+        });
+    }
+    dev.set_gemm_backend(chosen)?;
     Ok(out)
 }
 
@@ -1244,7 +1358,10 @@ pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
             }
             "lora" => r.lora()?,
             "attention" => r.attention()?,
-            "gemm" => r.gemm()?,
+            "gemm" => {
+                r.gemm()?;
+                r.cublas()?
+            }
             "conv" => r.conv()?,
             "masked_conv" => r.masked_conv()?,
             other => {

@@ -13,7 +13,7 @@ mod template;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use retouch_kernels::cuda::{AttentionKernel, CudaDevice};
+use retouch_kernels::cuda::{AttentionKernel, CudaDevice, GemmBackend};
 use retouch_kernels::{Device, Tensor};
 
 pub use edit::{EditMode, EditRequest, Edited, Mask};
@@ -202,6 +202,15 @@ impl Pipeline {
         if let Some(dev) = &self.gpu {
             dev.set_attention_kernel(kernel);
         }
+    }
+
+    /// The GEMMs of the UNet's device steps (no effect on the host); a cuBLAS backend fails
+    /// here where the library is missing.
+    pub fn set_gemm_backend(&self, backend: GemmBackend) -> Result<()> {
+        if let Some(dev) = &self.gpu {
+            dev.set_gemm_backend(backend)?;
+        }
+        Ok(())
     }
 
     /// Asks for `steps` (the next steps of the running edits) to be uploaded to the device

@@ -7,7 +7,7 @@ use retouch_kernels::bench::{self, Measurement};
 use retouch_kernels::cuda::CudaDevice;
 use retouch_models::random_pipeline::Preset;
 
-use super::{AttentionArg, bench_unet};
+use super::{AttentionArg, GemmArg, bench_unet};
 
 use super::random_model::PresetArg;
 
@@ -21,6 +21,9 @@ pub struct BenchArgs {
     /// With --unet on a GPU: the attention kernel.
     #[arg(long, value_enum, default_value = "flash")]
     attention: AttentionArg,
+    /// With --unet on a GPU: the GEMMs of linear layers and convolutions.
+    #[arg(long, value_enum, default_value = "kernels")]
+    gemm: GemmArg,
     /// Skip the largest cases (the 4096^3 GEMM, the smaller conv shapes).
     #[arg(long)]
     quick: bool,
@@ -85,6 +88,7 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 device => {
                     let dev = CudaDevice::for_device(device)?;
                     dev.set_attention_kernel(args.attention.into());
+                    dev.set_gemm_backend(args.gemm.into())?;
                     Some(dev)
                 }
             };

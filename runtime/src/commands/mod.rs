@@ -15,7 +15,29 @@ pub mod tokenize;
 
 use std::path::PathBuf;
 
-use retouch_kernels::cuda::AttentionKernel;
+use retouch_kernels::cuda::{AttentionKernel, GemmBackend};
+
+/// `--gemm`: the GEMMs of GPU workers' linear layers and convolutions (ignored on the CPU).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GemmArg {
+    /// Retouch's own kernels on CUDA cores (f32).
+    Kernels,
+    /// cuBLAS in f32 (convolutions as im2col + GEMM); needs libcublas on the library path.
+    Cublas,
+    /// cuBLAS on TF32 tensor cores (PyTorch's `allow_tf32`): 10-bit significands in the
+    /// products, f32 accumulation.
+    CublasTf32,
+}
+
+impl From<GemmArg> for GemmBackend {
+    fn from(g: GemmArg) -> GemmBackend {
+        match g {
+            GemmArg::Kernels => GemmBackend::Kernels,
+            GemmArg::Cublas => GemmBackend::Cublas,
+            GemmArg::CublasTf32 => GemmBackend::CublasTf32,
+        }
+    }
+}
 
 /// `--attention`: the attention kernel of GPU workers (ignored on the CPU).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use retouch_kernels::cuda::selftest::max_err;
-use retouch_kernels::cuda::{AttentionKernel, CudaDevice, CudaTensor, GpuElement};
+use retouch_kernels::cuda::{AttentionKernel, CudaDevice, CudaTensor, GemmBackend, GpuElement};
 use retouch_kernels::{DType, Device, Tensor};
 use retouch_models::nn::gpu::GpuStepCache;
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
@@ -17,14 +17,83 @@ use retouch_models::unet::{CachedSegment, GpuCachedSegment, UNet, token_levels};
 
 use super::bench_unet::{active_rows, centred_mask};
 
-/// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: both sides compute in f32,
-/// so only summation order differs, through a few dozen layers; with the tensor-core
-/// attention, whose products round to f16 (11-bit significands), 1e-2.
-fn rel_l2_tol(kernel: AttentionKernel) -> f32 {
-    match kernel {
-        AttentionKernel::FlashMma => 1e-2,
-        _ => 1e-4,
+/// A way to run the UNet on the device: the GEMMs of its linear layers and convolutions,
+/// and its attention kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Setup {
+    gemm: GemmBackend,
+    attention: AttentionKernel,
+}
+
+impl Setup {
+    fn apply(self, dev: &CudaDevice) -> Result<(), Box<dyn std::error::Error>> {
+        dev.set_gemm_backend(self.gemm)?;
+        dev.set_attention_kernel(self.attention);
+        Ok(())
     }
+
+    /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: in f32 only summation
+    /// order differs, through a few dozen layers; where products round to f16 (the
+    /// tensor-core attention) or TF32 (cuBLAS's tensor cores), 11-bit significands, 1e-2.
+    fn tol(self) -> f32 {
+        if self.attention == AttentionKernel::FlashMma || self.gemm == GemmBackend::CublasTf32 {
+            1e-2
+        } else {
+            1e-4
+        }
+    }
+
+    fn label(self) -> String {
+        match self.gemm {
+            GemmBackend::Kernels => format!("{:?}", self.attention),
+            gemm => format!("{:?} {gemm:?}", self.attention),
+        }
+    }
+}
+
+/// The dense forward's setups: every attention kernel with Retouch's GEMMs, then the flash
+/// kernels with each cuBLAS backend the machine can load.
+fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
+    let mut setups: Vec<Setup> = KERNELS
+        .iter()
+        .map(|&attention| Setup {
+            gemm: GemmBackend::Kernels,
+            attention,
+        })
+        .collect();
+    for gemm in [GemmBackend::Cublas, GemmBackend::CublasTf32] {
+        match dev.set_gemm_backend(gemm) {
+            Ok(()) => {
+                for attention in [AttentionKernel::Flash, AttentionKernel::FlashMma] {
+                    setups.push(Setup { gemm, attention });
+                }
+            }
+            Err(e) => println!("(no {gemm:?} setups: {e})"),
+        }
+    }
+    let _ = dev.set_gemm_backend(GemmBackend::Kernels);
+    setups
+}
+
+/// The cached step's setups: the device's default, the tensor-core attention, and that with
+/// cuBLAS's TF32 GEMMs where the machine has cuBLAS.
+fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
+    let mut setups = vec![default];
+    for s in [
+        Setup {
+            gemm: GemmBackend::Kernels,
+            attention: AttentionKernel::FlashMma,
+        },
+        Setup {
+            gemm: GemmBackend::CublasTf32,
+            attention: AttentionKernel::FlashMma,
+        },
+    ] {
+        if dense.contains(&s) && !setups.contains(&s) {
+            setups.push(s);
+        }
+    }
+    setups
 }
 
 /// A CFG batch of 2 at the preset's latent size, 77 context tokens, timesteps 500 and 999.
@@ -65,73 +134,68 @@ const KERNELS: [AttentionKernel; 4] = [
     AttentionKernel::Rows,
 ];
 
-/// Runs the checks and prints one row per preset and attention kernel; returns (checks,
-/// failures).
+/// Runs the checks and prints one row per preset and setup; returns (checks, failures).
 pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error>> {
     println!(
         "{:<22} {:<16} {:>12} {:>12} {:>10}  result",
         "op", "size", "max err", "rel L2", "tolerance"
     );
-    let chosen = dev.attention_kernel();
+    let default = Setup {
+        gemm: dev.gemm_backend(),
+        attention: dev.attention_kernel(),
+    };
+    let dense = dense_setups(dev);
+    let cached = cached_setups(default, &dense);
     let mut failed = 0;
     for preset in PRESETS {
         let mut unet = RandomPipeline::new(preset).unet()?;
         let (sample, timesteps, context) = inputs(preset);
         let cpu = unet.forward(&sample, &timesteps, &context)?;
         unet.upload(dev)?;
-        let mut all_passed = true;
-        for kernel in KERNELS {
-            dev.set_attention_kernel(kernel);
+        let mut passed_setups = Vec::new();
+        for &setup in &dense {
+            setup.apply(dev)?;
             let gpu = unet.forward_on(dev, &sample, &timesteps, &context)?;
             let rel = rel_l2(&gpu, &cpu);
-            let passed = rel <= rel_l2_tol(kernel);
-            all_passed &= passed;
+            let passed = rel <= setup.tol();
+            if passed {
+                passed_setups.push(setup);
+            }
             failed += usize::from(!passed);
             let s = sample.shape();
             println!(
                 "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
-                format!("unet {} {kernel:?}", preset.name()),
+                format!("unet {} {}", preset.name(), setup.label()),
                 format!("{}x{}x{}x{}", s[0], s[1], s[2], s[3]),
                 max_err(&gpu, &cpu),
                 rel,
-                rel_l2_tol(kernel),
+                setup.tol(),
                 if passed { "PASS" } else { "FAIL" }
             );
         }
-        let dense_ms = if all_passed && preset == Preset::Sd15 {
-            print_step_time(dev, &unet, &sample, &timesteps, &context, preset)?
+        let dense_ms = if preset == Preset::Sd15 {
+            let inputs = (&sample, timesteps.as_slice(), &context);
+            print_step_time(dev, &unet, inputs, preset, &passed_setups)?
         } else {
             Vec::new()
         };
-        // The cached step with the default kernel and with the tensor-core one.
-        for kernel in cached_kernels(chosen) {
-            dev.set_attention_kernel(kernel);
+        for &setup in &cached {
+            setup.apply(dev)?;
             let dense_ms = dense_ms
                 .iter()
-                .find(|(k, _)| *k == kernel)
+                .find(|(s, _)| *s == setup)
                 .map(|(_, ms)| *ms);
             let inputs = (&sample, timesteps.as_slice(), &context);
-            let cached_passed = check_cached_step(dev, &unet, inputs, preset, dense_ms)?;
+            let cached_passed = check_cached_step(dev, &unet, inputs, preset, setup, dense_ms)?;
             failed += usize::from(!cached_passed);
         }
-        dev.set_attention_kernel(chosen);
+        default.apply(dev)?;
         if !dense_ms.is_empty() {
             print_lora_patch_time(dev, &mut unet, LORA_RANK)?;
         }
     }
-    dev.set_attention_kernel(chosen);
-    let checks = KERNELS.len() + cached_kernels(chosen).len();
-    Ok((PRESETS.len() * checks, failed))
-}
-
-/// The kernels the cached step is checked (and timed) with: the device's and the
-/// tensor-core one.
-fn cached_kernels(chosen: AttentionKernel) -> Vec<AttentionKernel> {
-    let mut kernels = vec![chosen];
-    if chosen != AttentionKernel::FlashMma {
-        kernels.push(AttentionKernel::FlashMma);
-    }
-    kernels
+    default.apply(dev)?;
+    Ok((PRESETS.len() * (dense.len() + cached.len()), failed))
 }
 
 /// The rank of the LoRA whose patch is timed (on every attention projection).
@@ -285,31 +349,31 @@ fn print_profile(
     Ok(())
 }
 
-/// Times the dense step with each attention kernel (inputs already on the device) and
-/// profiles it with the device's; returns each kernel's median.
+/// Times the dense step with each setup that passed its check (inputs uploaded first), and
+/// profiles it with the first (the device's default kernels); returns each setup's median.
 fn print_step_time(
     dev: &CudaDevice,
     unet: &UNet,
-    sample: &Tensor,
-    timesteps: &[f32],
-    context: &Tensor,
+    (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
     preset: Preset,
-) -> Result<Vec<(AttentionKernel, f64)>, Box<dyn std::error::Error>> {
+    setups: &[Setup],
+) -> Result<Vec<(Setup, f64)>, Box<dyn std::error::Error>> {
     let sample = CudaTensor::upload(dev, sample)?;
     let context = CudaTensor::upload(dev, context)?;
-    let chosen = dev.attention_kernel();
     let mut medians = Vec::new();
-    for kernel in KERNELS {
-        dev.set_attention_kernel(kernel);
+    for &setup in setups {
+        setup.apply(dev)?;
         let t = time_step(dev, || {
             unet.forward_gpu(dev, &sample, timesteps, &context)?;
             Ok(())
         })?;
-        medians.push((kernel, t.median));
+        medians.push((setup, t.median));
         println!(
-            "unet {} dense step on the GPU, f32, attention {kernel:?}, batch 2 at {}x{}: \
-             median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs)",
+            "unet {} dense step on the GPU, f32 tensors, attention {:?}, GEMMs {:?}, batch 2 \
+             at {}x{}: median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs)",
             preset.name(),
+            setup.attention,
+            setup.gemm,
             sample.shape()[1],
             sample.shape()[2],
             t.median,
@@ -317,11 +381,13 @@ fn print_step_time(
             t.enqueue,
         );
     }
-    dev.set_attention_kernel(chosen);
-    print_profile(dev, &format!("{} dense step", preset.name()), 12, || {
-        unet.forward_gpu(dev, &sample, timesteps, &context)?;
-        Ok(())
-    })?;
+    if let Some(first) = setups.first() {
+        first.apply(dev)?;
+        print_profile(dev, &format!("{} dense step", preset.name()), 12, || {
+            unet.forward_gpu(dev, &sample, timesteps, &context)?;
+            Ok(())
+        })?;
+    }
     Ok(medians)
 }
 
@@ -337,6 +403,7 @@ fn check_cached_step(
     unet: &UNet,
     (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
     preset: Preset,
+    setup: Setup,
     dense_ms: Option<f64>,
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let s = sample.shape().to_vec();
@@ -381,12 +448,11 @@ fn check_cached_step(
         .download(dev)?;
     let cpu = cpu.reshape(&[batch * n, gpu.shape()[1]])?;
     let rel = rel_l2(&gpu, &cpu);
-    let kernel = dev.attention_kernel();
-    let tol = rel_l2_tol(kernel);
+    let tol = setup.tol();
     let passed = rel <= tol;
     println!(
         "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
-        format!("unet {} cached {kernel:?}", preset.name()),
+        format!("unet {} cached {}", preset.name(), setup.label()),
         format!("{}% {batch}x{n}", MASK_RATIO * 100.0),
         max_err(&gpu, &cpu),
         rel,
@@ -400,11 +466,12 @@ fn check_cached_step(
         })?;
         println!(
             "unet {} cached step on the GPU, f32 (f16 cache, {:.0} MB on the device), \
-             attention {kernel:?}, mask {}% ({n} of {} positions active with the halo), \
+             {}, mask {}% ({n} of {} positions active with the halo), \
              batch 2: median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs); {:.3}x \
-             the dense step with the same kernel",
+             the dense step with the same setup",
             preset.name(),
             device_cache.size_in_bytes() as f64 / 1e6,
+            setup.label(),
             MASK_RATIO * 100.0,
             side * side,
             t.median,

@@ -9,7 +9,7 @@ use retouch_kernels::Device;
 use retouch_runtime::http::not_found;
 use retouch_runtime::{BatchPolicy, Engine, EngineConfig, Routing};
 
-use super::{AttentionArg, model_dir};
+use super::{AttentionArg, GemmArg, model_dir};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// GPU workers' attention kernel.
     #[arg(long, value_enum, default_value = "flash")]
     attention: AttentionArg,
+    /// GPU workers' GEMMs (linear layers, convolutions).
+    #[arg(long, value_enum, default_value = "kernels")]
+    gemm: GemmArg,
     /// Steps of a cached edit's template cache loaded ahead of the step it is at.
     #[arg(long, default_value_t = 4)]
     prefetch_steps: usize,
@@ -95,6 +98,7 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     config.cache_host_bytes = args.cache_host_bytes;
     config.cache_device_bytes = args.cache_device_bytes;
     config.attention = args.attention.into();
+    config.gemm = args.gemm.into();
     config.prefetch_steps = args.prefetch_steps;
     config.recompute_plan = args.recompute_plan;
     config.max_batch_requests = args.max_batch;

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use actix::{Actor, Addr, Arbiter};
 use metrics_exporter_prometheus::PrometheusHandle;
-use retouch_kernels::cuda::AttentionKernel;
+use retouch_kernels::cuda::{AttentionKernel, GemmBackend};
 use retouch_kernels::{DType, Device};
 use retouch_models::pipeline::Pipeline;
 use tokio::sync::oneshot;
@@ -68,6 +68,8 @@ pub struct EngineConfig {
     pub cache_device_bytes: u64,
     /// The attention kernel of GPU workers.
     pub attention: AttentionKernel,
+    /// The GEMMs of GPU workers' linear layers and convolutions.
+    pub gemm: GemmBackend,
     /// Steps of a cached edit's template loaded ahead of the step it is at.
     pub prefetch_steps: usize,
     /// Threads loading step caches from disk.
@@ -104,6 +106,7 @@ impl EngineConfig {
             cache_host_bytes: CacheConfig::default().host_bytes,
             cache_device_bytes: CacheConfig::default().device_bytes,
             attention: AttentionKernel::Flash,
+            gemm: GemmBackend::Kernels,
             prefetch_steps: CacheConfig::default().prefetch_steps,
             cache_loaders: CacheConfig::default().loaders,
             recompute_plan: false,
@@ -236,6 +239,8 @@ impl Engine {
             pipe.use_device(*device, config.cache_device_bytes)
                 .map_err(|e| format!("worker {index} on {device}: {e}"))?;
             pipe.set_attention_kernel(config.attention);
+            pipe.set_gemm_backend(config.gemm)
+                .map_err(|e| format!("worker {index} on {device}: {e}"))?;
             model.get_or_insert(ModelInfo {
                 native_size: pipe.native_size(),
             });

@@ -1,0 +1,319 @@
+//! cuBLAS for the dense layers: linear layers as one `sgemm`, convolutions as an im2col
+//! (`im2col_f32`; a 1x1 convolution needs none) and one `sgemm` against the packed weight,
+//! the bias added by a broadcast kernel. Tensors stay row-major f32; cuBLAS sees the
+//! transposed problem (its matrices are column-major): `C^T = op(B)^T A^T`.
+//!
+//! cuBLAS is loaded at run time like the driver; [`CudaDevice::set_gemm_backend`] fails
+//! with a clear error where the library is missing, and the device keeps its own kernels
+//! ([`GemmBackend::Kernels`], the default).
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+
+use super::ops::{grid_stride, len_u32};
+use super::{CudaConv2dWeight, CudaDevice, CudaTensor, driver_err};
+use crate::error::Error;
+use crate::{Conv2dParams, Result};
+
+/// Which GEMMs [`CudaDevice::linear`] and [`CudaDevice::conv2d`] run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmBackend {
+    /// Retouch's kernels on CUDA cores (`sgemm_f32`, `conv2d_f32`, split-K).
+    Kernels,
+    /// cuBLAS `sgemm` in f32 (`CUBLAS_DEFAULT_MATH`: no tensor cores).
+    Cublas,
+    /// cuBLAS `sgemm` with TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`: inputs rounded to
+    /// a 10-bit significand, f32 accumulation), as PyTorch's `allow_tf32`.
+    CublasTf32,
+}
+
+impl GemmBackend {
+    pub(crate) fn from_index(i: u8) -> GemmBackend {
+        match i {
+            1 => GemmBackend::Cublas,
+            2 => GemmBackend::CublasTf32,
+            _ => GemmBackend::Kernels,
+        }
+    }
+
+    pub(crate) fn index(self) -> u8 {
+        match self {
+            GemmBackend::Kernels => 0,
+            GemmBackend::Cublas => 1,
+            GemmBackend::CublasTf32 => 2,
+        }
+    }
+}
+
+/// A row-major `C [m, n] = A [m, k] op(B)` as the column-major GEMM cuBLAS runs:
+/// `C^T [n, m] = op(B)^T [n, k] A^T [k, m]`, its first operand B's buffer, its second A's.
+/// A row-major `[m, k]` is `A^T` column-major with ld `k`; B row-major `[n, k]` (a linear
+/// weight) is `B^T` column-major, transposed back; B row-major `[k, n]` is `op(B)^T` as it is,
+/// ld `n`. C row-major `[m, n]` is `C^T` column-major with ld `n`.
+#[derive(Debug, PartialEq, Eq)]
+struct ColumnMajor {
+    transpose_first: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld_first: usize,
+    ld_second: usize,
+    ld_out: usize,
+}
+
+impl ColumnMajor {
+    fn of(b_transposed: bool, (m, n, k): (usize, usize, usize)) -> ColumnMajor {
+        ColumnMajor {
+            transpose_first: b_transposed,
+            m: n,
+            n: m,
+            k,
+            ld_first: if b_transposed { k } else { n },
+            ld_second: k,
+            ld_out: n,
+        }
+    }
+}
+
+/// The cuBLAS handle on the device's stream, or why there is none.
+pub(crate) type BlasSlot = std::sync::OnceLock<std::result::Result<CudaBlas, String>>;
+
+fn cublas_err(op: &'static str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::Cuda {
+        op,
+        message: format!("{e:?}"),
+    }
+}
+
+impl CudaDevice {
+    /// Chooses the GEMMs of linear layers and convolutions. The cuBLAS backends load cuBLAS
+    /// now (an error, with the device unchanged, where it is missing).
+    pub fn set_gemm_backend(&self, backend: GemmBackend) -> Result<()> {
+        if backend != GemmBackend::Kernels {
+            self.cublas()?;
+        }
+        self.gemm_backend
+            .store(backend.index(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn gemm_backend(&self) -> GemmBackend {
+        GemmBackend::from_index(self.gemm_backend.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// With a cuBLAS backend chosen, whether it uses TF32; None for the device's kernels.
+    pub(crate) fn cublas_tf32(&self) -> Option<bool> {
+        match self.gemm_backend() {
+            GemmBackend::Kernels => None,
+            GemmBackend::Cublas => Some(false),
+            GemmBackend::CublasTf32 => Some(true),
+        }
+    }
+
+    fn cublas(&self) -> Result<&CudaBlas> {
+        let slot = self.blas.get_or_init(|| {
+            // cudarc panics on a missing library: look first.
+            if !unsafe { sys::is_culib_present() } {
+                return Err("cuBLAS (libcublas.so) not found on the library path".into());
+            }
+            CudaBlas::new(self.stream().clone()).map_err(|e| format!("cuBLAS: {e:?}"))
+        });
+        slot.as_ref()
+            .map_err(|why| Error::DeviceUnavailable(self.describe(), why.clone()))
+    }
+
+    /// `c = alpha * a * op(b) + beta * c (+ bias on every row)` through cuBLAS, row-major:
+    /// `a = [m, k]`, `b = [n, k]` when `b_transposed` else `[k, n]`, `c = [m, n]`, `bias =
+    /// [n]`. Sizes were checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cublas_gemm(
+        &self,
+        tf32: bool,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        (m, n, k): (usize, usize, usize),
+        (alpha, beta): (f32, f32),
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "cublas_sgemm";
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Cuda {
+                op: OP,
+                message: format!("dimension {v} beyond cuBLAS's int"),
+            })
+        };
+        let blas = self.cublas()?;
+        let mode = if tf32 {
+            sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is live; the mode is a flag read by later calls on it.
+        let status = unsafe { sys::cublasSetMathMode(*blas.handle(), mode) };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Cuda {
+                op: OP,
+                message: format!("cublasSetMathMode: {status:?}"),
+            });
+        }
+        let p = ColumnMajor::of(b_transposed, (m, n, k));
+        let cfg = GemmConfig {
+            transa: if p.transpose_first {
+                sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                sys::cublasOperation_t::CUBLAS_OP_N
+            },
+            transb: sys::cublasOperation_t::CUBLAS_OP_N,
+            m: int(p.m)?,
+            n: int(p.n)?,
+            k: int(p.k)?,
+            alpha,
+            lda: int(p.ld_first)?,
+            ldb: int(p.ld_second)?,
+            beta,
+            ldc: int(p.ld_out)?,
+        };
+        // SAFETY: `a` holds m * k, `b` n * k and `c` m * n values (checked by the caller),
+        // which the leading dimensions above describe.
+        let r = unsafe { blas.gemm(cfg, b, a, c) };
+        r.map_err(cublas_err(OP))?;
+        self.launched(OP, Ok::<(), cudarc::driver::DriverError>(()))?;
+        if let Some(bias) = bias {
+            self.add_rows_in_place(c, bias, m * n)?;
+        }
+        Ok(())
+    }
+
+    /// `c[i] += bias[i % bias.len()]` over the first `len` values of `c`, in place.
+    fn add_rows_in_place(
+        &self,
+        c: &mut CudaSlice<f32>,
+        bias: &CudaTensor,
+        len: usize,
+    ) -> Result<()> {
+        const K: &str = "binary_add_f32";
+        let n = len_u32(K, len)?;
+        let b_len = len_u32(K, bias.elem_count())?;
+        let (ptr, _sync) = c.device_ptr(self.stream());
+        let mut l = self.stream().launch_builder(self.function(K)?);
+        l.arg(&ptr).arg(&bias.data).arg(&ptr).arg(&n).arg(&b_len);
+        // SAFETY: `binary_add_f32(a, b, out, n, b_len)` reads `a[i]` before writing `out[i]`
+        // in the same thread, so `a == out` is an in-place add; `c` holds at least `n` values.
+        self.launched(K, unsafe { l.launch(grid_stride(n)) })
+    }
+
+    /// [`CudaDevice::conv2d`] through cuBLAS: the patches gathered by `im2col_f32` (a 1x1
+    /// convolution with stride 1 and no padding reads `x` as it is), one GEMM against the
+    /// packed `[kh * kw * cin, cout]` weight, the bias added per row.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv2d_cublas(
+        &self,
+        tf32: bool,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+        (batch, h, w, cin): (usize, usize, usize, usize),
+        (oh, ow): (usize, usize),
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        const K: &str = "im2col_f32";
+        let m = batch * oh * ow;
+        let k = weight.kh * weight.kw * cin;
+        let direct = weight.kh == 1 && weight.kw == 1 && params.stride == 1 && params.padding == 0;
+        let cols = if direct {
+            None
+        } else {
+            len_u32(K, m * k)?;
+            // SAFETY: every element is written by the launch below.
+            let mut cols = unsafe { self.stream().alloc::<f32>(m * k) }.map_err(driver_err(K))?;
+            let geom = [
+                h,
+                w,
+                cin,
+                weight.kh,
+                weight.kw,
+                params.stride,
+                params.padding,
+                oh,
+                ow,
+            ]
+            .map(|v| v as u32);
+            let geom = self.stream().clone_htod(&geom).map_err(driver_err(K))?;
+            let rows = m as u32;
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data).arg(&mut cols).arg(&rows).arg(&geom);
+            // SAFETY: `im2col_f32(x, cols, rows, geom)`: `x` holds the map the geometry
+            // describes, `cols` `rows * kh * kw * cin` values, every index below 2^32.
+            self.launched(K, unsafe { l.launch(grid_stride((m * k) as u32)) })?;
+            Some(cols)
+        };
+        let a = cols.as_ref().unwrap_or(&x.data);
+        let bias = weight.bias.as_ref();
+        self.cublas_gemm(
+            tf32,
+            a,
+            &weight.packed.data,
+            false,
+            bias,
+            (m, weight.cout, k),
+            (1.0, 0.0),
+            &mut out.data,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS's `C = op(A) B` in column-major storage, as its documentation defines it
+    /// (`transb` N, alpha 1, beta 0).
+    fn column_major_gemm(p: &ColumnMajor, first: &[f32], second: &[f32]) -> Vec<f32> {
+        let mut c = vec![0.0; p.ld_out * p.n];
+        for j in 0..p.n {
+            for i in 0..p.m {
+                let mut acc = 0.0;
+                for l in 0..p.k {
+                    let a = if p.transpose_first {
+                        first[l + i * p.ld_first]
+                    } else {
+                        first[i + l * p.ld_first]
+                    };
+                    acc += a * second[l + j * p.ld_second];
+                }
+                c[i + j * p.ld_out] = acc;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn row_major_gemms_map_onto_column_major_cublas() {
+        let (m, n, k) = (5, 3, 4);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        for b_transposed in [true, false] {
+            let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.61).cos()).collect();
+            // Row-major reference: b is [n, k] when transposed, else [k, n].
+            let at_b = |l: usize, j: usize| {
+                if b_transposed {
+                    b[j * k + l]
+                } else {
+                    b[l * n + j]
+                }
+            };
+            let want: Vec<f32> = (0..m * n)
+                .map(|x| (0..k).map(|l| a[(x / n) * k + l] * at_b(l, x % n)).sum())
+                .collect();
+            let p = ColumnMajor::of(b_transposed, (m, n, k));
+            let got = column_major_gemm(&p, &b, &a);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{b_transposed}: {got:?} vs {want:?}");
+            }
+        }
+    }
+}
