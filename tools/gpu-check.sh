@@ -75,7 +75,7 @@ run_checks() {
         echo
         echo "== retouch selftest --device cuda:0 --group $g"
         local start=$SECONDS
-        timeout "$([ "$g" = unet ] && echo 240 || echo 60)" "$bin" selftest --device cuda:0 --group "$g"
+        timeout "$([ "$g" = unet ] && echo 300 || echo 60)" "$bin" selftest --device cuda:0 --group "$g"
         local st=$?
         echo "group $g: exit status $st after $((SECONDS - start)) s"
         [ "$st" = 0 ] || failed=$((failed + 1))

@@ -179,16 +179,9 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
         } else {
             Vec::new()
         };
-        for &setup in &cached {
-            setup.apply(dev)?;
-            let dense_ms = dense_ms
-                .iter()
-                .find(|(s, _)| *s == setup)
-                .map(|(_, ms)| *ms);
-            let inputs = (&sample, timesteps.as_slice(), &context);
-            let cached_passed = check_cached_step(dev, &unet, inputs, preset, setup, dense_ms)?;
-            failed += usize::from(!cached_passed);
-        }
+        // The host's recording and masked forward once, then each setup on the device.
+        let inputs = (&sample, timesteps.as_slice(), &context);
+        failed += check_cached_steps(dev, &unet, inputs, preset, &cached, &dense_ms)?;
         default.apply(dev)?;
         if !dense_ms.is_empty() {
             print_lora_patch_time(dev, &mut unet, LORA_RANK)?;
@@ -395,17 +388,17 @@ fn print_step_time(
 const MASK_RATIO: f64 = 0.2;
 
 /// Cached mode on the GPU against the host: the step recorded as a template (f16 cache),
-/// then a masked step of both CFG branches on a centred 20% mask (halo 1) on each side.
-/// Prints the check row, and with `dense_ms` the GPU step's time against the dense step's.
-/// Returns whether it passed.
-fn check_cached_step(
+/// then a masked step of both CFG branches on a centred 20% mask (halo 1) on each side, the
+/// device's with each setup. Prints a check row per setup, and where `dense_ms` has the
+/// setup's dense step, the cached step's time against it. Returns the failures.
+fn check_cached_steps(
     dev: &CudaDevice,
     unet: &UNet,
     (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
     preset: Preset,
-    setup: Setup,
-    dense_ms: Option<f64>,
-) -> Result<bool, Box<dyn std::error::Error>> {
+    setups: &[Setup],
+    dense_ms: &[(Setup, f64)],
+) -> Result<usize, Box<dyn std::error::Error>> {
     let s = sample.shape().to_vec();
     let (batch, side, channels) = (s[0], s[1], s[3]);
     let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
@@ -443,69 +436,78 @@ fn check_cached_step(
         })
         .collect();
     let gpu_rows = CudaTensor::upload(dev, &rows)?;
-    let gpu = unet
-        .forward_gpu_ragged(dev, &gpu_rows, &segments)?
-        .download(dev)?;
-    let cpu = cpu.reshape(&[batch * n, gpu.shape()[1]])?;
-    let rel = rel_l2(&gpu, &cpu);
-    let tol = setup.tol();
-    let passed = rel <= tol;
-    println!(
-        "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
-        format!("unet {} cached {}", preset.name(), setup.label()),
-        format!("{}% {batch}x{n}", MASK_RATIO * 100.0),
-        max_err(&gpu, &cpu),
-        rel,
-        tol,
-        if passed { "PASS" } else { "FAIL" }
-    );
-    if let (true, Some(dense_ms)) = (passed, dense_ms) {
-        let t = time_step(dev, || {
-            unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
-            Ok(())
-        })?;
-        println!(
-            "unet {} cached step on the GPU, f32 (f16 cache, {:.0} MB on the device), \
-             {}, mask {}% ({n} of {} positions active with the halo), \
-             batch 2: median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs); {:.3}x \
-             the dense step with the same setup",
-            preset.name(),
-            device_cache.size_in_bytes() as f64 / 1e6,
-            setup.label(),
-            MASK_RATIO * 100.0,
-            side * side,
-            t.median,
-            t.min,
-            t.enqueue,
-            t.median / dense_ms
-        );
-        print_profile(dev, &format!("{} cached step", preset.name()), 12, || {
-            unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
-            Ok(())
-        })?;
-        // Four such edits fused into one ragged step (8 segments), as the worker batches
-        // them: the cost per edit against one edit alone.
-        const FUSED: usize = 4;
-        let fused_segments: Vec<GpuCachedSegment<'_>> = segments
+    let mut failed = 0;
+    for &setup in setups {
+        setup.apply(dev)?;
+        let dense_ms = dense_ms
             .iter()
-            .copied()
-            .cycle()
-            .take(FUSED * batch)
-            .collect();
-        let fused_rows = CudaTensor::upload(dev, &Tensor::concat_batch(&[&rows; FUSED])?)?;
-        let fused = time_step(dev, || {
-            unet.forward_gpu_ragged(dev, &fused_rows, &fused_segments)?;
-            Ok(())
-        })?;
+            .find(|(s, _)| *s == setup)
+            .map(|(_, ms)| *ms);
+        let gpu = unet
+            .forward_gpu_ragged(dev, &gpu_rows, &segments)?
+            .download(dev)?;
+        let cpu = cpu.clone().reshape(&[batch * n, gpu.shape()[1]])?;
+        let rel = rel_l2(&gpu, &cpu);
+        let tol = setup.tol();
+        let passed = rel <= tol;
         println!(
-            "unet {} {FUSED} cached edits fused into one step: median {:.2} ms, host enqueue \
-             {:.2} ms; {:.2} ms per edit, {:.3}x one edit alone",
-            preset.name(),
-            fused.median,
-            fused.enqueue,
-            fused.median / FUSED as f64,
-            fused.median / FUSED as f64 / t.median
+            "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
+            format!("unet {} cached {}", preset.name(), setup.label()),
+            format!("{}% {batch}x{n}", MASK_RATIO * 100.0),
+            max_err(&gpu, &cpu),
+            rel,
+            tol,
+            if passed { "PASS" } else { "FAIL" }
         );
+        if let (true, Some(dense_ms)) = (passed, dense_ms) {
+            let t = time_step(dev, || {
+                unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
+                Ok(())
+            })?;
+            println!(
+                "unet {} cached step on the GPU, f32 (f16 cache, {:.0} MB on the device), \
+                 {}, mask {}% ({n} of {} positions active with the halo), \
+                 batch 2: median {:.2} ms, min {:.2} ms, host enqueue {:.2} ms (10 runs); {:.3}x \
+                 the dense step with the same setup",
+                preset.name(),
+                device_cache.size_in_bytes() as f64 / 1e6,
+                setup.label(),
+                MASK_RATIO * 100.0,
+                side * side,
+                t.median,
+                t.min,
+                t.enqueue,
+                t.median / dense_ms
+            );
+            print_profile(dev, &format!("{} cached step", preset.name()), 12, || {
+                unet.forward_gpu_ragged(dev, &gpu_rows, &segments)?;
+                Ok(())
+            })?;
+            // Four such edits fused into one ragged step (8 segments), as the worker batches
+            // them: the cost per edit against one edit alone.
+            const FUSED: usize = 4;
+            let fused_segments: Vec<GpuCachedSegment<'_>> = segments
+                .iter()
+                .copied()
+                .cycle()
+                .take(FUSED * batch)
+                .collect();
+            let fused_rows = CudaTensor::upload(dev, &Tensor::concat_batch(&[&rows; FUSED])?)?;
+            let fused = time_step(dev, || {
+                unet.forward_gpu_ragged(dev, &fused_rows, &fused_segments)?;
+                Ok(())
+            })?;
+            println!(
+                "unet {} {FUSED} cached edits fused into one step: median {:.2} ms, host enqueue \
+                 {:.2} ms; {:.2} ms per edit, {:.3}x one edit alone",
+                preset.name(),
+                fused.median,
+                fused.enqueue,
+                fused.median / FUSED as f64,
+                fused.median / FUSED as f64 / t.median
+            );
+        }
+        failed += usize::from(!passed);
     }
-    Ok(passed)
+    Ok(failed)
 }
