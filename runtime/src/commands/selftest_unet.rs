@@ -1,7 +1,8 @@
 //! `retouch selftest --group unet`: the UNet on the GPU against the host, for the tiny and
-//! SD1.5 presets built from random weights: the dense forward with each attention kernel,
-//! and the cached-mode forward at a 20% mask; then, for SD1.5, the dense and cached steps'
-//! times and a rank-64 LoRA patch of every attention projection.
+//! SD1.5 presets built from random weights: the dense forward with each attention kernel
+//! (and with cuBLAS's GEMMs where the machine has cuBLAS), and the cached-mode forward at a
+//! 20% mask; then, for SD1.5, the dense and cached steps' times and a rank-64 LoRA patch of
+//! every attention projection.
 //!
 //! The kernels are checked one by one elsewhere; this checks that they compose into the same
 //! network (layer order, skips, broadcasts) at real sizes.
