@@ -272,36 +272,6 @@ const KT_LD: u32 = FLASH_K + 4;
 /// Output column chunks of 32 per lane group: heads up to 96 wide (the host allows 80).
 const CHUNKS: usize = 3;
 
-/// Dense attention tiled like a GEMM, for heads whose width `d` is a multiple of 4 and at
-/// most 80 (SD's 40, 64 and 80). A block of 128 threads takes 64 query rows of one
-/// (batch, head); each round it stages 32 keys (transposed) and their values in shared memory.
-/// Thread `(tq, tk) = (tid / 8, tid % 8)` computes the 4 x 4 scores of query rows `4 tq..`
-/// and keys `4 tk..` with two 16-byte shared loads per 16 FMAs, keeps the online-softmax
-/// state of its 4 rows (the 8 lanes of a row group reduce by butterfly shuffles), and
-/// accumulates its 4 rows x columns `4 tk + 32 u ..` of the output, the probabilities of the
-/// other keys coming from their owners by shuffles.
-///
-/// Launch: grid `(ceil(lq / 64), batch * heads)`, block 128, dynamic shared memory
-/// `d * (64 + 36 + 32) * 4` bytes: the scaled query tile transposed `[d][64]`, the key tile
-/// transposed `[d][36]`, the value tile `[32][d]`.
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn attention_flash_f32(
-    q: *const f32,
-    k: *const f32,
-    v: *const f32,
-    out: *mut f32,
-    lq: u32,
-    lk: u32,
-    heads: u32,
-    d: u32,
-    scale: f32,
-    causal: u32,
-) {
-    let source = unsafe { dense_source([q, k, v], out, lq, lk, heads, d) };
-    unsafe { flash_block(&source, block() * FLASH_Q, d, scale, causal) };
-}
-
 /// The sequence and head of this block of a dense flash launch (block `y` is
 /// `batch * heads + head`).
 #[inline(always)]
@@ -327,53 +297,109 @@ pub(crate) unsafe fn dense_source(
     }
 }
 
-/// Attention over a ragged batch, tiled as [`attention_flash_f32`]. The rows of
-/// `q = [rows, c]` are the segments' queries stacked; segment `s` is described by
-/// `segs[5 s..5 s + 5] = (q_start, q_len, key_start, key_len, map_start)` and owns query rows
-/// `q_start .. q_start + q_len` (also its output rows).
-///
-/// - Without a cache (`has_cache == 0`), key `j` of segment `s` is row `key_start + j` of `k`
-///   and `v` (cross-attention, each segment to its own text).
-/// - With one, key `j` is grid position `j` of the segment's template: the fresh row
-///   `key_start + row_of[map_start + j]` of `k`, `v` when that position is active, else row
-///   `j` of the f16 maps at `cached_k[s]`, `cached_v[s]` (device addresses), widened as read.
-///   Masked self-attention thus reads the template's keys in place: no widened copy, no
-///   scatter, one launch for every segment.
-///
-/// Block `x` takes the 64 query rows from `tiles[2 x + 1]` of segment `tiles[2 x]`, block
-/// `y` is the head. Launch: grid `(tiles, heads)`, block 128, shared memory as
-/// [`attention_flash_f32`].
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn attention_masked_flash_f32(
-    q: *const f32,
-    k: *const f32,
-    v: *const f32,
-    cached_k: *const u64,
-    cached_v: *const u64,
-    row_of: *const u32,
-    tiles: *const u32,
-    segs: *const u32,
-    out: *mut f32,
-    heads: u32,
-    d: u32,
-    scale: f32,
-    has_cache: u32,
-) {
-    let (source, q0) = unsafe {
-        masked_source(
-            [q, k, v],
-            [cached_k, cached_v],
-            row_of,
-            tiles,
-            segs,
-            out,
-            heads,
-            d,
-            has_cache,
-        )
+/// A dense and a masked flash entry around one block body, `|source, q0, d, scale, causal|
+/// body`: the dense entry takes `(q, k, v, out, lq, lk, heads, d, scale, causal)` (block `x`
+/// the 64 query rows from `64 x`, block `y` the sequence and head), the masked one
+/// `(q, k, v, cached_k, cached_v, row_of, tiles, segs, out, heads, d, scale, has_cache)` (see
+/// [`attention_masked_flash_f32`]; never causal).
+macro_rules! flash_entries {
+    (
+        $(#[$dense_doc:meta])* $dense:ident,
+        $(#[$masked_doc:meta])* $masked:ident,
+        |$source:ident, $q0:ident, $d:ident, $scale:ident, $causal:ident| $body:expr
+    ) => {
+        $(#[$dense_doc])*
+        #[unsafe(no_mangle)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "ptx-kernel" fn $dense(
+            q: *const f32,
+            k: *const f32,
+            v: *const f32,
+            out: *mut f32,
+            lq: u32,
+            lk: u32,
+            heads: u32,
+            $d: u32,
+            $scale: f32,
+            $causal: u32,
+        ) {
+            let $source = unsafe {
+                $crate::attention::dense_source([q, k, v], out, lq, lk, heads, $d)
+            };
+            let $q0 = $crate::gpu::block() * $crate::attention::FLASH_Q;
+            unsafe { $body };
+        }
+
+        $(#[$masked_doc])*
+        #[unsafe(no_mangle)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "ptx-kernel" fn $masked(
+            q: *const f32,
+            k: *const f32,
+            v: *const f32,
+            cached_k: *const u64,
+            cached_v: *const u64,
+            row_of: *const u32,
+            tiles: *const u32,
+            segs: *const u32,
+            out: *mut f32,
+            heads: u32,
+            $d: u32,
+            $scale: f32,
+            has_cache: u32,
+        ) {
+            let ($source, $q0) = unsafe {
+                $crate::attention::masked_source(
+                    [q, k, v],
+                    [cached_k, cached_v],
+                    row_of,
+                    tiles,
+                    segs,
+                    out,
+                    heads,
+                    $d,
+                    has_cache,
+                )
+            };
+            let $causal = 0u32;
+            unsafe { $body };
+        }
     };
-    unsafe { flash_block(&source, q0, d, scale, 0) };
+}
+pub(crate) use flash_entries;
+
+flash_entries! {
+    /// Dense attention tiled like a GEMM, for heads whose width `d` is a multiple of 4 and at
+    /// most 80 (SD's 40, 64 and 80). A block of 128 threads takes 64 query rows of one
+    /// (batch, head); each round it stages 32 keys (transposed) and their values in shared memory.
+    /// Thread `(tq, tk) = (tid / 8, tid % 8)` computes the 4 x 4 scores of query rows `4 tq..`
+    /// and keys `4 tk..` with two 16-byte shared loads per 16 FMAs, keeps the online-softmax
+    /// state of its 4 rows (the 8 lanes of a row group reduce by butterfly shuffles), and
+    /// accumulates its 4 rows x columns `4 tk + 32 u ..` of the output, the probabilities of the
+    /// other keys coming from their owners by shuffles.
+    ///
+    /// Launch: grid `(ceil(lq / 64), batch * heads)`, block 128, dynamic shared memory
+    /// `d * (64 + 36 + 32) * 4` bytes: the scaled query tile transposed `[d][64]`, the key tile
+    /// transposed `[d][36]`, the value tile `[32][d]`.
+    attention_flash_f32,
+    /// Attention over a ragged batch, tiled as [`attention_flash_f32`]. The rows of
+    /// `q = [rows, c]` are the segments' queries stacked; segment `s` is described by
+    /// `segs[5 s..5 s + 5] = (q_start, q_len, key_start, key_len, map_start)` and owns query rows
+    /// `q_start .. q_start + q_len` (also its output rows).
+    ///
+    /// - Without a cache (`has_cache == 0`), key `j` of segment `s` is row `key_start + j` of `k`
+    ///   and `v` (cross-attention, each segment to its own text).
+    /// - With one, key `j` is grid position `j` of the segment's template: the fresh row
+    ///   `key_start + row_of[map_start + j]` of `k`, `v` when that position is active, else row
+    ///   `j` of the f16 maps at `cached_k[s]`, `cached_v[s]` (device addresses), widened as read.
+    ///   Masked self-attention thus reads the template's keys in place: no widened copy, no
+    ///   scatter, one launch for every segment.
+    ///
+    /// Block `x` takes the 64 query rows from `tiles[2 x + 1]` of segment `tiles[2 x]`, block
+    /// `y` is the head. Launch: grid `(tiles, heads)`, block 128, shared memory as
+    /// [`attention_flash_f32`].
+    attention_masked_flash_f32,
+    |source, q0, d, scale, causal| flash_block(&source, q0, d, scale, causal)
 }
 
 /// The segment, head and first query row of this block of a masked flash launch (see

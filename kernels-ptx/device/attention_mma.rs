@@ -24,11 +24,9 @@
 //! query/key tile and the transposed value tile, f16); grids as
 //! [`crate::attention::attention_flash_f32`] and [`crate::attention::attention_masked_flash_f32`].
 
-use crate::attention::{
-    DenseHead, FlashSource, dense_source, keys_seen, masked_source, unroll,
-};
+use crate::attention::{DenseHead, FlashSource, flash_entries, keys_seen, unroll};
 use crate::gemm::F4;
-use crate::gpu::{NEG_INF, block, block_dim, shfl_xor, sync_threads, thread};
+use crate::gpu::{NEG_INF, block_dim, shfl_xor, sync_threads, thread};
 use crate::prelude::*;
 
 /// Query rows per block (16 per warp).
@@ -283,55 +281,10 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
 /// [`crate::attention::attention_masked_flash_f32`].
 macro_rules! flash_mma_entries {
     ($($dense:ident, $masked:ident, $nd:literal, $kd:literal;)*) => {$(
-        #[unsafe(no_mangle)]
-        #[allow(clippy::too_many_arguments)]
-        pub unsafe extern "ptx-kernel" fn $dense(
-            q: *const f32,
-            k: *const f32,
-            v: *const f32,
-            out: *mut f32,
-            lq: u32,
-            lk: u32,
-            heads: u32,
-            d: u32,
-            scale: f32,
-            causal: u32,
-        ) {
-            let source = unsafe { dense_source([q, k, v], out, lq, lk, heads, d) };
-            unsafe { flash_mma_block::<_, $nd, $kd>(&source, block() * ROWS, scale, causal) };
-        }
-
-        #[unsafe(no_mangle)]
-        #[allow(clippy::too_many_arguments)]
-        pub unsafe extern "ptx-kernel" fn $masked(
-            q: *const f32,
-            k: *const f32,
-            v: *const f32,
-            cached_k: *const u64,
-            cached_v: *const u64,
-            row_of: *const u32,
-            tiles: *const u32,
-            segs: *const u32,
-            out: *mut f32,
-            heads: u32,
-            d: u32,
-            scale: f32,
-            has_cache: u32,
-        ) {
-            let (source, q0) = unsafe {
-                masked_source(
-                    [q, k, v],
-                    [cached_k, cached_v],
-                    row_of,
-                    tiles,
-                    segs,
-                    out,
-                    heads,
-                    d,
-                    has_cache,
-                )
-            };
-            unsafe { flash_mma_block::<_, $nd, $kd>(&source, q0, scale, 0) };
+        flash_entries! {
+            $dense,
+            $masked,
+            |source, q0, d, scale, causal| flash_mma_block::<_, $nd, $kd>(&source, q0, scale, causal)
         }
     )*};
 }

@@ -12,6 +12,7 @@
 
 use crate::bf16::Bf16;
 use crate::elementwise::grid_stride;
+use crate::gemm::Widen;
 use crate::gpu::{block, block_dim, grid_dim, thread, warp_sum};
 
 #[inline(always)]
@@ -30,59 +31,56 @@ fn delta(up: *const f32, down: *const f32, i: u32, inp: u32, rank: u32) -> f32 {
     acc
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn lora_patch_f32(
-    w: *mut f32,
-    up: *const f32,
-    down: *const f32,
-    n: u32,
-    inp: u32,
-    rank: u32,
-    scale: f32,
-) {
-    grid_stride!(n, |i| {
-        let d = delta(up, down, i, inp, rank);
-        unsafe { *w.add(i as usize) += scale * d };
-    });
+/// A weight's storage type: widened to f32 where read (`Widen`), rounded once where written.
+trait Narrow: Widen {
+    fn narrow(v: f32) -> Self;
+}
+impl Narrow for f32 {
+    #[inline(always)]
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+}
+impl Narrow for f16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> f16 {
+        v as f16
+    }
+}
+impl Narrow for Bf16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> Bf16 {
+        Bf16::from_f32(v)
+    }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn lora_patch_f16(
-    w: *mut f16,
-    up: *const f32,
-    down: *const f32,
-    n: u32,
-    inp: u32,
-    rank: u32,
-    scale: f32,
-) {
-    grid_stride!(n, |i| {
-        let d = delta(up, down, i, inp, rank);
-        unsafe {
-            let p = w.add(i as usize);
-            *p = (*p as f32 + scale * d) as f16;
+/// `lora_patch_{f32,f16,bf16}(w, up, down, n, in, rank, scale)`: `w[i] += scale * delta(i)`
+/// over the `n = out * in` weights.
+macro_rules! lora_patch_kernel {
+    ($name:ident, $t:ty) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(
+            w: *mut $t,
+            up: *const f32,
+            down: *const f32,
+            n: u32,
+            inp: u32,
+            rank: u32,
+            scale: f32,
+        ) {
+            grid_stride!(n, |i| {
+                let d = delta(up, down, i, inp, rank);
+                unsafe {
+                    let p = w.add(i as usize);
+                    *p = <$t>::narrow((*p).widen() + scale * d);
+                }
+            });
         }
-    });
+    };
 }
-
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn lora_patch_bf16(
-    w: *mut Bf16,
-    up: *const f32,
-    down: *const f32,
-    n: u32,
-    inp: u32,
-    rank: u32,
-    scale: f32,
-) {
-    grid_stride!(n, |i| {
-        let d = delta(up, down, i, inp, rank);
-        unsafe {
-            let p = w.add(i as usize);
-            *p = Bf16::from_f32((*p).to_f32() + scale * d);
-        }
-    });
-}
+lora_patch_kernel!(lora_patch_f32, f32);
+lora_patch_kernel!(lora_patch_f16, f16);
+lora_patch_kernel!(lora_patch_bf16, Bf16);
 
 /// `seg_of_row` of a row no segment owns.
 const NO_SEGMENT: u32 = 0xffff_ffff;
