@@ -106,7 +106,11 @@ impl StagingPool {
         let held: usize = free.iter().map(PinnedBuffer::capacity).sum();
         if keeps(held, buffer.capacity(), self.budget_bytes) {
             free.push(buffer);
+            return;
         }
+        // Freed after the lock: its drop waits for the copy.
+        drop(free);
+        drop(buffer);
     }
 
     /// Pinned bytes held by free buffers.
