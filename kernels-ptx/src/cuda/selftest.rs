@@ -387,33 +387,11 @@ impl Runner<'_> {
             self.dev.lora_patch(&mut gw, &gu, &gd, 0.75)?;
             self.record("lora_patch_f32", size.clone(), &gw, &want, 1e-5)?;
 
-            let w16 = w.to_dtype(DType::F16)?;
-            let mut want = w16.clone();
-            want.lora_patch(&up, &down, 0.75)?;
-            let mut gw = CudaTensor::<f16>::upload(self.dev, &w16)?;
-            self.dev.lora_patch(&mut gw, &gu, &gd, 0.75)?;
-            let got = gw.download(self.dev)?;
-            // One f16 rounding apart at most (the f32 sums differ in order).
-            self.checks.push(Check {
-                op: "lora_patch_f16",
-                size: size.clone(),
-                max_err: max_err(&got, &want),
-                tolerance: 2e-3,
-            });
-
-            let w_bf16 = w.to_dtype(DType::BF16)?;
-            let mut want = w_bf16.clone();
-            want.lora_patch(&up, &down, 0.75)?;
-            let mut gw = CudaTensor::<bf16>::upload(self.dev, &w_bf16)?;
-            self.dev.lora_patch(&mut gw, &gu, &gd, 0.75)?;
-            let got = gw.download(self.dev)?;
-            // One bf16 rounding apart at most (8-bit significands: 2^-8 relative).
-            self.checks.push(Check {
-                op: "lora_patch_bf16",
-                size,
-                max_err: max_err(&got, &want),
-                tolerance: 1.6e-2,
-            });
+            // One rounding apart at most (the f32 sums differ in order): f16's 11-bit and
+            // bf16's 8-bit significands.
+            let factors = (&up, &down, &gu, &gd);
+            self.lora_half::<f16>("lora_patch_f16", DType::F16, &w, factors, &size, 2e-3)?;
+            self.lora_half::<bf16>("lora_patch_bf16", DType::BF16, &w, factors, &size, 1.6e-2)?;
         }
         self.lora_segments()
     }
@@ -759,6 +737,33 @@ impl Runner<'_> {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Runner<'_> {
+    /// The LoRA patch of `w` stored as `T` (`dtype`) on the device against the CPU's.
+    fn lora_half<T: GpuElement>(
+        &mut self,
+        op: &'static str,
+        dtype: DType,
+        w: &Tensor,
+        (up, down, gu, gd): (&Tensor, &Tensor, &CudaTensor, &CudaTensor),
+        size: &str,
+        tolerance: f32,
+    ) -> Result<()> {
+        let w = w.to_dtype(dtype)?;
+        let mut want = w.clone();
+        want.lora_patch(up, down, 0.75)?;
+        let mut gw = CudaTensor::<T>::upload(self.dev, &w)?;
+        self.dev.lora_patch(&mut gw, gu, gd, 0.75)?;
+        let got = gw.download(self.dev)?;
+        self.checks.push(Check {
+            op,
+            size: size.to_string(),
+            max_err: max_err(&got, &want),
+            tolerance,
+        });
         Ok(())
     }
 }
