@@ -1,5 +1,5 @@
-//! Flash attention on tensor cores: f16 `mma.sync.m16n8k16` products, f32 accumulation and
-//! softmax. The tensors stay f32 (as the rest of the device UNet); queries, keys, values and
+//! Flash attention on tensor cores: f16 (or bf16) `mma.sync.m16n8k16` products, f32
+//! accumulation and softmax. The tensors stay f32 (as the rest of the device UNet); queries, keys, values and
 //! probabilities are rounded to f16 as they enter the tensor cores, as FlashAttention does
 //! with f16 models: about 3 decimal digits per product.
 //!
@@ -25,6 +25,7 @@
 //! [`crate::attention::attention_flash_f32`] and [`crate::attention::attention_masked_flash_f32`].
 
 use crate::attention::{DenseHead, FlashSource, flash_entries, keys_seen, unroll};
+use crate::bf16::Bf16;
 use crate::gemm::F4;
 use crate::gpu::{NEG_INF, block_dim, shfl_xor, sync_threads, thread};
 use crate::prelude::*;
@@ -45,42 +46,72 @@ const fn tile_ld(kd: usize) -> u32 {
     16 * kd as u32 + 8
 }
 
-/// `d += a * b` for one 16 x 8 x 16 f16 fragment with f32 accumulation (the whole warp).
-#[inline(always)]
-fn mma16(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
-    unsafe {
-        asm!(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};",
-            inout(reg32) d[0],
-            inout(reg32) d[1],
-            inout(reg32) d[2],
-            inout(reg32) d[3],
-            in(reg32) a[0],
-            in(reg32) a[1],
-            in(reg32) a[2],
-            in(reg32) a[3],
-            in(reg32) b[0],
-            in(reg32) b[1],
-            options(nostack)
-        );
-    }
+/// The 16-bit type the tensor cores read (f16, or bf16 for activations beyond f16's range):
+/// how one value is stored in the shared tiles, how two are packed into an A register, and
+/// the `mma.sync.m16n8k16` (f32 accumulation, the whole warp) that reads them.
+trait Half16 {
+    fn store(x: f32) -> u16;
+    /// `lo` and `hi` rounded and packed, `lo` in the lower half.
+    fn pack(lo: f32, hi: f32) -> u32;
+    /// `d += a * b` for one 16 x 8 x 16 fragment.
+    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
 }
 
-/// `lo` and `hi` rounded to f16 and packed, `lo` in the lower half.
-#[inline(always)]
-fn pack_f16(lo: f32, hi: f32) -> u32 {
-    let r: u32;
-    unsafe {
-        asm!(
-            "cvt.rn.f16x2.f32 {0}, {1}, {2};",
-            out(reg32) r,
-            in(reg32) hi,
-            in(reg32) lo,
-            options(pure, nomem, nostack)
-        );
-    }
-    r
+macro_rules! half16 {
+    ($name:ident, $ptx:literal, |$x:ident| $store:expr) => {
+        struct $name;
+        impl Half16 for $name {
+            #[inline(always)]
+            fn store($x: f32) -> u16 {
+                $store
+            }
+            #[inline(always)]
+            fn pack(lo: f32, hi: f32) -> u32 {
+                let r: u32;
+                unsafe {
+                    asm!(
+                        concat!("cvt.rn.", $ptx, "x2.f32 {0}, {1}, {2};"),
+                        out(reg32) r,
+                        in(reg32) hi,
+                        in(reg32) lo,
+                        options(pure, nomem, nostack)
+                    );
+                }
+                r
+            }
+            #[inline(always)]
+            fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+                unsafe {
+                    asm!(
+                        concat!(
+                            "mma.sync.aligned.m16n8k16.row.col.f32.", $ptx, ".", $ptx,
+                            ".f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, ",
+                            "{{{0}, {1}, {2}, {3}}};"
+                        ),
+                        inout(reg32) d[0],
+                        inout(reg32) d[1],
+                        inout(reg32) d[2],
+                        inout(reg32) d[3],
+                        in(reg32) a[0],
+                        in(reg32) a[1],
+                        in(reg32) a[2],
+                        in(reg32) a[3],
+                        in(reg32) b[0],
+                        in(reg32) b[1],
+                        options(nostack)
+                    );
+                }
+            }
+        }
+    };
 }
+
+#[allow(unnecessary_transmutes)] // `f16::to_bits` is `core`'s, absent here.
+fn f16_bits(x: f32) -> u16 {
+    unsafe { transmute::<f16, u16>(x as f16) }
+}
+half16!(F16, "f16", |x| f16_bits(x));
+half16!(BF16, "bf16", |x| Bf16::from_f32(x).0);
 
 /// `2^x` (approximate, 2 ulp; `2^-inf = 0`).
 #[inline(always)]
@@ -99,14 +130,14 @@ fn exp2_fast(x: f32) -> f32 {
 
 /// The two halves at `tile[at], tile[at + 1]` as one register (`at` even).
 #[inline(always)]
-unsafe fn pair(tile: *const f16, at: u32) -> u32 {
+unsafe fn pair(tile: *const u16, at: u32) -> u32 {
     unsafe { *(tile.add(at as usize) as *const u32) }
 }
 
 /// Query rows `q0..q0 + 64` of one sequence and head against all its keys (or, when
 /// `causal`, those up to each row), for head width `d = 8 ND`, `KD = ceil(d / 16)`.
 #[inline(always)]
-unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
+unsafe fn flash_mma_block<S: FlashSource, H: Half16, const ND: usize, const KD: usize>(
     src: &S,
     q0: u32,
     scale: f32,
@@ -120,7 +151,7 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
     let (g, q) = ((tid & 31) >> 2, tid & 3);
     let rows: &DenseHead = src.head();
     let (lq, lk) = (rows.lq, rows.lk);
-    let tile = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut f16;
+    let tile = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut u16;
     let vt = unsafe { tile.add((KEYS * ld) as usize) };
 
     // The query tile (scaled into base 2, padded with zeros) goes through the key tile's
@@ -135,7 +166,7 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
         } else {
             0.0
         };
-        unsafe { *tile.add((r * ld + t) as usize) = x as f16 };
+        unsafe { *tile.add((r * ld + t) as usize) = H::store(x) };
         e += block_dim();
     }
     sync_threads();
@@ -177,9 +208,9 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
                 (0.0, 0.0)
             };
             unsafe {
-                *tile.add((r * ld + t) as usize) = kv as f16;
+                *tile.add((r * ld + t) as usize) = H::store(kv);
                 if t < d {
-                    *vt.add((t * VT_LD + r) as usize) = vv as f16;
+                    *vt.add((t * VT_LD + r) as usize) = H::store(vv);
                 }
             }
             e += block_dim();
@@ -194,7 +225,7 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
                 if kk < KD {
                     let k0 = at + 16 * kk as u32;
                     let b = unsafe { [pair(tile, k0), pair(tile, k0 + 8)] };
-                    mma16(&mut s[j], qf[kk], b);
+                    H::mma(&mut s[j], qf[kk], b);
                 }
             });
         });
@@ -239,17 +270,17 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
         unroll!(kk in [0, 1, 2, 3] {
             let (lo, hi) = (s[2 * kk], s[2 * kk + 1]);
             let a = [
-                pack_f16(lo[0], lo[1]),
-                pack_f16(lo[2], lo[3]),
-                pack_f16(hi[0], hi[1]),
-                pack_f16(hi[2], hi[3]),
+                H::pack(lo[0], lo[1]),
+                H::pack(lo[2], lo[3]),
+                H::pack(hi[0], hi[1]),
+                H::pack(hi[2], hi[3]),
             ];
             let at = g * VT_LD + 16 * kk as u32 + 2 * q;
             unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19] {
                 if n < ND {
                     let v0 = at + 8 * n as u32 * VT_LD;
                     let b = unsafe { [pair(vt, v0), pair(vt, v0 + 8)] };
-                    mma16(&mut o[n], a, b);
+                    H::mma(&mut o[n], a, b);
                 }
             });
         });
@@ -275,23 +306,29 @@ unsafe fn flash_mma_block<S: FlashSource, const ND: usize, const KD: usize>(
     });
 }
 
-/// One dense and one masked entry per head width: `attention_flash_mma_f16_d{W}` takes
-/// [`crate::attention::attention_flash_f32`]'s arguments (`d` must be `W`),
-/// `attention_masked_flash_mma_f16_d{W}` those of
+/// One dense and one masked entry per head width and 16-bit type:
+/// `attention_flash_mma_{f16,bf16}_d{W}` takes [`crate::attention::attention_flash_f32`]'s
+/// arguments (`d` must be `W`), `attention_masked_flash_mma_{f16,bf16}_d{W}` those of
 /// [`crate::attention::attention_masked_flash_f32`].
 macro_rules! flash_mma_entries {
-    ($($dense:ident, $masked:ident, $nd:literal, $kd:literal;)*) => {$(
+    ($($dense:ident, $masked:ident, $half:ty, $nd:literal, $kd:literal;)*) => {$(
         flash_entries! {
             $dense,
             $masked,
-            |source, q0, d, scale, causal| flash_mma_block::<_, $nd, $kd>(&source, q0, scale, causal)
+            |source, q0, d, scale, causal| {
+                flash_mma_block::<_, $half, $nd, $kd>(&source, q0, scale, causal)
+            }
         }
     )*};
 }
 
 flash_mma_entries! {
-    attention_flash_mma_f16_d40, attention_masked_flash_mma_f16_d40, 5, 3;
-    attention_flash_mma_f16_d64, attention_masked_flash_mma_f16_d64, 8, 4;
-    attention_flash_mma_f16_d80, attention_masked_flash_mma_f16_d80, 10, 5;
-    attention_flash_mma_f16_d160, attention_masked_flash_mma_f16_d160, 20, 10;
+    attention_flash_mma_f16_d40, attention_masked_flash_mma_f16_d40, F16, 5, 3;
+    attention_flash_mma_f16_d64, attention_masked_flash_mma_f16_d64, F16, 8, 4;
+    attention_flash_mma_f16_d80, attention_masked_flash_mma_f16_d80, F16, 10, 5;
+    attention_flash_mma_f16_d160, attention_masked_flash_mma_f16_d160, F16, 20, 10;
+    attention_flash_mma_bf16_d40, attention_masked_flash_mma_bf16_d40, BF16, 5, 3;
+    attention_flash_mma_bf16_d64, attention_masked_flash_mma_bf16_d64, BF16, 8, 4;
+    attention_flash_mma_bf16_d80, attention_masked_flash_mma_bf16_d80, BF16, 10, 5;
+    attention_flash_mma_bf16_d160, attention_masked_flash_mma_bf16_d160, BF16, 20, 10;
 }

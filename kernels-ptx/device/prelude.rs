@@ -295,3 +295,9 @@ impl f32 {
 pub macro asm("assembly template", $(operands,)* $(options($(option),*))?) {
     /* compiler built-in */
 }
+
+/// `concat!`, for `asm!` templates built by a macro (one per element type).
+#[rustc_builtin_macro]
+pub macro concat($($t:tt)*) {
+    /* compiler built-in */
+}

@@ -92,7 +92,9 @@ impl CudaDevice {
         }
         let flash = FlashKernel::choose(kernel, d);
         let kernel = match kernel {
-            AttentionKernel::Flash | AttentionKernel::FlashMma if flash.is_none() => {
+            AttentionKernel::Flash | AttentionKernel::FlashMma | AttentionKernel::FlashMmaBf16
+                if flash.is_none() =>
+            {
                 AttentionKernel::Tiles
             }
             other => other,
@@ -420,6 +422,9 @@ pub enum AttentionKernel {
     /// `attention_flash_mma_f16_d{40,64,80,160}`: 64 queries x 64 keys per step on tensor
     /// cores (f16 products, f32 accumulation and softmax); other widths run `Flash`.
     FlashMma,
+    /// `FlashMma` with bf16 products (`attention_flash_mma_bf16_d*`): f32's range, for
+    /// activations beyond f16's (diffusers' `upcast_attention`), with 8-bit significands.
+    FlashMmaBf16,
 }
 
 /// A flash kernel pair for one head width: the dense entry, the masked/ragged entry (same
@@ -436,25 +441,18 @@ impl FlashKernel {
     /// entry for `d`, else the f32 pair where its tiles take `d`; None for `Rows`, `Tiles`
     /// and widths neither takes.
     fn choose(kernel: AttentionKernel, d: usize) -> Option<FlashKernel> {
-        let mma = match (kernel, d) {
-            (AttentionKernel::FlashMma, 40) => Some((
-                "attention_flash_mma_f16_d40",
-                "attention_masked_flash_mma_f16_d40",
-            )),
-            (AttentionKernel::FlashMma, 64) => Some((
-                "attention_flash_mma_f16_d64",
-                "attention_masked_flash_mma_f16_d64",
-            )),
-            (AttentionKernel::FlashMma, 80) => Some((
-                "attention_flash_mma_f16_d80",
-                "attention_masked_flash_mma_f16_d80",
-            )),
-            (AttentionKernel::FlashMma, 160) => Some((
-                "attention_flash_mma_f16_d160",
-                "attention_masked_flash_mma_f16_d160",
-            )),
+        // Entry names: [f16 dense, f16 masked, bf16 dense, bf16 masked] per width.
+        let half = match kernel {
+            AttentionKernel::FlashMma => Some(0),
+            AttentionKernel::FlashMmaBf16 => Some(2),
             _ => None,
         };
+        let mma = half.and_then(|h| {
+            MMA_ENTRIES
+                .iter()
+                .find(|(width, _)| *width == d)
+                .map(|(_, names)| (names[h], names[h + 1]))
+        });
         if let Some((dense, masked)) = mma {
             return Some(FlashKernel {
                 dense,
@@ -462,7 +460,10 @@ impl FlashKernel {
                 shared_bytes: mma_shared_bytes(d),
             });
         }
-        let flash = matches!(kernel, AttentionKernel::Flash | AttentionKernel::FlashMma);
+        let flash = matches!(
+            kernel,
+            AttentionKernel::Flash | AttentionKernel::FlashMma | AttentionKernel::FlashMmaBf16
+        );
         (flash && flash_fits(d)).then_some(FlashKernel {
             dense: "attention_flash_f32",
             masked: "attention_masked_flash_f32",
@@ -470,6 +471,46 @@ impl FlashKernel {
         })
     }
 }
+
+/// The tensor-core flash entries per head width: f16 dense and masked, bf16 dense and masked.
+const MMA_ENTRIES: [(usize, [&str; 4]); 4] = [
+    (
+        40,
+        [
+            "attention_flash_mma_f16_d40",
+            "attention_masked_flash_mma_f16_d40",
+            "attention_flash_mma_bf16_d40",
+            "attention_masked_flash_mma_bf16_d40",
+        ],
+    ),
+    (
+        64,
+        [
+            "attention_flash_mma_f16_d64",
+            "attention_masked_flash_mma_f16_d64",
+            "attention_flash_mma_bf16_d64",
+            "attention_masked_flash_mma_bf16_d64",
+        ],
+    ),
+    (
+        80,
+        [
+            "attention_flash_mma_f16_d80",
+            "attention_masked_flash_mma_f16_d80",
+            "attention_flash_mma_bf16_d80",
+            "attention_masked_flash_mma_bf16_d80",
+        ],
+    ),
+    (
+        160,
+        [
+            "attention_flash_mma_f16_d160",
+            "attention_masked_flash_mma_f16_d160",
+            "attention_flash_mma_bf16_d160",
+            "attention_masked_flash_mma_bf16_d160",
+        ],
+    ),
+];
 
 /// Shared bytes of the tensor-core flash kernels (their module's rule): the query/key tile
 /// `[64][16 ceil(d / 16) + 8]` and the transposed value tile `[d][72]`, f16.
@@ -607,5 +648,10 @@ mod tests {
         assert_eq!(FlashKernel::choose(Flash, 160), None);
         assert_eq!(FlashKernel::choose(Tiles, 40), None);
         assert_eq!(FlashKernel::choose(Rows, 64), None);
+        let bf16 = FlashKernel::choose(FlashMmaBf16, 160).unwrap();
+        assert_eq!(bf16.dense, "attention_flash_mma_bf16_d160");
+        assert_eq!(bf16.shared_bytes, mma_shared_bytes(160));
+        assert!(super::super::ptx::KERNELS.contains(&bf16.masked));
+        assert_eq!(FlashKernel::choose(FlashMmaBf16, 32), Some(f32_flash));
     }
 }

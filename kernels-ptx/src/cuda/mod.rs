@@ -264,6 +264,7 @@ impl CudaDevice {
             k if k == AttentionKernel::Rows as u8 => AttentionKernel::Rows,
             k if k == AttentionKernel::Tiles as u8 => AttentionKernel::Tiles,
             k if k == AttentionKernel::FlashMma as u8 => AttentionKernel::FlashMma,
+            k if k == AttentionKernel::FlashMmaBf16 as u8 => AttentionKernel::FlashMmaBf16,
             _ => AttentionKernel::Flash,
         }
     }

@@ -481,6 +481,7 @@ impl Runner<'_> {
                 ("attention_tiles", AttentionKernel::Tiles),
                 ("attention_flash", AttentionKernel::Flash),
                 ("attention_flash_mma", AttentionKernel::FlashMma),
+                ("attention_flash_mma_bf16", AttentionKernel::FlashMmaBf16),
             ] {
                 let got = self
                     .dev
@@ -558,6 +559,7 @@ impl Runner<'_> {
             for (op, kernel) in [
                 ("masked_attention", AttentionKernel::Flash),
                 ("masked_attention_mma", AttentionKernel::FlashMma),
+                ("masked_attention_mma_bf16", AttentionKernel::FlashMmaBf16),
             ] {
                 let got = self.with_attention_kernel(kernel, |dev| {
                     dev.masked_attention(&gq, &gk, &gv, &gpu_segments, heads)
@@ -587,6 +589,7 @@ impl Runner<'_> {
             for (op, kernel) in [
                 ("ragged_attention", AttentionKernel::Flash),
                 ("ragged_attention_mma", AttentionKernel::FlashMma),
+                ("ragged_attention_mma_bf16", AttentionKernel::FlashMmaBf16),
             ] {
                 let got = self.with_attention_kernel(kernel, |dev| {
                     dev.ragged_attention(&gq, &gk, &gv, &segments, heads)
@@ -615,10 +618,12 @@ impl Runner<'_> {
 
 /// Tolerance of an attention check: f32 kernels sum in another order than the CPU; the
 /// tensor-core kernels round queries, keys, values and probabilities to f16 (11-bit
-/// significands) on the way in, so outputs of unit-variance inputs move by up to ~3e-3.
+/// significands) on the way in, so outputs of unit-variance inputs move by up to ~3e-3, or to
+/// bf16 (8-bit significands), eight times that.
 fn attention_tol(kernel: AttentionKernel) -> f32 {
     match kernel {
         AttentionKernel::FlashMma => 1e-2,
+        AttentionKernel::FlashMmaBf16 => 5e-2,
         _ => 1e-4,
     }
 }
@@ -1111,6 +1116,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
                 "self-attn tiles",
                 "self-attn flash",
                 "self-attn flash mma",
+                "self-attn flash mma bf16",
             ],
         ),
         (
@@ -1120,6 +1126,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
                 "cross-attn tiles",
                 "cross-attn flash",
                 "cross-attn flash mma",
+                "cross-attn flash mma bf16",
             ],
         ),
     ] {
@@ -1134,6 +1141,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             AttentionKernel::Tiles,
             AttentionKernel::Flash,
             AttentionKernel::FlashMma,
+            AttentionKernel::FlashMmaBf16,
         ];
         for (op, kernel) in names.into_iter().zip(kernels) {
             let ms = time_ms(dev, || {

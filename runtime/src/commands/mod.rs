@@ -48,6 +48,9 @@ pub enum AttentionArg {
     /// widths 40, 64, 80 and 160 (others run `flash`). Not yet checked on a GPU by this
     /// project: run `retouch selftest --device cuda:N` first.
     FlashMma,
+    /// `flash-mma` with bf16 products: f32's range (for activations beyond f16's), 8-bit
+    /// significands. Not yet checked on a GPU by this project either.
+    FlashMmaBf16,
     /// Shared-memory key tiles, one warp per query row.
     Tiles,
     /// One warp per query row, keys read from global memory.
@@ -59,6 +62,7 @@ impl From<AttentionArg> for AttentionKernel {
         match a {
             AttentionArg::Flash => AttentionKernel::Flash,
             AttentionArg::FlashMma => AttentionKernel::FlashMma,
+            AttentionArg::FlashMmaBf16 => AttentionKernel::FlashMmaBf16,
             AttentionArg::Tiles => AttentionKernel::Tiles,
             AttentionArg::Rows => AttentionKernel::Rows,
         }

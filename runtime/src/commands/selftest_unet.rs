@@ -35,9 +35,14 @@ impl Setup {
 
     /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: in f32 only summation
     /// order differs, through a few dozen layers; where products round to f16 (the
-    /// tensor-core attention) or TF32 (cuBLAS's tensor cores), 11-bit significands, 1e-2.
+    /// tensor-core attention) or TF32 (cuBLAS's tensor cores), 11-bit significands, 1e-2;
+    /// bf16 attention (8-bit significands), 5e-2.
     fn tol(self) -> f32 {
-        if self.attention == AttentionKernel::FlashMma || self.gemm == GemmBackend::CublasTf32 {
+        if self.attention == AttentionKernel::FlashMmaBf16 {
+            5e-2
+        } else if self.attention == AttentionKernel::FlashMma
+            || self.gemm == GemmBackend::CublasTf32
+        {
             1e-2
         } else {
             1e-4
@@ -128,9 +133,10 @@ fn rel_l2(gpu: &Tensor, cpu: &Tensor) -> f32 {
 }
 
 const PRESETS: [Preset; 2] = [Preset::Tiny, Preset::Sd15];
-const KERNELS: [AttentionKernel; 4] = [
+const KERNELS: [AttentionKernel; 5] = [
     AttentionKernel::Flash,
     AttentionKernel::FlashMma,
+    AttentionKernel::FlashMmaBf16,
     AttentionKernel::Tiles,
     AttentionKernel::Rows,
 ];
