@@ -27,7 +27,7 @@
 use crate::attention::{DenseHead, FlashSource, flash_entries, keys_seen, unroll};
 use crate::bf16::Bf16;
 use crate::gemm::F4;
-use crate::gpu::{NEG_INF, block_dim, shfl_xor, sync_threads, thread};
+use crate::gpu::{LOG2E, NEG_INF, block_dim, exp2_fast, shfl_xor, sync_threads, thread};
 use crate::prelude::*;
 
 /// Query rows per block (16 per warp).
@@ -37,8 +37,6 @@ const KEYS: u32 = 64;
 /// Row stride (halves) of the transposed value tile: 36 words, so the 8 rows a B fragment
 /// load touches start 4 banks apart.
 const VT_LD: u32 = KEYS + 8;
-/// `log2(e)`: scores are kept in base 2 (the scale folded into the queries).
-const LOG2E: f32 = 1.442_695_f32;
 
 /// Row stride (halves) of the query and key tiles: the padded width plus 8, which puts the
 /// 8 rows of a fragment load on distinct banks for every `KD`.
@@ -113,21 +111,6 @@ fn f16_bits(x: f32) -> u16 {
 half16!(F16, "f16", |x| f16_bits(x));
 half16!(BF16, "bf16", |x| Bf16::from_f32(x).0);
 
-/// `2^x` (approximate, 2 ulp; `2^-inf = 0`).
-#[inline(always)]
-fn exp2_fast(x: f32) -> f32 {
-    let r: f32;
-    unsafe {
-        asm!(
-            "ex2.approx.ftz.f32 {0}, {1};",
-            out(reg32) r,
-            in(reg32) x,
-            options(pure, nomem, nostack)
-        );
-    }
-    r
-}
-
 /// The two halves at `tile[at], tile[at + 1]` as one register (`at` even).
 #[inline(always)]
 unsafe fn pair(tile: *const u16, at: u32) -> u32 {
@@ -154,7 +137,7 @@ unsafe fn flash_mma_block<S: FlashSource, H: Half16, const ND: usize, const KD: 
     let tile = crate::prelude::gpu_launch_sized_workgroup_mem::<F4>() as *mut u16;
     let vt = unsafe { tile.add((KEYS * ld) as usize) };
 
-    // The query tile (scaled into base 2, padded with zeros) goes through the key tile's
+    // The query tile (scaled into base 2, where the scores are kept; padded with zeros) goes through the key tile's
     // space once, into each warp's A fragments.
     let qscale = scale * LOG2E;
     let mut e = tid;

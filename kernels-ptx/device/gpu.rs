@@ -65,11 +65,30 @@ pub fn sync_threads() {
     unsafe { barrier0() }
 }
 
+/// `log2(e)`.
+pub const LOG2E: f32 = 1.442_695_f32;
+
 /// `exp(x)` as `2^(x log2 e)` (plain `expf` does not select on nvptx); the accurate exp2
 /// keeps the kernels within ~1e-6 relative of the CPU.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    exp2f32(x * 1.442_695_f32)
+    exp2f32(x * LOG2E)
+}
+
+/// `2^x`, approximate (2 ulp, `ex2.approx.ftz`; `2^-inf = 0`): for kernels whose inputs are
+/// rounded coarser than that anyway (the f16/bf16 tensor-core attention).
+#[inline(always)]
+pub fn exp2_fast(x: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!(
+            "ex2.approx.ftz.f32 {0}, {1};",
+            out(reg32) r,
+            in(reg32) x,
+            options(pure, nomem, nostack)
+        );
+    }
+    r
 }
 
 /// Orders this warp's shared-memory writes before its later reads.

@@ -75,30 +75,25 @@ pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
 /// The patches of a channels-last convolution as rows, for a GEMM against the packed weight
 /// `[kh * kw * cin, cout]`: `cols[r, k]` with `r = (b * out_h + oy) * out_w + ox` and
 /// `k = (ky * kw + kx) * cin + ci` is `x[b, oy * stride - pad + ky, ox * stride - pad + kx, ci]`,
-/// 0 outside the map. `x = [batch, h, w, cin]`; `geom = [h, w, cin, kh, kw, stride, pad,
-/// out_h, out_w]`. Consecutive threads take consecutive channels: reads and writes coalesce.
+/// 0 outside the map, for `x = [batch, h, w, cin]`. Consecutive threads take consecutive
+/// channels: reads and writes coalesce.
 #[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn im2col_f32(
     x: *const f32,
     cols: *mut f32,
     rows: u32,
-    geom: *const u32,
+    h: u32,
+    w: u32,
+    cin: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    out_h: u32,
+    out_w: u32,
 ) {
-    let g = unsafe {
-        [
-            *geom,
-            *geom.add(1),
-            *geom.add(2),
-            *geom.add(3),
-            *geom.add(4),
-            *geom.add(5),
-            *geom.add(6),
-            *geom.add(7),
-            *geom.add(8),
-        ]
-    };
-    let [h, w, cin, _kh, kw, stride, pad, out_h, out_w] = g;
-    let k_len = g[3] * kw * cin;
+    let k_len = kh * kw * cin;
     grid_stride!(rows * k_len, |i| {
         let r = i / k_len;
         let k = i - r * k_len;

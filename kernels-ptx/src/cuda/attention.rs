@@ -90,18 +90,11 @@ impl CudaDevice {
         if q.elem_count() == 0 || lk == 0 {
             return Ok(out);
         }
+        // A flash kernel that does not take `d` falls back to the tiles, then to the rows.
         let flash = FlashKernel::choose(kernel, d);
-        let kernel = match kernel {
-            AttentionKernel::Flash | AttentionKernel::FlashMma | AttentionKernel::FlashMmaBf16
-                if flash.is_none() =>
-            {
-                AttentionKernel::Tiles
-            }
-            other => other,
-        };
         let (name, rows_per_block, threads, shared_bytes) = match (flash, kernel, tile_warps(d)) {
             (Some(flash), _, _) => (flash.dense, FLASH_Q, FLASH_THREADS, flash.shared_bytes),
-            (None, AttentionKernel::Tiles, Some(warps)) => (
+            (None, kernel, Some(warps)) if kernel != AttentionKernel::Rows => (
                 "attention_tiles_f32",
                 warps,
                 32 * warps,
@@ -145,9 +138,9 @@ impl CudaDevice {
     /// Masked self-attention over a ragged batch, as [`crate::Tensor::masked_attention`]:
     /// `q`, `k_fresh`, `v_fresh = [rows, c]` are the segments' active rows stacked; each
     /// segment's queries attend to its template's cached keys and values with its active
-    /// positions' rows replaced by the fresh ones. One `attention_masked_flash_f32` launch
-    /// reads the f16 cache in place; heads the flash tiles do not take (wider than 80) run
-    /// per segment on a widened copy instead.
+    /// positions' rows replaced by the fresh ones. One launch of the device's flash kernel
+    /// ([`FlashKernel::choose`]: the f32 tiles, or the tensor-core entries) reads the f16
+    /// cache in place; heads no flash kernel takes run per segment on a widened copy instead.
     pub fn masked_attention(
         &self,
         q: &CudaTensor,
@@ -194,8 +187,8 @@ impl CudaDevice {
 
     /// Attention over a ragged batch, as [`crate::Tensor::ragged_attention`]: `q = [rows, c]`,
     /// `k = v = [key_rows, c]`, each segment's queries against its own key rows (each
-    /// request's cross-attention to its own text). One `attention_masked_flash_f32` launch;
-    /// heads wider than 80 run per segment.
+    /// request's cross-attention to its own text). One launch of the device's flash kernel;
+    /// heads no flash kernel takes run per segment.
     pub fn ragged_attention(
         &self,
         q: &CudaTensor,

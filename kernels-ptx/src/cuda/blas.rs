@@ -17,6 +17,7 @@ use crate::{Conv2dParams, Result};
 
 /// Which GEMMs [`CudaDevice::linear`] and [`CudaDevice::conv2d`] run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum GemmBackend {
     /// Retouch's kernels on CUDA cores (`sgemm_f32`, `conv2d_f32`, split-K).
     Kernels,
@@ -25,24 +26,6 @@ pub enum GemmBackend {
     /// cuBLAS `sgemm` with TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`: inputs rounded to
     /// a 10-bit significand, f32 accumulation), as PyTorch's `allow_tf32`.
     CublasTf32,
-}
-
-impl GemmBackend {
-    pub(crate) fn from_index(i: u8) -> GemmBackend {
-        match i {
-            1 => GemmBackend::Cublas,
-            2 => GemmBackend::CublasTf32,
-            _ => GemmBackend::Kernels,
-        }
-    }
-
-    pub(crate) fn index(self) -> u8 {
-        match self {
-            GemmBackend::Kernels => 0,
-            GemmBackend::Cublas => 1,
-            GemmBackend::CublasTf32 => 2,
-        }
-    }
 }
 
 /// A row-major `C [m, n] = A [m, k] op(B)` as the column-major GEMM cuBLAS runs:
@@ -93,12 +76,16 @@ impl CudaDevice {
             self.cublas()?;
         }
         self.gemm_backend
-            .store(backend.index(), std::sync::atomic::Ordering::Relaxed);
+            .store(backend as u8, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     pub fn gemm_backend(&self) -> GemmBackend {
-        GemmBackend::from_index(self.gemm_backend.load(std::sync::atomic::Ordering::Relaxed))
+        match self.gemm_backend.load(std::sync::atomic::Ordering::Relaxed) {
+            b if b == GemmBackend::Cublas as u8 => GemmBackend::Cublas,
+            b if b == GemmBackend::CublasTf32 as u8 => GemmBackend::CublasTf32,
+            _ => GemmBackend::Kernels,
+        }
     }
 
     /// With a cuBLAS backend chosen, whether it uses TF32; None for the device's kernels.
@@ -232,6 +219,7 @@ impl CudaDevice {
             // SAFETY: every element is written by the launch below.
             let mut cols = unsafe { self.stream().alloc::<f32>(m * k) }.map_err(driver_err(K))?;
             let geom = [
+                m,
                 h,
                 w,
                 cin,
@@ -243,12 +231,15 @@ impl CudaDevice {
                 ow,
             ]
             .map(|v| v as u32);
-            let geom = self.stream().clone_htod(&geom).map_err(driver_err(K))?;
-            let rows = m as u32;
+            // The geometry as scalar arguments: no upload per convolution.
             let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&x.data).arg(&mut cols).arg(&rows).arg(&geom);
-            // SAFETY: `im2col_f32(x, cols, rows, geom)`: `x` holds the map the geometry
-            // describes, `cols` `rows * kh * kw * cin` values, every index below 2^32.
+            l.arg(&x.data).arg(&mut cols);
+            for v in &geom {
+                l.arg(v);
+            }
+            // SAFETY: `im2col_f32(x, cols, rows, h, w, cin, kh, kw, stride, pad, out_h, out_w)`:
+            // `x` holds the map the geometry describes, `cols` `rows * kh * kw * cin` values,
+            // every index below 2^32.
             self.launched(K, unsafe { l.launch(grid_stride((m * k) as u32)) })?;
             Some(cols)
         };

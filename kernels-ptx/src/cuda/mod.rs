@@ -230,7 +230,7 @@ impl CudaDevice {
             staging: Arc::new(staging::StagingPool::new(STAGING_BUDGET_BYTES)),
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
-            gemm_backend: AtomicU8::new(GemmBackend::Kernels.index()),
+            gemm_backend: AtomicU8::new(GemmBackend::Kernels as u8),
             blas: blas::BlasSlot::new(),
             sm_count,
             profile: Mutex::new(None),

@@ -97,19 +97,19 @@ impl Attention {
         let v = self.to_v.forward_gpu(dev, x)?;
         let kv = m.key_values()?;
         let tokens = m.host().tokens()?;
-        let mut at = 0;
+        let rows = stacked_rows(tokens.iter().map(|t| t.len()));
         let segments: Vec<CudaAttentionSegment<'_>> = kv
             .iter()
             .zip(tokens)
-            .map(|((cached_k, cached_v), tokens)| {
-                at += tokens.len();
-                CudaAttentionSegment {
-                    rows: at - tokens.len()..at,
+            .zip(rows)
+            .map(
+                |(((cached_k, cached_v), tokens), rows)| CudaAttentionSegment {
+                    rows,
                     tokens,
                     cached_k,
                     cached_v,
-                }
-            })
+                },
+            )
             .collect();
         let attended = dev.masked_attention(&q, &k, &v, &segments, self.heads)?;
         self.to_out.forward_gpu(dev, &attended)
@@ -193,18 +193,16 @@ impl Attention {
             Exec::Masked(m) => {
                 let kv = m.key_values()?;
                 let tokens = m.tokens()?;
-                let mut at = 0;
+                let rows = stacked_rows(tokens.iter().map(|t| t.len()));
                 let segments: Vec<AttentionSegment<'_>> = kv
                     .iter()
                     .zip(tokens)
-                    .map(|((ck, cv), tokens)| {
-                        at += tokens.len();
-                        AttentionSegment {
-                            rows: at - tokens.len()..at,
-                            tokens,
-                            cached_k: ck,
-                            cached_v: cv,
-                        }
+                    .zip(rows)
+                    .map(|(((ck, cv), tokens), rows)| AttentionSegment {
+                        rows,
+                        tokens,
+                        cached_k: ck,
+                        cached_v: cv,
                     })
                     .collect();
                 Tensor::masked_attention(&q, &k, &v, &segments, self.heads)?
@@ -212,4 +210,17 @@ impl Attention {
         };
         self.to_out.forward(&attended)
     }
+}
+
+/// The row ranges of segments stacked in order, from their row counts (each segment's
+/// active tokens, in the packed rows of a masked batch).
+fn stacked_rows(counts: impl IntoIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
+    let mut at = 0;
+    counts
+        .into_iter()
+        .map(|n| {
+            at += n;
+            at - n..at
+        })
+        .collect()
 }
