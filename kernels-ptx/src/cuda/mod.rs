@@ -8,9 +8,11 @@
 //! What exists: [`CudaTensor`] (f32, f16 and bf16 device buffers with a shape), upload and
 //! download (synchronous, or staged through a pool of pinned buffers on a copy stream),
 //! and one launcher per kernel in `ops` (elementwise, activations, softmax, layer norm, group
-//! norm with optional SiLU, row gather/scatter, LoRA patch, attention) and in `gemm` (sgemm,
-//! `linear`, `matmul`, conv2d as an implicit GEMM, masked conv over a ragged batch with f32 or
-//! f16 cached maps). [`selftest`] checks each against the CPU implementation and times the
+//! norm with optional SiLU, row gather/scatter), `attention` (dense, masked and ragged; f32
+//! and tensor-core flash tiles), `lora` (patch in place, unmerged over a ragged batch) and
+//! `gemm` (sgemm, `linear`, `matmul`, conv2d as an implicit GEMM, masked conv over a ragged
+//! batch with f32, f16 or bf16 cached maps), with `blas` routing linear layers and convs to
+//! cuBLAS when chosen. [`selftest`] checks each against the CPU implementation and times the
 //! GEMM-shaped kernels.
 
 mod attention;
