@@ -160,6 +160,8 @@ fn cached_edit(prompt: &str, seed: u64, halo: usize) -> EditRequest {
     req.mode = EditMode::Cached;
     req.seed = seed;
     req.halo = halo;
+    // Every step of the template: these tests step jobs side by side.
+    req.strength = 1.0;
     req
 }
 
@@ -443,4 +445,28 @@ fn cached_edits_that_recompute_a_dense_prefix_bracket_the_modes() {
     );
     let half = run(units / 2);
     assert!(half.to_vec_f32().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn a_late_starting_cached_edit_reads_the_cache_of_its_own_steps() {
+    let pipe = tiny();
+    let house = template(&pipe, "a house", 2, (64, 64), "ddim");
+    let mask = box_mask((64, 64), (8, 40), (16, 48));
+    let mut req = cached_edit("a door", 4, 1);
+    req.strength = 0.5;
+    let steps = house.spec.steps;
+    let first = steps - steps / 2;
+    let mut job = DenoiseJob::edit(&pipe, TemplateRef::Borrowed(&house), &mask, &req).unwrap();
+    assert_eq!((job.steps_done(), job.total_steps()), (0, steps / 2));
+    let mut read = Vec::new();
+    while !job.is_done() {
+        assert_eq!(job.schedule_step(), first + job.steps_done());
+        read.push((job.cache_step().unwrap(), job.next_cache_step()));
+        job.step(&pipe).unwrap();
+    }
+    let want: Vec<_> = (first..steps)
+        .map(|s| (s, (s + 1 < steps).then_some(s + 1)))
+        .collect();
+    assert_eq!(read, want);
+    assert_eq!(job.cache_step(), None);
 }

@@ -213,6 +213,7 @@ fn dense_edits_change_only_the_masked_region() {
     assert!((mask.ratio() - (12.0 * 16.0) / 1024.0).abs() < 1e-9);
     let mut req = EditRequest::new("a green square on a blue background");
     req.seed = 9;
+    req.strength = 1.0;
     let mut seen = 0;
     let edited = pipe
         .edit(&template, &mask, &req, &mut |d, _| seen = d)
@@ -299,6 +300,7 @@ fn cached_edits_reproduce_the_template_when_nothing_changes() {
     let mut req = EditRequest::new(spec.prompt.clone());
     req.seed = spec.seed;
     req.mode = EditMode::Cached;
+    req.strength = 1.0;
     let edited = pipe.edit(&loaded, &mask, &req, &mut |_, _| {}).unwrap();
     let (got, want) = (
         edited.latents.to_vec_f32(),
@@ -333,5 +335,78 @@ fn cached_edits_reproduce_the_template_when_nothing_changes() {
         }
     }
     assert_ne!(c, t, "the cached edit changed nothing");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn edit_strength_runs_the_last_steps_of_the_templates_schedule() {
+    use retouch_kernels::DType;
+    use retouch_models::pipeline::{EditMode, EditRequest, Mask, edit_first_step};
+    assert_eq!(edit_first_step(20, 0.6).unwrap(), 8);
+    assert_eq!(edit_first_step(20, 0.7).unwrap(), 6);
+    assert_eq!(edit_first_step(20, 1.0).unwrap(), 0);
+    assert_eq!(edit_first_step(20, 0.05).unwrap(), 19);
+    assert_eq!(edit_first_step(4, 0.5).unwrap(), 2);
+    // At least one step, where diffusers would run none.
+    assert_eq!(edit_first_step(20, 0.01).unwrap(), 19);
+    assert_eq!(edit_first_step(1, 0.6).unwrap(), 0);
+    for bad in [0.0, -0.5, 1.5, f32::NAN] {
+        let e = edit_first_step(20, bad).unwrap_err().to_string();
+        assert!(e.contains("strength"), "{bad}: {e}");
+    }
+
+    let dir = pipeline_dir("strength");
+    let pipe = Pipeline::load(&dir, None).unwrap();
+    let template = pipe
+        .register_template(&spec(), Some(DType::F32), &mut |_, _| {})
+        .unwrap();
+    let mask = Mask::from_png(&mask_png(32, 32, (8, 8, 20, 24))).unwrap();
+    let latent_mask = mask.to_latent(2);
+    let final_latents = template.trajectory[4].to_vec_f32();
+    let run = |strength: f32, seed: u64, mode: EditMode| {
+        let mut req = EditRequest::new("a green square on a blue background");
+        (req.seed, req.strength, req.mode) = (seed, strength, mode);
+        let mut calls = Vec::new();
+        let edited = pipe
+            .edit(&template, &mask, &req, &mut |d, t| calls.push((d, t)))
+            .unwrap();
+        (edited, calls)
+    };
+    // Strength 0.5 of 4 steps runs the last 2, in both modes.
+    for mode in [EditMode::Dense, EditMode::Cached] {
+        let (edited, calls) = run(0.5, 9, mode);
+        assert_eq!(calls, vec![(1, 2), (2, 2)], "{mode:?}");
+        assert_eq!(edited.steps, 2);
+        let got = edited.latents.to_vec_f32();
+        for (p, &m) in latent_mask.iter().enumerate() {
+            if m == 0.0 {
+                assert_eq!(got[p * 4..p * 4 + 4], final_latents[p * 4..p * 4 + 4]);
+            }
+        }
+        assert_ne!(
+            got, final_latents,
+            "{mode:?}: the masked region did not change"
+        );
+    }
+    // The seed noises the template inside the mask, so it still matters; so does strength.
+    let inside = |l: &[f32]| -> Vec<f32> {
+        (latent_mask.iter().enumerate())
+            .filter(|(_, m)| **m > 0.0)
+            .flat_map(|(p, _)| l[p * 4..p * 4 + 4].to_vec())
+            .collect()
+    };
+    let a = run(0.5, 9, EditMode::Dense).0.latents.to_vec_f32();
+    let b = run(0.5, 10, EditMode::Dense).0.latents.to_vec_f32();
+    let c = run(1.0, 9, EditMode::Dense).0.latents.to_vec_f32();
+    assert_ne!(inside(&a), inside(&b));
+    assert_ne!(inside(&a), inside(&c));
+    // A strength out of range is refused before any work.
+    let mut req = EditRequest::new("x");
+    req.strength = 1.5;
+    let e = pipe
+        .edit(&template, &mask, &req, &mut |_, _| {})
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("strength"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }

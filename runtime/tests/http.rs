@@ -8,7 +8,9 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, web};
 use base64::Engine as _;
 use retouch_kernels::DType;
-use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, RgbImage, Template};
+use retouch_models::pipeline::{
+    DEFAULT_EDIT_STRENGTH, EditMode, EditRequest, Mask, Pipeline, RgbImage, Template,
+};
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
 use retouch_runtime::engine::State;
 use retouch_runtime::http::not_found;
@@ -158,6 +160,7 @@ fn local_edit(
     prompt: &str,
     seed: u64,
     mode: EditMode,
+    strength: f32,
 ) -> RgbImage {
     let pipe = Pipeline::load(model_dir(), None).unwrap();
     let template = Template::load(cache_dir.join(id)).unwrap();
@@ -168,6 +171,7 @@ fn local_edit(
     let mut req = EditRequest::new(prompt);
     req.seed = seed;
     req.mode = mode;
+    req.strength = strength;
     pipe.edit(&template, &mask, &req, &mut |_, _| {})
         .unwrap()
         .image
@@ -177,13 +181,14 @@ fn local_edit(
 async fn template_edit_png_round_trip() {
     let cache = temp_dir("round-trip");
     let server = Server::start(|c| c.cache_dir = Some(cache.clone())).await;
-    let id = server.template("a red circle", 1, 3).await;
+    // 5 steps: an edit of the default strength 0.6 runs the last 3.
+    let id = server.template("a red circle", 1, 5).await;
 
     let (status, info) = server.get_json(&format!("/v1/templates/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(
         (info["width"].as_u64(), info["steps"].as_u64()),
-        (Some(64), Some(3))
+        (Some(64), Some(5))
     );
     assert!(info["cache_bytes"].as_u64().unwrap() > 0);
     let (status, png) = server.get(&format!("/v1/templates/{id}/image")).await;
@@ -210,6 +215,7 @@ async fn template_edit_png_round_trip() {
         "a blue hat",
         7,
         EditMode::Cached,
+        DEFAULT_EDIT_STRENGTH,
     );
     assert_eq!(cached, want);
 
@@ -238,7 +244,15 @@ async fn template_edit_png_round_trip() {
     assert_eq!(res.headers().get("content-type").unwrap(), "image/png");
     let png = res.body().await.unwrap();
     let dense_image = RgbImage::decode_png(&png).unwrap();
-    let want = local_edit(&cache, &id, mask.as_str(), "a blue hat", 7, EditMode::Dense);
+    let want = local_edit(
+        &cache,
+        &id,
+        mask.as_str(),
+        "a blue hat",
+        7,
+        EditMode::Dense,
+        DEFAULT_EDIT_STRENGTH,
+    );
     assert_eq!(dense_image, want);
 
     let (status, _) = server.get_json("/v1/images/generations").await;
@@ -351,6 +365,7 @@ async fn concurrent_edits_over_several_templates_are_distinct_and_correct() {
             &format!("edit number {i}"),
             i,
             EditMode::Cached,
+            DEFAULT_EDIT_STRENGTH,
         );
         // Concurrent edits step in fused UNet calls whose products sum over more rows (in
         // another order) than an edit alone: latents agree to ~1e-6 relative, which can
@@ -422,6 +437,16 @@ async fn bad_input_gets_a_4xx_that_names_the_problem() {
     bad_mode["mode"] = json!("sparse");
     let (s, _, b) = server.post("/v1/edits", &bad_mode).await;
     assert_error(s, &b, 400, "sparse");
+    for (strength, needle) in [
+        (json!(0.0), "strength"),
+        (json!(1.5), "strength"),
+        (json!("half"), "half"),
+    ] {
+        let mut bad_strength = edit(&good_mask);
+        bad_strength["strength"] = strength;
+        let (s, _, b) = server.post("/v1/edits", &bad_strength).await;
+        assert_error(s, &b, 400, needle);
+    }
 
     for (field, value, needle) in [
         ("steps", json!(0), "steps"),
@@ -604,10 +629,13 @@ async fn small_cache_budgets_evict_to_disk_and_edits_stay_exact() {
     // A twice (the second time from the worker's tier), then B (evicting A there), twice.
     for (i, id) in [&a, &a, &b, &b].into_iter().enumerate() {
         let prompt = format!("tiered edit {i}");
-        let body = json!({ "template_id": id, "mask": mask, "prompt": prompt, "seed": i });
+        // Strength 1: every step of the template's cache is read.
+        let body = json!({
+            "template_id": id, "mask": mask, "prompt": prompt, "seed": i, "strength": 1.0
+        });
         let (status, _, body) = server.post("/v1/edits", &body).await;
         assert_eq!(status, 200, "{body}");
-        let want = local_edit(&cache, id, &mask, &prompt, i as u64, EditMode::Cached);
+        let want = local_edit(&cache, id, &mask, &prompt, i as u64, EditMode::Cached, 1.0);
         assert_eq!(
             decode_image(&body["image"]),
             want,
@@ -618,12 +646,12 @@ async fn small_cache_budgets_evict_to_disk_and_edits_stay_exact() {
     let host = engine_cache.tier_bytes(retouch_runtime::engine::Tier::Host);
     assert!(host <= step * 3 / 2, "host tier {host} over its budget");
     assert_eq!(
-        engine_cache.bytes_missing(&b, 0),
+        engine_cache.bytes_missing(&b, 0..4, 0),
         0,
         "B is in worker 0's tier"
     );
     assert_eq!(
-        engine_cache.bytes_missing(&a, 0),
+        engine_cache.bytes_missing(&a, 0..4, 0),
         4 * step,
         "A was evicted from it"
     );
@@ -633,7 +661,7 @@ async fn small_cache_budgets_evict_to_disk_and_edits_stay_exact() {
     let corrupt = Template::step_cache_path(cache.join(&c), 2);
     std::fs::write(&corrupt, b"not safetensors").unwrap();
     let server = std::rc::Rc::new(server);
-    let edit = |id: &str| json!({ "template_id": id, "mask": mask, "prompt": "x", "seed": 5 });
+    let edit = |id: &str| json!({ "template_id": id, "mask": mask, "prompt": "x", "seed": 5, "strength": 1.0 });
     let (broken, fine) = {
         let (s1, s2, e1, e2) = (server.clone(), server.clone(), edit(&c), edit(&b));
         (

@@ -12,7 +12,7 @@ use retouch_runtime::engine::JobSpec;
 use retouch_runtime::{Engine, EngineConfig};
 
 const SIZE: usize = 64;
-const STEPS: usize = 3;
+const STEPS: usize = 5;
 
 fn scratch(tag: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("retouch-trace-{tag}-{}", std::process::id()));
@@ -60,6 +60,9 @@ async fn a_traced_engine_writes_every_request_and_actor_trace_summarises_it() {
     };
     let mut edit = EditRequest::new("a blue hat");
     edit.mode = EditMode::Cached;
+    // The default strength runs the last steps of the template's; the trace counts them.
+    let edit_steps = edit.steps_run(STEPS).unwrap();
+    assert!(edit_steps > 1 && edit_steps < STEPS);
     let job = JobSpec::Edit {
         template: Arc::new(template),
         // The template carries its own activation cache (not in the engine's store).
@@ -101,29 +104,32 @@ async fn a_traced_engine_writes_every_request_and_actor_trace_summarises_it() {
         }
     }
     // The edit's steps carry its mode and mask ratio, in step order.
-    let edit_steps: Vec<_> = records
+    let edit_records: Vec<_> = records
         .iter()
         .filter(|r| r.kind == kinds::STEP)
         .filter_map(|r| r.batch.iter().find(|b| b.id == edit_id))
         .collect();
-    let order: Vec<usize> = edit_steps.iter().map(|b| b.step).collect();
-    assert_eq!(order, (0..STEPS).collect::<Vec<_>>());
-    let first = edit_steps[0];
-    assert_eq!((first.kind.as_str(), first.steps), ("edit", STEPS));
+    let order: Vec<usize> = edit_records.iter().map(|b| b.step).collect();
+    assert_eq!(order, (0..edit_steps).collect::<Vec<_>>());
+    let first = edit_records[0];
+    assert_eq!((first.kind.as_str(), first.steps), ("edit", edit_steps));
     assert_eq!(first.mode.as_deref(), Some("cached"));
     assert!((first.mask_ratio.unwrap() - 0.25).abs() < 1e-9);
     // Its tokens: the active positions of a quarter mask (plus the halo) of the 16x16
     // latent, times two guidance branches; fewer than the dense 2 x 256.
     let tokens = first.tokens.expect("step records carry tokens");
     assert!(tokens > 2 * 64 && tokens < 2 * 256, "{tokens}");
-    assert!(edit_steps.iter().all(|b| b.tokens == Some(tokens)));
+    assert!(edit_records.iter().all(|b| b.tokens == Some(tokens)));
 
     let rows = breakdown(records);
     assert_eq!(rows.len(), 2);
-    for (row, kind) in rows.iter().zip(["template", "edit"]) {
+    for (row, kind, steps) in [
+        (&rows[0], "template", STEPS),
+        (&rows[1], "edit", edit_steps),
+    ] {
         assert_eq!(row.kind.as_deref(), Some(kind));
         assert_eq!(row.worker.as_deref(), Some("worker-0"));
-        assert_eq!(row.steps, STEPS);
+        assert_eq!(row.steps, steps);
         assert_eq!(row.outcome.as_deref(), Some("ok"));
         let (queue, compute, total) = (
             row.queue_us.unwrap(),

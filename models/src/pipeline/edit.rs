@@ -1,8 +1,14 @@
 //! Masked edits of a template. Dense mode runs the whole UNet each step and keeps the
-//! template outside the mask: the edit starts from fresh noise inside the mask and the
-//! template's initial latents outside, and after every step
-//! `x = M * x_new + (1 - M) * x_template_next`. Cached mode does the same but computes only
-//! the active tokens, with the template's cached activations for the rest.
+//! template outside the mask: after every step `x = M * x_new + (1 - M) * x_template_next`.
+//! Cached mode does the same but computes only the active tokens, with the template's
+//! cached activations for the rest.
+//!
+//! An edit of strength `s` runs the last `floor(s * steps)` steps of the template's schedule
+//! (diffusers' inpainting `strength`), at least one. It starts at the first of them from the template's
+//! latents of that step outside the mask and, inside it, from the template's final latents
+//! noised to that step with the edit's seed. Strength 1 starts from pure noise inside the
+//! mask; below 1 the template's layout (where its shape is, how large) carries into the
+//! edit, which is what holds the new content inside the mask (see docs/quality.md).
 
 use retouch_kernels::Tensor;
 
@@ -117,6 +123,26 @@ pub struct EditRequest {
     pub paste_back: bool,
     /// Cached mode: latent positions around the mask that are recomputed too.
     pub halo: usize,
+    /// How much of the template's schedule the edit runs, in (0, 1]; see the module docs.
+    pub strength: f32,
+}
+
+/// The edit strength requests get unless they name one: the best of 0.2-1.0 on validation
+/// cases of the built-in model (docs/quality.md).
+pub const DEFAULT_EDIT_STRENGTH: f32 = 0.6;
+
+/// The first step of a `steps`-step schedule an edit of `strength` runs: diffusers'
+/// `steps - floor(steps * strength)`, except that an edit always runs at least one step (a
+/// short template keeps the default strength editable).
+pub fn edit_first_step(steps: usize, strength: f32) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::Invalid(format!(
+            "strength must be in (0, 1], got {strength}"
+        )));
+    }
+    // The epsilon keeps f32 strengths such as 0.7 (0.69999999) at diffusers' step count.
+    let run = ((steps as f64 * strength as f64) + 1e-6).floor() as usize;
+    Ok(steps - run.clamp(1, steps.max(1)))
 }
 
 impl EditRequest {
@@ -129,7 +155,18 @@ impl EditRequest {
             mode: EditMode::Dense,
             paste_back: true,
             halo: 1,
+            strength: DEFAULT_EDIT_STRENGTH,
         }
+    }
+
+    /// The first step of the template's `steps`-step schedule this edit runs.
+    pub fn first_step(&self, steps: usize) -> Result<usize> {
+        edit_first_step(steps, self.strength)
+    }
+
+    /// How many steps this edit of a `steps`-step template runs.
+    pub fn steps_run(&self, steps: usize) -> Result<usize> {
+        Ok(steps - self.first_step(steps)?)
     }
 }
 
@@ -138,6 +175,7 @@ pub struct Edited {
     pub latents: Tensor,
     /// Fraction of the image inside the mask.
     pub mask_ratio: f64,
+    /// Denoising steps the edit ran (its template's, times the strength).
     pub steps: usize,
     pub unet_ms: f64,
     pub total_ms: f64,

@@ -96,7 +96,10 @@ pub struct DenoiseJob<'a> {
     scheduler: Scheduler,
     guidance: Guidance,
     latents: Tensor,
+    /// The next step of the schedule (edits of strength below 1 start past 0).
     step: usize,
+    /// The first step this job runs.
+    first_step: usize,
     steps: usize,
     kind: Kind<'a>,
     created: Instant,
@@ -191,12 +194,27 @@ impl<'a> DenoiseJob<'a> {
         check_edit(pipe, &template, mask, req, !external_cache)?;
         let shape = pipe.latent_shape(spec.width, spec.height)?;
         let latent_mask = mask.to_latent(pipe.vae.factor());
-        let scheduler = pipe
+        let mut scheduler = pipe
             .scheduler_config
             .build(spec.scheduler_kind()?, spec.steps)?;
-        let mut start = Tensor::randn(&shape, req.seed, Device::Cpu)
-            .affine(scheduler.init_noise_sigma(), 0.0)?;
-        keep_outside(&mut start, &template.trajectory[0], &latent_mask)?;
+        let first_step = req.first_step(spec.steps)?;
+        let noise = Tensor::randn(&shape, req.seed, Device::Cpu);
+        let mut start = if first_step == 0 {
+            noise.affine(scheduler.init_noise_sigma(), 0.0)?
+        } else {
+            scheduler.set_begin_index(first_step)?;
+            let last = template
+                .trajectory
+                .last()
+                .ok_or_else(|| Error::Invalid("the template has no latent trajectory".into()))?;
+            scheduler.add_noise_at(last, &noise, first_step)?
+        };
+        let outside = template.trajectory.get(first_step).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the template's trajectory has no step {first_step}"
+            ))
+        })?;
+        keep_outside(&mut start, outside, &latent_mask)?;
         let guidance = Guidance::new(
             pipe,
             &req.prompt,
@@ -228,13 +246,16 @@ impl<'a> DenoiseJob<'a> {
             paste_back: req.paste_back,
             cached,
         };
-        Ok(DenoiseJob::new(
+        let mut job = DenoiseJob::new(
             scheduler,
             guidance,
             start,
             Kind::Edit(Box::new(state)),
             created,
-        ))
+        );
+        job.step = first_step;
+        job.first_step = first_step;
+        Ok(job)
     }
 
     fn new(
@@ -250,6 +271,7 @@ impl<'a> DenoiseJob<'a> {
             guidance,
             latents,
             step: 0,
+            first_step: 0,
             kind,
             created,
             stepping: Duration::ZERO,
@@ -258,11 +280,19 @@ impl<'a> DenoiseJob<'a> {
 
     /// Steps run so far.
     pub fn steps_done(&self) -> usize {
-        self.step
+        self.step - self.first_step
     }
 
+    /// Steps this job runs in all (an edit of strength below 1 runs the last of its
+    /// template's).
     pub fn total_steps(&self) -> usize {
-        self.steps
+        self.steps - self.first_step
+    }
+
+    /// The schedule's step this job runs next (its template's step, for an edit): its
+    /// first step plus [`DenoiseJob::steps_done`].
+    pub fn schedule_step(&self) -> usize {
+        self.step
     }
 
     pub fn is_done(&self) -> bool {
@@ -290,6 +320,13 @@ impl<'a> DenoiseJob<'a> {
             Kind::Edit(edit) if edit.cached.is_some() && !self.is_done() => Some(self.step),
             _ => None,
         }
+    }
+
+    /// The step whose activation cache the step after next reads, if the job runs it (a
+    /// worker uploads it while the next one computes).
+    pub fn next_cache_step(&self) -> Option<usize> {
+        let next = self.cache_step()? + 1;
+        (next < self.steps).then_some(next)
     }
 
     /// Guidance branches each step runs (the samples of its UNet batch).
@@ -434,7 +471,7 @@ impl<'a> DenoiseJob<'a> {
                     image,
                     latents: self.latents,
                     mask_ratio: edit.mask.ratio(),
-                    steps: self.steps,
+                    steps: self.steps - self.first_step,
                     unet_ms: self.stepping.as_secs_f64() * 1e3,
                     total_ms: self.created.elapsed().as_secs_f64() * 1e3,
                 })

@@ -228,8 +228,13 @@ mod tests {
         let mut starved =
             DenoiseJob::edit_with_external_cache(&pipe, TemplateRef::Borrowed(&small), &mask, &req)
                 .unwrap();
+        let first = starved.cache_step().unwrap();
+        assert_eq!(first, req.first_step(spec.steps).unwrap());
         let err = starved.step(&pipe).unwrap_err().to_string();
-        assert!(err.contains("no activation cache for step 0"), "{err}");
+        assert!(
+            err.contains(&format!("no activation cache for step {first}")),
+            "{err}"
+        );
 
         while let Some(step) = job.cache_step() {
             let cache = Template::load_step_cache(&saved, step).unwrap();

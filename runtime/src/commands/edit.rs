@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use retouch_models::pipeline::{EditMode, EditRequest, Mask, Pipeline, Template};
+use retouch_models::pipeline::{
+    DEFAULT_EDIT_STRENGTH, EditMode, EditRequest, Mask, Pipeline, Template,
+};
 
 use super::{model_dir, step_bar};
 
@@ -34,6 +36,10 @@ pub struct EditArgs {
     /// Cached mode: latent positions around the mask recomputed as well.
     #[arg(long, default_value_t = 1)]
     halo: usize,
+    /// The share of the template's schedule the edit runs, in (0, 1]: 1 starts from pure
+    /// noise inside the mask, less keeps more of the template's layout there.
+    #[arg(long, default_value_t = DEFAULT_EDIT_STRENGTH)]
+    strength: f32,
     /// Keep the decoded pixels everywhere instead of pasting the template back outside the
     /// feathered mask.
     #[arg(long)]
@@ -62,8 +68,9 @@ pub fn run(args: EditArgs) -> Result<(), Box<dyn std::error::Error>> {
         mode: args.mode,
         paste_back: !args.no_paste_back,
         halo: args.halo,
+        strength: args.strength,
     };
-    let bar = step_bar(template.spec.steps);
+    let bar = step_bar(req.steps_run(template.spec.steps)?);
     let edited = pipe.edit(&template, &mask, &req, &mut |done, _| {
         bar.set_position(done as u64)
     })?;

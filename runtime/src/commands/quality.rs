@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use clap::Args;
 use retouch_kernels::DType;
-use retouch_models::classifier::{ShapeClassifier, View};
+use retouch_models::classifier::{Prediction, ShapeClassifier, View};
 use retouch_models::pipeline::image_metrics::{psnr, ssim};
 use retouch_models::pipeline::{
-    EditMode, EditRequest, Edited, Mask, Pipeline, RgbImage, Template, TemplateSpec,
+    DEFAULT_EDIT_STRENGTH, EditMode, EditRequest, Edited, Mask, Pipeline, RgbImage, Template,
+    TemplateSpec,
 };
 use retouch_models::shape_box::{ShapeBoxRule, shape_box};
 use retouch_runtime::masks::{box_mask, ellipse_mask};
@@ -41,6 +42,9 @@ pub struct QualityArgs {
     /// Cached mode: latent positions recomputed around the mask.
     #[arg(long, default_value_t = 1)]
     halo: usize,
+    /// Share of the template's steps each edit runs (see `retouch edit --strength`).
+    #[arg(long, default_value_t = DEFAULT_EDIT_STRENGTH)]
+    strength: f32,
     /// Seed of the first template (pair i uses seed + i).
     #[arg(long, default_value_t = 1000)]
     seed: u64,
@@ -60,6 +64,10 @@ pub struct QualityArgs {
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Write each classifier case's template, dense and cached edits (PNG) and what the
+    /// classifier read (`cases.jsonl`) into this folder, to look at the failures.
+    #[arg(long)]
+    dump: Option<PathBuf>,
 }
 
 /// Template prompts of the mask-ratio study, worded as the tiny model's training captions
@@ -137,6 +145,7 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     edit_guidance: Option<f32>,
     halo: usize,
+    strength: f32,
     ratios: Vec<RatioRow>,
     classifier: Option<CaseScores>,
     seconds: f64,
@@ -177,6 +186,7 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
             req.seed = seed;
             req.mode = mode;
             req.halo = args.halo;
+            req.strength = args.strength;
             req.guidance = args.edit_guidance;
             pipe.edit(template, mask, &req, &mut |_, _| {})
         };
@@ -221,6 +231,7 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
             )
             .map_err(|e| format!("{}: {e}", path.display()))?;
             let cases = &cases[..cases.len().min(args.max_cases)];
+            let mut dump = args.dump.as_deref().map(CaseDump::create).transpose()?;
             let bar = indicatif::ProgressBar::new(cases.len() as u64);
             let mut scores = CaseScores {
                 cases: cases.len(),
@@ -251,6 +262,9 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
                     .iter()
                     .map(|g| g.get("colour") == Some(case.want_colour.as_str()))
                     .collect();
+                if let Some(dump) = dump.as_mut() {
+                    dump.write(case, bbox, &template, [&dense, &cached], &got)?;
+                }
                 let share = 1.0 / cases.len() as f64;
                 let hit = |b: bool| if b { share } else { 0.0 };
                 scores.shape_dense += hit(shape_ok[0]);
@@ -284,6 +298,7 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
         guidance: args.guidance,
         edit_guidance: args.edit_guidance,
         halo: args.halo,
+        strength: args.strength,
         ratios,
         classifier,
         seconds: started.elapsed().as_secs_f64(),
@@ -373,9 +388,9 @@ fn to_markdown(r: &Report, pairs: usize) -> String {
         .edit_guidance
         .map_or(String::new(), |g| format!(" (edits {g})"));
     let mut s = format!(
-        "Model `{}`, {} DDIM steps, guidance {}{edits}, halo {}, {pairs} template/mask pairs per \
-         ratio ({:.0} s in all).\n\n",
-        r.model, r.steps, r.guidance, r.halo, r.seconds
+        "Model `{}`, {} DDIM steps, guidance {}{edits}, halo {}, edit strength {}, {pairs} \
+         template/mask pairs per ratio ({:.0} s in all).\n\n",
+        r.model, r.steps, r.guidance, r.halo, r.strength, r.seconds
     );
     s += "| mask % (measured) | cached vs dense PSNR dB (min) | cached vs dense SSIM | \
           unmasked vs template PSNR dB, dense / cached | unmasked SSIM, dense / cached | \
@@ -417,4 +432,56 @@ fn to_markdown(r: &Report, pairs: usize) -> String {
         );
     }
     s
+}
+
+/// `--dump`: one folder of PNGs per classifier case plus a JSON line of what was read.
+struct CaseDump {
+    dir: PathBuf,
+    lines: std::fs::File,
+    next: usize,
+}
+
+impl CaseDump {
+    fn create(dir: &std::path::Path) -> Result<CaseDump, Box<dyn std::error::Error>> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("cases.jsonl");
+        let lines = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(CaseDump {
+            dir: dir.to_path_buf(),
+            lines,
+            next: 0,
+        })
+    }
+
+    fn write(
+        &mut self,
+        case: &EditCase,
+        bbox: [usize; 4],
+        template: &Template,
+        edits: [&Edited; 2],
+        read: &[Prediction],
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use std::io::Write;
+        let n = self.next;
+        self.next += 1;
+        template
+            .image
+            .save_png(self.dir.join(format!("{n:03}-template.png")))?;
+        for (edit, mode) in edits.iter().zip(["dense", "cached"]) {
+            edit.image
+                .save_png(self.dir.join(format!("{n:03}-{mode}.png")))?;
+        }
+        let reading = |p: &Prediction| serde_json::json!({"shape": p.get("shape"), "colour": p.get("colour")});
+        let line = serde_json::json!({
+            "case": n,
+            "template_prompt": case.template_prompt,
+            "edit_prompt": case.edit_prompt,
+            "want": {"shape": case.want_shape, "colour": case.want_colour},
+            "bbox": bbox,
+            "dense": reading(&read[0]),
+            "cached": reading(&read[1]),
+        });
+        writeln!(self.lines, "{line}")?;
+        Ok(())
+    }
 }

@@ -56,11 +56,21 @@ impl JobSpec {
         }
     }
 
+    /// Denoising steps the request runs (an edit: its share of the template's).
     pub fn steps(&self) -> usize {
         match self {
             JobSpec::Generate(r) => r.steps,
             JobSpec::Template(s) => s.steps,
-            JobSpec::Edit { template, .. } => template.spec.steps,
+            JobSpec::Edit { template, .. } => template.spec.steps - self.first_step(),
+        }
+    }
+
+    /// The schedule's first step the request runs: past 0 for an edit of strength below 1.
+    /// An invalid strength counts as 0 here; building the job rejects it.
+    pub fn first_step(&self) -> usize {
+        match self {
+            JobSpec::Edit { template, req, .. } => req.first_step(template.spec.steps).unwrap_or(0),
+            _ => 0,
         }
     }
 }

@@ -113,11 +113,12 @@ impl Scheduler {
             error: None,
         });
         // A cached edit's first steps start moving toward that worker while it queues.
+        let first_step = req.spec.first_step();
         if let JobSpec::Edit {
             cache: Some(lease), ..
         } = &mut req.spec
         {
-            lease.prefetch(index);
+            lease.prefetch(index, first_step);
         }
         req.charge = self.balancer.charge(index, &work);
         slot.load.add(&req.charge);

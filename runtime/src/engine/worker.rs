@@ -435,13 +435,7 @@ impl Worker {
             if self.pipe.gpu().is_some() {
                 let ahead = parts
                     .iter()
-                    .filter_map(|(job, window, _)| {
-                        let next = job.cache_step()? + 1;
-                        if next >= job.total_steps() {
-                            return None;
-                        }
-                        window.as_ref()?.peek(next)
-                    })
+                    .filter_map(|(job, window, _)| window.as_ref()?.peek(job.next_cache_step()?))
                     .collect();
                 self.pipe.prefetch_device_steps(ahead);
             }
@@ -651,6 +645,7 @@ impl Worker {
             let cache_dtype = self.settings.cache_dtype;
             let start = self.trace.admitting(&req);
             let mut window = None;
+            let first_step = req.spec.first_step();
             let job = match req.spec {
                 JobSpec::Generate(g) => self.compute(|pipe| DenoiseJob::generate(pipe, &g)),
                 JobSpec::Template(spec) => {
@@ -664,7 +659,7 @@ impl Worker {
                     ..
                 } => {
                     let external = cache.is_some();
-                    window = cache.map(|lease| lease.start(self.settings.index));
+                    window = cache.map(|lease| lease.start(self.settings.index, first_step));
                     self.compute(|pipe| {
                         let template = TemplateRef::Shared(template);
                         if external {

@@ -43,6 +43,8 @@ pub struct EditBody {
     pub seed: u64,
     pub guidance: Option<f32>,
     pub mode: Option<String>,
+    /// Share of the template's steps the edit runs, in (0, 1].
+    pub strength: Option<f32>,
 }
 
 pub fn check_steps(steps: usize) -> Result<usize, ApiError> {
@@ -111,7 +113,8 @@ impl GenerationBody {
 }
 
 impl EditBody {
-    pub fn to_request(&self) -> Result<EditRequest, ApiError> {
+    /// The validated edit of a template of `template_steps` steps.
+    pub fn to_request(&self, template_steps: usize) -> Result<EditRequest, ApiError> {
         let mode = match &self.mode {
             Some(m) => m
                 .parse::<EditMode>()
@@ -123,6 +126,11 @@ impl EditBody {
         req.seed = self.seed;
         req.guidance = self.guidance.map(check_guidance).transpose()?;
         req.mode = mode;
+        if let Some(strength) = self.strength {
+            req.strength = strength;
+        }
+        req.first_step(template_steps)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         Ok(req)
     }
 

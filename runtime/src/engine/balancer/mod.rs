@@ -10,6 +10,7 @@ mod calibrate;
 mod fit;
 mod flops;
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -63,16 +64,15 @@ impl std::fmt::Display for Routing {
     }
 }
 
-/// Where template caches live: the bytes of a template's cache a worker would still have to
-/// load before running an edit of it. The cache manager's tiers plug in here.
+/// Where template caches live: the bytes of a template's steps a worker would still have to
+/// load before running an edit of them. The cache manager's tiers plug in here.
 pub trait CacheResidency: Send + Sync {
-    fn bytes_missing(&self, template: &str, worker: usize) -> u64;
+    fn bytes_missing(&self, template: &str, steps: Range<usize>, worker: usize) -> u64;
 }
 
-/// Today's store keeps every template in host memory, which every CPU worker reads directly.
 impl CacheResidency for CacheManager {
-    fn bytes_missing(&self, template: &str, worker: usize) -> u64 {
-        CacheManager::bytes_missing(self, template, worker)
+    fn bytes_missing(&self, template: &str, steps: Range<usize>, worker: usize) -> u64 {
+        CacheManager::bytes_missing(self, template, steps, worker)
     }
 }
 
@@ -108,8 +108,8 @@ pub struct Work {
     pub step_tokens: u64,
     /// Image pixels (decoding scales with them).
     pub pixels: usize,
-    /// The template an edit reads.
-    pub template: Option<String>,
+    /// The template an edit reads, and the steps of its cache it reads.
+    pub template: Option<(String, Range<usize>)>,
 }
 
 fn branches(guidance: f32) -> usize {
@@ -173,8 +173,9 @@ impl Work {
             } => {
                 let s = &template.spec;
                 let mut work = Work::of_edit(shape, mask, req, s.guidance, s.width, s.height);
-                work.steps = s.steps;
-                work.template = Some(template_id.clone());
+                work.steps = spec.steps();
+                let first = spec.first_step();
+                work.template = Some((template_id.clone(), first..s.steps));
                 work
             }
         }
@@ -301,10 +302,9 @@ impl Balancer {
     pub fn predict(&self, worker: usize, work: &Work) -> Prediction {
         let m = self.model(worker);
         let native = (self.shape.native_size * self.shape.native_size).max(1);
-        let missing = work
-            .template
-            .as_deref()
-            .map_or(0, |t| self.residency.bytes_missing(t, worker));
+        let missing = work.template.as_ref().map_or(0, |(t, steps)| {
+            self.residency.bytes_missing(t, steps.clone(), worker)
+        });
         Prediction {
             step_s: m.step_seconds(work.step_flops) - m.step_s,
             fixed_step_s: m.step_s,

@@ -26,7 +26,7 @@ fn shape() -> ModelShape {
 struct Residency(HashMap<(&'static str, usize), u64>);
 
 impl CacheResidency for Residency {
-    fn bytes_missing(&self, template: &str, worker: usize) -> u64 {
+    fn bytes_missing(&self, template: &str, _steps: std::ops::Range<usize>, worker: usize) -> u64 {
         self.0
             .iter()
             .find(|((t, w), _)| *t == template && *w == worker)
@@ -49,7 +49,7 @@ fn edit_work(shape: &ModelShape, ratio: f64, mode: EditMode) -> Work {
     req.mode = mode;
     let mut work = Work::of_edit(shape, &centred_box(64, 64, ratio), &req, 5.0, 64, 64);
     work.steps = 10;
-    work.template = Some("t1".into());
+    work.template = Some(("t1".into(), 0..10));
     work
 }
 

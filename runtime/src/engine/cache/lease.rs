@@ -38,10 +38,12 @@ impl CacheLease {
         &self.template.id
     }
 
-    /// Starts moving the first steps toward the worker the request was routed to.
-    pub fn prefetch(&mut self, worker: usize) {
-        let until = self.window_end(0);
-        self.manager.queue(&self.template, 0..until, worker);
+    /// Starts moving the request's first steps, from `first_step` on, toward the worker it
+    /// was routed to.
+    pub fn prefetch(&mut self, worker: usize, first_step: usize) {
+        let until = self.window_end(first_step);
+        self.manager
+            .queue(&self.template, first_step..until, worker);
         self.queued = Some((worker, until));
     }
 
@@ -49,16 +51,16 @@ impl CacheLease {
         (at + self.manager.shared.prefetch_steps).min(self.template.steps)
     }
 
-    /// The request starts running on `worker` at step 0.
-    pub fn start(self, worker: usize) -> StepWindow {
+    /// The request starts running on `worker` at step `first_step` of the template's.
+    pub fn start(self, worker: usize, first_step: usize) -> StepWindow {
         let queued_until = match self.queued {
             Some((w, until)) if w == worker => until,
-            _ => 0,
+            _ => first_step,
         };
         let mut window = StepWindow {
             lease: self,
             worker,
-            at: 0,
+            at: first_step,
             queued_until,
         };
         window.pin(window.pinned(), 1);

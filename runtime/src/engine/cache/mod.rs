@@ -30,6 +30,7 @@ mod shared;
 mod tests;
 mod tier;
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -220,11 +221,12 @@ impl CacheManager {
         }
     }
 
-    /// Bytes of a template's activation cache a cached-mode edit routed to `worker` would
-    /// read from disk (in neither its tier nor host memory, which a CPU worker reads in
-    /// place): what the balancer charges for loading. 0 for an unknown template.
-    pub fn bytes_missing(&self, id: &str, worker: usize) -> u64 {
-        self.step_sum(id, |e| {
+    /// Bytes of a template's activation cache a cached-mode edit of `steps` routed to
+    /// `worker` would read from disk (in neither its tier nor host memory, which a CPU
+    /// worker reads in place): what the balancer charges for loading. 0 for an unknown
+    /// template.
+    pub fn bytes_missing(&self, id: &str, steps: Range<usize>, worker: usize) -> u64 {
+        self.step_sum(id, steps, |e| {
             if e.get(Tier::Device(worker)).is_none() && e.get(Tier::Host).is_none() {
                 e.bytes
             } else {
@@ -236,14 +238,15 @@ impl CacheManager {
     /// Bytes of a template's activation cache in memory (estimated from its files for steps
     /// not loaded yet).
     pub fn template_bytes(&self, id: &str) -> u64 {
-        self.step_sum(id, |e| e.bytes)
+        self.step_sum(id, 0..usize::MAX, |e| e.bytes)
     }
 
-    fn step_sum(&self, id: &str, f: impl Fn(&StepEntry) -> u64) -> u64 {
+    /// `f` summed over the template's steps in `steps`.
+    fn step_sum(&self, id: &str, steps: Range<usize>, f: impl Fn(&StepEntry) -> u64) -> u64 {
         let Some(template) = self.shared.templates.get(id).map(|t| Arc::clone(&t)) else {
             return 0;
         };
-        (0..template.steps)
+        (steps.start..steps.end.min(template.steps))
             .filter_map(|step| self.shared.index.get(&template.key(step)).map(|e| f(&e)))
             .sum()
     }

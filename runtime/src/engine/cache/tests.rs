@@ -117,7 +117,7 @@ fn the_host_budget_evicts_least_recently_used_steps_and_keeps_their_disk_copies(
     );
 
     // An evicted step loads back from disk, the same as it was.
-    let window = cache.lease("t1").unwrap().start(0);
+    let window = cache.lease("t1").unwrap().start(0, 0);
     let step3 = window.fetch(3).unwrap();
     assert_eq!(step_of(&step3), 3);
     assert!(cache.is_in("t1", 3, Tier::Device(0)));
@@ -143,7 +143,7 @@ fn without_a_disk_copy_the_host_tier_counts_its_budget_but_never_evicts() {
     assert_eq!(cache.tier_bytes(Tier::Host), 3 * STEP_BYTES);
     assert_eq!(cache.tier_bytes(Tier::Disk), 0);
     // Edits still read every step, from the host tier.
-    let window = cache.lease("t1").unwrap().start(0);
+    let window = cache.lease("t1").unwrap().start(0, 0);
     assert_eq!(step_of(&window.fetch(2).unwrap()), 2);
     assert!(cache.remove("t1").unwrap());
     assert!(
@@ -162,30 +162,30 @@ fn steps_move_from_disk_to_host_to_each_worker() {
     let cache = manager(100, 100, 0, 2);
     cache.add_saved("t1", 3, dir.join("t1"));
     assert!(in_tier(&cache, "t1", Tier::Host, 3).is_empty());
-    let on_disk = cache.bytes_missing("t1", 0);
+    let on_disk = cache.bytes_missing("t1", 0..usize::MAX, 0);
     assert!(
         on_disk >= 3 * STEP_BYTES,
         "estimated from the files: {on_disk}"
     );
     assert_eq!(cache.template_bytes("t1"), on_disk);
 
-    let w0 = cache.lease("t1").unwrap().start(0);
+    let w0 = cache.lease("t1").unwrap().start(0, 0);
     assert_eq!(step_of(&w0.fetch(1).unwrap()), 1);
     assert!(cache.is_in("t1", 1, Tier::Host));
     assert!(cache.is_in("t1", 1, Tier::Device(0)));
     assert!(!cache.is_in("t1", 1, Tier::Device(1)));
     // Loaded, the step's size is exact.
-    let missing = cache.bytes_missing("t1", 0);
+    let missing = cache.bytes_missing("t1", 0..usize::MAX, 0);
     assert!(missing < on_disk && missing >= 2 * STEP_BYTES);
     // Worker 1 reads the host copy in place: nothing more to load from disk for it.
-    assert_eq!(cache.bytes_missing("t1", 1), missing);
+    assert_eq!(cache.bytes_missing("t1", 0..usize::MAX, 1), missing);
 
     // Another worker finds it in the host tier and takes it up to its own.
-    let w1 = cache.lease("t1").unwrap().start(1);
+    let w1 = cache.lease("t1").unwrap().start(1, 0);
     assert_eq!(step_of(&w1.fetch(1).unwrap()), 1);
     assert!(cache.is_in("t1", 1, Tier::Device(1)));
     assert_eq!(cache.tier_bytes(Tier::Device(1)), STEP_BYTES);
-    assert_eq!(cache.bytes_missing("unknown", 0), 0);
+    assert_eq!(cache.bytes_missing("unknown", 0..usize::MAX, 0), 0);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -195,7 +195,7 @@ fn the_device_budget_evicts_only_steps_no_running_request_pins() {
     saved_template(&dir.join("t1"), 4);
     let cache = manager(100, 1, 0, 1);
     cache.add_saved("t1", 4, dir.join("t1"));
-    let mut window = cache.lease("t1").unwrap().start(0);
+    let mut window = cache.lease("t1").unwrap().start(0, 0);
     window.fetch(0).unwrap();
     window.fetch(1).unwrap();
     // Both pinned (current and next step): over budget rather than evicted.
@@ -220,7 +220,7 @@ fn a_missing_or_corrupt_step_file_fails_only_the_step_that_needs_it() {
     std::fs::remove_file(&missing).unwrap();
     let cache = manager(100, 100, 0, 1);
     cache.add_saved("t1", 3, dir.join("t1"));
-    let window = cache.lease("t1").unwrap().start(0);
+    let window = cache.lease("t1").unwrap().start(0, 0);
     assert_eq!(step_of(&window.fetch(0).unwrap()), 0);
     for (step, path) in [(1, &corrupt), (2, &missing)] {
         let Err(EngineError::Failed(message)) = window.fetch(step) else {
@@ -254,11 +254,11 @@ fn the_prefetch_window_moves_steps_toward_the_worker_ahead_of_need() {
 
     // Routed to worker 1: its first two steps move there while the request queues.
     let mut lease = cache.lease("t1").unwrap();
-    lease.prefetch(1);
+    lease.prefetch(1, 0);
     wait_for_loads(&cache);
     assert_eq!(in_tier(&cache, "t1", Tier::Device(1), 6), vec![0, 1]);
     assert_eq!(loads.load(Ordering::SeqCst), 2);
-    let mut window = lease.start(1);
+    let mut window = lease.start(1, 0);
     wait_for_loads(&cache);
     assert_eq!(
         loads.load(Ordering::SeqCst),
@@ -278,6 +278,32 @@ fn the_prefetch_window_moves_steps_toward_the_worker_ahead_of_need() {
 }
 
 #[test]
+fn an_edit_that_starts_late_prefetches_and_pins_only_its_own_steps() {
+    let dir = temp_dir("prefetch-late");
+    saved_template(&dir.join("t1"), 6);
+    let cache = manager(100, 100, 2, 2);
+    cache.add_saved("t1", 6, dir.join("t1"));
+    // An edit of strength 0.5 runs steps 3-5: nothing before step 3 moves.
+    let mut lease = cache.lease("t1").unwrap();
+    lease.prefetch(0, 3);
+    wait_for_loads(&cache);
+    assert_eq!(in_tier(&cache, "t1", Tier::Device(0), 6), vec![3, 4]);
+    let mut window = lease.start(0, 3);
+    for step in 3..6 {
+        window.advance(step);
+        wait_for_loads(&cache);
+        assert_eq!(step_of(&window.fetch(step).unwrap()), step);
+    }
+    assert_eq!(in_tier(&cache, "t1", Tier::Device(0), 6), vec![3, 4, 5]);
+    // Started on another worker than the prefetch's, the window queues from its own start.
+    let window = cache.lease("t1").unwrap().start(1, 4);
+    wait_for_loads(&cache);
+    assert_eq!(in_tier(&cache, "t1", Tier::Device(1), 6), vec![4, 5]);
+    drop(window);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn concurrent_wants_of_one_step_share_one_read() {
     let dir = temp_dir("shared-read");
     saved_template(&dir.join("t1"), 1);
@@ -292,7 +318,7 @@ fn concurrent_wants_of_one_step_share_one_read() {
         for worker in 0..4 {
             let cache = cache.clone();
             s.spawn(move || {
-                let window = cache.lease("t1").unwrap().start(worker);
+                let window = cache.lease("t1").unwrap().start(worker, 0);
                 assert_eq!(step_of(&window.fetch(0).unwrap()), 0);
             });
         }
@@ -307,7 +333,7 @@ fn deleting_a_template_waits_for_the_requests_holding_it() {
     saved_template(&dir.join("t1"), 2);
     let cache = manager(100, 100, 0, 1);
     cache.add_saved("t1", 2, dir.join("t1"));
-    let window = cache.lease("t1").unwrap().start(0);
+    let window = cache.lease("t1").unwrap().start(0, 0);
     assert!(cache.remove("t1").unwrap());
     assert!(matches!(cache.lease("t1"), Err(EngineError::NotFound(_))));
     assert!(dir.join("t1").is_dir(), "a running edit still reads it");

@@ -67,6 +67,8 @@ fn edit(
         .collect();
     let mut req = EditRequest::new(format!("edit {id}"));
     req.mode = EditMode::Cached;
+    // Every step of the template: these tests count steps and cache reads.
+    req.strength = 1.0;
     let spec = JobSpec::Edit {
         template: Arc::clone(template),
         // The template holds its own activation cache.
