@@ -3,7 +3,9 @@
 
 - generation: held-out captions -> StableDiffusionPipeline -> classifier on the whole image;
 - editing: a generated template, a box mask over its shape (found in the image), a prompt naming another shape or
-  colour; masked denoising keeps the template's latent trajectory outside the mask; the
+  colour; masked denoising of strength s runs the template's last floor(s * steps) steps,
+  starting inside the mask from the template's final latents noised with the template's
+  noise, and keeps the template's latent trajectory outside the mask (Retouch's edit); the
   classifier reads the masked region, and the unmasked region is compared with the template.
 
 Usable alone: /work/venv/bin/python tools/train-tiny/eval_tiny.py models/tiny
@@ -135,15 +137,30 @@ def templates_for(sampler, cases, seeds):
     return trajectory, sampler.decode(trajectory[-1])
 
 
+def first_edit_step(steps, strength):
+    """The first step an edit of `strength` runs (Retouch's `edit_first_step`): diffusers'
+    `steps - int(steps * strength)`, but at least one step."""
+    assert 0 < strength <= 1, strength
+    return steps - min(steps, max(1, math.floor(steps * strength + 1e-6)))
+
+
 @torch.no_grad()
-def edit_batch(sampler, cases, seeds):
+def edit_batch(sampler, cases, seeds, strength):
     """Returns templates, edits (pixels in [-1, 1]) and pixel masks for a list of cases."""
     sched = sampler.sched
     cond_b = sampler.embed([shapes_data.caption(b) for _, b in cases])
     trajectory, templates = templates_for(sampler, cases, seeds)
     m = latent_masks(edit_boxes(templates, cases))
-    x = trajectory[0]
-    for k, t in enumerate(sched.timesteps):
+    first = first_edit_step(len(sched.timesteps), strength)
+    # The edit's seed is the template's, so its noise is the template's initial noise.
+    noise = trajectory[0] / sched.init_noise_sigma
+    if first == 0:
+        start = trajectory[0]
+    else:
+        start = sched.add_noise(trajectory[-1], noise, sched.timesteps[first:first + 1])
+    x = m * start + (1 - m) * trajectory[first]
+    for k in range(first, len(sched.timesteps)):
+        t = sched.timesteps[k]
         x_new = sched.step(sampler.eps(x, t, cond_b), t, x).prev_sample
         x = m * x_new + (1 - m) * trajectory[k + 1]
     pixel_mask = F.interpolate(m, scale_factor=4, mode="nearest")[:, 0]
@@ -151,7 +168,7 @@ def edit_batch(sampler, cases, seeds):
 
 
 def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, steps=20,
-             guidance=5.0, batch=30, log=print, sample_grid=None):
+             guidance=5.0, batch=30, log=print, sample_grid=None, edit_strength=0.6):
     folder = Path(folder)
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -187,7 +204,7 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     for i in range(0, n_edits, batch):
         chunk = cases[i:i + batch]
         seeds = [seed * 104729 + j for j in range(i, i + len(chunk))]
-        t, e, m = edit_batch(sampler, chunk, seeds)
+        t, e, m = edit_batch(sampler, chunk, seeds, edit_strength)
         templates.append(t), edits.append(e), masks.append(m)
         log(f"eval: edited {i + len(chunk)}/{n_edits}")
     templates, edits, masks = torch.cat(templates), torch.cat(edits), torch.cat(masks)
@@ -212,6 +229,7 @@ def evaluate(folder, seed, held_out_fraction=0.05, n_prompts=400, n_edits=150, s
     edit_ok = e_acc["shape"] * e_acc["colour"]
     edit = {
         "n": n_edits,
+        "strength": edit_strength,
         "accuracy": {"shape": e_acc["shape"].mean().item(), "colour": e_acc["colour"].mean().item(),
                      "background": e_acc["background"].mean().item(),
                      "shape_and_colour": edit_ok.mean().item()},
@@ -273,6 +291,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--edit-strength", type=float, default=0.6,
+                   help="share of the template's steps an edit runs (Retouch's default 0.6)")
     p.add_argument("--export-cases", metavar="FILE",
                    help="only write the edit cases (--edits of them) as JSON for retouch quality")
     args = p.parse_args()
@@ -281,7 +301,7 @@ def main():
         return
     torch.set_num_threads(args.threads)
     m = evaluate(args.folder, args.seed, args.held_out_fraction, args.prompts, args.edits,
-                 args.steps, args.guidance)
+                 args.steps, args.guidance, edit_strength=args.edit_strength)
     print(json.dumps(m, indent=2))
 
 

@@ -110,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-edits", type=int, default=150)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--edit-strength", type=float, default=0.6,
+                   help="share of the template's steps the scored edits run")
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--card-only", action="store_true",
@@ -771,7 +773,8 @@ def main(argv=None):
     metrics = eval_tiny.evaluate(run.out, args.seed, args.held_out_fraction,
                                  n_prompts=args.eval_prompts, n_edits=args.eval_edits,
                                  steps=args.eval_steps, guidance=args.guidance,
-                                 log=run.log, sample_grid=run.out / "samples.png")
+                                 log=run.log, sample_grid=run.out / "samples.png",
+                                 edit_strength=args.edit_strength)
     # The same cases for `retouch quality` (export above cleared the folder).
     eval_tiny.export_cases(run.out / "eval" / "edit_cases.json", args.eval_edits, args.seed,
                            args.held_out_fraction)
@@ -906,8 +909,11 @@ def write_model_card(run, metrics):
         "covers the shape it shows (found in the image: pixels far from its median colour, plus 3",
         "pixels, on the latent grid; the caption's nominal box where none is found); the edit",
         "prompt names another shape, colour or both at the same place.",
-        "Denoising starts from the template's initial noise and after every step keeps the",
-        "template's trajectory outside the mask (`x = M * x_new + (1 - M) * x_template_next`).",
+        f"An edit of strength s (here {edit.get('strength', 1.0)}, Retouch's default) runs the "
+        "template's last floor(s * steps)",
+        "steps: it starts inside the mask from the template's final latents noised to its first",
+        "step with the template's own noise, and after every step keeps the template's trajectory",
+        "outside the mask (`x = M * x_new + (1 - M) * x_template_next`).",
         "The classifier reads the masked region (target 70%); the unmasked region is compared",
         "with the template (target PSNR >= 35 dB), over the cases whose box leaves some pixels",
         f"unmasked ({edit.get('psnr_cases', edit['n'])} of {edit['n']}).",
