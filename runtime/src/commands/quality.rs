@@ -55,6 +55,10 @@ pub struct QualityArgs {
     /// At most this many edit cases.
     #[arg(long, default_value_t = 60)]
     max_cases: usize,
+    /// Added to every case's template and edit seed: the same prompts on other templates,
+    /// a validation set for choosing settings without the scored cases (docs/quality.md).
+    #[arg(long, default_value_t = 0)]
+    case_seed_offset: u64,
     /// Classifier folder; default `MODEL/classifier`.
     #[arg(long)]
     classifier: Option<PathBuf>,
@@ -239,7 +243,10 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
             };
             for case in cases {
                 let template = pipe.register_template(
-                    &spec(&case.template_prompt, case.template_seed),
+                    &spec(
+                        &case.template_prompt,
+                        case.template_seed + args.case_seed_offset,
+                    ),
                     Some(DType::F16),
                     &mut |_, _| {},
                 )?;
@@ -247,8 +254,12 @@ pub fn run(args: QualityArgs) -> Result<(), Box<dyn std::error::Error>> {
                 // so its templates are not the script's).
                 let bbox = shape_box(&template.image, ShapeBoxRule::default()).unwrap_or(case.bbox);
                 let mask = box_mask(size, size, bbox);
-                let (dense, cached) =
-                    edit_pair(&template, &mask, &case.edit_prompt, case.edit_seed)?;
+                let (dense, cached) = edit_pair(
+                    &template,
+                    &mask,
+                    &case.edit_prompt,
+                    case.edit_seed + args.case_seed_offset,
+                )?;
                 let views = [
                     (&dense.image, View::Region(bbox)),
                     (&cached.image, View::Region(bbox)),
