@@ -82,6 +82,8 @@ pub fn time_worker(pipe: &Pipeline, shape: &ModelShape, plan: &CalibrationPlan) 
         let mask = centred_box(size, size, ratio);
         let mut req = EditRequest::new("calibration edit");
         req.mode = mode;
+        // Every step of the template, so each shape's fastest step is over all of them.
+        req.strength = 1.0;
         let work = Work::of_edit(shape, &mask, &req, spec.guidance, size, size);
         let mut job = DenoiseJob::edit(pipe, TemplateRef::Borrowed(&template), &mask, &req)?;
         // The fastest of a shape's steps: other work on a shared machine only ever adds
