@@ -131,15 +131,22 @@ pub struct EditRequest {
 /// cases of the built-in model (docs/quality.md).
 pub const DEFAULT_EDIT_STRENGTH: f32 = 0.6;
 
+/// An edit strength must lie in (0, 1].
+pub fn check_strength(strength: f32) -> Result<()> {
+    if strength > 0.0 && strength <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "strength must be in (0, 1], got {strength}"
+        )))
+    }
+}
+
 /// The first step of a `steps`-step schedule an edit of `strength` runs: diffusers'
 /// `steps - floor(steps * strength)`, except that an edit always runs at least one step (a
 /// short template keeps the default strength editable).
 pub fn edit_first_step(steps: usize, strength: f32) -> Result<usize> {
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(Error::Invalid(format!(
-            "strength must be in (0, 1], got {strength}"
-        )));
-    }
+    check_strength(strength)?;
     // The epsilon keeps f32 strengths such as 0.7 (0.69999999) at diffusers' step count.
     let run = ((steps as f64 * strength as f64) + 1e-6).floor() as usize;
     Ok(steps - run.clamp(1, steps.max(1)))

@@ -74,10 +74,7 @@ struct EditState<'a> {
 impl EditState<'_> {
     /// The template's latents after `step` steps.
     fn template_latents(&self, step: usize) -> Result<&Tensor> {
-        self.template
-            .trajectory
-            .get(step)
-            .ok_or_else(|| Error::Invalid(format!("the template's trajectory has no step {step}")))
+        self.template.latents_at(step)
     }
 
     /// The template's activations of `step` (cached mode).
@@ -203,18 +200,9 @@ impl<'a> DenoiseJob<'a> {
             noise.affine(scheduler.init_noise_sigma(), 0.0)?
         } else {
             scheduler.set_begin_index(first_step)?;
-            let last = template
-                .trajectory
-                .last()
-                .ok_or_else(|| Error::Invalid("the template has no latent trajectory".into()))?;
-            scheduler.add_noise_at(last, &noise, first_step)?
+            scheduler.add_noise_at(template.latents_at(spec.steps)?, &noise, first_step)?
         };
-        let outside = template.trajectory.get(first_step).ok_or_else(|| {
-            Error::Invalid(format!(
-                "the template's trajectory has no step {first_step}"
-            ))
-        })?;
-        keep_outside(&mut start, outside, &latent_mask)?;
+        keep_outside(&mut start, template.latents_at(first_step)?, &latent_mask)?;
         let guidance = Guidance::new(
             pipe,
             &req.prompt,

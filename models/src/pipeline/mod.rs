@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use retouch_kernels::cuda::{AttentionKernel, CudaDevice, GemmBackend};
 use retouch_kernels::{Device, Tensor};
 
-pub use edit::{DEFAULT_EDIT_STRENGTH, EditMode, EditRequest, Edited, Mask, edit_first_step};
+pub use edit::{
+    DEFAULT_EDIT_STRENGTH, EditMode, EditRequest, Edited, Mask, check_strength, edit_first_step,
+};
 pub use image::{RgbImage, latents_to_image};
 pub use job::{DenoiseJob, JobOutput, StepCacheSource, TemplateRef};
 pub use template::{Template, TemplateSpec};

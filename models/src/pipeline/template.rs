@@ -52,6 +52,13 @@ const IMAGE_FILE: &str = "image.png";
 const CACHE_DIR: &str = "cache";
 
 impl Template {
+    /// The latents after `step` of its steps (0: the initial noise).
+    pub fn latents_at(&self, step: usize) -> Result<&Tensor> {
+        self.trajectory
+            .get(step)
+            .ok_or_else(|| Error::Invalid(format!("the template's trajectory has no step {step}")))
+    }
+
     /// Bytes held by the trajectory.
     pub fn trajectory_bytes(&self) -> usize {
         self.trajectory.iter().map(Tensor::size_in_bytes).sum()

@@ -2,7 +2,7 @@
 //! so a 400 says what to fix.
 
 use retouch_models::pipeline::{
-    EditMode, EditRequest, GenerateRequest, Mask, Template, TemplateSpec,
+    EditMode, EditRequest, GenerateRequest, Mask, Template, TemplateSpec, check_strength,
 };
 use retouch_models::schedulers::SchedulerKind;
 use serde::Deserialize;
@@ -113,8 +113,7 @@ impl GenerationBody {
 }
 
 impl EditBody {
-    /// The validated edit of a template of `template_steps` steps.
-    pub fn to_request(&self, template_steps: usize) -> Result<EditRequest, ApiError> {
+    pub fn to_request(&self) -> Result<EditRequest, ApiError> {
         let mode = match &self.mode {
             Some(m) => m
                 .parse::<EditMode>()
@@ -127,10 +126,9 @@ impl EditBody {
         req.guidance = self.guidance.map(check_guidance).transpose()?;
         req.mode = mode;
         if let Some(strength) = self.strength {
+            check_strength(strength).map_err(|e| ApiError::invalid(e.to_string()))?;
             req.strength = strength;
         }
-        req.first_step(template_steps)
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
         Ok(req)
     }
 

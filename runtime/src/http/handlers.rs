@@ -155,9 +155,7 @@ pub async fn create_edit(
 ) -> Result<HttpResponse> {
     let started = std::time::Instant::now();
     let template = find(&engine, &body.template_id).map_err(|e| refused("edit", e))?;
-    let edit = body
-        .to_request(template.spec.steps)
-        .map_err(|e| refused("edit", e))?;
+    let edit = body.to_request().map_err(|e| refused("edit", e))?;
     let mask = body.mask_for(&template).map_err(|e| refused("edit", e))?;
     let cache = match edit.mode {
         EditMode::Cached => Some(
