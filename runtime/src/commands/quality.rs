@@ -445,7 +445,8 @@ fn to_markdown(r: &Report, pairs: usize) -> String {
     s
 }
 
-/// `--dump`: one folder of PNGs per classifier case plus a JSON line of what was read.
+/// `--dump`: per classifier case, its template and edits as numbered PNGs in one folder,
+/// and a line of `cases.jsonl` with what the classifier read.
 struct CaseDump {
     dir: PathBuf,
     lines: std::fs::File,
