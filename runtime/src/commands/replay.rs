@@ -46,8 +46,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     no_calibration: bool,
     /// Offered arrival rates in requests per second, one replay each (e.g. `0.5,1`). Without
-    /// it, in-process runs first measure the dense capacity (a burst of two dense edits per
-    /// worker) and replay at 0.5x and 1.2x of it.
+    /// it, in-process runs first measure the dense capacity (a burst that fills every worker's
+    /// batch, `--max-batch` dense edits each) and replay at 0.5x and 1.2x of it.
     #[arg(long, alias = "rate", value_delimiter = ',')]
     rates: Vec<f64>,
     /// Edits per replay.
@@ -128,8 +128,10 @@ const MATRIX: [Scenario; 3] = [
 struct Probe {
     /// One dense edit's latency on an idle engine, ms.
     service_ms: f64,
-    /// Dense edits per second with every worker busy (a burst's throughput).
+    /// Dense edits per second with every worker's batch full (a burst's throughput).
     capacity: f64,
+    /// Edits in that burst.
+    burst: usize,
 }
 
 #[derive(Serialize)]
@@ -318,22 +320,24 @@ fn start_engine(dir: &Path, args: &ReplayArgs, scenario: Scenario) -> Result<Eng
 }
 
 /// The dense configurations' capacity: one dense edit on an idle engine (after a warm-up
-/// edit), then a burst of two edits per worker sent at once, whose throughput is the
-/// capacity (it counts whatever the workers lose to running side by side on shared cores).
+/// edit), then a burst of a full batch per worker sent at once, whose throughput is the
+/// capacity. A full batch because that is how (a) runs once it falls behind: a smaller burst
+/// misses what batching saves per edit and puts the higher rate below (a)'s real capacity.
+/// It counts whatever the workers lose to running side by side on shared cores.
 async fn probe_capacity(
     dir: &Path,
     args: &ReplayArgs,
     base: &ReplayConfig,
 ) -> Result<Probe, Box<dyn std::error::Error>> {
     let engine = start_engine(dir, args, MATRIX[0])?;
-    let result = probe_on(&engine, args.workers, base).await;
+    let result = probe_on(&engine, args.workers * args.max_batch, base).await;
     engine.shutdown();
     result
 }
 
 async fn probe_on(
     engine: &Engine,
-    workers: usize,
+    burst: usize,
     base: &ReplayConfig,
 ) -> Result<Probe, Box<dyn std::error::Error>> {
     let target = Target::Engine(engine.clone());
@@ -346,15 +350,16 @@ async fn probe_on(
         let report = replay::run(&target, &config, "probe", || {}).await?;
         service_ms = report.latency_ms.map_or(f64::NAN, |l| l.mean);
     }
-    config.trace.requests = 2 * workers;
+    config.trace.requests = burst;
     config.trace.rate = 1e6;
-    let burst = replay::run(&target, &config, "probe burst", || {}).await?;
-    if !(service_ms.is_finite() && burst.completed == config.trace.requests) {
-        return Err(format!("the probe edits did not complete: {:?}", burst.errors).into());
+    let report = replay::run(&target, &config, "probe burst", || {}).await?;
+    if !(service_ms.is_finite() && report.completed == burst) {
+        return Err(format!("the probe edits did not complete: {:?}", report.errors).into());
     }
     Ok(Probe {
         service_ms,
-        capacity: burst.throughput,
+        capacity: report.throughput,
+        burst,
     })
 }
 
@@ -384,10 +389,10 @@ fn markdown(o: &Output) -> String {
     );
     if let Some(p) = &o.probe {
         s += &format!(
-            "Probe: one dense edit on an idle engine took {:.0} ms; a burst of two dense edits \
-             per worker ran at {:.2} edits/s (the dense capacity); the rates are 0.5x and 1.2x \
-             that.\n",
-            p.service_ms, p.capacity
+            "Probe: one dense edit on an idle engine took {:.0} ms; a burst of {} dense edits \
+             (a full batch per worker) ran at {:.2} edits/s (the dense capacity); the rates are \
+             0.5x and 1.2x that.\n",
+            p.service_ms, p.burst, p.capacity
         );
     }
     s += &format!(
