@@ -5,7 +5,9 @@
 #      process, so a kernel that faults hides only its own group;
 #   3. `retouch selftest --timings`: the GEMM/conv/attention kernels at SD1.5 sizes (GFLOP/s),
 #      and `retouch bench --unet sd15` on the GPU (dense against cached steps, 5-100% masks);
-#      then `retouch serve --device cuda:0` driven by `retouch replay` (a GPU worker end to end);
+#      then `retouch serve --device cuda:0` driven by `retouch replay` (a GPU worker end to end),
+#      once with its caches in memory and once with every step on disk and the
+#      load-or-recompute plan on;
 #   4. tools/gpu-reference.py: PyTorch at the same shapes, and diffusers' dense UNet step of
 #      the sd15 preset (diffusers from carried wheels in .whl/, when there).
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
@@ -43,6 +45,38 @@ for d in site.getsitepackages():
     ln -s "$found" "$dir/libcublas.so"
     export LD_LIBRARY_PATH="$dir:$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "cuBLAS: $found"
+}
+
+# Starts `retouch serve --device cuda:0` on port $1 with the further arguments, drives it
+# with `retouch replay`, and prints the /metrics lines matching the pattern $2.
+serve_and_replay() {
+    local port="$1" pattern="$2"
+    shift 2
+    timeout 150 "$bin" serve --device cuda:0 --port "$port" "$@" >"$out/serve-$port.log" 2>&1 &
+    local serve_pid=$!
+    local up=0
+    for _ in $(seq 1 60); do
+        # python3 rather than curl: the GPU image is not known to have curl.
+        if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" \
+            >/dev/null 2>&1; then
+            up=1
+            break
+        fi
+        kill -0 "$serve_pid" 2>/dev/null || break # it exited: no point waiting
+        sleep 1
+    done
+    if [ "$up" = 1 ]; then
+        timeout 100 "$bin" replay --url "http://127.0.0.1:$port" --rates 2 --requests 20 \
+            --templates 2 --seed 0 || echo "replay exit status $?"
+        echo "-- counters after the replay"
+        python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$port/metrics', timeout=5).read().decode())" \
+            | grep -E "$pattern" || echo "(no such counters)"
+    else
+        echo "serve did not come up:"
+        tail -20 "$out/serve-$port.log"
+    fi
+    kill -INT "$serve_pid" 2>/dev/null
+    wait "$serve_pid" 2>/dev/null
 }
 
 run_checks() {
@@ -103,32 +137,15 @@ run_checks() {
 
     echo
     echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"
-    local port=8397
-    timeout 150 "$bin" serve --device cuda:0 --port "$port" >"$out/serve.log" 2>&1 &
-    local serve_pid=$!
-    local up=0
-    for _ in $(seq 1 60); do
-        # python3 rather than curl: the GPU image is not known to have curl.
-        if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" \
-            >/dev/null 2>&1; then
-            up=1
-            break
-        fi
-        kill -0 "$serve_pid" 2>/dev/null || break # it exited: no point waiting
-        sleep 1
-    done
-    if [ "$up" = 1 ]; then
-        timeout 100 "$bin" replay --url "http://127.0.0.1:$port" --rates 2 --requests 20 \
-            --templates 2 --seed 0 || echo "replay exit status $?"
-        echo "-- the device tier's counters after the replay"
-        python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$port/metrics', timeout=5).read().decode())" \
-            | grep -E '^retouch_device_step_' || echo "(no device-tier counters)"
-    else
-        echo "serve did not come up:"
-        tail -20 "$out/serve.log"
-    fi
-    kill -INT "$serve_pid" 2>/dev/null
-    wait "$serve_pid" 2>/dev/null
+    serve_and_replay 8397 '^retouch_device_step_'
+    echo
+    echo "== the same with every step on disk only, and the load-or-recompute plan on"
+    local disk
+    disk="$(mktemp -d)"
+    serve_and_replay 8398 '^retouch_(recomputed_units|cache_bytes_skipped|device_step_)' \
+        --cache-dir "$disk" --cache-host-bytes 1 --cache-device-bytes 1 --prefetch-steps 0 \
+        --recompute-plan
+    rm -rf "$disk"
 
     echo
     echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"

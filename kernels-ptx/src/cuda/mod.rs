@@ -70,6 +70,20 @@ pub struct CudaDevice {
 /// The point on the copy stream after a set of uploads ([`CudaDevice::fence_copies`]).
 pub struct CopyFence(cudarc::driver::CudaEvent);
 
+/// A point on the compute stream with the time the GPU reached it ([`CudaDevice::mark`]):
+/// two of them time the kernels queued between them without waiting for either.
+pub struct TimingMark(cudarc::driver::CudaEvent);
+
+impl TimingMark {
+    /// Milliseconds from `earlier` to this mark on the GPU (waits for both to be reached).
+    pub fn ms_since(&self, earlier: &TimingMark) -> Result<f32> {
+        earlier
+            .0
+            .elapsed_ms(&self.0)
+            .map_err(driver_err("ms_since"))
+    }
+}
+
 /// What profiling collects: per kernel, launches and wall time.
 struct Profile {
     last: Instant,
@@ -310,6 +324,15 @@ impl CudaDevice {
             .record_event(None)
             .map_err(driver_err("fence_copies"))?;
         Ok(CopyFence(event))
+    }
+
+    /// Marks the compute stream's work queued so far, with timing ([`TimingMark::ms_since`]).
+    pub fn mark(&self) -> Result<TimingMark> {
+        let event = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(driver_err("mark"))?;
+        Ok(TimingMark(event))
     }
 
     /// Makes the compute stream's later work wait for the copies before `fence` (the host

@@ -476,11 +476,19 @@ impl CudaDevice {
         self.stream().clone_htod(index).map_err(driver_err(op))
     }
 
-    /// Rows `index[i]` of a `[rows, cols]` tensor, in order: `[index.len(), cols]`.
+    /// Rows `index[i]` of a tensor read as `[rows, cols]` (its last dimension the columns,
+    /// the others the rows: a `[samples, h, w, c]` map's positions), in order:
+    /// `[index.len(), cols]`.
     pub fn gather_rows(&self, src: &CudaTensor, index: &[u32]) -> Result<CudaTensor> {
         const K: &str = "gather_rows_f32";
-        let [rows, cols] = *src.shape() else {
-            return shape_err(K, format!("expected [rows, cols], got {:?}", src.shape()));
+        let (cols, rows) = match src.shape().split_last() {
+            Some((&cols, lead)) if !lead.is_empty() => (cols, lead.iter().product::<usize>()),
+            _ => {
+                return shape_err(
+                    K,
+                    format!("expected [..., rows, cols], got {:?}", src.shape()),
+                );
+            }
         };
         if let Some(&bad) = index.iter().find(|&&i| i as usize >= rows) {
             return invalid(K, format!("row {bad} out of range for {rows} rows"));

@@ -5,13 +5,13 @@
 //! cached-mode forward over a ragged batch of active rows ([`GpuMasked`]). Recording a
 //! template's step runs on the host.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use half::f16;
 use retouch_kernels::cuda::{CopyFence, CudaBlendedSegment, CudaDevice, CudaTensor, Staging};
 use retouch_kernels::{DType, Tensor};
 
-use super::exec::{CacheEntry, Masked, StepCache};
+use super::exec::{CacheEntry, Masked, StepCache, StepSource, StreamingStep};
 
 use crate::{Error, Result};
 
@@ -122,38 +122,130 @@ fn upload_entries(
     cache: &StepCache,
     mut upload: impl FnMut(&Tensor) -> Result<CudaTensor<f16>>,
 ) -> Result<Vec<GpuEntry>> {
-    let mut half = |t: &Tensor| upload(&t.to_dtype(DType::F16)?);
     cache
         .entries
         .iter()
-        .map(|e| {
-            Ok(match e {
-                CacheEntry::ConvInput(maps) => {
-                    GpuEntry::ConvInput(maps.iter().map(&mut half).collect::<Result<_>>()?)
-                }
-                CacheEntry::KeyValue(kv) => GpuEntry::KeyValue(
-                    kv.iter()
-                        .map(|(k, v)| Ok((half(k)?, half(v)?)))
-                        .collect::<Result<_>>()?,
-                ),
-                CacheEntry::Stats { moments, .. } => {
-                    GpuEntry::Stats(moments.iter().map(&mut half).collect::<Result<_>>()?)
-                }
-            })
-        })
+        .map(|e| upload_entry(e, &mut upload))
         .collect()
 }
 
+/// One entry's maps and key/value tensors as f16, each through `upload`.
+fn upload_entry(
+    entry: &CacheEntry,
+    mut upload: impl FnMut(&Tensor) -> Result<CudaTensor<f16>>,
+) -> Result<GpuEntry> {
+    let mut half = |t: &Tensor| upload(&t.to_dtype(DType::F16)?);
+    Ok(match entry {
+        CacheEntry::ConvInput(maps) => {
+            GpuEntry::ConvInput(maps.iter().map(&mut half).collect::<Result<_>>()?)
+        }
+        CacheEntry::KeyValue(kv) => GpuEntry::KeyValue(
+            kv.iter()
+                .map(|(k, v)| Ok((half(k)?, half(v)?)))
+                .collect::<Result<_>>()?,
+        ),
+        CacheEntry::Stats { moments, .. } => {
+            GpuEntry::Stats(moments.iter().map(&mut half).collect::<Result<_>>()?)
+        }
+    })
+}
+
+/// A step's cache entries streaming in from a loader thread ([`StreamingStep`]), taken to
+/// the device one by one: the first time the forward asks for an entry, the host waits for
+/// its read, queues its upload on the copy stream and makes the compute stream wait for
+/// that. The host never waits for the GPU, so the kernels queued before (a dense prefix,
+/// earlier masked layers) run while later entries are still being read.
+pub struct GpuStreamingStep<'a> {
+    host: &'a StreamingStep,
+    entries: Vec<OnceLock<GpuEntry>>,
+    /// The pinned buffers of the queued uploads, kept until the step is dropped (the pool
+    /// reuses each only after its copy has run).
+    staging: Mutex<Vec<Staging>>,
+}
+
+impl<'a> GpuStreamingStep<'a> {
+    pub fn new(host: &'a StreamingStep) -> GpuStreamingStep<'a> {
+        GpuStreamingStep {
+            host,
+            entries: (host.first()..host.end())
+                .map(|_| OnceLock::new())
+                .collect(),
+            staging: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Entry `index` on the device, uploaded when first asked for; None outside the step.
+    fn entry(&self, dev: &CudaDevice, index: usize) -> Result<Option<&GpuEntry>> {
+        let Some(slot) = index
+            .checked_sub(self.host.first())
+            .and_then(|i| self.entries.get(i))
+        else {
+            return Ok(None);
+        };
+        if let Some(entry) = slot.get() {
+            return Ok(Some(entry));
+        }
+        let Some(host) = self.host.wait(index) else {
+            return Ok(None);
+        };
+        let mut staging = Vec::new();
+        let entry = upload_entry(host?, |t| {
+            let (tensor, buffer) = CudaTensor::upload_staged(dev, t)?;
+            staging.push(buffer);
+            Ok(tensor)
+        })?;
+        dev.wait_for(&dev.fence_copies()?)?;
+        self.staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(staging);
+        // One forward walks the entries in order on one thread: the slot is still empty.
+        Ok(Some(slot.get_or_init(|| entry)))
+    }
+}
+
+/// Where a segment's cache entries come from on the device.
+#[derive(Clone, Copy)]
+pub enum GpuStepSource<'a> {
+    /// Uploaded already (whole, or from its first entry on).
+    Whole(&'a GpuStepCache),
+    /// Uploaded entry by entry as they arrive.
+    Streaming(&'a GpuStreamingStep<'a>),
+}
+
+impl GpuStepSource<'_> {
+    fn first(self) -> usize {
+        match self {
+            GpuStepSource::Whole(c) => c.first,
+            GpuStepSource::Streaming(s) => s.host.first(),
+        }
+    }
+
+    fn end(self) -> usize {
+        match self {
+            GpuStepSource::Whole(c) => c.first + c.entries.len(),
+            GpuStepSource::Streaming(s) => s.host.end(),
+        }
+    }
+}
+
 /// The state of a masked forward on the device: the host [`Masked`] (token sets, the cursor
-/// over the recorded entries, the statistics) and each segment's device copy of its cache.
+/// over the recorded entries, the statistics) and where each segment's entries are on the
+/// device.
 pub struct GpuMasked<'a> {
+    dev: &'a CudaDevice,
     host: Masked<'a>,
-    device: Vec<&'a GpuStepCache>,
+    device: Vec<GpuStepSource<'a>>,
 }
 
 impl<'a> GpuMasked<'a> {
-    /// `device[i]` is the upload of segment `i`'s host cache.
-    pub fn new(host: Masked<'a>, device: Vec<&'a GpuStepCache>) -> Result<GpuMasked<'a>> {
+    /// `device[i]` holds segment `i`'s host cache on `dev`: its upload when the host cache
+    /// is whole, its stream when that streams in.
+    pub fn new(
+        dev: &'a CudaDevice,
+        host: Masked<'a>,
+        device: Vec<GpuStepSource<'a>>,
+    ) -> Result<GpuMasked<'a>> {
         if device.len() != host.segments().len() {
             return Err(Error::Invalid(format!(
                 "{} device caches for {} segments",
@@ -162,23 +254,23 @@ impl<'a> GpuMasked<'a> {
             )));
         }
         for (i, (d, s)) in device.iter().zip(host.segments()).enumerate() {
-            let Some(cache) = s.cache.whole() else {
+            let kinds_match = matches!(
+                (d, s.cache),
+                (GpuStepSource::Whole(_), StepSource::Whole(_))
+                    | (GpuStepSource::Streaming(_), StepSource::Streaming(_))
+            );
+            if !kinds_match || d.first() != s.cache.first() || d.end() != s.cache.end() {
                 return Err(Error::Invalid(format!(
-                    "segment {i}: a GPU forward reads whole steps, not streaming ones"
-                )));
-            };
-            if d.first != cache.first || d.entries.len() != cache.entries.len() {
-                return Err(Error::Invalid(format!(
-                    "segment {i}: the device cache holds entries {}.., {} of them, the host \
-                     cache {}.., {}",
-                    d.first,
-                    d.entries.len(),
-                    cache.first,
-                    cache.entries.len()
+                    "segment {i}: the device cache holds entries {}..{}, the host cache {}..{} \
+                     (or one streams and the other does not)",
+                    d.first(),
+                    d.end(),
+                    s.cache.first(),
+                    s.cache.end()
                 )));
             }
         }
-        Ok(GpuMasked { host, device })
+        Ok(GpuMasked { dev, host, device })
     }
 
     pub fn host(&self) -> &Masked<'a> {
@@ -253,15 +345,18 @@ impl<'a> GpuMasked<'a> {
         self.device
             .iter()
             .zip(self.host.segments())
-            .map(|(d, s)| {
-                at.checked_sub(d.first)
-                    .and_then(|i| d.entries.get(i))
-                    .and_then(|e| pick(e, s.branch))
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "device cache entry {at} does not match the host cache"
-                        ))
-                    })
+            .map(|(&d, s)| {
+                let entry = match d {
+                    GpuStepSource::Whole(c) => {
+                        at.checked_sub(c.first).and_then(|i| c.entries.get(i))
+                    }
+                    GpuStepSource::Streaming(stream) => stream.entry(self.dev, at)?,
+                };
+                entry.and_then(|e| pick(e, s.branch)).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "device cache entry {at} does not match the host cache"
+                    ))
+                })
             })
             .collect()
     }

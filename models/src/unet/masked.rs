@@ -6,9 +6,10 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Tensor, TokenSet};
 
 use super::UNet;
+use super::device::{DeviceBoundaries, GpuExec};
 use super::walk::Boundaries;
 use crate::nn::exec::{Exec, Masked, Segment, StepCache, StepSource};
-use crate::nn::gpu::{GpuMasked, GpuStepCache, upload_f32};
+use crate::nn::gpu::{GpuMasked, GpuStepCache, GpuStepSource, upload_f32};
 use crate::{Error, Result};
 
 /// One segment of a ragged masked forward: one CFG branch of one cached-mode request.
@@ -115,34 +116,8 @@ impl UNet {
         segments: &[RecomputeSegment<'_>],
         recompute: usize,
     ) -> Result<Tensor> {
-        let starts = self.entry_starts()?;
-        let Some(&cursor) = starts.get(recompute) else {
-            return Err(Error::Invalid(format!(
-                "unet: {recompute} units to recompute, the network has {}",
-                starts.len().saturating_sub(1)
-            )));
-        };
-        let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
-        let (context, timesteps) =
-            self.segment_inputs(&[total, self.config.in_channels], segments)?;
-        let grid = segments[0].levels[0].height();
-        let grid = (grid, segments[0].levels[0].width());
-        let s = latents.shape();
-        if s.len() != 4
-            || s[0] != segments.len()
-            || (s[1], s[2]) != grid
-            || s[3] != self.config.in_channels
-        {
-            return Err(Error::Invalid(format!(
-                "unet: recomputing needs the latents as [{}, {}, {}, {}] (the segments' grid), \
-                 got {s:?}",
-                segments.len(),
-                grid.0,
-                grid.1,
-                self.config.in_channels
-            )));
-        }
-        self.check_inputs(s, &timesteps, context.shape())?;
+        let (context, timesteps, cursor) =
+            self.recompute_inputs(latents.shape(), segments, recompute)?;
         let mut exec = Exec::Dense;
         let exec_segments = segments.iter().map(RecomputeSegment::exec).collect();
         let mut walk = Boundaries::switching(recompute, cursor, exec_segments);
@@ -158,6 +133,78 @@ impl UNet {
         }
     }
 
+    /// [`UNet::forward_ragged_recomputing`] on the device the weights were uploaded to:
+    /// `latents = [segments, h, w, in_channels]` in device memory, each segment's cache
+    /// entries on the device (uploaded, or uploaded as they stream in: the dense units run
+    /// meanwhile). Returns `[rows, out_channels]` in device memory.
+    pub fn forward_gpu_ragged_recomputing(
+        &self,
+        dev: &CudaDevice,
+        latents: &CudaTensor,
+        segments: &[GpuRecomputeSegment<'_>],
+        recompute: usize,
+    ) -> Result<CudaTensor> {
+        let host: Vec<RecomputeSegment<'_>> = segments.iter().map(|s| s.host).collect();
+        let (context, timesteps, cursor) =
+            self.recompute_inputs(latents.shape(), &host, recompute)?;
+        let context = upload_f32(dev, &context)?;
+        let exec_segments = host.iter().map(RecomputeSegment::exec).collect();
+        let device = segments.iter().map(|s| s.device).collect();
+        let m = GpuMasked::new(dev, Masked::resume(exec_segments, cursor, 0), device)?;
+        let mut exec = GpuExec::Dense;
+        let mut walk = DeviceBoundaries::switching(recompute, m);
+        let out = self.run_gpu(dev, latents, &timesteps, &context, &mut exec, &mut walk)?;
+        match &exec {
+            GpuExec::Masked(m) if !walk.switch_pending() && m.host().finished() => Ok(out),
+            GpuExec::Masked(_) => Err(Error::Invalid(
+                "activation cache has entries the model did not use".into(),
+            )),
+            GpuExec::Dense => Err(Error::Invalid(
+                "unet: the forward never reached its switch to masked rows".into(),
+            )),
+        }
+    }
+
+    /// Checks a recomputing forward's latents (`[segments, h, w, in_channels]`, the
+    /// segments' grid) and segments; returns the stacked contexts, the timesteps and the
+    /// cache entry the masked part starts reading at.
+    fn recompute_inputs(
+        &self,
+        latents: &[usize],
+        segments: &[RecomputeSegment<'_>],
+        recompute: usize,
+    ) -> Result<(Tensor, Vec<f32>, usize)> {
+        let starts = self.entry_starts()?;
+        let Some(&cursor) = starts.get(recompute) else {
+            return Err(Error::Invalid(format!(
+                "unet: {recompute} units to recompute, the network has {}",
+                starts.len().saturating_sub(1)
+            )));
+        };
+        let total: usize = segments.iter().map(|s| s.levels[0].len()).sum();
+        let (context, timesteps) =
+            self.segment_inputs(&[total, self.config.in_channels], segments)?;
+        let grid = segments[0].levels[0].height();
+        let grid = (grid, segments[0].levels[0].width());
+        let s = latents;
+        if s.len() != 4
+            || s[0] != segments.len()
+            || (s[1], s[2]) != grid
+            || s[3] != self.config.in_channels
+        {
+            return Err(Error::Invalid(format!(
+                "unet: recomputing needs the latents as [{}, {}, {}, {}] (the segments' grid), \
+                 got {s:?}",
+                segments.len(),
+                grid.0,
+                grid.1,
+                self.config.in_channels
+            )));
+        }
+        self.check_inputs(s, &timesteps, context.shape())?;
+        Ok((context, timesteps, cursor))
+    }
+
     /// [`UNet::forward_ragged`] on the device the weights were uploaded to: `rows = [sum
     /// of levels[0].len(), in_channels]` in device memory, each segment's template cache
     /// uploaded beside its host copy. Returns `[rows, out_channels]` in device memory.
@@ -170,14 +217,23 @@ impl UNet {
         let host: Vec<CachedSegment<'_>> = segments.iter().map(|s| s.host).collect();
         let (context, timesteps, exec_segments) = self.ragged_inputs(rows.shape(), &host)?;
         let context = upload_f32(dev, &context)?;
-        let device = segments.iter().map(|s| s.device).collect();
-        let mut m = GpuMasked::new(Masked::new(exec_segments), device)?;
-        let out = self.run_gpu_masked(dev, rows, &timesteps, &context, &mut m)?;
+        let device = segments
+            .iter()
+            .map(|s| GpuStepSource::Whole(s.device))
+            .collect();
+        let m = GpuMasked::new(dev, Masked::new(exec_segments), device)?;
+        let mut exec = GpuExec::Masked(m);
+        let mut walk = DeviceBoundaries::new();
+        let out = self.run_gpu(dev, rows, &timesteps, &context, &mut exec, &mut walk)?;
+        let GpuExec::Masked(m) = &exec else {
+            unreachable!("a masked walk stays masked")
+        };
         if !m.host().finished() {
             return Err(Error::Invalid(
                 "activation cache has entries the model did not use".into(),
             ));
         }
+        self.keep_device_walk(true, rows.shape()[0], walk);
         Ok(out)
     }
 
@@ -278,6 +334,15 @@ impl<'a> From<CachedSegment<'a>> for RecomputeSegment<'a> {
 pub struct GpuCachedSegment<'a> {
     pub host: CachedSegment<'a>,
     pub device: &'a GpuStepCache,
+}
+
+/// One segment of a recomputing forward on the device
+/// ([`UNet::forward_gpu_ragged_recomputing`]): the host segment and where its cache entries
+/// are on the device (a whole upload for a whole host step, a stream for a streaming one).
+#[derive(Clone, Copy)]
+pub struct GpuRecomputeSegment<'a> {
+    pub host: RecomputeSegment<'a>,
+    pub device: GpuStepSource<'a>,
 }
 
 /// The token count of a context `[tokens, dim]` or `[1, tokens, dim]`.

@@ -1,20 +1,21 @@
 //! UNet2DConditionModel (SD 1.x and 2.x configurations) over channels-last tensors.
 
 mod config;
+mod device;
 mod masked;
 mod walk;
 
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
-use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
 
 pub use config::{PerBlock, UNetConfig, UNetPlan};
-pub use masked::{CachedSegment, GpuCachedSegment, RecomputeSegment, token_levels};
+pub use masked::{
+    CachedSegment, GpuCachedSegment, GpuRecomputeSegment, RecomputeSegment, token_levels,
+};
 
 use crate::nn::exec::{Exec, StepCache};
-use crate::nn::gpu::{GpuMasked, upload_f32};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, ResnetBlock, ResnetShape, Scope, Transformer2D, TransformerShape,
 };
@@ -59,6 +60,8 @@ pub struct UNet {
     entry_starts: OnceLock<Vec<usize>>,
     /// The unit times of the last whole dense or masked forward on the host.
     last_walk: Mutex<Option<UnitTimes>>,
+    /// The GPU timing marks of the last whole dense or masked forward on a device.
+    last_device_walk: Mutex<Option<device::DeviceWalkTimes>>,
 }
 
 /// Each unit's seconds in one host forward of the UNet (units as [`UNet::entry_starts`]
@@ -223,6 +226,7 @@ impl UNet {
         Ok(UNet {
             entry_starts: OnceLock::new(),
             last_walk: Mutex::new(None),
+            last_device_walk: Mutex::new(None),
             time_proj: TimestepEmbedding {
                 dim: ch[0],
                 flip_sin_to_cos: config.flip_sin_to_cos,
@@ -456,175 +460,6 @@ impl UNet {
             .collect()
     }
 
-    /// Copies every weight to `dev`, for [`UNet::forward_gpu`].
-    pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
-        self.time_linear_1.upload(dev)?;
-        self.time_linear_2.upload(dev)?;
-        self.conv_in.upload(dev)?;
-        for block in &mut self.down {
-            upload_block(
-                dev,
-                &mut block.resnets,
-                &mut block.attentions,
-                &mut block.downsample,
-            )?;
-        }
-        self.mid.resnet_in.upload(dev)?;
-        self.mid.attention.upload(dev)?;
-        self.mid.resnet_out.upload(dev)?;
-        for block in &mut self.up {
-            upload_block(
-                dev,
-                &mut block.resnets,
-                &mut block.attentions,
-                &mut block.upsample,
-            )?;
-        }
-        self.norm_out.upload(dev)?;
-        self.conv_out.upload(dev)
-    }
-
-    /// [`UNet::forward`] on the device the weights were [`UNet::upload`]ed to, inputs and
-    /// output in device memory: `sample = [batch, h, w, in_channels]`, `context = [batch,
-    /// tokens, cross_dim]`. The same layers in the same order as the host's dense forward.
-    pub fn forward_gpu(
-        &self,
-        dev: &CudaDevice,
-        sample: &CudaTensor,
-        timesteps: &[f32],
-        context: &CudaTensor,
-    ) -> Result<CudaTensor> {
-        self.check_inputs(sample.shape(), timesteps, context.shape())?;
-        let temb = self.time_embedding_gpu(dev, timesteps)?;
-
-        // Each down-path output is pushed once and read from the stack (no copies): the
-        // next layer's input is the stack's top.
-        let mut skips = vec![self.conv_in.forward_gpu(dev, sample)?];
-        for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = stack_top(&skips)?;
-                let mut h = resnet.forward_gpu(dev, prev, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward_gpu(dev, &h, context)?;
-                }
-                skips.push(h);
-            }
-            if let Some(conv) = &block.downsample {
-                let prev = stack_top(&skips)?;
-                let h = conv.forward_gpu(dev, prev)?;
-                skips.push(h);
-            }
-        }
-        let mut h = self
-            .mid
-            .resnet_in
-            .forward_gpu(dev, stack_top(&skips)?, Some(&temb))?;
-        h = self.mid.attention.forward_gpu(dev, &h, context)?;
-        h = self.mid.resnet_out.forward_gpu(dev, &h, Some(&temb))?;
-
-        for block in &self.up {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
-                h = resnet.forward_gpu(dev, &dev.concat_last(&[&h, &skip])?, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward_gpu(dev, &h, context)?;
-                }
-            }
-            if let Some(conv) = &block.upsample {
-                h = conv.forward_gpu(dev, &dev.upsample_nearest2x(&h)?)?;
-            }
-        }
-        let h = self.norm_out.forward_gpu(dev, &h, true)?;
-        self.conv_out.forward_gpu(dev, &h)
-    }
-
-    /// [`UNet::run`]'s masked case on the device: `rows = [rows, in_channels]`, the
-    /// segments' active level-0 rows; one timestep and one context per segment.
-    fn run_gpu_masked(
-        &self,
-        dev: &CudaDevice,
-        rows: &CudaTensor,
-        timesteps: &[f32],
-        context: &CudaTensor,
-        m: &mut GpuMasked<'_>,
-    ) -> Result<CudaTensor> {
-        let temb = self.time_embedding_gpu(dev, timesteps)?;
-        let mut skips = vec![self.conv_in.forward_gpu_masked(dev, rows, m, None)?];
-        for (level, block) in self.down.iter().enumerate() {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let prev = stack_top(&skips)?;
-                let mut h = resnet.forward_gpu_masked(dev, prev, Some(&temb), m)?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward_gpu_masked(dev, &h, context, m)?;
-                }
-                skips.push(h);
-            }
-            if let Some(conv) = &block.downsample {
-                let prev = stack_top(&skips)?;
-                let h = conv.forward_gpu_masked(dev, prev, m, Some(level + 1))?;
-                m.host_mut().set_level(level + 1);
-                skips.push(h);
-            }
-        }
-        let mut h =
-            self.mid
-                .resnet_in
-                .forward_gpu_masked(dev, stack_top(&skips)?, Some(&temb), m)?;
-        h = self.mid.attention.forward_gpu_masked(dev, &h, context, m)?;
-        h = self
-            .mid
-            .resnet_out
-            .forward_gpu_masked(dev, &h, Some(&temb), m)?;
-
-        let top = self.up.len() - 1;
-        for (i, block) in self.up.iter().enumerate() {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))?;
-                let joined = dev.concat_last(&[&h, &skip])?;
-                h = resnet.forward_gpu_masked(dev, &joined, Some(&temb), m)?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward_gpu_masked(dev, &h, context, m)?;
-                }
-            }
-            if let Some(conv) = &block.upsample {
-                let level = top - i - 1;
-                let parents = masked::upsample_parents(m.host(), level)?;
-                m.host_mut().set_level(level);
-                h = conv.forward_gpu_masked(dev, &dev.gather_rows(&h, &parents)?, m, None)?;
-            }
-        }
-        let h = self.norm_out.forward_gpu_masked(dev, &h, true, m)?;
-        self.conv_out.forward_gpu_masked(dev, &h, m, None)
-    }
-
-    /// SiLU of the time embedding of each timestep, `[timesteps, temb]` on the device (the
-    /// sinusoidal part is a few hundred values: computed here, then uploaded).
-    fn time_embedding_gpu(&self, dev: &CudaDevice, timesteps: &[f32]) -> Result<CudaTensor> {
-        let t = Tensor::from_vec(timesteps.to_vec(), &[timesteps.len()])?;
-        let proj = CudaTensor::upload(dev, &self.time_proj.embed(&t)?)?;
-        let emb = dev.silu(&self.time_linear_1.forward_gpu(dev, &proj)?)?;
-        Ok(dev.silu(&self.time_linear_2.forward_gpu(dev, &emb)?)?)
-    }
-
-    /// [`UNet::forward_gpu`] with host tensors in and out (uploads the inputs, downloads the
-    /// prediction).
-    pub fn forward_on(
-        &self,
-        dev: &CudaDevice,
-        sample: &Tensor,
-        timesteps: &[f32],
-        context: &Tensor,
-    ) -> Result<Tensor> {
-        let sample = upload_f32(dev, sample)?;
-        let context = upload_f32(dev, context)?;
-        let out = self.forward_gpu(dev, &sample, timesteps, &context)?;
-        Ok(out.download(dev)?)
-    }
-
     fn check_inputs(&self, shape: &[usize], timesteps: &[f32], cs: &[usize]) -> Result<()> {
         let factor = 1usize << (self.down.len() - 1);
         if shape.len() != 4 || shape[3] != self.config.in_channels {
@@ -654,32 +489,6 @@ impl UNet {
         }
         Ok(())
     }
-}
-
-/// Uploads one down or up block: its resnets, transformers and resampling conv.
-fn upload_block(
-    dev: &CudaDevice,
-    resnets: &mut [ResnetBlock],
-    attentions: &mut [Transformer2D],
-    resample: &mut Option<Conv2d>,
-) -> Result<()> {
-    for r in resnets {
-        r.upload(dev)?;
-    }
-    for a in attentions {
-        a.upload(dev)?;
-    }
-    if let Some(c) = resample {
-        c.upload(dev)?;
-    }
-    Ok(())
-}
-
-/// The newest down-path output (the next layer's input on the device paths).
-fn stack_top(skips: &[CudaTensor]) -> Result<&CudaTensor> {
-    skips
-        .last()
-        .ok_or_else(|| Error::Invalid("unet: skip stack underflow".into()))
 }
 
 fn set_level(exec: &mut Exec<'_>, level: usize) {

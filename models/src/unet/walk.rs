@@ -106,31 +106,36 @@ impl<'a> Boundaries<'a> {
 
 /// Each segment's active rows of a dense map `[segments, h, w, c]`, stacked.
 fn active_rows(map: &Tensor, tokens: &[&TokenSet]) -> Result<Tensor> {
+    let index = active_row_index(map.shape(), tokens)?;
     let c = map.dim(-1)?;
-    let samples = map.split_batch(&vec![1; map.dim(0)?])?;
-    if samples.len() != tokens.len() {
+    let rows = map.elem_count() / c.max(1);
+    Ok(map.clone().reshape(&[rows, c])?.gather_rows(&index)?)
+}
+
+/// For a dense map of shape `[segments, h, w, c]` (segment i's map in sample i), the rows
+/// of its `[segments * h * w, c]` view that hold each segment's active positions, segment
+/// by segment: what the walk keeps when it turns masked.
+pub(super) fn active_row_index(shape: &[usize], tokens: &[&TokenSet]) -> Result<Vec<u32>> {
+    let samples = shape.first().copied().unwrap_or(0);
+    if shape.len() != 4 || samples != tokens.len() {
         return Err(Error::Invalid(format!(
-            "unet: {} dense samples for {} segments",
-            samples.len(),
+            "unet: a {shape:?} map for {} segments (want [segments, h, w, c])",
             tokens.len()
         )));
     }
-    let rows = samples
-        .into_iter()
-        .zip(tokens)
-        .map(|(sample, t)| {
-            let positions = sample.elem_count() / c.max(1);
-            if positions != t.height() * t.width() {
-                return Err(Error::Invalid(format!(
-                    "unet: a {positions}-position map for a {}x{} token grid",
-                    t.height(),
-                    t.width()
-                )));
-            }
-            Ok(sample
-                .reshape(&[positions, c])?
-                .gather_rows(t.positions())?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::concat_batch(&rows.iter().collect::<Vec<_>>())?)
+    let positions = shape[1] * shape[2];
+    let mut index = Vec::with_capacity(tokens.iter().map(|t| t.len()).sum());
+    for (i, t) in tokens.iter().enumerate() {
+        if positions != t.height() * t.width() {
+            return Err(Error::Invalid(format!(
+                "unet: a {positions}-position map for a {}x{} token grid",
+                t.height(),
+                t.width()
+            )));
+        }
+        let offset = u32::try_from(i * positions)
+            .map_err(|_| Error::Invalid("unet: map too large for u32 row indices".into()))?;
+        index.extend(t.positions().iter().map(|&p| offset + p));
+    }
+    Ok(index)
 }

@@ -1,8 +1,9 @@
 //! `retouch selftest --group unet`: the UNet on the GPU against the host, for the tiny and
 //! SD1.5 presets built from random weights: the dense forward with each attention kernel
 //! (and with cuBLAS's GEMMs where the machine has cuBLAS), and the cached-mode forward at a
-//! 20% mask; then, for SD1.5, the dense and cached steps' times and a rank-64 LoRA patch of
-//! every attention projection.
+//! 20% mask, and the load-or-recompute forward (a dense prefix of units, then masked, with
+//! the cache whole or streaming in); then, for SD1.5, the dense and cached steps' times and a
+//! rank-64 LoRA patch of every attention projection.
 //!
 //! The kernels are checked one by one elsewhere; this checks that they compose into the same
 //! network (layer order, skips, broadcasts) at real sizes.
@@ -11,10 +12,13 @@ use std::time::Instant;
 
 use retouch_kernels::cuda::selftest::max_err;
 use retouch_kernels::cuda::{AttentionKernel, CudaDevice, CudaTensor, GemmBackend, GpuElement};
-use retouch_kernels::{DType, Device, Tensor};
-use retouch_models::nn::gpu::GpuStepCache;
+use retouch_kernels::{DType, Device, Tensor, TokenSet};
+use retouch_models::nn::exec::{StepCache, StepSource, StreamingStep};
+use retouch_models::nn::gpu::{GpuStepCache, GpuStepSource, GpuStreamingStep};
 use retouch_models::random_pipeline::{Preset, RandomPipeline};
-use retouch_models::unet::{CachedSegment, GpuCachedSegment, UNet, token_levels};
+use retouch_models::unet::{
+    CachedSegment, GpuCachedSegment, GpuRecomputeSegment, RecomputeSegment, UNet, token_levels,
+};
 
 use super::bench_unet::{active_rows, centred_mask};
 
@@ -154,6 +158,7 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
     let dense = dense_setups(dev);
     let cached = cached_setups(default, &dense);
     let mut failed = 0;
+    let mut recompute_checks = 0;
     for preset in PRESETS {
         let mut unet = RandomPipeline::new(preset).unet()?;
         let (sample, timesteps, context) = inputs(preset);
@@ -190,12 +195,18 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
         let inputs = (&sample, timesteps.as_slice(), &context);
         failed += check_cached_steps(dev, &unet, inputs, preset, &cached, &dense_ms)?;
         default.apply(dev)?;
+        let (checks, failures) = check_recomputing_steps(dev, &unet, inputs, preset, default)?;
+        recompute_checks += checks;
+        failed += failures;
         if !dense_ms.is_empty() {
             print_lora_patch_time(dev, &mut unet, LORA_RANK)?;
         }
     }
     default.apply(dev)?;
-    Ok((PRESETS.len() * (dense.len() + cached.len()), failed))
+    Ok((
+        PRESETS.len() * (dense.len() + cached.len()) + recompute_checks,
+        failed,
+    ))
 }
 
 /// The rank of the LoRA whose patch is timed (on every attention projection).
@@ -517,4 +528,175 @@ fn check_cached_steps(
         failed += usize::from(!passed);
     }
     Ok(failed)
+}
+
+/// The load-or-recompute forward on the GPU (with `setup`, the device's default) against the
+/// host's: both CFG branches at the
+/// 20% mask, the first `k` units recomputed densely for `k` = 0, half the units and all of
+/// them, with the step's cache uploaded whole; then half the units with the cache streaming
+/// in from another thread (entry by entry, 0.2 ms apart, as a disk read delivers them), the
+/// device uploading each entry when its layer asks. For SD1.5, the times of the streamed
+/// forward and of the masked forward reading a resident cache. Returns (checks, failures).
+fn check_recomputing_steps(
+    dev: &CudaDevice,
+    unet: &UNet,
+    (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
+    preset: Preset,
+    setup: Setup,
+) -> Result<(usize, usize), Box<dyn std::error::Error>> {
+    let s = sample.shape().to_vec();
+    let (batch, side) = (s[0], s[1]);
+    let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
+    let blocks = unet.config().block_out_channels.len();
+    let square = (MASK_RATIO * (side * side) as f64)
+        .sqrt()
+        .round()
+        .clamp(1.0, side as f64);
+    let mask = centred_mask(side, side, square * square / (side * side) as f64);
+    let levels = token_levels(&mask, side, side, blocks, 1)?;
+    let contexts = context.split_batch(&vec![1; batch])?;
+    let units = unet.units()?;
+    let device_cache = GpuStepCache::upload(dev, &cache)?;
+    let latents = CudaTensor::upload(dev, sample)?;
+    let host_segments = branches(&levels, StepSource::Whole(&cache), timesteps, &contexts);
+    let whole: Vec<GpuRecomputeSegment<'_>> = host_segments
+        .iter()
+        .map(|&host| GpuRecomputeSegment {
+            host,
+            device: GpuStepSource::Whole(&device_cache),
+        })
+        .collect();
+    let mut failed = 0;
+    let mut row = |label: String, gpu: &Tensor, cpu: &Tensor| {
+        let rel = rel_l2(gpu, cpu);
+        let passed = rel <= setup.tol();
+        failed += usize::from(!passed);
+        println!(
+            "{:<22} {:<16} {:>12.3e} {:>12.3e} {:>10.1e}  {}",
+            label,
+            format!("{}% {batch}x{}", MASK_RATIO * 100.0, levels[0].len()),
+            max_err(gpu, cpu),
+            rel,
+            setup.tol(),
+            if passed { "PASS" } else { "FAIL" }
+        );
+    };
+    let half = units / 2;
+    let mut at_half = None;
+    for k in [0, half, units] {
+        let cpu = unet.forward_ragged_recomputing(sample, &host_segments, k)?;
+        let gpu = unet
+            .forward_gpu_ragged_recomputing(dev, &latents, &whole, k)?
+            .download(dev)?;
+        row(
+            format!("unet {} recompute {k}/{units}", preset.name()),
+            &gpu,
+            &cpu,
+        );
+        if k == half {
+            at_half = Some(cpu);
+        }
+    }
+    let cpu = at_half.ok_or("no host forward at half the units")?;
+    let first = unet.entry_starts()?[half];
+    let streamed = |dev: &CudaDevice| -> Result<Tensor, Box<dyn std::error::Error>> {
+        let stream = StreamingStep::new(first, cache.end());
+        let gpu_stream = GpuStreamingStep::new(&stream);
+        let host_segments = branches(
+            &levels,
+            StepSource::Streaming(&stream),
+            timesteps,
+            &contexts,
+        );
+        let device: Vec<GpuRecomputeSegment<'_>> = host_segments
+            .iter()
+            .map(|&host| GpuRecomputeSegment {
+                host,
+                device: GpuStepSource::Streaming(&gpu_stream),
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            scope.spawn(|| deliver_slowly(&stream, &cache));
+            let out = unet.forward_gpu_ragged_recomputing(dev, &latents, &device, half)?;
+            Ok(out.download(dev)?)
+        })
+    };
+    row(
+        format!("unet {} streamed {half}/{units}", preset.name()),
+        &streamed(dev)?,
+        &cpu,
+    );
+    if preset == Preset::Sd15 {
+        let t = time_step(dev, || {
+            streamed(dev)?;
+            Ok(())
+        })?;
+        let rows = CudaTensor::upload(
+            dev,
+            &super::bench_unet::active_rows(sample, levels[0].positions())?,
+        )?;
+        let cached: Vec<GpuCachedSegment<'_>> = host_segments
+            .iter()
+            .map(|s| GpuCachedSegment {
+                host: CachedSegment {
+                    levels: s.levels,
+                    cache: &cache,
+                    branch: s.branch,
+                    timestep: s.timestep,
+                    context: s.context,
+                },
+                device: &device_cache,
+            })
+            .collect();
+        let resident = time_step(dev, || {
+            unet.forward_gpu_ragged(dev, &rows, &cached)?;
+            Ok(())
+        })?;
+        println!(
+            "unet {} cached step, {half} of {units} units recomputed while the rest of the cache \
+             streams in ({} entries, one per {STREAM_GAP_US} us): median {:.2} ms; with the \
+             cache resident on the device: median {:.2} ms",
+            preset.name(),
+            cache.end() - first,
+            t.median,
+            resident.median
+        );
+    }
+    Ok((4, failed))
+}
+
+/// One segment per CFG branch (`contexts[i]`, `timesteps[i]`), each reading `cache`.
+fn branches<'a>(
+    levels: &'a [TokenSet],
+    cache: StepSource<'a>,
+    timesteps: &[f32],
+    contexts: &'a [Tensor],
+) -> Vec<RecomputeSegment<'a>> {
+    contexts
+        .iter()
+        .zip(timesteps)
+        .enumerate()
+        .map(|(branch, (context, &timestep))| RecomputeSegment {
+            levels,
+            cache,
+            branch,
+            timestep,
+            context,
+        })
+        .collect()
+}
+
+/// Microseconds between entries in the streamed check.
+const STREAM_GAP_US: u64 = 200;
+
+/// Delivers `cache`'s entries from `stream.first()` on, one every [`STREAM_GAP_US`].
+fn deliver_slowly(stream: &StreamingStep, cache: &StepCache) {
+    for index in stream.first()..stream.end() {
+        std::thread::sleep(std::time::Duration::from_micros(STREAM_GAP_US));
+        let entry = cache
+            .entry(index)
+            .cloned()
+            .ok_or_else(|| format!("entry {index} is not in the recording"));
+        stream.deliver(index, entry);
+    }
 }

@@ -258,7 +258,7 @@ impl Engine {
                 recompute_plan: config.recompute_plan,
             };
             let load = Arc::new(WorkerLoad::default());
-            let worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?
+            let mut worker = Worker::new(settings, pipe, Arc::clone(&load), Arc::clone(&progress))?
                 .traced(&tracer);
             if let (Some(plan), Some(shape)) = (calibrate, &shape) {
                 let t = worker

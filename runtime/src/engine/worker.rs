@@ -19,6 +19,7 @@ use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use retouch_kernels::DType;
 use retouch_models::nn::exec::{StepCache, StreamingStep};
 use retouch_models::pipeline::{DenoiseJob, Pipeline, StepCacheSource, TemplateRef};
+use retouch_models::unet::UnitTimes;
 use tokio::sync::oneshot;
 
 use super::balancer::{CalibrationPlan, Charge, ModelShape, Timings, time_worker};
@@ -193,6 +194,19 @@ enum Source {
     Own,
 }
 
+/// The unit times of the pipeline's last whole forward, taken: on a GPU worker those the
+/// device measured (its template recordings run on the host, and their times are not its
+/// dense costs), else the host's.
+fn take_unit_times(pipe: &Pipeline) -> Option<UnitTimes> {
+    match pipe.gpu() {
+        Some(_) => {
+            let _ = pipe.unet.take_unit_times();
+            pipe.unet.take_device_unit_times().ok().flatten()
+        }
+        None => pipe.unet.take_unit_times(),
+    }
+}
+
 /// A miss plan as the worker follows it.
 struct MissPlan {
     /// Leading UNet units run densely.
@@ -285,13 +299,28 @@ impl Worker {
         }
     }
 
-    /// Times this worker for the cost model (on its own pool, as requests will run).
+    /// Times this worker for the cost model (on its own pool, as requests will run). With
+    /// the load-or-recompute plan on, the timed steps' unit times also seed the plan's unit
+    /// costs, so a worker has dense costs before its first miss (a GPU worker may never run
+    /// a dense forward on the device otherwise: its template recordings run on the host).
     pub fn calibrate(
-        &self,
+        &mut self,
         shape: &ModelShape,
         plan: &CalibrationPlan,
     ) -> Result<Timings, EngineError> {
-        self.compute(|pipe| time_worker(pipe, shape, plan))
+        let mut observed = Vec::new();
+        let learn = self.settings.recompute_plan;
+        let timings = self.compute(|pipe| {
+            time_worker(pipe, shape, plan, &mut |pipe| {
+                if learn {
+                    observed.extend(take_unit_times(pipe));
+                }
+            })
+        })?;
+        for times in &observed {
+            self.unit_costs.observe(times);
+        }
+        Ok(timings)
     }
 
     fn gauges(&self) {
@@ -506,13 +535,9 @@ impl Worker {
 
     /// The load-or-recompute plan for this step's misses (steps only on disk), from the
     /// unit costs this worker measured and the bytes still to read; None when nothing is
-    /// missing, on a GPU worker (its forward has no dense prefix), or before the worker has
-    /// timed a dense forward.
+    /// missing, or before the worker has timed a dense and a masked forward.
     fn plan_misses(&self, live: &[&mut Running], sources: &[Source]) -> Option<MissPlan> {
-        if !self.settings.recompute_plan
-            || !sources.iter().any(|s| matches!(s, Source::Disk(_)))
-            || self.pipe.gpu().is_some()
-        {
+        if !self.settings.recompute_plan || !sources.iter().any(|s| matches!(s, Source::Disk(_))) {
             return None;
         }
         let starts = self.pipe.unet.entry_starts().ok()?;
@@ -538,8 +563,13 @@ impl Worker {
             .iter()
             .map(|&b| b as f64 / self.load_bytes_per_s.max(1.0))
             .collect();
-        // This worker's threads compute on the host's cores, which its reads share.
-        let plan = recompute::plan(&dense, &masked, &load, recompute::Overlap::Shared);
+        // A CPU worker's threads compute on the host's cores, which its reads share; a GPU
+        // worker's kernels run while its host threads read and upload.
+        let overlap = match self.pipe.gpu() {
+            Some(_) => recompute::Overlap::Parallel,
+            None => recompute::Overlap::Shared,
+        };
+        let plan = recompute::plan(&dense, &masked, &load, overlap);
         let skipped = bytes[..plan.recompute].iter().sum();
         Some(MissPlan {
             first: starts[plan.recompute],
@@ -557,7 +587,7 @@ impl Worker {
         if !self.settings.recompute_plan {
             return;
         }
-        if let Some(times) = self.pipe.unet.take_unit_times() {
+        if let Some(times) = take_unit_times(&self.pipe) {
             self.unit_costs.observe(&times);
         }
         self.observe_reads(reads);

@@ -14,10 +14,10 @@ use retouch_kernels::{DType, Tensor};
 
 use super::{DenoiseJob, Kind, StepInput, UnetOutput};
 use crate::nn::exec::{StepCache, StepSource, StreamingStep};
-use crate::nn::gpu::{GpuStepCache, upload_f32};
+use crate::nn::gpu::{GpuStepCache, GpuStepSource, GpuStreamingStep, upload_f32};
 use crate::pipeline::Pipeline;
 use crate::pipeline::device_steps::{DEVICE_STEP_LOOKUPS, DEVICE_STEP_PREFETCHES};
-use crate::unet::{CachedSegment, GpuCachedSegment, RecomputeSegment};
+use crate::unet::{CachedSegment, GpuCachedSegment, GpuRecomputeSegment, RecomputeSegment};
 use crate::{Error, Result};
 
 /// Which jobs may share one UNet call.
@@ -249,12 +249,7 @@ fn run_cached(
     let streaming = caches
         .iter()
         .any(|c| matches!(c, Some(StepCacheSource::Streaming { .. })));
-    if streaming && pipe.gpu().is_some() {
-        return Err(Error::Invalid(
-            "a streaming step cache needs the host forward (the GPU one reads whole steps)".into(),
-        ));
-    }
-    let dense_prefix = (recompute > 0 || streaming) && pipe.gpu().is_none();
+    let dense_prefix = recompute > 0 || streaming;
     let mut segments = Vec::new();
     let mut rows = Vec::new();
     let mut latents = Vec::new();
@@ -304,8 +299,14 @@ fn run_cached(
     }
     let out = if dense_prefix {
         let latents = Tensor::concat_batch(&latents)?;
-        pipe.unet
-            .forward_ragged_recomputing(&latents, &segments, recompute)?
+        match pipe.gpu() {
+            Some(dev) => {
+                forward_recomputing_on(pipe, dev, &latents, &segments, &shared, recompute)?
+            }
+            None => pipe
+                .unet
+                .forward_ragged_recomputing(&latents, &segments, recompute)?,
+        }
     } else {
         let ready: Vec<CachedSegment<'_>> = segments
             .iter()
@@ -348,12 +349,97 @@ fn forward_ragged_on(
     segments: &[CachedSegment<'_>],
     shared: &[Option<&Arc<StepCache>>],
 ) -> Result<Tensor> {
-    // One copy per distinct step: the segments of one edit share theirs.
-    let mut copies: Vec<(*const StepCache, Arc<GpuStepCache>)> = Vec::new();
-    let mut slots = Vec::with_capacity(segments.len());
-    for (i, s) in segments.iter().enumerate() {
-        let key: *const StepCache = s.cache;
-        let slot = match copies.iter().position(|(k, _)| *k == key) {
+    let hosts: Vec<&StepCache> = segments.iter().map(|s| s.cache).collect();
+    let (copies, slots) = device_copies(pipe, dev, &hosts, shared)?;
+    let device_segments: Vec<GpuCachedSegment<'_>> = segments
+        .iter()
+        .zip(&slots)
+        .map(|(s, &slot)| GpuCachedSegment {
+            host: *s,
+            device: &copies[slot],
+        })
+        .collect();
+    let rows = upload_f32(dev, rows)?;
+    let out = pipe.unet.forward_gpu_ragged(dev, &rows, &device_segments)?;
+    prefetch_ahead(pipe, dev);
+    Ok(out.download(dev)?)
+}
+
+/// [`forward_ragged_on`] for a forward that recomputes its first `recompute` units densely
+/// over `latents` (segment i's map in sample i): whole steps as there, steps streaming in
+/// from disk uploaded entry by entry as their reads deliver them, while the dense units run.
+fn forward_recomputing_on(
+    pipe: &Pipeline,
+    dev: &CudaDevice,
+    latents: &Tensor,
+    segments: &[RecomputeSegment<'_>],
+    shared: &[Option<&Arc<StepCache>>],
+    recompute: usize,
+) -> Result<Tensor> {
+    // The whole steps' copies (a streaming segment gets a placeholder slot it never reads).
+    let whole: Vec<Option<&StepCache>> = segments.iter().map(|s| s.cache.whole()).collect();
+    let hosts: Vec<&StepCache> = whole.iter().flatten().copied().collect();
+    let whole_shared: Vec<Option<&Arc<StepCache>>> = whole
+        .iter()
+        .zip(shared)
+        .filter(|(w, _)| w.is_some())
+        .map(|(_, s)| *s)
+        .collect();
+    let (copies, slots) = device_copies(pipe, dev, &hosts, &whole_shared)?;
+    // One device stream per distinct host stream: the segments of one edit share theirs.
+    let mut streams: Vec<(*const StreamingStep, GpuStreamingStep<'_>)> = Vec::new();
+    for s in segments {
+        if let StepSource::Streaming(step) = s.cache {
+            let key: *const StreamingStep = step;
+            if !streams.iter().any(|(k, _)| *k == key) {
+                streams.push((key, GpuStreamingStep::new(step)));
+            }
+        }
+    }
+    let mut slots = slots.into_iter();
+    let device_segments: Vec<GpuRecomputeSegment<'_>> = segments
+        .iter()
+        .map(|s| {
+            let device = match s.cache {
+                StepSource::Whole(_) => {
+                    let slot = slots.next().expect("one slot per whole segment");
+                    GpuStepSource::Whole(&copies[slot])
+                }
+                StepSource::Streaming(step) => {
+                    let key: *const StreamingStep = step;
+                    let (_, stream) = streams
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .expect("a stream per streaming segment");
+                    GpuStepSource::Streaming(stream)
+                }
+            };
+            GpuRecomputeSegment { host: *s, device }
+        })
+        .collect();
+    let latents = upload_f32(dev, latents)?;
+    let out =
+        pipe.unet
+            .forward_gpu_ragged_recomputing(dev, &latents, &device_segments, recompute)?;
+    prefetch_ahead(pipe, dev);
+    Ok(out.download(dev)?)
+}
+
+/// The device copies of `hosts` (one per distinct step) and each one's slot among them:
+/// from the device tier when the step came as a shared copy (`shared[i]`), else uploaded
+/// for this call. Every copy is ready for the compute stream to read.
+fn device_copies(
+    pipe: &Pipeline,
+    dev: &CudaDevice,
+    hosts: &[&StepCache],
+    shared: &[Option<&Arc<StepCache>>],
+) -> Result<(Vec<Arc<GpuStepCache>>, Vec<usize>)> {
+    let mut keys: Vec<*const StepCache> = Vec::new();
+    let mut copies: Vec<Arc<GpuStepCache>> = Vec::new();
+    let mut slots = Vec::with_capacity(hosts.len());
+    for (i, &host) in hosts.iter().enumerate() {
+        let key: *const StepCache = host;
+        let slot = match keys.iter().position(|k| *k == key) {
             Some(slot) => slot,
             None => {
                 let upload = |host: &StepCache| GpuStepCache::upload(dev, host);
@@ -364,29 +450,22 @@ fn forward_ragged_on(
                             .increment(1);
                         copy
                     }
-                    _ => Arc::new(upload(s.cache)?),
+                    _ => Arc::new(upload(host)?),
                 };
-                copies.push((key, copy));
+                copy.make_ready(dev)?;
+                keys.push(key);
+                copies.push(copy);
                 copies.len() - 1
             }
         };
         slots.push(slot);
     }
-    let device_segments: Vec<GpuCachedSegment<'_>> = segments
-        .iter()
-        .zip(&slots)
-        .map(|(s, &slot)| GpuCachedSegment {
-            host: *s,
-            device: &copies[slot].1,
-        })
-        .collect();
-    for (_, copy) in &copies {
-        copy.make_ready(dev)?;
-    }
-    let rows = upload_f32(dev, rows)?;
-    let out = pipe.unet.forward_gpu_ragged(dev, &rows, &device_segments)?;
-    // The kernels are queued: upload the next steps beside them. A failed upload only
-    // leaves its step to be uploaded when needed.
+    Ok((copies, slots))
+}
+
+/// With the step's kernels queued: uploads the steps the worker asked for ahead on the copy
+/// stream, beside them. A failed upload only leaves its step to be uploaded when needed.
+fn prefetch_ahead(pipe: &Pipeline, dev: &CudaDevice) {
     if let Some(tier) = pipe.device_steps() {
         for host in pipe.take_device_prefetch() {
             let bound = host.size_in_bytes() as u64;
@@ -396,7 +475,6 @@ fn forward_ragged_on(
             }
         }
     }
-    Ok(out.download(dev)?)
 }
 
 /// Dense jobs of one latent shape: one batched forward, each branch a sample with its own

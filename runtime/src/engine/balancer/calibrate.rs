@@ -45,8 +45,15 @@ pub struct Timings {
     pub steps: usize,
 }
 
-/// Times `plan`'s steps on `pipe` (call it on the worker's own thread pool).
-pub fn time_worker(pipe: &Pipeline, shape: &ModelShape, plan: &CalibrationPlan) -> Result<Timings> {
+/// Times `plan`'s steps on `pipe` (call it on the worker's own thread pool), calling
+/// `after_step` after each step of its dense and cached edits (where the worker reads the
+/// step's per-unit times).
+pub fn time_worker(
+    pipe: &Pipeline,
+    shape: &ModelShape,
+    plan: &CalibrationPlan,
+    after_step: &mut dyn FnMut(&Pipeline),
+) -> Result<Timings> {
     let steps = plan.steps.max(2);
     let size = pipe.native_size();
     let spec = TemplateSpec {
@@ -93,6 +100,7 @@ pub fn time_worker(pipe: &Pipeline, shape: &ModelShape, plan: &CalibrationPlan) 
             let started = Instant::now();
             job.step(pipe)?;
             fastest = fastest.min(started.elapsed().as_secs_f64());
+            after_step(pipe);
             timings.steps += 1;
         }
         timings.shapes.push((work.step_flops, fastest));

@@ -310,3 +310,29 @@ fn a_failed_load_answers_with_its_reason_with_or_without_a_plan() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn calibration_seeds_the_plans_unit_costs_only_with_the_plan_on() {
+    let plan = CalibrationPlan {
+        steps: 2,
+        mask_ratios: vec![0.2],
+    };
+    for on in [true, false] {
+        let pipe = tiny();
+        let shape = ModelShape::of(&pipe).unwrap();
+        let mut w = worker(pipe, None);
+        w.settings.recompute_plan = on;
+        w.calibrate(&shape, &plan).unwrap();
+        let units = w.pipe.unet.units().unwrap();
+        // Two CFG samples dense; 40 active rows of a 16x16 latent masked.
+        match w.unit_costs.predict(2, 40, 256) {
+            Some((dense, masked)) => {
+                assert!(on, "costs were learned with the plan off");
+                assert_eq!((dense.len(), masked.len()), (units, units));
+                assert!(dense.iter().chain(&masked).all(|s| s.is_finite()));
+                assert!(dense.iter().sum::<f64>() > 0.0);
+            }
+            None => assert!(!on, "calibration left the plan without costs"),
+        }
+    }
+}
