@@ -418,9 +418,19 @@ fn forward_recomputing_on(
         })
         .collect();
     let latents = upload_f32(dev, latents)?;
-    let out =
-        pipe.unet
-            .forward_gpu_ragged_recomputing(dev, &latents, &device_segments, recompute)?;
+    let out = pipe
+        .unet
+        .forward_gpu_ragged_recomputing(dev, &latents, &device_segments, recompute);
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            // A read that failed part-way ends the walk with kernels still queued on the
+            // entries uploaded so far, which `streams` frees on the copy stream as it drops:
+            // let the kernels finish first.
+            let _ = dev.synchronize();
+            return Err(e);
+        }
+    };
     prefetch_ahead(pipe, dev);
     Ok(out.download(dev)?)
 }
