@@ -134,6 +134,10 @@ run_checks() {
     echo "== and with cuBLAS's TF32 GEMMs too (--gemm cublas-tf32)"
     timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --gemm cublas-tf32 \
         --mask-ratios 20 --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
+    echo
+    echo "== and with cuBLAS's f16 GEMMs instead (--gemm cublas-f16)"
+    timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --gemm cublas-f16 \
+        --mask-ratios 20 --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
 
     echo
     echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"

@@ -1,14 +1,18 @@
 //! cuBLAS for the dense layers: linear layers as one `sgemm`, convolutions as an im2col
 //! (`im2col_f32`; a 1x1 convolution needs none) and one `sgemm` against the packed weight,
 //! the bias added by a broadcast kernel. Tensors stay row-major f32; cuBLAS sees the
-//! transposed problem (its matrices are column-major): `C^T = op(B)^T A^T`.
+//! transposed problem (its matrices are column-major): `C^T = op(B)^T A^T`. With f16
+//! products (`GemmBackend::CublasF16`) the GEMM is a `cublasGemmEx` on f16 operands (the
+//! activation or patches rounded by `convert_f32_to_f16`, the weight's f16 copy) with f32
+//! accumulation and an f32 result, so every other op stays in f32.
 //!
 //! cuBLAS is loaded at run time like the driver; [`CudaDevice::set_gemm_backend`] fails
 //! with a clear error where the library is missing, and the device keeps its own kernels
 //! ([`GemmBackend::Kernels`], the default).
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys};
-use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
+use half::f16;
 
 use super::ops::{grid_stride, len_u32};
 use super::{CudaConv2dWeight, CudaDevice, CudaTensor, driver_err};
@@ -26,6 +30,19 @@ pub enum GemmBackend {
     /// cuBLAS `sgemm` with TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`: inputs rounded to
     /// a 10-bit significand, f32 accumulation), as PyTorch's `allow_tf32`.
     CublasTf32,
+    /// cuBLAS `GemmEx` on f16 tensor cores: activations and weights rounded to f16 (10-bit
+    /// significand, f16's range) for the products, f32 accumulation and output. Weights keep
+    /// an f16 copy beside the f32 one (a conv's in its [`CudaConv2dWeight`]; a linear layer's
+    /// with its caller, [`CudaDevice::linear_f16_weight`], else rounded per call).
+    CublasF16,
+}
+
+/// The arithmetic of a cuBLAS GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlasMath {
+    F32,
+    Tf32,
+    F16,
 }
 
 /// A row-major `C [m, n] = A [m, k] op(B)` as the column-major GEMM cuBLAS runs:
@@ -84,16 +101,18 @@ impl CudaDevice {
         match self.gemm_backend.load(std::sync::atomic::Ordering::Relaxed) {
             b if b == GemmBackend::Cublas as u8 => GemmBackend::Cublas,
             b if b == GemmBackend::CublasTf32 as u8 => GemmBackend::CublasTf32,
+            b if b == GemmBackend::CublasF16 as u8 => GemmBackend::CublasF16,
             _ => GemmBackend::Kernels,
         }
     }
 
-    /// With a cuBLAS backend chosen, whether it uses TF32; None for the device's kernels.
-    pub(crate) fn cublas_tf32(&self) -> Option<bool> {
+    /// With a cuBLAS backend chosen, its arithmetic; None for the device's kernels.
+    pub(crate) fn cublas_math(&self) -> Option<BlasMath> {
         match self.gemm_backend() {
             GemmBackend::Kernels => None,
-            GemmBackend::Cublas => Some(false),
-            GemmBackend::CublasTf32 => Some(true),
+            GemmBackend::Cublas => Some(BlasMath::F32),
+            GemmBackend::CublasTf32 => Some(BlasMath::Tf32),
+            GemmBackend::CublasF16 => Some(BlasMath::F16),
         }
     }
 
@@ -176,6 +195,76 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// [`CudaDevice::cublas_gemm`] on f16 operands (`cublasGemmEx`, f32 accumulation and
+    /// output, tensor cores): `c = a * op(b) (+ bias on every row)`, row-major as there.
+    pub(crate) fn cublas_gemm_f16(
+        &self,
+        a: &CudaSlice<f16>,
+        b: &CudaSlice<f16>,
+        b_transposed: bool,
+        bias: Option<&CudaTensor>,
+        (m, n, k): (usize, usize, usize),
+        c: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const OP: &str = "cublas_gemm_ex_f16";
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Cuda {
+                op: OP,
+                message: format!("dimension {v} beyond cuBLAS's int"),
+            })
+        };
+        let blas = self.cublas()?;
+        let p = ColumnMajor::of(b_transposed, (m, n, k));
+        let transa = if p.transpose_first {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let stream = self.stream();
+        // The pointers' guards end with this block, before the bias add borrows `c` again.
+        let r = {
+            let (first, _first_sync) = b.device_ptr(stream);
+            let (second, _second_sync) = a.device_ptr(stream);
+            let (out, _out_sync) = c.device_ptr_mut(stream);
+            // SAFETY: the handle is live and bound to the compute stream; `b` holds n * k, `a`
+            // m * k halves and `c` m * n floats (checked by the caller), which the leading
+            // dimensions describe; alpha and beta are f32, as CUBLAS_COMPUTE_32F reads them.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    transa,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    int(p.m)?,
+                    int(p.n)?,
+                    int(p.k)?,
+                    (&alpha as *const f32).cast(),
+                    first as *const std::ffi::c_void,
+                    sys::cudaDataType::CUDA_R_16F,
+                    int(p.ld_first)?,
+                    second as *const std::ffi::c_void,
+                    sys::cudaDataType::CUDA_R_16F,
+                    int(p.ld_second)?,
+                    (&beta as *const f32).cast(),
+                    out as *mut std::ffi::c_void,
+                    sys::cudaDataType::CUDA_R_32F,
+                    int(p.ld_out)?,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        };
+        r.map_err(cublas_err(OP))?;
+        self.launched(OP, Ok::<(), cudarc::driver::DriverError>(()))?;
+        if let Some(bias) = bias {
+            self.add_rows_in_place(c, bias, m * n)?;
+        }
+        Ok(())
+    }
+
     /// `c[i] += bias[i % bias.len()]` over the first `len` values of `c`, in place.
     fn add_rows_in_place(
         &self,
@@ -200,7 +289,7 @@ impl CudaDevice {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn conv2d_cublas(
         &self,
-        tf32: bool,
+        math: BlasMath,
         x: &CudaTensor,
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
@@ -245,8 +334,20 @@ impl CudaDevice {
         };
         let a = cols.as_ref().unwrap_or(&x.data);
         let bias = weight.bias.as_ref();
+        if math == BlasMath::F16 {
+            let a = self.slice_to_f16(a, m * k)?;
+            let packed = weight.packed_f16(self)?;
+            return self.cublas_gemm_f16(
+                &a,
+                &packed.data,
+                false,
+                bias,
+                (m, weight.cout, k),
+                &mut out.data,
+            );
+        }
         self.cublas_gemm(
-            tf32,
+            math == BlasMath::Tf32,
             a,
             &weight.packed.data,
             false,
@@ -255,6 +356,22 @@ impl CudaDevice {
             (1.0, 0.0),
             &mut out.data,
         )
+    }
+
+    /// The first `len` values of `x` rounded to f16 (`convert_f32_to_f16`).
+    pub(crate) fn slice_to_f16(&self, x: &CudaSlice<f32>, len: usize) -> Result<CudaSlice<f16>> {
+        const K: &str = "convert_f32_to_f16";
+        let n = len_u32(K, len)?;
+        // SAFETY: every element is written by the launch below.
+        let mut out = unsafe { self.stream().alloc::<f16>(len.max(1)) }.map_err(driver_err(K))?;
+        if n > 0 {
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(x).arg(&mut out).arg(&n);
+            // SAFETY: `convert_f32_to_f16(x, out, n)`: `x` holds at least `len` values (the
+            // caller's), `out` `len`.
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
     }
 }
 

@@ -5,8 +5,12 @@
 //! All share one launch shape: a 128 x 64 output tile per block of 256 threads, with
 //! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32` for the tensor-core ones).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::OnceLock;
 
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::blas::BlasMath;
 use super::ops::{grid_stride, len_u32};
 use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err, offset_table};
 use crate::error::{invalid, shape_err};
@@ -178,6 +182,9 @@ fn kernel_name(cores: Cores) -> &'static str {
 #[derive(Debug)]
 pub struct CudaConv2dWeight {
     pub(crate) packed: CudaTensor,
+    /// `packed` rounded to f16, made on the first f16 GEMM ([`GemmBackend::CublasF16`]);
+    /// nothing changes `packed` after the upload, so it never goes stale.
+    packed_f16: OnceLock<CudaTensor<f16>>,
     pub(crate) bias: Option<CudaTensor>,
     pub(crate) kh: usize,
     pub(crate) kw: usize,
@@ -199,6 +206,7 @@ impl CudaConv2dWeight {
         };
         Ok(CudaConv2dWeight {
             packed: CudaTensor::upload(dev, &packed)?,
+            packed_f16: OnceLock::new(),
             bias,
             kh,
             kw,
@@ -209,6 +217,15 @@ impl CudaConv2dWeight {
 
     pub fn in_channels(&self) -> usize {
         self.cin
+    }
+
+    /// The packed weight as f16, rounded on first use.
+    pub(crate) fn packed_f16(&self, dev: &CudaDevice) -> Result<&CudaTensor<f16>> {
+        if let Some(half) = self.packed_f16.get() {
+            return Ok(half);
+        }
+        let half = dev.f32_to_f16(&self.packed)?;
+        Ok(self.packed_f16.get_or_init(|| half))
     }
 
     pub fn out_channels(&self) -> usize {
@@ -427,18 +444,28 @@ impl CudaDevice {
                 .max(weight.elem_count())
                 .max(out.elem_count()),
         )?;
-        if let Some(tf32) = self.cublas_tf32() {
-            self.cublas_gemm(
-                tf32,
-                &x.data,
-                &weight.data,
-                true,
-                bias,
-                (rows, out_f, in_f),
-                (1.0, 0.0),
-                &mut out.data,
-            )?;
-            return Ok(out);
+        match self.cublas_math() {
+            Some(BlasMath::F16) => {
+                let weight = self.f32_to_f16(weight)?;
+                let x = self.slice_to_f16(&x.data, x.elem_count())?;
+                let dims = (rows, out_f, in_f);
+                self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
+                return Ok(out);
+            }
+            Some(math) => {
+                self.cublas_gemm(
+                    math == BlasMath::Tf32,
+                    &x.data,
+                    &weight.data,
+                    true,
+                    bias,
+                    (rows, out_f, in_f),
+                    (1.0, 0.0),
+                    &mut out.data,
+                )?;
+                return Ok(out);
+            }
+            None => {}
         }
         self.sgemm_raw(
             Cores::Cuda,
@@ -451,6 +478,52 @@ impl CudaDevice {
             0.0,
             &mut out.data,
         )?;
+        Ok(out)
+    }
+
+    /// [`CudaDevice::linear`] on f16 tensor cores through cuBLAS, whatever the backend, with
+    /// the weight `[out, in]` already in f16 (a layer's kept copy: only `x` is rounded per
+    /// call). Needs cuBLAS ([`CudaDevice::set_gemm_backend`] reports whether it loads).
+    pub fn linear_f16_weight(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor<f16>,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        const K: &str = "linear_f16_weight";
+        let &[out_f, in_f] = weight.shape() else {
+            return shape_err(
+                K,
+                format!("weight must be [out, in], got {:?}", weight.shape()),
+            );
+        };
+        if x.shape().last() != Some(&in_f) {
+            return shape_err(
+                K,
+                format!("input {:?} does not end in {in_f} features", x.shape()),
+            );
+        }
+        if let Some(bias) = bias
+            && bias.shape() != [out_f]
+        {
+            return shape_err(
+                K,
+                format!("bias {:?} does not match {out_f} outputs", bias.shape()),
+            );
+        }
+        let rows = x.elem_count() / in_f.max(1);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("checked non-empty") = out_f;
+        let mut out = CudaTensor::zeros(self, &shape)?;
+        len_u32(
+            K,
+            x.elem_count()
+                .max(weight.elem_count())
+                .max(out.elem_count()),
+        )?;
+        let x = self.slice_to_f16(&x.data, x.elem_count())?;
+        let dims = (rows, out_f, in_f);
+        self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
         Ok(out)
     }
 
@@ -533,9 +606,9 @@ impl CudaDevice {
         if m == 0 {
             return Ok(out);
         }
-        if let (Cores::Cuda, Some(tf32)) = (cores, self.cublas_tf32()) {
+        if let (Cores::Cuda, Some(math)) = (cores, self.cublas_math()) {
             let dims = (batch, h, w, cin);
-            self.conv2d_cublas(tf32, x, weight, params, dims, (oh, ow), &mut out)?;
+            self.conv2d_cublas(math, x, weight, params, dims, (oh, ow), &mut out)?;
             return Ok(out);
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;

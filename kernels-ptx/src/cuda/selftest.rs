@@ -685,7 +685,7 @@ impl Runner<'_> {
 }
 
 impl Runner<'_> {
-    /// Linear layers and convolutions through cuBLAS (f32, then TF32) against the CPU, where
+    /// Linear layers and convolutions through cuBLAS (f32, TF32, f16) against the CPU, where
     /// the machine has cuBLAS (skipped with a note where not: it is optional).
     fn cublas(&mut self) -> Result<()> {
         let chosen = self.dev.gemm_backend();
@@ -706,13 +706,20 @@ impl Runner<'_> {
                 "linear cublas_tf32",
                 "conv2d cublas_tf32",
             ),
+            (
+                GemmBackend::CublasF16,
+                "linear cublas_f16",
+                "conv2d cublas_f16",
+            ),
         ] {
             self.dev.set_gemm_backend(backend)?;
+            // f16 products round each input to a 10-bit significand as TF32 does (f16's
+            // range is ample for these unit-scale inputs).
             let tol = |k: usize| {
-                if backend == GemmBackend::CublasTf32 {
-                    tf32_tol(k)
-                } else {
+                if backend == GemmBackend::Cublas {
                     GEMM_TOL
+                } else {
+                    tf32_tol(k)
                 }
             };
             for m in ROWS {
@@ -726,6 +733,15 @@ impl Runner<'_> {
                         .linear(&self.up(&a)?, &self.up(&w)?, gbias.as_ref())?;
                     let want = a.linear(&w, bias.as_ref())?;
                     self.record(linear_op, format!("{m}x{k}x{n}"), &got, &want, tol(k))?;
+                    if backend == GemmBackend::CublasF16 {
+                        // A layer's kept f16 weight (what the UNet's linear layers pass).
+                        let half = self.dev.f32_to_f16(&self.up(&w)?)?;
+                        let got =
+                            self.dev
+                                .linear_f16_weight(&self.up(&a)?, &half, gbias.as_ref())?;
+                        let size = format!("{m}x{k}x{n}");
+                        self.record("linear_f16_weight", size, &got, &want, tol(k))?;
+                    }
                 }
             }
             let kernels = [(3, 3, 1, 1), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0)];
@@ -1229,7 +1245,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     Ok(out)
 }
 
-/// The linear and 3x3 conv shapes above through cuBLAS, f32 and TF32, where the machine has
+/// The linear and 3x3 conv shapes above through cuBLAS, f32, TF32 and f16, where the machine has
 /// it (none where not).
 fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
     let chosen = dev.gemm_backend();
@@ -1253,11 +1269,24 @@ fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             "linear cublas_tf32",
             "conv2d cublas_tf32",
         ),
+        (
+            GemmBackend::CublasF16,
+            "linear cublas_f16",
+            "conv2d cublas_f16",
+        ),
     ] {
         dev.set_gemm_backend(backend)?;
         for (m, k, n) in [(4096, 320, 320), (1024, 1280, 1280), (4096, 4096, 4096)] {
             let (a, w, bias) = (randn(&[m, k], 1)?, randn(&[n, k], 2)?, randn(&[n], 3)?);
-            let ms = time_ms(dev, || dev.linear(&a, &w, Some(&bias)).map(|_| ()))?;
+            // With f16 GEMMs a layer passes its kept f16 weight: time that, not the rounding
+            // of the weight per call.
+            let half = dev.f32_to_f16(&w)?;
+            let ms = match backend {
+                GemmBackend::CublasF16 => time_ms(dev, || {
+                    dev.linear_f16_weight(&a, &half, Some(&bias)).map(|_| ())
+                })?,
+                _ => time_ms(dev, || dev.linear(&a, &w, Some(&bias)).map(|_| ()))?,
+            };
             out.push(Timing {
                 op: linear_op,
                 size: format!("{m}x{k}x{n}"),

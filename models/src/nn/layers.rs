@@ -1,4 +1,9 @@
-use retouch_kernels::cuda::{CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor};
+use std::sync::OnceLock;
+
+use half::f16;
+use retouch_kernels::cuda::{
+    CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GemmBackend,
+};
 use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
@@ -12,6 +17,9 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The weight and bias in device memory, once uploaded.
     gpu: Option<(CudaTensor, Option<CudaTensor>)>,
+    /// The device weight rounded to f16, made on the first forward with f16 GEMMs
+    /// ([`GemmBackend::CublasF16`]) and dropped whenever the device weight may change.
+    gpu_f16: OnceLock<CudaTensor<f16>>,
 }
 
 impl Linear {
@@ -24,6 +32,7 @@ impl Linear {
                 None
             },
             gpu: None,
+            gpu_f16: OnceLock::new(),
         })
     }
 
@@ -33,6 +42,7 @@ impl Linear {
             weight: s.get("weight", &[out, inp, 1, 1])?.reshape(&[out, inp])?,
             bias: Some(s.get("bias", &[out])?),
             gpu: None,
+            gpu_f16: OnceLock::new(),
         })
     }
 
@@ -44,12 +54,24 @@ impl Linear {
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
         let bias = self.bias.as_ref().map(|b| upload_f32(dev, b)).transpose()?;
         self.gpu = Some((upload_f32(dev, &self.weight)?, bias));
+        self.gpu_f16.take();
         Ok(())
     }
 
-    /// The dense forward on the device the weights were uploaded to.
+    /// The dense forward on the device the weights were uploaded to (with f16 GEMMs, on the
+    /// weight's f16 copy, rounded once).
     pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
         let (w, b) = on_device(self.gpu.as_ref(), "linear")?;
+        if dev.gemm_backend() == GemmBackend::CublasF16 {
+            let half = match self.gpu_f16.get() {
+                Some(half) => half,
+                None => {
+                    let half = dev.f32_to_f16(w)?;
+                    self.gpu_f16.get_or_init(|| half)
+                }
+            };
+            return Ok(dev.linear_f16_weight(x, half, b.as_ref())?);
+        }
         Ok(dev.linear(x, w, b.as_ref())?)
     }
 
@@ -61,8 +83,10 @@ impl Linear {
         &mut self.weight
     }
 
-    /// The device copy of the weight, once uploaded (what a device-side LoRA patch changes).
+    /// The device copy of the weight, once uploaded (what a device-side LoRA patch changes);
+    /// its f16 copy is dropped, to be rounded again from the changed weight.
     pub fn gpu_weight_mut(&mut self) -> Option<&mut CudaTensor> {
+        self.gpu_f16.take();
         self.gpu.as_mut().map(|(w, _)| w)
     }
 }

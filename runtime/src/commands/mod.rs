@@ -27,6 +27,10 @@ pub enum GemmArg {
     /// cuBLAS on TF32 tensor cores (PyTorch's `allow_tf32`): 10-bit significands in the
     /// products, f32 accumulation.
     CublasTf32,
+    /// cuBLAS GemmEx on f16 tensor cores: activations and weights rounded to f16 for the
+    /// products (weights once, kept beside the f32 ones), f32 accumulation and output; every
+    /// other op in f32. Not yet checked on a GPU by this project.
+    CublasF16,
 }
 
 impl From<GemmArg> for GemmBackend {
@@ -35,6 +39,7 @@ impl From<GemmArg> for GemmBackend {
             GemmArg::Kernels => GemmBackend::Kernels,
             GemmArg::Cublas => GemmBackend::Cublas,
             GemmArg::CublasTf32 => GemmBackend::CublasTf32,
+            GemmArg::CublasF16 => GemmBackend::CublasF16,
         }
     }
 }

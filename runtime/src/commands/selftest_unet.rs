@@ -39,13 +39,13 @@ impl Setup {
 
     /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: in f32 only summation
     /// order differs, through a few dozen layers; where products round to f16 (the
-    /// tensor-core attention) or TF32 (cuBLAS's tensor cores), 11-bit significands, 1e-2;
-    /// bf16 attention (8-bit significands), 5e-2.
+    /// tensor-core attention, cuBLAS's f16 GEMMs) or TF32 (cuBLAS's tensor cores), 11-bit
+    /// significands, 1e-2; bf16 attention (8-bit significands), 5e-2.
     fn tol(self) -> f32 {
         if self.attention == AttentionKernel::FlashMmaBf16 {
             5e-2
         } else if self.attention == AttentionKernel::FlashMma
-            || self.gemm == GemmBackend::CublasTf32
+            || matches!(self.gemm, GemmBackend::CublasTf32 | GemmBackend::CublasF16)
         {
             1e-2
         } else {
@@ -71,7 +71,11 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
             attention,
         })
         .collect();
-    for gemm in [GemmBackend::Cublas, GemmBackend::CublasTf32] {
+    for gemm in [
+        GemmBackend::Cublas,
+        GemmBackend::CublasTf32,
+        GemmBackend::CublasF16,
+    ] {
         match dev.set_gemm_backend(gemm) {
             Ok(()) => {
                 for attention in [AttentionKernel::Flash, AttentionKernel::FlashMma] {
@@ -86,7 +90,7 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
 }
 
 /// The cached step's setups: the device's default, the tensor-core attention, and that with
-/// cuBLAS's TF32 GEMMs where the machine has cuBLAS.
+/// cuBLAS's TF32 or f16 GEMMs where the machine has cuBLAS.
 fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
     let mut setups = vec![default];
     for s in [
@@ -96,6 +100,10 @@ fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
         },
         Setup {
             gemm: GemmBackend::CublasTf32,
+            attention: AttentionKernel::FlashMma,
+        },
+        Setup {
+            gemm: GemmBackend::CublasF16,
             attention: AttentionKernel::FlashMma,
         },
     ] {
