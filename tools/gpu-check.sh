@@ -9,7 +9,8 @@
 #      once with its caches in memory and once with every step on disk and the
 #      load-or-recompute plan on;
 #   4. tools/gpu-reference.py: PyTorch at the same shapes, and diffusers' dense UNet step of
-#      the sd15 preset (diffusers from carried wheels in .whl/, when there).
+#      the sd15 preset (diffusers from carried wheels in .whl/, when there); it runs right
+#      after the selftest timings, before the benches and the server replays.
 # Everything goes to stdout and to $OUT/gpu-check.txt, under an nvidia-smi header.
 #
 # Usage: tools/gpu-check.sh [RETOUCH_BINARY]
@@ -79,6 +80,28 @@ serve_and_replay() {
     wait "$serve_pid" 2>/dev/null
 }
 
+# PyTorch at the selftest's shapes and diffusers' dense SD1.5 step (tools/gpu-reference.py),
+# diffusers installed from the wheels carried in .whl/ when there.
+pytorch_reference() {
+    echo
+    echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"
+    if command -v python3 >/dev/null 2>&1; then
+        local site
+        site="$(mktemp -d)"
+        if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --target "$site" "$root"/.whl/*.whl || echo "wheel install failed"
+        fi
+        local cfg="$site/unet-config.json"
+        "$bin" bench --unet sd15 --print-unet-config >"$cfg" || echo "no unet config"
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 timeout 200 \
+            python3 "$root/tools/gpu-reference.py" --unet-config "$cfg" \
+            || echo "gpu-reference exit status $?"
+    else
+        echo "no python3"
+    fi
+}
+
 run_checks() {
     local failed=0
     echo "== gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ), binary $bin"
@@ -122,6 +145,10 @@ run_checks() {
     echo "== retouch selftest --device cuda:0 --timings (rows of failed groups mean nothing)"
     timeout 90 "$bin" selftest --device cuda:0 --timings || echo "timings exit status $?"
 
+    # Before the longer benches: the numbers issue 5 compares come first, so a run cut short
+    # by the machine's limit still has them.
+    pytorch_reference
+
     echo
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
@@ -151,23 +178,6 @@ run_checks() {
         --recompute-plan
     rm -rf "$disk"
 
-    echo
-    echo "== PyTorch reference at the same shapes (tools/gpu-reference.py)"
-    if command -v python3 >/dev/null 2>&1; then
-        local site
-        site="$(mktemp -d)"
-        if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
-            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                --target "$site" "$root"/.whl/*.whl || echo "wheel install failed"
-        fi
-        local cfg="$site/unet-config.json"
-        "$bin" bench --unet sd15 --print-unet-config >"$cfg" || echo "no unet config"
-        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 timeout 200 \
-            python3 "$root/tools/gpu-reference.py" --unet-config "$cfg" \
-            || echo "gpu-reference exit status $?"
-    else
-        echo "no python3"
-    fi
 }
 
 run_checks 2>&1 | tee "$log"
