@@ -85,6 +85,14 @@ fn cublas_err(op: &'static str) -> impl Fn(cudarc::cublas::result::CublasError) 
     }
 }
 
+/// A GEMM dimension as cuBLAS's `int`, or the error that says it does not fit.
+fn blas_int(op: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Cuda {
+        op,
+        message: format!("dimension {v} beyond cuBLAS's int"),
+    })
+}
+
 impl CudaDevice {
     /// Chooses the GEMMs of linear layers and convolutions. The cuBLAS backends load cuBLAS
     /// now (an error, with the device unchanged, where it is missing).
@@ -147,12 +155,7 @@ impl CudaDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| Error::Cuda {
-                op: OP,
-                message: format!("dimension {v} beyond cuBLAS's int"),
-            })
-        };
+        let int = |v: usize| blas_int(OP, v);
         let blas = self.cublas()?;
         let mode = if tf32 {
             sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
@@ -210,12 +213,7 @@ impl CudaDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| Error::Cuda {
-                op: OP,
-                message: format!("dimension {v} beyond cuBLAS's int"),
-            })
-        };
+        let int = |v: usize| blas_int(OP, v);
         let blas = self.cublas()?;
         let p = ColumnMajor::of(b_transposed, (m, n, k));
         let transa = if p.transpose_first {

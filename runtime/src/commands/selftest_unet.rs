@@ -201,9 +201,11 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
         };
         // The host's recording and masked forward once, then each setup on the device.
         let inputs = (&sample, timesteps.as_slice(), &context);
-        failed += check_cached_steps(dev, &unet, inputs, preset, &cached, &dense_ms)?;
+        let case = MaskCase::record(&unet, inputs)?;
+        failed += check_cached_steps(dev, &unet, inputs, &case, preset, &cached, &dense_ms)?;
         default.apply(dev)?;
-        let (checks, failures) = check_recomputing_steps(dev, &unet, inputs, preset, default)?;
+        let (checks, failures) =
+            check_recomputing_steps(dev, &unet, inputs, &case, preset, default)?;
         recompute_checks += checks;
         failed += failures;
         if !dense_ms.is_empty() {
@@ -413,30 +415,48 @@ fn print_step_time(
 /// The latent mask of the cached-step check: a centred square over this share of the grid.
 const MASK_RATIO: f64 = 0.2;
 
-/// Cached mode on the GPU against the host: the step recorded as a template (f16 cache),
-/// then a masked step of both CFG branches on a centred 20% mask (halo 1) on each side, the
-/// device's with each setup. Prints a check row per setup, and where `dense_ms` has the
+/// What the cached-mode checks share: the step recorded as a template (f16 cache) and the
+/// token sets of the centred 20% mask (halo 1).
+struct MaskCase {
+    cache: StepCache,
+    levels: Vec<TokenSet>,
+}
+
+impl MaskCase {
+    fn record(
+        unet: &UNet,
+        (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
+    ) -> Result<MaskCase, Box<dyn std::error::Error>> {
+        let side = sample.shape()[1];
+        let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
+        let blocks = unet.config().block_out_channels.len();
+        // The whole square nearest to the ratio (29x29 of 64x64), as in the runs docs/gpu.md
+        // records: centred_mask covers exactly the positions asked for.
+        let square = (MASK_RATIO * (side * side) as f64)
+            .sqrt()
+            .round()
+            .clamp(1.0, side as f64);
+        let mask = centred_mask(side, side, square * square / (side * side) as f64);
+        let levels = token_levels(&mask, side, side, blocks, 1)?;
+        Ok(MaskCase { cache, levels })
+    }
+}
+
+/// Cached mode on the GPU against the host: on `case` (the step recorded as a template, a
+/// centred 20% mask), a masked step of both CFG branches on each side, the device's with
+/// each setup. Prints a check row per setup, and where `dense_ms` has the
 /// setup's dense step, the cached step's time against it. Returns the failures.
 fn check_cached_steps(
     dev: &CudaDevice,
     unet: &UNet,
     (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
+    MaskCase { cache, levels }: &MaskCase,
     preset: Preset,
     setups: &[Setup],
     dense_ms: &[(Setup, f64)],
 ) -> Result<usize, Box<dyn std::error::Error>> {
     let s = sample.shape().to_vec();
     let (batch, side, channels) = (s[0], s[1], s[3]);
-    let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
-    let blocks = unet.config().block_out_channels.len();
-    // The whole square nearest to the ratio (29x29 of 64x64), as in the runs docs/gpu.md
-    // records: centred_mask covers exactly the positions asked for.
-    let square = (MASK_RATIO * (side * side) as f64)
-        .sqrt()
-        .round()
-        .clamp(1.0, side as f64);
-    let mask = centred_mask(side, side, square * square / (side * side) as f64);
-    let levels = token_levels(&mask, side, side, blocks, 1)?;
     let positions = levels[0].positions();
     let n = positions.len();
     let rows = active_rows(sample, positions)?;
@@ -444,16 +464,16 @@ fn check_cached_steps(
         &rows.clone().reshape(&[batch, n, channels])?,
         timesteps,
         context,
-        &cache,
-        &levels,
+        cache,
+        levels,
     )?;
-    let device_cache = GpuStepCache::upload(dev, &cache)?;
+    let device_cache = GpuStepCache::upload(dev, cache)?;
     let contexts = context.split_batch(&vec![1; batch])?;
     let segments: Vec<GpuCachedSegment<'_>> = (0..batch)
         .map(|branch| GpuCachedSegment {
             host: CachedSegment {
-                levels: &levels,
-                cache: &cache,
+                levels,
+                cache,
                 branch,
                 timestep: timesteps[branch],
                 context: &contexts[branch],
@@ -549,24 +569,16 @@ fn check_recomputing_steps(
     dev: &CudaDevice,
     unet: &UNet,
     (sample, timesteps, context): (&Tensor, &[f32], &Tensor),
+    MaskCase { cache, levels }: &MaskCase,
     preset: Preset,
     setup: Setup,
 ) -> Result<(usize, usize), Box<dyn std::error::Error>> {
-    let s = sample.shape().to_vec();
-    let (batch, side) = (s[0], s[1]);
-    let (_, cache) = unet.forward_recording(sample, timesteps, context, DType::F16)?;
-    let blocks = unet.config().block_out_channels.len();
-    let square = (MASK_RATIO * (side * side) as f64)
-        .sqrt()
-        .round()
-        .clamp(1.0, side as f64);
-    let mask = centred_mask(side, side, square * square / (side * side) as f64);
-    let levels = token_levels(&mask, side, side, blocks, 1)?;
+    let batch = sample.shape()[0];
     let contexts = context.split_batch(&vec![1; batch])?;
     let units = unet.units()?;
-    let device_cache = GpuStepCache::upload(dev, &cache)?;
+    let device_cache = GpuStepCache::upload(dev, cache)?;
     let latents = CudaTensor::upload(dev, sample)?;
-    let host_segments = branches(&levels, StepSource::Whole(&cache), timesteps, &contexts);
+    let host_segments = branches(levels, StepSource::Whole(cache), timesteps, &contexts);
     let whole: Vec<GpuRecomputeSegment<'_>> = host_segments
         .iter()
         .map(|&host| GpuRecomputeSegment {
@@ -610,12 +622,7 @@ fn check_recomputing_steps(
     let streamed = |dev: &CudaDevice| -> Result<Tensor, Box<dyn std::error::Error>> {
         let stream = StreamingStep::new(first, cache.end());
         let gpu_stream = GpuStreamingStep::new(&stream);
-        let host_segments = branches(
-            &levels,
-            StepSource::Streaming(&stream),
-            timesteps,
-            &contexts,
-        );
+        let host_segments = branches(levels, StepSource::Streaming(&stream), timesteps, &contexts);
         let device: Vec<GpuRecomputeSegment<'_>> = host_segments
             .iter()
             .map(|&host| GpuRecomputeSegment {
@@ -624,7 +631,7 @@ fn check_recomputing_steps(
             })
             .collect();
         std::thread::scope(|scope| {
-            scope.spawn(|| deliver_slowly(&stream, &cache));
+            scope.spawn(|| deliver_slowly(&stream, cache));
             let out = unet.forward_gpu_ragged_recomputing(dev, &latents, &device, half)?;
             Ok(out.download(dev)?)
         })
@@ -648,7 +655,7 @@ fn check_recomputing_steps(
             .map(|s| GpuCachedSegment {
                 host: CachedSegment {
                     levels: s.levels,
-                    cache: &cache,
+                    cache,
                     branch: s.branch,
                     timestep: s.timestep,
                     context: s.context,
