@@ -72,11 +72,52 @@ pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
     });
 }
 
+/// The geometry of a channels-last convolution's patch matrix: row
+/// `r = (b * out_h + oy) * out_w + ox`, column `k = (ky * kw + kx) * cin + ci`.
+struct Patches {
+    h: u32,
+    w: u32,
+    cin: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    out_h: u32,
+    out_w: u32,
+    k_len: u32,
+}
+
+impl Patches {
+    /// Element `i` of the row-major patch matrix: `x[b, oy * stride - pad + ky,
+    /// ox * stride - pad + kx, ci]` for `x = [batch, h, w, cin]`, 0 outside the map.
+    #[inline(always)]
+    unsafe fn value(&self, x: *const f32, i: u32) -> f32 {
+        let r = i / self.k_len;
+        let k = i - r * self.k_len;
+        let ci = k % self.cin;
+        let tap = k / self.cin;
+        let (ky, kx) = (tap / self.kw, tap % self.kw);
+        let b = r / (self.out_h * self.out_w);
+        let p = r - b * self.out_h * self.out_w;
+        let (oy, ox) = (p / self.out_w, p % self.out_w);
+        // Unsigned, built without overflow checks (tools/ptx-build): a position left of or
+        // above the map wraps past `h` / `w`.
+        let y = oy * self.stride + ky - self.pad;
+        let xx = ox * self.stride + kx - self.pad;
+        if y < self.h && xx < self.w {
+            let at = ((b as usize * self.h as usize + y as usize) * self.w as usize
+                + xx as usize)
+                * self.cin as usize
+                + ci as usize;
+            unsafe { *x.add(at) }
+        } else {
+            0.0
+        }
+    }
+}
+
 /// The patches of a channels-last convolution as rows, for a GEMM against the packed weight
-/// `[kh * kw * cin, cout]`: `cols[r, k]` with `r = (b * out_h + oy) * out_w + ox` and
-/// `k = (ky * kw + kx) * cin + ci` is `x[b, oy * stride - pad + ky, ox * stride - pad + kx, ci]`,
-/// 0 outside the map, for `x = [batch, h, w, cin]`. Consecutive threads take consecutive
-/// channels: reads and writes coalesce.
+/// `[kh * kw * cin, cout]`: `cols[r, k]` is [`Patches::value`]. Consecutive threads take
+/// consecutive channels: reads and writes coalesce.
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn im2col_f32(
@@ -93,28 +134,32 @@ pub unsafe extern "ptx-kernel" fn im2col_f32(
     out_h: u32,
     out_w: u32,
 ) {
-    let k_len = kh * kw * cin;
-    grid_stride!(rows * k_len, |i| {
-        let r = i / k_len;
-        let k = i - r * k_len;
-        let ci = k % cin;
-        let tap = k / cin;
-        let (ky, kx) = (tap / kw, tap % kw);
-        let b = r / (out_h * out_w);
-        let p = r - b * out_h * out_w;
-        let (oy, ox) = (p / out_w, p % out_w);
-        // Unsigned, built without overflow checks (tools/ptx-build): a position left of or
-        // above the map wraps past `h` / `w`.
-        let y = oy * stride + ky - pad;
-        let xx = ox * stride + kx - pad;
-        let v = if y < h && xx < w {
-            let at = ((b as usize * h as usize + y as usize) * w as usize + xx as usize)
-                * cin as usize
-                + ci as usize;
-            unsafe { *x.add(at) }
-        } else {
-            0.0
-        };
-        unsafe { *cols.add(i as usize) = v };
+    let g = Patches { h, w, cin, kw, stride, pad, out_h, out_w, k_len: kh * kw * cin };
+    grid_stride!(rows * g.k_len, |i| {
+        unsafe { *cols.add(i as usize) = g.value(x, i) };
+    });
+}
+
+/// [`im2col_f32`] writing the patches rounded to f16 (nearest even), for a GEMM on f16
+/// tensor cores: one pass instead of an f32 patch matrix and its conversion.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn im2col_f16(
+    x: *const f32,
+    cols: *mut f16,
+    rows: u32,
+    h: u32,
+    w: u32,
+    cin: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    out_h: u32,
+    out_w: u32,
+) {
+    let g = Patches { h, w, cin, kw, stride, pad, out_h, out_w, k_len: kh * kw * cin };
+    grid_stride!(rows * g.k_len, |i| {
+        unsafe { *cols.add(i as usize) = g.value(x, i) as f16 };
     });
 }

@@ -15,7 +15,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::f16;
 
 use super::ops::{grid_stride, len_u32};
-use super::{CudaConv2dWeight, CudaDevice, CudaTensor, driver_err};
+use super::{CudaConv2dWeight, CudaDevice, CudaTensor, GpuElement, driver_err};
 use crate::error::Error;
 use crate::{Conv2dParams, Result};
 
@@ -283,7 +283,8 @@ impl CudaDevice {
 
     /// [`CudaDevice::conv2d`] through cuBLAS: the patches gathered by `im2col_f32` (a 1x1
     /// convolution with stride 1 and no padding reads `x` as it is), one GEMM against the
-    /// packed `[kh * kw * cin, cout]` weight, the bias added per row.
+    /// packed `[kh * kw * cin, cout]` weight, the bias added per row. With f16 products the
+    /// patches come rounded from `im2col_f16` and the weight is its kept f16 copy.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn conv2d_cublas(
         &self,
@@ -295,55 +296,38 @@ impl CudaDevice {
         (oh, ow): (usize, usize),
         out: &mut CudaTensor,
     ) -> Result<()> {
-        const K: &str = "im2col_f32";
         let m = batch * oh * ow;
         let k = weight.kh * weight.kw * cin;
         let direct = weight.kh == 1 && weight.kw == 1 && params.stride == 1 && params.padding == 0;
+        let geometry = [
+            m,
+            h,
+            w,
+            cin,
+            weight.kh,
+            weight.kw,
+            params.stride,
+            params.padding,
+            oh,
+            ow,
+        ];
+        let bias = weight.bias.as_ref();
+        if math == BlasMath::F16 {
+            let a = if direct {
+                self.slice_to_f16(&x.data, m * k)?
+            } else {
+                self.im2col::<f16>("im2col_f16", x, geometry, m * k)?
+            };
+            let packed = weight.packed_f16(self)?;
+            let dims = (m, weight.cout, k);
+            return self.cublas_gemm_f16(&a, &packed.data, false, bias, dims, &mut out.data);
+        }
         let cols = if direct {
             None
         } else {
-            len_u32(K, m * k)?;
-            // SAFETY: every element is written by the launch below.
-            let mut cols = unsafe { self.stream().alloc::<f32>(m * k) }.map_err(driver_err(K))?;
-            let geom = [
-                m,
-                h,
-                w,
-                cin,
-                weight.kh,
-                weight.kw,
-                params.stride,
-                params.padding,
-                oh,
-                ow,
-            ]
-            .map(|v| v as u32);
-            // The geometry as scalar arguments: no upload per convolution.
-            let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&x.data).arg(&mut cols);
-            for v in &geom {
-                l.arg(v);
-            }
-            // SAFETY: `im2col_f32(x, cols, rows, h, w, cin, kh, kw, stride, pad, out_h, out_w)`:
-            // `x` holds the map the geometry describes, `cols` `rows * kh * kw * cin` values,
-            // every index below 2^32.
-            self.launched(K, unsafe { l.launch(grid_stride((m * k) as u32)) })?;
-            Some(cols)
+            Some(self.im2col::<f32>("im2col_f32", x, geometry, m * k)?)
         };
         let a = cols.as_ref().unwrap_or(&x.data);
-        let bias = weight.bias.as_ref();
-        if math == BlasMath::F16 {
-            let a = self.slice_to_f16(a, m * k)?;
-            let packed = weight.packed_f16(self)?;
-            return self.cublas_gemm_f16(
-                &a,
-                &packed.data,
-                false,
-                bias,
-                (m, weight.cout, k),
-                &mut out.data,
-            );
-        }
         self.cublas_gemm(
             math == BlasMath::Tf32,
             a,
@@ -354,6 +338,34 @@ impl CudaDevice {
             (1.0, 0.0),
             &mut out.data,
         )
+    }
+
+    /// The patch matrix (`len` values) of `x` for the convolution `geometry` describes
+    /// (`[rows, h, w, cin, kh, kw, stride, pad, out_h, out_w]`), by `kernel` (`im2col_f32`, or
+    /// `im2col_f16` rounding as it writes).
+    fn im2col<T: GpuElement>(
+        &self,
+        kernel: &'static str,
+        x: &CudaTensor,
+        geometry: [usize; 10],
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        let n = len_u32(kernel, len)?;
+        // SAFETY: every element is written by the launch below.
+        let mut cols =
+            unsafe { self.stream().alloc::<T>(len.max(1)) }.map_err(driver_err(kernel))?;
+        let geom = geometry.map(|v| v as u32);
+        // The geometry as scalar arguments: no upload per convolution.
+        let mut l = self.stream().launch_builder(self.function(kernel)?);
+        l.arg(&x.data).arg(&mut cols);
+        for v in &geom {
+            l.arg(v);
+        }
+        // SAFETY: `im2col_*(x, cols, rows, h, w, cin, kh, kw, stride, pad, out_h, out_w)`: `x`
+        // holds the map the geometry describes, `cols` `rows * kh * kw * cin` values of `T`,
+        // every index below 2^32.
+        self.launched(kernel, unsafe { l.launch(grid_stride(n)) })?;
+        Ok(cols)
     }
 
     /// The first `len` values of `x` rounded to f16 (`convert_f32_to_f16`).

@@ -31,6 +31,7 @@ pub const KERNELS: &[&str] = &[
     "copy_cols_f32",
     "upsample_nearest2x_f32",
     "im2col_f32",
+    "im2col_f16",
     "add_per_sample_f32",
     "lora_patch_f32",
     "lora_patch_f16",
