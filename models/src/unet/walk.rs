@@ -126,9 +126,11 @@ pub(super) fn active_row_index(shape: &[usize], tokens: &[&TokenSet]) -> Result<
     let positions = shape[1] * shape[2];
     let mut index = Vec::with_capacity(tokens.iter().map(|t| t.len()).sum());
     for (i, t) in tokens.iter().enumerate() {
-        if positions != t.height() * t.width() {
+        if (shape[1], shape[2]) != (t.height(), t.width()) {
             return Err(Error::Invalid(format!(
-                "unet: a {positions}-position map for a {}x{} token grid",
+                "unet: a {}x{} map for a {}x{} token grid",
+                shape[1],
+                shape[2],
                 t.height(),
                 t.width()
             )));
@@ -138,4 +140,38 @@ pub(super) fn active_row_index(shape: &[usize], tokens: &[&TokenSet]) -> Result<
         index.extend(t.positions().iter().map(|&p| offset + p));
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_rows_index_each_segments_own_sample() {
+        // Two segments on a 3x4 grid, 2 channels: segment 1's rows start 12 positions in.
+        let tokens = [
+            TokenSet::from_positions(3, 4, vec![0, 5, 11]).unwrap(),
+            TokenSet::from_positions(3, 4, vec![2, 7]).unwrap(),
+        ];
+        let sets: Vec<&TokenSet> = tokens.iter().collect();
+        let index = active_row_index(&[2, 3, 4, 2], &sets).unwrap();
+        assert_eq!(index, vec![0, 5, 11, 14, 19]);
+        let values: Vec<f32> = (0..2 * 12 * 2).map(|v| v as f32).collect();
+        let map = Tensor::from_vec(values, &[2, 3, 4, 2]).unwrap();
+        let rows = active_rows(&map, &sets).unwrap();
+        assert_eq!(rows.shape(), &[5, 2]);
+        assert_eq!(
+            rows.to_vec_f32(),
+            vec![0.0, 1.0, 10.0, 11.0, 22.0, 23.0, 28.0, 29.0, 38.0, 39.0]
+        );
+    }
+
+    #[test]
+    fn active_rows_refuse_a_map_of_another_grid_or_count() {
+        let t = TokenSet::from_positions(3, 4, vec![1]).unwrap();
+        let one = [&t];
+        assert!(active_row_index(&[1, 4, 3, 2], &one).is_err());
+        assert!(active_row_index(&[2, 3, 4, 2], &one).is_err());
+        assert!(active_row_index(&[12, 2], &one).is_err());
+    }
 }
