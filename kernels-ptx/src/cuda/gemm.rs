@@ -437,7 +437,8 @@ impl CudaDevice {
         let rows = x.elem_count() / in_f.max(1);
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("checked non-empty") = out_f;
-        let mut out = CudaTensor::zeros(self, &shape)?;
+        // SAFETY: the GEMM below (beta 0: C is never read) writes every element.
+        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
         len_u32(
             "linear",
             x.elem_count()
@@ -514,7 +515,8 @@ impl CudaDevice {
         let rows = x.elem_count() / in_f.max(1);
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("checked non-empty") = out_f;
-        let mut out = CudaTensor::zeros(self, &shape)?;
+        // SAFETY: the GEMM below (beta 0: C is never read) writes every element.
+        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
         len_u32(
             K,
             x.elem_count()
@@ -542,7 +544,8 @@ impl CudaDevice {
                 );
             }
         };
-        let mut out = CudaTensor::zeros(self, &[m, n])?;
+        // SAFETY: the GEMM below (beta 0: C is never read) writes every element.
+        let mut out = unsafe { CudaTensor::uninit(self, &[m, n]) }?;
         self.gemm(a, b, false, None, 1.0, 0.0, &mut out)?;
         Ok(out)
     }
@@ -596,7 +599,9 @@ impl CudaDevice {
         }
         let (oh, ow) = weight.out_size(k_name, h, w, params)?;
         let m = batch * oh * ow;
-        let mut out = CudaTensor::zeros(self, &[batch, oh, ow, weight.cout])?;
+        // SAFETY: the conv below (its epilogue's beta is 0: C is never read) writes every
+        // element, or none when m is 0.
+        let mut out = unsafe { CudaTensor::uninit(self, &[batch, oh, ow, weight.cout]) }?;
         len_u32(
             k_name,
             x.elem_count()
@@ -706,7 +711,9 @@ impl CudaDevice {
         }
         let hw = in_h * in_w;
         let m: usize = segments.iter().map(|s| s.outputs.len()).sum();
-        let mut out = CudaTensor::zeros(self, &[m, weight.cout])?;
+        // SAFETY: the conv below (its epilogue's beta is 0: C is never read) writes every
+        // output row.
+        let mut out = unsafe { CudaTensor::uninit(self, &[m, weight.cout]) }?;
         len_u32(
             op,
             (segments.len() * hw)

@@ -87,7 +87,8 @@ impl CudaDevice {
         }
         let n = len_u32(kernel, a.elem_count())?;
         let b_len = len_u32(kernel, b.elem_count())?;
-        let mut out = CudaTensor::zeros(self, a.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, a.shape()) }?;
         if n > 0 {
             let f = self.function(kernel)?;
             let mut l = self.stream().launch_builder(f);
@@ -121,7 +122,8 @@ impl CudaDevice {
 
     fn unary(&self, kernel: &'static str, x: &CudaTensor) -> Result<CudaTensor> {
         let n = len_u32(kernel, x.elem_count())?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if n > 0 {
             let f = self.function(kernel)?;
             let mut l = self.stream().launch_builder(f);
@@ -157,7 +159,8 @@ impl CudaDevice {
     pub fn affine(&self, x: &CudaTensor, scale: f32, shift: f32) -> Result<CudaTensor> {
         const K: &str = "affine_f32";
         let n = len_u32(K, x.elem_count())?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if n > 0 {
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&x.data)
@@ -177,7 +180,8 @@ impl CudaDevice {
         x: &CudaTensor<A>,
     ) -> Result<CudaTensor<B>> {
         let n = len_u32(kernel, x.elem_count())?;
-        let mut out = CudaTensor::<B>::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::<B>::uninit(self, x.shape()) }?;
         if n > 0 {
             let mut l = self.stream().launch_builder(self.function(kernel)?);
             l.arg(&x.data).arg(&mut out.data).arg(&n);
@@ -206,7 +210,8 @@ impl CudaDevice {
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = last / 2;
-        let mut out = CudaTensor::zeros(self, &shape)?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
         // The kernel indexes x (2n values) in u32 too.
         len_u32(K, x.elem_count())?;
         let n = len_u32(K, out.elem_count())?;
@@ -225,7 +230,8 @@ impl CudaDevice {
         const K: &str = "softmax_rows_f32";
         let (rows, cols) = rows_cols(K, x.shape())?;
         len_u32(K, x.elem_count())?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if rows > 0 && cols > 0 {
             let cols_u = cols as u32;
             let mut l = self.stream().launch_builder(self.function(K)?);
@@ -249,7 +255,8 @@ impl CudaDevice {
         check_vector(K, "weight", gamma, cols)?;
         check_vector(K, "bias", beta, cols)?;
         len_u32(K, x.elem_count())?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if rows > 0 && cols > 0 {
             let cols_u = cols as u32;
             let mut l = self.stream().launch_builder(self.function(K)?);
@@ -342,7 +349,8 @@ impl CudaDevice {
         }
         check_vector(k, "weight", gamma, c)?;
         check_vector(k, "bias", beta, c)?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         let n = x.elem_count() as u32;
         if n > 0 {
             let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
@@ -493,7 +501,8 @@ impl CudaDevice {
         if let Some(&bad) = index.iter().find(|&&i| i as usize >= rows) {
             return invalid(K, format!("row {bad} out of range for {rows} rows"));
         }
-        let mut out = CudaTensor::zeros(self, &[index.len(), cols])?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, &[index.len(), cols]) }?;
         let count = len_u32(K, index.len())?;
         let n = len_u32(K, out.elem_count())?;
         if n > 0 {
@@ -587,7 +596,9 @@ impl CudaDevice {
         shape.push(total);
         len_u32(K, rows.saturating_mul(total))?;
         let (rows_u, dst_cols) = (len_u32(K, rows)?, len_u32(K, total)?);
-        let mut out = CudaTensor::zeros(self, &shape)?;
+        // SAFETY: the launches below, one per part with its columns side by side, write
+        // every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
         let mut offset = 0u32;
         for p in parts {
             let src_cols = p.shape()[p.shape().len() - 1] as u32;
@@ -619,7 +630,8 @@ impl CudaDevice {
         let shape = [batch, 2 * h, 2 * w, c];
         // Four outputs per input; the kernel indexes both in u32.
         let n = len_u32(K, x.elem_count().saturating_mul(4))?;
-        let mut out = CudaTensor::zeros(self, &shape)?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
         if n > 0 {
             let (b_u, h_u, w_u, c_u) = (batch as u32, h as u32, w as u32, c as u32);
             let mut l = self.stream().launch_builder(self.function(K)?);
@@ -655,7 +667,8 @@ impl CudaDevice {
         };
         let n = len_u32(K, x.elem_count())?;
         len_u32(K, v.elem_count())?;
-        let mut out = CudaTensor::zeros(self, x.shape())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if n > 0 {
             let per_sample = n / samples as u32;
             let c_u = c as u32;

@@ -104,6 +104,23 @@ impl<T: GpuElement> CudaTensor<T> {
         })
     }
 
+    /// A device tensor whose contents are whatever the allocation held: the output of a
+    /// launch that writes every element, which then needs no zero fill (one driver call and
+    /// one memset fewer per op). An empty one holds one element, as [`CudaTensor::zeros`].
+    ///
+    /// # Safety
+    /// Nothing may read the tensor before a launch queued after this call has written every
+    /// element (the values before are arbitrary bits, NaNs included).
+    pub(crate) unsafe fn uninit(dev: &CudaDevice, shape: &[usize]) -> Result<Self> {
+        let n = shape.iter().product::<usize>();
+        // SAFETY: the caller writes every element before any read.
+        let data = unsafe { dev.stream().alloc::<T>(n.max(1)) }.map_err(driver_err("alloc"))?;
+        Ok(CudaTensor {
+            data,
+            shape: shape.to_vec(),
+        })
+    }
+
     /// Zero-filled device tensor (an empty one holds one element: drivers refuse empty
     /// allocations).
     pub fn zeros(dev: &CudaDevice, shape: &[usize]) -> Result<Self> {
