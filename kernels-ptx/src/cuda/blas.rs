@@ -73,6 +73,15 @@ impl ColumnMajor {
             ld_out: n,
         }
     }
+
+    /// cuBLAS's operation on its first operand (B's buffer).
+    fn first_op(&self) -> sys::cublasOperation_t {
+        if self.transpose_first {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    }
 }
 
 /// The cuBLAS handle on the device's stream, or why there is none.
@@ -172,11 +181,7 @@ impl CudaDevice {
         }
         let p = ColumnMajor::of(b_transposed, (m, n, k));
         let cfg = GemmConfig {
-            transa: if p.transpose_first {
-                sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                sys::cublasOperation_t::CUBLAS_OP_N
-            },
+            transa: p.first_op(),
             transb: sys::cublasOperation_t::CUBLAS_OP_N,
             m: int(p.m)?,
             n: int(p.n)?,
@@ -216,11 +221,6 @@ impl CudaDevice {
         let int = |v: usize| blas_int(OP, v);
         let blas = self.cublas()?;
         let p = ColumnMajor::of(b_transposed, (m, n, k));
-        let transa = if p.transpose_first {
-            sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            sys::cublasOperation_t::CUBLAS_OP_N
-        };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let stream = self.stream();
         // The pointers' guards end with this block, before the bias add borrows `c` again.
@@ -234,7 +234,7 @@ impl CudaDevice {
             unsafe {
                 cudarc::cublas::result::gemm_ex(
                     *blas.handle(),
-                    transa,
+                    p.first_op(),
                     sys::cublasOperation_t::CUBLAS_OP_N,
                     int(p.m)?,
                     int(p.n)?,

@@ -414,71 +414,30 @@ impl CudaDevice {
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        let &[out_f, in_f] = weight.shape() else {
-            return shape_err(
-                "linear",
-                format!("weight must be [out, in], got {:?}", weight.shape()),
-            );
-        };
-        if x.shape().last() != Some(&in_f) {
-            return shape_err(
-                "linear",
-                format!("input {:?} does not end in {in_f} features", x.shape()),
-            );
+        let math = self.cublas_math();
+        if math == Some(BlasMath::F16) {
+            // No kept f16 weight here: rounded per call.
+            return self.linear_f16("linear", x, &self.f32_to_f16(weight)?, bias);
         }
-        if let Some(bias) = bias
-            && bias.shape() != [out_f]
-        {
-            return shape_err(
-                "linear",
-                format!("bias {:?} does not match {out_f} outputs", bias.shape()),
-            );
-        }
-        let rows = x.elem_count() / in_f.max(1);
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("checked non-empty") = out_f;
-        // SAFETY: the GEMM below (beta 0: C is never read) writes every element.
-        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
-        len_u32(
-            "linear",
-            x.elem_count()
-                .max(weight.elem_count())
-                .max(out.elem_count()),
-        )?;
-        match self.cublas_math() {
-            Some(BlasMath::F16) => {
-                let weight = self.f32_to_f16(weight)?;
-                let x = self.slice_to_f16(&x.data, x.elem_count())?;
-                let dims = (rows, out_f, in_f);
-                self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
-                return Ok(out);
-            }
+        let (mut out, dims) = self.linear_output("linear", x, weight.shape(), bias)?;
+        match math {
             Some(math) => {
-                self.cublas_gemm(
-                    math == BlasMath::Tf32,
-                    &x.data,
-                    &weight.data,
-                    true,
-                    bias,
-                    (rows, out_f, in_f),
-                    (1.0, 0.0),
-                    &mut out.data,
-                )?;
-                return Ok(out);
+                let tf32 = math == BlasMath::Tf32;
+                let (a, b) = (&x.data, &weight.data);
+                self.cublas_gemm(tf32, a, b, true, bias, dims, (1.0, 0.0), &mut out.data)?
             }
-            None => {}
+            None => self.sgemm_raw(
+                Cores::Cuda,
+                x,
+                weight,
+                true,
+                bias,
+                dims,
+                1.0,
+                0.0,
+                &mut out.data,
+            )?,
         }
-        self.sgemm_raw(
-            Cores::Cuda,
-            x,
-            weight,
-            true,
-            bias,
-            (rows, out_f, in_f),
-            1.0,
-            0.0,
-            &mut out.data,
-        )?;
         Ok(out)
     }
 
@@ -491,16 +450,42 @@ impl CudaDevice {
         weight: &CudaTensor<f16>,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        const K: &str = "linear_f16_weight";
-        let &[out_f, in_f] = weight.shape() else {
+        self.linear_f16("linear_f16_weight", x, weight, bias)
+    }
+
+    /// The f16 cuBLAS linear layer behind both entries, its errors named `op`.
+    fn linear_f16(
+        &self,
+        op: &'static str,
+        x: &CudaTensor,
+        weight: &CudaTensor<f16>,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (mut out, dims) = self.linear_output(op, x, weight.shape(), bias)?;
+        let x = self.slice_to_f16(&x.data, x.elem_count())?;
+        self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
+        Ok(out)
+    }
+
+    /// A linear layer's checks (`weight_shape = [out, in]`, `x = [..., in]`, `bias = [out]`)
+    /// and its output `[..., out]`, unfilled for the GEMM to write (beta 0: C is never
+    /// read), with the GEMM's `(rows, out, in)`.
+    fn linear_output(
+        &self,
+        op: &'static str,
+        x: &CudaTensor,
+        weight_shape: &[usize],
+        bias: Option<&CudaTensor>,
+    ) -> Result<(CudaTensor, (usize, usize, usize))> {
+        let &[out_f, in_f] = weight_shape else {
             return shape_err(
-                K,
-                format!("weight must be [out, in], got {:?}", weight.shape()),
+                op,
+                format!("weight must be [out, in], got {weight_shape:?}"),
             );
         };
         if x.shape().last() != Some(&in_f) {
             return shape_err(
-                K,
+                op,
                 format!("input {:?} does not end in {in_f} features", x.shape()),
             );
         }
@@ -508,25 +493,17 @@ impl CudaDevice {
             && bias.shape() != [out_f]
         {
             return shape_err(
-                K,
+                op,
                 format!("bias {:?} does not match {out_f} outputs", bias.shape()),
             );
         }
         let rows = x.elem_count() / in_f.max(1);
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("checked non-empty") = out_f;
-        // SAFETY: the GEMM below (beta 0: C is never read) writes every element.
-        let mut out = unsafe { CudaTensor::uninit(self, &shape) }?;
-        len_u32(
-            K,
-            x.elem_count()
-                .max(weight.elem_count())
-                .max(out.elem_count()),
-        )?;
-        let x = self.slice_to_f16(&x.data, x.elem_count())?;
-        let dims = (rows, out_f, in_f);
-        self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
-        Ok(out)
+        len_u32(op, x.elem_count().max(out_f * in_f).max(rows * out_f))?;
+        // SAFETY: the caller's GEMM (beta 0: C is never read) writes every element.
+        let out = unsafe { CudaTensor::uninit(self, &shape) }?;
+        Ok((out, (rows, out_f, in_f)))
     }
 
     /// `a * b` for `a = [m, k]`, `b = [k, n]`.

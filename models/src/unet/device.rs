@@ -3,6 +3,7 @@
 //! unit boundaries as the host's walk ([`super::walk`]), with a GPU timing mark at each.
 
 use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use retouch_kernels::Tensor;
 use retouch_kernels::cuda::{CudaDevice, CudaTensor, TimingMark};
@@ -18,30 +19,33 @@ pub(super) enum GpuExec<'a> {
     Masked(GpuMasked<'a>),
 }
 
-/// What a device walk does at its unit boundaries: marks the GPU's time at each (for the
-/// units' costs) and, when asked, turns a dense walk masked at one of them.
+/// What a device walk does at its unit boundaries: marks the GPU's time at each when timed
+/// (for the units' costs) and, when asked, turns a dense walk masked at one of them.
 pub(super) struct DeviceBoundaries<'a> {
     /// Boundaries passed so far.
     next: usize,
     /// Turn masked at this boundary, with this state (its cursor at the first entry read).
     switch: Option<(usize, GpuMasked<'a>)>,
-    marks: Vec<TimingMark>,
+    /// One mark per boundary passed; None when the walk is not timed.
+    marks: Option<Vec<TimingMark>>,
 }
 
 impl<'a> DeviceBoundaries<'a> {
-    pub(super) fn new() -> DeviceBoundaries<'a> {
+    /// A walk that stays in its mode, marking its boundaries if `timed`.
+    pub(super) fn new(timed: bool) -> DeviceBoundaries<'a> {
         DeviceBoundaries {
             next: 0,
             switch: None,
-            marks: Vec::new(),
+            marks: timed.then(Vec::new),
         }
     }
 
-    /// Runs the walk densely up to `boundary`, then masked with `masked`.
+    /// Runs the walk densely up to `boundary`, then masked with `masked` (untimed: the plan
+    /// learns from whole walks).
     pub(super) fn switching(boundary: usize, masked: GpuMasked<'a>) -> DeviceBoundaries<'a> {
         DeviceBoundaries {
             switch: Some((boundary, masked)),
-            ..DeviceBoundaries::new()
+            ..DeviceBoundaries::new(false)
         }
     }
 
@@ -65,7 +69,9 @@ impl<'a> DeviceBoundaries<'a> {
         level: usize,
         skip_levels: &[usize],
     ) -> Result<()> {
-        self.marks.push(dev.mark()?);
+        if let Some(marks) = &mut self.marks {
+            marks.push(dev.mark()?);
+        }
         if self.switch.as_ref().is_some_and(|(b, _)| *b == self.next) {
             let (_, mut m) = self.switch.take().expect("checked above");
             m.host_mut().set_level(level);
@@ -137,7 +143,7 @@ impl UNet {
     ) -> Result<CudaTensor> {
         self.check_inputs(sample.shape(), timesteps, context.shape())?;
         let mut exec = GpuExec::Dense;
-        let mut walk = DeviceBoundaries::new();
+        let mut walk = DeviceBoundaries::new(self.times_device_units());
         let out = self.run_gpu(dev, sample, timesteps, context, &mut exec, &mut walk)?;
         self.keep_device_walk(false, sample.shape()[0], walk);
         Ok(out)
@@ -159,7 +165,8 @@ impl UNet {
     }
 
     /// The unit times of the last dense or masked device forward (not one that recomputed
-    /// a dense prefix), taken once its kernels have run (this waits for them).
+    /// a dense prefix) while [`UNet::set_device_unit_timing`] was on, taken once its kernels
+    /// have run (this waits for them).
     pub fn take_device_unit_times(&self) -> Result<Option<UnitTimes>> {
         let Some(walk) = lock(&self.last_device_walk).take() else {
             return Ok(None);
@@ -176,13 +183,26 @@ impl UNet {
         }))
     }
 
-    /// Keeps a whole walk's marks for [`UNet::take_device_unit_times`].
+    /// Whether whole device walks mark their unit boundaries
+    /// ([`UNet::take_device_unit_times`]); off unless asked for, since nothing else reads
+    /// the marks and each is a driver call on the step's path.
+    pub fn set_device_unit_timing(&self, on: bool) {
+        self.time_device_units.store(on, Ordering::Relaxed);
+    }
+
+    pub(super) fn times_device_units(&self) -> bool {
+        self.time_device_units.load(Ordering::Relaxed)
+    }
+
+    /// Keeps a whole walk's marks, if it was timed, for [`UNet::take_device_unit_times`].
     pub(super) fn keep_device_walk(&self, masked: bool, size: usize, walk: DeviceBoundaries<'_>) {
-        *lock(&self.last_device_walk) = Some(DeviceWalkTimes {
-            masked,
-            size,
-            marks: walk.marks,
-        });
+        if let Some(marks) = walk.marks {
+            *lock(&self.last_device_walk) = Some(DeviceWalkTimes {
+                masked,
+                size,
+                marks,
+            });
+        }
     }
 
     /// The device walk: `input` is `[samples, h, w, in_channels]` when `exec` starts dense,

@@ -186,22 +186,21 @@ impl UNet {
             self.segment_inputs(&[total, self.config.in_channels], segments)?;
         let grid = segments[0].levels[0].height();
         let grid = (grid, segments[0].levels[0].width());
-        let s = latents;
-        if s.len() != 4
-            || s[0] != segments.len()
-            || (s[1], s[2]) != grid
-            || s[3] != self.config.in_channels
+        if latents.len() != 4
+            || latents[0] != segments.len()
+            || (latents[1], latents[2]) != grid
+            || latents[3] != self.config.in_channels
         {
             return Err(Error::Invalid(format!(
                 "unet: recomputing needs the latents as [{}, {}, {}, {}] (the segments' grid), \
-                 got {s:?}",
+                 got {latents:?}",
                 segments.len(),
                 grid.0,
                 grid.1,
                 self.config.in_channels
             )));
         }
-        self.check_inputs(s, &timesteps, context.shape())?;
+        self.check_inputs(latents, &timesteps, context.shape())?;
         Ok((context, timesteps, cursor))
     }
 
@@ -223,7 +222,7 @@ impl UNet {
             .collect();
         let m = GpuMasked::new(dev, Masked::new(exec_segments), device)?;
         let mut exec = GpuExec::Masked(m);
-        let mut walk = DeviceBoundaries::new();
+        let mut walk = DeviceBoundaries::new(self.times_device_units());
         let out = self.run_gpu(dev, rows, &timesteps, &context, &mut exec, &mut walk)?;
         let GpuExec::Masked(m) = &exec else {
             unreachable!("a masked walk stays masked")

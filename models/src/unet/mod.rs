@@ -6,6 +6,7 @@ mod masked;
 mod walk;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, OnceLock};
 
 use retouch_kernels::{Conv2dParams, DType, Tensor, TimestepEmbedding};
@@ -62,6 +63,8 @@ pub struct UNet {
     last_walk: Mutex<Option<UnitTimes>>,
     /// The GPU timing marks of the last whole dense or masked forward on a device.
     last_device_walk: Mutex<Option<device::DeviceWalkTimes>>,
+    /// Whether device walks mark their unit boundaries ([`UNet::set_device_unit_timing`]).
+    time_device_units: AtomicBool,
 }
 
 /// Each unit's seconds in one host forward of the UNet (units as [`UNet::entry_starts`]
@@ -227,6 +230,7 @@ impl UNet {
             entry_starts: OnceLock::new(),
             last_walk: Mutex::new(None),
             last_device_walk: Mutex::new(None),
+            time_device_units: AtomicBool::new(false),
             time_proj: TimestepEmbedding {
                 dim: ch[0],
                 flip_sin_to_cos: config.flip_sin_to_cos,

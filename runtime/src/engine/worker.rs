@@ -251,6 +251,9 @@ impl Worker {
             ),
             None => None,
         };
+        // Only the plan reads a GPU walk's per-unit times: without it, no timing events.
+        pipe.unet
+            .set_device_unit_timing(settings.recompute_plan && pipe.gpu().is_some());
         Ok(Worker {
             load_bytes_per_s: settings.load_bytes_per_s,
             settings,

@@ -376,45 +376,45 @@ fn forward_recomputing_on(
     shared: &[Option<&Arc<StepCache>>],
     recompute: usize,
 ) -> Result<Tensor> {
-    // The whole steps' copies (a streaming segment gets a placeholder slot it never reads).
-    let whole: Vec<Option<&StepCache>> = segments.iter().map(|s| s.cache.whole()).collect();
-    let hosts: Vec<&StepCache> = whole.iter().flatten().copied().collect();
-    let whole_shared: Vec<Option<&Arc<StepCache>>> = whole
-        .iter()
-        .zip(shared)
-        .filter(|(w, _)| w.is_some())
-        .map(|(_, s)| *s)
-        .collect();
-    let (copies, slots) = device_copies(pipe, dev, &hosts, &whole_shared)?;
-    // One device stream per distinct host stream: the segments of one edit share theirs.
-    let mut streams: Vec<(*const StreamingStep, GpuStreamingStep<'_>)> = Vec::new();
-    for s in segments {
-        if let StepSource::Streaming(step) = s.cache {
-            let key: *const StreamingStep = step;
-            if !streams.iter().any(|(k, _)| *k == key) {
-                streams.push((key, GpuStreamingStep::new(step)));
-            }
-        }
+    // Per segment, where its entries come from: its whole step among `wholes`, or its
+    // stream among `streams` (one device stream per host stream: one edit's segments share
+    // theirs).
+    enum Slot {
+        Whole(usize),
+        Streaming(usize),
     }
-    let mut slots = slots.into_iter();
+    let (mut wholes, mut whole_shared) = (Vec::new(), Vec::new());
+    let mut streams: Vec<(*const StreamingStep, GpuStreamingStep<'_>)> = Vec::new();
+    let mut slots = Vec::with_capacity(segments.len());
+    for (s, &shared) in segments.iter().zip(shared) {
+        slots.push(match s.cache {
+            StepSource::Whole(cache) => {
+                wholes.push(cache);
+                whole_shared.push(shared);
+                Slot::Whole(wholes.len() - 1)
+            }
+            StepSource::Streaming(step) => {
+                let key: *const StreamingStep = step;
+                match streams.iter().position(|(k, _)| *k == key) {
+                    Some(at) => Slot::Streaming(at),
+                    None => {
+                        streams.push((key, GpuStreamingStep::new(step)));
+                        Slot::Streaming(streams.len() - 1)
+                    }
+                }
+            }
+        });
+    }
+    let (copies, copy_slots) = device_copies(pipe, dev, &wholes, &whole_shared)?;
     let device_segments: Vec<GpuRecomputeSegment<'_>> = segments
         .iter()
-        .map(|s| {
-            let device = match s.cache {
-                StepSource::Whole(_) => {
-                    let slot = slots.next().expect("one slot per whole segment");
-                    GpuStepSource::Whole(&copies[slot])
-                }
-                StepSource::Streaming(step) => {
-                    let key: *const StreamingStep = step;
-                    let (_, stream) = streams
-                        .iter()
-                        .find(|(k, _)| *k == key)
-                        .expect("a stream per streaming segment");
-                    GpuStepSource::Streaming(stream)
-                }
-            };
-            GpuRecomputeSegment { host: *s, device }
+        .zip(&slots)
+        .map(|(s, slot)| GpuRecomputeSegment {
+            host: *s,
+            device: match *slot {
+                Slot::Whole(i) => GpuStepSource::Whole(&copies[copy_slots[i]]),
+                Slot::Streaming(i) => GpuStepSource::Streaming(&streams[i].1),
+            },
         })
         .collect();
     let latents = upload_f32(dev, latents)?;
