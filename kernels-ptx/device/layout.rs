@@ -115,51 +115,44 @@ impl Patches {
     }
 }
 
-/// The patches of a channels-last convolution as rows, for a GEMM against the packed weight
-/// `[kh * kw * cin, cout]`: `cols[r, k]` is [`Patches::value`]. Consecutive threads take
-/// consecutive channels: reads and writes coalesce.
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn im2col_f32(
-    x: *const f32,
-    cols: *mut f32,
-    rows: u32,
-    h: u32,
-    w: u32,
-    cin: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    out_h: u32,
-    out_w: u32,
-) {
-    let g = Patches { h, w, cin, kw, stride, pad, out_h, out_w, k_len: kh * kw * cin };
-    grid_stride!(rows * g.k_len, |i| {
-        unsafe { *cols.add(i as usize) = g.value(x, i) };
-    });
+/// An im2col kernel writing [`Patches::value`] as `$t` (one signature for both types).
+macro_rules! im2col_kernel {
+    ($(#[$doc:meta])* $name:ident, $t:ty) => {
+        $(#[$doc])*
+        #[unsafe(no_mangle)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "ptx-kernel" fn $name(
+            x: *const f32,
+            cols: *mut $t,
+            rows: u32,
+            h: u32,
+            w: u32,
+            cin: u32,
+            kh: u32,
+            kw: u32,
+            stride: u32,
+            pad: u32,
+            out_h: u32,
+            out_w: u32,
+        ) {
+            let g = Patches { h, w, cin, kw, stride, pad, out_h, out_w, k_len: kh * kw * cin };
+            grid_stride!(rows * g.k_len, |i| {
+                unsafe { *cols.add(i as usize) = g.value(x, i) as $t };
+            });
+        }
+    };
 }
 
-/// [`im2col_f32`] writing the patches rounded to f16 (nearest even), for a GEMM on f16
-/// tensor cores: one pass instead of an f32 patch matrix and its conversion.
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn im2col_f16(
-    x: *const f32,
-    cols: *mut f16,
-    rows: u32,
-    h: u32,
-    w: u32,
-    cin: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    out_h: u32,
-    out_w: u32,
-) {
-    let g = Patches { h, w, cin, kw, stride, pad, out_h, out_w, k_len: kh * kw * cin };
-    grid_stride!(rows * g.k_len, |i| {
-        unsafe { *cols.add(i as usize) = g.value(x, i) as f16 };
-    });
-}
+im2col_kernel!(
+    /// The patches of a channels-last convolution as rows, for a GEMM against the packed
+    /// weight `[kh * kw * cin, cout]`: `cols[r, k]` is [`Patches::value`]. Consecutive threads
+    /// take consecutive channels: reads and writes coalesce.
+    im2col_f32,
+    f32
+);
+im2col_kernel!(
+    /// [`im2col_f32`] writing the patches rounded to f16 (nearest even), for a GEMM on f16
+    /// tensor cores: one pass instead of an f32 patch matrix and its conversion.
+    im2col_f16,
+    f16
+);
