@@ -28,6 +28,7 @@ use crate::attention::{DenseHead, FlashSource, flash_entries, keys_seen, unroll}
 use crate::bf16::Bf16;
 use crate::gemm::F4;
 use crate::gpu::{LOG2E, NEG_INF, block_dim, exp2_fast, shfl_xor, sync_threads, thread};
+use crate::intrinsics::{mma_m16n8k16_bf16, mma_m16n8k16_f16, pack_bf16x2, pack_f16x2};
 use crate::prelude::*;
 
 /// Query rows per block (16 per warp).
@@ -56,7 +57,7 @@ trait Half16 {
 }
 
 macro_rules! half16 {
-    ($name:ident, $ptx:literal, |$x:ident| $store:expr) => {
+    ($name:ident, |$x:ident| $store:expr, $pack:ident, $mma:ident) => {
         struct $name;
         impl Half16 for $name {
             #[inline(always)]
@@ -65,40 +66,11 @@ macro_rules! half16 {
             }
             #[inline(always)]
             fn pack(lo: f32, hi: f32) -> u32 {
-                let r: u32;
-                unsafe {
-                    asm!(
-                        concat!("cvt.rn.", $ptx, "x2.f32 {0}, {1}, {2};"),
-                        out(reg32) r,
-                        in(reg32) hi,
-                        in(reg32) lo,
-                        options(pure, nomem, nostack)
-                    );
-                }
-                r
+                $pack(lo, hi)
             }
             #[inline(always)]
             fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
-                unsafe {
-                    asm!(
-                        concat!(
-                            "mma.sync.aligned.m16n8k16.row.col.f32.", $ptx, ".", $ptx,
-                            ".f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, ",
-                            "{{{0}, {1}, {2}, {3}}};"
-                        ),
-                        inout(reg32) d[0],
-                        inout(reg32) d[1],
-                        inout(reg32) d[2],
-                        inout(reg32) d[3],
-                        in(reg32) a[0],
-                        in(reg32) a[1],
-                        in(reg32) a[2],
-                        in(reg32) a[3],
-                        in(reg32) b[0],
-                        in(reg32) b[1],
-                        options(nostack)
-                    );
-                }
+                $mma(d, a, b)
             }
         }
     };
@@ -108,8 +80,8 @@ macro_rules! half16 {
 fn f16_bits(x: f32) -> u16 {
     unsafe { transmute::<f16, u16>(x as f16) }
 }
-half16!(F16, "f16", |x| f16_bits(x));
-half16!(BF16, "bf16", |x| Bf16::from_f32(x).0);
+half16!(F16, |x| f16_bits(x), pack_f16x2, mma_m16n8k16_f16);
+half16!(BF16, |x| Bf16::from_f32(x).0, pack_bf16x2, mma_m16n8k16_bf16);
 
 /// The two halves at `tile[at], tile[at + 1]` as one register (`at` even).
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! bfloat16 storage: the upper 16 bits of an f32 (same exponent, 7-bit significand). Rust has
 //! no such primitive; the bits travel as `u16`, widened by a shift and narrowed by
-//! `cvt.rn.bf16.f32` (round to nearest even, sm_80 and later).
+//! `cvt.rn.bf16.f32` (`intrinsics::bf16_bits`, round to nearest even, sm_80 and later).
 
 use crate::prelude::*;
 
@@ -20,15 +20,6 @@ impl Bf16 {
     /// `x` rounded to the nearest bf16 (ties to even).
     #[inline(always)]
     pub fn from_f32(x: f32) -> Bf16 {
-        let r: u16;
-        unsafe {
-            asm!(
-                "cvt.rn.bf16.f32 {0}, {1};",
-                out(reg16) r,
-                in(reg32) x,
-                options(pure, nomem, nostack)
-            );
-        }
-        Bf16(r)
+        Bf16(crate::intrinsics::bf16_bits(x))
     }
 }

@@ -322,7 +322,7 @@ pub unsafe fn store_tile(
     let mut i = 0usize;
     while i < 8 {
         let v = if l.tf32 {
-            crate::mma::tf32(ar[i])
+            crate::intrinsics::tf32(ar[i])
         } else {
             ar[i]
         };
@@ -337,7 +337,7 @@ pub unsafe fn store_tile(
             (t % BK, t / BK + 16 * i as u32)
         };
         let v = if l.tf32 {
-            crate::mma::tf32(br[i])
+            crate::intrinsics::tf32(br[i])
         } else {
             br[i]
         };

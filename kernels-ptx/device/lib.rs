@@ -28,6 +28,7 @@ mod bf16;
 mod elementwise;
 mod gemm;
 mod gpu;
+mod intrinsics;
 mod layout;
 mod lora;
 mod math;

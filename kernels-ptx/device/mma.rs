@@ -22,49 +22,13 @@ use crate::gemm::{
     rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
-use crate::prelude::*;
+use crate::intrinsics::mma_m16n8k8_tf32 as mma;
 
 const TC: Smem = Smem {
     as_ld: BM + 8,
     bs_ld: BN + 8,
     tf32: true,
 };
-
-/// `x` rounded to TF32 (nearest, ties away from zero), as f32 bits with the low 13 zero.
-#[inline(always)]
-pub fn tf32(x: f32) -> f32 {
-    let r: f32;
-    unsafe {
-        asm!(
-            "cvt.rna.tf32.f32 {0}, {1};",
-            out(reg32) r,
-            in(reg32) x,
-            options(pure, nomem, nostack)
-        );
-    }
-    r
-}
-
-/// `d += a * b` for one 16 x 8 x 8 TF32 fragment (the whole warp executes it together).
-#[inline(always)]
-fn mma(d: &mut [f32; 4], a: [f32; 4], b: [f32; 2]) {
-    unsafe {
-        asm!(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};",
-            inout(reg32) d[0],
-            inout(reg32) d[1],
-            inout(reg32) d[2],
-            inout(reg32) d[3],
-            in(reg32) a[0],
-            in(reg32) a[1],
-            in(reg32) a[2],
-            in(reg32) a[3],
-            in(reg32) b[0],
-            in(reg32) b[1],
-            options(nostack)
-        );
-    }
-}
 
 #[inline(always)]
 pub unsafe fn gemm_block_tf32<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {

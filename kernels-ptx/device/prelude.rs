@@ -155,7 +155,7 @@ cmp_impls!(u32 u64 usize i32 f32);
 /// zero; kernels divide only by launch-checked sizes, so a trap means a host-side bug.
 #[inline(always)]
 pub fn trap() -> ! {
-    unsafe { crate::gpu::trap_raw() };
+    crate::intrinsics::trap();
     loop {}
 }
 
