@@ -1,0 +1,217 @@
+//! The GEMM kernels (CUDA cores and TF32 tensor cores) and the split-K reduction against a
+//! plain f64 product, on sizes that leave partial tiles in every dimension.
+#![cfg(kernel_emu)]
+
+mod common;
+use common::*;
+use retouch_kernels_emu::{gemm, mma};
+
+/// Block tile of every GEMM-shaped kernel (`gemm.rs`): 128 rows x 64 columns, 256 threads.
+const TILE_M: usize = 128;
+const TILE_N: usize = 64;
+const SHARED_BYTES: usize = 25_600;
+const SHARED_BYTES_TF32: usize = 26_624;
+
+struct Product {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Vec<f32>,
+    /// `[k, n]` when `b_kn`, else `[n, k]`.
+    b: Vec<f32>,
+    b_kn: bool,
+    bias: Vec<f32>,
+    c0: Vec<f32>,
+}
+
+impl Product {
+    fn new(rng: &mut Rng, (m, n, k): (usize, usize, usize), b_kn: bool) -> Product {
+        Product {
+            m,
+            n,
+            k,
+            a: rng.values(m * k, -1.0, 1.0),
+            b: rng.values(k * n, -1.0, 1.0),
+            b_kn,
+            bias: rng.values(n, -1.0, 1.0),
+            c0: rng.values(m * n, -1.0, 1.0),
+        }
+    }
+
+    fn b_at(&self, kk: usize, j: usize) -> f64 {
+        (if self.b_kn {
+            self.b[kk * self.n + j]
+        } else {
+            self.b[j * self.k + kk]
+        }) as f64
+    }
+
+    /// `alpha * A op(B) + beta * C0 + bias`.
+    fn reference(&self, alpha: f32, beta: f32, bias: bool) -> Vec<f32> {
+        let mut out = vec![0.0; self.m * self.n];
+        for i in 0..self.m {
+            for j in 0..self.n {
+                let mut s = 0.0f64;
+                for kk in 0..self.k {
+                    s += self.a[i * self.k + kk] as f64 * self.b_at(kk, j);
+                }
+                let mut v = alpha as f64 * s + beta as f64 * self.c0[i * self.n + j] as f64;
+                if bias {
+                    v += self.bias[j] as f64;
+                }
+                out[i * self.n + j] = v as f32;
+            }
+        }
+        out
+    }
+}
+
+type GemmKernel =
+    unsafe fn(*const f32, *const f32, *mut f32, *const f32, u32, u32, u32, u32, u32, f32, f32);
+
+fn run(
+    kernel: GemmKernel,
+    shared: usize,
+    p: &Product,
+    alpha: f32,
+    beta: f32,
+    bias: bool,
+) -> Vec<f32> {
+    let (a, b, bias_buf) = (
+        DeviceBuffer::from_slice(&p.a),
+        DeviceBuffer::from_slice(&p.b),
+        DeviceBuffer::from_slice(&p.bias),
+    );
+    let c = DeviceBuffer::from_slice(&p.c0);
+    let grid = [p.n.div_ceil(TILE_N) as u32, p.m.div_ceil(TILE_M) as u32, 1];
+    let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
+    unsafe {
+        launch(Launch::new(grid, 256, shared), || {
+            kernel(
+                a.ptr(),
+                b.ptr(),
+                c.ptr_mut(),
+                bias_buf.ptr(),
+                m,
+                n,
+                k,
+                u32::from(p.b_kn),
+                u32::from(bias),
+                alpha,
+                beta,
+            )
+        })
+    };
+    c.to_vec()
+}
+
+/// Sizes with partial tiles in m, n and k (k not a multiple of the 16-wide k-step).
+const SHAPES: [(usize, usize, usize); 3] = [(130, 70, 37), (19, 129, 50), (257, 9, 16)];
+
+#[test]
+fn sgemm_f32_matches_the_reference() {
+    let mut rng = Rng::new(1);
+    for (i, &shape) in SHAPES.iter().enumerate() {
+        for b_kn in [true, false] {
+            let p = Product::new(&mut rng, shape, b_kn);
+            let (alpha, beta, bias) = if i % 2 == 0 {
+                (0.75, 0.0, true)
+            } else {
+                (1.25, 0.5, false)
+            };
+            let got = run(gemm::sgemm_f32, SHARED_BYTES, &p, alpha, beta, bias);
+            let want = p.reference(alpha, beta, bias);
+            assert_close(
+                &format!("sgemm_f32 {shape:?} b_kn={b_kn}"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn sgemm_tf32_matches_the_reference() {
+    let mut rng = Rng::new(2);
+    for (i, &shape) in SHAPES.iter().enumerate() {
+        for b_kn in [true, false] {
+            let p = Product::new(&mut rng, shape, b_kn);
+            let (alpha, beta, bias) = if i % 2 == 0 {
+                (1.0, 0.0, true)
+            } else {
+                (0.5, 1.5, true)
+            };
+            let got = run(mma::sgemm_tf32, SHARED_BYTES_TF32, &p, alpha, beta, bias);
+            let want = p.reference(alpha, beta, bias);
+            // TF32 keeps 10 significand bits per operand: about 1e-3 * sqrt(k) for unit inputs.
+            let tol = 1e-3 * (p.k as f32).sqrt();
+            assert_close(
+                &format!("sgemm_tf32 {shape:?} b_kn={b_kn}"),
+                &got,
+                &want,
+                tol,
+                1e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn split_k_gemm_and_reduction_match_the_reference() {
+    let mut rng = Rng::new(3);
+    let p = Product::new(&mut rng, (70, 45, 300), false);
+    let splits = 3u32;
+    let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
+    let (a, b, bias) = (
+        DeviceBuffer::from_slice(&p.a),
+        DeviceBuffer::from_slice(&p.b),
+        DeviceBuffer::from_slice(&p.bias),
+    );
+    let ws = DeviceBuffer::<f32>::zeroed(splits as usize * p.m * p.n);
+    let c = DeviceBuffer::from_slice(&p.c0);
+    let grid = [
+        p.n.div_ceil(TILE_N) as u32,
+        p.m.div_ceil(TILE_M) as u32,
+        splits,
+    ];
+    unsafe {
+        // As the host's split launch: raw partial sums, alpha 1, beta 0, no bias.
+        launch(Launch::new(grid, 256, SHARED_BYTES), || {
+            gemm::sgemm_f32(
+                a.ptr(),
+                b.ptr(),
+                ws.ptr_mut(),
+                bias.ptr(),
+                m,
+                n,
+                k,
+                0,
+                0,
+                1.0,
+                0.0,
+            )
+        });
+        launch(grid_stride(p.m * p.n, 4), || {
+            gemm::splitk_reduce_f32(
+                ws.ptr(),
+                c.ptr_mut(),
+                bias.ptr(),
+                m * n,
+                n,
+                splits,
+                1,
+                0.5,
+                2.0,
+            )
+        });
+    }
+    assert_close(
+        "split-K sgemm_f32",
+        &c.to_vec(),
+        &p.reference(0.5, 2.0, true),
+        1e-5,
+        1e-5,
+    );
+}
