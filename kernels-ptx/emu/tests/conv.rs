@@ -1,0 +1,809 @@
+//! The convolution kernels against plain f64 convolutions over OIHW weights: the implicit-GEMM
+//! convs on CUDA cores and TF32 tensor cores (`conv2d_f32`, `conv2d_tf32`), the patch
+//! gathers (`im2col_f32`, `im2col_f16`) and the masked convs over a ragged batch with an
+//! f32, f16 or bf16 cache (`masked_conv2d_cache_*`). Sizes are awkward (channels off every
+//! tile width, odd maps, partial row and column tiles), and every launch is the host
+//! launcher's (`src/cuda/gemm.rs`, `blas.rs`, `ops.rs`): grid, block, shared memory, and the
+//! split-K an H100 gets, followed by its `splitk_reduce_f32`.
+#![cfg(kernel_emu)]
+
+mod common;
+use common::*;
+use retouch_kernels_emu::{gemm, layout, mma};
+
+/// Block tile of the GEMM-shaped kernels (`src/cuda/gemm.rs`: `TILE_M`, `TILE_N`).
+const TILE_M: usize = 128;
+const TILE_N: usize = 64;
+/// `SHARED_BYTES` and `SHARED_BYTES_TF32` of `src/cuda/gemm.rs`.
+const SHARED_BYTES: usize = 2 * (16 * 132 + 16 * 68) * 4;
+const SHARED_BYTES_TF32: usize = 2 * (16 * 136 + 16 * 72) * 4;
+/// `ops.rs`'s grid cap for grid-stride kernels.
+const MAX_GRID: usize = 1 << 16;
+
+/// The host's split-K plan (`k_splits` in `src/cuda/gemm.rs`), for a device of `sms`
+/// multiprocessors.
+fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
+    const MIN_TILES_PER_SPLIT: usize = 8;
+    const MAX_SPLITS: usize = 16;
+    if blocks >= sms {
+        return 1;
+    }
+    let by_k = k.div_ceil(16) / MIN_TILES_PER_SPLIT;
+    (2 * sms)
+        .div_ceil(blocks.max(1))
+        .min(by_k)
+        .clamp(1, MAX_SPLITS)
+}
+
+/// An H100's multiprocessors: small convs there are split along k.
+const H100_SMS: usize = 132;
+
+/// The selftest's tolerance of the f32 GEMM-shaped checks (`GEMM_TOL`), used as both the
+/// absolute and the relative part.
+const GEMM_TOL: f32 = 2e-4;
+
+/// The selftest's TF32 tolerance (`tf32_tol`): inputs rounded to 10 significand bits.
+fn tf32_tol(k: usize) -> f32 {
+    (4e-3 * (k as f32).sqrt()).max(1e-2)
+}
+
+/// `cvt.rna.tf32.f32` written out: keep 10 significand bits, rounding the 13 dropped bits to
+/// nearest with ties away from zero (adding half a unit to the magnitude bits, then cutting).
+fn tf32_rna(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let sign = bits & 0x8000_0000;
+    let magnitude = ((bits & 0x7fff_ffff) + 0x1000) & 0x7fff_e000;
+    f32::from_bits(sign | magnitude)
+}
+
+/// `ops.rs`'s `grid_stride(n)`: 256 threads, enough blocks to cover `n` (at most 2^16).
+fn host_grid_stride(n: usize) -> Launch {
+    Launch::new([n.div_ceil(256).clamp(1, MAX_GRID) as u32, 1, 1], 256, 0)
+}
+
+/// A conv's shape: input `[batch, h, w, cin]`, weight `[cout, cin, kh, kw]`.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    bias: bool,
+}
+
+impl Geom {
+    /// The CPU's `ConvGeometry::out_h` / `out_w`.
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+    fn k(&self) -> usize {
+        self.kh * self.kw * self.cin
+    }
+    fn m(&self) -> usize {
+        self.batch * self.out_h() * self.out_w()
+    }
+    fn name(&self) -> String {
+        format!(
+            "{}x{}x{}x{}->{} {}x{}/{} p{}{}",
+            self.batch,
+            self.h,
+            self.w,
+            self.cin,
+            self.cout,
+            self.kh,
+            self.kw,
+            self.stride,
+            self.pad,
+            if self.bias { " bias" } else { "" }
+        )
+    }
+}
+
+/// PyTorch's weight and bias, and the packed `[kh * kw * cin, cout]` matrix the kernels read
+/// (rows by (ky, kx, ci), as `Conv2dWeight::from_oihw` packs it).
+struct Weight {
+    oihw: Vec<f32>,
+    bias: Vec<f32>,
+    packed: Vec<f32>,
+}
+
+impl Weight {
+    fn new(rng: &mut Rng, g: &Geom) -> Weight {
+        let oihw = rng.values(g.cout * g.cin * g.kh * g.kw, -1.0, 1.0);
+        let bias = rng.values(g.cout, -1.0, 1.0);
+        let mut packed = vec![0.0; oihw.len()];
+        for co in 0..g.cout {
+            for ci in 0..g.cin {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let src = ((co * g.cin + ci) * g.kh + ky) * g.kw + kx;
+                        packed[((ky * g.kw + kx) * g.cin + ci) * g.cout + co] = oihw[src];
+                    }
+                }
+            }
+        }
+        Weight { oihw, bias, packed }
+    }
+
+    fn at(&self, g: &Geom, co: usize, ci: usize, ky: usize, kx: usize) -> f32 {
+        self.oihw[((co * g.cin + ci) * g.kh + ky) * g.kw + kx]
+    }
+}
+
+/// The plain convolution of one channels-last map `[h, w, cin]` at output `(oy, ox)`, every
+/// input and weight passed through `operand` first, summed in f64: the `cout` outputs, and
+/// the sums of the products' magnitudes (for rounding-error bounds).
+fn conv_at(
+    g: &Geom,
+    map: &[f32],
+    wt: &Weight,
+    (oy, ox): (usize, usize),
+    operand: fn(f32) -> f32,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![0.0f64; g.cout];
+    let mut mag = vec![0.0f64; g.cout];
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                continue;
+            }
+            let row = &map[(iy as usize * g.w + ix as usize) * g.cin..][..g.cin];
+            for co in 0..g.cout {
+                for (ci, &v) in row.iter().enumerate() {
+                    let p = operand(v) as f64 * operand(wt.at(g, co, ci, ky, kx)) as f64;
+                    out[co] += p;
+                    mag[co] += p.abs();
+                }
+            }
+        }
+    }
+    if g.bias {
+        for co in 0..g.cout {
+            out[co] += wt.bias[co] as f64;
+            mag[co] += (wt.bias[co] as f64).abs();
+        }
+    }
+    (out, mag)
+}
+
+/// The dense conv of `x = [batch, h, w, cin]`: `[batch * out_h * out_w, cout]` as f32, and
+/// the largest sum of product magnitudes of any output.
+fn dense_reference(g: &Geom, x: &[f32], wt: &Weight, operand: fn(f32) -> f32) -> (Vec<f32>, f64) {
+    let mut out = Vec::with_capacity(g.m() * g.cout);
+    let mut largest = 0.0f64;
+    let hwc = g.h * g.w * g.cin;
+    for b in 0..g.batch {
+        for oy in 0..g.out_h() {
+            for ox in 0..g.out_w() {
+                let (v, mag) = conv_at(g, &x[b * hwc..][..hwc], wt, (oy, ox), operand);
+                out.extend(v.iter().map(|&v| v as f32));
+                largest = mag.iter().fold(largest, |l, &m| l.max(m));
+            }
+        }
+    }
+    (out, largest)
+}
+
+/// The conv kernels' signature: `(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
+/// pad, out_h, out_w, has_bias)`.
+type ConvKernel = unsafe fn(
+    *const f32,
+    *const f32,
+    *const f32,
+    *mut f32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+);
+
+/// Runs the split-K reduction as the host's `finish_split`: `out = sum of the slices + bias`
+/// (alpha 1, beta 0; without a bias the host passes the workspace as the bias pointer).
+fn split_reduce(
+    ws: &DeviceBuffer<f32>,
+    out: &DeviceBuffer<f32>,
+    bias: Option<&DeviceBuffer<f32>>,
+    (m, n): (usize, usize),
+    splits: usize,
+) {
+    let bias_ptr = bias.map_or(ws.ptr(), |b| b.ptr());
+    let has_bias = u32::from(bias.is_some());
+    unsafe {
+        launch(host_grid_stride(m * n), || {
+            gemm::splitk_reduce_f32(
+                ws.ptr(),
+                out.ptr_mut(),
+                bias_ptr,
+                (m * n) as u32,
+                n as u32,
+                splits as u32,
+                has_bias,
+                1.0,
+                0.0,
+            )
+        })
+    };
+}
+
+/// A dense conv launched as `conv2d_on` does: grid `(ceil(cout / 64), ceil(m / 128),
+/// splits)`, 256 threads, `shared` bytes; split launches write raw sums (no bias) into a
+/// zeroed `[splits, m, cout]` workspace that `splitk_reduce_f32` then sums with the bias.
+/// The output starts as NaN (the host's is uninitialised), so an unwritten element fails.
+fn run_conv(
+    kernel: ConvKernel,
+    shared: usize,
+    g: &Geom,
+    x: &[f32],
+    wt: &Weight,
+    splits: usize,
+) -> Vec<f32> {
+    let (m, cout) = (g.m(), g.cout);
+    let xd = DeviceBuffer::from_slice(x);
+    let packed = DeviceBuffer::from_slice(&wt.packed);
+    let bias = g.bias.then(|| DeviceBuffer::from_slice(&wt.bias));
+    let out = DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]);
+    let ws = (splits > 1).then(|| DeviceBuffer::<f32>::zeroed(splits * m * cout));
+    let target = ws.as_ref().map_or(out.ptr_mut(), |w| w.ptr_mut());
+    let bias_ptr = bias.as_ref().map_or(packed.ptr(), |b| b.ptr());
+    let has_bias = u32::from(g.bias && splits == 1);
+    let grid = [
+        cout.div_ceil(TILE_N) as u32,
+        m.div_ceil(TILE_M) as u32,
+        splits as u32,
+    ];
+    let u = |v: usize| v as u32;
+    unsafe {
+        launch(Launch::new(grid, 256, shared), || {
+            kernel(
+                xd.ptr(),
+                packed.ptr(),
+                bias_ptr,
+                target,
+                u(m),
+                u(cout),
+                u(g.h),
+                u(g.w),
+                u(g.cin),
+                u(g.kh),
+                u(g.kw),
+                u(g.stride),
+                u(g.pad),
+                u(g.out_h()),
+                u(g.out_w()),
+                has_bias,
+            )
+        })
+    };
+    if let Some(ws) = &ws {
+        split_reduce(ws, &out, bias.as_ref(), (m, cout), splits);
+    }
+    out.to_vec()
+}
+
+/// The dense conv cases, after the selftest's (3x3 same and downsampling, pointwise, an uneven
+/// 2x3 kernel without padding), on other awkward sizes: several row tiles (m up to 286),
+/// several column tiles (cout 70, 130), channels 3 to 77, and k long enough that an H100
+/// splits it (2 or 3 splits).
+const CONVS: [Geom; 8] = [
+    geom(2, 7, 9, 3, 5, (3, 3), 1, 1, true),
+    geom(2, 7, 9, 40, 77, (3, 3), 2, 1, true),
+    geom(2, 7, 9, 77, 40, (2, 3), 2, 0, false),
+    geom(3, 5, 11, 19, 70, (1, 1), 1, 0, false),
+    geom(2, 6, 7, 5, 9, (1, 1), 2, 1, true),
+    geom(1, 13, 11, 21, 130, (3, 3), 1, 1, true),
+    geom(2, 11, 13, 30, 33, (3, 3), 1, 1, false),
+    geom(3, 9, 8, 6, 17, (3, 3), 2, 0, true),
+];
+
+#[allow(clippy::too_many_arguments)]
+const fn geom(
+    batch: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    pad: usize,
+    bias: bool,
+) -> Geom {
+    Geom {
+        batch,
+        h,
+        w,
+        cin,
+        cout,
+        kh,
+        kw,
+        stride,
+        pad,
+        bias,
+    }
+}
+
+/// `conv2d_f32` against the f64 conv (the selftest's `GEMM_TOL`), launched as an H100's host
+/// launcher does (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`) and,
+/// where that splits, also unsplit (a device with fewer SMs, or more tiles).
+#[test]
+fn conv2d_f32_matches_the_reference() {
+    let mut rng = Rng::new(11);
+    let mut split_cases = 0;
+    for g in &CONVS {
+        let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
+        let wt = Weight::new(&mut rng, g);
+        let (want, _) = dense_reference(g, &x, &wt, |v| v);
+        let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
+        let splits = k_splits(blocks, g.k(), H100_SMS);
+        let mut plans = vec![splits];
+        if splits > 1 {
+            plans.push(1);
+            split_cases += 1;
+        }
+        for splits in plans {
+            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, splits);
+            let what = format!("conv2d_f32 {} splits={splits}", g.name());
+            assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+        }
+    }
+    assert!(split_cases >= 2, "the cases must exercise split-K");
+}
+
+/// `conv2d_tf32` (never split by the host) against the f64 conv within the selftest's TF32
+/// tolerance `max(4e-3 sqrt(k), 1e-2)`; and, tighter, against the f64 conv of the operands
+/// rounded to TF32 (`cvt.rna`, as the kernel stores its tiles) within the f32 accumulation's
+/// error bound `(k / 8 + 2) * 2^-24 * sum |products|` (one rounding per `mma` of 8 k).
+#[test]
+fn conv2d_tf32_matches_the_reference() {
+    let mut rng = Rng::new(12);
+    for g in &CONVS {
+        let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
+        let wt = Weight::new(&mut rng, g);
+        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, 1);
+        let (want, _) = dense_reference(g, &x, &wt, |v| v);
+        let tol = tf32_tol(g.k());
+        assert_close(&format!("conv2d_tf32 {}", g.name()), &got, &want, tol, tol);
+        let (want_tf32, largest) = dense_reference(g, &x, &wt, tf32_rna);
+        let bound = ((g.k() / 8 + 2) as f64 * f32::EPSILON as f64 / 2.0 * largest) as f32;
+        assert_close(
+            &format!("conv2d_tf32 {} (TF32 operands)", g.name()),
+            &got,
+            &want_tf32,
+            bound,
+            0.0,
+        );
+    }
+}
+
+/// The patch matrix `[m, kh * kw * cin]` of `x`: `x[b, oy * stride - pad + ky, ox * stride -
+/// pad + kx, ci]` at row `(b * out_h + oy) * out_w + ox`, column `(ky * kw + kx) * cin + ci`,
+/// zero in the padding.
+fn patches(g: &Geom, x: &[f32]) -> Vec<f32> {
+    let mut cols = Vec::with_capacity(g.m() * g.k());
+    for b in 0..g.batch {
+        for oy in 0..g.out_h() {
+            for ox in 0..g.out_w() {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        let inside = iy >= 0 && ix >= 0 && iy < g.h as isize && ix < g.w as isize;
+                        for ci in 0..g.cin {
+                            cols.push(if inside {
+                                x[((b * g.h + iy as usize) * g.w + ix as usize) * g.cin + ci]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cols
+}
+
+/// im2col cases: padded 3x3 (stride 1 and 2), an uneven unpadded 2x3, a padded 1x1 stride 2
+/// (border patches all padding), odd channel counts.
+const IM2COLS: [Geom; 4] = [
+    geom(2, 7, 9, 3, 1, (3, 3), 1, 1, false),
+    geom(2, 7, 9, 19, 1, (3, 3), 2, 1, false),
+    geom(3, 5, 8, 7, 1, (2, 3), 2, 0, false),
+    geom(2, 6, 7, 5, 1, (1, 1), 2, 1, false),
+];
+
+/// `im2col_f32` equals the patch matrix exactly, under the host's launch (`grid_stride`: one
+/// thread per element) and under a 3-block grid (the grid-stride loop); the output starts as
+/// NaN, so an unwritten element fails.
+#[test]
+fn im2col_f32_matches_the_reference() {
+    let mut rng = Rng::new(13);
+    for g in &IM2COLS {
+        let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
+        let want = patches(g, &x);
+        let n = g.m() * g.k();
+        for l in [host_grid_stride(n), Launch::new([3, 1, 1], 256, 0)] {
+            let xd = DeviceBuffer::from_slice(&x);
+            let cols = DeviceBuffer::from_slice(&vec![f32::NAN; n]);
+            let u = |v: usize| v as u32;
+            unsafe {
+                launch(l, || {
+                    layout::im2col_f32(
+                        xd.ptr(),
+                        cols.ptr_mut(),
+                        u(g.m()),
+                        u(g.h),
+                        u(g.w),
+                        u(g.cin),
+                        u(g.kh),
+                        u(g.kw),
+                        u(g.stride),
+                        u(g.pad),
+                        u(g.out_h()),
+                        u(g.out_w()),
+                    )
+                })
+            };
+            let what = format!("im2col_f32 {} grid {:?}", g.name(), l.grid);
+            assert_close(&what, &cols.to_vec(), &want, 0.0, 0.0);
+        }
+    }
+}
+
+/// `im2col_f16` equals the patch matrix rounded to f16 (nearest even) exactly, under the
+/// host's launch and a 3-block grid.
+#[test]
+fn im2col_f16_matches_the_reference() {
+    let mut rng = Rng::new(14);
+    for g in &IM2COLS {
+        let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
+        let want: Vec<f32> = patches(g, &x).into_iter().map(round_f16).collect();
+        let n = g.m() * g.k();
+        for l in [host_grid_stride(n), Launch::new([3, 1, 1], 256, 0)] {
+            let xd = DeviceBuffer::from_slice(&x);
+            let cols = DeviceBuffer::from_slice(&vec![half::f16::NAN; n]);
+            let u = |v: usize| v as u32;
+            unsafe {
+                launch(l, || {
+                    layout::im2col_f16(
+                        xd.ptr(),
+                        cols.ptr_mut() as *mut _,
+                        u(g.m()),
+                        u(g.h),
+                        u(g.w),
+                        u(g.cin),
+                        u(g.kh),
+                        u(g.kw),
+                        u(g.stride),
+                        u(g.pad),
+                        u(g.out_h()),
+                        u(g.out_w()),
+                    )
+                })
+            };
+            let got: Vec<f32> = cols.to_vec().iter().map(|v| v.to_f32()).collect();
+            let what = format!("im2col_f16 {} grid {:?}", g.name(), l.grid);
+            assert_close(&what, &got, &want, 0.0, 0.0);
+        }
+    }
+}
+
+/// One request of a masked conv, as `MaskedConvSegment`: sorted active positions of the input
+/// grid with their fresh rows (in that order), the template's cached map, and sorted output
+/// positions of the output grid.
+struct Segment {
+    active: Vec<u32>,
+    fresh: Vec<f32>,
+    cached: Vec<f32>,
+    outputs: Vec<u32>,
+}
+
+/// About `percent`% of `0..len`, sorted; `None` picks every position, `Some(0)` none.
+fn pick(rng: &mut Rng, len: usize, percent: Option<usize>) -> Vec<u32> {
+    match percent {
+        None => (0..len as u32).collect(),
+        Some(p) => {
+            let mut v: Vec<u32> = (0..len as u32).filter(|_| rng.below(100) < p).collect();
+            if v.is_empty() && p > 0 {
+                v.push(rng.below(len) as u32);
+            }
+            v
+        }
+    }
+}
+
+/// A masked conv: its geometry (`batch` unused: one map per segment) and segments, each as
+/// (percent active, percent of outputs), `None` for all.
+struct MaskedCase {
+    g: Geom,
+    segments: Vec<(Option<usize>, Option<usize>)>,
+}
+
+/// The selftest's masked cases (7x9 maps, two segments, ~30% active, ~30% or all outputs,
+/// stride 1 and 2), and a third with four segments on an 11x5 map: one all cached (no active
+/// position), one all fresh, one with no output at all, and a 1x1 conv.
+fn masked_cases() -> Vec<MaskedCase> {
+    let two = |all_outputs: bool| {
+        let outputs = if all_outputs { None } else { Some(30) };
+        vec![(Some(30), outputs), (Some(30), outputs)]
+    };
+    let four = vec![
+        (Some(0), Some(50)),
+        (None, Some(40)),
+        (Some(40), Some(0)),
+        (Some(25), None),
+    ];
+    vec![
+        MaskedCase {
+            g: geom(1, 7, 9, 40, 77, (3, 3), 1, 1, true),
+            segments: two(false),
+        },
+        MaskedCase {
+            g: geom(1, 7, 9, 3, 5, (3, 3), 1, 1, true),
+            segments: two(true),
+        },
+        MaskedCase {
+            g: geom(1, 7, 9, 40, 77, (3, 3), 2, 1, true),
+            segments: two(false),
+        },
+        MaskedCase {
+            g: geom(1, 7, 9, 77, 40, (3, 3), 2, 1, false),
+            segments: two(true),
+        },
+        MaskedCase {
+            g: geom(1, 11, 5, 21, 70, (3, 3), 1, 1, true),
+            segments: four.clone(),
+        },
+        MaskedCase {
+            g: geom(1, 11, 5, 13, 9, (1, 1), 1, 0, false),
+            segments: four,
+        },
+    ]
+}
+
+fn make_segments(rng: &mut Rng, case: &MaskedCase) -> Vec<Segment> {
+    let g = &case.g;
+    let (hw, out_hw) = (g.h * g.w, g.out_h() * g.out_w());
+    case.segments
+        .iter()
+        .map(|&(active_pct, out_pct)| {
+            let active = pick(rng, hw, active_pct);
+            let outputs = pick(rng, out_hw, out_pct);
+            Segment {
+                fresh: rng.values(active.len() * g.cin, -1.0, 1.0),
+                cached: rng.values(hw * g.cin, -1.0, 1.0),
+                active,
+                outputs,
+            }
+        })
+        .collect()
+}
+
+/// The semantic reference: per segment, the full map (the cached map as the cache's type
+/// holds it, `round`; the fresh rows at the active positions), convolved densely at its
+/// output positions; all segments' rows stacked.
+fn masked_reference(g: &Geom, segs: &[Segment], wt: &Weight, round: fn(f32) -> f32) -> Vec<f32> {
+    let mut out = Vec::new();
+    for s in segs {
+        let mut map: Vec<f32> = s.cached.iter().map(|&v| round(v)).collect();
+        for (row, &p) in s.active.iter().enumerate() {
+            map[p as usize * g.cin..][..g.cin].copy_from_slice(&s.fresh[row * g.cin..][..g.cin]);
+        }
+        for &p in &s.outputs {
+            let (oy, ox) = (p as usize / g.out_w(), p as usize % g.out_w());
+            let (v, _) = conv_at(g, &map, wt, (oy, ox), |v| v);
+            out.extend(v.iter().map(|&v| v as f32));
+        }
+    }
+    out
+}
+
+/// The masked conv kernels' signature: `(fresh, cached, row_of, rows, weight, bias, out, m,
+/// cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`.
+type MaskedKernel = unsafe fn(
+    *const u64,
+    *const u64,
+    *const u32,
+    *const u32,
+    *const f32,
+    *const f32,
+    *mut f32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+);
+
+/// A masked conv launched as the host's `masked_conv2d`: every segment's fresh rows stacked
+/// in one buffer with a table of each segment's start address, a table of the cached maps'
+/// addresses (elements `C`), `row_of` of every segment concatenated (`u32::MAX` inactive),
+/// `rows` as (segment, output position) pairs; grid `(ceil(cout / 64), ceil(m / 128),
+/// splits)`, 256 threads, `SHARED_BYTES`; split launches write raw sums into a zeroed
+/// workspace, summed with the bias by `splitk_reduce_f32`. Returns the output rows (NaN
+/// where never written).
+fn run_masked<C: Copy>(
+    kernel: MaskedKernel,
+    g: &Geom,
+    segs: &[Segment],
+    cached: &[Vec<C>],
+    wt: &Weight,
+    splits: usize,
+) -> Vec<f32> {
+    let (hw, cout) = (g.h * g.w, g.cout);
+    let stacked: Vec<f32> = segs.iter().flat_map(|s| s.fresh.iter().copied()).collect();
+    let fresh = DeviceBuffer::from_slice(&stacked);
+    let mut at = 0;
+    let starts: Vec<u64> = segs
+        .iter()
+        .map(|s| {
+            let start = fresh.address() + (at * size_of::<f32>()) as u64;
+            at += s.fresh.len();
+            start
+        })
+        .collect();
+    let fresh_table = DeviceBuffer::from_slice(&starts);
+    let cached_d: Vec<DeviceBuffer<C>> =
+        cached.iter().map(|c| DeviceBuffer::from_slice(c)).collect();
+    let cached_table =
+        DeviceBuffer::from_slice(&cached_d.iter().map(|c| c.address()).collect::<Vec<_>>());
+    let mut rows = Vec::new();
+    let mut row_of = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        for &p in &s.outputs {
+            rows.extend_from_slice(&[i as u32, p]);
+        }
+        let mut inverse = vec![u32::MAX; hw];
+        for (row, &p) in s.active.iter().enumerate() {
+            inverse[p as usize] = row as u32;
+        }
+        row_of.extend(inverse);
+    }
+    let m = rows.len() / 2;
+    let (rows_d, row_of_d) = (
+        DeviceBuffer::from_slice(&rows),
+        DeviceBuffer::from_slice(&row_of),
+    );
+    let packed = DeviceBuffer::from_slice(&wt.packed);
+    let bias = g.bias.then(|| DeviceBuffer::from_slice(&wt.bias));
+    let out = DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]);
+    let ws = (splits > 1).then(|| DeviceBuffer::<f32>::zeroed(splits * m * cout));
+    let target = ws.as_ref().map_or(out.ptr_mut(), |w| w.ptr_mut());
+    let bias_ptr = bias.as_ref().map_or(packed.ptr(), |b| b.ptr());
+    let has_bias = u32::from(g.bias && splits == 1);
+    let grid = [
+        cout.div_ceil(TILE_N) as u32,
+        m.div_ceil(TILE_M) as u32,
+        splits as u32,
+    ];
+    let u = |v: usize| v as u32;
+    unsafe {
+        launch(Launch::new(grid, 256, SHARED_BYTES), || {
+            kernel(
+                fresh_table.ptr(),
+                cached_table.ptr(),
+                row_of_d.ptr(),
+                rows_d.ptr(),
+                packed.ptr(),
+                bias_ptr,
+                target,
+                u(m),
+                u(cout),
+                u(g.h),
+                u(g.w),
+                u(g.cin),
+                u(g.kh),
+                u(g.kw),
+                u(g.stride),
+                u(g.pad),
+                u(g.out_w()),
+                has_bias,
+            )
+        })
+    };
+    if let Some(ws) = &ws {
+        split_reduce(ws, &out, bias.as_ref(), (m, cout), splits);
+    }
+    out.to_vec()
+}
+
+/// Runs every masked case with the cache as `C` (`convert` makes it from f32, `round` is
+/// what that keeps), as an H100 launches it and, where that splits, unsplit too; compares
+/// with the semantic reference within the selftest's `GEMM_TOL`.
+fn check_masked<C: Copy>(
+    name: &str,
+    kernel: MaskedKernel,
+    seed: u64,
+    convert: fn(&[f32]) -> Vec<C>,
+    round: fn(f32) -> f32,
+) {
+    let mut rng = Rng::new(seed);
+    let mut split_cases = 0;
+    for case in masked_cases() {
+        let g = &case.g;
+        let wt = Weight::new(&mut rng, g);
+        let segs = make_segments(&mut rng, &case);
+        let cached: Vec<Vec<C>> = segs.iter().map(|s| convert(&s.cached)).collect();
+        let want = masked_reference(g, &segs, &wt, round);
+        let m = want.len() / g.cout;
+        let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
+        let splits = k_splits(blocks, g.k(), H100_SMS);
+        let mut plans = vec![splits];
+        if splits > 1 {
+            plans.push(1);
+            split_cases += 1;
+        }
+        for splits in plans {
+            let got = run_masked(kernel, g, &segs, &cached, &wt, splits);
+            let what = format!(
+                "{name} {} segments={} m={m} splits={splits}",
+                g.name(),
+                segs.len()
+            );
+            assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+        }
+    }
+    assert!(split_cases >= 2, "the cases must exercise split-K");
+}
+
+/// `masked_conv2d_cache_f32` against the semantic reference (dense conv of the composed
+/// map at the output positions).
+#[test]
+fn masked_conv2d_cache_f32_matches_the_reference() {
+    check_masked(
+        "masked_conv2d_cache_f32",
+        gemm::masked_conv2d_cache_f32,
+        21,
+        |v| v.to_vec(),
+        |v| v,
+    );
+}
+
+/// `masked_conv2d_cache_f16`: the cache held as f16, the reference's cached values rounded
+/// to f16.
+#[test]
+fn masked_conv2d_cache_f16_matches_the_reference() {
+    check_masked(
+        "masked_conv2d_cache_f16",
+        gemm::masked_conv2d_cache_f16,
+        22,
+        to_f16,
+        round_f16,
+    );
+}
+
+/// `masked_conv2d_cache_bf16`: the cache held as bf16 bits, the reference's cached values
+/// rounded to bf16.
+#[test]
+fn masked_conv2d_cache_bf16_matches_the_reference() {
+    check_masked(
+        "masked_conv2d_cache_bf16",
+        gemm::masked_conv2d_cache_bf16,
+        23,
+        to_bf16,
+        round_bf16,
+    );
+}
