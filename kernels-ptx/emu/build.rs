@@ -8,7 +8,11 @@
 //! `core`'s `Copy` requires (the device prelude's `Copy` has no supertrait). The modules
 //! `prelude` and `intrinsics` are not copied: `src/` supplies the host versions.
 
-use std::{env, fs, path::PathBuf, process::Command};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 const HOST_SUPPLIED: [&str; 3] = ["lib.rs", "prelude.rs", "intrinsics.rs"];
 
@@ -23,12 +27,14 @@ fn main() {
         .unwrap_or_default();
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     fs::write(out.join("modules.rs"), "").unwrap();
+    fs::write(out.join("entries.rs"), "").unwrap();
     if !version.contains("nightly") {
         return;
     }
     println!("cargo:rustc-cfg=kernel_emu");
 
     let mut modules = String::new();
+    let mut module_names = Vec::new();
     let mut names: Vec<_> = fs::read_dir(&device)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -41,12 +47,57 @@ fn main() {
         let path = out.join(&name);
         fs::write(&path, host).unwrap();
         let module = name.trim_end_matches(".rs");
+        module_names.push(module.to_string());
         modules += &format!(
             "#[path = {:?}]\n#[allow(dead_code, unused_imports, unnecessary_transmutes, clippy::all)]\npub mod {module};\n",
             path.display().to_string()
         );
     }
     fs::write(out.join("modules.rs"), modules).unwrap();
+    fs::write(
+        out.join("entries.rs"),
+        entries(&device.join("../ptx/retouch.sm_80.ptx"), &module_names),
+    )
+    .unwrap();
+}
+
+/// The kernel entry table for launches by name (the emulated driver's `cuLaunchKernel`):
+/// every `.entry` of the committed PTX with its parameter count, calling the host build of
+/// the kernel with each parameter read from the launch's argument pointers (types inferred
+/// from the kernel's signature). CI checks that PTX is current with the sources.
+fn entries(ptx: &Path, modules: &[String]) -> String {
+    println!("cargo:rerun-if-changed={}", ptx.display());
+    let ptx = fs::read_to_string(ptx).unwrap();
+    let mut out = format!(
+        "#[allow(unused_imports)]\nmod all {{\n    pub use crate::{{{}}};\n}}\n\n",
+        modules
+            .iter()
+            .map(|m| format!("{m}::*"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out += "/// The kernel called `name`, if the PTX has it.\npub fn entry(name: &str) -> Option<Entry> {\n    match name {\n";
+    for (name, params) in ptx_entries(&ptx) {
+        let args: Vec<_> = (0..params).map(|i| format!("arg(p, {i})")).collect();
+        out += &format!(
+            "        {name:?} => Some(Entry {{ params: {params}, call: |p| unsafe {{ all::{name}({}) }} }}),\n",
+            args.join(", ")
+        );
+    }
+    out += "        _ => None,\n    }\n}\n";
+    out
+}
+
+/// `(name, parameter count)` of each `.visible .entry` in a PTX file.
+fn ptx_entries(ptx: &str) -> Vec<(String, usize)> {
+    let mut found = Vec::new();
+    for (at, _) in ptx.match_indices(".visible .entry ") {
+        let rest = &ptx[at + ".visible .entry ".len()..];
+        let name = &rest[..rest.find('(').unwrap()];
+        let params = &rest[..rest.find(')').unwrap()];
+        found.push((name.to_string(), params.matches(".param").count()));
+    }
+    found
 }
 
 fn to_host(src: &str) -> String {

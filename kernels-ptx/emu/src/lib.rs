@@ -29,4 +29,30 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 #[cfg(kernel_emu)]
 pub mod buffer;
 #[cfg(kernel_emu)]
+pub mod driver;
+#[cfg(kernel_emu)]
 pub mod simt;
+
+/// Kernel entries by name, for launches that name a kernel (as the driver API's do).
+#[cfg(kernel_emu)]
+pub mod entries {
+    use std::ffi::c_void;
+
+    /// One kernel: its parameter count and a call reading each parameter from the pointer
+    /// at the same index (the driver API's `kernelParams`).
+    #[derive(Clone, Copy)]
+    pub struct Entry {
+        pub params: usize,
+        pub call: unsafe fn(&[*mut c_void]),
+    }
+
+    /// Parameter `i`, typed as the kernel declares it.
+    ///
+    /// # Safety
+    /// `p[i]` points to a value of the kernel's `i`-th parameter type.
+    unsafe fn arg<T: Copy>(p: &[*mut c_void], i: usize) -> T {
+        unsafe { *(p[i] as *const T) }
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/entries.rs"));
+}

@@ -61,7 +61,7 @@ fn block_state() -> &'static BlockState {
 }
 
 pub fn shared_memory() -> *mut u8 {
-    block_state().shared.as_ptr() as *mut u8
+    block_state().shared as *mut u8
 }
 
 /// Which warp-wide operation a lane reached; lanes meeting at different ones have diverged.
@@ -138,11 +138,50 @@ struct BlockState {
     barrier: Barrier,
     warps: Vec<Warp>,
     /// 16-byte units, so 16-byte vector loads of shared memory are aligned.
-    shared: Box<[u128]>,
+    shared: *mut u128,
+    shared_units: usize,
     failure: Mutex<Option<String>>,
 }
 
 impl BlockState {
+    fn new(threads: usize, shared_bytes: usize) -> BlockState {
+        let shared_units = shared_bytes.div_ceil(16).max(1);
+        let shared = Box::into_raw(vec![0u128; shared_units].into_boxed_slice()) as *mut u128;
+        let state = BlockState {
+            barrier: Barrier::new(threads),
+            warps: (0..threads.div_ceil(32))
+                .map(|w| {
+                    let lanes = (threads - 32 * w).min(32);
+                    Warp {
+                        lanes,
+                        barrier: Barrier::new(lanes),
+                        exited: (0..32).map(|_| AtomicBool::new(false)).collect(),
+                        kinds: (0..32).map(|_| AtomicU32::new(0)).collect(),
+                        words: (0..32 * WORDS).map(|_| AtomicU32::new(0)).collect(),
+                    }
+                })
+                .collect(),
+            shared,
+            shared_units,
+            failure: Mutex::new(None),
+        };
+        state.reset();
+        state
+    }
+
+    /// Ready for the next block: every thread present again, shared memory NaN bytes (a
+    /// kernel reading what it never wrote shows up). Called while no thread runs the kernel.
+    fn reset(&self) {
+        self.barrier.reset(self.warps.iter().map(|w| w.lanes).sum());
+        for w in &self.warps {
+            w.barrier.reset(w.lanes);
+            for e in &w.exited {
+                e.store(false, Relaxed);
+            }
+        }
+        unsafe { std::ptr::write_bytes(self.shared, 0xff, self.shared_units) };
+    }
+
     fn stop_all(&self) {
         self.barrier.poison();
         for w in &self.warps {
@@ -156,17 +195,34 @@ impl BlockState {
         warp.barrier.leave();
         self.barrier.leave();
     }
+
+    fn fail(&self, thread: u32, block: [u32; 3], payload: &(dyn Any + Send)) {
+        if !payload.is::<Stopped>() {
+            let mut failure = self.failure.lock().unwrap();
+            failure.get_or_insert_with(|| {
+                format!("thread {thread} of block {block:?}: {}", message(payload))
+            });
+        }
+        self.stop_all();
+    }
 }
 
-/// Runs `kernel` as the launch `l`: every thread of every block calls it once.
+impl Drop for BlockState {
+    fn drop(&mut self) {
+        let slice = std::ptr::slice_from_raw_parts_mut(self.shared, self.shared_units);
+        drop(unsafe { Box::from_raw(slice) });
+    }
+}
+
+/// Runs `kernel` as the launch `l`: every thread of every block calls it once. The block's
+/// threads are spawned once per launch and run the blocks in order, meeting after each.
 ///
 /// # Safety
 /// `kernel` is a device kernel call: the pointers it captures must be valid for everything
 /// the kernel reads and writes under this launch, as on a GPU.
 pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
-    struct Shared<F>(F);
-    unsafe impl<F> Sync for Shared<F> {}
-    let kernel = Shared(kernel);
+    struct Shared<'a, F>(F, &'a BlockState, &'a Barrier);
+    unsafe impl<F> Sync for Shared<'_, F> {}
     quiet_stopped_threads();
     assert!(
         l.block > 0 && l.block <= 1024,
@@ -174,73 +230,44 @@ pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
         l.block
     );
     assert!(l.grid.iter().all(|&g| g > 0), "empty grid {:?}", l.grid);
-    for z in 0..l.grid[2] {
-        for y in 0..l.grid[1] {
-            for x in 0..l.grid[0] {
-                run_block(l, [x, y, z], &kernel.0);
-            }
-        }
-    }
-}
-
-fn run_block<F: Fn()>(l: Launch, block: [u32; 3], kernel: &F) {
-    struct Shared<'a, F>(&'a F, &'a BlockState);
-    unsafe impl<F> Sync for Shared<'_, F> {}
     let threads = l.block as usize;
-    let warps = threads.div_ceil(32);
-    // Shared memory starts as NaN bytes: a kernel reading what it never wrote shows up.
-    let units = l.shared_bytes.div_ceil(16).max(1);
-    let state = BlockState {
-        barrier: Barrier::new(threads),
-        warps: (0..warps)
-            .map(|w| {
-                let lanes = (threads - 32 * w).min(32);
-                Warp {
-                    lanes,
-                    barrier: Barrier::new(lanes),
-                    exited: (0..32).map(|_| AtomicBool::new(false)).collect(),
-                    kinds: (0..32).map(|_| AtomicU32::new(0)).collect(),
-                    words: (0..32 * WORDS).map(|_| AtomicU32::new(0)).collect(),
-                }
-            })
-            .collect(),
-        shared: vec![u128::MAX; units].into_boxed_slice(),
-        failure: Mutex::new(None),
-    };
-    let shared = Shared(kernel, &state);
+    let state = BlockState::new(threads, l.shared_bytes);
+    let block_end = Barrier::new(threads);
+    let shared = Shared(kernel, &state, &block_end);
+    let blocks: Vec<[u32; 3]> = (0..l.grid[2])
+        .flat_map(|z| (0..l.grid[1]).flat_map(move |y| (0..l.grid[0]).map(move |x| [x, y, z])))
+        .collect();
+    let blocks = &blocks;
     std::thread::scope(|s| {
         for t in 0..l.block {
             let shared = &shared;
             std::thread::Builder::new()
                 .stack_size(1 << 20)
                 .spawn_scoped(s, move || {
-                    let state = shared.1;
-                    CONTEXT.set(Some(Context {
-                        thread: t,
-                        block_dim: l.block,
-                        block,
-                        grid: l.grid,
-                        state,
-                    }));
-                    let outcome = panic::catch_unwind(AssertUnwindSafe(shared.0));
-                    CONTEXT.set(None);
-                    match outcome {
-                        Ok(()) => state.thread_done(t),
-                        Err(payload) => {
-                            if !payload.is::<Stopped>() {
-                                let mut failure = state.failure.lock().unwrap();
-                                failure.get_or_insert_with(|| {
-                                    format!("thread {t} of block {block:?}: {}", message(&*payload))
-                                });
-                            }
-                            state.stop_all();
+                    let (kernel, state, block_end) = (&shared.0, shared.1, shared.2);
+                    for &block in blocks {
+                        CONTEXT.set(Some(Context {
+                            thread: t,
+                            block_dim: l.block,
+                            block,
+                            grid: l.grid,
+                            state,
+                        }));
+                        match panic::catch_unwind(AssertUnwindSafe(kernel)) {
+                            Ok(()) => state.thread_done(t),
+                            Err(payload) => state.fail(t, block, &*payload),
+                        }
+                        CONTEXT.set(None);
+                        block_end.wait_then("the end of a block", || state.reset());
+                        if state.failure.lock().unwrap().is_some() {
+                            break;
                         }
                     }
                 })
                 .expect("spawning an emulated thread");
         }
     });
-    if let Some(failure) = state.failure.into_inner().unwrap() {
+    if let Some(failure) = state.failure.lock().unwrap().take() {
         panic!("kernel failed in {failure}");
     }
 }
@@ -295,6 +322,11 @@ impl Barrier {
     }
 
     fn wait(&self, what: &str) {
+        self.wait_then(what, || {});
+    }
+
+    /// `wait`, with `last` run by the last thread to arrive before any is released.
+    fn wait_then(&self, what: &str, last: impl FnOnce()) {
         let mut s = self.state.lock().unwrap();
         if s.poisoned {
             drop(s);
@@ -302,6 +334,7 @@ impl Barrier {
         }
         s.arrived += 1;
         if s.arrived == s.parties {
+            last();
             s.arrived = 0;
             s.generation += 1;
             self.released.notify_all();
@@ -332,6 +365,14 @@ impl Barrier {
             s.generation += 1;
             self.released.notify_all();
         }
+    }
+
+    /// Every party present again and nobody waiting (between blocks).
+    fn reset(&self, parties: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.parties = parties;
+        s.arrived = 0;
+        s.poisoned = false;
     }
 
     fn poison(&self) {

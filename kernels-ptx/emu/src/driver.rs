@@ -1,0 +1,598 @@
+//! The CUDA driver API over the emulator: the functions of `libcuda` that cudarc calls for
+//! Retouch's device, exported unmangled, so the whole GPU path (cudarc, the host launchers,
+//! the device UNet walk, the selftest) runs on the CPU when this library is loaded as
+//! `libcuda.so` (`tools/emu-selftest`).
+//!
+//! Device memory is host memory (a device pointer is the host address), filled with 0xff
+//! bytes when allocated, so a kernel or copy reading memory nothing wrote sees NaN. Every
+//! stream operation runs to completion when it is enqueued, so stream order holds and
+//! events, waits and synchronisations have nothing to wait for; an event records the time it
+//! was recorded. `cuLaunchKernel` runs the kernel the module's PTX names through
+//! [`crate::simt::launch`]; a kernel that fails (a bounds check, a deadlock) fails the launch
+//! with `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. One device, reporting compute
+//! capability 9.0 with an H100's 132 multiprocessors and 227 KiB of shared memory per block.
+
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::alloc::{Layout, alloc, dealloc};
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::entries::{Entry, entry};
+use crate::simt::{Launch, launch};
+
+type CUresult = c_int;
+type CUdevice = c_int;
+type CUdeviceptr = u64;
+type Handle = *mut c_void;
+
+const SUCCESS: CUresult = 0;
+const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
+const INVALID_DEVICE: CUresult = 101;
+const NOT_FOUND: CUresult = 500;
+const LAUNCH_FAILED: CUresult = 719;
+
+/// Allocations by address: device memory, pinned host memory.
+fn allocations() -> &'static Mutex<HashMap<u64, Layout>> {
+    static MAP: OnceLock<Mutex<HashMap<u64, Layout>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+fn allocate(bytes: usize) -> Option<u64> {
+    let layout = Layout::from_size_align(bytes.max(1), 256).ok()?;
+    let ptr = unsafe { alloc(layout) };
+    if ptr.is_null() {
+        return None;
+    }
+    unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
+    allocations().lock().unwrap().insert(ptr as u64, layout);
+    Some(ptr as u64)
+}
+
+fn free(ptr: u64) -> CUresult {
+    match allocations().lock().unwrap().remove(&ptr) {
+        Some(layout) => {
+            unsafe { dealloc(ptr as *mut u8, layout) };
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+/// Opaque handles (context, stream, memory pool) that carry nothing.
+fn token() -> Handle {
+    Box::into_raw(Box::new(0u8)) as Handle
+}
+
+unsafe fn put<T>(out: *mut T, value: T) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    unsafe { out.write(value) };
+    SUCCESS
+}
+
+fn context() -> Handle {
+    static CONTEXT: OnceLock<usize> = OnceLock::new();
+    *CONTEXT.get_or_init(|| token() as usize) as Handle
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    unsafe { put(version, 12090) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    unsafe { put(count, 1) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> CUresult {
+    if ordinal != 0 {
+        return INVALID_DEVICE;
+    }
+    unsafe { put(device, 0) }
+}
+
+/// The attributes Retouch and cudarc read, with an H100's values; 0 for the rest.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_int,
+    _device: CUdevice,
+) -> CUresult {
+    let v = match attribute {
+        1 => 1024,       // max threads per block
+        2 | 3 => 65_535, // max block dims x, y (z 64)
+        4 => 64,
+        5 => i32::MAX, // max grid x
+        6 | 7 => 65_535,
+        8 => 48 * 1024,   // shared memory per block
+        10 => 32,         // warp size
+        12 => 65_536,     // registers per block
+        16 => 132,        // multiprocessors
+        75 => 9,          // compute capability major
+        76 => 0,          // minor
+        81 => 228 * 1024, // shared memory per multiprocessor
+        97 => 227 * 1024, // shared memory per block, opt-in
+        115 => 1,         // memory pools supported
+        _ => 0,
+    };
+    unsafe { put(value, v) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetName(
+    name: *mut c_char,
+    len: c_int,
+    _device: CUdevice,
+) -> CUresult {
+    const NAME: &[u8] = b"Retouch SIMT emulator (CPU)\0";
+    if name.is_null() || (len as usize) < NAME.len() {
+        return INVALID_VALUE;
+    }
+    unsafe { std::ptr::copy_nonoverlapping(NAME.as_ptr() as *const c_char, name, NAME.len()) };
+    SUCCESS
+}
+
+const TOTAL_MEMORY: usize = 16 << 30;
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, _device: CUdevice) -> CUresult {
+    unsafe { put(bytes, TOTAL_MEMORY) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    let used: usize = allocations()
+        .lock()
+        .unwrap()
+        .values()
+        .map(|l| l.size())
+        .sum();
+    unsafe {
+        put(free, TOTAL_MEMORY.saturating_sub(used));
+        put(total, TOTAL_MEMORY)
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Handle, _device: CUdevice) -> CUresult {
+    unsafe { put(ctx, context()) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_device: CUdevice) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSetCurrent(_ctx: Handle) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut Handle) -> CUresult {
+    unsafe { put(ctx, context()) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(
+    pool: *mut Handle,
+    _device: CUdevice,
+) -> CUresult {
+    unsafe { put(pool, context()) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemPoolSetAttribute(
+    _pool: Handle,
+    _attribute: c_int,
+    _value: *mut c_void,
+) -> CUresult {
+    SUCCESS
+}
+
+// Streams: work runs when enqueued, so there is never anything to wait for.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresult {
+    unsafe { put(stream, token()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(
+    stream: *mut Handle,
+    _flags: c_uint,
+    _priority: c_int,
+) -> CUresult {
+    unsafe { put(stream, token()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamDestroy_v2(stream: Handle) -> CUresult {
+    if !stream.is_null() {
+        drop(unsafe { Box::from_raw(stream as *mut u8) });
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize(_stream: Handle) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamWaitEvent(_stream: Handle, _event: Handle, _flags: c_uint) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamQuery(_stream: Handle) -> CUresult {
+    SUCCESS
+}
+
+// Events: the time they were recorded.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventCreate(event: *mut Handle, _flags: c_uint) -> CUresult {
+    unsafe { put(event, Box::into_raw(Box::new(Instant::now())) as Handle) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventRecord(event: Handle, _stream: Handle) -> CUresult {
+    if event.is_null() {
+        return INVALID_VALUE;
+    }
+    unsafe { *(event as *mut Instant) = Instant::now() };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventSynchronize(_event: Handle) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventQuery(_event: Handle) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+    if start.is_null() || end.is_null() {
+        return INVALID_VALUE;
+    }
+    let (start, end) = unsafe { (*(start as *const Instant), *(end as *const Instant)) };
+    let elapsed = end.saturating_duration_since(start).as_secs_f32() * 1e3;
+    unsafe { put(ms, elapsed) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventElapsedTime_v2(
+    ms: *mut f32,
+    start: Handle,
+    end: Handle,
+) -> CUresult {
+    unsafe { cuEventElapsedTime(ms, start, end) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
+    if !event.is_null() {
+        drop(unsafe { Box::from_raw(event as *mut Instant) });
+    }
+    SUCCESS
+}
+
+// Memory.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
+    match allocate(bytes) {
+        Some(p) => unsafe { put(ptr, p) },
+        None => OUT_OF_MEMORY,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    ptr: *mut CUdeviceptr,
+    bytes: usize,
+    _stream: Handle,
+) -> CUresult {
+    unsafe { cuMemAlloc_v2(ptr, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    free(ptr)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: Handle) -> CUresult {
+    free(ptr)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemHostAlloc(
+    ptr: *mut *mut c_void,
+    bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    match allocate(bytes) {
+        Some(p) => unsafe { put(ptr, p as *mut c_void) },
+        None => OUT_OF_MEMORY,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocHost_v2(ptr: *mut *mut c_void, bytes: usize) -> CUresult {
+    unsafe { cuMemHostAlloc(ptr, bytes, 0) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
+    free(ptr as u64)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemHostRegister_v2(
+    _ptr: *mut c_void,
+    _bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuMemHostUnregister(_ptr: *mut c_void) -> CUresult {
+    SUCCESS
+}
+
+unsafe fn copy(dst: u64, src: u64, bytes: usize) -> CUresult {
+    if bytes > 0 {
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyHtoD_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    bytes: usize,
+) -> CUresult {
+    unsafe { copy(dst, src as u64, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: *const c_void,
+    bytes: usize,
+    _stream: Handle,
+) -> CUresult {
+    unsafe { copy(dst, src as u64, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyDtoH_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    bytes: usize,
+) -> CUresult {
+    unsafe { copy(dst as u64, src, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    bytes: usize,
+    _stream: Handle,
+) -> CUresult {
+    unsafe { copy(dst as u64, src, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyDtoD_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    bytes: usize,
+) -> CUresult {
+    unsafe { copy(dst, src, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
+    dst: CUdeviceptr,
+    src: CUdeviceptr,
+    bytes: usize,
+    _stream: Handle,
+) -> CUresult {
+    unsafe { copy(dst, src, bytes) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, count: usize) -> CUresult {
+    unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemsetD8Async(
+    dst: CUdeviceptr,
+    value: u8,
+    count: usize,
+    _stream: Handle,
+) -> CUresult {
+    unsafe { cuMemsetD8_v2(dst, value, count) }
+}
+
+// Modules and launches.
+
+/// A loaded module: the kernel names its PTX declares.
+struct Module {
+    kernels: Vec<String>,
+}
+
+/// A function handle: the kernel's name and its host entry.
+struct Function {
+    name: String,
+    entry: Entry,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_void) -> CUresult {
+    if image.is_null() {
+        return INVALID_VALUE;
+    }
+    let ptx = unsafe { CStr::from_ptr(image as *const c_char) }.to_string_lossy();
+    let kernels = ptx
+        .match_indices(".entry ")
+        .map(|(at, _)| {
+            let rest = &ptx[at + ".entry ".len()..];
+            rest[..rest.find('(').unwrap_or(rest.len())]
+                .trim()
+                .to_string()
+        })
+        .collect();
+    unsafe {
+        put(
+            module,
+            Box::into_raw(Box::new(Module { kernels })) as Handle,
+        )
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleUnload(module: Handle) -> CUresult {
+    if !module.is_null() {
+        drop(unsafe { Box::from_raw(module as *mut Module) });
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut Handle,
+    module: Handle,
+    name: *const c_char,
+) -> CUresult {
+    if module.is_null() || name.is_null() {
+        return INVALID_VALUE;
+    }
+    let module = unsafe { &*(module as *const Module) };
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    if !module.kernels.contains(&name) {
+        return NOT_FOUND;
+    }
+    let Some(entry) = entry(&name) else {
+        eprintln!("emulated driver: the PTX declares `{name}`, which the host build lacks");
+        return NOT_FOUND;
+    };
+    unsafe {
+        put(
+            function,
+            Box::into_raw(Box::new(Function { name, entry })) as Handle,
+        )
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuFuncSetAttribute(
+    _function: Handle,
+    _attribute: c_int,
+    _value: c_int,
+) -> CUresult {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuFuncGetAttribute(
+    value: *mut c_int,
+    attribute: c_int,
+    _function: Handle,
+) -> CUresult {
+    // Max threads per block (0) 1024; sizes and register counts (the rest) reported as 0.
+    unsafe { put(value, if attribute == 0 { 1024 } else { 0 }) }
+}
+
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    function: Handle,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_bytes: c_uint,
+    _stream: Handle,
+    params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    if function.is_null() || block_y != 1 || block_z != 1 {
+        eprintln!(
+            "emulated driver: only 1-D blocks are emulated ({block_x} x {block_y} x {block_z})"
+        );
+        return INVALID_VALUE;
+    }
+    let function = unsafe { &*(function as *const Function) };
+    if function.entry.params > 0 && params.is_null() {
+        return INVALID_VALUE;
+    }
+    let args = unsafe { std::slice::from_raw_parts(params, function.entry.params) };
+    let l = Launch::new([grid_x, grid_y, grid_z], block_x, shared_bytes as usize);
+    let call = function.entry.call;
+    match panic::catch_unwind(AssertUnwindSafe(|| unsafe { launch(l, || call(args)) })) {
+        Ok(()) => SUCCESS,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("emulated driver: {} {l:?} failed: {message}", function.name);
+            LAUNCH_FAILED
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetErrorName(error: CUresult, name: *mut *const c_char) -> CUresult {
+    let text: &'static CStr = match error {
+        SUCCESS => c"CUDA_SUCCESS",
+        INVALID_VALUE => c"CUDA_ERROR_INVALID_VALUE",
+        OUT_OF_MEMORY => c"CUDA_ERROR_OUT_OF_MEMORY",
+        INVALID_DEVICE => c"CUDA_ERROR_INVALID_DEVICE",
+        NOT_FOUND => c"CUDA_ERROR_NOT_FOUND",
+        LAUNCH_FAILED => c"CUDA_ERROR_LAUNCH_FAILED",
+        _ => c"CUDA_ERROR_UNKNOWN",
+    };
+    unsafe { put(name, text.as_ptr()) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_char) -> CUresult {
+    unsafe { cuGetErrorName(error, text) }
+}
