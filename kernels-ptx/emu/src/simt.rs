@@ -1,20 +1,28 @@
-//! The SIMT emulator: a launch runs its blocks one after another, each block's threads as OS
-//! threads. Barriers are rendezvous that count threads that have returned as arrived (as
-//! the hardware does for exited warps); a warp collective (shuffle, `mma.sync`, `bar.warp`)
-//! is a rendezvous of the warp's lanes that also checks every live lane reached the same
-//! kind of collective and that no lane reads an exited one. A deadlock (a barrier some
-//! thread never reaches) fails the launch after [`DEADLOCK`] instead of hanging, and a
-//! panicking thread (a bounds check, a trap) fails it with that thread's message.
+//! The SIMT emulator. A launch runs its blocks one after another on the calling OS thread;
+//! each GPU thread of a block is a coroutine (its own stack, switched in user space), and a
+//! small scheduler resumes them in thread order until each reaches a barrier, a warp
+//! collective or the end of the kernel:
+//!
+//! - `__syncthreads` releases once every thread of the block that has not returned is
+//!   waiting there (threads that returned count as arrived, as the hardware treats exited
+//!   warps);
+//! - a warp collective (shuffle, `mma.sync`, `bar.warp.sync`) releases once every live lane
+//!   of the warp has posted its words there; it checks that they all reached the same kind
+//!   of collective (no divergence) and that no lane reads one that has returned;
+//! - when no thread can move (some wait at a barrier others never reach), the launch fails
+//!   as deadlocked instead of hanging, and a panicking thread (a bounds check, a trap) fails
+//!   it with that thread's message.
+//!
+//! Shared memory starts as NaN bytes for every block, so a kernel reading what it never
+//! wrote shows up. The interleaving is deterministic (thread order between suspensions).
 
 use std::any::Any;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::{Condvar, Mutex, Once};
-use std::time::Duration;
+use std::sync::Once;
 
-/// How long a barrier waits before the launch is declared deadlocked.
-pub const DEADLOCK: Duration = Duration::from_secs(60);
+use corosensei::stack::DefaultStack;
+use corosensei::{Coroutine, CoroutineResult, Yielder};
 
 /// Grid (x, y, z blocks), threads per block (1-D, as every Retouch kernel), and the dynamic
 /// shared memory in bytes.
@@ -35,19 +43,25 @@ impl Launch {
     }
 }
 
-/// The special registers of the calling emulated thread.
+/// The special registers of the running emulated thread.
 #[derive(Clone, Copy)]
 pub struct Context {
     pub thread: u32,
     pub block_dim: u32,
     pub block: [u32; 3],
     pub grid: [u32; 3],
-    state: *const BlockState,
+    block_state: *const BlockState,
+    yielder: *const Yielder<(), Wait>,
 }
 
 thread_local! {
     static CONTEXT: Cell<Option<Context>> = const { Cell::new(None) };
+    /// Coroutine stacks kept between launches (creating one maps memory).
+    static STACKS: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Stack of each emulated thread.
+const STACK_BYTES: usize = 512 * 1024;
 
 pub fn context() -> Context {
     CONTEXT
@@ -57,11 +71,30 @@ pub fn context() -> Context {
 
 fn block_state() -> &'static BlockState {
     // Valid for the whole kernel call: the block's state outlives its threads.
-    unsafe { &*context().state }
+    unsafe { &*context().block_state }
 }
 
 pub fn shared_memory() -> *mut u8 {
-    block_state().shared as *mut u8
+    block_state().shared.as_ptr() as *mut u8
+}
+
+/// Where a thread stopped when it handed control back to the scheduler.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Wait {
+    Block,
+    Warp,
+    /// Returned from the kernel for this block (or failed).
+    Done,
+}
+
+/// Hands control to the scheduler until released, keeping this thread's context.
+fn suspend(wait: Wait) {
+    let c = context();
+    unsafe { &*c.yielder }.suspend(wait);
+    CONTEXT.set(Some(c));
+    if block_state().stopping.get() {
+        panic::panic_any(Stopped);
+    }
 }
 
 /// Which warp-wide operation a lane reached; lanes meeting at different ones have diverged.
@@ -77,16 +110,19 @@ pub enum Collective {
 const WORDS: usize = 8;
 
 /// The words every lane of the warp contributed to the current collective.
-pub struct Lanes<'a>(&'a Warp);
+pub struct Lanes<'a> {
+    state: &'a BlockState,
+    warp: usize,
+}
 
 impl Lanes<'_> {
     pub fn word(&self, lane: u32, index: usize) -> u32 {
-        let warp = self.0;
+        let thread = self.warp * 32 + lane as usize;
         assert!(
-            (lane as usize) < warp.lanes && !warp.exited[lane as usize].load(Relaxed),
-            "a warp collective reads lane {lane}, which has exited or does not exist"
+            thread < self.state.waits.len() && self.state.waits[thread].get() != Wait::Done,
+            "a warp collective reads lane {lane}, which has returned or does not exist"
         );
-        warp.words[lane as usize * WORDS + index].load(Relaxed)
+        self.state.words[thread * WORDS + index].get()
     }
 }
 
@@ -98,131 +134,125 @@ pub fn warp_collective<T>(
     result: impl FnOnce(&Lanes, u32) -> T,
 ) -> T {
     let c = context();
-    let warp = &block_state().warps[(c.thread / 32) as usize];
-    let lane = c.thread % 32;
-    warp.kinds[lane as usize].store(kind as u32, Relaxed);
+    let state = block_state();
+    let t = c.thread as usize;
+    state.kinds[t].set(kind as u32);
     for (i, w) in words.iter().enumerate() {
-        warp.words[lane as usize * WORDS + i].store(*w, Relaxed);
+        state.words[t * WORDS + i].set(*w);
     }
-    warp.barrier.wait("warp collective");
-    for other in 0..warp.lanes {
-        if !warp.exited[other].load(Relaxed) {
-            let theirs = warp.kinds[other].load(Relaxed);
+    suspend(Wait::Warp);
+    let warp = t / 32;
+    for other in warp * 32..(warp * 32 + 32).min(state.waits.len()) {
+        if state.waits[other].get() != Wait::Done {
+            let theirs = state.kinds[other].get();
             assert!(
                 theirs == kind as u32,
-                "warp divergence: lane {lane} is at {kind:?} while lane {other} is at collective {theirs}"
+                "warp divergence: thread {t} is at {kind:?} while thread {other} is at collective {theirs}"
             );
         }
     }
-    let r = result(&Lanes(warp), lane);
-    warp.barrier.wait("warp collective");
+    let r = result(&Lanes { state, warp }, (t % 32) as u32);
+    suspend(Wait::Warp);
     r
 }
 
 pub fn sync_block() {
-    block_state().barrier.wait("__syncthreads");
+    suspend(Wait::Block);
 }
 
 /// Panic payload of threads stopped because another thread of the block failed.
 struct Stopped;
 
-struct Warp {
-    lanes: usize,
-    barrier: Barrier,
-    exited: Vec<AtomicBool>,
-    kinds: Vec<AtomicU32>,
-    words: Vec<AtomicU32>,
-}
-
+/// One block's shared state. Only the launching OS thread touches it (the coroutines run on
+/// it one at a time), hence `Cell`s.
 struct BlockState {
-    barrier: Barrier,
-    warps: Vec<Warp>,
+    waits: Vec<Cell<Wait>>,
+    /// Whether the scheduler has released the thread from its wait.
+    released: Vec<Cell<bool>>,
+    kinds: Vec<Cell<u32>>,
+    words: Vec<Cell<u32>>,
     /// 16-byte units, so 16-byte vector loads of shared memory are aligned.
-    shared: *mut u128,
-    shared_units: usize,
-    failure: Mutex<Option<String>>,
+    shared: Box<[Cell<u128>]>,
+    stopping: Cell<bool>,
+    failure: RefCell<Option<String>>,
 }
 
 impl BlockState {
     fn new(threads: usize, shared_bytes: usize) -> BlockState {
-        let shared_units = shared_bytes.div_ceil(16).max(1);
-        let shared = Box::into_raw(vec![0u128; shared_units].into_boxed_slice()) as *mut u128;
-        let state = BlockState {
-            barrier: Barrier::new(threads),
-            warps: (0..threads.div_ceil(32))
-                .map(|w| {
-                    let lanes = (threads - 32 * w).min(32);
-                    Warp {
-                        lanes,
-                        barrier: Barrier::new(lanes),
-                        exited: (0..32).map(|_| AtomicBool::new(false)).collect(),
-                        kinds: (0..32).map(|_| AtomicU32::new(0)).collect(),
-                        words: (0..32 * WORDS).map(|_| AtomicU32::new(0)).collect(),
-                    }
-                })
+        BlockState {
+            waits: (0..threads).map(|_| Cell::new(Wait::Done)).collect(),
+            released: (0..threads).map(|_| Cell::new(true)).collect(),
+            kinds: (0..threads).map(|_| Cell::new(0)).collect(),
+            words: (0..threads * WORDS).map(|_| Cell::new(0)).collect(),
+            shared: (0..shared_bytes.div_ceil(16).max(1))
+                .map(|_| Cell::new(0))
                 .collect(),
-            shared,
-            shared_units,
-            failure: Mutex::new(None),
-        };
-        state.reset();
-        state
+            stopping: Cell::new(false),
+            failure: RefCell::new(None),
+        }
     }
 
-    /// Ready for the next block: every thread present again, shared memory NaN bytes (a
-    /// kernel reading what it never wrote shows up). Called while no thread runs the kernel.
+    /// Ready for the next block: shared memory NaN bytes, every thread runnable.
     fn reset(&self) {
-        self.barrier.reset(self.warps.iter().map(|w| w.lanes).sum());
-        for w in &self.warps {
-            w.barrier.reset(w.lanes);
-            for e in &w.exited {
-                e.store(false, Relaxed);
+        for unit in self.shared.iter() {
+            unit.set(u128::MAX);
+        }
+        for (w, r) in self.waits.iter().zip(&self.released) {
+            w.set(Wait::Block);
+            r.set(true);
+        }
+    }
+
+    fn fail(&self, what: String) {
+        self.failure.borrow_mut().get_or_insert(what);
+        self.stopping.set(true);
+    }
+
+    /// Releases the waits that are complete; false when none is and no thread can move.
+    fn release(&self) -> bool {
+        let live = |t: usize| self.waits[t].get() != Wait::Done;
+        let mut any = false;
+        // The block barrier: every live thread there.
+        let live_threads: Vec<usize> = (0..self.waits.len()).filter(|&t| live(t)).collect();
+        if !live_threads.is_empty()
+            && live_threads
+                .iter()
+                .all(|&t| self.waits[t].get() == Wait::Block)
+        {
+            for &t in &live_threads {
+                self.released[t].set(true);
+            }
+            any = true;
+        }
+        // Each warp's collective: every live lane there.
+        for warp in live_threads.chunk_by(|a, b| a / 32 == b / 32) {
+            if warp.iter().all(|&t| self.waits[t].get() == Wait::Warp) {
+                for &t in warp {
+                    self.released[t].set(true);
+                }
+                any = true;
             }
         }
-        unsafe { std::ptr::write_bytes(self.shared, 0xff, self.shared_units) };
+        any
     }
 
-    fn stop_all(&self) {
-        self.barrier.poison();
-        for w in &self.warps {
-            w.barrier.poison();
-        }
-    }
-
-    fn thread_done(&self, thread: u32) {
-        let warp = &self.warps[(thread / 32) as usize];
-        warp.exited[(thread % 32) as usize].store(true, Relaxed);
-        warp.barrier.leave();
-        self.barrier.leave();
-    }
-
-    fn fail(&self, thread: u32, block: [u32; 3], payload: &(dyn Any + Send)) {
-        if !payload.is::<Stopped>() {
-            let mut failure = self.failure.lock().unwrap();
-            failure.get_or_insert_with(|| {
-                format!("thread {thread} of block {block:?}: {}", message(payload))
-            });
-        }
-        self.stop_all();
+    fn describe_waits(&self) -> String {
+        let count = |w: Wait| self.waits.iter().filter(|x| x.get() == w).count();
+        format!(
+            "{} threads at __syncthreads, {} at a warp collective, {} returned",
+            count(Wait::Block),
+            count(Wait::Warp),
+            count(Wait::Done)
+        )
     }
 }
 
-impl Drop for BlockState {
-    fn drop(&mut self) {
-        let slice = std::ptr::slice_from_raw_parts_mut(self.shared, self.shared_units);
-        drop(unsafe { Box::from_raw(slice) });
-    }
-}
-
-/// Runs `kernel` as the launch `l`: every thread of every block calls it once. The block's
-/// threads are spawned once per launch and run the blocks in order, meeting after each.
+/// Runs `kernel` as the launch `l`: every thread of every block calls it once.
 ///
 /// # Safety
 /// `kernel` is a device kernel call: the pointers it captures must be valid for everything
 /// the kernel reads and writes under this launch, as on a GPU.
 pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
-    struct Shared<'a, F>(F, &'a BlockState, &'a Barrier);
-    unsafe impl<F> Sync for Shared<'_, F> {}
     quiet_stopped_threads();
     assert!(
         l.block > 0 && l.block <= 1024,
@@ -232,43 +262,87 @@ pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
     assert!(l.grid.iter().all(|&g| g > 0), "empty grid {:?}", l.grid);
     let threads = l.block as usize;
     let state = BlockState::new(threads, l.shared_bytes);
-    let block_end = Barrier::new(threads);
-    let shared = Shared(kernel, &state, &block_end);
-    let blocks: Vec<[u32; 3]> = (0..l.grid[2])
-        .flat_map(|z| (0..l.grid[1]).flat_map(move |y| (0..l.grid[0]).map(move |x| [x, y, z])))
+    let block = Cell::new([0u32; 3]);
+    let finished = Cell::new(false);
+    let (state_ref, kernel_ref, block_ref, finished_ref) = (&state, &kernel, &block, &finished);
+
+    let mut coroutines: Vec<_> = (0..l.block)
+        .map(|t| {
+            let stack = STACKS
+                .with_borrow_mut(|s| s.pop())
+                .unwrap_or_else(|| DefaultStack::new(STACK_BYTES).expect("a coroutine stack"));
+            let body = move |yielder: &Yielder<(), Wait>, ()| loop {
+                let b = block_ref.get();
+                CONTEXT.set(Some(Context {
+                    thread: t,
+                    block_dim: l.block,
+                    block: b,
+                    grid: l.grid,
+                    block_state: state_ref,
+                    yielder,
+                }));
+                if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(kernel_ref))
+                    && !payload.is::<Stopped>()
+                {
+                    state_ref.fail(format!("thread {t} of block {b:?}: {}", message(&*payload)));
+                }
+                CONTEXT.set(None);
+                yielder.suspend(Wait::Done);
+                if finished_ref.get() {
+                    return;
+                }
+            };
+            // SAFETY: everything `body` borrows lives until the coroutines are dropped below.
+            unsafe { Coroutine::with_stack_unchecked(stack, body) }
+        })
         .collect();
-    let blocks = &blocks;
-    std::thread::scope(|s| {
-        for t in 0..l.block {
-            let shared = &shared;
-            std::thread::Builder::new()
-                .stack_size(1 << 20)
-                .spawn_scoped(s, move || {
-                    let (kernel, state, block_end) = (&shared.0, shared.1, shared.2);
-                    for &block in blocks {
-                        CONTEXT.set(Some(Context {
-                            thread: t,
-                            block_dim: l.block,
-                            block,
-                            grid: l.grid,
-                            state,
-                        }));
-                        match panic::catch_unwind(AssertUnwindSafe(kernel)) {
-                            Ok(()) => state.thread_done(t),
-                            Err(payload) => state.fail(t, block, &*payload),
-                        }
-                        CONTEXT.set(None);
-                        block_end.wait_then("the end of a block", || state.reset());
-                        if state.failure.lock().unwrap().is_some() {
-                            break;
-                        }
-                    }
-                })
-                .expect("spawning an emulated thread");
+
+    'blocks: for z in 0..l.grid[2] {
+        for y in 0..l.grid[1] {
+            for x in 0..l.grid[0] {
+                block.set([x, y, z]);
+                state.reset();
+                run_block(&state, &mut coroutines);
+                if state.failure.borrow().is_some() {
+                    break 'blocks;
+                }
+            }
         }
-    });
-    if let Some(failure) = state.failure.lock().unwrap().take() {
+    }
+    // Every coroutine waits after its last block: let each return, and keep its stack.
+    finished.set(true);
+    for mut c in coroutines {
+        let returned = matches!(c.resume(()), CoroutineResult::Return(()));
+        debug_assert!(returned, "a thread body ran past its last block");
+        STACKS.with_borrow_mut(|s| s.push(c.into_stack()));
+    }
+    if let Some(failure) = state.failure.take() {
         panic!("kernel failed in {failure}");
+    }
+}
+
+/// Resumes the block's threads until every one has returned from the kernel.
+fn run_block(state: &BlockState, coroutines: &mut [Coroutine<(), Wait, (), DefaultStack>]) {
+    loop {
+        for (t, c) in coroutines.iter_mut().enumerate() {
+            if state.released[t].get() && state.waits[t].get() != Wait::Done {
+                state.released[t].set(false);
+                match c.resume(()) {
+                    CoroutineResult::Yield(wait) => state.waits[t].set(wait),
+                    CoroutineResult::Return(()) => unreachable!("the thread body loops"),
+                }
+            }
+        }
+        if state.waits.iter().all(|w| w.get() == Wait::Done) {
+            return;
+        }
+        if !state.release() {
+            // Nobody can move: stop everyone (each unwinds with `Stopped` when resumed).
+            state.fail(format!("deadlock: {}", state.describe_waits()));
+            for r in &state.released {
+                r.set(true);
+            }
+        }
     }
 }
 
@@ -293,90 +367,4 @@ fn quiet_stopped_threads() {
             }
         }));
     });
-}
-
-/// A reusable barrier whose party count drops as threads exit.
-struct Barrier {
-    state: Mutex<BarrierState>,
-    released: Condvar,
-}
-
-struct BarrierState {
-    parties: usize,
-    arrived: usize,
-    generation: u64,
-    poisoned: bool,
-}
-
-impl Barrier {
-    fn new(parties: usize) -> Barrier {
-        Barrier {
-            state: Mutex::new(BarrierState {
-                parties,
-                arrived: 0,
-                generation: 0,
-                poisoned: false,
-            }),
-            released: Condvar::new(),
-        }
-    }
-
-    fn wait(&self, what: &str) {
-        self.wait_then(what, || {});
-    }
-
-    /// `wait`, with `last` run by the last thread to arrive before any is released.
-    fn wait_then(&self, what: &str, last: impl FnOnce()) {
-        let mut s = self.state.lock().unwrap();
-        if s.poisoned {
-            drop(s);
-            panic::panic_any(Stopped);
-        }
-        s.arrived += 1;
-        if s.arrived == s.parties {
-            last();
-            s.arrived = 0;
-            s.generation += 1;
-            self.released.notify_all();
-            return;
-        }
-        let generation = s.generation;
-        while s.generation == generation && !s.poisoned {
-            let (next, timeout) = self.released.wait_timeout(s, DEADLOCK).unwrap();
-            s = next;
-            if timeout.timed_out() && s.generation == generation {
-                let (arrived, parties) = (s.arrived, s.parties);
-                drop(s);
-                panic!("deadlock at {what}: {arrived} of {parties} threads arrived");
-            }
-        }
-        if s.generation == generation {
-            drop(s);
-            panic::panic_any(Stopped);
-        }
-    }
-
-    /// A thread returned: it no longer holds up the others.
-    fn leave(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.parties -= 1;
-        if s.arrived > 0 && s.arrived == s.parties {
-            s.arrived = 0;
-            s.generation += 1;
-            self.released.notify_all();
-        }
-    }
-
-    /// Every party present again and nobody waiting (between blocks).
-    fn reset(&self, parties: usize) {
-        let mut s = self.state.lock().unwrap();
-        s.parties = parties;
-        s.arrived = 0;
-        s.poisoned = false;
-    }
-
-    fn poison(&self) {
-        self.state.lock().unwrap().poisoned = true;
-        self.released.notify_all();
-    }
 }

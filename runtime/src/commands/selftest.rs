@@ -9,7 +9,9 @@ use clap::Args;
 use retouch_kernels::Device;
 use retouch_kernels::cuda::{CudaDevice, selftest};
 
+use super::random_model::PresetArg;
 use super::selftest_unet;
+use retouch_models::random_pipeline::Preset;
 
 /// The whole dense UNet on the GPU against the host (after the kernel groups).
 const UNET_GROUP: &str = "unet";
@@ -25,6 +27,10 @@ pub struct SelftestArgs {
     /// then the timings if all pass.
     #[arg(long = "group", value_name = "NAME")]
     groups: Vec<String>,
+    /// The presets the unet group checks (repeatable) [default: tiny, sd15]. Tiny alone
+    /// checks every device path in seconds; sd15 adds the timings the targets are set in.
+    #[arg(long = "unet-preset", value_enum, value_name = "PRESET")]
+    unet_presets: Vec<PresetArg>,
     /// Skip the checks and only time the GEMM-shaped kernels.
     #[arg(long, conflicts_with = "groups")]
     timings: bool,
@@ -66,7 +72,12 @@ pub fn run(args: SelftestArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut failed = 0;
     for group in groups {
         if group == UNET_GROUP {
-            let (checks, failures) = selftest_unet::run(&dev)?;
+            let presets: Vec<Preset> = if args.unet_presets.is_empty() {
+                selftest_unet::PRESETS.to_vec()
+            } else {
+                args.unet_presets.iter().map(|&p| p.into()).collect()
+            };
+            let (checks, failures) = selftest_unet::run(&dev, &presets)?;
             total += checks;
             failed += failures;
             continue;

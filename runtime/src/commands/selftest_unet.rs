@@ -144,7 +144,8 @@ fn rel_l2(gpu: &Tensor, cpu: &Tensor) -> f32 {
     (diff / norm.max(f64::MIN_POSITIVE)).sqrt() as f32
 }
 
-const PRESETS: [Preset; 2] = [Preset::Tiny, Preset::Sd15];
+/// The presets checked unless the command names others.
+pub const PRESETS: [Preset; 2] = [Preset::Tiny, Preset::Sd15];
 const KERNELS: [AttentionKernel; 5] = [
     AttentionKernel::Flash,
     AttentionKernel::FlashMma,
@@ -154,7 +155,10 @@ const KERNELS: [AttentionKernel; 5] = [
 ];
 
 /// Runs the checks and prints one row per preset and setup; returns (checks, failures).
-pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error>> {
+pub fn run(
+    dev: &CudaDevice,
+    presets: &[Preset],
+) -> Result<(usize, usize), Box<dyn std::error::Error>> {
     println!(
         "{:<22} {:<16} {:>12} {:>12} {:>10}  result",
         "op", "size", "max err", "rel L2", "tolerance"
@@ -167,7 +171,7 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
     let cached = cached_setups(default, &dense);
     let mut failed = 0;
     let mut recompute_checks = 0;
-    for preset in PRESETS {
+    for &preset in presets {
         let mut unet = RandomPipeline::new(preset).unet()?;
         let (sample, timesteps, context) = inputs(preset);
         let cpu = unet.forward(&sample, &timesteps, &context)?;
@@ -214,7 +218,7 @@ pub fn run(dev: &CudaDevice) -> Result<(usize, usize), Box<dyn std::error::Error
     }
     default.apply(dev)?;
     Ok((
-        PRESETS.len() * (dense.len() + cached.len()) + recompute_checks,
+        presets.len() * (dense.len() + cached.len()) + recompute_checks,
         failed,
     ))
 }
