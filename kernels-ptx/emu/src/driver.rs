@@ -11,6 +11,11 @@
 //! [`crate::simt::launch`]; a kernel that fails (a bounds check, a deadlock) fails the launch
 //! with `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. One device, reporting compute
 //! capability 9.0 with an H100's 132 multiprocessors and 227 KiB of shared memory per block.
+//!
+//! With `RETOUCH_EMU_SKIP_KERNELS=1` launches are checked (a known function, 1-D blocks) but
+//! not run, device memory is addresses only and copies to or from it are skipped: results are
+//! garbage, and what a step costs is the host's own work (Retouch's launchers, cudarc, the
+//! driver calls), which is what bounds a step made of many small launches.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -18,6 +23,7 @@ use std::alloc::{Layout, alloc, dealloc};
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -51,6 +57,37 @@ fn allocate(bytes: usize) -> Option<u64> {
     unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
     allocations().lock().unwrap().insert(ptr as u64, layout);
     Some(ptr as u64)
+}
+
+/// Device memory: real host memory, or with kernels skipped, an address only (nothing reads
+/// or writes device memory then, so it needs no backing).
+fn allocate_device(bytes: usize) -> Option<u64> {
+    ALLOCATIONS.fetch_add(1, Relaxed);
+    if !skip_kernels() {
+        return allocate(bytes);
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 44);
+    let size = bytes.max(1).next_multiple_of(256) as u64;
+    let ptr = NEXT.fetch_add(size, Relaxed);
+    let layout = Layout::from_size_align(size as usize, 256).ok()?;
+    reserved().lock().unwrap().insert(ptr, layout);
+    Some(ptr)
+}
+
+fn free_device(ptr: u64) -> CUresult {
+    if skip_kernels() {
+        return match reserved().lock().unwrap().remove(&ptr) {
+            Some(_) => SUCCESS,
+            None => INVALID_VALUE,
+        };
+    }
+    free(ptr)
+}
+
+/// With kernels skipped: device allocations by address (no memory behind them).
+fn reserved() -> &'static Mutex<HashMap<u64, Layout>> {
+    static MAP: OnceLock<Mutex<HashMap<u64, Layout>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
 }
 
 fn free(ptr: u64) -> CUresult {
@@ -304,7 +341,7 @@ pub unsafe extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
-    match allocate(bytes) {
+    match allocate_device(bytes) {
         Some(p) => unsafe { put(ptr, p) },
         None => OUT_OF_MEMORY,
     }
@@ -321,12 +358,12 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
-    free(ptr)
+    free_device(ptr)
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: Handle) -> CUresult {
-    free(ptr)
+    free_device(ptr)
 }
 
 #[unsafe(no_mangle)]
@@ -365,8 +402,10 @@ pub extern "C" fn cuMemHostUnregister(_ptr: *mut c_void) -> CUresult {
     SUCCESS
 }
 
+/// A copy with device memory at one end or both (skipped with the kernels).
 unsafe fn copy(dst: u64, src: u64, bytes: usize) -> CUresult {
-    if bytes > 0 {
+    COPIES.fetch_add(1, Relaxed);
+    if bytes > 0 && !skip_kernels() {
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
     }
     SUCCESS
@@ -431,7 +470,10 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, count: usize) -> CUresult {
-    unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    MEMSETS.fetch_add(1, Relaxed);
+    if !skip_kernels() {
+        unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    }
     SUCCESS
 }
 
@@ -561,6 +603,10 @@ pub unsafe extern "C" fn cuLaunchKernel(
     if function.entry.params > 0 && params.is_null() {
         return INVALID_VALUE;
     }
+    LAUNCHES.fetch_add(1, Relaxed);
+    if skip_kernels() {
+        return SUCCESS;
+    }
     let args = unsafe { std::slice::from_raw_parts(params, function.entry.params) };
     let l = Launch::new([grid_x, grid_y, grid_z], block_x, shared_bytes as usize);
     let call = function.entry.call;
@@ -576,6 +622,36 @@ pub unsafe extern "C" fn cuLaunchKernel(
             LAUNCH_FAILED
         }
     }
+}
+
+/// Driver calls so far, by kind (printed at exit with kernels skipped).
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static MEMSETS: AtomicU64 = AtomicU64::new(0);
+static COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// `RETOUCH_EMU_SKIP_KERNELS=1`: launches return at once (see the module's comment).
+fn skip_kernels() -> bool {
+    static SKIP: OnceLock<bool> = OnceLock::new();
+    *SKIP.get_or_init(|| {
+        let skip = std::env::var("RETOUCH_EMU_SKIP_KERNELS").is_ok_and(|v| v == "1");
+        if skip {
+            unsafe extern "C" {
+                fn atexit(f: extern "C" fn()) -> c_int;
+            }
+            extern "C" fn report() {
+                eprintln!(
+                    "emulated driver: {} launches (not run), {} device allocations, {} memsets, {} copies",
+                    LAUNCHES.load(Relaxed),
+                    ALLOCATIONS.load(Relaxed),
+                    MEMSETS.load(Relaxed),
+                    COPIES.load(Relaxed)
+                );
+            }
+            unsafe { atexit(report) };
+        }
+        skip
+    })
 }
 
 #[unsafe(no_mangle)]
