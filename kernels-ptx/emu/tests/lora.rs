@@ -16,31 +16,6 @@ use retouch_kernels_emu::lora;
 /// Elements past the end of every written buffer, checked unchanged afterwards.
 const GUARD: usize = 37;
 
-/// The selftest's comparison (`max_err` in `cuda/selftest.rs`): every element within
-/// `tol * max(1, |ref|)` of the reference, absolute up to 1 and relative above. Fails on NaN
-/// and on an all-zero reference (a check that cannot fail).
-fn assert_within(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    assert!(
-        want.iter().any(|&w| w != 0.0),
-        "{what}: the reference is all zeros"
-    );
-    let mut worst: Option<(usize, f64)> = None;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs() / w.abs().max(1.0);
-        if (err.is_nan() || err > tol) && worst.is_none_or(|(_, e)| err > e || err.is_nan()) {
-            worst = Some((i, err));
-        }
-    }
-    if let Some((i, err)) = worst {
-        panic!(
-            "{what}: element {i} is {} where the reference has {} (error {err:e}, tolerance \
-             {tol:e} x max(1, |ref|))",
-            got[i], want[i]
-        );
-    }
-}
-
 /// `values` followed by [`GUARD`] sentinel values.
 fn guarded<T: Copy>(values: &[T], sentinel: T) -> DeviceBuffer<T> {
     let mut v = values.to_vec();

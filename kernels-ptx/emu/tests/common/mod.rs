@@ -93,3 +93,28 @@ pub fn to_bf16(values: &[f32]) -> Vec<u16> {
         .map(|&v| half::bf16::from_f32(v).to_bits())
         .collect()
 }
+
+/// The selftest's comparison (`max_err` in `cuda/selftest.rs`): every element within
+/// `tol * max(1, |ref|)` of the reference, absolute up to 1 and relative above. Fails on NaN
+/// and on an all-zero reference (a check that cannot fail).
+pub fn assert_within(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert!(
+        want.iter().any(|&w| w != 0.0),
+        "{what}: the reference is all zeros"
+    );
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs() / w.abs().max(1.0);
+        if (err.is_nan() || err > tol) && worst.is_none_or(|(_, e)| err > e || err.is_nan()) {
+            worst = Some((i, err));
+        }
+    }
+    if let Some((i, err)) = worst {
+        panic!(
+            "{what}: element {i} is {} where the reference has {} (error {err:e}, tolerance \
+             {tol:e} x max(1, |ref|))",
+            got[i], want[i]
+        );
+    }
+}
