@@ -9,7 +9,10 @@
 //! events, waits and synchronisations have nothing to wait for; an event records the time it
 //! was recorded. `cuLaunchKernel` runs the kernel the module's PTX names through
 //! [`crate::simt::launch`]; a kernel that fails (a bounds check, a deadlock) fails the launch
-//! with `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. One device, reporting compute
+//! with `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. A launch the hardware would
+//! refuse (more than 1024 threads, an empty or oversized grid, more dynamic shared memory
+//! than the function allows: 48 KiB unless raised with `cuFuncSetAttribute`) returns
+//! `CUDA_ERROR_INVALID_VALUE`, with the reason on stderr. One device, reporting compute
 //! capability 9.0 with an H100's 132 multiprocessors and 227 KiB of shared memory per block.
 //!
 //! With `RETOUCH_EMU_SKIP_KERNELS=1` launches are checked (a known function, 1-D blocks) but
@@ -494,11 +497,17 @@ struct Module {
     kernels: Vec<String>,
 }
 
-/// A function handle: the kernel's name and its host entry.
+/// A function handle: the kernel's name, its host entry, and the dynamic shared memory a
+/// launch may ask for (48 KiB unless raised with `cuFuncSetAttribute`, as on the hardware).
 struct Function {
     name: String,
     entry: Entry,
+    max_dynamic_shared: AtomicU64,
 }
+
+/// Dynamic shared memory per block without opting in, and the most an H100 allows with it.
+const DEFAULT_DYNAMIC_SHARED: u64 = 48 * 1024;
+const OPT_IN_DYNAMIC_SHARED: u64 = 227 * 1024;
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_void) -> CUresult {
@@ -533,7 +542,7 @@ pub unsafe extern "C" fn cuModuleUnload(module: Handle) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuModuleGetFunction(
-    function: *mut Handle,
+    function_out: *mut Handle,
     module: Handle,
     name: *const c_char,
 ) -> CUresult {
@@ -551,20 +560,33 @@ pub unsafe extern "C" fn cuModuleGetFunction(
         eprintln!("emulated driver: the PTX declares `{name}`, which the host build lacks");
         return NOT_FOUND;
     };
-    unsafe {
-        put(
-            function,
-            Box::into_raw(Box::new(Function { name, entry })) as Handle,
-        )
-    }
+    let function = Function {
+        name,
+        entry,
+        max_dynamic_shared: AtomicU64::new(DEFAULT_DYNAMIC_SHARED),
+    };
+    unsafe { put(function_out, Box::into_raw(Box::new(function)) as Handle) }
 }
 
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+const MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
+
 #[unsafe(no_mangle)]
-pub extern "C" fn cuFuncSetAttribute(
-    _function: Handle,
-    _attribute: c_int,
-    _value: c_int,
+pub unsafe extern "C" fn cuFuncSetAttribute(
+    function: Handle,
+    attribute: c_int,
+    value: c_int,
 ) -> CUresult {
+    if function.is_null() {
+        return INVALID_VALUE;
+    }
+    if attribute == MAX_DYNAMIC_SHARED_SIZE_BYTES {
+        if value < 0 || value as u64 > OPT_IN_DYNAMIC_SHARED {
+            return INVALID_VALUE;
+        }
+        let function = unsafe { &*(function as *const Function) };
+        function.max_dynamic_shared.store(value as u64, Relaxed);
+    }
     SUCCESS
 }
 
@@ -593,14 +615,32 @@ pub unsafe extern "C" fn cuLaunchKernel(
     params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
-    if function.is_null() || block_y != 1 || block_z != 1 {
-        eprintln!(
-            "emulated driver: only 1-D blocks are emulated ({block_x} x {block_y} x {block_z})"
-        );
+    if function.is_null() {
         return INVALID_VALUE;
     }
     let function = unsafe { &*(function as *const Function) };
     if function.entry.params > 0 && params.is_null() {
+        return INVALID_VALUE;
+    }
+    // The hardware's limits; Retouch's kernels are all 1-D blocks.
+    let refusal = if block_y != 1 || block_z != 1 {
+        Some(format!(
+            "a {block_x} x {block_y} x {block_z} block (only 1-D blocks are emulated)"
+        ))
+    } else if block_x == 0 || block_x > 1024 {
+        Some(format!("{block_x} threads per block (1 to 1024)"))
+    } else if grid_x == 0 || grid_y == 0 || grid_z == 0 || grid_y > 65_535 || grid_z > 65_535 {
+        Some(format!("a {grid_x} x {grid_y} x {grid_z} grid"))
+    } else if u64::from(shared_bytes) > function.max_dynamic_shared.load(Relaxed) {
+        Some(format!(
+            "{shared_bytes} bytes of dynamic shared memory (the function allows {})",
+            function.max_dynamic_shared.load(Relaxed)
+        ))
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
+        eprintln!("emulated driver: {} refused: {refusal}", function.name);
         return INVALID_VALUE;
     }
     LAUNCHES.fetch_add(1, Relaxed);
