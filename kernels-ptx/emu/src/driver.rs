@@ -31,7 +31,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::entries::{Entry, entry};
-use crate::simt::{Launch, launch};
+use crate::simt::{Launch, launch, message};
 
 type CUresult = c_int;
 type CUdevice = c_int;
@@ -45,57 +45,45 @@ const INVALID_DEVICE: CUresult = 101;
 const NOT_FOUND: CUresult = 500;
 const LAUNCH_FAILED: CUresult = 719;
 
-/// Allocations by address: device memory, pinned host memory.
-fn allocations() -> &'static Mutex<HashMap<u64, Layout>> {
-    static MAP: OnceLock<Mutex<HashMap<u64, Layout>>> = OnceLock::new();
+/// What stands behind an allocation's address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Memory {
+    Device,
+    /// Device memory with kernels skipped: an address only (nothing reads or writes it).
+    Unbacked,
+    PinnedHost,
+}
+
+/// Allocations by address.
+fn allocations() -> &'static Mutex<HashMap<u64, (Layout, Memory)>> {
+    static MAP: OnceLock<Mutex<HashMap<u64, (Layout, Memory)>>> = OnceLock::new();
     MAP.get_or_init(Default::default)
 }
 
-fn allocate(bytes: usize) -> Option<u64> {
+/// `bytes` of host memory (filled with 0xff), or with kernels skipped and `kind` device
+/// memory, an address only.
+fn allocate(bytes: usize, kind: Memory) -> Option<u64> {
     let layout = Layout::from_size_align(bytes.max(1), 256).ok()?;
-    let ptr = unsafe { alloc(layout) };
-    if ptr.is_null() {
-        return None;
-    }
-    unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
-    allocations().lock().unwrap().insert(ptr as u64, layout);
-    Some(ptr as u64)
-}
-
-/// Device memory: real host memory, or with kernels skipped, an address only (nothing reads
-/// or writes device memory then, so it needs no backing).
-fn allocate_device(bytes: usize) -> Option<u64> {
-    ALLOCATIONS.fetch_add(1, Relaxed);
-    if !skip_kernels() {
-        return allocate(bytes);
-    }
-    static NEXT: AtomicU64 = AtomicU64::new(1 << 44);
-    let size = bytes.max(1).next_multiple_of(256) as u64;
-    let ptr = NEXT.fetch_add(size, Relaxed);
-    let layout = Layout::from_size_align(size as usize, 256).ok()?;
-    reserved().lock().unwrap().insert(ptr, layout);
+    let (ptr, kind) = if kind == Memory::Device && skip_kernels() {
+        static NEXT: AtomicU64 = AtomicU64::new(1 << 44);
+        let size = layout.size().next_multiple_of(256) as u64;
+        (NEXT.fetch_add(size, Relaxed), Memory::Unbacked)
+    } else {
+        let ptr = unsafe { alloc(layout) };
+        if ptr.is_null() {
+            return None;
+        }
+        unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
+        (ptr as u64, kind)
+    };
+    allocations().lock().unwrap().insert(ptr, (layout, kind));
     Some(ptr)
-}
-
-fn free_device(ptr: u64) -> CUresult {
-    if skip_kernels() {
-        return match reserved().lock().unwrap().remove(&ptr) {
-            Some(_) => SUCCESS,
-            None => INVALID_VALUE,
-        };
-    }
-    free(ptr)
-}
-
-/// With kernels skipped: device allocations by address (no memory behind them).
-fn reserved() -> &'static Mutex<HashMap<u64, Layout>> {
-    static MAP: OnceLock<Mutex<HashMap<u64, Layout>>> = OnceLock::new();
-    MAP.get_or_init(Default::default)
 }
 
 fn free(ptr: u64) -> CUresult {
     match allocations().lock().unwrap().remove(&ptr) {
-        Some(layout) => {
+        Some((_, Memory::Unbacked)) => SUCCESS,
+        Some((layout, _)) => {
             unsafe { dealloc(ptr as *mut u8, layout) };
             SUCCESS
         }
@@ -198,7 +186,8 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         .lock()
         .unwrap()
         .values()
-        .map(|l| l.size())
+        .filter(|(_, kind)| *kind != Memory::PinnedHost)
+        .map(|(layout, _)| layout.size())
         .sum();
     unsafe {
         put(free, TOTAL_MEMORY.saturating_sub(used));
@@ -344,7 +333,8 @@ pub unsafe extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
-    match allocate_device(bytes) {
+    ALLOCATIONS.fetch_add(1, Relaxed);
+    match allocate(bytes, Memory::Device) {
         Some(p) => unsafe { put(ptr, p) },
         None => OUT_OF_MEMORY,
     }
@@ -361,12 +351,12 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
-    free_device(ptr)
+    free(ptr)
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: Handle) -> CUresult {
-    free_device(ptr)
+    free(ptr)
 }
 
 #[unsafe(no_mangle)]
@@ -375,7 +365,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     bytes: usize,
     _flags: c_uint,
 ) -> CUresult {
-    match allocate(bytes) {
+    match allocate(bytes, Memory::PinnedHost) {
         Some(p) => unsafe { put(ptr, p as *mut c_void) },
         None => OUT_OF_MEMORY,
     }
@@ -653,11 +643,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     match panic::catch_unwind(AssertUnwindSafe(|| unsafe { launch(l, || call(args)) })) {
         Ok(()) => SUCCESS,
         Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = message(&*payload);
             eprintln!("emulated driver: {} {l:?} failed: {message}", function.name);
             LAUNCH_FAILED
         }

@@ -78,9 +78,12 @@ pub fn shared_memory() -> *mut u8 {
     block_state().shared.as_ptr() as *mut u8
 }
 
-/// Where a thread stopped when it handed control back to the scheduler.
+/// Where a thread stands with the scheduler: released to run, or where it stopped when it
+/// handed control back.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Wait {
+    /// Released: runs at the scheduler's next pass.
+    Ready,
     Block,
     Warp,
     /// Returned from the kernel for this block (or failed).
@@ -99,11 +102,10 @@ fn suspend(wait: Wait) {
 
 /// Which warp-wide operation a lane reached; lanes meeting at different ones have diverged.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[repr(u32)]
 pub enum Collective {
-    SyncWarp = 1,
-    Shuffle = 2,
-    Mma = 3,
+    SyncWarp,
+    Shuffle,
+    Mma,
 }
 
 /// Words each lane contributes to a collective (an `mma` operand set is 6).
@@ -136,7 +138,7 @@ pub fn warp_collective<T>(
     let c = context();
     let state = block_state();
     let t = c.thread as usize;
-    state.kinds[t].set(kind as u32);
+    state.kinds[t].set(Some(kind));
     for (i, w) in words.iter().enumerate() {
         state.words[t * WORDS + i].set(*w);
     }
@@ -146,8 +148,8 @@ pub fn warp_collective<T>(
         if state.waits[other].get() != Wait::Done {
             let theirs = state.kinds[other].get();
             assert!(
-                theirs == kind as u32,
-                "warp divergence: thread {t} is at {kind:?} while thread {other} is at collective {theirs}"
+                theirs == Some(kind),
+                "warp divergence: thread {t} is at {kind:?} while thread {other} is at {theirs:?}"
             );
         }
     }
@@ -167,9 +169,8 @@ struct Stopped;
 /// it one at a time), hence `Cell`s.
 struct BlockState {
     waits: Vec<Cell<Wait>>,
-    /// Whether the scheduler has released the thread from its wait.
-    released: Vec<Cell<bool>>,
-    kinds: Vec<Cell<u32>>,
+    /// The collective each thread last reached.
+    kinds: Vec<Cell<Option<Collective>>>,
     words: Vec<Cell<u32>>,
     /// 16-byte units, so 16-byte vector loads of shared memory are aligned.
     shared: Box<[Cell<u128>]>,
@@ -181,8 +182,7 @@ impl BlockState {
     fn new(threads: usize, shared_bytes: usize) -> BlockState {
         BlockState {
             waits: (0..threads).map(|_| Cell::new(Wait::Done)).collect(),
-            released: (0..threads).map(|_| Cell::new(true)).collect(),
-            kinds: (0..threads).map(|_| Cell::new(0)).collect(),
+            kinds: (0..threads).map(|_| Cell::new(None)).collect(),
             words: (0..threads * WORDS).map(|_| Cell::new(0)).collect(),
             shared: (0..shared_bytes.div_ceil(16).max(1))
                 .map(|_| Cell::new(0))
@@ -197,9 +197,8 @@ impl BlockState {
         for unit in self.shared.iter() {
             unit.set(u128::MAX);
         }
-        for (w, r) in self.waits.iter().zip(&self.released) {
-            w.set(Wait::Block);
-            r.set(true);
+        for w in &self.waits {
+            w.set(Wait::Ready);
         }
     }
 
@@ -220,7 +219,7 @@ impl BlockState {
                 .all(|&t| self.waits[t].get() == Wait::Block)
         {
             for &t in &live_threads {
-                self.released[t].set(true);
+                self.waits[t].set(Wait::Ready);
             }
             any = true;
         }
@@ -228,7 +227,7 @@ impl BlockState {
         for warp in live_threads.chunk_by(|a, b| a / 32 == b / 32) {
             if warp.iter().all(|&t| self.waits[t].get() == Wait::Warp) {
                 for &t in warp {
-                    self.released[t].set(true);
+                    self.waits[t].set(Wait::Ready);
                 }
                 any = true;
             }
@@ -325,8 +324,7 @@ pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
 fn run_block(state: &BlockState, coroutines: &mut [Coroutine<(), Wait, (), DefaultStack>]) {
     loop {
         for (t, c) in coroutines.iter_mut().enumerate() {
-            if state.released[t].get() && state.waits[t].get() != Wait::Done {
-                state.released[t].set(false);
+            if state.waits[t].get() == Wait::Ready {
                 match c.resume(()) {
                     CoroutineResult::Yield(wait) => state.waits[t].set(wait),
                     CoroutineResult::Return(()) => unreachable!("the thread body loops"),
@@ -339,14 +337,17 @@ fn run_block(state: &BlockState, coroutines: &mut [Coroutine<(), Wait, (), Defau
         if !state.release() {
             // Nobody can move: stop everyone (each unwinds with `Stopped` when resumed).
             state.fail(format!("deadlock: {}", state.describe_waits()));
-            for r in &state.released {
-                r.set(true);
+            for w in &state.waits {
+                if w.get() != Wait::Done {
+                    w.set(Wait::Ready);
+                }
             }
         }
     }
 }
 
-fn message(payload: &(dyn Any + Send)) -> String {
+/// A panic's message, for a failure report.
+pub fn message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -243,6 +243,66 @@ fn split_reduce(
     };
 }
 
+/// The output side of a GEMM-shaped conv launch, set up as the host does: C (NaN until
+/// written, as the host's uninitialised output), and when split a zeroed `[splits, m, cout]`
+/// workspace the launch writes raw sums into (no bias: the reduction adds it). Without a bias
+/// the kernel is given the packed weight as its bias pointer, as the host does.
+struct ConvOutput {
+    out: DeviceBuffer<f32>,
+    workspace: Option<DeviceBuffer<f32>>,
+    bias: Option<DeviceBuffer<f32>>,
+    m: usize,
+    cout: usize,
+    splits: usize,
+}
+
+impl ConvOutput {
+    fn new(g: &Geom, wt: &Weight, m: usize, splits: usize) -> ConvOutput {
+        let cout = g.cout;
+        ConvOutput {
+            out: DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]),
+            workspace: (splits > 1).then(|| DeviceBuffer::zeroed(splits * m * cout)),
+            bias: g.bias.then(|| DeviceBuffer::from_slice(&wt.bias)),
+            m,
+            cout,
+            splits,
+        }
+    }
+
+    /// Where the launch writes: the workspace when split, else C.
+    fn target(&self) -> *mut f32 {
+        self.workspace
+            .as_ref()
+            .map_or(self.out.ptr_mut(), |w| w.ptr_mut())
+    }
+
+    fn bias_ptr(&self, packed: &DeviceBuffer<f32>) -> *const f32 {
+        self.bias.as_ref().map_or(packed.ptr(), |b| b.ptr())
+    }
+
+    fn has_bias(&self) -> u32 {
+        u32::from(self.bias.is_some() && self.workspace.is_none())
+    }
+
+    /// `(ceil(cout / 64), ceil(m / 128), splits)`.
+    fn grid(&self) -> [u32; 3] {
+        [
+            self.cout.div_ceil(TILE_N) as u32,
+            self.m.div_ceil(TILE_M) as u32,
+            self.splits as u32,
+        ]
+    }
+
+    /// C after the launch (and, when split, the reduction).
+    fn finish(self) -> Vec<f32> {
+        if let Some(ws) = &self.workspace {
+            let dims = (self.m, self.cout);
+            split_reduce(ws, &self.out, self.bias.as_ref(), dims, self.splits);
+        }
+        self.out.to_vec()
+    }
+}
+
 /// A dense conv launched as `conv2d_on` does: grid `(ceil(cout / 64), ceil(m / 128),
 /// splits)`, 256 threads, `shared` bytes; split launches write raw sums (no bias) into a
 /// zeroed `[splits, m, cout]` workspace that `splitk_reduce_f32` then sums with the bias.
@@ -258,20 +318,11 @@ fn run_conv(
     let (m, cout) = (g.m(), g.cout);
     let xd = DeviceBuffer::from_slice(x);
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let bias = g.bias.then(|| DeviceBuffer::from_slice(&wt.bias));
-    let out = DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]);
-    let ws = (splits > 1).then(|| DeviceBuffer::<f32>::zeroed(splits * m * cout));
-    let target = ws.as_ref().map_or(out.ptr_mut(), |w| w.ptr_mut());
-    let bias_ptr = bias.as_ref().map_or(packed.ptr(), |b| b.ptr());
-    let has_bias = u32::from(g.bias && splits == 1);
-    let grid = [
-        cout.div_ceil(TILE_N) as u32,
-        m.div_ceil(TILE_M) as u32,
-        splits as u32,
-    ];
+    let o = ConvOutput::new(g, wt, m, splits);
+    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let u = |v: usize| v as u32;
     unsafe {
-        launch(Launch::new(grid, 256, shared), || {
+        launch(Launch::new(o.grid(), 256, shared), || {
             kernel(
                 xd.ptr(),
                 packed.ptr(),
@@ -292,10 +343,7 @@ fn run_conv(
             )
         })
     };
-    if let Some(ws) = &ws {
-        split_reduce(ws, &out, bias.as_ref(), (m, cout), splits);
-    }
-    out.to_vec()
+    o.finish()
 }
 
 /// The dense conv cases, after the selftest's (3x3 same and downsampling, pointwise, an uneven
@@ -688,20 +736,11 @@ fn run_masked<C: Copy>(
         DeviceBuffer::from_slice(&row_of),
     );
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let bias = g.bias.then(|| DeviceBuffer::from_slice(&wt.bias));
-    let out = DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]);
-    let ws = (splits > 1).then(|| DeviceBuffer::<f32>::zeroed(splits * m * cout));
-    let target = ws.as_ref().map_or(out.ptr_mut(), |w| w.ptr_mut());
-    let bias_ptr = bias.as_ref().map_or(packed.ptr(), |b| b.ptr());
-    let has_bias = u32::from(g.bias && splits == 1);
-    let grid = [
-        cout.div_ceil(TILE_N) as u32,
-        m.div_ceil(TILE_M) as u32,
-        splits as u32,
-    ];
+    let o = ConvOutput::new(g, wt, m, splits);
+    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let u = |v: usize| v as u32;
     unsafe {
-        launch(Launch::new(grid, 256, SHARED_BYTES), || {
+        launch(Launch::new(o.grid(), 256, SHARED_BYTES), || {
             kernel(
                 fresh_table.ptr(),
                 cached_table.ptr(),
@@ -724,10 +763,7 @@ fn run_masked<C: Copy>(
             )
         })
     };
-    if let Some(ws) = &ws {
-        split_reduce(ws, &out, bias.as_ref(), (m, cout), splits);
-    }
-    out.to_vec()
+    o.finish()
 }
 
 /// Runs every masked case with the cache as `C` (`convert` makes it from f32, `round` is
