@@ -23,7 +23,7 @@
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 use std::alloc::{Layout, alloc, dealloc};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -54,10 +54,20 @@ enum Memory {
     PinnedHost,
 }
 
-/// Allocations by address.
-fn allocations() -> &'static Mutex<HashMap<u64, (Layout, Memory)>> {
-    static MAP: OnceLock<Mutex<HashMap<u64, (Layout, Memory)>>> = OnceLock::new();
+/// Allocations by address (ordered, so an address inside one finds it).
+fn allocations() -> &'static Mutex<BTreeMap<u64, (Layout, Memory)>> {
+    static MAP: OnceLock<Mutex<BTreeMap<u64, (Layout, Memory)>>> = OnceLock::new();
     MAP.get_or_init(Default::default)
+}
+
+/// Whether `address` lies inside a page-locked host allocation.
+fn is_pinned(address: u64) -> bool {
+    let map = allocations().lock().unwrap();
+    map.range(..=address)
+        .next_back()
+        .is_some_and(|(&base, (layout, kind))| {
+            *kind == Memory::PinnedHost && address < base + layout.size() as u64
+        })
 }
 
 /// `bytes` of host memory (filled with 0xff), or with kernels skipped and `kind` device
@@ -351,12 +361,13 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    FREES.fetch_add(1, Relaxed);
     free(ptr)
 }
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: Handle) -> CUresult {
-    free(ptr)
+    cuMemFree_v2(ptr)
 }
 
 #[unsafe(no_mangle)]
@@ -395,9 +406,25 @@ pub extern "C" fn cuMemHostUnregister(_ptr: *mut c_void) -> CUresult {
     SUCCESS
 }
 
+/// Which way a copy goes, for the counts.
+#[derive(Clone, Copy)]
+enum Direction {
+    HostToDevice,
+    DeviceToHost,
+    DeviceToDevice,
+}
+
 /// A copy with device memory at one end or both (skipped with the kernels).
-unsafe fn copy(dst: u64, src: u64, bytes: usize) -> CUresult {
-    COPIES.fetch_add(1, Relaxed);
+unsafe fn copy(dst: u64, src: u64, bytes: usize, direction: Direction) -> CUresult {
+    let counter = match direction {
+        // From pageable memory the real driver stages the bytes itself, and may wait for
+        // the stream to do so: the copies a step should not make.
+        Direction::HostToDevice if is_pinned(src) => &COPIES_FROM_PINNED,
+        Direction::HostToDevice => &COPIES_FROM_PAGEABLE,
+        Direction::DeviceToHost => &COPIES_TO_HOST,
+        Direction::DeviceToDevice => &COPIES_ON_DEVICE,
+    };
+    counter.fetch_add(1, Relaxed);
     if bytes > 0 && !skip_kernels() {
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
     }
@@ -410,7 +437,7 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(
     src: *const c_void,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst, src as u64, bytes) }
+    unsafe { copy(dst, src as u64, bytes, Direction::HostToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -420,7 +447,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     bytes: usize,
     _stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst, src as u64, bytes) }
+    unsafe { copy(dst, src as u64, bytes, Direction::HostToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -429,7 +456,7 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(
     src: CUdeviceptr,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst as u64, src, bytes) }
+    unsafe { copy(dst as u64, src, bytes, Direction::DeviceToHost) }
 }
 
 #[unsafe(no_mangle)]
@@ -439,7 +466,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     bytes: usize,
     _stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst as u64, src, bytes) }
+    unsafe { copy(dst as u64, src, bytes, Direction::DeviceToHost) }
 }
 
 #[unsafe(no_mangle)]
@@ -448,7 +475,7 @@ pub unsafe extern "C" fn cuMemcpyDtoD_v2(
     src: CUdeviceptr,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst, src, bytes) }
+    unsafe { copy(dst, src, bytes, Direction::DeviceToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -458,7 +485,7 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     bytes: usize,
     _stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst, src, bytes) }
+    unsafe { copy(dst, src, bytes, Direction::DeviceToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -653,8 +680,12 @@ pub unsafe extern "C" fn cuLaunchKernel(
 /// Driver calls so far, by kind (printed at exit with kernels skipped).
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static FREES: AtomicU64 = AtomicU64::new(0);
 static MEMSETS: AtomicU64 = AtomicU64::new(0);
-static COPIES: AtomicU64 = AtomicU64::new(0);
+static COPIES_FROM_PAGEABLE: AtomicU64 = AtomicU64::new(0);
+static COPIES_FROM_PINNED: AtomicU64 = AtomicU64::new(0);
+static COPIES_TO_HOST: AtomicU64 = AtomicU64::new(0);
+static COPIES_ON_DEVICE: AtomicU64 = AtomicU64::new(0);
 
 /// `RETOUCH_EMU_SKIP_KERNELS=1`: launches return at once (see the module's comment).
 fn skip_kernels() -> bool {
@@ -666,12 +697,19 @@ fn skip_kernels() -> bool {
                 fn atexit(f: extern "C" fn()) -> c_int;
             }
             extern "C" fn report() {
+                let n = |c: &AtomicU64| c.load(Relaxed);
                 eprintln!(
-                    "emulated driver: {} launches (not run), {} device allocations, {} memsets, {} copies",
-                    LAUNCHES.load(Relaxed),
-                    ALLOCATIONS.load(Relaxed),
-                    MEMSETS.load(Relaxed),
-                    COPIES.load(Relaxed)
+                    "emulated driver: {} launches (not run), {} device allocations, {} device frees, \
+                     {} memsets, copies: {} host to device from pageable memory, {} from \
+                     pinned memory, {} device to host, {} device to device",
+                    n(&LAUNCHES),
+                    n(&ALLOCATIONS),
+                    n(&FREES),
+                    n(&MEMSETS),
+                    n(&COPIES_FROM_PAGEABLE),
+                    n(&COPIES_FROM_PINNED),
+                    n(&COPIES_TO_HOST),
+                    n(&COPIES_ON_DEVICE),
                 );
             }
             unsafe { atexit(report) };

@@ -3,11 +3,12 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::ops::len_u32;
-use super::{CudaDevice, CudaTensor, address_table, driver_err};
+use super::tables::TableSet;
+use super::{CudaDevice, CudaTensor, device_addresses};
 use crate::error::{invalid, shape_err};
 use crate::ops::attention::{
     check_masked_inputs, check_masked_segments, check_ragged_inputs, check_ragged_segments,
@@ -169,19 +170,14 @@ impl CudaDevice {
             key_len: s.tokens.grid_len(),
             row_of: Some(s.tokens.row_of()),
         }));
-        // One table, every segment's keys then every segment's values.
-        let n = segments.len();
-        let (cached, guards) = address_table(
-            self.stream(),
-            OP,
-            segments
-                .iter()
-                .map(|s| &s.cached_k.data)
-                .chain(segments.iter().map(|s| &s.cached_v.data)),
-        )?;
-        let tables = (cached.slice(..n), cached.slice(n..));
-        let out = self.masked_flash(flash, q, k_fresh, v_fresh, Some(tables), &plan, heads)?;
-        drop(guards);
+        let stream = self.stream();
+        let (keys, key_guards) =
+            device_addresses(stream, segments.iter().map(|s| &s.cached_k.data));
+        let (values, value_guards) =
+            device_addresses(stream, segments.iter().map(|s| &s.cached_v.data));
+        let cached = Some((&keys[..], &values[..]));
+        let out = self.masked_flash(flash, q, k_fresh, v_fresh, cached, &plan, heads)?;
+        drop((key_guards, value_guards));
         Ok(out)
     }
 
@@ -213,9 +209,9 @@ impl CudaDevice {
         self.masked_flash(flash, q, k, v, None, &plan, heads)
     }
 
-    /// Launches `flash`'s masked kernel over `plan`'s tiles; `cached` holds the address
-    /// tables of the segments' f16 keys and values when the plan maps grid positions. The
-    /// plan's three tables go up in one copy.
+    /// Launches `flash`'s masked kernel over `plan`'s tiles; `cached` holds the addresses of
+    /// the segments' f16 keys and values when the plan maps grid positions. The plan's
+    /// tables and the address tables go up in one copy.
     #[allow(clippy::too_many_arguments)]
     fn masked_flash(
         &self,
@@ -223,7 +219,7 @@ impl CudaDevice {
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
-        cached: Option<(CudaView<'_, u64>, CudaView<'_, u64>)>,
+        cached: Option<(&[u64], &[u64])>,
         plan: &FlashPlan,
         heads: usize,
     ) -> Result<CudaTensor> {
@@ -243,27 +239,29 @@ impl CudaDevice {
             return Ok(out);
         }
         let stream = self.stream();
-        let packed = [&plan.segs[..], &plan.tiles, &plan.row_of].concat();
-        let tables = stream.clone_htod(&packed).map_err(driver_err(name))?;
-        let (segs_end, tiles_end) = (plan.segs.len(), plan.segs.len() + plan.tiles.len());
-        // Without maps, `row_of` is an empty view at the end: never read.
-        let (segs_d, tiles_d, row_of_d) = (
-            tables.slice(..segs_end),
-            tables.slice(segs_end..tiles_end),
-            tables.slice(tiles_end..),
-        );
+        let mut set = TableSet::default();
+        let plan_slots = [
+            set.push(&plan.segs),
+            set.push(&plan.tiles),
+            // Without maps, `row_of` is empty: never read.
+            set.push(&plan.row_of),
+        ];
+        // Null address tables where no cache is read.
+        let cached_slots = cached.map(|(keys, values)| [set.push(keys), set.push(values)]);
+        let tables = self.upload_tables(name, &set)?;
+        let [segs_d, tiles_d, row_of_d] = plan_slots.map(|slot| tables.address(slot));
+        let [keys_d, values_d] =
+            cached_slots.map_or([0, 0], |s| s.map(|slot| tables.address(slot)));
         let (heads_u, d_u) = (heads as u32, d as u32);
         let scale = 1.0 / (d as f32).sqrt();
         let has_cache = u32::from(cached.is_some());
-        // Null address tables where no cache is read.
-        let null = 0u64;
         let mut l = stream.launch_builder(self.function(name)?);
-        l.arg(&q.data).arg(&k.data).arg(&v.data);
-        match &cached {
-            Some((keys, values)) => l.arg(keys).arg(values),
-            None => l.arg(&null).arg(&null),
-        };
-        l.arg(&row_of_d)
+        l.arg(&q.data)
+            .arg(&k.data)
+            .arg(&v.data)
+            .arg(&keys_d)
+            .arg(&values_d)
+            .arg(&row_of_d)
             .arg(&tiles_d)
             .arg(&segs_d)
             .arg(&mut out.data)

@@ -12,7 +12,8 @@ use half::f16;
 
 use super::blas::BlasMath;
 use super::ops::{grid_stride, len_u32};
-use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err, offset_table};
+use super::tables::TableSet;
+use super::{CudaDevice, CudaTensor, GpuElement, device_addresses, driver_err, element_addresses};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
 
@@ -720,11 +721,18 @@ impl CudaDevice {
             at += s.active.len() * cin;
             at - s.active.len() * cin
         });
-        let (fresh_d, fresh_guard) = offset_table(stream, op, &fresh.data, starts)?;
-        let (cached_d, cached_guards) =
-            address_table(stream, op, segments.iter().map(|s| &s.cached.data))?;
-        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(op));
-        let (rows_d, row_of_d) = (up(&rows)?, up(&row_of)?);
+        let (fresh_at, fresh_guard) = element_addresses(stream, &fresh.data, starts);
+        let (cached_at, cached_guards) =
+            device_addresses(stream, segments.iter().map(|s| &s.cached.data));
+        let mut set = TableSet::default();
+        let slots = [
+            set.push(&fresh_at),
+            set.push(&cached_at),
+            set.push(&row_of),
+            set.push(&rows),
+        ];
+        let tables = self.upload_tables(op, &set)?;
+        let [fresh_d, cached_d, row_of_d, rows_d] = slots.map(|slot| tables.address(slot));
         let u = |v: usize| v as u32;
         let args = [
             u(m),
@@ -767,7 +775,7 @@ impl CudaDevice {
         }
         let bias = weight.bias.as_ref().map(|b| &b.data);
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
-        drop((fresh_guard, cached_guards));
+        drop((tables, fresh_guard, cached_guards));
         Ok(out)
     }
 }

@@ -6,7 +6,8 @@ use std::ops::Range;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::ops::{grid_stride, len_u32};
-use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
+use super::tables::TableSet;
+use super::{CudaDevice, CudaTensor, GpuElement, device_addresses};
 use crate::Result;
 use crate::error::shape_err;
 use crate::ops::lora::{LoraBatch, check_adapter, check_lora_segments};
@@ -89,14 +90,21 @@ impl CudaDevice {
             return Ok(());
         }
         let stream = self.stream();
-        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(OP));
         let ranks_u: Vec<u32> = ranks.iter().map(|&r| r as u32).collect();
         let scales: Vec<f32> = segments.iter().map(|s| s.scale).collect();
-        let (ranks_d, seg_of_row_d) = (up(&ranks_u)?, up(&seg_of_row)?);
-        let scales_d = stream.clone_htod(&scales).map_err(driver_err(OP))?;
-        let (downs, down_guards) =
-            address_table(stream, OP, segments.iter().map(|s| &s.down.data))?;
-        let (ups, up_guards) = address_table(stream, OP, segments.iter().map(|s| &s.up.data))?;
+        let (downs_at, down_guards) =
+            device_addresses(stream, segments.iter().map(|s| &s.down.data));
+        let (ups_at, up_guards) = device_addresses(stream, segments.iter().map(|s| &s.up.data));
+        let mut set = TableSet::default();
+        let slots = [
+            set.push(&ranks_u),
+            set.push(&seg_of_row),
+            set.push(&scales),
+            set.push(&downs_at),
+            set.push(&ups_at),
+        ];
+        let tables = self.upload_tables(OP, &set)?;
+        let [ranks_d, seg_of_row_d, scales_d, downs, ups] = slots.map(|slot| tables.address(slot));
         let mut tmp = CudaTensor::<f32>::zeros(self, &[n, max_rank])?;
         let (n_u, inp_u, out_u, max_rank_u) = (n as u32, inp as u32, out as u32, max_rank as u32);
         {
@@ -137,7 +145,7 @@ impl CudaDevice {
             // y, n, out, max_rank)`; shapes checked as above.
             self.launched(K, unsafe { l.launch(grid_stride(len_u32(K, n * out)?)) })?;
         }
-        drop((down_guards, up_guards));
+        drop((tables, down_guards, up_guards));
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ mod ops;
 mod ptx;
 pub mod selftest;
 mod staging;
+mod tables;
 mod tensor;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +40,7 @@ pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
 pub use ptx::{KERNELS, ptx_for};
 pub use staging::{STAGING_BUDGET_BYTES, Staging};
+pub use tables::TABLE_RING_BYTES;
 pub use tensor::{CudaTensor, GpuElement};
 
 use crate::{Device, Error, Result};
@@ -54,6 +56,8 @@ pub struct CudaDevice {
     copy: Arc<CudaStream>,
     /// Page-locked buffers the copy stream's uploads go through, reused.
     staging: Arc<staging::StagingPool>,
+    /// Where launches' small tables go up, one copy per launch.
+    tables: tables::TableRing,
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
@@ -133,46 +137,34 @@ fn keep_pool_memory(ctx: &CudaContext) {
     }
 }
 
-/// The device addresses of `buffers` as a table in device memory (a kernel reading one
-/// buffer per segment indexes it), with the guards that keep cudarc's read-after-write
-/// ordering on the buffers until the launch that reads them is queued.
-pub(crate) fn address_table<'a, T: 'a>(
+/// The device addresses of `buffers` (a kernel reading one buffer per segment indexes a
+/// table of them), with the guards that keep cudarc's read-after-write ordering on the
+/// buffers until the launch that reads them is queued.
+pub(crate) fn device_addresses<'a, T: 'a>(
     stream: &'a Arc<CudaStream>,
-    op: &'static str,
     buffers: impl IntoIterator<Item = &'a cudarc::driver::CudaSlice<T>>,
-) -> Result<(
-    cudarc::driver::CudaSlice<u64>,
-    Vec<cudarc::driver::SyncOnDrop<'a>>,
-)> {
+) -> (Vec<u64>, Vec<cudarc::driver::SyncOnDrop<'a>>) {
     use cudarc::driver::DevicePtr;
-    let (addresses, guards): (Vec<u64>, Vec<_>) =
-        buffers.into_iter().map(|b| b.device_ptr(stream)).unzip();
-    let table = stream.clone_htod(&addresses).map_err(driver_err(op))?;
-    Ok((table, guards))
+    buffers.into_iter().map(|b| b.device_ptr(stream)).unzip()
 }
 
-/// The device addresses of elements `starts` of `buffer` as a table in device memory (a
-/// kernel reading one block of a stacked buffer per segment indexes it), with the guard that
-/// keeps cudarc's read-after-write ordering on the buffer until the launch is queued.
-/// Offsets must lie inside the buffer.
-pub(crate) fn offset_table<'a, T: 'a>(
+/// The device addresses of elements `starts` of `buffer` (a kernel reading one block of a
+/// stacked buffer per segment indexes a table of them), with the guard that keeps cudarc's
+/// read-after-write ordering on the buffer until the launch is queued. Offsets must lie
+/// inside the buffer.
+pub(crate) fn element_addresses<'a, T: 'a>(
     stream: &'a Arc<CudaStream>,
-    op: &'static str,
     buffer: &'a cudarc::driver::CudaSlice<T>,
     starts: impl IntoIterator<Item = usize>,
-) -> Result<(
-    cudarc::driver::CudaSlice<u64>,
-    cudarc::driver::SyncOnDrop<'a>,
-)> {
+) -> (Vec<u64>, cudarc::driver::SyncOnDrop<'a>) {
     use cudarc::driver::DevicePtr;
     let (base, guard) = buffer.device_ptr(stream);
     let size = std::mem::size_of::<T>() as u64;
-    let addresses: Vec<u64> = starts
+    let addresses = starts
         .into_iter()
         .map(|at| base + at as u64 * size)
         .collect();
-    let table = stream.clone_htod(&addresses).map_err(driver_err(op))?;
-    Ok((table, guard))
+    (addresses, guard)
 }
 
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
@@ -237,13 +229,17 @@ impl CudaDevice {
         let copy = ctx
             .new_stream()
             .map_err(|e| unavailable(format!("creating the copy stream: {e}")))?;
+        let stream = ctx.default_stream();
+        let tables = tables::TableRing::new(&ctx, &stream)
+            .map_err(|e| unavailable(format!("allocating the table ring: {e}")))?;
         Ok(CudaDevice {
             ordinal,
             name,
             compute_capability,
-            stream: ctx.default_stream(),
+            stream,
             copy,
             staging: Arc::new(staging::StagingPool::new(STAGING_BUDGET_BYTES)),
+            tables,
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             gemm_backend: AtomicU8::new(GemmBackend::Kernels as u8),
@@ -310,6 +306,15 @@ impl CudaDevice {
     /// [`STAGING_BUDGET_BYTES`]).
     pub fn staging_free_bytes(&self) -> usize {
         self.staging.free_bytes()
+    }
+
+    /// Queues the upload of one launch's tables on the compute stream (see [`tables`]).
+    pub(crate) fn upload_tables(
+        &self,
+        op: &'static str,
+        set: &tables::TableSet,
+    ) -> Result<tables::Tables<'_>> {
+        self.tables.upload(op, set)
     }
 
     pub(crate) fn staging_pool(&self) -> &Arc<staging::StagingPool> {

@@ -2,10 +2,11 @@
 //! then one launch on the device's stream. Launch shapes follow each kernel's doc comment
 //! in `kernels-ptx/device/`.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::{CudaDevice, CudaTensor, GpuElement, address_table, driver_err};
+use super::tables::{TableSet, Tables};
+use super::{CudaDevice, CudaTensor, GpuElement, device_addresses};
 use crate::Result;
 use crate::error::{invalid, shape_err};
 
@@ -435,11 +436,18 @@ impl CudaDevice {
             return Ok(stats);
         }
         let stream = self.stream();
-        let (moments_d, guards) =
-            address_table(stream, K, segments.iter().map(|s| &s.moments.data))?;
-        let up = |v: &[u32]| stream.clone_htod(v).map_err(driver_err(K));
-        let (offsets_d, positions_d) = (up(&offsets)?, up(&positions)?);
-        let template_d = stream.clone_htod(&template).map_err(driver_err(K))?;
+        let (moments_at, guards) =
+            device_addresses(stream, segments.iter().map(|s| &s.moments.data));
+        let mut set = TableSet::default();
+        let slots = [
+            set.push(&offsets),
+            set.push(&positions),
+            set.push(&template),
+            set.push(&moments_at),
+        ];
+        let tables = self.upload_tables(K, &set)?;
+        let [offsets_d, positions_d, template_d, moments_d] =
+            slots.map(|slot| tables.address(slot));
         let (c_u, g_u, hw_u) = (c as u32, groups as u32, hw as u32);
         {
             let mut l = stream.launch_builder(self.function(K)?);
@@ -461,7 +469,7 @@ impl CudaDevice {
             // 2]` f16 buffer borrowed for this call.
             self.launched(K, unsafe { l.launch(cfg) })?;
         }
-        drop(guards);
+        drop((tables, guards));
         Ok(stats)
     }
 
@@ -480,8 +488,14 @@ impl CudaDevice {
         self.group_norm_with_stats(x, &stats, groups, gamma, beta, silu)
     }
 
-    fn upload_index(&self, op: &'static str, index: &[u32]) -> Result<CudaSlice<u32>> {
-        self.stream().clone_htod(index).map_err(driver_err(op))
+    /// `index` in device memory: its address, and the handle to keep until the launch
+    /// reading it is queued.
+    fn upload_index(&self, op: &'static str, index: &[u32]) -> Result<(Tables<'_>, u64)> {
+        let mut set = TableSet::default();
+        let slot = set.push(index);
+        let tables = self.upload_tables(op, &set)?;
+        let address = tables.address(slot);
+        Ok((tables, address))
     }
 
     /// Rows `index[i]` of a tensor read as `[rows, cols]` (its last dimension the columns,
@@ -506,7 +520,7 @@ impl CudaDevice {
         let count = len_u32(K, index.len())?;
         let n = len_u32(K, out.elem_count())?;
         if n > 0 {
-            let idx = self.upload_index(K, index)?;
+            let (_index_table, idx) = self.upload_index(K, index)?;
             let cols_u = cols as u32;
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&src.data)
@@ -555,7 +569,7 @@ impl CudaDevice {
         let n = len_u32(K, rows.elem_count())?;
         len_u32(K, dst.elem_count())?;
         if n > 0 {
-            let idx = self.upload_index(K, index)?;
+            let (_index_table, idx) = self.upload_index(K, index)?;
             let cols_u = cols as u32;
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&mut dst.data)
