@@ -86,11 +86,13 @@ impl CudaDevice {
             );
         }
         len_u32(K, q.elem_count().max(k.elem_count()))?;
-        let mut out = CudaTensor::zeros(self, q.shape())?;
         // No keys: zeros, as on the CPU.
         if q.elem_count() == 0 || lk == 0 {
-            return Ok(out);
+            return CudaTensor::zeros(self, q.shape());
         }
+        // SAFETY: the launch below covers every query row of every sample and head, and
+        // each kernel writes all `d` outputs of its rows.
+        let mut out = unsafe { CudaTensor::uninit(self, q.shape()) }?;
         // A flash kernel that does not take `d` falls back to the tiles, then to the rows.
         let flash = FlashKernel::choose(kernel, d);
         let (name, rows_per_block, threads, shared_bytes) = match (flash, kernel, tile_warps(d)) {
@@ -233,7 +235,14 @@ impl CudaDevice {
         if heads > 65_535 {
             return invalid(name, format!("{heads} heads beyond the launch limits"));
         }
-        let mut out = CudaTensor::zeros(self, q.shape())?;
+        let mut out = if plan.gapless_rows == q.shape()[0] {
+            // SAFETY: the tiles cover every query row, and each launch block writes its
+            // rows' outputs for its head (all heads are launched).
+            unsafe { CudaTensor::uninit(self, q.shape()) }?
+        } else {
+            // Rows outside every segment are zeros, as on the CPU.
+            CudaTensor::zeros(self, q.shape())?
+        };
         let tiles = len_u32(name, plan.tiles.len() / 2)?;
         if tiles == 0 {
             return Ok(out);
@@ -370,6 +379,9 @@ struct FlashPlan {
     segs: Vec<u32>,
     row_of: Vec<u32>,
     tiles: Vec<u32>,
+    /// Query rows `0..n` the segments cover without a gap (0 when the first starts later):
+    /// the rows the launch writes, every other row keeps its zero.
+    gapless_rows: usize,
 }
 
 impl FlashPlan {
@@ -379,8 +391,14 @@ impl FlashPlan {
             segs: Vec::new(),
             row_of: Vec::new(),
             tiles: Vec::new(),
+            gapless_rows: 0,
         };
+        let mut gapless = true;
         for (i, s) in segments.into_iter().enumerate() {
+            gapless &= s.queries.start == plan.gapless_rows;
+            if gapless {
+                plan.gapless_rows = s.queries.end;
+            }
             let map_start = plan.row_of.len() as u32;
             if let Some(map) = s.row_of {
                 plan.row_of.extend_from_slice(map);
@@ -580,6 +598,7 @@ mod tests {
         );
         assert_eq!(plan.row_of, [0, u32::MAX, 1, u32::MAX, 0, u32::MAX, 0]);
         assert_eq!(plan.tiles, [0, 0, 0, 64, 0, 128, 2, 0]);
+        assert_eq!(plan.gapless_rows, 131);
         // Per-segment keys (cross-attention): no maps.
         let plan = FlashPlan::new([FlashSegment {
             queries: 5..70,
@@ -590,6 +609,21 @@ mod tests {
         assert_eq!(plan.segs, [5, 65, 77, 77, 0]);
         assert!(plan.row_of.is_empty());
         assert_eq!(plan.tiles, [0, 0, 0, 64]);
+        // Rows 0..5 belong to no segment: the output is zero-filled, not left unwritten.
+        assert_eq!(plan.gapless_rows, 0);
+    }
+
+    #[test]
+    fn a_gap_between_segments_ends_the_rows_written_without_a_gap() {
+        let segment = |queries| FlashSegment {
+            queries,
+            key_start: 0,
+            key_len: 1,
+            row_of: None,
+        };
+        let plan = FlashPlan::new([segment(0..10), segment(10..20), segment(25..30)]);
+        assert_eq!(plan.gapless_rows, 20);
+        assert_eq!(FlashPlan::new([]).gapless_rows, 0);
     }
 
     #[test]

@@ -111,10 +111,10 @@ impl CudaDevice {
         }
         len_u32(op, splits * m * n)?;
         cfg.grid_dim.2 = splits as u32;
-        let workspace = self
-            .stream()
-            .alloc_zeros::<f32>(splits * m * n)
-            .map_err(driver_err(op))?;
+        // SAFETY: every split writes its whole `[m, n]` slice, an empty share of k included
+        // (`gemm_block`), and the reduction reads only the slices.
+        let workspace =
+            unsafe { self.stream().alloc::<f32>(splits * m * n) }.map_err(driver_err(op))?;
         Ok(SplitK {
             splits,
             workspace: Some(workspace),

@@ -305,20 +305,22 @@ impl CudaDevice {
     pub fn group_norm_stats(&self, x: &CudaTensor, groups: usize, eps: f32) -> Result<CudaTensor> {
         const K: &str = "group_norm_stats_f32";
         let (batch, hw, c) = Self::group_dims(K, x, groups)?;
-        let mut stats = CudaTensor::zeros(self, &[batch, groups, 2])?;
-        if batch > 0 && hw > 0 && c > 0 {
-            let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
-            let mut l = self.stream().launch_builder(self.function(K)?);
-            l.arg(&x.data)
-                .arg(&mut stats.data)
-                .arg(&hw_u)
-                .arg(&c_u)
-                .arg(&g_u)
-                .arg(&eps);
-            let cfg = per_row((g_u, batch as u32), hw * (c / groups));
-            // SAFETY: matches `group_norm_stats_f32(x, stats, hw, c, groups, eps)`.
-            self.launched(K, unsafe { l.launch(cfg) })?;
+        if batch == 0 || hw == 0 || c == 0 {
+            return CudaTensor::zeros(self, &[batch, groups, 2]);
         }
+        // SAFETY: the launch below has a block per (group, sample), which writes its pair.
+        let mut stats = unsafe { CudaTensor::uninit(self, &[batch, groups, 2]) }?;
+        let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
+        let mut l = self.stream().launch_builder(self.function(K)?);
+        l.arg(&x.data)
+            .arg(&mut stats.data)
+            .arg(&hw_u)
+            .arg(&c_u)
+            .arg(&g_u)
+            .arg(&eps);
+        let cfg = per_row((g_u, batch as u32), hw * (c / groups));
+        // SAFETY: matches `group_norm_stats_f32(x, stats, hw, c, groups, eps)`.
+        self.launched(K, unsafe { l.launch(cfg) })?;
         Ok(stats)
     }
 
@@ -431,10 +433,11 @@ impl CudaDevice {
             );
         }
         len_u32(K, x.elem_count().max(hw * groups * 2))?;
-        let mut stats = CudaTensor::zeros(self, &[segments.len(), groups, 2])?;
         if segments.is_empty() {
-            return Ok(stats);
+            return CudaTensor::zeros(self, &[0, groups, 2]);
         }
+        // SAFETY: the launch below has a block per (group, segment), which writes its pair.
+        let mut stats = unsafe { CudaTensor::uninit(self, &[segments.len(), groups, 2]) }?;
         let stream = self.stream();
         let (moments_at, guards) =
             device_addresses(stream, segments.iter().map(|s| &s.moments.data));

@@ -166,7 +166,8 @@ impl<T: GpuElement> CudaTensor<T> {
             .map(|&n| {
                 let mut shape = self.shape.clone();
                 shape[0] = n;
-                let mut part = Self::zeros(dev, &shape)?;
+                // SAFETY: the copy below writes every element (there are none without it).
+                let mut part = unsafe { Self::uninit(dev, &shape) }?;
                 if n > 0 && per_row > 0 {
                     let src = self.data.slice(at * per_row..(at + n) * per_row);
                     let mut dst = part.data.slice_mut(0..n * per_row);
@@ -201,7 +202,8 @@ impl<T: GpuElement> CudaTensor<T> {
         let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
         let mut shape = vec![rows];
         shape.extend_from_slice(&tail);
-        let mut out = Self::zeros(dev, &shape)?;
+        // SAFETY: the parts' copies below write every element.
+        let mut out = unsafe { Self::uninit(dev, &shape) }?;
         let mut at = 0;
         for p in parts {
             let n = p.elem_count();
