@@ -174,9 +174,9 @@ impl CudaDevice {
         }));
         let stream = self.stream();
         let (keys, key_guards) =
-            device_addresses(stream, segments.iter().map(|s| &s.cached_k.data));
+            device_addresses(stream, segments.iter().map(|s| &*s.cached_k.data));
         let (values, value_guards) =
-            device_addresses(stream, segments.iter().map(|s| &s.cached_v.data));
+            device_addresses(stream, segments.iter().map(|s| &*s.cached_v.data));
         let cached = Some((&keys[..], &values[..]));
         let out = self.masked_flash(flash, q, k_fresh, v_fresh, cached, &plan, heads)?;
         drop((key_guards, value_guards));

@@ -15,7 +15,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::f16;
 
 use super::ops::{grid_stride, len_u32};
-use super::{CudaConv2dWeight, CudaDevice, CudaTensor, GpuElement, driver_err};
+use super::{CudaConv2dWeight, CudaDevice, CudaTensor, GpuElement, PooledSlice};
 use crate::error::Error;
 use crate::{Conv2dParams, Result};
 
@@ -349,11 +349,10 @@ impl CudaDevice {
         x: &CudaTensor,
         geometry: [usize; 10],
         len: usize,
-    ) -> Result<CudaSlice<T>> {
+    ) -> Result<PooledSlice<T>> {
         let n = len_u32(kernel, len)?;
         // SAFETY: every element is written by the launch below.
-        let mut cols =
-            unsafe { self.stream().alloc::<T>(len.max(1)) }.map_err(driver_err(kernel))?;
+        let mut cols = unsafe { self.alloc_pooled::<T>(kernel, len) }?;
         let geom = geometry.map(|v| v as u32);
         // The geometry as scalar arguments: no upload per convolution.
         let mut l = self.stream().launch_builder(self.function(kernel)?);
@@ -369,11 +368,11 @@ impl CudaDevice {
     }
 
     /// The first `len` values of `x` rounded to f16 (`convert_f32_to_f16`).
-    pub(crate) fn slice_to_f16(&self, x: &CudaSlice<f32>, len: usize) -> Result<CudaSlice<f16>> {
+    pub(crate) fn slice_to_f16(&self, x: &CudaSlice<f32>, len: usize) -> Result<PooledSlice<f16>> {
         const K: &str = "convert_f32_to_f16";
         let n = len_u32(K, len)?;
         // SAFETY: every element is written by the launch below.
-        let mut out = unsafe { self.stream().alloc::<f16>(len.max(1)) }.map_err(driver_err(K))?;
+        let mut out = unsafe { self.alloc_pooled::<f16>(K, len) }?;
         if n > 0 {
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(x).arg(&mut out).arg(&n);

@@ -13,7 +13,7 @@ use half::f16;
 use super::blas::BlasMath;
 use super::ops::{grid_stride, len_u32};
 use super::tables::TableSet;
-use super::{CudaDevice, CudaTensor, GpuElement, device_addresses, driver_err, element_addresses};
+use super::{CudaDevice, CudaTensor, GpuElement, PooledSlice, device_addresses, element_addresses};
 use crate::error::{invalid, shape_err};
 use crate::{Conv2dParams, Conv2dWeight, Result, TokenSet};
 
@@ -73,7 +73,7 @@ fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
 /// workspace summed into C afterwards by `splitk_reduce_f32`.
 struct SplitK {
     splits: usize,
-    workspace: Option<CudaSlice<f32>>,
+    workspace: Option<PooledSlice<f32>>,
 }
 
 impl SplitK {
@@ -113,8 +113,7 @@ impl CudaDevice {
         cfg.grid_dim.2 = splits as u32;
         // SAFETY: every split writes its whole `[m, n]` slice, an empty share of k included
         // (`gemm_block`), and the reduction reads only the slices.
-        let workspace =
-            unsafe { self.stream().alloc::<f32>(splits * m * n) }.map_err(driver_err(op))?;
+        let workspace = unsafe { self.alloc_pooled::<f32>(op, splits * m * n) }?;
         Ok(SplitK {
             splits,
             workspace: Some(workspace),
@@ -385,7 +384,7 @@ impl CudaDevice {
             (u32::from(bias.is_some()), alpha, beta)
         };
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
-        let bias_data = bias.map_or(&a.data, |t| &t.data);
+        let bias_data = bias.map_or(&*a.data, |t| &*t.data);
         {
             let mut l = self.stream().launch_builder(self.function(k_name)?);
             l.arg(&a.data)
@@ -404,7 +403,7 @@ impl CudaDevice {
             // a split launch's C is its `[splits, m, n]` workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        self.finish_split(&split, c, bias.map(|t| &t.data), (m, n), alpha, beta)
+        self.finish_split(&split, c, bias.map(|t| &*t.data), (m, n), alpha, beta)
     }
 
     /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
@@ -623,7 +622,7 @@ impl CudaDevice {
         let bias_data = weight
             .bias
             .as_ref()
-            .map_or(&weight.packed.data, |b| &b.data);
+            .map_or(&*weight.packed.data, |b| &*b.data);
         {
             let mut l = self.stream().launch_builder(self.function(k_name)?);
             l.arg(&x.data)
@@ -638,7 +637,7 @@ impl CudaDevice {
             // below 2^31; a split launch's output is its `[splits, m, cout]` workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        let bias = weight.bias.as_ref().map(|b| &b.data);
+        let bias = weight.bias.as_ref().map(|b| &*b.data);
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
         Ok(out)
     }
@@ -723,7 +722,7 @@ impl CudaDevice {
         });
         let (fresh_at, fresh_guard) = element_addresses(stream, &fresh.data, starts);
         let (cached_at, cached_guards) =
-            device_addresses(stream, segments.iter().map(|s| &s.cached.data));
+            device_addresses(stream, segments.iter().map(|s| &*s.cached.data));
         let mut set = TableSet::default();
         let slots = [
             set.push(&fresh_at),
@@ -751,7 +750,7 @@ impl CudaDevice {
         let bias_data = weight
             .bias
             .as_ref()
-            .map_or(&weight.packed.data, |b| &b.data);
+            .map_or(&*weight.packed.data, |b| &*b.data);
         {
             let mut l = stream.launch_builder(self.function(op)?);
             l.arg(&fresh_d)
@@ -773,7 +772,7 @@ impl CudaDevice {
             // workspace.
             self.launched(op, unsafe { l.launch(cfg) })?;
         }
-        let bias = weight.bias.as_ref().map(|b| &b.data);
+        let bias = weight.bias.as_ref().map(|b| &*b.data);
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
         drop((tables, fresh_guard, cached_guards));
         Ok(out)

@@ -93,8 +93,8 @@ impl CudaDevice {
         let ranks_u: Vec<u32> = ranks.iter().map(|&r| r as u32).collect();
         let scales: Vec<f32> = segments.iter().map(|s| s.scale).collect();
         let (downs_at, down_guards) =
-            device_addresses(stream, segments.iter().map(|s| &s.down.data));
-        let (ups_at, up_guards) = device_addresses(stream, segments.iter().map(|s| &s.up.data));
+            device_addresses(stream, segments.iter().map(|s| &*s.down.data));
+        let (ups_at, up_guards) = device_addresses(stream, segments.iter().map(|s| &*s.up.data));
         let mut set = TableSet::default();
         let slots = [
             set.push(&ranks_u),

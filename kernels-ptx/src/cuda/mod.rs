@@ -20,6 +20,7 @@ mod blas;
 mod gemm;
 mod lora;
 mod ops;
+mod pool;
 mod ptx;
 pub mod selftest;
 mod staging;
@@ -38,6 +39,7 @@ pub use blas::GemmBackend;
 pub use gemm::{CudaConv2dWeight, CudaMaskedConvSegment};
 pub use lora::CudaLoraSegment;
 pub use ops::CudaBlendedSegment;
+pub use pool::{POOL_BUDGET_BYTES, PooledSlice};
 pub use ptx::{KERNELS, ptx_for};
 pub use staging::{STAGING_BUDGET_BYTES, Staging};
 pub use tables::TABLE_RING_BYTES;
@@ -58,6 +60,8 @@ pub struct CudaDevice {
     staging: Arc<staging::StagingPool>,
     /// Where launches' small tables go up, one copy per launch.
     tables: tables::TableRing,
+    /// Intermediate tensors' memory, reused without driver calls.
+    pool: Arc<pool::DevicePool>,
     functions: HashMap<&'static str, CudaFunction>,
     /// The kernel [`CudaDevice::attention`] runs, as [`AttentionKernel`]'s index.
     attention_kernel: AtomicU8,
@@ -230,6 +234,7 @@ impl CudaDevice {
             .new_stream()
             .map_err(|e| unavailable(format!("creating the copy stream: {e}")))?;
         let stream = ctx.default_stream();
+        let pool = Arc::new(pool::DevicePool::new(&stream, POOL_BUDGET_BYTES));
         let tables = tables::TableRing::new(&ctx, &stream)
             .map_err(|e| unavailable(format!("allocating the table ring: {e}")))?;
         Ok(CudaDevice {
@@ -240,6 +245,7 @@ impl CudaDevice {
             copy,
             staging: Arc::new(staging::StagingPool::new(STAGING_BUDGET_BYTES)),
             tables,
+            pool,
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             gemm_backend: AtomicU8::new(GemmBackend::Kernels as u8),
@@ -315,6 +321,25 @@ impl CudaDevice {
         set: &tables::TableSet,
     ) -> Result<tables::Tables<'_>> {
         self.tables.upload(op, set)
+    }
+
+    /// `len` elements of `T` from the device's pool (see [`pool`]), for work on the
+    /// compute stream.
+    ///
+    /// # Safety
+    /// Nothing may read the elements before a launch queued after this call wrote them.
+    pub(crate) unsafe fn alloc_pooled<T>(
+        &self,
+        op: &'static str,
+        len: usize,
+    ) -> Result<PooledSlice<T>> {
+        // SAFETY: the caller's contract.
+        unsafe { self.pool.alloc(op, len) }
+    }
+
+    /// Device memory held by the pool for reuse, in bytes.
+    pub fn pooled_free_bytes(&self) -> usize {
+        self.pool.free_bytes()
     }
 
     pub(crate) fn staging_pool(&self) -> &Arc<staging::StagingPool> {

@@ -440,7 +440,7 @@ impl CudaDevice {
         let mut stats = unsafe { CudaTensor::uninit(self, &[segments.len(), groups, 2]) }?;
         let stream = self.stream();
         let (moments_at, guards) =
-            device_addresses(stream, segments.iter().map(|s| &s.moments.data));
+            device_addresses(stream, segments.iter().map(|s| &*s.moments.data));
         let mut set = TableSet::default();
         let slots = [
             set.push(&offsets),

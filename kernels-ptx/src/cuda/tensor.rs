@@ -1,8 +1,9 @@
 //! A minimal device tensor: a contiguous device buffer and a shape.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
+use super::pool::PooledSlice;
 use super::staging::Staging;
 use super::{CudaDevice, driver_err};
 use crate::error::{invalid, shape_err};
@@ -36,7 +37,7 @@ impl GpuElement for bf16 {
 /// nothing is copied back until [`CudaTensor::download`].
 #[derive(Debug)]
 pub struct CudaTensor<T: GpuElement = f32> {
-    pub(crate) data: CudaSlice<T>,
+    pub(crate) data: PooledSlice<T>,
     shape: Vec<usize>,
 }
 
@@ -49,7 +50,7 @@ impl<T: GpuElement> CudaTensor<T> {
         }
         let data = dev.stream().clone_htod(src).map_err(driver_err("upload"))?;
         Ok(CudaTensor {
-            data,
+            data: data.into(),
             shape: t.shape().to_vec(),
         })
     }
@@ -85,7 +86,8 @@ impl<T: GpuElement> CudaTensor<T> {
         buffer.copied(copy.record_event(None).map_err(&err)?);
         Ok((
             CudaTensor {
-                data,
+                // Not from the pool: written on the copy stream.
+                data: data.into(),
                 shape: t.shape().to_vec(),
             },
             Staging::pooled(buffer, pool.clone()),
@@ -96,10 +98,10 @@ impl<T: GpuElement> CudaTensor<T> {
     pub fn try_clone(&self, dev: &CudaDevice) -> Result<Self> {
         let data = dev
             .stream()
-            .clone_dtod(&self.data)
+            .clone_dtod(&*self.data)
             .map_err(driver_err("copy"))?;
         Ok(CudaTensor {
-            data,
+            data: data.into(),
             shape: self.shape.clone(),
         })
     }
@@ -114,7 +116,7 @@ impl<T: GpuElement> CudaTensor<T> {
     pub(crate) unsafe fn uninit(dev: &CudaDevice, shape: &[usize]) -> Result<Self> {
         let n = shape.iter().product::<usize>();
         // SAFETY: the caller writes every element before any read.
-        let data = unsafe { dev.stream().alloc::<T>(n.max(1)) }.map_err(driver_err("alloc"))?;
+        let data = unsafe { dev.alloc_pooled::<T>("alloc", n) }?;
         Ok(CudaTensor {
             data,
             shape: shape.to_vec(),
@@ -125,9 +127,10 @@ impl<T: GpuElement> CudaTensor<T> {
     /// allocations).
     pub fn zeros(dev: &CudaDevice, shape: &[usize]) -> Result<Self> {
         let n = shape.iter().product::<usize>();
-        let data = dev
-            .stream()
-            .alloc_zeros::<T>(n.max(1))
+        // SAFETY: zero-filled below, before anything else is queued.
+        let mut data = unsafe { dev.alloc_pooled::<T>("alloc", n) }?;
+        dev.stream()
+            .memset_zeros(&mut *data)
             .map_err(driver_err("alloc"))?;
         Ok(CudaTensor {
             data,
@@ -139,7 +142,7 @@ impl<T: GpuElement> CudaTensor<T> {
     pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
         let mut v = dev
             .stream()
-            .clone_dtoh(&self.data)
+            .clone_dtoh(&*self.data)
             .map_err(driver_err("download"))?;
         v.truncate(self.elem_count());
         Tensor::from_vec(v, &self.shape)
