@@ -652,6 +652,27 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// A dropped intermediate's block goes back to the device's pool and serves the next
+    /// tensor of its size, and `CudaTensor::zeros` on it (it held an op's output) is zeros.
+    fn device_pool(&mut self) -> Result<()> {
+        let n = 77 * 320 + 5;
+        let x = CudaTensor::<f32>::upload(self.dev, &self.randn(&[n]))?;
+        let out = self.dev.affine(&x, 2.0, 1.0)?;
+        let free_before = self.dev.pooled_free_bytes();
+        drop(out);
+        let returned = self.dev.pooled_free_bytes() - free_before;
+        let zeros = CudaTensor::<f32>::zeros(self.dev, &[n])?;
+        let reused = returned >= n * 4 && self.dev.pooled_free_bytes() == free_before;
+        let err = max_err(&zeros.download(self.dev)?, &Tensor::zeros(&[n], DType::F32, Device::Cpu));
+        self.checks.push(Check {
+            op: "device_pool",
+            size: format!("{returned} B block returned, reused"),
+            max_err: if reused { err } else { f32::INFINITY },
+            tolerance: 0.0,
+        });
+        Ok(())
+    }
+
     fn staged_round<T: GpuElement>(
         &mut self,
         op: &'static str,
@@ -1396,7 +1417,8 @@ pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
             "rows" => r.rows()?,
             "layout" => {
                 r.layout()?;
-                r.staged_uploads()?
+                r.staged_uploads()?;
+                r.device_pool()?
             }
             "lora" => r.lora()?,
             "attention" => r.attention()?,
