@@ -663,7 +663,10 @@ impl Runner<'_> {
         let returned = self.dev.pooled_free_bytes() - free_before;
         let zeros = CudaTensor::<f32>::zeros(self.dev, &[n])?;
         let reused = returned >= n * 4 && self.dev.pooled_free_bytes() == free_before;
-        let err = max_err(&zeros.download(self.dev)?, &Tensor::zeros(&[n], DType::F32, Device::Cpu));
+        let err = max_err(
+            &zeros.download(self.dev)?,
+            &Tensor::zeros(&[n], DType::F32, Device::Cpu),
+        );
         self.checks.push(Check {
             op: "device_pool",
             size: format!("{returned} B block returned, reused"),
