@@ -37,28 +37,42 @@ const CHUNKS: usize = 8;
 /// 16 keeps vector loads possible).
 const TABLE_ALIGN: usize = 16;
 
-/// The tables of one launch, packed on the host.
+/// The tables of one launch: where each goes in the packed upload, borrowed until it is
+/// written straight into the ring's page-locked bytes (no copy in between).
 #[derive(Default)]
-pub(crate) struct TableSet {
-    bytes: Vec<u8>,
+pub(crate) struct TableSet<'a> {
+    parts: Vec<(usize, &'a [u8])>,
+    len: usize,
 }
 
 /// Where one table sits in its [`TableSet`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TableSlot(usize);
 
-impl TableSet {
-    /// Appends `values` at the next aligned offset.
-    pub(crate) fn push<T: bytemuck::Pod>(&mut self, values: &[T]) -> TableSlot {
-        let at = self.bytes.len().next_multiple_of(TABLE_ALIGN);
-        self.bytes.resize(at, 0);
-        self.bytes.extend_from_slice(bytemuck::cast_slice(values));
+impl<'a> TableSet<'a> {
+    /// Places `values` at the next aligned offset.
+    pub(crate) fn push<T: bytemuck::Pod>(&mut self, values: &'a [T]) -> TableSlot {
+        let at = self.len.next_multiple_of(TABLE_ALIGN);
+        let bytes: &'a [u8] = bytemuck::cast_slice(values);
+        self.parts.push((at, bytes));
+        self.len = at + bytes.len();
         TableSlot(at)
     }
 
-    /// Bytes to upload, padded to the alignment.
+    /// Bytes to upload, padded to the alignment (at least one alignment unit).
     fn padded_len(&self) -> usize {
-        self.bytes.len().next_multiple_of(TABLE_ALIGN)
+        self.len.next_multiple_of(TABLE_ALIGN).max(TABLE_ALIGN)
+    }
+
+    /// Writes the packed tables into `out` (`padded_len` bytes); padding is zeroed.
+    fn write_to(&self, out: &mut [u8]) {
+        let mut end = 0;
+        for &(at, bytes) in &self.parts {
+            out[end..at].fill(0);
+            out[at..at + bytes.len()].copy_from_slice(bytes);
+            end = at + bytes.len();
+        }
+        out[end..].fill(0);
     }
 }
 
@@ -142,7 +156,7 @@ impl TableRing {
     /// Queues the copy of `set` on the stream and returns where its tables are.
     pub(crate) fn upload(&self, op: &'static str, set: &TableSet) -> Result<Tables<'_>> {
         let err = driver_err(op);
-        let len = set.padded_len().max(TABLE_ALIGN);
+        let len = set.padded_len();
         let mut guard = self.lock();
         let state = &mut *guard;
         match state.cursor.place(len) {
@@ -170,8 +184,7 @@ impl TableRing {
         let chunk = state.cursor.chunk;
         let at = chunk * CHUNK_BYTES + state.cursor.used;
         let host = &mut state.host.as_mut_slice().map_err(&err)?[at..at + len];
-        host[..set.bytes.len()].copy_from_slice(&set.bytes);
-        host[set.bytes.len()..].fill(0);
+        set.write_to(host);
         let mut device = state.device.slice_mut(at..at + len);
         self.stream.memcpy_htod(&*host, &mut device).map_err(&err)?;
         state.cursor.used += len;
@@ -184,8 +197,8 @@ impl TableRing {
 
     /// `set` in a device buffer of its own.
     fn upload_own(&self, op: &'static str, set: &TableSet) -> Result<Tables<'_>> {
-        let mut bytes = set.bytes.clone();
-        bytes.resize(set.padded_len().max(TABLE_ALIGN), 0);
+        let mut bytes = vec![0; set.padded_len()];
+        set.write_to(&mut bytes);
         let buffer = self.stream.clone_htod(&bytes).map_err(driver_err(op))?;
         let base = buffer.device_ptr(&self.stream).0;
         Ok(Tables {
@@ -244,19 +257,19 @@ mod tests {
 
     #[test]
     fn tables_start_aligned_and_keep_their_bytes() {
+        let (a, b, c, d) = ([1u32, 2, 3], [u64::MAX], [0u32; 0], [7.5f32]);
         let mut set = TableSet::default();
-        let a = set.push(&[1u32, 2, 3]);
-        let b = set.push(&[u64::MAX]);
-        let c = set.push::<u32>(&[]);
-        let d = set.push(&[7.5f32]);
-        assert_eq!([a, b, c, d].map(|s| s.0), [0, 16, 32, 32]);
-        assert_eq!(
-            &set.bytes[..12],
-            bytemuck::cast_slice::<u32, u8>(&[1, 2, 3])
-        );
-        assert_eq!(&set.bytes[16..24], &[0xff; 8]);
-        assert_eq!(&set.bytes[32..36], &7.5f32.to_ne_bytes());
+        let slots = [set.push(&a), set.push(&b), set.push(&c), set.push(&d)];
+        assert_eq!(slots.map(|s| s.0), [0, 16, 32, 32]);
         assert_eq!(set.padded_len(), 48);
+        let mut out = [0xaa; 48];
+        set.write_to(&mut out);
+        assert_eq!(&out[..12], bytemuck::cast_slice::<u32, u8>(&a));
+        assert_eq!(&out[12..16], &[0; 4]);
+        assert_eq!(&out[16..24], &[0xff; 8]);
+        assert_eq!(&out[32..36], &7.5f32.to_ne_bytes());
+        assert_eq!(&out[36..], &[0; 12]);
+        assert_eq!(TableSet::default().padded_len(), TABLE_ALIGN);
     }
 
     #[test]
