@@ -26,8 +26,9 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, P
 use super::driver_err;
 use crate::Result;
 
-/// Bytes of the ring (host and device each): an SD1.5 step's tables at a batch of 16 edits
-/// (their largest set, a masked layer's row maps, is about 300 KB) fit in one chunk.
+/// Bytes of the ring (host and device each). The largest set of an SD1.5 step, a 64x64
+/// masked conv's row maps, is about 190 KB for four edits (8 segments) and 750 KB for
+/// sixteen: within one chunk (1 MiB).
 pub const TABLE_RING_BYTES: usize = 8 << 20;
 
 /// Chunks of the ring.
