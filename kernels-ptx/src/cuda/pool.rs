@@ -80,7 +80,10 @@ impl DevicePool {
         op: &'static str,
         len: usize,
     ) -> Result<PooledSlice<T>> {
-        let size = block_size(len.max(1) * std::mem::size_of::<T>());
+        let Some(bytes) = len.max(1).checked_mul(std::mem::size_of::<T>()) else {
+            return crate::error::invalid(op, format!("{len} elements overflow the address space"));
+        };
+        let size = block_size(bytes);
         let reused = {
             let mut free = self.lock();
             let block = free.blocks.get_mut(&size).and_then(Vec::pop);
@@ -93,15 +96,18 @@ impl DevicePool {
             Some(ptr) => {
                 if poison() {
                     // SAFETY: the block holds `size` bytes, owned by no one else.
-                    unsafe {
+                    let filled = unsafe {
                         cudarc::driver::result::memset_d8_async(
                             ptr,
                             0xff,
                             size,
                             self.stream.cu_stream(),
                         )
+                    };
+                    if let Err(e) = filled {
+                        self.give_back(ptr, size);
+                        return Err(driver_err(op)(e));
                     }
-                    .map_err(driver_err(op))?;
                 }
                 ptr
             }
