@@ -2,9 +2,10 @@
 //! host, with the hardware primitives (`intrinsics`) supplied by a SIMT emulator (`simt`).
 //! Every thread of a block is a coroutine; `__syncthreads`, warp shuffles and the warp-wide
 //! tensor-core `mma.sync` are rendezvous between them, with the operand layouts of the PTX
-//! ISA. The crate also builds as a stand-in CUDA driver (`driver`). This checks a kernel's index math, tiling, barriers and fragment layouts element by
-//! element against plain references without a GPU (`tests/`); not the code the NVPTX
-//! backend generates, nor its speed: `retouch selftest --device cuda:0` does that on a GPU.
+//! ISA. The crate also builds as a stand-in CUDA driver (`driver`). This checks a kernel's
+//! index math, tiling, barriers and fragment layouts element by element against plain
+//! references without a GPU (`tests/`); not the code the NVPTX backend generates, nor its
+//! speed: `retouch selftest --device cuda:0` does that on a GPU.
 //!
 //! Needs a nightly compiler (the kernels use `f16` and `repr(simd)`); on stable the crate is
 //! empty. `.ci/run` runs its tests with `cargo +nightly test -p retouch-kernels-emu`.

@@ -87,7 +87,7 @@ enum Place<'a> {
     /// In the ring's chunk; dropping the handle releases the chunk's device bytes.
     Ring(&'a TableRing, usize),
     /// In a device buffer of its own, freed (stream-ordered) with the handle.
-    Own(#[allow(dead_code)] CudaSlice<u8>),
+    Own { _buffer: CudaSlice<u8> },
 }
 
 impl Tables<'_> {
@@ -114,11 +114,19 @@ pub(crate) struct TableRing {
 }
 
 struct RingState {
-    host: PinnedHostSlice<u8>,
+    /// Owns the page-locked bytes `host_bytes` points at.
+    _host: PinnedHostSlice<u8>,
+    /// The page-locked bytes, taken once: cudarc's accessors synchronise an event on every
+    /// call, a driver call per upload that the ring's own chunk events make needless.
+    host_bytes: *mut u8,
     device: CudaSlice<u8>,
     cursor: Cursor,
     chunks: Vec<Chunk>,
 }
+
+// SAFETY: `host_bytes` points into `_host`, which is Send, and is only used under the ring's
+// lock.
+unsafe impl Send for RingState {}
 
 #[derive(Default)]
 struct Chunk {
@@ -134,7 +142,8 @@ impl TableRing {
     pub(crate) fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<TableRing> {
         let err = driver_err("table ring");
         // SAFETY: u8 has no invalid bit patterns; bytes are written before a copy reads them.
-        let host = unsafe { ctx.alloc_pinned::<u8>(TABLE_RING_BYTES) }.map_err(&err)?;
+        let mut host = unsafe { ctx.alloc_pinned::<u8>(TABLE_RING_BYTES) }.map_err(&err)?;
+        let host_bytes = host.as_mut_ptr().map_err(&err)?;
         // SAFETY: as above; a launch reads only bytes a copy queued before it wrote.
         let device = unsafe { stream.alloc::<u8>(TABLE_RING_BYTES) }.map_err(&err)?;
         let device_base = device.device_ptr(stream).0;
@@ -142,7 +151,8 @@ impl TableRing {
             stream: stream.clone(),
             device_base,
             state: Mutex::new(RingState {
-                host,
+                _host: host,
+                host_bytes,
                 device,
                 cursor: Cursor::default(),
                 chunks: (0..CHUNKS).map(|_| Chunk::default()).collect(),
@@ -184,7 +194,10 @@ impl TableRing {
         }
         let chunk = state.cursor.chunk;
         let at = chunk * CHUNK_BYTES + state.cursor.used;
-        let host = &mut state.host.as_mut_slice().map_err(&err)?[at..at + len];
+        // SAFETY: `at + len` is within the ring's `TABLE_RING_BYTES` (the cursor keeps a set
+        // inside its chunk), `_host` keeps the bytes alive, the lock makes this the only
+        // writer, and no queued copy still reads them (the chunk's event above).
+        let host = unsafe { std::slice::from_raw_parts_mut(state.host_bytes.add(at), len) };
         set.write_to(host);
         let mut device = state.device.slice_mut(at..at + len);
         self.stream.memcpy_htod(&*host, &mut device).map_err(&err)?;
@@ -204,7 +217,7 @@ impl TableRing {
         let base = buffer.device_ptr(&self.stream).0;
         Ok(Tables {
             base,
-            place: Place::Own(buffer),
+            place: Place::Own { _buffer: buffer },
         })
     }
 }
