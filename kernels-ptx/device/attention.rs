@@ -269,8 +269,12 @@ pub const FLASH_K: u32 = 32;
 /// Row stride of the transposed key tile: a multiple of 4 floats (16-byte loads) that spreads
 /// the transposing stores over more banks than `FLASH_K` would.
 const KT_LD: u32 = FLASH_K + 4;
-/// Output column chunks of 32 per lane group: heads up to 96 wide (the host allows 80).
+/// Output column chunks of 32 per lane group: [`attention_flash_f32`] takes heads up to 96
+/// wide (the host gives it up to 80, its tiles within the default 48 KiB of shared memory),
+/// [`attention_flash_wide_f32`] up to 160 (SD1.5's deepest heads; its tiles need the
+/// shared memory a launch opts into).
 const CHUNKS: usize = 3;
+const WIDE_CHUNKS: usize = 5;
 
 /// The sequence and head of this block of a dense flash launch (block `y` is
 /// `batch * heads + head`).
@@ -399,7 +403,18 @@ flash_entries! {
     /// `y` is the head. Launch: grid `(tiles, heads)`, block 128, shared memory as
     /// [`attention_flash_f32`].
     attention_masked_flash_f32,
-    |source, q0, d, scale, causal| flash_block(&source, q0, d, scale, causal)
+    |source, q0, d, scale, causal| flash_block::<_, CHUNKS>(&source, q0, d, scale, causal)
+}
+
+flash_entries! {
+    /// [`attention_flash_f32`] for heads up to 160 wide (a multiple of 4): five 32-column
+    /// output chunks per lane group. The same launch; its `d * 132 * 4` bytes of shared
+    /// memory (84480 at 160) need the function's dynamic shared limit raised.
+    attention_flash_wide_f32,
+    /// [`attention_masked_flash_f32`] for heads up to 160 wide, as
+    /// [`attention_flash_wide_f32`].
+    attention_masked_flash_wide_f32,
+    |source, q0, d, scale, causal| flash_block::<_, WIDE_CHUNKS>(&source, q0, d, scale, causal)
 }
 
 /// The segment, head and first query row of this block of a masked flash launch (see
@@ -536,9 +551,15 @@ impl FlashSource for MaskedHead {
 }
 
 /// The body of the flash kernels: query rows `q0..q0 + 64` of one sequence and head, against
-/// all its keys (or, when `causal`, those up to each row).
+/// all its keys (or, when `causal`, those up to each row), for heads up to `32 * N` wide.
 #[inline(always)]
-unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, causal: u32) {
+unsafe fn flash_block<S: FlashSource, const N: usize>(
+    src: &S,
+    q0: u32,
+    d: u32,
+    scale: f32,
+    causal: u32,
+) {
     let tid = thread();
     let lane = tid & 31;
     let (tq, tk) = (tid >> 3, tid & 7);
@@ -569,7 +590,7 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
     let k_end = keys_seen(last, lk, causal);
     let mut m = [NEG_INF; 4];
     let mut l = [0.0f32; 4];
-    let mut acc = [[[0.0f32; 4]; CHUNKS]; 4];
+    let mut acc = [[[0.0f32; 4]; N]; 4];
     let mut kb = 0u32;
     while kb < k_end {
         sync_threads();
@@ -631,10 +652,13 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
             sum += shfl_xor(sum, 4);
             l[i] = l[i] * corr + sum;
             m[i] = m_new;
-            unroll!(u in [0, 1, 2] {
-                unroll!(x in [0, 1, 2, 3] {
-                    acc[i][u][x] *= corr;
-                });
+            // `u < N` is known when compiled: the chunks past N are not emitted.
+            unroll!(u in [0, 1, 2, 3, 4] {
+                if u < N {
+                    unroll!(x in [0, 1, 2, 3] {
+                        acc[i][u][x] *= corr;
+                    });
+                }
             });
         });
 
@@ -647,9 +671,9 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
                 unroll!(i in [0, 1, 2, 3] {
                     pk[i] = shfl_idx(p[i][e], group + owner);
                 });
-                unroll!(u in [0, 1, 2] {
+                unroll!(u in [0, 1, 2, 3, 4] {
                     let col = 32 * u as u32 + 4 * tk;
-                    if col < d {
+                    if u < N && col < d {
                         let vv = unsafe { load4(vs.add((key * d + col) as usize)) };
                         unroll!(i in [0, 1, 2, 3] {
                             unroll!(x in [0, 1, 2, 3] {
@@ -669,9 +693,9 @@ unsafe fn flash_block<S: FlashSource>(src: &S, q0: u32, d: u32, scale: f32, caus
         if row < lq {
             let inv = 1.0 / l[i];
             let out_row = unsafe { rows.out_row(row) };
-            unroll!(u in [0, 1, 2] {
+            unroll!(u in [0, 1, 2, 3, 4] {
                 let col = 32 * u as u32 + 4 * tk;
-                if col < d {
+                if u < N && col < d {
                     unroll!(x in [0, 1, 2, 3] {
                         unsafe { *out_row.add(col as usize + x) = acc[i][u][x] * inv };
                     });

@@ -67,9 +67,11 @@ pub struct BMatrix {
 }
 impl Copy for BMatrix {}
 
-/// Where C goes and what the epilogue adds.
+/// Where C goes and what the epilogue adds: `c = alpha * acc + beta * c_in + bias`, `c_in`
+/// read only when `beta != 0` (C itself for an in-place product, or a residual to add).
 pub struct Epilogue {
     pub c: *mut f32,
+    pub c_in: *const f32,
     pub bias: *const f32,
     pub has_bias: bool,
     pub alpha: f32,
@@ -227,7 +229,7 @@ pub unsafe fn store_one(e: &Epilogue, row: u32, col: u32, acc: f32) {
     let mut v = e.alpha * acc;
     unsafe {
         if e.beta != 0.0 {
-            v = e.beta.mul_add(*e.c.add(at), v);
+            v = e.beta.mul_add(*e.c_in.add(at), v);
         }
         if e.has_bias {
             v += *e.bias.add(col as usize);
@@ -377,15 +379,17 @@ impl ALoad for DenseA {
 
 const OUTSIDE_ROW: u32 = 0xffff_ffff;
 
-/// `C = alpha * A * op(B) + beta * C (+ bias)`: A `[m, k]`, B `[k, n]` when `b_kn != 0`
-/// else `[n, k]` (x * W^T), C `[m, n]`, bias `[n]` read when `has_bias != 0`. C is read only
-/// when `beta != 0`.
+/// `C = alpha * A * op(B) + beta * C_in (+ bias)`: A `[m, k]`, B `[k, n]` when `b_kn != 0`
+/// else `[n, k]` (x * W^T), C and C_in `[m, n]`, bias `[n]` read when `has_bias != 0`. C_in
+/// is read only when `beta != 0`; it may be C itself (each element is read before it is
+/// written, by the same thread).
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn sgemm_f32(
     a: *const f32,
     b: *const f32,
     c: *mut f32,
+    c_in: *const f32,
     bias: *const f32,
     m: u32,
     n: u32,
@@ -404,6 +408,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
     };
     let e = Epilogue {
         c,
+        c_in,
         bias,
         has_bias: has_bias != 0,
         alpha,
@@ -414,14 +419,15 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
     unsafe { gemm_block(&a, b, e) };
 }
 
-/// The second half of a split-K product: `c = alpha * sum_z ws[z] + beta * c + bias` over
-/// the `[splits, m, n]` workspace the split blocks wrote (`mn = m * n`). C is read only when
-/// `beta != 0`. Launch: 1-D grid-stride over `mn`.
+/// The second half of a split-K product: `c = alpha * sum_z ws[z] + beta * c_in + bias`
+/// over the `[splits, m, n]` workspace the split blocks wrote (`mn = m * n`). C_in is read
+/// only when `beta != 0`, and may be C itself. Launch: 1-D grid-stride over `mn`.
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
     ws: *const f32,
     c: *mut f32,
+    c_in: *const f32,
     bias: *const f32,
     mn: u32,
     n: u32,
@@ -440,7 +446,7 @@ pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
         let mut v = alpha * sum;
         unsafe {
             if beta != 0.0 {
-                v = beta.mul_add(*c.add(i as usize), v);
+                v = beta.mul_add(*c_in.add(i as usize), v);
             }
             if has_bias != 0 {
                 v += *bias.add((i % n) as usize);
@@ -601,7 +607,8 @@ impl ALoad for ConvA {
 
 /// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
 /// `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when
-/// `has_bias != 0`: `out = [batch * out_h * out_w, cout]`, `m` its rows.
+/// `has_bias != 0` and plus `residual` (laid out as `out`) when `has_residual != 0`:
+/// `out = [batch * out_h * out_w, cout]`, `m` its rows.
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn conv2d_f32(
@@ -609,6 +616,7 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     weight: *const f32,
     bias: *const f32,
     out: *mut f32,
+    residual: *const f32,
     m: u32,
     cout: u32,
     h: u32,
@@ -621,8 +629,14 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     out_h: u32,
     out_w: u32,
     has_bias: u32,
+    has_residual: u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
+    let out = ConvOut {
+        out,
+        residual,
+        has_residual,
+    };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
 }
@@ -718,7 +732,7 @@ unsafe fn masked_conv<C: Widen>(
     rows: *const u32,
     weight: *const f32,
     bias: *const f32,
-    out: *mut f32,
+    out: ConvOut,
     m: u32,
     cout: u32,
     g: ConvGeom,
@@ -737,14 +751,23 @@ unsafe fn masked_conv<C: Widen>(
     unsafe { gemm_block(&a, b, e) };
 }
 
+/// A conv's output rows `[m, cout]` and the residual added to them (same layout) when
+/// `has_residual != 0`.
+pub struct ConvOut {
+    pub out: *mut f32,
+    pub residual: *const f32,
+    pub has_residual: u32,
+}
+impl Copy for ConvOut {}
+
 /// A conv's B operand and epilogue, shared by every conv kernel: the packed weight
-/// `[k, cout]` and the output rows `[m, cout]`, bias fused when `has_bias != 0`, nothing
-/// accumulated.
+/// `[k, cout]` and the output rows, bias fused when `has_bias != 0`, the residual when
+/// `out.has_residual != 0`.
 #[inline(always)]
 pub fn conv_operands(
     weight: *const f32,
     bias: *const f32,
-    out: *mut f32,
+    out: ConvOut,
     m: u32,
     cout: u32,
     k: u32,
@@ -757,11 +780,12 @@ pub fn conv_operands(
         kn: true,
     };
     let e = Epilogue {
-        c: out,
+        c: out.out,
+        c_in: out.residual,
         bias,
         has_bias: has_bias != 0,
         alpha: 1.0,
-        beta: 0.0,
+        beta: if out.has_residual != 0 { 1.0 } else { 0.0 },
         m,
         n: cout,
     };
@@ -771,7 +795,7 @@ pub fn conv_operands(
 macro_rules! masked_conv_kernel {
     ($name:ident, $c:ty) => {
         /// Masked 2-D convolution over a ragged batch (see `MaskedA`): `out = [m, cout]`,
-        /// the packed weight and bias as `conv2d_f32`.
+        /// the packed weight, bias and residual as `conv2d_f32`.
         #[unsafe(no_mangle)]
         #[allow(clippy::too_many_arguments)]
         pub unsafe extern "ptx-kernel" fn $name(
@@ -782,6 +806,7 @@ macro_rules! masked_conv_kernel {
             weight: *const f32,
             bias: *const f32,
             out: *mut f32,
+            residual: *const f32,
             m: u32,
             cout: u32,
             h: u32,
@@ -793,7 +818,13 @@ macro_rules! masked_conv_kernel {
             pad: u32,
             out_w: u32,
             has_bias: u32,
+            has_residual: u32,
         ) {
+            let out = ConvOut {
+                out,
+                residual,
+                has_residual,
+            };
             let g = ConvGeom {
                 h,
                 w,

@@ -56,7 +56,9 @@ pub unsafe extern "ptx-kernel" fn upsample_nearest2x_f32(
 
 /// `out[i] = x[i] + v[s, i % c]` with `s = i / per_sample`: `x = [samples, ..., c]` holding
 /// `per_sample` values per sample (a multiple of `c`), `v = [samples, c]` broadcast over each
-/// sample's positions.
+/// sample's positions. With `sample_of_row` not null, row `r` of `x = [rows, c]` takes
+/// sample `sample_of_row[r]` (a ragged batch's rows, each with its segment's vector) and
+/// `per_sample` is not read.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
     x: *const f32,
@@ -65,9 +67,16 @@ pub unsafe extern "ptx-kernel" fn add_per_sample_f32(
     n: u32,
     per_sample: u32,
     c: u32,
+    sample_of_row: *const u32,
 ) {
+    let by_row = sample_of_row as usize != 0;
     grid_stride!(n, |i| {
-        let j = (i / per_sample) * c + i % c;
+        let s = if by_row {
+            unsafe { *sample_of_row.add((i / c) as usize) }
+        } else {
+            i / per_sample
+        };
+        let j = s * c + i % c;
         unsafe { *out.add(i as usize) = *x.add(i as usize) + *v.add(j as usize) };
     });
 }

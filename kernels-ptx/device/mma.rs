@@ -18,8 +18,8 @@
 //! bytes (two 16 x 136 A and two 16 x 72 B tiles).
 
 use crate::gemm::{
-    ALoad, BK, BM, BMatrix, BN, ConvA, DenseA, Epilogue, F4, Smem, conv_operands, load_tile,
-    rows_of, store_one, store_tile,
+    ALoad, BK, BM, BMatrix, BN, ConvA, ConvOut, DenseA, Epilogue, F4, Smem, conv_operands,
+    load_tile, rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::intrinsics::mma_m16n8k8_tf32 as mma;
@@ -154,6 +154,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
     a: *const f32,
     b: *const f32,
     c: *mut f32,
+    c_in: *const f32,
     bias: *const f32,
     m: u32,
     n: u32,
@@ -172,6 +173,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
     };
     let e = Epilogue {
         c,
+        c_in,
         bias,
         has_bias: has_bias != 0,
         alpha,
@@ -190,6 +192,7 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     weight: *const f32,
     bias: *const f32,
     out: *mut f32,
+    residual: *const f32,
     m: u32,
     cout: u32,
     h: u32,
@@ -202,8 +205,14 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     out_h: u32,
     out_w: u32,
     has_bias: u32,
+    has_residual: u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
+    let out = ConvOut {
+        out,
+        residual,
+        has_residual,
+    };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block_tf32(&a, b, e) };
 }

@@ -102,12 +102,18 @@ fn group_norm_apply(
     hw: u32,
     c: u32,
     groups: u32,
+    sample_of_row: *const u32,
     with_silu: bool,
 ) {
     let cpg = c / groups;
     let per_sample = hw * c;
+    let by_row = sample_of_row as usize != 0;
     grid_stride!(n, |i| {
-        let b = i / per_sample;
+        let b = if by_row {
+            unsafe { *sample_of_row.add((i / c) as usize) }
+        } else {
+            i / per_sample
+        };
         let ch = i % c;
         let at = 2 * (b * groups + ch / cpg) as usize;
         unsafe {
@@ -121,7 +127,10 @@ fn group_norm_apply(
 }
 
 /// `out = (x - mean) * rstd * gamma + beta` with statistics from `group_norm_stats_f32` (or
-/// the template's, in masked execution), over `n = batch * hw * c` elements.
+/// the template's, in masked execution), over `n = batch * hw * c` elements: sample `b`'s
+/// statistics are `stats[b]`, `[groups, 2]`. With `sample_of_row` not null, row `r` of
+/// `x = [rows, c]` takes sample `sample_of_row[r]`'s (a ragged batch's rows, each with its
+/// segment's statistics) and `hw` is not read.
 ///
 /// Launch: 1-D grid-stride, any grid and block, no shared memory.
 #[unsafe(no_mangle)]
@@ -136,8 +145,9 @@ pub unsafe extern "ptx-kernel" fn group_norm_apply_f32(
     hw: u32,
     c: u32,
     groups: u32,
+    sample_of_row: *const u32,
 ) {
-    group_norm_apply(x, stats, gamma, beta, out, n, hw, c, groups, false);
+    group_norm_apply(x, stats, gamma, beta, out, n, hw, c, groups, sample_of_row, false);
 }
 
 /// `group_norm_apply_f32` followed by SiLU, fused (the resnet blocks' GN + SiLU).
@@ -153,8 +163,9 @@ pub unsafe extern "ptx-kernel" fn group_norm_silu_apply_f32(
     hw: u32,
     c: u32,
     groups: u32,
+    sample_of_row: *const u32,
 ) {
-    group_norm_apply(x, stats, gamma, beta, out, n, hw, c, groups, true);
+    group_norm_apply(x, stats, gamma, beta, out, n, hw, c, groups, sample_of_row, true);
 }
 
 /// Group-norm statistics of the maps a ragged masked batch computes on (the CPU's

@@ -662,6 +662,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
     }
     LAUNCHES.fetch_add(1, Relaxed);
     if skip_kernels() {
+        let mut by_kernel = LAUNCHES_BY_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+        *by_kernel.entry(function.name.clone()).or_default() += 1;
         return SUCCESS;
     }
     let args = unsafe { std::slice::from_raw_parts(params, function.entry.params) };
@@ -686,6 +688,8 @@ static COPIES_FROM_PAGEABLE: AtomicU64 = AtomicU64::new(0);
 static COPIES_FROM_PINNED: AtomicU64 = AtomicU64::new(0);
 static COPIES_TO_HOST: AtomicU64 = AtomicU64::new(0);
 static COPIES_ON_DEVICE: AtomicU64 = AtomicU64::new(0);
+/// Launches by kernel name, with kernels skipped: which kernels a step is made of.
+static LAUNCHES_BY_KERNEL: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
 
 /// `RETOUCH_EMU_SKIP_KERNELS=1`: launches return at once (see the module's comment).
 fn skip_kernels() -> bool {
@@ -711,6 +715,12 @@ fn skip_kernels() -> bool {
                     n(&COPIES_TO_HOST),
                     n(&COPIES_ON_DEVICE),
                 );
+                let by_kernel = LAUNCHES_BY_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+                let mut counts: Vec<_> = by_kernel.iter().collect();
+                counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                for (name, count) in counts {
+                    eprintln!("emulated driver: {count:>8} launches of {name}");
+                }
             }
             unsafe { atexit(report) };
         }

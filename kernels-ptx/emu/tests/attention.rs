@@ -94,6 +94,17 @@ fn flash_config(d: usize) -> Config {
     }
 }
 
+/// `attention_flash_wide_f32` / `attention_masked_flash_wide_f32` (multiples of 4 up to
+/// 160; past 80 their tiles need more than the default shared memory, which the host raises).
+fn wide_flash_config(d: usize) -> Config {
+    assert!(d > 0 && d.is_multiple_of(4) && d <= 160);
+    Config {
+        rows_per_block: 64,
+        threads: 128,
+        shared_bytes: d * (64 + 36 + 32) * 4,
+    }
+}
+
 /// The tensor-core entries (`mma_shared_bytes`).
 fn mma_config(d: usize) -> Config {
     let width = 16 * d.div_ceil(16);
@@ -668,6 +679,56 @@ fn masked_flash_f32_matches_the_reference() {
         "attention_masked_flash_f32",
         attention::attention_masked_flash_f32,
         flash_config(32),
+        F32_TOL,
+    );
+}
+
+/// `attention_flash_wide_f32` on SD1.5's 160-wide heads and on widths whose last column
+/// chunk is partial (100: four chunks, the last 4 wide; 84) or that leave chunks unused
+/// (12): partial query blocks and key tiles, causal.
+#[test]
+fn flash_wide_f32_matches_the_reference() {
+    let mut rng = Rng::new(15);
+    let cases: [DenseCase; 4] = [
+        (2, 70, 37, 2, 160, false),
+        (1, 130, 70, 1, 100, true),
+        (1, 33, 65, 3, 84, false),
+        (1, 5, 9, 1, 12, true),
+    ];
+    for case in cases {
+        let p = Dense::new(&mut rng, case);
+        p.check(
+            "attention_flash_wide_f32",
+            attention::attention_flash_wide_f32,
+            wide_flash_config(p.d),
+            F32_TOL,
+        );
+    }
+}
+
+/// `attention_masked_flash_wide_f32`: ragged (160-wide heads, each segment to its own key
+/// rows) and masked over cached f16 maps (132-wide heads).
+#[test]
+fn masked_flash_wide_f32_matches_the_reference() {
+    let mut rng = Rng::new(16);
+    let ragged = Segmented::ragged(
+        &mut rng,
+        2,
+        160,
+        &[70, 1, 0, 5],
+        &[40..117, 0..1, 5..5, 3..40],
+    );
+    ragged.check(
+        "attention_masked_flash_wide_f32",
+        attention::attention_masked_flash_wide_f32,
+        wide_flash_config(160),
+        F32_TOL,
+    );
+    let masked = Segmented::masked(&mut rng, 1, 132, &[(63, 19), (72, 72), (50, 1), (40, 0)]);
+    masked.check(
+        "attention_masked_flash_wide_f32",
+        attention::attention_masked_flash_wide_f32,
+        wide_flash_config(132),
         F32_TOL,
     );
 }

@@ -194,13 +194,15 @@ fn dense_reference(g: &Geom, x: &[f32], wt: &Weight, operand: fn(f32) -> f32) ->
     (out, largest)
 }
 
-/// The conv kernels' signature: `(x, weight, bias, out, m, cout, h, w, cin, kh, kw, stride,
-/// pad, out_h, out_w, has_bias)`.
+/// The conv kernels' signature: `(x, weight, bias, out, residual, m, cout, h, w, cin, kh,
+/// kw, stride, pad, out_h, out_w, has_bias, has_residual)`.
 type ConvKernel = unsafe fn(
     *const f32,
     *const f32,
     *const f32,
     *mut f32,
+    *const f32,
+    u32,
     u32,
     u32,
     u32,
@@ -215,58 +217,74 @@ type ConvKernel = unsafe fn(
     u32,
 );
 
-/// Runs the split-K reduction as the host's `finish_split`: `out = sum of the slices + bias`
-/// (alpha 1, beta 0; without a bias the host passes the workspace as the bias pointer).
+/// Runs the split-K reduction as the host's `finish_split`: `out = sum of the slices +
+/// bias + residual` (alpha 1; beta 1 with a residual, else 0 and no `c_in`; without a bias
+/// the host passes the workspace as the bias pointer).
 fn split_reduce(
     ws: &DeviceBuffer<f32>,
     out: &DeviceBuffer<f32>,
     bias: Option<&DeviceBuffer<f32>>,
+    residual: Option<&DeviceBuffer<f32>>,
     (m, n): (usize, usize),
     splits: usize,
 ) {
     let bias_ptr = bias.map_or(ws.ptr(), |b| b.ptr());
     let has_bias = u32::from(bias.is_some());
+    let (c_in, beta) = residual.map_or((std::ptr::null(), 0.0), |r| (r.ptr(), 1.0));
     unsafe {
         launch(host_grid_stride(m * n), || {
             gemm::splitk_reduce_f32(
                 ws.ptr(),
                 out.ptr_mut(),
+                c_in,
                 bias_ptr,
                 (m * n) as u32,
                 n as u32,
                 splits as u32,
                 has_bias,
                 1.0,
-                0.0,
+                beta,
             )
         })
     };
 }
 
 /// The output side of a GEMM-shaped conv launch, set up as the host does: C (NaN until
-/// written, as the host's uninitialised output), and when split a zeroed `[splits, m, cout]`
-/// workspace the launch writes raw sums into (no bias: the reduction adds it). Without a bias
-/// the kernel is given the packed weight as its bias pointer, as the host does.
+/// written, as the host's uninitialised output), and when split a NaN `[splits, m, cout]`
+/// workspace the launch writes raw sums into (no bias or residual: the reduction adds them).
+/// Without a bias the kernel is given the packed weight as its bias pointer, as the host
+/// does; without a residual, a null one.
 struct ConvOutput {
     out: DeviceBuffer<f32>,
     workspace: Option<DeviceBuffer<f32>>,
     bias: Option<DeviceBuffer<f32>>,
+    residual: Option<DeviceBuffer<f32>>,
     m: usize,
     cout: usize,
     splits: usize,
 }
 
 impl ConvOutput {
-    fn new(g: &Geom, wt: &Weight, m: usize, splits: usize) -> ConvOutput {
+    fn new(g: &Geom, wt: &Weight, m: usize, splits: usize, residual: Option<&[f32]>) -> ConvOutput {
         let cout = g.cout;
         ConvOutput {
             out: DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]),
-            workspace: (splits > 1).then(|| DeviceBuffer::zeroed(splits * m * cout)),
+            workspace: (splits > 1)
+                .then(|| DeviceBuffer::from_slice(&vec![f32::NAN; splits * m * cout])),
             bias: g.bias.then(|| DeviceBuffer::from_slice(&wt.bias)),
+            residual: residual.map(DeviceBuffer::from_slice),
             m,
             cout,
             splits,
         }
+    }
+
+    fn residual_ptr(&self) -> *const f32 {
+        self.residual.as_ref().map_or(std::ptr::null(), |r| r.ptr())
+    }
+
+    fn has_residual(&self) -> u32 {
+        u32::from(self.residual.is_some() && self.workspace.is_none())
     }
 
     /// Where the launch writes: the workspace when split, else C.
@@ -297,7 +315,8 @@ impl ConvOutput {
     fn finish(self) -> Vec<f32> {
         if let Some(ws) = &self.workspace {
             let dims = (self.m, self.cout);
-            split_reduce(ws, &self.out, self.bias.as_ref(), dims, self.splits);
+            let (bias, residual) = (self.bias.as_ref(), self.residual.as_ref());
+            split_reduce(ws, &self.out, bias, residual, dims, self.splits);
         }
         self.out.to_vec()
     }
@@ -305,8 +324,9 @@ impl ConvOutput {
 
 /// A dense conv launched as `conv2d_on` does: grid `(ceil(cout / 64), ceil(m / 128),
 /// splits)`, 256 threads, `shared` bytes; split launches write raw sums (no bias) into a
-/// zeroed `[splits, m, cout]` workspace that `splitk_reduce_f32` then sums with the bias.
-/// The output starts as NaN (the host's is uninitialised), so an unwritten element fails.
+/// `[splits, m, cout]` workspace that `splitk_reduce_f32` then sums with the bias and the
+/// residual. The output and workspace start as NaN (the host's are uninitialised), so an
+/// unwritten element fails.
 fn run_conv(
     kernel: ConvKernel,
     shared: usize,
@@ -314,12 +334,14 @@ fn run_conv(
     x: &[f32],
     wt: &Weight,
     splits: usize,
+    residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let (m, cout) = (g.m(), g.cout);
     let xd = DeviceBuffer::from_slice(x);
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, splits);
+    let o = ConvOutput::new(g, wt, m, splits, residual);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
+    let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let u = |v: usize| v as u32;
     unsafe {
         launch(Launch::new(o.grid(), 256, shared), || {
@@ -328,6 +350,7 @@ fn run_conv(
                 packed.ptr(),
                 bias_ptr,
                 target,
+                residual_ptr,
                 u(m),
                 u(cout),
                 u(g.h),
@@ -340,6 +363,7 @@ fn run_conv(
                 u(g.out_h()),
                 u(g.out_w()),
                 has_bias,
+                has_residual,
             )
         })
     };
@@ -387,16 +411,30 @@ const fn geom(
     }
 }
 
+/// `want + residual`, element by element.
+fn plus(want: &[f32], residual: &[f32]) -> Vec<f32> {
+    want.iter().zip(residual).map(|(w, r)| w + r).collect()
+}
+
+/// Which launches of a case add a residual: every other one, alternating between cases, so
+/// that split and unsplit launches are each checked with and without one.
+fn with_residual(case: usize, launch: usize) -> bool {
+    (case + launch) % 2 == 1
+}
+
 /// `conv2d_f32` against the f64 conv (the selftest's `GEMM_TOL`), launched as an H100's host
 /// launcher does (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`) and,
-/// where that splits, also unsplit (a device with fewer SMs, or more tiles).
+/// where that splits, also unsplit (a device with fewer SMs, or more tiles); every other
+/// launch adds a residual.
 #[test]
 fn conv2d_f32_matches_the_reference() {
     let mut rng = Rng::new(11);
     let mut split_cases = 0;
-    for g in &CONVS {
+    let mut residual_launches = [0; 2]; // unsplit, split
+    for (case, g) in CONVS.iter().enumerate() {
         let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
         let wt = Weight::new(&mut rng, g);
+        let residual = rng.values(g.m() * g.cout, -1.0, 1.0);
         let (want, _) = dense_reference(g, &x, &wt, |v| v);
         let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
@@ -405,13 +443,24 @@ fn conv2d_f32_matches_the_reference() {
             plans.push(1);
             split_cases += 1;
         }
-        for splits in plans {
-            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, splits);
-            let what = format!("conv2d_f32 {} splits={splits}", g.name());
+        for (i, splits) in plans.into_iter().enumerate() {
+            let add = with_residual(case, i).then_some(&residual[..]);
+            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, splits, add);
+            let what = format!(
+                "conv2d_f32 {} splits={splits} residual={}",
+                g.name(),
+                add.is_some()
+            );
+            let want = add.map_or_else(|| want.clone(), |r| plus(&want, r));
             assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+            residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
         }
     }
     assert!(split_cases >= 2, "the cases must exercise split-K");
+    assert!(
+        residual_launches.iter().all(|&n| n > 0),
+        "split and unsplit launches must add a residual: {residual_launches:?}"
+    );
 }
 
 /// `conv2d_tf32` (never split by the host) against the f64 conv within the selftest's TF32
@@ -421,21 +470,33 @@ fn conv2d_f32_matches_the_reference() {
 #[test]
 fn conv2d_tf32_matches_the_reference() {
     let mut rng = Rng::new(12);
-    for g in &CONVS {
+    for (case, g) in CONVS.iter().enumerate() {
         let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
         let wt = Weight::new(&mut rng, g);
-        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, 1);
+        let residual = rng.values(g.m() * g.cout, -1.0, 1.0);
+        let add = with_residual(case, 0).then_some(&residual[..]);
+        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, 1, add);
+        // The residual is added in f32 as the product is written: one more rounding, within
+        // 2 ulp of the result.
+        let with = |want: &[f32]| add.map_or_else(|| want.to_vec(), |r| plus(want, r));
+        let rounding = if add.is_some() {
+            2.0 * f32::EPSILON
+        } else {
+            0.0
+        };
+        let what =
+            |check: &str| format!("conv2d_tf32 {}{check} residual={}", g.name(), add.is_some());
         let (want, _) = dense_reference(g, &x, &wt, |v| v);
         let tol = tf32_tol(g.k());
-        assert_close(&format!("conv2d_tf32 {}", g.name()), &got, &want, tol, tol);
+        assert_close(&what(""), &got, &with(&want), tol, tol);
         let (want_tf32, largest) = dense_reference(g, &x, &wt, tf32_rna);
         let bound = ((g.k() / 8 + 2) as f64 * f32::EPSILON as f64 / 2.0 * largest) as f32;
         assert_close(
-            &format!("conv2d_tf32 {} (TF32 operands)", g.name()),
+            &what(" (TF32 operands)"),
             &got,
-            &want_tf32,
+            &with(&want_tf32),
             bound,
-            0.0,
+            rounding,
         );
     }
 }
@@ -663,8 +724,8 @@ fn masked_reference(g: &Geom, segs: &[Segment], wt: &Weight, round: fn(f32) -> f
     out
 }
 
-/// The masked conv kernels' signature: `(fresh, cached, row_of, rows, weight, bias, out, m,
-/// cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`.
+/// The masked conv kernels' signature: `(fresh, cached, row_of, rows, weight, bias, out,
+/// residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias, has_residual)`.
 type MaskedKernel = unsafe fn(
     *const u64,
     *const u64,
@@ -673,6 +734,8 @@ type MaskedKernel = unsafe fn(
     *const f32,
     *const f32,
     *mut f32,
+    *const f32,
+    u32,
     u32,
     u32,
     u32,
@@ -690,9 +753,10 @@ type MaskedKernel = unsafe fn(
 /// in one buffer with a table of each segment's start address, a table of the cached maps'
 /// addresses (elements `C`), `row_of` of every segment concatenated (`u32::MAX` inactive),
 /// `rows` as (segment, output position) pairs; grid `(ceil(cout / 64), ceil(m / 128),
-/// splits)`, 256 threads, `SHARED_BYTES`; split launches write raw sums into a zeroed
-/// workspace, summed with the bias by `splitk_reduce_f32`. Returns the output rows (NaN
-/// where never written).
+/// splits)`, 256 threads, `SHARED_BYTES`; split launches write raw sums into a workspace,
+/// summed with the bias and the residual by `splitk_reduce_f32`. Returns the output rows
+/// (NaN where never written).
+#[allow(clippy::too_many_arguments)]
 fn run_masked<C: Copy>(
     kernel: MaskedKernel,
     g: &Geom,
@@ -700,6 +764,7 @@ fn run_masked<C: Copy>(
     cached: &[Vec<C>],
     wt: &Weight,
     splits: usize,
+    residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let (hw, cout) = (g.h * g.w, g.cout);
     let stacked: Vec<f32> = segs.iter().flat_map(|s| s.fresh.iter().copied()).collect();
@@ -736,8 +801,9 @@ fn run_masked<C: Copy>(
         DeviceBuffer::from_slice(&row_of),
     );
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, splits);
+    let o = ConvOutput::new(g, wt, m, splits, residual);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
+    let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let u = |v: usize| v as u32;
     unsafe {
         launch(Launch::new(o.grid(), 256, SHARED_BYTES), || {
@@ -749,6 +815,7 @@ fn run_masked<C: Copy>(
                 packed.ptr(),
                 bias_ptr,
                 target,
+                residual_ptr,
                 u(m),
                 u(cout),
                 u(g.h),
@@ -760,6 +827,7 @@ fn run_masked<C: Copy>(
                 u(g.pad),
                 u(g.out_w()),
                 has_bias,
+                has_residual,
             )
         })
     };
@@ -767,8 +835,9 @@ fn run_masked<C: Copy>(
 }
 
 /// Runs every masked case with the cache as `C` (`convert` makes it from f32, `round` is
-/// what that keeps), as an H100 launches it and, where that splits, unsplit too; compares
-/// with the semantic reference within the selftest's `GEMM_TOL`.
+/// what that keeps), as an H100 launches it and, where that splits, unsplit too, every other
+/// launch adding a residual; compares with the semantic reference within the selftest's
+/// `GEMM_TOL`.
 fn check_masked<C: Copy>(
     name: &str,
     kernel: MaskedKernel,
@@ -778,12 +847,14 @@ fn check_masked<C: Copy>(
 ) {
     let mut rng = Rng::new(seed);
     let mut split_cases = 0;
-    for case in masked_cases() {
+    let mut residual_launches = [0; 2]; // unsplit, split
+    for (index, case) in masked_cases().into_iter().enumerate() {
         let g = &case.g;
         let wt = Weight::new(&mut rng, g);
         let segs = make_segments(&mut rng, &case);
         let cached: Vec<Vec<C>> = segs.iter().map(|s| convert(&s.cached)).collect();
         let want = masked_reference(g, &segs, &wt, round);
+        let residual = rng.values(want.len(), -1.0, 1.0);
         let m = want.len() / g.cout;
         let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
@@ -792,17 +863,25 @@ fn check_masked<C: Copy>(
             plans.push(1);
             split_cases += 1;
         }
-        for splits in plans {
-            let got = run_masked(kernel, g, &segs, &cached, &wt, splits);
+        for (i, splits) in plans.into_iter().enumerate() {
+            let add = with_residual(index, i).then_some(&residual[..]);
+            let got = run_masked(kernel, g, &segs, &cached, &wt, splits, add);
             let what = format!(
-                "{name} {} segments={} m={m} splits={splits}",
+                "{name} {} segments={} m={m} splits={splits} residual={}",
                 g.name(),
-                segs.len()
+                segs.len(),
+                add.is_some()
             );
+            let want = add.map_or_else(|| want.clone(), |r| plus(&want, r));
             assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+            residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
         }
     }
     assert!(split_cases >= 2, "the cases must exercise split-K");
+    assert!(
+        residual_launches.iter().all(|&n| n > 0),
+        "split and unsplit launches must add a residual: {residual_launches:?}"
+    );
 }
 
 /// `masked_conv2d_cache_f32` against the semantic reference (dense conv of the composed

@@ -66,9 +66,41 @@ impl Product {
     }
 }
 
-type GemmKernel =
-    unsafe fn(*const f32, *const f32, *mut f32, *const f32, u32, u32, u32, u32, u32, f32, f32);
+type GemmKernel = unsafe fn(
+    *const f32,
+    *const f32,
+    *mut f32,
+    *const f32,
+    *const f32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    f32,
+    f32,
+);
 
+/// Where the epilogue's `beta` term reads: C itself (an in-place product), or a separate
+/// buffer (a residual), with C starting as NaN so that reading C instead would show.
+#[derive(Clone, Copy, Debug)]
+enum CIn {
+    InPlace,
+    Separate,
+}
+
+/// C's starting values and the `c_in` buffer (None: C itself) for `c_in` holding `c0`.
+fn c_buffers(c0: &[f32], c_in: CIn) -> (DeviceBuffer<f32>, Option<DeviceBuffer<f32>>) {
+    match c_in {
+        CIn::InPlace => (DeviceBuffer::from_slice(c0), None),
+        CIn::Separate => (
+            DeviceBuffer::from_slice(&vec![f32::NAN; c0.len()]),
+            Some(DeviceBuffer::from_slice(c0)),
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     kernel: GemmKernel,
     shared: usize,
@@ -76,13 +108,15 @@ fn run(
     alpha: f32,
     beta: f32,
     bias: bool,
+    c_in: CIn,
 ) -> Vec<f32> {
     let (a, b, bias_buf) = (
         DeviceBuffer::from_slice(&p.a),
         DeviceBuffer::from_slice(&p.b),
         DeviceBuffer::from_slice(&p.bias),
     );
-    let c = DeviceBuffer::from_slice(&p.c0);
+    let (c, separate) = c_buffers(&p.c0, c_in);
+    let c_in = separate.as_ref().map_or(c.ptr(), |s| s.ptr());
     let grid = [p.n.div_ceil(TILE_N) as u32, p.m.div_ceil(TILE_M) as u32, 1];
     let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
     unsafe {
@@ -91,6 +125,7 @@ fn run(
                 a.ptr(),
                 b.ptr(),
                 c.ptr_mut(),
+                c_in,
                 bias_buf.ptr(),
                 m,
                 n,
@@ -119,15 +154,17 @@ fn sgemm_f32_matches_the_reference() {
             } else {
                 (1.25, 0.5, false)
             };
-            let got = run(gemm::sgemm_f32, SHARED_BYTES, &p, alpha, beta, bias);
             let want = p.reference(alpha, beta, bias);
-            assert_close(
-                &format!("sgemm_f32 {shape:?} b_kn={b_kn}"),
-                &got,
-                &want,
-                1e-5,
-                1e-5,
-            );
+            for c_in in [CIn::InPlace, CIn::Separate] {
+                let got = run(gemm::sgemm_f32, SHARED_BYTES, &p, alpha, beta, bias, c_in);
+                assert_close(
+                    &format!("sgemm_f32 {shape:?} b_kn={b_kn} {c_in:?}"),
+                    &got,
+                    &want,
+                    1e-5,
+                    1e-5,
+                );
+            }
         }
     }
 }
@@ -143,12 +180,22 @@ fn sgemm_tf32_matches_the_reference() {
             } else {
                 (0.5, 1.5, true)
             };
-            let got = run(mma::sgemm_tf32, SHARED_BYTES_TF32, &p, alpha, beta, bias);
+            // A residual in every other product (beta 1.5 reads a separate buffer).
+            let c_in = if b_kn { CIn::InPlace } else { CIn::Separate };
+            let got = run(
+                mma::sgemm_tf32,
+                SHARED_BYTES_TF32,
+                &p,
+                alpha,
+                beta,
+                bias,
+                c_in,
+            );
             let want = p.reference(alpha, beta, bias);
             // TF32 keeps 10 significand bits per operand: about 1e-3 * sqrt(k) for unit inputs.
             let tol = 1e-3 * (p.k as f32).sqrt();
             assert_close(
-                &format!("sgemm_tf32 {shape:?} b_kn={b_kn}"),
+                &format!("sgemm_tf32 {shape:?} b_kn={b_kn} {c_in:?}"),
                 &got,
                 &want,
                 tol,
@@ -169,20 +216,21 @@ fn split_k_gemm_and_reduction_match_the_reference() {
         DeviceBuffer::from_slice(&p.b),
         DeviceBuffer::from_slice(&p.bias),
     );
-    let ws = DeviceBuffer::<f32>::zeroed(splits as usize * p.m * p.n);
-    let c = DeviceBuffer::from_slice(&p.c0);
+    // NaN to start: every split must write its whole slice (the host does not clear it).
+    let ws = DeviceBuffer::from_slice(&vec![f32::NAN; splits as usize * p.m * p.n]);
     let grid = [
         p.n.div_ceil(TILE_N) as u32,
         p.m.div_ceil(TILE_M) as u32,
         splits,
     ];
     unsafe {
-        // As the host's split launch: raw partial sums, alpha 1, beta 0, no bias.
+        // As the host's split launch: raw partial sums, alpha 1, beta 0, no bias, no C_in.
         launch(Launch::new(grid, 256, SHARED_BYTES), || {
             gemm::sgemm_f32(
                 a.ptr(),
                 b.ptr(),
                 ws.ptr_mut(),
+                std::ptr::null(),
                 bias.ptr(),
                 m,
                 n,
@@ -193,25 +241,32 @@ fn split_k_gemm_and_reduction_match_the_reference() {
                 0.0,
             )
         });
-        launch(grid_stride(p.m * p.n, 4), || {
-            gemm::splitk_reduce_f32(
-                ws.ptr(),
-                c.ptr_mut(),
-                bias.ptr(),
-                m * n,
-                n,
-                splits,
-                1,
-                0.5,
-                2.0,
-            )
-        });
     }
-    assert_close(
-        "split-K sgemm_f32",
-        &c.to_vec(),
-        &p.reference(0.5, 2.0, true),
-        1e-5,
-        1e-5,
-    );
+    for c_in in [CIn::InPlace, CIn::Separate] {
+        let (c, separate) = c_buffers(&p.c0, c_in);
+        let c_in_ptr = separate.as_ref().map_or(c.ptr(), |s| s.ptr());
+        unsafe {
+            launch(grid_stride(p.m * p.n, 4), || {
+                gemm::splitk_reduce_f32(
+                    ws.ptr(),
+                    c.ptr_mut(),
+                    c_in_ptr,
+                    bias.ptr(),
+                    m * n,
+                    n,
+                    splits,
+                    1,
+                    0.5,
+                    2.0,
+                )
+            });
+        }
+        assert_close(
+            &format!("split-K sgemm_f32 {c_in:?}"),
+            &c.to_vec(),
+            &p.reference(0.5, 2.0, true),
+            1e-5,
+            1e-5,
+        );
+    }
 }

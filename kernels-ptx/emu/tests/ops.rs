@@ -302,8 +302,12 @@ fn run_group_apply(
     c: usize,
     groups: usize,
     with_silu: bool,
+    sample_of_row: Option<&[u32]>,
 ) -> Vec<f32> {
-    let n = batch * hw * c;
+    // By row, `x` is `[rows, c]` and `hw` is not read.
+    let n = sample_of_row.map_or(batch * hw, <[u32]>::len) * c;
+    let rows = sample_of_row.map(DeviceBuffer::from_slice);
+    let rows_ptr = rows.as_ref().map_or(std::ptr::null(), |r| r.ptr());
     let (sd, gd, bd) = (
         DeviceBuffer::from_slice(stats),
         DeviceBuffer::from_slice(gamma),
@@ -328,6 +332,7 @@ fn run_group_apply(
                 hw_u,
                 c_u,
                 g_u,
+                rows_ptr,
             )
         })
     };
@@ -370,7 +375,9 @@ fn group_norm_matches_the_reference() {
             1e-4,
         );
         for with_silu in [false, true] {
-            let got = run_group_apply(&xd, &stats, &gamma, &beta, batch, hw, c, groups, with_silu);
+            let got = run_group_apply(
+                &xd, &stats, &gamma, &beta, batch, hw, c, groups, with_silu, None,
+            );
             let want =
                 group_apply_reference(&x, &want_stats, &gamma, &beta, hw, c, groups, with_silu);
             let op = if with_silu {
@@ -398,7 +405,9 @@ fn group_norm_apply_with_given_stats_matches_the_reference() {
             .collect();
         let xd = DeviceBuffer::from_slice(&x);
         for with_silu in [false, true] {
-            let got = run_group_apply(&xd, &stats, &gamma, &beta, batch, hw, c, groups, with_silu);
+            let got = run_group_apply(
+                &xd, &stats, &gamma, &beta, batch, hw, c, groups, with_silu, None,
+            );
             let want =
                 group_apply_reference(&x, &f64s(&stats), &gamma, &beta, hw, c, groups, with_silu);
             let op = if with_silu {
@@ -408,6 +417,66 @@ fn group_norm_apply_with_given_stats_matches_the_reference() {
             };
             assert_within(
                 &format!("{op} {batch}x{hw}x{c} g{groups}"),
+                &got,
+                &want,
+                1e-4,
+            );
+        }
+    }
+}
+
+/// A ragged batch's sample of each row: `rows` rows over `samples` samples, in runs of
+/// uneven length, one sample skipped and one coming back, as no dense layout would have it.
+fn samples_of_rows(rng: &mut Rng, rows: usize, samples: usize) -> Vec<u32> {
+    (0..rows)
+        .map(|r| {
+            let s = (r * samples / rows + rng.below(2)) % samples;
+            if s == 1 { 0 } else { s as u32 }
+        })
+        .collect()
+}
+
+/// The group norm apply kernels reading each row's statistics through `sample_of_row` (the
+/// masked step's ragged rows, each with its segment's statistics) against the f64 apply of
+/// the statistics gathered per row (selftest tolerance 1e-4). `hw` is passed as 0: the row
+/// mode must not read it.
+#[test]
+fn group_norm_apply_by_row_matches_the_reference() {
+    let mut rng = Rng::new(106);
+    for (rows, samples, (c, groups)) in [(37, 3, (77, 7)), (130, 4, (320, 32)), (5, 2, (40, 8))] {
+        let x = rng.values(rows * c, -3.0, 3.0);
+        let gamma = rng.values(c, -2.0, 2.0);
+        let beta = rng.values(c, -1.0, 1.0);
+        let stats: Vec<f32> = (0..samples * groups)
+            .flat_map(|_| [rng.uniform(-1.0, 1.0), rng.uniform(0.25, 3.0)])
+            .collect();
+        let sample_of_row = samples_of_rows(&mut rng, rows, samples);
+        let per_row: Vec<f32> = sample_of_row
+            .iter()
+            .flat_map(|&s| {
+                stats[s as usize * 2 * groups..][..2 * groups]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let xd = DeviceBuffer::from_slice(&x);
+        for with_silu in [false, true] {
+            let got = run_group_apply(
+                &xd,
+                &stats,
+                &gamma,
+                &beta,
+                rows,
+                0,
+                c,
+                groups,
+                with_silu,
+                Some(&sample_of_row),
+            );
+            let want =
+                group_apply_reference(&x, &f64s(&per_row), &gamma, &beta, 1, c, groups, with_silu);
+            assert_within(
+                &format!("group_norm apply by row {rows}x{c} g{groups} silu={with_silu}"),
                 &got,
                 &want,
                 1e-4,
@@ -794,15 +863,61 @@ fn add_per_sample_matches_the_reference() {
         let (xd, vd) = (DeviceBuffer::from_slice(&x), DeviceBuffer::from_slice(&v));
         let out = output(n);
         let (n_u, ps_u, c_u) = (n as u32, per_sample as u32, c as u32);
+        let no_rows = std::ptr::null();
         unsafe {
             launch(grid_stride(n, 3), || {
-                layout::add_per_sample_f32(xd.ptr(), vd.ptr(), out.ptr_mut(), n_u, ps_u, c_u)
+                layout::add_per_sample_f32(
+                    xd.ptr(),
+                    vd.ptr(),
+                    out.ptr_mut(),
+                    n_u,
+                    ps_u,
+                    c_u,
+                    no_rows,
+                )
             })
         };
         let what = format!("add_per_sample_f32 {shape:?}");
         let got = read(&what, &out, n);
         let want: Vec<f64> = (0..n)
             .map(|i| x[i] as f64 + v[(i / per_sample) * c + i % c] as f64)
+            .collect();
+        assert_within(&what, &got, &want, 1e-6);
+    }
+}
+
+/// `add_per_sample_f32` with `sample_of_row`: row `r` of `x = [rows, c]` plus
+/// `v[sample_of_row[r]]` (the masked step's time embedding per segment). `per_sample` is
+/// passed as 0: the row mode must not read it.
+#[test]
+fn add_per_sample_by_row_matches_the_reference() {
+    let mut rng = Rng::new(111);
+    for (rows, samples, c) in [(37, 3, 77), (130, 4, 320), (5, 2, 3)] {
+        let n = rows * c;
+        let x = rng.values(n, -1.0, 1.0);
+        let v = rng.values(samples * c, -1.0, 1.0);
+        let sample_of_row = samples_of_rows(&mut rng, rows, samples);
+        let (xd, vd) = (DeviceBuffer::from_slice(&x), DeviceBuffer::from_slice(&v));
+        let rows_d = DeviceBuffer::from_slice(&sample_of_row);
+        let out = output(n);
+        let (n_u, c_u) = (n as u32, c as u32);
+        unsafe {
+            launch(grid_stride(n, 3), || {
+                layout::add_per_sample_f32(
+                    xd.ptr(),
+                    vd.ptr(),
+                    out.ptr_mut(),
+                    n_u,
+                    0,
+                    c_u,
+                    rows_d.ptr(),
+                )
+            })
+        };
+        let what = format!("add_per_sample_f32 by row {rows}x{c}");
+        let got = read(&what, &out, n);
+        let want: Vec<f64> = (0..n)
+            .map(|i| x[i] as f64 + v[sample_of_row[i / c] as usize * c + i % c] as f64)
             .collect();
         assert_within(&what, &got, &want, 1e-6);
     }

@@ -45,7 +45,7 @@ impl CudaDevice {
     }
 
     /// [`CudaDevice::attention`] with a given kernel. `Flash` falls back to `Tiles` for
-    /// heads it does not take (width not a multiple of 4, or over 80), and `Tiles` to `Rows`
+    /// heads it does not take (width not a multiple of 4, or over 160), and `Tiles` to `Rows`
     /// for heads too wide for its shared-memory tiles.
     pub fn attention_with(
         &self,
@@ -473,9 +473,18 @@ impl FlashKernel {
             kernel,
             AttentionKernel::Flash | AttentionKernel::FlashMma | AttentionKernel::FlashMmaBf16
         );
-        (flash && flash_fits(d)).then_some(FlashKernel {
-            dense: "attention_flash_f32",
-            masked: "attention_masked_flash_f32",
+        let [dense, masked] = if !flash {
+            return None;
+        } else if flash_fits(d) {
+            ["attention_flash_f32", "attention_masked_flash_f32"]
+        } else if wide_flash_fits(d) {
+            WIDE_FLASH_KERNELS
+        } else {
+            return None;
+        };
+        Some(FlashKernel {
+            dense,
+            masked,
             shared_bytes: flash_shared_floats(d) * 4,
         })
     }
@@ -532,9 +541,9 @@ fn mma_shared_bytes(d: usize) -> u32 {
 const FLASH_Q: u32 = 64;
 const FLASH_THREADS: u32 = 128;
 
-/// Shared floats of `attention_flash_f32`: the query tile `[d][64]`, the key tile `[d][36]`,
-/// the value tile `[32][d]`.
-fn flash_shared_floats(d: usize) -> u32 {
+/// Shared floats of `attention_flash_f32` (and its wide twin): the query tile `[d][64]`,
+/// the key tile `[d][36]`, the value tile `[32][d]`.
+const fn flash_shared_floats(d: usize) -> u32 {
     d as u32 * (64 + 36 + 32)
 }
 
@@ -542,6 +551,28 @@ fn flash_shared_floats(d: usize) -> u32 {
 /// the default shared memory.
 fn flash_fits(d: usize) -> bool {
     d > 0 && d.is_multiple_of(4) && d <= 80 && flash_shared_floats(d) * 4 <= SHARED_LIMIT_BYTES
+}
+
+/// The widest head of the wide flash kernels (five 32-column chunks): SD1.5's 160.
+const WIDE_FLASH_D: usize = 160;
+
+/// The f32 flash entries (dense, masked) for heads wider than `attention_flash_f32` takes.
+pub(crate) const WIDE_FLASH_KERNELS: [&str; 2] = [
+    "attention_flash_wide_f32",
+    "attention_masked_flash_wide_f32",
+];
+
+/// The dynamic shared memory [`WIDE_FLASH_KERNELS`] need at their widest head, beyond the
+/// default 48 KiB: [`super::CudaDevice::open`] raises their limit to it (every GPU the PTX
+/// runs on, compute capability 8.0 or later, allows at least 99 KiB).
+pub(crate) const WIDE_FLASH_SHARED_BYTES: u32 = flash_shared_floats(WIDE_FLASH_D) * 4;
+// Past the default limit (hence the opt-in), within what every sm_80+ GPU allows.
+const _: () =
+    assert!(WIDE_FLASH_SHARED_BYTES > SHARED_LIMIT_BYTES && WIDE_FLASH_SHARED_BYTES <= 99 * 1024);
+
+/// Head widths the wide flash kernels take: 16-byte rows, up to 160.
+fn wide_flash_fits(d: usize) -> bool {
+    d > 0 && d.is_multiple_of(4) && d <= WIDE_FLASH_D
 }
 
 /// Warps (query rows) per block of the rows kernel.
@@ -670,7 +701,19 @@ mod tests {
         assert_eq!(FlashKernel::choose(FlashMma, 32), Some(f32_flash));
         assert_eq!(f32_flash.dense, "attention_flash_f32");
         assert_eq!(FlashKernel::choose(FlashMma, 77), None);
-        assert_eq!(FlashKernel::choose(Flash, 160), None);
+        // Wider f32 heads (SD1.5's 160): the wide flash kernels, beyond the default shared
+        // memory (the device raises their limit when it opens).
+        for d in [84, 96, 160] {
+            let wide = FlashKernel::choose(Flash, d).unwrap();
+            assert_eq!([wide.dense, wide.masked], WIDE_FLASH_KERNELS);
+            assert_eq!(wide.shared_bytes, flash_shared_floats(d) * 4);
+            assert!(wide.shared_bytes <= WIDE_FLASH_SHARED_BYTES, "{d}");
+        }
+        for name in WIDE_FLASH_KERNELS {
+            assert!(super::super::ptx::KERNELS.contains(&name));
+        }
+        assert_eq!(FlashKernel::choose(Flash, 164), None);
+        assert_eq!(FlashKernel::choose(Flash, 162), None);
         assert_eq!(FlashKernel::choose(Tiles, 40), None);
         assert_eq!(FlashKernel::choose(Rows, 64), None);
         let bf16 = FlashKernel::choose(FlashMmaBf16, 160).unwrap();

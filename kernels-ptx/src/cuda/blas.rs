@@ -263,8 +263,9 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// `c[i] += bias[i % bias.len()]` over the first `len` values of `c`, in place.
-    fn add_rows_in_place(
+    /// `c[i] += bias[i % bias.len()]` over the first `len` values of `c`, in place (a
+    /// residual of `len` values adds element by element).
+    pub(crate) fn add_rows_in_place(
         &self,
         c: &mut CudaSlice<f32>,
         bias: &CudaTensor,

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::blas::BlasMath;
@@ -69,6 +69,29 @@ fn k_splits(blocks: usize, k: usize, sms: usize) -> usize {
         .clamp(1, MAX_SPLITS)
 }
 
+/// What a GEMM or conv adds to `alpha * product + bias` as it writes C: nothing, `beta`
+/// times C's own values (an in-place product), or a residual laid out as C (a residual
+/// connection, saving the separate add's launch and its pass over memory).
+#[derive(Clone, Copy)]
+enum Addend<'a> {
+    Nothing,
+    OwnValues(f32),
+    Residual(&'a CudaSlice<f32>),
+}
+
+impl Addend<'_> {
+    /// The kernels' `(c_in, beta)` for an output at device address `c`: `c_in` is read only
+    /// when `beta != 0`. Every launch here runs on the compute stream (the device turns off
+    /// cudarc's per-buffer events), so the addresses need no guard beyond the borrow.
+    fn kernel_args(self, stream: &CudaStream, c: u64) -> (u64, f32) {
+        match self {
+            Addend::Nothing | Addend::OwnValues(0.0) => (0, 0.0),
+            Addend::OwnValues(beta) => (c, beta),
+            Addend::Residual(r) => (r.device_ptr(stream).0, 1.0),
+        }
+    }
+}
+
 /// What a CUDA-core GEMM or conv launch writes: C itself, or (split-K) a `[splits, m, n]`
 /// workspace summed into C afterwards by `splitk_reduce_f32`.
 struct SplitK {
@@ -77,7 +100,7 @@ struct SplitK {
 }
 
 impl SplitK {
-    /// No split: the launch writes C (and applies alpha, beta and the bias itself).
+    /// No split: the launch writes C (and applies alpha, the addend and the bias itself).
     const NONE: SplitK = SplitK {
         splits: 1,
         workspace: None,
@@ -120,7 +143,7 @@ impl CudaDevice {
         })
     }
 
-    /// After a split launch, `c = alpha * sum of the slices + beta * c + bias`; nothing
+    /// After a split launch, `c = alpha * sum of the slices + addend + bias`; nothing
     /// when the launch wrote C itself.
     #[allow(clippy::too_many_arguments)]
     fn finish_split(
@@ -130,15 +153,15 @@ impl CudaDevice {
         bias: Option<&CudaSlice<f32>>,
         (m, n): (usize, usize),
         alpha: f32,
-        beta: f32,
+        addend: Addend<'_>,
     ) -> Result<()> {
         match &split.workspace {
-            Some(ws) => self.splitk_reduce(ws, split.splits, c, bias, (m, n), alpha, beta),
+            Some(ws) => self.splitk_reduce(ws, split.splits, c, bias, (m, n), alpha, addend),
             None => Ok(()),
         }
     }
 
-    /// `c = alpha * sum of the workspace slices + beta * c + bias`.
+    /// `c = alpha * sum of the workspace slices + addend + bias`.
     #[allow(clippy::too_many_arguments)]
     fn splitk_reduce(
         &self,
@@ -148,15 +171,18 @@ impl CudaDevice {
         bias: Option<&CudaSlice<f32>>,
         (m, n): (usize, usize),
         alpha: f32,
-        beta: f32,
+        addend: Addend<'_>,
     ) -> Result<()> {
         const K: &str = "splitk_reduce_f32";
         let mn = len_u32(K, m * n)?;
         let (n_u, splits_u) = (n as u32, splits as u32);
         let has_bias = u32::from(bias.is_some());
-        let mut l = self.stream().launch_builder(self.function(K)?);
+        let stream = self.stream();
+        let (c_in, beta) = addend.kernel_args(stream, c.device_ptr(stream).0);
+        let mut l = stream.launch_builder(self.function(K)?);
         l.arg(workspace)
             .arg(c)
+            .arg(&c_in)
             .arg(bias.unwrap_or(workspace))
             .arg(&mn)
             .arg(&n_u)
@@ -164,9 +190,27 @@ impl CudaDevice {
             .arg(&has_bias)
             .arg(&alpha)
             .arg(&beta);
-        // SAFETY: matches `splitk_reduce_f32(ws, c, bias, mn, n, splits, has_bias, alpha,
-        // beta)`; the workspace holds `splits * mn` values, c `mn`, bias (if read) `n`.
+        // SAFETY: matches `splitk_reduce_f32(ws, c, c_in, bias, mn, n, splits, has_bias,
+        // alpha, beta)`; the workspace holds `splits * mn` values, c and c_in (read when beta
+        // is not 0) `mn`, bias (if read) `n`.
         self.launched(K, unsafe { l.launch(grid_stride(mn)) })
+    }
+}
+
+/// A residual must be laid out as the output it is added to: as many values, the same
+/// last dimension (`[batch, h, w, c]` adds to `[batch, h * w, c]`).
+fn check_residual(op: &'static str, residual: Option<&CudaTensor>, out: &[usize]) -> Result<()> {
+    match residual {
+        Some(r)
+            if r.elem_count() != out.iter().product::<usize>()
+                || r.shape().last() != out.last() =>
+        {
+            shape_err(
+                op,
+                format!("residual {:?} does not match the output {out:?}", r.shape()),
+            )
+        }
+        _ => Ok(()),
     }
 }
 
@@ -342,8 +386,7 @@ impl CudaDevice {
             b_transposed,
             bias,
             (m, n, k),
-            alpha,
-            beta,
+            (alpha, Addend::OwnValues(beta)),
             &mut c.data,
         )
     }
@@ -358,8 +401,7 @@ impl CudaDevice {
         b_transposed: bool,
         bias: Option<&CudaTensor>,
         (m, n, k): (usize, usize, usize),
-        alpha: f32,
-        beta: f32,
+        (alpha, addend): (f32, Addend<'_>),
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let k_name = kernel_name(cores);
@@ -377,19 +419,27 @@ impl CudaDevice {
         };
         let (m_u, n_u, k_u) = (m as u32, n as u32, k as u32);
         let b_kn = u32::from(!b_transposed);
-        // A split writes raw partial sums; the reduction applies alpha, beta and the bias.
-        let (has_bias, k_alpha, k_beta) = if split.is_split() {
-            (0, 1.0f32, 0.0f32)
+        let stream = self.stream();
+        // A split writes raw partial sums; the reduction applies alpha, the addend and the
+        // bias.
+        let (has_bias, k_alpha, (c_in, k_beta)) = if split.is_split() {
+            (0, 1.0f32, (0, 0.0f32))
         } else {
-            (u32::from(bias.is_some()), alpha, beta)
+            let c_at = c.device_ptr(stream).0;
+            (
+                u32::from(bias.is_some()),
+                alpha,
+                addend.kernel_args(stream, c_at),
+            )
         };
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
         let bias_data = bias.map_or(&*a.data, |t| &*t.data);
         {
-            let mut l = self.stream().launch_builder(self.function(k_name)?);
+            let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&a.data)
                 .arg(&b.data)
                 .arg(split.target(c))
+                .arg(&c_in)
                 .arg(bias_data)
                 .arg(&m_u)
                 .arg(&n_u)
@@ -398,12 +448,13 @@ impl CudaDevice {
                 .arg(&has_bias)
                 .arg(&k_alpha)
                 .arg(&k_beta);
-            // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, bias, m, n, k, b_kn,
-            // has_bias, alpha, beta)`; sizes checked by the callers, every index below 2^31;
-            // a split launch's C is its `[splits, m, n]` workspace.
+            // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, c_in, bias, m, n, k, b_kn,
+            // has_bias, alpha, beta)`; sizes checked by the callers (c_in, read when beta is
+            // not 0, holds `m * n` values), every index below 2^31; a split launch's C is its
+            // `[splits, m, n]` workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        self.finish_split(&split, c, bias.map(|t| &*t.data), (m, n), alpha, beta)
+        self.finish_split(&split, c, bias.map(|t| &*t.data), (m, n), alpha, addend)
     }
 
     /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
@@ -414,17 +465,44 @@ impl CudaDevice {
         weight: &CudaTensor,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
+        self.linear_with("linear", x, weight, bias, None)
+    }
+
+    /// [`CudaDevice::linear`] plus `residual` (laid out as the output: as many values, the
+    /// same last dimension), added as the product is written: a residual connection without
+    /// its own launch.
+    pub fn linear_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.linear_with("linear_add", x, weight, bias, Some(residual))
+    }
+
+    fn linear_with(
+        &self,
+        op: &'static str,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
         let math = self.cublas_math();
         if math == Some(BlasMath::F16) {
             // No kept f16 weight here: rounded per call.
-            return self.linear_f16("linear", x, &self.f32_to_f16(weight)?, bias);
+            return self.linear_f16(op, x, &self.f32_to_f16(weight)?, bias, residual);
         }
-        let (mut out, dims) = self.linear_output("linear", x, weight.shape(), bias)?;
+        let (mut out, dims) = self.linear_output(op, x, weight.shape(), bias, residual)?;
         match math {
             Some(math) => {
                 let tf32 = math == BlasMath::Tf32;
                 let (a, b) = (&x.data, &weight.data);
-                self.cublas_gemm(tf32, a, b, true, bias, dims, (1.0, 0.0), &mut out.data)?
+                self.cublas_gemm(tf32, a, b, true, bias, dims, (1.0, 0.0), &mut out.data)?;
+                if let Some(r) = residual {
+                    self.add_rows_in_place(&mut out.data, r, r.elem_count())?;
+                }
             }
             None => self.sgemm_raw(
                 Cores::Cuda,
@@ -433,8 +511,10 @@ impl CudaDevice {
                 true,
                 bias,
                 dims,
-                1.0,
-                0.0,
+                (
+                    1.0,
+                    residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data)),
+                ),
                 &mut out.data,
             )?,
         }
@@ -450,32 +530,48 @@ impl CudaDevice {
         weight: &CudaTensor<f16>,
         bias: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        self.linear_f16("linear_f16_weight", x, weight, bias)
+        self.linear_f16("linear_f16_weight", x, weight, bias, None)
     }
 
-    /// The f16 cuBLAS linear layer behind both entries, its errors named `op`.
+    /// [`CudaDevice::linear_f16_weight`] plus `residual` (laid out as the output).
+    pub fn linear_f16_weight_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor<f16>,
+        bias: Option<&CudaTensor>,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.linear_f16("linear_f16_weight_add", x, weight, bias, Some(residual))
+    }
+
+    /// The f16 cuBLAS linear layer behind the entries, its errors named `op`.
     fn linear_f16(
         &self,
         op: &'static str,
         x: &CudaTensor,
         weight: &CudaTensor<f16>,
         bias: Option<&CudaTensor>,
+        residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        let (mut out, dims) = self.linear_output(op, x, weight.shape(), bias)?;
+        let (mut out, dims) = self.linear_output(op, x, weight.shape(), bias, residual)?;
         let x = self.slice_to_f16(&x.data, x.elem_count())?;
         self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
+        if let Some(r) = residual {
+            self.add_rows_in_place(&mut out.data, r, r.elem_count())?;
+        }
         Ok(out)
     }
 
-    /// A linear layer's checks (`weight_shape = [out, in]`, `x = [..., in]`, `bias = [out]`)
-    /// and its output `[..., out]`, unfilled for the GEMM to write (beta 0: C is never
-    /// read), with the GEMM's `(rows, out, in)`.
+    /// A linear layer's checks (`weight_shape = [out, in]`, `x = [..., in]`, `bias = [out]`,
+    /// `residual` laid out as the output) and its output `[..., out]`, unfilled for the GEMM to
+    /// write (C itself is never read), with the GEMM's `(rows, out, in)`.
     fn linear_output(
         &self,
         op: &'static str,
         x: &CudaTensor,
         weight_shape: &[usize],
         bias: Option<&CudaTensor>,
+        residual: Option<&CudaTensor>,
     ) -> Result<(CudaTensor, (usize, usize, usize))> {
         let &[out_f, in_f] = weight_shape else {
             return shape_err(
@@ -500,8 +596,9 @@ impl CudaDevice {
         let rows = x.elem_count() / in_f.max(1);
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("checked non-empty") = out_f;
+        check_residual(op, residual, &shape)?;
         len_u32(op, x.elem_count().max(out_f * in_f).max(rows * out_f))?;
-        // SAFETY: the caller's GEMM (beta 0: C is never read) writes every element.
+        // SAFETY: the caller's GEMM (C itself is never read) writes every element.
         let out = unsafe { CudaTensor::uninit(self, &shape) }?;
         Ok((out, (rows, out_f, in_f)))
     }
@@ -537,7 +634,19 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::Cuda, x, weight, params)
+        self.conv2d_on(Cores::Cuda, x, weight, params, None)
+    }
+
+    /// [`CudaDevice::conv2d`] plus `residual` (laid out as the output), added as the output
+    /// is written: a residual connection without its own launch.
+    pub fn conv2d_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.conv2d_on(Cores::Cuda, x, weight, params, Some(residual))
     }
 
     /// [`CudaDevice::conv2d`] on tensor cores: input and weight rounded to TF32, f32
@@ -548,7 +657,7 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::TensorTf32, x, weight, params)
+        self.conv2d_on(Cores::TensorTf32, x, weight, params, None)
     }
 
     fn conv2d_on(
@@ -557,6 +666,7 @@ impl CudaDevice {
         x: &CudaTensor,
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
+        residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let (k_name, shared) = match cores {
             Cores::Cuda => ("conv2d_f32", SHARED_BYTES),
@@ -576,8 +686,9 @@ impl CudaDevice {
         }
         let (oh, ow) = weight.out_size(k_name, h, w, params)?;
         let m = batch * oh * ow;
-        // SAFETY: the conv below (its epilogue's beta is 0: C is never read) writes every
-        // element, or none when m is 0.
+        check_residual(k_name, residual, &[batch, oh, ow, weight.cout])?;
+        // SAFETY: the conv below (C itself is never read) writes every element, or none when
+        // m is 0.
         let mut out = unsafe { CudaTensor::uninit(self, &[batch, oh, ow, weight.cout]) }?;
         len_u32(
             k_name,
@@ -591,6 +702,9 @@ impl CudaDevice {
         if let (Cores::Cuda, Some(math)) = (cores, self.cublas_math()) {
             let dims = (batch, h, w, cin);
             self.conv2d_cublas(math, x, weight, params, dims, (oh, ow), &mut out)?;
+            if let Some(r) = residual {
+                self.add_rows_in_place(&mut out.data, r, r.elem_count())?;
+            }
             return Ok(out);
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;
@@ -603,8 +717,15 @@ impl CudaDevice {
             Cores::TensorTf32 => SplitK::NONE,
         };
         let u = |v: usize| v as u32;
-        // A split writes raw partial sums; the reduction adds the bias.
+        let stream = self.stream();
+        let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
+        // A split writes raw partial sums; the reduction adds the bias and the residual.
         let has_bias = weight.bias.is_some() && !split.is_split();
+        let (residual_at, beta) = if split.is_split() {
+            (0, 0.0)
+        } else {
+            addend.kernel_args(stream, 0)
+        };
         let args = [
             u(m),
             u(weight.cout),
@@ -618,27 +739,31 @@ impl CudaDevice {
             u(oh),
             u(ow),
             u32::from(has_bias),
+            u32::from(beta != 0.0),
         ];
         let bias_data = weight
             .bias
             .as_ref()
             .map_or(&*weight.packed.data, |b| &*b.data);
         {
-            let mut l = self.stream().launch_builder(self.function(k_name)?);
+            let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&x.data)
                 .arg(&weight.packed.data)
                 .arg(bias_data)
-                .arg(split.target(&mut out.data));
+                .arg(split.target(&mut out.data))
+                .arg(&residual_at);
             for a in &args {
                 l.arg(a);
             }
-            // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, m, cout, h, w,
-            // cin, kh, kw, stride, pad, out_h, out_w, has_bias)`; shapes checked, every index
-            // below 2^31; a split launch's output is its `[splits, m, cout]` workspace.
+            // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, residual, m,
+            // cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias, has_residual)`;
+            // shapes checked (the residual, read when has_residual is 1, as the output),
+            // every index below 2^31; a split launch's output is its `[splits, m, cout]`
+            // workspace.
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
         let bias = weight.bias.as_ref().map(|b| &*b.data);
-        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
+        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, addend)?;
         Ok(out)
     }
 
@@ -654,6 +779,30 @@ impl CudaDevice {
         fresh: &CudaTensor,
         segments: &[CudaMaskedConvSegment<'_, C>],
         params: Conv2dParams,
+    ) -> Result<CudaTensor> {
+        self.masked_conv2d_with(weight, fresh, segments, params, None)
+    }
+
+    /// [`CudaDevice::masked_conv2d`] plus `residual = [sum outputs, cout]` (the output rows'
+    /// residual, stacked the same way), added as the output is written.
+    pub fn masked_conv2d_add<C: GpuElement>(
+        &self,
+        weight: &CudaConv2dWeight,
+        fresh: &CudaTensor,
+        segments: &[CudaMaskedConvSegment<'_, C>],
+        params: Conv2dParams,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.masked_conv2d_with(weight, fresh, segments, params, Some(residual))
+    }
+
+    fn masked_conv2d_with<C: GpuElement>(
+        &self,
+        weight: &CudaConv2dWeight,
+        fresh: &CudaTensor,
+        segments: &[CudaMaskedConvSegment<'_, C>],
+        params: Conv2dParams,
+        residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let op = C::MASKED_CONV;
         let Some(first) = segments.first() else {
@@ -688,8 +837,8 @@ impl CudaDevice {
         }
         let hw = in_h * in_w;
         let m: usize = segments.iter().map(|s| s.outputs.len()).sum();
-        // SAFETY: the conv below (its epilogue's beta is 0: C is never read) writes every
-        // output row.
+        check_residual(op, residual, &[m, weight.cout])?;
+        // SAFETY: the conv below (C itself is never read) writes every output row.
         let mut out = unsafe { CudaTensor::uninit(self, &[m, weight.cout]) }?;
         len_u32(
             op,
@@ -733,6 +882,13 @@ impl CudaDevice {
         let tables = self.upload_tables(op, &set)?;
         let [fresh_d, cached_d, row_of_d, rows_d] = slots.map(|slot| tables.address(slot));
         let u = |v: usize| v as u32;
+        let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
+        // A split writes raw partial sums; the reduction adds the bias and the residual.
+        let (residual_at, beta) = if split.is_split() {
+            (0, 0.0)
+        } else {
+            addend.kernel_args(stream, 0)
+        };
         let args = [
             u(m),
             u(weight.cout),
@@ -744,8 +900,8 @@ impl CudaDevice {
             u(params.stride),
             u(params.padding),
             u(ow),
-            // A split writes raw partial sums; the reduction adds the bias.
             u32::from(weight.bias.is_some() && !split.is_split()),
+            u32::from(beta != 0.0),
         ];
         let bias_data = weight
             .bias
@@ -759,12 +915,14 @@ impl CudaDevice {
                 .arg(&rows_d)
                 .arg(&weight.packed.data)
                 .arg(bias_data)
-                .arg(split.target(&mut out.data));
+                .arg(split.target(&mut out.data))
+                .arg(&residual_at);
             for a in &args {
                 l.arg(a);
             }
             // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight,
-            // bias, out, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias)`. The
+            // bias, out, residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias,
+            // has_residual)`; the residual (read when has_residual is 1) is `[m, cout]`. The
             // address tables point at live buffers of the checked sizes (borrowed for this
             // call); `row_of` holds fresh-row indices below each segment's `active.len()`
             // (TokenSet's invariant) or u32::MAX; `rows` holds segment indices and positions
@@ -773,7 +931,7 @@ impl CudaDevice {
             self.launched(op, unsafe { l.launch(cfg) })?;
         }
         let bias = weight.bias.as_ref().map(|b| &*b.data);
-        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, 0.0)?;
+        self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, addend)?;
         drop((tables, fresh_guard, cached_guards));
         Ok(out)
     }

@@ -230,6 +230,17 @@ impl CudaDevice {
             })?;
             functions.insert(name, f);
         }
+        for name in attention::WIDE_FLASH_KERNELS {
+            let bytes = attention::WIDE_FLASH_SHARED_BYTES;
+            functions[name]
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| {
+                    unavailable(format!("raising `{name}`'s shared memory to {bytes} bytes: {e}"))
+                })?;
+        }
         let copy = ctx
             .new_stream()
             .map_err(|e| unavailable(format!("creating the copy stream: {e}")))?;

@@ -335,17 +335,64 @@ impl CudaDevice {
         beta: &CudaTensor,
         silu: bool,
     ) -> Result<CudaTensor> {
-        let k = if silu {
-            "group_norm_silu_apply_f32"
-        } else {
-            "group_norm_apply_f32"
-        };
+        let k = group_apply_kernel(silu);
         let (batch, hw, c) = Self::group_dims(k, x, groups)?;
-        if stats.shape() != [batch, groups, 2] {
+        self.group_apply(k, x, stats, (batch, hw, c, groups), (gamma, beta), None)
+    }
+
+    /// [`CudaDevice::group_norm_with_stats`] over the rows of a ragged batch: row `r` of
+    /// `x = [rows, c]` normalised with the statistics of sample `sample_of_row[r]` (its
+    /// segment's, `stats = [samples, groups, 2]`), optionally fused with SiLU. One launch
+    /// where gathering the statistics per row first would take two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_rows_with_stats(
+        &self,
+        x: &CudaTensor,
+        stats: &CudaTensor,
+        sample_of_row: &[u32],
+        groups: usize,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        silu: bool,
+    ) -> Result<CudaTensor> {
+        let k = group_apply_kernel(silu);
+        let &[rows, c] = x.shape() else {
+            return shape_err(k, format!("expected [rows, channels], got {:?}", x.shape()));
+        };
+        if groups == 0 || c % groups != 0 {
+            return invalid(k, format!("{c} channels do not split into {groups} groups"));
+        }
+        len_u32(k, x.elem_count())?;
+        let samples = stats.shape().first().copied().unwrap_or(0);
+        check_samples_of_rows(k, sample_of_row, rows, samples)?;
+        let (_table, rows_at) = self.upload_index(k, sample_of_row)?;
+        self.group_apply(
+            k,
+            x,
+            stats,
+            (samples, 1, c, groups),
+            (gamma, beta),
+            Some(rows_at),
+        )
+    }
+
+    /// The launch of `k` (a group norm apply kernel) on checked dimensions `(samples, hw, c,
+    /// groups)`: per sample of `hw` positions, or (`sample_of_row` the device address of a
+    /// row-to-sample table) per row.
+    fn group_apply(
+        &self,
+        k: &'static str,
+        x: &CudaTensor,
+        stats: &CudaTensor,
+        (samples, hw, c, groups): (usize, usize, usize, usize),
+        (gamma, beta): (&CudaTensor, &CudaTensor),
+        sample_of_row: Option<u64>,
+    ) -> Result<CudaTensor> {
+        if stats.shape() != [samples, groups, 2] {
             return shape_err(
                 k,
                 format!(
-                    "statistics must be [{batch}, {groups}, 2], got {:?}",
+                    "statistics must be [{samples}, {groups}, 2], got {:?}",
                     stats.shape()
                 ),
             );
@@ -357,6 +404,7 @@ impl CudaDevice {
         let n = x.elem_count() as u32;
         if n > 0 {
             let (hw_u, c_u, g_u) = (hw as u32, c as u32, groups as u32);
+            let rows_at = sample_of_row.unwrap_or(0);
             let mut l = self.stream().launch_builder(self.function(k)?);
             l.arg(&x.data)
                 .arg(&stats.data)
@@ -366,8 +414,11 @@ impl CudaDevice {
                 .arg(&n)
                 .arg(&hw_u)
                 .arg(&c_u)
-                .arg(&g_u);
-            // SAFETY: matches `group_norm_apply_f32(x, stats, gamma, beta, out, n, hw, c, groups)`.
+                .arg(&g_u)
+                .arg(&rows_at);
+            // SAFETY: matches `group_norm_apply_f32(x, stats, gamma, beta, out, n, hw, c, groups,
+            // sample_of_row)`; a row table (when not null) holds one sample below `samples`
+            // per row of `x` (checked by the caller).
             self.launched(k, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
@@ -668,12 +719,11 @@ impl CudaDevice {
     /// `x + v` with `x = [samples, ..., c]` and `v = [samples, c]` broadcast over each
     /// sample's positions (a ResNet block's time embedding added to its feature map).
     pub fn add_per_sample(&self, x: &CudaTensor, v: &CudaTensor) -> Result<CudaTensor> {
-        const K: &str = "add_per_sample_f32";
         let (samples, c) = match (x.shape(), v.shape()) {
             (&[s, .., c], &[vs, vc]) if s == vs && c == vc => (s, c),
             _ => {
                 return shape_err(
-                    K,
+                    ADD_PER_SAMPLE,
                     format!(
                         "expected x [samples, ..., c] and v [samples, c], got {:?} and {:?}",
                         x.shape(),
@@ -682,25 +732,105 @@ impl CudaDevice {
                 );
             }
         };
+        let n = len_u32(ADD_PER_SAMPLE, x.elem_count())?;
+        let per_sample = n.checked_div(samples as u32).unwrap_or(0);
+        self.add_per_sample_launch(x, v, per_sample, c, None)
+    }
+
+    /// `x = [rows, c]` plus `v = [samples, c]`, row `r` getting `v[sample_of_row[r]]` (a
+    /// ragged batch's rows, each with its segment's vector): one launch where gathering `v`
+    /// per row first would take two.
+    pub fn add_per_row_sample(
+        &self,
+        x: &CudaTensor,
+        v: &CudaTensor,
+        sample_of_row: &[u32],
+    ) -> Result<CudaTensor> {
+        const K: &str = ADD_PER_SAMPLE;
+        let (rows, samples, c) = match (x.shape(), v.shape()) {
+            (&[rows, c], &[samples, vc]) if c == vc => (rows, samples, c),
+            _ => {
+                return shape_err(
+                    K,
+                    format!(
+                        "expected x [rows, c] and v [samples, c], got {:?} and {:?}",
+                        x.shape(),
+                        v.shape()
+                    ),
+                );
+            }
+        };
+        check_samples_of_rows(K, sample_of_row, rows, samples)?;
+        let (_table, rows_at) = self.upload_index(K, sample_of_row)?;
+        self.add_per_sample_launch(x, v, 0, c, Some(rows_at))
+    }
+
+    /// The launch of `add_per_sample_f32`: per sample of `per_sample` values, or (with the
+    /// device address of a row-to-sample table) per row.
+    fn add_per_sample_launch(
+        &self,
+        x: &CudaTensor,
+        v: &CudaTensor,
+        per_sample: u32,
+        c: usize,
+        sample_of_row: Option<u64>,
+    ) -> Result<CudaTensor> {
+        const K: &str = ADD_PER_SAMPLE;
         let n = len_u32(K, x.elem_count())?;
         len_u32(K, v.elem_count())?;
         // SAFETY: the launch below writes every element (none when it is empty).
         let mut out = unsafe { CudaTensor::uninit(self, x.shape()) }?;
         if n > 0 {
-            let per_sample = n / samples as u32;
             let c_u = c as u32;
+            let rows_at = sample_of_row.unwrap_or(0);
             let mut l = self.stream().launch_builder(self.function(K)?);
             l.arg(&x.data)
                 .arg(&v.data)
                 .arg(&mut out.data)
                 .arg(&n)
                 .arg(&per_sample)
-                .arg(&c_u);
-            // SAFETY: matches `add_per_sample_f32(x, v, out, n, per_sample, c)`; per_sample
-            // is a multiple of c and v holds samples * c values.
+                .arg(&c_u)
+                .arg(&rows_at);
+            // SAFETY: matches `add_per_sample_f32(x, v, out, n, per_sample, c,
+            // sample_of_row)`; without a row table per_sample is a multiple of c and v holds
+            // samples * c values; a row table holds a sample below v's count per row of x
+            // (checked by the callers).
             self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
         }
         Ok(out)
+    }
+}
+
+const ADD_PER_SAMPLE: &str = "add_per_sample_f32";
+
+/// The group norm apply kernel, with SiLU fused or not.
+fn group_apply_kernel(silu: bool) -> &'static str {
+    if silu {
+        "group_norm_silu_apply_f32"
+    } else {
+        "group_norm_apply_f32"
+    }
+}
+
+/// A row-to-sample table must name a sample for each of `rows` rows, each below `samples`.
+fn check_samples_of_rows(
+    op: &'static str,
+    sample_of_row: &[u32],
+    rows: usize,
+    samples: usize,
+) -> Result<()> {
+    if sample_of_row.len() != rows {
+        return invalid(
+            op,
+            format!("{} row samples for {rows} rows", sample_of_row.len()),
+        );
+    }
+    match sample_of_row.iter().find(|&&s| s as usize >= samples) {
+        Some(bad) => invalid(
+            op,
+            format!("sample {bad} out of range for {samples} samples"),
+        ),
+        None => Ok(()),
     }
 }
 

@@ -42,6 +42,8 @@ pub const KERNELS: &[&str] = &[
     "attention_tiles_f32",
     "attention_flash_f32",
     "attention_masked_flash_f32",
+    "attention_flash_wide_f32",
+    "attention_masked_flash_wide_f32",
     "attention_flash_mma_f16_d40",
     "attention_flash_mma_f16_d64",
     "attention_flash_mma_f16_d80",

@@ -219,7 +219,50 @@ impl Runner<'_> {
                 }
             }
         }
+        self.group_norm_rows()?;
         self.blended_stats()
+    }
+
+    /// A ragged batch's rows, each normalised with its sample's statistics (the masked
+    /// step's segments), one sample without rows, against the CPU's ragged apply.
+    fn group_norm_rows(&mut self) -> Result<()> {
+        for (sample_rows, c, groups) in [(&[5usize, 0, 33, 1][..], 77, 7), (&[130, 61], 320, 32)] {
+            let rows: usize = sample_rows.iter().sum();
+            let x = self.randn(&[rows, c]).affine(2.0, 0.5)?;
+            let (g, b) = (self.randn(&[c]), self.randn(&[c]));
+            let mut stats = Vec::new();
+            for seg in 0..sample_rows.len() {
+                let template = self.randn(&[1, 9, c]).affine(1.5, seg as f32)?;
+                stats.extend(template.group_norm_stats(groups, 1e-5)?);
+            }
+            let flat = stats.iter().flat_map(|s| [s.mean, s.rstd]).collect();
+            let gstats = self.up(&Tensor::from_vec(flat, &[sample_rows.len(), groups, 2])?)?;
+            let sample_of_row: Vec<u32> = (0..sample_rows.len() as u32)
+                .flat_map(|s| std::iter::repeat_n(s, sample_rows[s as usize]))
+                .collect();
+            let (gx, gg, gb) = (self.up(&x)?, self.up(&g)?, self.up(&b)?);
+            for silu in [false, true] {
+                let got = self.dev.group_norm_rows_with_stats(
+                    &gx,
+                    &gstats,
+                    &sample_of_row,
+                    groups,
+                    &gg,
+                    &gb,
+                    silu,
+                )?;
+                let want =
+                    x.group_norm_with_stats_ragged(sample_rows, &stats, groups, &g, &b, silu)?;
+                let op = if silu {
+                    "group_norm_silu rows"
+                } else {
+                    "group_norm rows"
+                };
+                let size = format!("{sample_rows:?}x{c} g{groups}");
+                self.record(op, size, &got, &want, 1e-4)?;
+            }
+        }
+        Ok(())
     }
 
     /// Blended group-norm statistics over three segments (each its own template, active set
@@ -370,6 +413,23 @@ impl Runner<'_> {
             let size = joined(shape, "x");
             self.record("add_per_sample", size, &got, &want, 1e-6)?;
         }
+        // Per row of a ragged batch: each row its sample's vector, in any order.
+        for (rows, samples, c) in [(37, 3, 77), (130, 2, 320)] {
+            let x = self.randn(&[rows, c]);
+            let v = self.randn(&[samples, c]);
+            let sample_of_row: Vec<u32> = (0..rows).map(|r| ((r * 7) % samples) as u32).collect();
+            let got = self
+                .dev
+                .add_per_row_sample(&self.up(&x)?, &self.up(&v)?, &sample_of_row)?;
+            let want = x.add(&v.gather_rows(&sample_of_row)?)?;
+            self.record(
+                "add_per_row_sample",
+                format!("{rows}x{c}"),
+                &got,
+                &want,
+                1e-6,
+            )?;
+        }
         Ok(())
     }
 
@@ -495,14 +555,16 @@ impl Runner<'_> {
 
     /// Masked self-attention over a ragged batch against the CPU's (which reads the same f16
     /// cache): segments with 1 to all of their positions active, SD's head widths 40 and 64,
-    /// the tiny model's 32, and 160 (the per-segment path).
+    /// the tiny model's 32, 160 (the wide f32 flash kernel, past the default shared memory)
+    /// and 77 (no flash kernel takes it: the per-segment path).
     fn masked_attention(&mut self) -> Result<()> {
-        let cases: [(usize, usize, usize, usize, &[u64]); 5] = [
+        let cases: [(usize, usize, usize, usize, &[u64]); 6] = [
             (7, 9, 80, 2, &[30, 1, 100]),
             (64, 64, 320, 8, &[20, 3]),
             (16, 16, 128, 2, &[50]),
             (16, 16, 32, 1, &[11, 40]),
             (5, 13, 160, 1, &[30, 60]),
+            (5, 13, 77, 1, &[30, 60]),
         ];
         for (h, w, c, heads, percents) in cases {
             let mut tokens = Vec::new();
@@ -572,10 +634,12 @@ impl Runner<'_> {
 
     /// Ragged cross-attention (each segment's queries to its own keys) against the CPU's.
     fn ragged_attention(&mut self) -> Result<()> {
-        let cases: [(usize, usize, usize, &[usize]); 3] = [
+        // Heads of 40, 32, 160 (the wide flash kernel) and 77 (the per-segment path).
+        let cases: [(usize, usize, usize, &[usize]); 4] = [
             (320, 8, 77, &[130, 1, 64]),
             (64, 2, 7, &[65]),
             (160, 1, 77, &[33, 5]),
+            (77, 1, 9, &[20, 3]),
         ];
         for (c, heads, tokens, counts) in cases {
             let rows: usize = counts.iter().sum();
@@ -723,17 +787,33 @@ impl Runner<'_> {
     }
 
     fn cublas_checks(&mut self) -> Result<()> {
-        for (backend, linear_op, conv_op) in [
-            (GemmBackend::Cublas, "linear cublas", "conv2d cublas"),
+        for (backend, [linear_op, conv_op, linear_add_op, conv_add_op]) in [
+            (
+                GemmBackend::Cublas,
+                [
+                    "linear cublas",
+                    "conv2d cublas",
+                    "linear_add cublas",
+                    "conv2d_add cublas",
+                ],
+            ),
             (
                 GemmBackend::CublasTf32,
-                "linear cublas_tf32",
-                "conv2d cublas_tf32",
+                [
+                    "linear cublas_tf32",
+                    "conv2d cublas_tf32",
+                    "linear_add cublas_tf32",
+                    "conv2d_add cublas_tf32",
+                ],
             ),
             (
                 GemmBackend::CublasF16,
-                "linear cublas_f16",
-                "conv2d cublas_f16",
+                [
+                    "linear cublas_f16",
+                    "conv2d cublas_f16",
+                    "linear_add cublas_f16",
+                    "conv2d_add cublas_f16",
+                ],
             ),
         ] {
             self.dev.set_gemm_backend(backend)?;
@@ -757,6 +837,17 @@ impl Runner<'_> {
                         .linear(&self.up(&a)?, &self.up(&w)?, gbias.as_ref())?;
                     let want = a.linear(&w, bias.as_ref())?;
                     self.record(linear_op, format!("{m}x{k}x{n}"), &got, &want, tol(k))?;
+                    let residual = self.randn(&[m, n]);
+                    let gresidual = self.up(&residual)?;
+                    let want_add = want.add(&residual)?;
+                    let got = self.dev.linear_add(
+                        &self.up(&a)?,
+                        &self.up(&w)?,
+                        gbias.as_ref(),
+                        &gresidual,
+                    )?;
+                    let size = format!("{m}x{k}x{n}");
+                    self.record(linear_add_op, size, &got, &want_add, tol(k))?;
                     if backend == GemmBackend::CublasF16 {
                         // A layer's kept f16 weight (what the UNet's linear layers pass).
                         let half = self.dev.f32_to_f16(&self.up(&w)?)?;
@@ -764,7 +855,14 @@ impl Runner<'_> {
                             self.dev
                                 .linear_f16_weight(&self.up(&a)?, &half, gbias.as_ref())?;
                         let size = format!("{m}x{k}x{n}");
-                        self.record("linear_f16_weight", size, &got, &want, tol(k))?;
+                        self.record("linear_f16_weight", size.clone(), &got, &want, tol(k))?;
+                        let got = self.dev.linear_f16_weight_add(
+                            &self.up(&a)?,
+                            &half,
+                            gbias.as_ref(),
+                            &gresidual,
+                        )?;
+                        self.record("linear_f16_weight_add", size, &got, &want_add, tol(k))?;
                     }
                 }
             }
@@ -778,7 +876,13 @@ impl Runner<'_> {
                     let got = self.dev.conv2d(&self.up(&x)?, &gw, p)?;
                     let want = x.conv2d(&w, p)?;
                     let size = format!("2x7x9x{cin}->{cout} {kh}x{kw}/{stride} p{padding}");
-                    self.record(conv_op, size, &got, &want, tol(kh * kw * cin))?;
+                    self.record(conv_op, size.clone(), &got, &want, tol(kh * kw * cin))?;
+                    let residual = self.randn(want.shape());
+                    let got = self
+                        .dev
+                        .conv2d_add(&self.up(&x)?, &gw, p, &self.up(&residual)?)?;
+                    let want = want.add(&residual)?;
+                    self.record(conv_add_op, size, &got, &want, tol(kh * kw * cin))?;
                 }
             }
         }
@@ -879,6 +983,18 @@ impl Runner<'_> {
                 &want,
                 GEMM_TOL,
             )?;
+            // A residual added by the reduction.
+            let residual = self.randn(&[m, n]);
+            let got = self
+                .dev
+                .linear_add(&ga, &gw, Some(&gbias), &self.up(&residual)?)?;
+            self.record(
+                "linear_add splitk",
+                format!("{m}x{k}x{n}"),
+                &got,
+                &want.add(&residual)?,
+                GEMM_TOL,
+            )?;
             let b = self.randn(&[k, n]);
             let c0 = self.randn(&[m, n]);
             let mut gc = self.up(&c0)?;
@@ -909,6 +1025,19 @@ impl Runner<'_> {
                     let got = self.dev.linear(&ga, &gw, Some(&gbias))?;
                     let want = a.linear(&w, Some(&bias))?;
                     self.record("linear", format!("{m}x{k}x{n}"), &got, &want, GEMM_TOL)?;
+                    // A residual added by the epilogue (split-K where k is long enough).
+                    let residual = self.randn(&[m, n]);
+                    let got = self
+                        .dev
+                        .linear_add(&ga, &gw, Some(&gbias), &self.up(&residual)?)?;
+                    let want_add = want.add(&residual)?;
+                    self.record(
+                        "linear_add",
+                        format!("{m}x{k}x{n}"),
+                        &got,
+                        &want_add,
+                        GEMM_TOL,
+                    )?;
                     // [k, n] right side, alpha and beta: 0.5 * a * b - 2 c + bias.
                     let b = self.randn(&[k, n]);
                     let c0 = self.randn(&[m, n]);
@@ -987,7 +1116,18 @@ impl Runner<'_> {
                 let size = format!("2x7x9x{cin}->{cout} {kh}x{kw}/{stride} p{padding}");
                 self.record("conv2d", size.clone(), &got, &want, GEMM_TOL)?;
                 let got = self.dev.conv2d_tf32(&self.up(&x)?, &gw, p)?;
-                self.record("conv2d_tf32", size, &got, &want, tf32_tol(kh * kw * cin))?;
+                self.record(
+                    "conv2d_tf32",
+                    size.clone(),
+                    &got,
+                    &want,
+                    tf32_tol(kh * kw * cin),
+                )?;
+                let residual = self.randn(want.shape());
+                let got = self
+                    .dev
+                    .conv2d_add(&self.up(&x)?, &gw, p, &self.up(&residual)?)?;
+                self.record("conv2d_add", size, &got, &want.add(&residual)?, GEMM_TOL)?;
             }
         }
         // SD's deepest 3x3 convs: an 8x8 map, wide channels, few output tiles: split-K.
@@ -1000,7 +1140,17 @@ impl Runner<'_> {
                 .conv2d(&self.up(&x)?, &gw, Conv2dParams::SAME_3X3)?;
             let want = x.conv2d(&w, Conv2dParams::SAME_3X3)?;
             let size = format!("2x8x8x{cin}->{cout} 3x3/1 p1");
-            self.record("conv2d splitk", size, &got, &want, GEMM_TOL)?;
+            self.record("conv2d splitk", size.clone(), &got, &want, GEMM_TOL)?;
+            // A residual added by the reduction.
+            let residual = self.randn(want.shape());
+            let got = self.dev.conv2d_add(
+                &self.up(&x)?,
+                &gw,
+                Conv2dParams::SAME_3X3,
+                &self.up(&residual)?,
+            )?;
+            let want = want.add(&residual)?;
+            self.record("conv2d_add splitk", size, &got, &want, GEMM_TOL)?;
         }
         Ok(())
     }
@@ -1059,20 +1209,29 @@ impl Runner<'_> {
                 let want = wt.masked_conv2d(&segs, p)?;
                 let args = (&gw, &fresh[..], &active[..], &cached_t[..], &outputs[..], p);
                 let (op, got) = match dtype {
-                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args)?),
-                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args)?),
-                    _ => ("masked_conv_bf16", self.masked::<bf16>(args)?),
+                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args, None)?),
+                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args, None)?),
+                    _ => ("masked_conv_bf16", self.masked::<bf16>(args, None)?),
                 };
                 self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+                if dtype == DType::F16 {
+                    // The cached step's case: a residual added as the rows are written.
+                    let residual = self.randn(want.shape());
+                    let got = self.masked::<f16>(args, Some(&self.up(&residual)?))?;
+                    let want = want.add(&residual)?;
+                    self.record("masked_conv_f16_add", size.clone(), &got, &want, GEMM_TOL)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// The masked conv on the device, its cached maps uploaded as `C`.
+    /// The masked conv on the device, its cached maps uploaded as `C`, plus `residual` when
+    /// given.
     fn masked<C: GpuElement>(
         &self,
         (w, fresh, active, cached, outputs, p): MaskedConvArgs<'_>,
+        residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let gcached = cached
             .iter()
@@ -1086,7 +1245,11 @@ impl Runner<'_> {
                 outputs: &outputs[i],
             })
             .collect();
-        self.dev.masked_conv2d(w, &self.up(&stacked)?, &segs, p)
+        let stacked = self.up(&stacked)?;
+        match residual {
+            Some(r) => self.dev.masked_conv2d_add(w, &stacked, &segs, p, r),
+            None => self.dev.masked_conv2d(w, &stacked, &segs, p),
+        }
     }
 }
 

@@ -68,29 +68,33 @@ impl Attention {
         Ok(())
     }
 
-    /// Dense attention on the device: self-attention without `context`, cross with it.
+    /// Dense attention on the device: self-attention without `context`, cross with it; the
+    /// output projection adds `residual` (laid out as the output) as it writes.
     pub fn forward_gpu(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
         context: Option<&CudaTensor>,
+        residual: &CudaTensor,
     ) -> Result<CudaTensor> {
         let source = context.unwrap_or(x);
         let q = self.to_q.forward_gpu(dev, x)?;
         let k = self.to_k.forward_gpu(dev, source)?;
         let v = self.to_v.forward_gpu(dev, source)?;
         let attended = dev.attention(&q, &k, &v, self.heads, false)?;
-        self.to_out.forward_gpu(dev, &attended)
+        self.to_out.forward_gpu_add(dev, &attended, residual)
     }
 
     /// Masked self-attention on the device: `x = [rows, c]`, the segments' active rows.
     /// Each segment's queries attend to its template's cached keys and values (f16, read in
-    /// place) with its active positions' rows replaced by the fresh ones.
+    /// place) with its active positions' rows replaced by the fresh ones. The output
+    /// projection adds `residual` as it writes.
     pub fn forward_self_gpu_masked(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
         m: &mut GpuMasked<'_>,
+        residual: &CudaTensor,
     ) -> Result<CudaTensor> {
         let q = self.to_q.forward_gpu(dev, x)?;
         let k = self.to_k.forward_gpu(dev, x)?;
@@ -112,17 +116,19 @@ impl Attention {
             )
             .collect();
         let attended = dev.masked_attention(&q, &k, &v, &segments, self.heads)?;
-        self.to_out.forward_gpu(dev, &attended)
+        self.to_out.forward_gpu_add(dev, &attended, residual)
     }
 
     /// Masked cross-attention on the device: each segment's rows of `x = [rows, c]` attend
-    /// to its own text, `context = [segments, tokens, dim]`.
+    /// to its own text, `context = [segments, tokens, dim]`. The output projection adds
+    /// `residual` as it writes.
     pub fn forward_cross_gpu_masked(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
         context: &CudaTensor,
         m: &GpuMasked<'_>,
+        residual: &CudaTensor,
     ) -> Result<CudaTensor> {
         let rows = m.host().rows()?;
         let (segments, tokens) = (context.shape()[0], context.shape()[1]);
@@ -141,7 +147,7 @@ impl Attention {
         let v = flat(self.to_v.forward_gpu(dev, context)?)?;
         let spans = RaggedSegment::each_to_own_keys(&rows, tokens);
         let attended = dev.ragged_attention(&q, &k, &v, &spans, self.heads)?;
-        self.to_out.forward_gpu(dev, &attended)
+        self.to_out.forward_gpu_add(dev, &attended, residual)
     }
 
     pub fn forward_cross_exec(

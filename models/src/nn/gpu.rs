@@ -301,17 +301,17 @@ impl<'a> GpuMasked<'a> {
         })
     }
 
-    /// The next entry's group-norm statistics for the rows `x` as `[rows, groups, 2]` (mean,
-    /// 1/std) on the device: each row gets the statistics of its segment's blended map
-    /// (fresh rows in the active set, the template around), so one apply kernel serves the
-    /// ragged rows.
-    pub fn row_stats(
+    /// The next entry's group-norm statistics for the rows `x`: each segment's, `[segments,
+    /// groups, 2]` (mean, 1/std) on the device, of its blended map (fresh rows in the active
+    /// set, the template around), with each row's segment, so that one apply kernel serves
+    /// the ragged rows.
+    pub fn segment_stats(
         &mut self,
         dev: &CudaDevice,
         x: &CudaTensor,
         groups: usize,
         eps: f32,
-    ) -> Result<CudaTensor> {
+    ) -> Result<(CudaTensor, Vec<u32>)> {
         let at = self.host.cursor();
         let tokens = self.host.tokens()?;
         let records = self.host.norm_records(groups)?;
@@ -330,11 +330,7 @@ impl<'a> GpuMasked<'a> {
             })
             .collect();
         let per_segment = dev.group_norm_blended_stats(x, &segments, groups, eps)?;
-        let segments = segments.len();
-        let per_segment = per_segment.reshape(&[segments, groups * 2])?;
-        let gathered = dev.gather_rows(&per_segment, &self.host.row_segments()?)?;
-        let rows = gathered.shape()[0];
-        Ok(gathered.reshape(&[rows, groups, 2])?)
+        Ok((per_segment, self.host.row_segments()?))
     }
 
     fn device_entries<T>(

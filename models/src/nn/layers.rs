@@ -61,6 +61,26 @@ impl Linear {
     /// The dense forward on the device the weights were uploaded to (with f16 GEMMs, on the
     /// weight's f16 copy, rounded once).
     pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
+        self.forward_gpu_with(dev, x, None)
+    }
+
+    /// [`Linear::forward_gpu`] plus `residual` (laid out as the output), added as the
+    /// product is written: a residual connection without a launch of its own.
+    pub fn forward_gpu_add(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.forward_gpu_with(dev, x, Some(residual))
+    }
+
+    fn forward_gpu_with(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        residual: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
         let (w, b) = on_device(self.gpu.as_ref(), "linear")?;
         if dev.gemm_backend() == GemmBackend::CublasF16 {
             let half = match self.gpu_f16.get() {
@@ -70,9 +90,15 @@ impl Linear {
                     self.gpu_f16.get_or_init(|| half)
                 }
             };
-            return Ok(dev.linear_f16_weight(x, half, b.as_ref())?);
+            return Ok(match residual {
+                Some(r) => dev.linear_f16_weight_add(x, half, b.as_ref(), r)?,
+                None => dev.linear_f16_weight(x, half, b.as_ref())?,
+            });
         }
-        Ok(dev.linear(x, w, b.as_ref())?)
+        Ok(match residual {
+            Some(r) => dev.linear_add(x, w, b.as_ref(), r)?,
+            None => dev.linear(x, w, b.as_ref())?,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -130,15 +156,29 @@ impl Conv2d {
         Ok(dev.conv2d(x, w, self.params)?)
     }
 
+    /// [`Conv2d::forward_gpu`] plus `residual` (shaped as the output), added as the output
+    /// is written.
+    pub fn forward_gpu_add(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let w = on_device(self.gpu.as_ref(), "conv2d")?;
+        Ok(dev.conv2d_add(x, w, self.params, residual)?)
+    }
+
     /// [`Conv2d::forward_exec`]'s masked case on the device: `x = [rows, cin]`, the
     /// segments' active rows stacked; outputs at `out_level`'s positions (the current
-    /// level when None), stacked the same way.
+    /// level when None), stacked the same way, plus `residual` (the output rows' own,
+    /// stacked the same way) when given.
     pub fn forward_gpu_masked(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
         m: &mut GpuMasked<'_>,
         out_level: Option<usize>,
+        residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let w = on_device(self.gpu.as_ref(), "conv2d")?;
         let maps = m.conv_inputs()?;
@@ -154,7 +194,10 @@ impl Conv2d {
                 outputs,
             })
             .collect();
-        Ok(dev.masked_conv2d(w, x, &segments, self.params)?)
+        Ok(match residual {
+            Some(r) => dev.masked_conv2d_add(w, x, &segments, self.params, r)?,
+            None => dev.masked_conv2d(w, x, &segments, self.params)?,
+        })
     }
 
     pub fn weight(&self) -> &Conv2dWeight {
@@ -248,8 +291,16 @@ impl GroupNorm {
         m: &mut GpuMasked<'_>,
     ) -> Result<CudaTensor> {
         let (gamma, beta) = on_device(self.gpu.as_ref(), "group norm")?;
-        let stats = m.row_stats(dev, x, self.groups, self.eps)?;
-        Ok(dev.group_norm_with_stats(x, &stats, self.groups, gamma, beta, silu)?)
+        let (stats, segment_of_row) = m.segment_stats(dev, x, self.groups, self.eps)?;
+        Ok(dev.group_norm_rows_with_stats(
+            x,
+            &stats,
+            &segment_of_row,
+            self.groups,
+            gamma,
+            beta,
+            silu,
+        )?)
     }
 
     /// The norm in any mode. Masked runs normalise each segment's rows with the statistics

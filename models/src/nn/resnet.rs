@@ -126,23 +126,32 @@ impl ResnetBlock {
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
             h = dev.add_per_sample(&h, &proj.forward_gpu(dev, t)?)?;
         }
-        let h = self
-            .conv2
-            .forward_gpu(dev, &self.norm2.forward_gpu(dev, &h, true)?)?;
-        self.residual_gpu(dev, x, &h)
+        let normed = self.norm2.forward_gpu(dev, &h, true)?;
+        self.end_gpu(dev, x, |residual| match residual {
+            Some(r) => self.conv2.forward_gpu_add(dev, &normed, r),
+            None => self.conv2.forward_gpu(dev, &normed),
+        })
     }
 
-    /// The block's end on the device: the (projected) input plus `h`, scaled.
-    fn residual_gpu(&self, dev: &CudaDevice, x: &CudaTensor, h: &CudaTensor) -> Result<CudaTensor> {
-        let sum = match &self.shortcut {
-            Some(proj) => dev.add(&proj.forward_gpu(dev, x)?, h)?,
-            None => dev.add(x, h)?,
+    /// The block's end on the device: `conv2` (run by `conv2`, given the residual to add as
+    /// it writes, or None) plus the (projected) input, scaled. With the usual scale of 1 the
+    /// residual is added by the conv itself, saving an add's launch and pass over memory.
+    fn end_gpu(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        conv2: impl FnOnce(Option<&CudaTensor>) -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let projected = match &self.shortcut {
+            Some(proj) => Some(proj.forward_gpu(dev, x)?),
+            None => None,
         };
+        let residual = projected.as_ref().unwrap_or(x);
         if self.output_scale == 1.0 {
-            Ok(sum)
-        } else {
-            Ok(dev.affine(&sum, 1.0 / self.output_scale, 0.0)?)
+            return conv2(Some(residual));
         }
+        let sum = dev.add(residual, &conv2(None)?)?;
+        Ok(dev.affine(&sum, 1.0 / self.output_scale, 0.0)?)
     }
 
     /// The masked block on the device: `x = [rows, in]`, the segments' active rows;
@@ -155,14 +164,16 @@ impl ResnetBlock {
         m: &mut GpuMasked<'_>,
     ) -> Result<CudaTensor> {
         let normed = self.norm1.forward_gpu_masked(dev, x, true, m)?;
-        let mut h = self.conv1.forward_gpu_masked(dev, &normed, m, None)?;
+        let mut h = self.conv1.forward_gpu_masked(dev, &normed, m, None, None)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
             // Each row gets its segment's projected time embedding.
-            let per_row = dev.gather_rows(&proj.forward_gpu(dev, t)?, &m.host().row_segments()?)?;
-            h = dev.add(&h, &per_row)?;
+            let projected = proj.forward_gpu(dev, t)?;
+            h = dev.add_per_row_sample(&h, &projected, &m.host().row_segments()?)?;
         }
         let normed = self.norm2.forward_gpu_masked(dev, &h, true, m)?;
-        let h = self.conv2.forward_gpu_masked(dev, &normed, m, None)?;
-        self.residual_gpu(dev, x, &h)
+        self.end_gpu(dev, x, |residual| {
+            self.conv2
+                .forward_gpu_masked(dev, &normed, m, None, residual)
+        })
     }
 }

@@ -71,14 +71,14 @@ impl TransformerBlock {
         x: CudaTensor,
         context: &CudaTensor,
     ) -> Result<CudaTensor> {
-        let attn = self
+        // Each residual is added by the projection that ends its sub-block.
+        let x = self
             .attn1
-            .forward_gpu(dev, &self.norm1.forward_gpu(dev, &x)?, None)?;
-        let x = dev.add(&x, &attn)?;
-        let attn = self
-            .attn2
-            .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context))?;
-        self.feed_forward_gpu(dev, &dev.add(&x, &attn)?)
+            .forward_gpu(dev, &self.norm1.forward_gpu(dev, &x)?, None, &x)?;
+        let x =
+            self.attn2
+                .forward_gpu(dev, &self.norm2.forward_gpu(dev, &x)?, Some(context), &x)?;
+        self.feed_forward_gpu(dev, &x)
     }
 
     /// `x` plus the feed-forward of its third norm, on the device (the blocks' common end).
@@ -88,8 +88,7 @@ impl TransformerBlock {
                 .ff_in
                 .forward_gpu(dev, &self.norm3.forward_gpu(dev, x)?)?,
         )?;
-        let ff = self.ff_out.forward_gpu(dev, &hidden)?;
-        Ok(dev.add(x, &ff)?)
+        self.ff_out.forward_gpu_add(dev, &hidden, x)
     }
 
     /// The masked block on the device: `x = [rows, dim]`.
@@ -100,17 +99,17 @@ impl TransformerBlock {
         context: &CudaTensor,
         m: &mut GpuMasked<'_>,
     ) -> Result<CudaTensor> {
-        let attn = self
-            .attn1
-            .forward_self_gpu_masked(dev, &self.norm1.forward_gpu(dev, &x)?, m)?;
-        let x = dev.add(&x, &attn)?;
-        let attn = self.attn2.forward_cross_gpu_masked(
+        let x =
+            self.attn1
+                .forward_self_gpu_masked(dev, &self.norm1.forward_gpu(dev, &x)?, m, &x)?;
+        let x = self.attn2.forward_cross_gpu_masked(
             dev,
             &self.norm2.forward_gpu(dev, &x)?,
             context,
             m,
+            &x,
         )?;
-        self.feed_forward_gpu(dev, &dev.add(&x, &attn)?)
+        self.feed_forward_gpu(dev, &x)
     }
 }
 
@@ -235,8 +234,8 @@ impl Transformer2D {
         for block in &self.blocks {
             h = block.forward_gpu(dev, h, context)?;
         }
-        let h = self.proj_out.forward_gpu(dev, &h)?.reshape(&shape)?;
-        Ok(dev.add(&h, x)?)
+        // The input added by the projection as it writes (`x` has the output's layout).
+        Ok(self.proj_out.forward_gpu_add(dev, &h, x)?.reshape(&shape)?)
     }
 
     /// The masked forward on the device: `x = [rows, c]`, the segments' active rows;
@@ -253,7 +252,6 @@ impl Transformer2D {
         for block in &self.blocks {
             h = block.forward_gpu_masked(dev, h, context, m)?;
         }
-        let h = self.proj_out.forward_gpu(dev, &h)?;
-        Ok(dev.add(&h, x)?)
+        self.proj_out.forward_gpu_add(dev, &h, x)
     }
 }

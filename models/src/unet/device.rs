@@ -372,7 +372,7 @@ fn conv_on(
 ) -> Result<CudaTensor> {
     match exec {
         GpuExec::Dense => conv.forward_gpu(dev, x),
-        GpuExec::Masked(m) => conv.forward_gpu_masked(dev, x, m, out_level),
+        GpuExec::Masked(m) => conv.forward_gpu_masked(dev, x, m, out_level, None),
     }
 }
 
