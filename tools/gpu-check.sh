@@ -154,6 +154,10 @@ run_checks() {
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
         --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
     echo
+    echo "== the same at 20% with split-K products in one launch (--gemm kernels-one-launch)"
+    timeout 60 "$bin" bench --device cuda:0 --unet sd15 --gemm kernels-one-launch \
+        --mask-ratios 20 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
+    echo
     echo "== the same at 20% with the tensor-core attention (--attention flash-mma)"
     timeout 90 "$bin" bench --device cuda:0 --unet sd15 --attention flash-mma --mask-ratios 20 \
         --batch 4 --min-time-ms 300 --min-runs 5 || echo "bench exit status $?"
@@ -168,7 +172,7 @@ run_checks() {
 
     echo
     echo "== retouch serve --device cuda:0 (the built-in model), driven by retouch replay"
-    serve_and_replay 8397 '^retouch_device_step_'
+    serve_and_replay 8397 '^retouch_device_(step_|idle_bytes)'
     echo
     echo "== the same with every step on disk only, and the load-or-recompute plan on"
     local disk

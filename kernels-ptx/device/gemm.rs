@@ -24,6 +24,7 @@
 
 use crate::elementwise::grid_stride;
 use crate::gpu::{block, block_dim, block_y, block_z, grid_dim, grid_dim_z, sync_threads, thread};
+use crate::intrinsics::{atomic_add_gpu, fence_gpu, load_gpu};
 use crate::prelude::*;
 
 pub const BM: u32 = 128;
@@ -78,12 +79,24 @@ pub struct Epilogue {
     pub beta: f32,
     pub m: u32,
     pub n: u32,
+    pub split: SplitSums,
 }
+
+/// How a split-K launch (`gridDim.z = splits > 1`) sums its slices. With `counters` null,
+/// the host passed the `[splits, m, n]` workspace as C (alpha 1, beta 0, no bias) and sums
+/// it with `splitk_reduce_f32` afterwards. Otherwise the launch does it alone: each block
+/// writes its slice to `ws`, and the last of an output tile's blocks to arrive (counted in
+/// `counters[tile]`, zero before the launch and reset by that block) sums the tile's slices
+/// through the epilogue into C.
+pub struct SplitSums {
+    pub ws: *mut f32,
+    pub counters: *mut u32,
+}
+impl Copy for SplitSums {}
 
 /// The whole tile loop of one block. With `gridDim.z = splits > 1` (split-K, for products
 /// with too few output tiles to fill the GPU), block `z` sums only its share of the k tiles
-/// and writes them to slice `z` of a `[splits, m, n]` workspace (the host passes alpha 1,
-/// beta 0, no bias, and sums the slices with `splitk_reduce_f32`).
+/// and writes them to slice `z` of a `[splits, m, n]` workspace, summed as `e.split` says.
 #[inline(always)]
 pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     let t = thread();
@@ -108,9 +121,22 @@ pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     } else {
         ktiles
     };
-    let e = Epilogue {
-        c: unsafe { e.c.add(block_z() as usize * e.m as usize * e.n as usize) },
-        ..e
+    let one_launch = splits > 1 && e.split.counters as usize != 0;
+    let slice = block_z() as usize * e.m as usize * e.n as usize;
+    // Where this block's sums go: C; or, split, its workspace slice as raw sums.
+    let target = if one_launch {
+        Epilogue {
+            c: unsafe { e.split.ws.add(slice) },
+            has_bias: false,
+            alpha: 1.0,
+            beta: 0.0,
+            ..e
+        }
+    } else {
+        Epilogue {
+            c: unsafe { e.c.add(slice) },
+            ..e
+        }
     };
     // An empty share (possible for the last split) still writes its zeros.
     if kt_begin < kt_end {
@@ -151,14 +177,63 @@ pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     let row = m0 + ty * 4;
     let col = n0 + tx * 4;
     unsafe {
-        store_row(&e, row, col, acc[0]);
-        store_row(&e, row + 1, col, acc[1]);
-        store_row(&e, row + 2, col, acc[2]);
-        store_row(&e, row + 3, col, acc[3]);
-        store_row(&e, row + 64, col, acc[4]);
-        store_row(&e, row + 65, col, acc[5]);
-        store_row(&e, row + 66, col, acc[6]);
-        store_row(&e, row + 67, col, acc[7]);
+        store_row(&target, row, col, acc[0]);
+        store_row(&target, row + 1, col, acc[1]);
+        store_row(&target, row + 2, col, acc[2]);
+        store_row(&target, row + 3, col, acc[3]);
+        store_row(&target, row + 64, col, acc[4]);
+        store_row(&target, row + 65, col, acc[5]);
+        store_row(&target, row + 66, col, acc[6]);
+        store_row(&target, row + 67, col, acc[7]);
+    }
+    if one_launch {
+        // The tile loop's last barrier is behind every read of the shared tiles.
+        unsafe { sum_slices_if_last(&e, m0, n0, smem as *mut u32) };
+    }
+}
+
+/// A one-launch split-K block's arrival (see [`SplitSums`]): the last of its tile's blocks
+/// sums the tile's slices in slice order (as `splitk_reduce_f32`, so both ways give the same
+/// bits), writes C through the epilogue and resets the tile's counter for the next launch.
+/// `flag` is a shared word for the block's verdict.
+#[inline(always)]
+unsafe fn sum_slices_if_last(e: &Epilogue, m0: u32, n0: u32, flag: *mut u32) {
+    let t = thread();
+    let splits = grid_dim_z();
+    let tile = (block_y() * grid_dim() + block()) as usize;
+    // Release: each thread's slice stores are ordered before the barrier, which orders them
+    // before thread 0's arrival.
+    fence_gpu();
+    sync_threads();
+    if t == 0 {
+        let arrived = unsafe { atomic_add_gpu(e.split.counters.add(tile), 1) };
+        unsafe { *flag = if arrived + 1 == splits { 1 } else { 0 } };
+    }
+    sync_threads();
+    if unsafe { *flag } == 0 {
+        return;
+    }
+    // Acquire: the other blocks' slices, stored before their arrivals.
+    fence_gpu();
+    let mn = e.m as usize * e.n as usize;
+    let mut i = t;
+    while i < BM * BN {
+        let (row, col) = (m0 + i / BN, n0 + i % BN);
+        if row < e.m && col < e.n {
+            let at = row as usize * e.n as usize + col as usize;
+            let mut sum = 0.0f32;
+            let mut z = 0u32;
+            while z < splits {
+                sum += unsafe { load_gpu(e.split.ws.add(z as usize * mn + at)) };
+                z += 1;
+            }
+            unsafe { store_one(e, row, col, sum) };
+        }
+        i += block_dim();
+    }
+    if t == 0 {
+        // The next launch to use this counter is queued after this one ends.
+        unsafe { *e.split.counters.add(tile) = 0 };
     }
 }
 
@@ -382,7 +457,7 @@ const OUTSIDE_ROW: u32 = 0xffff_ffff;
 /// `C = alpha * A * op(B) + beta * C_in (+ bias)`: A `[m, k]`, B `[k, n]` when `b_kn != 0`
 /// else `[n, k]` (x * W^T), C and C_in `[m, n]`, bias `[n]` read when `has_bias != 0`. C_in
 /// is read only when `beta != 0`; it may be C itself (each element is read before it is
-/// written, by the same thread).
+/// written, by the same thread). Split launches: see [`SplitSums`] (`ws`, `counters`).
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn sgemm_f32(
@@ -398,6 +473,8 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
     has_bias: u32,
     alpha: f32,
     beta: f32,
+    ws: *mut f32,
+    counters: *mut u32,
 ) {
     let a = DenseA { a, m, k };
     let b = BMatrix {
@@ -415,6 +492,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
         beta,
         m,
         n,
+        split: SplitSums { ws, counters },
     };
     unsafe { gemm_block(&a, b, e) };
 }
@@ -608,7 +686,7 @@ impl ALoad for ConvA {
 /// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
 /// `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when
 /// `has_bias != 0` and plus `residual` (laid out as `out`) when `has_residual != 0`:
-/// `out = [batch * out_h * out_w, cout]`, `m` its rows.
+/// `out = [batch * out_h * out_w, cout]`, `m` its rows. Split launches: see [`SplitSums`].
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn conv2d_f32(
@@ -630,12 +708,15 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     out_w: u32,
     has_bias: u32,
     has_residual: u32,
+    ws: *mut f32,
+    counters: *mut u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
     let out = ConvOut {
         out,
         residual,
         has_residual,
+        split: SplitSums { ws, counters },
     };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
@@ -751,12 +832,13 @@ unsafe fn masked_conv<C: Widen>(
     unsafe { gemm_block(&a, b, e) };
 }
 
-/// A conv's output rows `[m, cout]` and the residual added to them (same layout) when
-/// `has_residual != 0`.
+/// A conv's output rows `[m, cout]`, the residual added to them (same layout) when
+/// `has_residual != 0`, and how a split launch sums its slices.
 pub struct ConvOut {
     pub out: *mut f32,
     pub residual: *const f32,
     pub has_residual: u32,
+    pub split: SplitSums,
 }
 impl Copy for ConvOut {}
 
@@ -788,6 +870,7 @@ pub fn conv_operands(
         beta: if out.has_residual != 0 { 1.0 } else { 0.0 },
         m,
         n: cout,
+        split: out.split,
     };
     (b, e)
 }
@@ -819,11 +902,14 @@ macro_rules! masked_conv_kernel {
             out_w: u32,
             has_bias: u32,
             has_residual: u32,
+            ws: *mut f32,
+            counters: *mut u32,
         ) {
             let out = ConvOut {
                 out,
                 residual,
                 has_residual,
+                split: SplitSums { ws, counters },
             };
             let g = ConvGeom {
                 h,

@@ -106,6 +106,47 @@ pub fn exp2_fast(x: f32) -> f32 {
     r
 }
 
+/// `fence.acq_rel.gpu`: this thread's memory accesses before it are ordered before those
+/// after it, for every thread of the GPU. With the counter of [`atomic_add_gpu`] it makes a
+/// hand-off between blocks: stores, fence, arrive; arrive, fence, loads.
+#[inline(always)]
+pub fn fence_gpu() {
+    unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+}
+
+/// `atom.acq_rel.gpu.global.add.u32`: adds `v` to the global `*p` and returns the value it
+/// had, as one step no other thread of the GPU can split.
+#[inline(always)]
+pub unsafe fn atomic_add_gpu(p: *mut u32, v: u32) -> u32 {
+    let old: u32;
+    unsafe {
+        asm!(
+            "atom.acq_rel.gpu.global.add.u32 {0}, [{1}], {2};",
+            out(reg32) old,
+            in(reg64) p,
+            in(reg32) v,
+            options(nostack)
+        );
+    }
+    old
+}
+
+/// `ld.relaxed.gpu.global.f32`: a load of a value another block stored, read at the GPU's
+/// level of coherence (never a stale copy this multiprocessor's L1 kept).
+#[inline(always)]
+pub unsafe fn load_gpu(p: *const f32) -> f32 {
+    let v: f32;
+    unsafe {
+        asm!(
+            "ld.relaxed.gpu.global.f32 {0}, [{1}];",
+            out(reg32) v,
+            in(reg64) p,
+            options(nostack, readonly)
+        );
+    }
+    v
+}
+
 /// `x` rounded to TF32 (nearest, ties away from zero), as f32 bits with the low 13 zero.
 #[inline(always)]
 pub fn tf32(x: f32) -> f32 {

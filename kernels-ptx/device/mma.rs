@@ -18,8 +18,8 @@
 //! bytes (two 16 x 136 A and two 16 x 72 B tiles).
 
 use crate::gemm::{
-    ALoad, BK, BM, BMatrix, BN, ConvA, ConvOut, DenseA, Epilogue, F4, Smem, conv_operands,
-    load_tile, rows_of, store_one, store_tile,
+    ALoad, BK, BM, BMatrix, BN, ConvA, ConvOut, DenseA, Epilogue, F4, Smem, SplitSums,
+    conv_operands, load_tile, rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::intrinsics::mma_m16n8k8_tf32 as mma;
@@ -163,6 +163,8 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
     has_bias: u32,
     alpha: f32,
     beta: f32,
+    ws: *mut f32,
+    counters: *mut u32,
 ) {
     let a = DenseA { a, m, k };
     let b = BMatrix {
@@ -180,6 +182,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
         beta,
         m,
         n,
+        split: SplitSums { ws, counters },
     };
     unsafe { gemm_block_tf32(&a, b, e) };
 }
@@ -206,12 +209,15 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     out_w: u32,
     has_bias: u32,
     has_residual: u32,
+    ws: *mut f32,
+    counters: *mut u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
     let out = ConvOut {
         out,
         residual,
         has_residual,
+        split: SplitSums { ws, counters },
     };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block_tf32(&a, b, e) };

@@ -8,8 +8,9 @@
 //! stream operation runs to completion when it is enqueued, so stream order holds and
 //! events, waits and synchronisations have nothing to wait for; an event records the time it
 //! was recorded. `cuLaunchKernel` runs the kernel the module's PTX names through
-//! [`crate::simt::launch`]; a kernel that fails (a bounds check, a deadlock) fails the launch
-//! with `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. A launch the hardware would
+//! [`crate::simt::launch`], its blocks in an order shuffled per launch (a GPU promises
+//! none); a kernel that fails (a bounds check, a deadlock) fails the launch with
+//! `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. A launch the hardware would
 //! refuse (more than 1024 threads, an empty or oversized grid, more dynamic shared memory
 //! than the function allows: 48 KiB unless raised with `cuFuncSetAttribute`) returns
 //! `CUDA_ERROR_INVALID_VALUE`, with the reason on stderr. One device, reporting compute
@@ -31,7 +32,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::entries::{Entry, entry};
-use crate::simt::{Launch, launch, message};
+use crate::simt::{BlockOrder, Launch, launch, message};
 
 type CUresult = c_int;
 type CUdevice = c_int;
@@ -667,7 +668,9 @@ pub unsafe extern "C" fn cuLaunchKernel(
         return SUCCESS;
     }
     let args = unsafe { std::slice::from_raw_parts(params, function.entry.params) };
-    let l = Launch::new([grid_x, grid_y, grid_z], block_x, shared_bytes as usize);
+    // Blocks in a different order each launch: a kernel that relies on grid order fails.
+    let order = BlockOrder::Shuffled(LAUNCHES.load(Relaxed));
+    let l = Launch::new([grid_x, grid_y, grid_z], block_x, shared_bytes as usize).in_order(order);
     let call = function.entry.call;
     match panic::catch_unwind(AssertUnwindSafe(|| unsafe { launch(l, || call(args)) })) {
         Ok(()) => SUCCESS,

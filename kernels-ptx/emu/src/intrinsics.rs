@@ -59,6 +59,30 @@ pub fn exp2_fast(x: f32) -> f32 {
     x.exp2()
 }
 
+/// `fence.acq_rel.gpu`. The emulator runs one block at a time, so every store is seen by
+/// every later load; the fence orders the host's accesses as the hardware's would.
+pub fn fence_gpu() {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `atom.acq_rel.gpu.global.add.u32`.
+///
+/// # Safety
+/// `p` must point to a live, aligned u32.
+pub unsafe fn atomic_add_gpu(p: *mut u32, v: u32) -> u32 {
+    // SAFETY: the caller's pointer; nothing accesses it non-atomically meanwhile.
+    unsafe { std::sync::atomic::AtomicU32::from_ptr(p) }
+        .fetch_add(v, std::sync::atomic::Ordering::AcqRel)
+}
+
+/// `ld.relaxed.gpu.global.f32`.
+///
+/// # Safety
+/// `p` must point to a live f32.
+pub unsafe fn load_gpu(p: *const f32) -> f32 {
+    unsafe { p.read_volatile() }
+}
+
 /// `cvt.rna.tf32.f32`: nearest, ties away from zero, to 10 significand bits.
 pub fn tf32(x: f32) -> f32 {
     if !x.is_finite() {

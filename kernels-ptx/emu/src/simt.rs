@@ -1,7 +1,7 @@
-//! The SIMT emulator. A launch runs its blocks one after another on the calling OS thread;
-//! each GPU thread of a block is a coroutine (its own stack, switched in user space), and a
-//! small scheduler resumes them in thread order until each reaches a barrier, a warp
-//! collective or the end of the kernel:
+//! The SIMT emulator. A launch runs its blocks one after another on the calling OS thread
+//! (in grid order, or shuffled: [`BlockOrder`]); each GPU thread of a block is a coroutine
+//! (its own stack, switched in user space), and a small scheduler resumes them in thread
+//! order until each reaches a barrier, a warp collective or the end of the kernel:
 //!
 //! - `__syncthreads` releases once every thread of the block that has not returned is
 //!   waiting there (threads that returned count as arrived, as the hardware treats exited
@@ -24,13 +24,25 @@ use std::sync::Once;
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
 
-/// Grid (x, y, z blocks), threads per block (1-D, as every Retouch kernel), and the dynamic
-/// shared memory in bytes.
+/// Grid (x, y, z blocks), threads per block (1-D, as every Retouch kernel), the dynamic
+/// shared memory in bytes, and the order the blocks run in.
 #[derive(Clone, Copy, Debug)]
 pub struct Launch {
     pub grid: [u32; 3],
     pub block: u32,
     pub shared_bytes: usize,
+    pub order: BlockOrder,
+}
+
+/// The order a launch's blocks run in. A GPU promises none, so a kernel must give the same
+/// result in any: `Shuffled` checks that (and reaches the cases where some other block
+/// than the last in grid order finishes last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockOrder {
+    /// x fastest, then y, then z.
+    Grid,
+    /// A permutation drawn from the seed.
+    Shuffled(u64),
 }
 
 impl Launch {
@@ -39,7 +51,33 @@ impl Launch {
             grid,
             block,
             shared_bytes,
+            order: BlockOrder::Grid,
         }
+    }
+
+    /// The same launch with its blocks run in `order`.
+    pub fn in_order(self, order: BlockOrder) -> Launch {
+        Launch { order, ..self }
+    }
+
+    /// The block indices in the order they run.
+    fn blocks(&self) -> Vec<[u32; 3]> {
+        let [gx, gy, gz] = self.grid;
+        let mut blocks: Vec<[u32; 3]> = (0..gz)
+            .flat_map(|z| (0..gy).flat_map(move |y| (0..gx).map(move |x| [x, y, z])))
+            .collect();
+        if let BlockOrder::Shuffled(seed) = self.order {
+            // Fisher-Yates with xorshift64* (the seed's low bit set: never the zero state).
+            let mut state = seed | 1;
+            for i in (1..blocks.len()).rev() {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+                blocks.swap(i, (r % (i as u64 + 1)) as usize);
+            }
+        }
+        blocks
     }
 }
 
@@ -296,16 +334,12 @@ pub unsafe fn launch<F: Fn()>(l: Launch, kernel: F) {
         })
         .collect();
 
-    'blocks: for z in 0..l.grid[2] {
-        for y in 0..l.grid[1] {
-            for x in 0..l.grid[0] {
-                block.set([x, y, z]);
-                state.reset();
-                run_block(&state, &mut coroutines);
-                if state.failure.borrow().is_some() {
-                    break 'blocks;
-                }
-            }
+    for b in l.blocks() {
+        block.set(b);
+        state.reset();
+        run_block(&state, &mut coroutines);
+        if state.failure.borrow().is_some() {
+            break;
         }
     }
     // Every coroutine waits after its last block: let each return, and keep its stack.

@@ -9,6 +9,7 @@
 
 mod common;
 use common::*;
+use retouch_kernels_emu::simt::BlockOrder;
 use retouch_kernels_emu::{gemm, layout, mma};
 
 /// Block tile of the GEMM-shaped kernels (`src/cuda/gemm.rs`: `TILE_M`, `TILE_N`).
@@ -195,7 +196,7 @@ fn dense_reference(g: &Geom, x: &[f32], wt: &Weight, operand: fn(f32) -> f32) ->
 }
 
 /// The conv kernels' signature: `(x, weight, bias, out, residual, m, cout, h, w, cin, kh,
-/// kw, stride, pad, out_h, out_w, has_bias, has_residual)`.
+/// kw, stride, pad, out_h, out_w, has_bias, has_residual, ws, counters)`.
 type ConvKernel = unsafe fn(
     *const f32,
     *const f32,
@@ -215,7 +216,17 @@ type ConvKernel = unsafe fn(
     u32,
     u32,
     u32,
+    *mut f32,
+    *mut u32,
 );
+
+/// How a split launch sums its slices: `splitk_reduce_f32` after it, or its own last block
+/// per tile (`ws` and `counters` given), with the blocks in a shuffled order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sums {
+    TwoLaunches,
+    OneLaunch,
+}
 
 /// Runs the split-K reduction as the host's `finish_split`: `out = sum of the slices +
 /// bias + residual` (alpha 1; beta 1 with a residual, else 0 and no `c_in`; without a bias
@@ -262,12 +273,22 @@ struct ConvOutput {
     m: usize,
     cout: usize,
     splits: usize,
+    /// One zeroed counter per output tile when a split launch sums its own slices.
+    counters: Option<DeviceBuffer<u32>>,
 }
 
 impl ConvOutput {
-    fn new(g: &Geom, wt: &Weight, m: usize, splits: usize, residual: Option<&[f32]>) -> ConvOutput {
+    fn new(
+        g: &Geom,
+        wt: &Weight,
+        m: usize,
+        (splits, sums): (usize, Sums),
+        residual: Option<&[f32]>,
+    ) -> ConvOutput {
         let cout = g.cout;
+        let tiles = cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
         ConvOutput {
+            counters: (splits > 1 && sums == Sums::OneLaunch).then(|| DeviceBuffer::zeroed(tiles)),
             out: DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]),
             workspace: (splits > 1)
                 .then(|| DeviceBuffer::from_slice(&vec![f32::NAN; splits * m * cout])),
@@ -283,15 +304,38 @@ impl ConvOutput {
         self.residual.as_ref().map_or(std::ptr::null(), |r| r.ptr())
     }
 
-    fn has_residual(&self) -> u32 {
-        u32::from(self.residual.is_some() && self.workspace.is_none())
+    /// Whether `splitk_reduce_f32` follows the launch (which then writes raw sums).
+    fn reduced_after(&self) -> bool {
+        self.workspace.is_some() && self.counters.is_none()
     }
 
-    /// Where the launch writes: the workspace when split, else C.
+    fn has_residual(&self) -> u32 {
+        u32::from(self.residual.is_some() && !self.reduced_after())
+    }
+
+    /// The kernel's `(ws, counters)`: null unless the launch sums its own slices.
+    fn sums_ptrs(&self) -> (*mut f32, *mut u32) {
+        match (&self.workspace, &self.counters) {
+            (Some(ws), Some(counters)) => (ws.ptr_mut(), counters.ptr_mut()),
+            _ => (std::ptr::null_mut(), std::ptr::null_mut()),
+        }
+    }
+
+    /// The blocks' order: shuffled when the launch sums its own slices, so that different
+    /// splits finish last.
+    fn order(&self) -> BlockOrder {
+        match self.counters {
+            Some(_) => BlockOrder::Shuffled(self.m as u64 * 31 + self.splits as u64),
+            None => BlockOrder::Grid,
+        }
+    }
+
+    /// Where the launch writes: the workspace when a reduction follows, else C.
     fn target(&self) -> *mut f32 {
-        self.workspace
-            .as_ref()
-            .map_or(self.out.ptr_mut(), |w| w.ptr_mut())
+        match &self.workspace {
+            Some(ws) if self.reduced_after() => ws.ptr_mut(),
+            _ => self.out.ptr_mut(),
+        }
     }
 
     fn bias_ptr(&self, packed: &DeviceBuffer<f32>) -> *const f32 {
@@ -299,7 +343,7 @@ impl ConvOutput {
     }
 
     fn has_bias(&self) -> u32 {
-        u32::from(self.bias.is_some() && self.workspace.is_none())
+        u32::from(self.bias.is_some() && !self.reduced_after())
     }
 
     /// `(ceil(cout / 64), ceil(m / 128), splits)`.
@@ -311,12 +355,20 @@ impl ConvOutput {
         ]
     }
 
-    /// C after the launch (and, when split, the reduction).
+    /// C after the launch (and, when split in two launches, the reduction); a one-launch
+    /// split must leave its counters at zero.
     fn finish(self) -> Vec<f32> {
-        if let Some(ws) = &self.workspace {
-            let dims = (self.m, self.cout);
-            let (bias, residual) = (self.bias.as_ref(), self.residual.as_ref());
-            split_reduce(ws, &self.out, bias, residual, dims, self.splits);
+        match (&self.workspace, &self.counters) {
+            (Some(ws), None) => {
+                let dims = (self.m, self.cout);
+                let (bias, residual) = (self.bias.as_ref(), self.residual.as_ref());
+                split_reduce(ws, &self.out, bias, residual, dims, self.splits);
+            }
+            (_, Some(counters)) => {
+                let left = counters.to_vec();
+                assert!(left.iter().all(|&c| c == 0), "counters left set: {left:?}");
+            }
+            (None, None) => {}
         }
         self.out.to_vec()
     }
@@ -333,39 +385,45 @@ fn run_conv(
     g: &Geom,
     x: &[f32],
     wt: &Weight,
-    splits: usize,
+    (splits, sums): (usize, Sums),
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let (m, cout) = (g.m(), g.cout);
     let xd = DeviceBuffer::from_slice(x);
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, splits, residual);
+    let o = ConvOutput::new(g, wt, m, (splits, sums), residual);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
+    let (ws, counters) = o.sums_ptrs();
     let u = |v: usize| v as u32;
     unsafe {
-        launch(Launch::new(o.grid(), 256, shared), || {
-            kernel(
-                xd.ptr(),
-                packed.ptr(),
-                bias_ptr,
-                target,
-                residual_ptr,
-                u(m),
-                u(cout),
-                u(g.h),
-                u(g.w),
-                u(g.cin),
-                u(g.kh),
-                u(g.kw),
-                u(g.stride),
-                u(g.pad),
-                u(g.out_h()),
-                u(g.out_w()),
-                has_bias,
-                has_residual,
-            )
-        })
+        launch(
+            Launch::new(o.grid(), 256, shared).in_order(o.order()),
+            || {
+                kernel(
+                    xd.ptr(),
+                    packed.ptr(),
+                    bias_ptr,
+                    target,
+                    residual_ptr,
+                    u(m),
+                    u(cout),
+                    u(g.h),
+                    u(g.w),
+                    u(g.cin),
+                    u(g.kh),
+                    u(g.kw),
+                    u(g.stride),
+                    u(g.pad),
+                    u(g.out_h()),
+                    u(g.out_w()),
+                    has_bias,
+                    has_residual,
+                    ws,
+                    counters,
+                )
+            },
+        )
     };
     o.finish()
 }
@@ -438,16 +496,17 @@ fn conv2d_f32_matches_the_reference() {
         let (want, _) = dense_reference(g, &x, &wt, |v| v);
         let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
-        let mut plans = vec![splits];
+        let mut plans = vec![(splits, Sums::TwoLaunches)];
         if splits > 1 {
-            plans.push(1);
+            plans.extend([(splits, Sums::OneLaunch), (1, Sums::TwoLaunches)]);
             split_cases += 1;
         }
-        for (i, splits) in plans.into_iter().enumerate() {
+        for (i, (splits, sums)) in plans.into_iter().enumerate() {
             let add = with_residual(case, i).then_some(&residual[..]);
-            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, splits, add);
+            let plan = (splits, sums);
+            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, plan, add);
             let what = format!(
-                "conv2d_f32 {} splits={splits} residual={}",
+                "conv2d_f32 {} splits={splits} {sums:?} residual={}",
                 g.name(),
                 add.is_some()
             );
@@ -475,7 +534,8 @@ fn conv2d_tf32_matches_the_reference() {
         let wt = Weight::new(&mut rng, g);
         let residual = rng.values(g.m() * g.cout, -1.0, 1.0);
         let add = with_residual(case, 0).then_some(&residual[..]);
-        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, 1, add);
+        let plan = (1, Sums::TwoLaunches);
+        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, plan, add);
         // The residual is added in f32 as the product is written: one more rounding, within
         // 2 ulp of the result.
         let with = |want: &[f32]| add.map_or_else(|| want.to_vec(), |r| plus(want, r));
@@ -747,6 +807,8 @@ type MaskedKernel = unsafe fn(
     u32,
     u32,
     u32,
+    *mut f32,
+    *mut u32,
 );
 
 /// A masked conv launched as the host's `masked_conv2d`: every segment's fresh rows stacked
@@ -763,7 +825,7 @@ fn run_masked<C: Copy>(
     segs: &[Segment],
     cached: &[Vec<C>],
     wt: &Weight,
-    splits: usize,
+    (splits, sums): (usize, Sums),
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let (hw, cout) = (g.h * g.w, g.cout);
@@ -801,35 +863,41 @@ fn run_masked<C: Copy>(
         DeviceBuffer::from_slice(&row_of),
     );
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, splits, residual);
+    let o = ConvOutput::new(g, wt, m, (splits, sums), residual);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
+    let (ws, counters) = o.sums_ptrs();
     let u = |v: usize| v as u32;
     unsafe {
-        launch(Launch::new(o.grid(), 256, SHARED_BYTES), || {
-            kernel(
-                fresh_table.ptr(),
-                cached_table.ptr(),
-                row_of_d.ptr(),
-                rows_d.ptr(),
-                packed.ptr(),
-                bias_ptr,
-                target,
-                residual_ptr,
-                u(m),
-                u(cout),
-                u(g.h),
-                u(g.w),
-                u(g.cin),
-                u(g.kh),
-                u(g.kw),
-                u(g.stride),
-                u(g.pad),
-                u(g.out_w()),
-                has_bias,
-                has_residual,
-            )
-        })
+        launch(
+            Launch::new(o.grid(), 256, SHARED_BYTES).in_order(o.order()),
+            || {
+                kernel(
+                    fresh_table.ptr(),
+                    cached_table.ptr(),
+                    row_of_d.ptr(),
+                    rows_d.ptr(),
+                    packed.ptr(),
+                    bias_ptr,
+                    target,
+                    residual_ptr,
+                    u(m),
+                    u(cout),
+                    u(g.h),
+                    u(g.w),
+                    u(g.cin),
+                    u(g.kh),
+                    u(g.kw),
+                    u(g.stride),
+                    u(g.pad),
+                    u(g.out_w()),
+                    has_bias,
+                    has_residual,
+                    ws,
+                    counters,
+                )
+            },
+        )
     };
     o.finish()
 }
@@ -858,16 +926,16 @@ fn check_masked<C: Copy>(
         let m = want.len() / g.cout;
         let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
-        let mut plans = vec![splits];
+        let mut plans = vec![(splits, Sums::TwoLaunches)];
         if splits > 1 {
-            plans.push(1);
+            plans.extend([(splits, Sums::OneLaunch), (1, Sums::TwoLaunches)]);
             split_cases += 1;
         }
-        for (i, splits) in plans.into_iter().enumerate() {
+        for (i, (splits, sums)) in plans.into_iter().enumerate() {
             let add = with_residual(index, i).then_some(&residual[..]);
-            let got = run_masked(kernel, g, &segs, &cached, &wt, splits, add);
+            let got = run_masked(kernel, g, &segs, &cached, &wt, (splits, sums), add);
             let what = format!(
-                "{name} {} segments={} m={m} splits={splits} residual={}",
+                "{name} {} segments={} m={m} splits={splits} {sums:?} residual={}",
                 g.name(),
                 segs.len(),
                 add.is_some()

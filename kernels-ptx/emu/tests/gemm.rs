@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use retouch_kernels_emu::simt::BlockOrder;
 use retouch_kernels_emu::{gemm, mma};
 
 /// Block tile of every GEMM-shaped kernel (`gemm.rs`): 128 rows x 64 columns, 256 threads.
@@ -79,6 +80,8 @@ type GemmKernel = unsafe fn(
     u32,
     f32,
     f32,
+    *mut f32,
+    *mut u32,
 );
 
 /// Where the epilogue's `beta` term reads: C itself (an in-place product), or a separate
@@ -134,6 +137,8 @@ fn run(
                 u32::from(bias),
                 alpha,
                 beta,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
             )
         })
     };
@@ -239,6 +244,8 @@ fn split_k_gemm_and_reduction_match_the_reference() {
                 0,
                 1.0,
                 0.0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
             )
         });
     }
@@ -267,6 +274,117 @@ fn split_k_gemm_and_reduction_match_the_reference() {
             &p.reference(0.5, 2.0, true),
             1e-5,
             1e-5,
+        );
+    }
+}
+
+/// One-launch split-K (`ws` and `counters` given): each block writes its slice and the last
+/// of an output tile's blocks to arrive sums them through the epilogue. Run with the blocks
+/// in several shuffled orders, so that different splits are last: the same bits as the
+/// two-launch path (slices summed in slice order either way), and every counter back at zero
+/// for the next launch.
+#[test]
+fn one_launch_split_k_matches_the_two_launch_path() {
+    let mut rng = Rng::new(4);
+    let p = Product::new(&mut rng, (300, 70, 300), true);
+    let splits = 3u32;
+    let grid = [
+        p.n.div_ceil(TILE_N) as u32,
+        p.m.div_ceil(TILE_M) as u32,
+        splits,
+    ];
+    let tiles = (grid[0] * grid[1]) as usize;
+    let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
+    let (a, b, bias) = (
+        DeviceBuffer::from_slice(&p.a),
+        DeviceBuffer::from_slice(&p.b),
+        DeviceBuffer::from_slice(&p.bias),
+    );
+    let (alpha, beta) = (0.5, 2.0);
+    // The two-launch path: raw slices, then the reduction.
+    let ws = DeviceBuffer::from_slice(&vec![f32::NAN; splits as usize * p.m * p.n]);
+    let two = DeviceBuffer::from_slice(&p.c0);
+    unsafe {
+        launch(Launch::new(grid, 256, SHARED_BYTES), || {
+            gemm::sgemm_f32(
+                a.ptr(),
+                b.ptr(),
+                ws.ptr_mut(),
+                std::ptr::null(),
+                bias.ptr(),
+                m,
+                n,
+                k,
+                1,
+                0,
+                1.0,
+                0.0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        });
+        launch(grid_stride(p.m * p.n, 4), || {
+            gemm::splitk_reduce_f32(
+                ws.ptr(),
+                two.ptr_mut(),
+                two.ptr(),
+                bias.ptr(),
+                m * n,
+                n,
+                splits,
+                1,
+                alpha,
+                beta,
+            )
+        });
+    }
+    let two = two.to_vec();
+    assert_close(
+        "two-launch split-K",
+        &two,
+        &p.reference(alpha, beta, true),
+        1e-5,
+        1e-5,
+    );
+    let counters = DeviceBuffer::<u32>::zeroed(tiles);
+    for (seed, c_in) in [(1, CIn::InPlace), (2, CIn::Separate), (3, CIn::InPlace)] {
+        let (c, separate) = c_buffers(&p.c0, c_in);
+        let c_in_ptr = separate.as_ref().map_or(c.ptr(), |s| s.ptr());
+        let ws = DeviceBuffer::from_slice(&vec![f32::NAN; splits as usize * p.m * p.n]);
+        let order = BlockOrder::Shuffled(seed);
+        unsafe {
+            launch(Launch::new(grid, 256, SHARED_BYTES).in_order(order), || {
+                gemm::sgemm_f32(
+                    a.ptr(),
+                    b.ptr(),
+                    c.ptr_mut(),
+                    c_in_ptr,
+                    bias.ptr(),
+                    m,
+                    n,
+                    k,
+                    1,
+                    1,
+                    alpha,
+                    beta,
+                    ws.ptr_mut(),
+                    counters.ptr_mut(),
+                )
+            });
+        }
+        let got = c.to_vec();
+        let same = got
+            .iter()
+            .zip(&two)
+            .all(|(g, t)| g.to_bits() == t.to_bits());
+        assert!(
+            same,
+            "one-launch split-K ({order:?}, {c_in:?}) differs from two launches"
+        );
+        assert!(
+            counters.to_vec().iter().all(|&c| c == 0),
+            "one-launch split-K ({order:?}) left a counter set: {:?}",
+            counters.to_vec()
         );
     }
 }

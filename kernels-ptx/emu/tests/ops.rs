@@ -842,6 +842,29 @@ fn upsample_nearest2x_matches_the_reference() {
     }
 }
 
+/// `add_per_sample_f32` on `x` and `v`: per sample of `per_sample` values, or with a
+/// row-to-sample table per row of `c` values.
+fn run_add_per_sample(
+    x: &[f32],
+    v: &[f32],
+    (per_sample, c): (usize, usize),
+    sample_of_row: Option<&[u32]>,
+    what: &str,
+) -> Vec<f32> {
+    let n = x.len();
+    let (xd, vd) = (DeviceBuffer::from_slice(x), DeviceBuffer::from_slice(v));
+    let rows = sample_of_row.map(DeviceBuffer::from_slice);
+    let rows_ptr = rows.as_ref().map_or(std::ptr::null(), |r| r.ptr());
+    let out = output(n);
+    let (n_u, ps_u, c_u) = (n as u32, per_sample as u32, c as u32);
+    unsafe {
+        launch(grid_stride(n, 3), || {
+            layout::add_per_sample_f32(xd.ptr(), vd.ptr(), out.ptr_mut(), n_u, ps_u, c_u, rows_ptr)
+        })
+    };
+    read(what, &out, n)
+}
+
 /// `add_per_sample_f32`: `x = [samples, ..., c]` plus `v[sample]` broadcast over each
 /// sample's positions, on the selftest's shapes (selftest tolerance 1e-6).
 #[test]
@@ -860,25 +883,8 @@ fn add_per_sample_matches_the_reference() {
         let per_sample = n / samples;
         let x = rng.values(n, -1.0, 1.0);
         let v = rng.values(samples * c, -1.0, 1.0);
-        let (xd, vd) = (DeviceBuffer::from_slice(&x), DeviceBuffer::from_slice(&v));
-        let out = output(n);
-        let (n_u, ps_u, c_u) = (n as u32, per_sample as u32, c as u32);
-        let no_rows = std::ptr::null();
-        unsafe {
-            launch(grid_stride(n, 3), || {
-                layout::add_per_sample_f32(
-                    xd.ptr(),
-                    vd.ptr(),
-                    out.ptr_mut(),
-                    n_u,
-                    ps_u,
-                    c_u,
-                    no_rows,
-                )
-            })
-        };
         let what = format!("add_per_sample_f32 {shape:?}");
-        let got = read(&what, &out, n);
+        let got = run_add_per_sample(&x, &v, (per_sample, c), None, &what);
         let want: Vec<f64> = (0..n)
             .map(|i| x[i] as f64 + v[(i / per_sample) * c + i % c] as f64)
             .collect();
@@ -897,25 +903,8 @@ fn add_per_sample_by_row_matches_the_reference() {
         let x = rng.values(n, -1.0, 1.0);
         let v = rng.values(samples * c, -1.0, 1.0);
         let sample_of_row = samples_of_rows(&mut rng, rows, samples);
-        let (xd, vd) = (DeviceBuffer::from_slice(&x), DeviceBuffer::from_slice(&v));
-        let rows_d = DeviceBuffer::from_slice(&sample_of_row);
-        let out = output(n);
-        let (n_u, c_u) = (n as u32, c as u32);
-        unsafe {
-            launch(grid_stride(n, 3), || {
-                layout::add_per_sample_f32(
-                    xd.ptr(),
-                    vd.ptr(),
-                    out.ptr_mut(),
-                    n_u,
-                    0,
-                    c_u,
-                    rows_d.ptr(),
-                )
-            })
-        };
         let what = format!("add_per_sample_f32 by row {rows}x{c}");
-        let got = read(&what, &out, n);
+        let got = run_add_per_sample(&x, &v, (0, c), Some(&sample_of_row), &what);
         let want: Vec<f64> = (0..n)
             .map(|i| x[i] as f64 + v[sample_of_row[i / c] as usize * c + i % c] as f64)
             .collect();

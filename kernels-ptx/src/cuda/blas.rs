@@ -25,6 +25,11 @@ use crate::{Conv2dParams, Result};
 pub enum GemmBackend {
     /// Retouch's kernels on CUDA cores (`sgemm_f32`, `conv2d_f32`, split-K).
     Kernels,
+    /// [`GemmBackend::Kernels`] with each split-K product in one launch: the last block of
+    /// an output tile to finish sums the tile's slices (found through a per-tile counter),
+    /// where `Kernels` launches `splitk_reduce_f32` after the product. Same results, bit for
+    /// bit; not the default until a GPU run checks its fences.
+    KernelsOneLaunch,
     /// cuBLAS `sgemm` in f32 (`CUBLAS_DEFAULT_MATH`: no tensor cores).
     Cublas,
     /// cuBLAS `sgemm` with TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`: inputs rounded to
@@ -106,7 +111,7 @@ impl CudaDevice {
     /// Chooses the GEMMs of linear layers and convolutions. The cuBLAS backends load cuBLAS
     /// now (an error, with the device unchanged, where it is missing).
     pub fn set_gemm_backend(&self, backend: GemmBackend) -> Result<()> {
-        if backend != GemmBackend::Kernels {
+        if self.cublas_math_of(backend).is_some() {
             self.cublas()?;
         }
         self.gemm_backend
@@ -119,14 +124,19 @@ impl CudaDevice {
             b if b == GemmBackend::Cublas as u8 => GemmBackend::Cublas,
             b if b == GemmBackend::CublasTf32 as u8 => GemmBackend::CublasTf32,
             b if b == GemmBackend::CublasF16 as u8 => GemmBackend::CublasF16,
+            b if b == GemmBackend::KernelsOneLaunch as u8 => GemmBackend::KernelsOneLaunch,
             _ => GemmBackend::Kernels,
         }
     }
 
     /// With a cuBLAS backend chosen, its arithmetic; None for the device's kernels.
     pub(crate) fn cublas_math(&self) -> Option<BlasMath> {
-        match self.gemm_backend() {
-            GemmBackend::Kernels => None,
+        self.cublas_math_of(self.gemm_backend())
+    }
+
+    fn cublas_math_of(&self, backend: GemmBackend) -> Option<BlasMath> {
+        match backend {
+            GemmBackend::Kernels | GemmBackend::KernelsOneLaunch => None,
             GemmBackend::Cublas => Some(BlasMath::F32),
             GemmBackend::CublasTf32 => Some(BlasMath::Tf32),
             GemmBackend::CublasF16 => Some(BlasMath::F16),

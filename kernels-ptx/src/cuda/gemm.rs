@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::blas::BlasMath;
+use super::blas::{BlasMath, GemmBackend};
 use super::ops::{grid_stride, len_u32};
 use super::tables::TableSet;
 use super::{CudaDevice, CudaTensor, GpuElement, PooledSlice, device_addresses, element_addresses};
@@ -92,11 +92,13 @@ impl Addend<'_> {
     }
 }
 
-/// What a CUDA-core GEMM or conv launch writes: C itself, or (split-K) a `[splits, m, n]`
-/// workspace summed into C afterwards by `splitk_reduce_f32`.
+/// What a CUDA-core GEMM or conv launch writes: C itself; or (split-K) a `[splits, m, n]`
+/// workspace, summed into C afterwards by `splitk_reduce_f32`, or by the launch's own last
+/// block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`]).
 struct SplitK {
     splits: usize,
     workspace: Option<PooledSlice<f32>>,
+    one_launch: bool,
 }
 
 impl SplitK {
@@ -104,17 +106,35 @@ impl SplitK {
     const NONE: SplitK = SplitK {
         splits: 1,
         workspace: None,
+        one_launch: false,
     };
 
-    fn is_split(&self) -> bool {
-        self.workspace.is_some()
+    /// Whether `splitk_reduce_f32` must follow the launch: the launch writes raw sums (no
+    /// alpha, addend or bias) into the workspace it is given as C.
+    fn needs_reduction(&self) -> bool {
+        self.workspace.is_some() && !self.one_launch
     }
 
-    /// Where the launch writes: the workspace when split, else `c`.
+    /// The launch's C: the workspace when a reduction follows, else `c`.
     fn target<'a>(&'a mut self, c: &'a mut CudaSlice<f32>) -> &'a mut CudaSlice<f32> {
         match self.workspace.as_mut() {
-            Some(ws) => ws,
-            None => c,
+            Some(ws) if !self.one_launch => ws,
+            _ => c,
+        }
+    }
+
+    /// The kernels' `(ws, counters)` device addresses: null unless the launch sums its own
+    /// slices.
+    fn sums_args(&self, dev: &CudaDevice) -> (u64, u64) {
+        match &self.workspace {
+            Some(ws) if self.one_launch => {
+                let stream = dev.stream();
+                (
+                    ws.device_ptr(stream).0,
+                    dev.split_counters.device_ptr(stream).0,
+                )
+            }
+            _ => (0, 0),
         }
     }
 }
@@ -137,9 +157,13 @@ impl CudaDevice {
         // SAFETY: every split writes its whole `[m, n]` slice, an empty share of k included
         // (`gemm_block`), and the reduction reads only the slices.
         let workspace = unsafe { self.alloc_pooled::<f32>(op, splits * m * n) }?;
+        // A split product has fewer tiles than SMs, one counter each.
+        let one_launch = self.gemm_backend() == GemmBackend::KernelsOneLaunch
+            && blocks <= self.split_counters.len();
         Ok(SplitK {
             splits,
             workspace: Some(workspace),
+            one_launch,
         })
     }
 
@@ -156,8 +180,10 @@ impl CudaDevice {
         addend: Addend<'_>,
     ) -> Result<()> {
         match &split.workspace {
-            Some(ws) => self.splitk_reduce(ws, split.splits, c, bias, (m, n), alpha, addend),
-            None => Ok(()),
+            Some(ws) if split.needs_reduction() => {
+                self.splitk_reduce(ws, split.splits, c, bias, (m, n), alpha, addend)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -422,7 +448,7 @@ impl CudaDevice {
         let stream = self.stream();
         // A split writes raw partial sums; the reduction applies alpha, the addend and the
         // bias.
-        let (has_bias, k_alpha, (c_in, k_beta)) = if split.is_split() {
+        let (has_bias, k_alpha, (c_in, k_beta)) = if split.needs_reduction() {
             (0, 1.0f32, (0, 0.0f32))
         } else {
             let c_at = c.device_ptr(stream).0;
@@ -434,6 +460,7 @@ impl CudaDevice {
         };
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
         let bias_data = bias.map_or(&*a.data, |t| &*t.data);
+        let (ws_at, counters_at) = split.sums_args(self);
         {
             let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&a.data)
@@ -447,11 +474,14 @@ impl CudaDevice {
                 .arg(&b_kn)
                 .arg(&has_bias)
                 .arg(&k_alpha)
-                .arg(&k_beta);
+                .arg(&k_beta)
+                .arg(&ws_at)
+                .arg(&counters_at);
             // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, c_in, bias, m, n, k, b_kn,
-            // has_bias, alpha, beta)`; sizes checked by the callers (c_in, read when beta is
-            // not 0, holds `m * n` values), every index below 2^31; a split launch's C is its
-            // `[splits, m, n]` workspace.
+            // has_bias, alpha, beta, ws, counters)`; sizes checked by the callers (c_in, read
+            // when beta is not 0, holds `m * n` values), every index below 2^31; a split
+            // launch's C is its `[splits, m, n]` workspace, or in one launch `ws` is, with a
+            // zeroed counter per output tile (fewer tiles than counters: `plan_split`).
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
         self.finish_split(&split, c, bias.map(|t| &*t.data), (m, n), alpha, addend)
@@ -720,12 +750,13 @@ impl CudaDevice {
         let stream = self.stream();
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
         // A split writes raw partial sums; the reduction adds the bias and the residual.
-        let has_bias = weight.bias.is_some() && !split.is_split();
-        let (residual_at, beta) = if split.is_split() {
+        let has_bias = weight.bias.is_some() && !split.needs_reduction();
+        let (residual_at, beta) = if split.needs_reduction() {
             (0, 0.0)
         } else {
             addend.kernel_args(stream, 0)
         };
+        let (ws_at, counters_at) = split.sums_args(self);
         let args = [
             u(m),
             u(weight.cout),
@@ -755,11 +786,12 @@ impl CudaDevice {
             for a in &args {
                 l.arg(a);
             }
+            l.arg(&ws_at).arg(&counters_at);
             // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, residual, m,
-            // cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias, has_residual)`;
-            // shapes checked (the residual, read when has_residual is 1, as the output),
-            // every index below 2^31; a split launch's output is its `[splits, m, cout]`
-            // workspace.
+            // cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias, has_residual, ws,
+            // counters)`; shapes checked (the residual, read when has_residual is 1, as the
+            // output), every index below 2^31; a split launch's output is its `[splits, m,
+            // cout]` workspace, or in one launch `ws` is (see `sgemm_raw`).
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
         let bias = weight.bias.as_ref().map(|b| &*b.data);
@@ -884,11 +916,12 @@ impl CudaDevice {
         let u = |v: usize| v as u32;
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
         // A split writes raw partial sums; the reduction adds the bias and the residual.
-        let (residual_at, beta) = if split.is_split() {
+        let (residual_at, beta) = if split.needs_reduction() {
             (0, 0.0)
         } else {
             addend.kernel_args(stream, 0)
         };
+        let (ws_at, counters_at) = split.sums_args(self);
         let args = [
             u(m),
             u(weight.cout),
@@ -900,7 +933,7 @@ impl CudaDevice {
             u(params.stride),
             u(params.padding),
             u(ow),
-            u32::from(weight.bias.is_some() && !split.is_split()),
+            u32::from(weight.bias.is_some() && !split.needs_reduction()),
             u32::from(beta != 0.0),
         ];
         let bias_data = weight
@@ -920,9 +953,11 @@ impl CudaDevice {
             for a in &args {
                 l.arg(a);
             }
+            l.arg(&ws_at).arg(&counters_at);
             // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight,
             // bias, out, residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias,
-            // has_residual)`; the residual (read when has_residual is 1) is `[m, cout]`. The
+            // has_residual, ws, counters)`; the residual (read when has_residual is 1) is
+            // `[m, cout]`; `ws`/`counters` as in `sgemm_raw`. The
             // address tables point at live buffers of the checked sizes (borrowed for this
             // call); `row_of` holds fresh-row indices below each segment's `active.len()`
             // (TokenSet's invariant) or u32::MAX; `rows` holds segment indices and positions

@@ -71,6 +71,10 @@ pub struct CudaDevice {
     blas: blas::BlasSlot,
     /// Streaming multiprocessors: how many blocks a launch needs to fill the device.
     sm_count: u32,
+    /// One counter per output tile of a one-launch split-K product
+    /// ([`GemmBackend::KernelsOneLaunch`]), zero between launches (each launch's last block
+    /// per tile resets its own). A split product has fewer tiles than `sm_count`.
+    split_counters: cudarc::driver::CudaSlice<u32>,
     /// Per-kernel times while profiling ([`CudaDevice::start_profile`]).
     profile: Mutex<Option<Profile>>,
 }
@@ -246,6 +250,9 @@ impl CudaDevice {
             .map_err(|e| unavailable(format!("creating the copy stream: {e}")))?;
         let stream = ctx.default_stream();
         let pool = Arc::new(pool::DevicePool::new(&stream, POOL_BUDGET_BYTES));
+        let split_counters = stream
+            .alloc_zeros::<u32>(sm_count as usize)
+            .map_err(|e| unavailable(format!("allocating the split-K counters: {e}")))?;
         let tables = tables::TableRing::new(&ctx, &stream)
             .map_err(|e| unavailable(format!("allocating the table ring: {e}")))?;
         Ok(CudaDevice {
@@ -260,6 +267,7 @@ impl CudaDevice {
             functions,
             attention_kernel: AtomicU8::new(AttentionKernel::Flash as u8),
             gemm_backend: AtomicU8::new(GemmBackend::Kernels as u8),
+            split_counters,
             blas: blas::BlasSlot::new(),
             sm_count,
             profile: Mutex::new(None),

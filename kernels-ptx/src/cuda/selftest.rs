@@ -678,6 +678,16 @@ impl Runner<'_> {
         self.dev.set_attention_kernel(chosen);
         out
     }
+
+    /// `f` with split-K products in one launch ([`GemmBackend::KernelsOneLaunch`]), then
+    /// the device's backend again.
+    fn one_launch_split_k<T>(&self, f: impl FnOnce(&CudaDevice) -> Result<T>) -> Result<T> {
+        let chosen = self.dev.gemm_backend();
+        self.dev.set_gemm_backend(GemmBackend::KernelsOneLaunch)?;
+        let out = f(self.dev);
+        self.dev.set_gemm_backend(chosen)?;
+        out
+    }
 }
 
 /// Tolerance of an attention check: f32 kernels sum in another order than the CPU; the
@@ -985,16 +995,27 @@ impl Runner<'_> {
             )?;
             // A residual added by the reduction.
             let residual = self.randn(&[m, n]);
-            let got = self
-                .dev
-                .linear_add(&ga, &gw, Some(&gbias), &self.up(&residual)?)?;
+            let gresidual = self.up(&residual)?;
+            let got = self.dev.linear_add(&ga, &gw, Some(&gbias), &gresidual)?;
+            let want_add = want.add(&residual)?;
+            let size = format!("{m}x{k}x{n}");
+            self.record("linear_add splitk", size.clone(), &got, &want_add, GEMM_TOL)?;
+            // The same products with the slices summed by their own last blocks.
+            let (got, got_add) = self.one_launch_split_k(|dev| {
+                Ok((
+                    dev.linear(&ga, &gw, Some(&gbias))?,
+                    dev.linear_add(&ga, &gw, Some(&gbias), &gresidual)?,
+                ))
+            })?;
             self.record(
-                "linear_add splitk",
-                format!("{m}x{k}x{n}"),
+                "linear splitk one-launch",
+                size.clone(),
                 &got,
-                &want.add(&residual)?,
+                &want,
                 GEMM_TOL,
             )?;
+            let op = "linear_add splitk one-launch";
+            self.record(op, size, &got_add, &want_add, GEMM_TOL)?;
             let b = self.randn(&[k, n]);
             let c0 = self.randn(&[m, n]);
             let mut gc = self.up(&c0)?;
@@ -1150,7 +1171,12 @@ impl Runner<'_> {
                 &self.up(&residual)?,
             )?;
             let want = want.add(&residual)?;
-            self.record("conv2d_add splitk", size, &got, &want, GEMM_TOL)?;
+            self.record("conv2d_add splitk", size.clone(), &got, &want, GEMM_TOL)?;
+            let (gx, gresidual) = (self.up(&x)?, self.up(&residual)?);
+            let got = self.one_launch_split_k(|dev| {
+                dev.conv2d_add(&gx, &gw, Conv2dParams::SAME_3X3, &gresidual)
+            })?;
+            self.record("conv2d_add splitk one-launch", size, &got, &want, GEMM_TOL)?;
         }
         Ok(())
     }
@@ -1220,6 +1246,11 @@ impl Runner<'_> {
                     let got = self.masked::<f16>(args, Some(&self.up(&residual)?))?;
                     let want = want.add(&residual)?;
                     self.record("masked_conv_f16_add", size.clone(), &got, &want, GEMM_TOL)?;
+                    let gresidual = self.up(&residual)?;
+                    let got =
+                        self.one_launch_split_k(|_| self.masked::<f16>(args, Some(&gresidual)))?;
+                    let op = "masked_conv_f16_add one-launch";
+                    self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
                 }
             }
         }

@@ -22,6 +22,9 @@ use retouch_kernels::cuda::{AttentionKernel, GemmBackend};
 pub enum GemmArg {
     /// Retouch's own kernels on CUDA cores (f32).
     Kernels,
+    /// Retouch's kernels with each split-K product in one launch (its last block per output
+    /// tile sums the slices) instead of a product and a reduction. Not yet checked on a GPU.
+    KernelsOneLaunch,
     /// cuBLAS in f32 (convolutions as im2col + GEMM); needs libcublas on the library path.
     Cublas,
     /// cuBLAS on TF32 tensor cores (PyTorch's `allow_tf32`): 10-bit significands in the
@@ -37,6 +40,7 @@ impl From<GemmArg> for GemmBackend {
     fn from(g: GemmArg) -> GemmBackend {
         match g {
             GemmArg::Kernels => GemmBackend::Kernels,
+            GemmArg::KernelsOneLaunch => GemmBackend::KernelsOneLaunch,
             GemmArg::Cublas => GemmBackend::Cublas,
             GemmArg::CublasTf32 => GemmBackend::CublasTf32,
             GemmArg::CublasF16 => GemmBackend::CublasF16,

@@ -61,8 +61,9 @@ impl Setup {
     }
 }
 
-/// The dense forward's setups: every attention kernel with Retouch's GEMMs, then the flash
-/// kernels with each cuBLAS backend the machine can load.
+/// The dense forward's setups: every attention kernel with Retouch's GEMMs, the flash
+/// kernels with split-K products in one launch, then the flash kernels with each cuBLAS
+/// backend the machine can load.
 fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
     let mut setups: Vec<Setup> = KERNELS
         .iter()
@@ -71,6 +72,12 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
             attention,
         })
         .collect();
+    for attention in [AttentionKernel::Flash, AttentionKernel::FlashMma] {
+        setups.push(Setup {
+            gemm: GemmBackend::KernelsOneLaunch,
+            attention,
+        });
+    }
     for gemm in [
         GemmBackend::Cublas,
         GemmBackend::CublasTf32,
@@ -89,13 +96,22 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
     setups
 }
 
-/// The cached step's setups: the device's default, the tensor-core attention, and that with
-/// cuBLAS's TF32 or f16 GEMMs where the machine has cuBLAS.
+/// The cached step's setups: the device's default, split-K products in one launch, the
+/// tensor-core attention (alone and with those), and that with cuBLAS's TF32 or f16 GEMMs
+/// where the machine has cuBLAS.
 fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
     let mut setups = vec![default];
     for s in [
         Setup {
+            gemm: GemmBackend::KernelsOneLaunch,
+            attention: AttentionKernel::Flash,
+        },
+        Setup {
             gemm: GemmBackend::Kernels,
+            attention: AttentionKernel::FlashMma,
+        },
+        Setup {
+            gemm: GemmBackend::KernelsOneLaunch,
             attention: AttentionKernel::FlashMma,
         },
         Setup {

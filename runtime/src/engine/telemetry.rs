@@ -24,6 +24,7 @@ pub const CACHE_WAIT_SECONDS: &str = "retouch_cache_wait_seconds";
 pub const CACHE_LOAD_ERRORS: &str = "retouch_cache_load_errors_total";
 pub const RECOMPUTED_UNITS: &str = "retouch_recomputed_units_total";
 pub const CACHE_BYTES_SKIPPED: &str = "retouch_cache_bytes_skipped_total";
+pub const DEVICE_IDLE_BYTES: &str = "retouch_device_idle_bytes";
 /// Recorded by the models crate, where a GPU pipeline looks its template steps up.
 pub const DEVICE_STEP_LOOKUPS: &str = retouch_models::pipeline::device_steps::DEVICE_STEP_LOOKUPS;
 pub const DEVICE_STEP_PREFETCHES: &str =
@@ -82,6 +83,12 @@ fn describe() {
         DEVICE_STEP_LOOKUPS,
         "GPU workers' lookups of template steps in device memory, by outcome (hit; uploaded \
          and kept; passing: uploaded for one call, larger than the device budget)"
+    );
+    metrics::describe_gauge!(
+        DEVICE_IDLE_BYTES,
+        "Memory a GPU worker's device keeps for reuse between steps, per worker and pool \
+         (tensors: freed device blocks; staging: page-locked host buffers for uploads), each \
+         bounded by its pool's budget"
     );
     metrics::describe_counter!(
         DEVICE_STEP_PREFETCHES,

@@ -531,6 +531,16 @@ impl Worker {
         let stepped = running.len();
         self.running = running;
         let worker = self.settings.index.to_string();
+        if let Some(dev) = self.pipe.gpu() {
+            // Memory the device holds idle between steps: bounded by the pools' budgets.
+            for (pool, bytes) in [
+                ("tensors", dev.pooled_free_bytes()),
+                ("staging", dev.staging_free_bytes()),
+            ] {
+                metrics::gauge!(telemetry::DEVICE_IDLE_BYTES, "worker" => worker.clone(), "pool" => pool)
+                    .set(bytes as f64);
+            }
+        }
         metrics::histogram!(telemetry::STEP_SECONDS, "worker" => worker)
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::STEP_BATCH).record(stepped as f64);
