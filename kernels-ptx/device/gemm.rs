@@ -80,6 +80,39 @@ pub struct Epilogue {
     pub m: u32,
     pub n: u32,
     pub split: SplitSums,
+    pub bias_rows: BiasRows,
+}
+
+/// Which row of the bias `[samples, n]` each output row adds: row `sample_of_row[r]` when
+/// that table is given (a ragged batch's rows, each with its segment's), else row
+/// `r / rows_per_sample` when that is not 0 (a batch of maps, each with its own), else row 0
+/// (one bias for every row, `[n]`). A per-sample bias carries a resnet's time embedding
+/// into its first conv.
+pub struct BiasRows {
+    pub rows_per_sample: u32,
+    pub sample_of_row: *const u32,
+}
+impl Copy for BiasRows {}
+
+impl BiasRows {
+    /// One bias for every row.
+    pub const SHARED: BiasRows = BiasRows {
+        rows_per_sample: 0,
+        sample_of_row: 0usize as *const u32,
+    };
+
+    /// The offset of output row `row`'s bias row, for `n` columns.
+    #[inline(always)]
+    pub unsafe fn offset(&self, row: u32, n: u32) -> usize {
+        let sample = if self.sample_of_row as usize != 0 {
+            unsafe { *self.sample_of_row.add(row as usize) }
+        } else if self.rows_per_sample != 0 {
+            row / self.rows_per_sample
+        } else {
+            0
+        };
+        sample as usize * n as usize
+    }
 }
 
 /// How a split-K launch (`gridDim.z = splits > 1`) sums its slices. With `counters` null,
@@ -307,7 +340,7 @@ pub unsafe fn store_one(e: &Epilogue, row: u32, col: u32, acc: f32) {
             v = e.beta.mul_add(*e.c_in.add(at), v);
         }
         if e.has_bias {
-            v += *e.bias.add(col as usize);
+            v += *e.bias.add(e.bias_rows.offset(row, e.n) + col as usize);
         }
         *e.c.add(at) = v;
     }
@@ -493,13 +526,15 @@ pub unsafe extern "ptx-kernel" fn sgemm_f32(
         m,
         n,
         split: SplitSums { ws, counters },
+        bias_rows: BiasRows::SHARED,
     };
     unsafe { gemm_block(&a, b, e) };
 }
 
 /// The second half of a split-K product: `c = alpha * sum_z ws[z] + beta * c_in + bias`
 /// over the `[splits, m, n]` workspace the split blocks wrote (`mn = m * n`). C_in is read
-/// only when `beta != 0`, and may be C itself. Launch: 1-D grid-stride over `mn`.
+/// only when `beta != 0`, and may be C itself; the bias row of each output row as
+/// [`BiasRows`] (`rows_per_sample`, `sample_of_row`) says. Launch: 1-D grid-stride over `mn`.
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
@@ -513,7 +548,13 @@ pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
     has_bias: u32,
     alpha: f32,
     beta: f32,
+    rows_per_sample: u32,
+    sample_of_row: *const u32,
 ) {
+    let bias_rows = BiasRows {
+        rows_per_sample,
+        sample_of_row,
+    };
     grid_stride!(mn, |i| {
         let mut sum = 0.0f32;
         let mut z = 0u32;
@@ -527,7 +568,7 @@ pub unsafe extern "ptx-kernel" fn splitk_reduce_f32(
                 v = beta.mul_add(*c_in.add(i as usize), v);
             }
             if has_bias != 0 {
-                v += *bias.add((i % n) as usize);
+                v += *bias.add(bias_rows.offset(i / n, n) + (i % n) as usize);
             }
             *c.add(i as usize) = v;
         }
@@ -686,7 +727,8 @@ impl ALoad for ConvA {
 /// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
 /// `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when
 /// `has_bias != 0` and plus `residual` (laid out as `out`) when `has_residual != 0`:
-/// `out = [batch * out_h * out_w, cout]`, `m` its rows. Split launches: see [`SplitSums`].
+/// `out = [batch * out_h * out_w, cout]`, `m` its rows. Split launches: see [`SplitSums`];
+/// a bias per sample (`[batch, cout]`): see [`BiasRows`].
 #[unsafe(no_mangle)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn conv2d_f32(
@@ -710,6 +752,8 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     has_residual: u32,
     ws: *mut f32,
     counters: *mut u32,
+    rows_per_sample: u32,
+    sample_of_row: *const u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
     let out = ConvOut {
@@ -717,6 +761,10 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
         residual,
         has_residual,
         split: SplitSums { ws, counters },
+        bias_rows: BiasRows {
+            rows_per_sample,
+            sample_of_row,
+        },
     };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
@@ -839,6 +887,7 @@ pub struct ConvOut {
     pub residual: *const f32,
     pub has_residual: u32,
     pub split: SplitSums,
+    pub bias_rows: BiasRows,
 }
 impl Copy for ConvOut {}
 
@@ -871,6 +920,7 @@ pub fn conv_operands(
         m,
         n: cout,
         split: out.split,
+        bias_rows: out.bias_rows,
     };
     (b, e)
 }
@@ -904,12 +954,18 @@ macro_rules! masked_conv_kernel {
             has_residual: u32,
             ws: *mut f32,
             counters: *mut u32,
+            rows_per_sample: u32,
+            sample_of_row: *const u32,
         ) {
             let out = ConvOut {
                 out,
                 residual,
                 has_residual,
                 split: SplitSums { ws, counters },
+                bias_rows: BiasRows {
+                    rows_per_sample,
+                    sample_of_row,
+                },
             };
             let g = ConvGeom {
                 h,

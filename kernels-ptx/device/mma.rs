@@ -18,8 +18,8 @@
 //! bytes (two 16 x 136 A and two 16 x 72 B tiles).
 
 use crate::gemm::{
-    ALoad, BK, BM, BMatrix, BN, ConvA, ConvOut, DenseA, Epilogue, F4, Smem, SplitSums,
-    conv_operands, load_tile, rows_of, store_one, store_tile,
+    ALoad, BK, BM, BMatrix, BN, BiasRows, ConvA, ConvOut, DenseA, Epilogue, F4, Smem,
+    SplitSums, conv_operands, load_tile, rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::intrinsics::mma_m16n8k8_tf32 as mma;
@@ -183,6 +183,7 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
         m,
         n,
         split: SplitSums { ws, counters },
+        bias_rows: BiasRows::SHARED,
     };
     unsafe { gemm_block_tf32(&a, b, e) };
 }
@@ -211,6 +212,8 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     has_residual: u32,
     ws: *mut f32,
     counters: *mut u32,
+    rows_per_sample: u32,
+    sample_of_row: *const u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
     let out = ConvOut {
@@ -218,6 +221,10 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
         residual,
         has_residual,
         split: SplitSums { ws, counters },
+        bias_rows: BiasRows {
+            rows_per_sample,
+            sample_of_row,
+        },
     };
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block_tf32(&a, b, e) };

@@ -218,6 +218,8 @@ type ConvKernel = unsafe fn(
     u32,
     *mut f32,
     *mut u32,
+    u32,
+    *const u32,
 );
 
 /// How a split launch sums its slices: `splitk_reduce_f32` after it, or its own last block
@@ -234,7 +236,7 @@ enum Sums {
 fn split_reduce(
     ws: &DeviceBuffer<f32>,
     out: &DeviceBuffer<f32>,
-    bias: Option<&DeviceBuffer<f32>>,
+    (bias, (rows_per_sample, sample_of_row)): (Option<&DeviceBuffer<f32>>, (u32, *const u32)),
     residual: Option<&DeviceBuffer<f32>>,
     (m, n): (usize, usize),
     splits: usize,
@@ -255,9 +257,37 @@ fn split_reduce(
                 has_bias,
                 1.0,
                 beta,
+                rows_per_sample,
+                sample_of_row,
             )
         })
     };
+}
+
+/// A bias per sample in place of the weight's: `[samples, cout]` values, and which sample
+/// each output row takes (`rows_per_sample` rows each, or a table).
+struct SampleBias {
+    values: Vec<f32>,
+    rows_per_sample: u32,
+    sample_of_row: Option<Vec<u32>>,
+}
+
+impl SampleBias {
+    /// `want` (which has the weight's bias `own`, if any) with each row's sample bias in
+    /// its place.
+    fn apply(&self, want: &[f32], own: Option<&[f32]>, cout: usize) -> Vec<f32> {
+        want.iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let (row, col) = (i / cout, i % cout);
+                let sample = match &self.sample_of_row {
+                    Some(table) => table[row] as usize,
+                    None => row / self.rows_per_sample as usize,
+                };
+                w - own.map_or(0.0, |b| b[col]) + self.values[sample * cout + col]
+            })
+            .collect()
+    }
 }
 
 /// The output side of a GEMM-shaped conv launch, set up as the host does: C (NaN until
@@ -275,6 +305,8 @@ struct ConvOutput {
     splits: usize,
     /// One zeroed counter per output tile when a split launch sums its own slices.
     counters: Option<DeviceBuffer<u32>>,
+    /// With a bias per sample: rows per sample, and the table of each row's sample.
+    bias_rows: (u32, Option<DeviceBuffer<u32>>),
 }
 
 impl ConvOutput {
@@ -283,16 +315,25 @@ impl ConvOutput {
         wt: &Weight,
         m: usize,
         (splits, sums): (usize, Sums),
-        residual: Option<&[f32]>,
+        (residual, sample_bias): (Option<&[f32]>, Option<&SampleBias>),
     ) -> ConvOutput {
         let cout = g.cout;
         let tiles = cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
+        let bias = match sample_bias {
+            Some(sb) => Some(DeviceBuffer::from_slice(&sb.values)),
+            None => g.bias.then(|| DeviceBuffer::from_slice(&wt.bias)),
+        };
+        let bias_rows = sample_bias.map_or((0, None), |sb| {
+            let table = sb.sample_of_row.as_deref().map(DeviceBuffer::from_slice);
+            (sb.rows_per_sample, table)
+        });
         ConvOutput {
+            bias_rows,
             counters: (splits > 1 && sums == Sums::OneLaunch).then(|| DeviceBuffer::zeroed(tiles)),
             out: DeviceBuffer::from_slice(&vec![f32::NAN; m * cout]),
             workspace: (splits > 1)
                 .then(|| DeviceBuffer::from_slice(&vec![f32::NAN; splits * m * cout])),
-            bias: g.bias.then(|| DeviceBuffer::from_slice(&wt.bias)),
+            bias,
             residual: residual.map(DeviceBuffer::from_slice),
             m,
             cout,
@@ -342,6 +383,16 @@ impl ConvOutput {
         self.bias.as_ref().map_or(packed.ptr(), |b| b.ptr())
     }
 
+    /// The kernel's `(rows_per_sample, sample_of_row)`.
+    fn bias_rows(&self) -> (u32, *const u32) {
+        let table = self
+            .bias_rows
+            .1
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t.ptr());
+        (self.bias_rows.0, table)
+    }
+
     fn has_bias(&self) -> u32 {
         u32::from(self.bias.is_some() && !self.reduced_after())
     }
@@ -361,8 +412,15 @@ impl ConvOutput {
         match (&self.workspace, &self.counters) {
             (Some(ws), None) => {
                 let dims = (self.m, self.cout);
-                let (bias, residual) = (self.bias.as_ref(), self.residual.as_ref());
-                split_reduce(ws, &self.out, bias, residual, dims, self.splits);
+                let bias = (self.bias.as_ref(), self.bias_rows());
+                split_reduce(
+                    ws,
+                    &self.out,
+                    bias,
+                    self.residual.as_ref(),
+                    dims,
+                    self.splits,
+                );
             }
             (_, Some(counters)) => {
                 let left = counters.to_vec();
@@ -386,15 +444,16 @@ fn run_conv(
     x: &[f32],
     wt: &Weight,
     (splits, sums): (usize, Sums),
-    residual: Option<&[f32]>,
+    extras: (Option<&[f32]>, Option<&SampleBias>),
 ) -> Vec<f32> {
     let (m, cout) = (g.m(), g.cout);
     let xd = DeviceBuffer::from_slice(x);
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, (splits, sums), residual);
+    let o = ConvOutput::new(g, wt, m, (splits, sums), extras);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let (ws, counters) = o.sums_ptrs();
+    let (rows_per_sample, sample_of_row) = o.bias_rows();
     let u = |v: usize| v as u32;
     unsafe {
         launch(
@@ -421,6 +480,8 @@ fn run_conv(
                     has_residual,
                     ws,
                     counters,
+                    rows_per_sample,
+                    sample_of_row,
                 )
             },
         )
@@ -481,18 +542,25 @@ fn with_residual(case: usize, launch: usize) -> bool {
 }
 
 /// `conv2d_f32` against the f64 conv (the selftest's `GEMM_TOL`), launched as an H100's host
-/// launcher does (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`) and,
-/// where that splits, also unsplit (a device with fewer SMs, or more tiles); every other
-/// launch adds a residual.
+/// launcher does (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`, or in
+/// one launch) and, where that splits, also unsplit (a device with fewer SMs, or more
+/// tiles); every other launch adds a residual, the others a bias per sample (a map's rows).
 #[test]
 fn conv2d_f32_matches_the_reference() {
     let mut rng = Rng::new(11);
     let mut split_cases = 0;
     let mut residual_launches = [0; 2]; // unsplit, split
+    let mut sample_bias_launches = [0; 2];
     for (case, g) in CONVS.iter().enumerate() {
         let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
         let wt = Weight::new(&mut rng, g);
         let residual = rng.values(g.m() * g.cout, -1.0, 1.0);
+        let sample_bias = SampleBias {
+            values: rng.values(g.batch * g.cout, -1.0, 1.0),
+            rows_per_sample: (g.out_h() * g.out_w()) as u32,
+            sample_of_row: None,
+        };
+        let own_bias = g.bias.then_some(&wt.bias[..]);
         let (want, _) = dense_reference(g, &x, &wt, |v| v);
         let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
@@ -503,23 +571,35 @@ fn conv2d_f32_matches_the_reference() {
         }
         for (i, (splits, sums)) in plans.into_iter().enumerate() {
             let add = with_residual(case, i).then_some(&residual[..]);
+            let sb = add.is_none().then_some(&sample_bias);
             let plan = (splits, sums);
-            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, plan, add);
+            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, plan, (add, sb));
             let what = format!(
-                "conv2d_f32 {} splits={splits} {sums:?} residual={}",
+                "conv2d_f32 {} splits={splits} {sums:?} residual={} sample bias={}",
                 g.name(),
-                add.is_some()
+                add.is_some(),
+                sb.is_some()
             );
-            let want = add.map_or_else(|| want.clone(), |r| plus(&want, r));
+            let want = match (add, sb) {
+                (Some(r), _) => plus(&want, r),
+                (None, Some(sb)) => sb.apply(&want, own_bias, g.cout),
+                (None, None) => want.clone(),
+            };
             assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
             residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
+            sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
         }
     }
     assert!(split_cases >= 2, "the cases must exercise split-K");
-    assert!(
-        residual_launches.iter().all(|&n| n > 0),
-        "split and unsplit launches must add a residual: {residual_launches:?}"
-    );
+    for (what, launches) in [
+        ("a residual", residual_launches),
+        ("a bias per sample", sample_bias_launches),
+    ] {
+        assert!(
+            launches.iter().all(|&n| n > 0),
+            "split and unsplit launches must add {what}: {launches:?}"
+        );
+    }
 }
 
 /// `conv2d_tf32` (never split by the host) against the f64 conv within the selftest's TF32
@@ -535,7 +615,15 @@ fn conv2d_tf32_matches_the_reference() {
         let residual = rng.values(g.m() * g.cout, -1.0, 1.0);
         let add = with_residual(case, 0).then_some(&residual[..]);
         let plan = (1, Sums::TwoLaunches);
-        let got = run_conv(mma::conv2d_tf32, SHARED_BYTES_TF32, g, &x, &wt, plan, add);
+        let got = run_conv(
+            mma::conv2d_tf32,
+            SHARED_BYTES_TF32,
+            g,
+            &x,
+            &wt,
+            plan,
+            (add, None),
+        );
         // The residual is added in f32 as the product is written: one more rounding, within
         // 2 ulp of the result.
         let with = |want: &[f32]| add.map_or_else(|| want.to_vec(), |r| plus(want, r));
@@ -809,6 +897,8 @@ type MaskedKernel = unsafe fn(
     u32,
     *mut f32,
     *mut u32,
+    u32,
+    *const u32,
 );
 
 /// A masked conv launched as the host's `masked_conv2d`: every segment's fresh rows stacked
@@ -826,7 +916,7 @@ fn run_masked<C: Copy>(
     cached: &[Vec<C>],
     wt: &Weight,
     (splits, sums): (usize, Sums),
-    residual: Option<&[f32]>,
+    extras: (Option<&[f32]>, Option<&SampleBias>),
 ) -> Vec<f32> {
     let (hw, cout) = (g.h * g.w, g.cout);
     let stacked: Vec<f32> = segs.iter().flat_map(|s| s.fresh.iter().copied()).collect();
@@ -863,10 +953,11 @@ fn run_masked<C: Copy>(
         DeviceBuffer::from_slice(&row_of),
     );
     let packed = DeviceBuffer::from_slice(&wt.packed);
-    let o = ConvOutput::new(g, wt, m, (splits, sums), residual);
+    let o = ConvOutput::new(g, wt, m, (splits, sums), extras);
     let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let (ws, counters) = o.sums_ptrs();
+    let (rows_per_sample, sample_of_row) = o.bias_rows();
     let u = |v: usize| v as u32;
     unsafe {
         launch(
@@ -895,6 +986,8 @@ fn run_masked<C: Copy>(
                     has_residual,
                     ws,
                     counters,
+                    rows_per_sample,
+                    sample_of_row,
                 )
             },
         )
@@ -916,6 +1009,7 @@ fn check_masked<C: Copy>(
     let mut rng = Rng::new(seed);
     let mut split_cases = 0;
     let mut residual_launches = [0; 2]; // unsplit, split
+    let mut sample_bias_launches = [0; 2];
     for (index, case) in masked_cases().into_iter().enumerate() {
         let g = &case.g;
         let wt = Weight::new(&mut rng, g);
@@ -923,6 +1017,17 @@ fn check_masked<C: Copy>(
         let cached: Vec<Vec<C>> = segs.iter().map(|s| convert(&s.cached)).collect();
         let want = masked_reference(g, &segs, &wt, round);
         let residual = rng.values(want.len(), -1.0, 1.0);
+        // A bias per segment, each output row taking its segment's.
+        let sample_bias = SampleBias {
+            values: rng.values(segs.len() * g.cout, -1.0, 1.0),
+            rows_per_sample: 0,
+            sample_of_row: Some(
+                (0..segs.len())
+                    .flat_map(|i| std::iter::repeat_n(i as u32, segs[i].outputs.len()))
+                    .collect(),
+            ),
+        };
+        let own_bias = g.bias.then_some(&wt.bias[..]);
         let m = want.len() / g.cout;
         let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
@@ -933,23 +1038,36 @@ fn check_masked<C: Copy>(
         }
         for (i, (splits, sums)) in plans.into_iter().enumerate() {
             let add = with_residual(index, i).then_some(&residual[..]);
-            let got = run_masked(kernel, g, &segs, &cached, &wt, (splits, sums), add);
+            let sb = add.is_none().then_some(&sample_bias);
+            let plan = (splits, sums);
+            let got = run_masked(kernel, g, &segs, &cached, &wt, plan, (add, sb));
             let what = format!(
-                "{name} {} segments={} m={m} splits={splits} {sums:?} residual={}",
+                "{name} {} segments={} m={m} splits={splits} {sums:?} residual={} sample bias={}",
                 g.name(),
                 segs.len(),
-                add.is_some()
+                add.is_some(),
+                sb.is_some()
             );
-            let want = add.map_or_else(|| want.clone(), |r| plus(&want, r));
+            let want = match (add, sb) {
+                (Some(r), _) => plus(&want, r),
+                (None, Some(sb)) => sb.apply(&want, own_bias, g.cout),
+                (None, None) => want.clone(),
+            };
             assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
             residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
+            sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
         }
     }
     assert!(split_cases >= 2, "the cases must exercise split-K");
-    assert!(
-        residual_launches.iter().all(|&n| n > 0),
-        "split and unsplit launches must add a residual: {residual_launches:?}"
-    );
+    for (what, launches) in [
+        ("a residual", residual_launches),
+        ("a bias per segment", sample_bias_launches),
+    ] {
+        assert!(
+            launches.iter().all(|&n| n > 0),
+            "split and unsplit launches must add {what}: {launches:?}"
+        );
+    }
 }
 
 /// `masked_conv2d_cache_f32` against the semantic reference (dense conv of the composed

@@ -265,6 +265,8 @@ fn split_k_gemm_and_reduction_match_the_reference() {
                     1,
                     0.5,
                     2.0,
+                    0,
+                    std::ptr::null(),
                 )
             });
         }
@@ -335,6 +337,8 @@ fn one_launch_split_k_matches_the_two_launch_path() {
                 1,
                 alpha,
                 beta,
+                0,
+                std::ptr::null(),
             )
         });
     }

@@ -301,7 +301,7 @@ impl CudaDevice {
         &self,
         math: BlasMath,
         x: &CudaTensor,
-        weight: &CudaConv2dWeight,
+        (weight, bias): (&CudaConv2dWeight, Option<&CudaTensor>),
         params: Conv2dParams,
         (batch, h, w, cin): (usize, usize, usize, usize),
         (oh, ow): (usize, usize),
@@ -322,7 +322,6 @@ impl CudaDevice {
             oh,
             ow,
         ];
-        let bias = weight.bias.as_ref();
         if math == BlasMath::F16 {
             let a = if direct {
                 self.slice_to_f16(&x.data, m * k)?

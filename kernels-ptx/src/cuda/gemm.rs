@@ -92,6 +92,15 @@ impl Addend<'_> {
     }
 }
 
+/// Which bias row each output row adds (the kernels' `rows_per_sample`, `sample_of_row`):
+/// row 0 of a `[n]` bias for all, `row / rows_per_sample` of a `[batch, n]` one, or a
+/// ragged batch's table of each row's sample (a device address).
+#[derive(Clone, Copy, Default)]
+struct BiasRows {
+    rows_per_sample: u32,
+    sample_of_row: u64,
+}
+
 /// What a CUDA-core GEMM or conv launch writes: C itself; or (split-K) a `[splits, m, n]`
 /// workspace, summed into C afterwards by `splitk_reduce_f32`, or by the launch's own last
 /// block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`]).
@@ -167,14 +176,14 @@ impl CudaDevice {
         })
     }
 
-    /// After a split launch, `c = alpha * sum of the slices + addend + bias`; nothing
-    /// when the launch wrote C itself.
+    /// After a split launch, `c = alpha * sum of the slices + addend + bias` (each row's
+    /// bias row as `bias_rows` says); nothing when the launch wrote C itself.
     #[allow(clippy::too_many_arguments)]
     fn finish_split(
         &self,
         split: &SplitK,
         c: &mut CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
+        bias: Option<(&CudaSlice<f32>, BiasRows)>,
         (m, n): (usize, usize),
         alpha: f32,
         addend: Addend<'_>,
@@ -194,7 +203,7 @@ impl CudaDevice {
         workspace: &CudaSlice<f32>,
         splits: usize,
         c: &mut CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
+        bias: Option<(&CudaSlice<f32>, BiasRows)>,
         (m, n): (usize, usize),
         alpha: f32,
         addend: Addend<'_>,
@@ -203,23 +212,54 @@ impl CudaDevice {
         let mn = len_u32(K, m * n)?;
         let (n_u, splits_u) = (n as u32, splits as u32);
         let has_bias = u32::from(bias.is_some());
+        let rows = bias.map(|(_, rows)| rows).unwrap_or_default();
         let stream = self.stream();
         let (c_in, beta) = addend.kernel_args(stream, c.device_ptr(stream).0);
         let mut l = stream.launch_builder(self.function(K)?);
         l.arg(workspace)
             .arg(c)
             .arg(&c_in)
-            .arg(bias.unwrap_or(workspace))
+            .arg(bias.map_or(workspace, |(b, _)| b))
             .arg(&mn)
             .arg(&n_u)
             .arg(&splits_u)
             .arg(&has_bias)
             .arg(&alpha)
-            .arg(&beta);
+            .arg(&beta)
+            .arg(&rows.rows_per_sample)
+            .arg(&rows.sample_of_row);
         // SAFETY: matches `splitk_reduce_f32(ws, c, c_in, bias, mn, n, splits, has_bias,
-        // alpha, beta)`; the workspace holds `splits * mn` values, c and c_in (read when beta
-        // is not 0) `mn`, bias (if read) `n`.
+        // alpha, beta, rows_per_sample, sample_of_row)`; the workspace holds `splits * mn`
+        // values, c and c_in (read when beta is not 0) `mn`, bias (if read) a row of `n` for
+        // every sample `rows` names (checked by the callers).
         self.launched(K, unsafe { l.launch(grid_stride(mn)) })
+    }
+}
+
+/// What a conv adds besides its product: a residual laid out as the output, and a bias per
+/// sample in place of the weight's.
+#[derive(Clone, Copy, Default)]
+struct ConvExtras<'a> {
+    residual: Option<&'a CudaTensor>,
+    sample_bias: Option<&'a CudaTensor>,
+}
+
+/// A bias per sample must be `[samples, cout]`.
+fn check_sample_bias(
+    op: &'static str,
+    bias: Option<&CudaTensor>,
+    samples: usize,
+    cout: usize,
+) -> Result<()> {
+    match bias {
+        Some(b) if b.shape() != [samples, cout] => shape_err(
+            op,
+            format!(
+                "bias per sample {:?}, expected [{samples}, {cout}]",
+                b.shape()
+            ),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -296,6 +336,11 @@ impl CudaConv2dWeight {
         }
         let half = dev.f32_to_f16(&self.packed)?;
         Ok(self.packed_f16.get_or_init(|| half))
+    }
+
+    /// The bias `[cout]` in device memory, if the conv has one.
+    pub fn bias(&self) -> Option<&CudaTensor> {
+        self.bias.as_ref()
     }
 
     pub fn out_channels(&self) -> usize {
@@ -484,7 +529,8 @@ impl CudaDevice {
             // zeroed counter per output tile (fewer tiles than counters: `plan_split`).
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        self.finish_split(&split, c, bias.map(|t| &*t.data), (m, n), alpha, addend)
+        let bias = bias.map(|t| (&*t.data, BiasRows::default()));
+        self.finish_split(&split, c, bias, (m, n), alpha, addend)
     }
 
     /// `x * weight^T + bias` over the last dimension, as [`crate::Tensor::linear`]:
@@ -664,7 +710,7 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::Cuda, x, weight, params, None)
+        self.conv2d_on(Cores::Cuda, x, weight, params, ConvExtras::default())
     }
 
     /// [`CudaDevice::conv2d`] plus `residual` (laid out as the output), added as the output
@@ -676,7 +722,28 @@ impl CudaDevice {
         params: Conv2dParams,
         residual: &CudaTensor,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::Cuda, x, weight, params, Some(residual))
+        let extras = ConvExtras {
+            residual: Some(residual),
+            ..ConvExtras::default()
+        };
+        self.conv2d_on(Cores::Cuda, x, weight, params, extras)
+    }
+
+    /// [`CudaDevice::conv2d`] with a bias per sample, `bias = [batch, cout]`, in place of the
+    /// weight's own (which the caller folds in): a resnet's time embedding added by its
+    /// first conv as the output is written, without a launch of its own.
+    pub fn conv2d_sample_bias(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaConv2dWeight,
+        params: Conv2dParams,
+        bias: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let extras = ConvExtras {
+            sample_bias: Some(bias),
+            ..ConvExtras::default()
+        };
+        self.conv2d_on(Cores::Cuda, x, weight, params, extras)
     }
 
     /// [`CudaDevice::conv2d`] on tensor cores: input and weight rounded to TF32, f32
@@ -687,7 +754,7 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::TensorTf32, x, weight, params, None)
+        self.conv2d_on(Cores::TensorTf32, x, weight, params, ConvExtras::default())
     }
 
     fn conv2d_on(
@@ -696,7 +763,10 @@ impl CudaDevice {
         x: &CudaTensor,
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
-        residual: Option<&CudaTensor>,
+        ConvExtras {
+            residual,
+            sample_bias,
+        }: ConvExtras<'_>,
     ) -> Result<CudaTensor> {
         let (k_name, shared) = match cores {
             Cores::Cuda => ("conv2d_f32", SHARED_BYTES),
@@ -717,6 +787,7 @@ impl CudaDevice {
         let (oh, ow) = weight.out_size(k_name, h, w, params)?;
         let m = batch * oh * ow;
         check_residual(k_name, residual, &[batch, oh, ow, weight.cout])?;
+        check_sample_bias(k_name, sample_bias, batch, weight.cout)?;
         // SAFETY: the conv below (C itself is never read) writes every element, or none when
         // m is 0.
         let mut out = unsafe { CudaTensor::uninit(self, &[batch, oh, ow, weight.cout]) }?;
@@ -731,9 +802,17 @@ impl CudaDevice {
         }
         if let (Cores::Cuda, Some(math)) = (cores, self.cublas_math()) {
             let dims = (batch, h, w, cin);
-            self.conv2d_cublas(math, x, weight, params, dims, (oh, ow), &mut out)?;
+            let bias = if sample_bias.is_some() {
+                None
+            } else {
+                weight.bias.as_ref()
+            };
+            self.conv2d_cublas(math, x, (weight, bias), params, dims, (oh, ow), &mut out)?;
             if let Some(r) = residual {
                 self.add_rows_in_place(&mut out.data, r, r.elem_count())?;
+            }
+            if let Some(b) = sample_bias {
+                out = self.add_per_sample(&out, b)?;
             }
             return Ok(out);
         }
@@ -749,8 +828,19 @@ impl CudaDevice {
         let u = |v: usize| v as u32;
         let stream = self.stream();
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
+        // The bias: the weight's, or one row per sample of `oh * ow` output rows.
+        let (bias, rows) = match sample_bias {
+            Some(b) => (
+                Some(b),
+                BiasRows {
+                    rows_per_sample: u(oh * ow),
+                    sample_of_row: 0,
+                },
+            ),
+            None => (weight.bias.as_ref(), BiasRows::default()),
+        };
         // A split writes raw partial sums; the reduction adds the bias and the residual.
-        let has_bias = weight.bias.is_some() && !split.needs_reduction();
+        let has_bias = bias.is_some() && !split.needs_reduction();
         let (residual_at, beta) = if split.needs_reduction() {
             (0, 0.0)
         } else {
@@ -772,10 +862,7 @@ impl CudaDevice {
             u32::from(has_bias),
             u32::from(beta != 0.0),
         ];
-        let bias_data = weight
-            .bias
-            .as_ref()
-            .map_or(&*weight.packed.data, |b| &*b.data);
+        let bias_data = bias.map_or(&*weight.packed.data, |b| &*b.data);
         {
             let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&x.data)
@@ -786,15 +873,19 @@ impl CudaDevice {
             for a in &args {
                 l.arg(a);
             }
-            l.arg(&ws_at).arg(&counters_at);
+            l.arg(&ws_at)
+                .arg(&counters_at)
+                .arg(&rows.rows_per_sample)
+                .arg(&rows.sample_of_row);
             // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, residual, m,
             // cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias, has_residual, ws,
-            // counters)`; shapes checked (the residual, read when has_residual is 1, as the
-            // output), every index below 2^31; a split launch's output is its `[splits, m,
+            // counters, rows_per_sample, sample_of_row)`; shapes checked (the residual, read
+            // when has_residual is 1, as the output; a sample bias `[batch, cout]` for rows of
+            // `oh * ow`), every index below 2^31; a split launch's output is its `[splits, m,
             // cout]` workspace, or in one launch `ws` is (see `sgemm_raw`).
             self.launched(k_name, unsafe { l.launch(cfg) })?;
         }
-        let bias = weight.bias.as_ref().map(|b| &*b.data);
+        let bias = bias.map(|b| (&*b.data, rows));
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, addend)?;
         Ok(out)
     }
@@ -812,7 +903,7 @@ impl CudaDevice {
         segments: &[CudaMaskedConvSegment<'_, C>],
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.masked_conv2d_with(weight, fresh, segments, params, None)
+        self.masked_conv2d_with(weight, fresh, segments, params, ConvExtras::default())
     }
 
     /// [`CudaDevice::masked_conv2d`] plus `residual = [sum outputs, cout]` (the output rows'
@@ -825,7 +916,29 @@ impl CudaDevice {
         params: Conv2dParams,
         residual: &CudaTensor,
     ) -> Result<CudaTensor> {
-        self.masked_conv2d_with(weight, fresh, segments, params, Some(residual))
+        let extras = ConvExtras {
+            residual: Some(residual),
+            ..ConvExtras::default()
+        };
+        self.masked_conv2d_with(weight, fresh, segments, params, extras)
+    }
+
+    /// [`CudaDevice::masked_conv2d`] with a bias per segment, `bias = [segments, cout]`, in
+    /// place of the weight's own (which the caller folds in): each segment's output rows add
+    /// its row (a resnet's time embedding, per request of a ragged batch).
+    pub fn masked_conv2d_sample_bias<C: GpuElement>(
+        &self,
+        weight: &CudaConv2dWeight,
+        fresh: &CudaTensor,
+        segments: &[CudaMaskedConvSegment<'_, C>],
+        params: Conv2dParams,
+        bias: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let extras = ConvExtras {
+            sample_bias: Some(bias),
+            ..ConvExtras::default()
+        };
+        self.masked_conv2d_with(weight, fresh, segments, params, extras)
     }
 
     fn masked_conv2d_with<C: GpuElement>(
@@ -834,7 +947,10 @@ impl CudaDevice {
         fresh: &CudaTensor,
         segments: &[CudaMaskedConvSegment<'_, C>],
         params: Conv2dParams,
-        residual: Option<&CudaTensor>,
+        ConvExtras {
+            residual,
+            sample_bias,
+        }: ConvExtras<'_>,
     ) -> Result<CudaTensor> {
         let op = C::MASKED_CONV;
         let Some(first) = segments.first() else {
@@ -870,6 +986,7 @@ impl CudaDevice {
         let hw = in_h * in_w;
         let m: usize = segments.iter().map(|s| s.outputs.len()).sum();
         check_residual(op, residual, &[m, weight.cout])?;
+        check_sample_bias(op, sample_bias, segments.len(), weight.cout)?;
         // SAFETY: the conv below (C itself is never read) writes every output row.
         let mut out = unsafe { CudaTensor::uninit(self, &[m, weight.cout]) }?;
         len_u32(
@@ -888,9 +1005,14 @@ impl CudaDevice {
         let mut split = self.plan_split(op, &mut cfg, (m, weight.cout, k))?;
         let mut rows = Vec::with_capacity(2 * m);
         let mut row_of = Vec::with_capacity(segments.len() * hw);
+        // Each output row's segment, for a bias per segment (empty without one).
+        let mut segment_of_row = Vec::new();
         for (i, s) in segments.iter().enumerate() {
             for &p in s.outputs.positions() {
                 rows.extend_from_slice(&[i as u32, p]);
+            }
+            if sample_bias.is_some() {
+                segment_of_row.extend(std::iter::repeat_n(i as u32, s.outputs.len()));
             }
             // `TokenSet`'s inverse map uses u32::MAX for inactive positions, as the kernel.
             row_of.extend_from_slice(s.active.row_of());
@@ -910,9 +1032,22 @@ impl CudaDevice {
             set.push(&cached_at),
             set.push(&row_of),
             set.push(&rows),
+            set.push(&segment_of_row),
         ];
         let tables = self.upload_tables(op, &set)?;
-        let [fresh_d, cached_d, row_of_d, rows_d] = slots.map(|slot| tables.address(slot));
+        let [fresh_d, cached_d, row_of_d, rows_d, segment_of_row_d] =
+            slots.map(|slot| tables.address(slot));
+        // The bias: the weight's, or each output row's segment's.
+        let (bias, bias_rows) = match sample_bias {
+            Some(b) => (
+                Some(b),
+                BiasRows {
+                    rows_per_sample: 0,
+                    sample_of_row: segment_of_row_d,
+                },
+            ),
+            None => (weight.bias.as_ref(), BiasRows::default()),
+        };
         let u = |v: usize| v as u32;
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
         // A split writes raw partial sums; the reduction adds the bias and the residual.
@@ -933,13 +1068,10 @@ impl CudaDevice {
             u(params.stride),
             u(params.padding),
             u(ow),
-            u32::from(weight.bias.is_some() && !split.needs_reduction()),
+            u32::from(bias.is_some() && !split.needs_reduction()),
             u32::from(beta != 0.0),
         ];
-        let bias_data = weight
-            .bias
-            .as_ref()
-            .map_or(&*weight.packed.data, |b| &*b.data);
+        let bias_data = bias.map_or(&*weight.packed.data, |b| &*b.data);
         {
             let mut l = stream.launch_builder(self.function(op)?);
             l.arg(&fresh_d)
@@ -953,11 +1085,15 @@ impl CudaDevice {
             for a in &args {
                 l.arg(a);
             }
-            l.arg(&ws_at).arg(&counters_at);
+            l.arg(&ws_at)
+                .arg(&counters_at)
+                .arg(&bias_rows.rows_per_sample)
+                .arg(&bias_rows.sample_of_row);
             // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight,
             // bias, out, residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias,
-            // has_residual, ws, counters)`; the residual (read when has_residual is 1) is
-            // `[m, cout]`; `ws`/`counters` as in `sgemm_raw`. The
+            // has_residual, ws, counters, rows_per_sample, sample_of_row)`; the residual (read
+            // when has_residual is 1) is `[m, cout]`; a bias per segment `[segments, cout]`
+            // with `m` segment indices in its table; `ws`/`counters` as in `sgemm_raw`. The
             // address tables point at live buffers of the checked sizes (borrowed for this
             // call); `row_of` holds fresh-row indices below each segment's `active.len()`
             // (TokenSet's invariant) or u32::MAX; `rows` holds segment indices and positions
@@ -965,7 +1101,7 @@ impl CudaDevice {
             // workspace.
             self.launched(op, unsafe { l.launch(cfg) })?;
         }
-        let bias = weight.bias.as_ref().map(|b| &*b.data);
+        let bias = bias.map(|b| (&*b.data, bias_rows));
         self.finish_split(&split, &mut out.data, bias, (m, weight.cout), 1.0, addend)?;
         drop((tables, fresh_guard, cached_guards));
         Ok(out)

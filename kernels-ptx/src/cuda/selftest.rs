@@ -797,7 +797,16 @@ impl Runner<'_> {
     }
 
     fn cublas_checks(&mut self) -> Result<()> {
-        for (backend, [linear_op, conv_op, linear_add_op, conv_add_op]) in [
+        for (
+            backend,
+            [
+                linear_op,
+                conv_op,
+                linear_add_op,
+                conv_add_op,
+                sample_bias_op,
+            ],
+        ) in [
             (
                 GemmBackend::Cublas,
                 [
@@ -805,6 +814,7 @@ impl Runner<'_> {
                     "conv2d cublas",
                     "linear_add cublas",
                     "conv2d_add cublas",
+                    "conv2d_sample_bias cublas",
                 ],
             ),
             (
@@ -814,6 +824,7 @@ impl Runner<'_> {
                     "conv2d cublas_tf32",
                     "linear_add cublas_tf32",
                     "conv2d_add cublas_tf32",
+                    "conv2d_sample_bias cublas_tf32",
                 ],
             ),
             (
@@ -823,6 +834,7 @@ impl Runner<'_> {
                     "conv2d cublas_f16",
                     "linear_add cublas_f16",
                     "conv2d_add cublas_f16",
+                    "conv2d_sample_bias cublas_f16",
                 ],
             ),
         ] {
@@ -892,7 +904,12 @@ impl Runner<'_> {
                         .dev
                         .conv2d_add(&self.up(&x)?, &gw, p, &self.up(&residual)?)?;
                     let want = want.add(&residual)?;
-                    self.record(conv_add_op, size, &got, &want, tol(kh * kw * cin))?;
+                    self.record(conv_add_op, size.clone(), &got, &want, tol(kh * kw * cin))?;
+                    if (kh, stride) == (3, 1) {
+                        let (wb, b) = self.conv_weight_and_bias(cout, cin, kh, kw, true)?;
+                        let (got, want) = self.conv_sample_bias(&x, (&wb, &b), p, false)?;
+                        self.record(sample_bias_op, size, &got, &want, tol(kh * kw * cin))?;
+                    }
                 }
             }
         }
@@ -924,6 +941,32 @@ impl Runner<'_> {
             tolerance,
         });
         Ok(())
+    }
+}
+
+/// What a masked conv check adds to the product: a residual, or a bias per segment in place
+/// of the weight's.
+#[derive(Clone, Copy)]
+struct MaskedExtras<T> {
+    residual: Option<T>,
+    sample_bias: Option<T>,
+}
+
+impl<T> Default for MaskedExtras<T> {
+    fn default() -> Self {
+        MaskedExtras {
+            residual: None,
+            sample_bias: None,
+        }
+    }
+}
+
+impl MaskedExtras<CudaTensor> {
+    fn borrow(&self) -> MaskedExtras<&CudaTensor> {
+        MaskedExtras {
+            residual: self.residual.as_ref(),
+            sample_bias: self.sample_bias.as_ref(),
+        }
     }
 }
 
@@ -1116,9 +1159,49 @@ impl Runner<'_> {
         kw: usize,
         bias: bool,
     ) -> Result<Conv2dWeight> {
+        Ok(self.conv_weight_and_bias(cout, cin, kh, kw, bias)?.0)
+    }
+
+    /// A random conv weight, with the random bias `[cout]` it has when `bias` (else it has
+    /// none, and the bias is only drawn).
+    fn conv_weight_and_bias(
+        &mut self,
+        cout: usize,
+        cin: usize,
+        kh: usize,
+        kw: usize,
+        bias: bool,
+    ) -> Result<(Conv2dWeight, Tensor)> {
         let w = self.randn(&[cout, cin, kh, kw]);
         let b = self.randn(&[cout]);
-        Conv2dWeight::from_oihw(&w, bias.then_some(&b))
+        Ok((Conv2dWeight::from_oihw(&w, bias.then_some(&b))?, b))
+    }
+
+    /// A conv with a bias per sample `[batch, cout]` in place of the weight's bias `b`
+    /// (which the weight has), against the CPU's conv less `b` plus each sample's row; with
+    /// `one_launch`, split-K products summed in their own launch.
+    fn conv_sample_bias(
+        &mut self,
+        x: &Tensor,
+        (w, b): (&Conv2dWeight, &Tensor),
+        p: Conv2dParams,
+        one_launch: bool,
+    ) -> Result<(CudaTensor, Tensor)> {
+        let (batch, cout) = (x.shape()[0], b.shape()[0]);
+        let sample_bias = self.randn(&[batch, cout]);
+        let gw = CudaConv2dWeight::upload(self.dev, w)?;
+        let (gx, gbias) = (self.up(x)?, self.up(&sample_bias)?);
+        let run = |dev: &CudaDevice| dev.conv2d_sample_bias(&gx, &gw, p, &gbias);
+        let got = if one_launch {
+            self.one_launch_split_k(run)?
+        } else {
+            run(self.dev)?
+        };
+        let want = x
+            .conv2d(w, p)?
+            .sub(b)?
+            .add(&sample_bias.reshape(&[batch, 1, 1, cout])?)?;
+        Ok((got, want))
     }
 
     fn conv(&mut self) -> Result<()> {
@@ -1144,6 +1227,11 @@ impl Runner<'_> {
                     &want,
                     tf32_tol(kh * kw * cin),
                 )?;
+                if (kh, stride) == (3, 1) {
+                    let (wb, b) = self.conv_weight_and_bias(cout, cin, kh, kw, true)?;
+                    let (got, want) = self.conv_sample_bias(&x, (&wb, &b), p, false)?;
+                    self.record("conv2d_sample_bias", size.clone(), &got, &want, GEMM_TOL)?;
+                }
                 let residual = self.randn(want.shape());
                 let got = self
                     .dev
@@ -1176,7 +1264,23 @@ impl Runner<'_> {
             let got = self.one_launch_split_k(|dev| {
                 dev.conv2d_add(&gx, &gw, Conv2dParams::SAME_3X3, &gresidual)
             })?;
-            self.record("conv2d_add splitk one-launch", size, &got, &want, GEMM_TOL)?;
+            self.record(
+                "conv2d_add splitk one-launch",
+                size.clone(),
+                &got,
+                &want,
+                GEMM_TOL,
+            )?;
+            // A bias per sample added by the reduction, then in one launch.
+            let (wb, b) = self.conv_weight_and_bias(cout, cin, 3, 3, true)?;
+            for (op, one_launch) in [
+                ("conv2d_sample_bias splitk", false),
+                ("conv2d_sample_bias splitk one-launch", true),
+            ] {
+                let (got, want) =
+                    self.conv_sample_bias(&x, (&wb, &b), Conv2dParams::SAME_3X3, one_launch)?;
+                self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+            }
         }
         Ok(())
     }
@@ -1192,7 +1296,8 @@ impl Runner<'_> {
             (77, 40, 2, true),
         ] {
             let p = Conv2dParams { stride, padding: 1 };
-            let wt = self.conv_weight(cout, cin, 3, 3, cin != 77)?;
+            let own_bias = cin != 77;
+            let (wt, b) = self.conv_weight_and_bias(cout, cin, 3, 3, own_bias)?;
             let gw = CudaConv2dWeight::upload(self.dev, &wt)?;
             let (oh, ow) = ((h + 2 - 3) / stride + 1, (w + 2 - 3) / stride + 1);
             let mut active = Vec::new();
@@ -1234,35 +1339,68 @@ impl Runner<'_> {
                     .collect();
                 let want = wt.masked_conv2d(&segs, p)?;
                 let args = (&gw, &fresh[..], &active[..], &cached_t[..], &outputs[..], p);
+                let none = MaskedExtras::default();
                 let (op, got) = match dtype {
-                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args, None)?),
-                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args, None)?),
-                    _ => ("masked_conv_bf16", self.masked::<bf16>(args, None)?),
+                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args, none)?),
+                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args, none)?),
+                    _ => ("masked_conv_bf16", self.masked::<bf16>(args, none)?),
                 };
                 self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
                 if dtype == DType::F16 {
-                    // The cached step's case: a residual added as the rows are written.
+                    // The cached step's cases: a residual added as the rows are written (the
+                    // resnets' second conv), and a bias per segment in place of the weight's
+                    // (the first, with the time embedding), each also in one launch.
                     let residual = self.randn(want.shape());
-                    let got = self.masked::<f16>(args, Some(&self.up(&residual)?))?;
-                    let want = want.add(&residual)?;
-                    self.record("masked_conv_f16_add", size.clone(), &got, &want, GEMM_TOL)?;
-                    let gresidual = self.up(&residual)?;
-                    let got =
-                        self.one_launch_split_k(|_| self.masked::<f16>(args, Some(&gresidual)))?;
-                    let op = "masked_conv_f16_add one-launch";
-                    self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+                    let sample_bias = self.randn(&[2, cout]);
+                    let segment_of_row: Vec<u32> = (0..2u32)
+                        .flat_map(|i| std::iter::repeat_n(i, outputs[i as usize].len()))
+                        .collect();
+                    let without_own = if own_bias {
+                        want.sub(&b)?
+                    } else {
+                        want.clone()
+                    };
+                    let with_residual = (
+                        MaskedExtras {
+                            residual: Some(self.up(&residual)?),
+                            sample_bias: None,
+                        },
+                        want.add(&residual)?,
+                        ["masked_conv_f16_add", "masked_conv_f16_add one-launch"],
+                    );
+                    let with_sample_bias = (
+                        MaskedExtras {
+                            residual: None,
+                            sample_bias: Some(self.up(&sample_bias)?),
+                        },
+                        without_own.add(&sample_bias.gather_rows(&segment_of_row)?)?,
+                        [
+                            "masked_conv_f16_sample_bias",
+                            "masked_conv_f16_sample_bias one-launch",
+                        ],
+                    );
+                    for (extras, want, [op, op_one_launch]) in [with_residual, with_sample_bias] {
+                        let got = self.masked::<f16>(args, extras.borrow())?;
+                        self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+                        let got =
+                            self.one_launch_split_k(|_| self.masked::<f16>(args, extras.borrow()))?;
+                        self.record(op_one_launch, size.clone(), &got, &want, GEMM_TOL)?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// The masked conv on the device, its cached maps uploaded as `C`, plus `residual` when
-    /// given.
+    /// The masked conv on the device, its cached maps uploaded as `C`, plus a residual or
+    /// with a bias per segment when given.
     fn masked<C: GpuElement>(
         &self,
         (w, fresh, active, cached, outputs, p): MaskedConvArgs<'_>,
-        residual: Option<&CudaTensor>,
+        MaskedExtras {
+            residual,
+            sample_bias,
+        }: MaskedExtras<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let gcached = cached
             .iter()
@@ -1277,9 +1415,10 @@ impl Runner<'_> {
             })
             .collect();
         let stacked = self.up(&stacked)?;
-        match residual {
-            Some(r) => self.dev.masked_conv2d_add(w, &stacked, &segs, p, r),
-            None => self.dev.masked_conv2d(w, &stacked, &segs, p),
+        match (residual, sample_bias) {
+            (Some(r), _) => self.dev.masked_conv2d_add(w, &stacked, &segs, p, r),
+            (None, Some(b)) => self.dev.masked_conv2d_sample_bias(w, &stacked, &segs, p, b),
+            (None, None) => self.dev.masked_conv2d(w, &stacked, &segs, p),
         }
     }
 }

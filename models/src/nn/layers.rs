@@ -61,7 +61,22 @@ impl Linear {
     /// The dense forward on the device the weights were uploaded to (with f16 GEMMs, on the
     /// weight's f16 copy, rounded once).
     pub fn forward_gpu(&self, dev: &CudaDevice, x: &CudaTensor) -> Result<CudaTensor> {
-        self.forward_gpu_with(dev, x, None)
+        self.forward_gpu_with(dev, x, None, None)
+    }
+
+    /// [`Linear::forward_gpu`] with `bias` in place of the layer's own.
+    pub fn forward_gpu_bias(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        bias: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.forward_gpu_with(dev, x, Some(bias), None)
+    }
+
+    /// The layer's bias in device memory, once uploaded (if it has one).
+    pub fn gpu_bias(&self) -> Option<&CudaTensor> {
+        self.gpu.as_ref().and_then(|(_, b)| b.as_ref())
     }
 
     /// [`Linear::forward_gpu`] plus `residual` (laid out as the output), added as the
@@ -72,16 +87,19 @@ impl Linear {
         x: &CudaTensor,
         residual: &CudaTensor,
     ) -> Result<CudaTensor> {
-        self.forward_gpu_with(dev, x, Some(residual))
+        self.forward_gpu_with(dev, x, None, Some(residual))
     }
 
+    /// The device forward with the layer's bias, or `bias` in its place, plus `residual`.
     fn forward_gpu_with(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
+        bias: Option<&CudaTensor>,
         residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        let (w, b) = on_device(self.gpu.as_ref(), "linear")?;
+        let (w, own) = on_device(self.gpu.as_ref(), "linear")?;
+        let b = bias.or(own.as_ref());
         if dev.gemm_backend() == GemmBackend::CublasF16 {
             let half = match self.gpu_f16.get() {
                 Some(half) => half,
@@ -91,13 +109,13 @@ impl Linear {
                 }
             };
             return Ok(match residual {
-                Some(r) => dev.linear_f16_weight_add(x, half, b.as_ref(), r)?,
-                None => dev.linear_f16_weight(x, half, b.as_ref())?,
+                Some(r) => dev.linear_f16_weight_add(x, half, b, r)?,
+                None => dev.linear_f16_weight(x, half, b)?,
             });
         }
         Ok(match residual {
-            Some(r) => dev.linear_add(x, w, b.as_ref(), r)?,
-            None => dev.linear(x, w, b.as_ref())?,
+            Some(r) => dev.linear_add(x, w, b, r)?,
+            None => dev.linear(x, w, b)?,
         })
     }
 
@@ -115,6 +133,16 @@ impl Linear {
         self.gpu_f16.take();
         self.gpu.as_mut().map(|(w, _)| w)
     }
+}
+
+/// What a device conv adds besides its product and the weight's bias.
+#[derive(Clone, Copy)]
+pub enum ConvExtra<'a> {
+    Nothing,
+    /// A residual laid out as the output.
+    Residual(&'a CudaTensor),
+    /// A bias per sample (or segment) `[samples, out]` in place of the weight's.
+    SampleBias(&'a CudaTensor),
 }
 
 /// A 2-D convolution on channels-last maps.
@@ -168,17 +196,35 @@ impl Conv2d {
         Ok(dev.conv2d_add(x, w, self.params, residual)?)
     }
 
+    /// [`Conv2d::forward_gpu`] with a bias per sample `[batch, out]` in place of the conv's
+    /// own (which the caller folds in).
+    pub fn forward_gpu_sample_bias(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaTensor,
+        bias: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let w = on_device(self.gpu.as_ref(), "conv2d")?;
+        Ok(dev.conv2d_sample_bias(x, w, self.params, bias)?)
+    }
+
+    /// The conv's bias in device memory, once uploaded (if it has one).
+    pub fn gpu_bias(&self) -> Option<&CudaTensor> {
+        self.gpu.as_ref().and_then(CudaConv2dWeight::bias)
+    }
+
     /// [`Conv2d::forward_exec`]'s masked case on the device: `x = [rows, cin]`, the
     /// segments' active rows stacked; outputs at `out_level`'s positions (the current
-    /// level when None), stacked the same way, plus `residual` (the output rows' own,
-    /// stacked the same way) when given.
+    /// level when None), stacked the same way, with what `extra` adds: the output rows'
+    /// residual (stacked the same way), or a bias per segment `[segments, out]` in place of
+    /// the conv's own.
     pub fn forward_gpu_masked(
         &self,
         dev: &CudaDevice,
         x: &CudaTensor,
         m: &mut GpuMasked<'_>,
         out_level: Option<usize>,
-        residual: Option<&CudaTensor>,
+        extra: ConvExtra<'_>,
     ) -> Result<CudaTensor> {
         let w = on_device(self.gpu.as_ref(), "conv2d")?;
         let maps = m.conv_inputs()?;
@@ -194,9 +240,12 @@ impl Conv2d {
                 outputs,
             })
             .collect();
-        Ok(match residual {
-            Some(r) => dev.masked_conv2d_add(w, x, &segments, self.params, r)?,
-            None => dev.masked_conv2d(w, x, &segments, self.params)?,
+        Ok(match extra {
+            ConvExtra::Nothing => dev.masked_conv2d(w, x, &segments, self.params)?,
+            ConvExtra::Residual(r) => dev.masked_conv2d_add(w, x, &segments, self.params, r)?,
+            ConvExtra::SampleBias(b) => {
+                dev.masked_conv2d_sample_bias(w, x, &segments, self.params, b)?
+            }
         })
     }
 

@@ -9,7 +9,7 @@ mod scope;
 mod transformer;
 
 pub use attention::Attention;
-pub use layers::{Conv2d, GroupNorm, LayerNorm, Linear};
+pub use layers::{Conv2d, ConvExtra, GroupNorm, LayerNorm, Linear};
 pub use resnet::{ResnetBlock, ResnetShape};
 pub use scope::{Scope, ScopeBuf};
 pub use transformer::{Transformer2D, TransformerShape};

@@ -3,7 +3,7 @@ use retouch_kernels::{Conv2dParams, Tensor};
 
 use super::exec::{Exec, add_per_sample};
 use super::gpu::GpuMasked;
-use super::{Conv2d, GroupNorm, Linear, Scope};
+use super::{Conv2d, ConvExtra, GroupNorm, Linear, Scope};
 use crate::Result;
 
 /// diffusers' ResnetBlock2D ("default" time-embedding mode): GN-SiLU-conv, plus the projected
@@ -16,6 +16,9 @@ pub struct ResnetBlock {
     conv2: Conv2d,
     shortcut: Option<Linear>,
     output_scale: f32,
+    /// On the device: the time-embedding projection's bias plus `conv1`'s, so that `conv1`
+    /// adds the projected embedding as its bias per sample (set by `upload`).
+    temb_conv_bias: Option<CudaTensor>,
 }
 
 /// Channel counts and norm settings of a resnet block.
@@ -60,6 +63,7 @@ impl ResnetBlock {
                 None
             },
             output_scale,
+            temb_conv_bias: None,
         })
     }
 
@@ -102,8 +106,16 @@ impl ResnetBlock {
     pub fn upload(&mut self, dev: &CudaDevice) -> Result<()> {
         self.norm1.upload(dev)?;
         self.conv1.upload(dev)?;
+        self.temb_conv_bias = None;
         if let Some(p) = &mut self.time_emb_proj {
             p.upload(dev)?;
+            let out = p.weight().shape()[0];
+            let folded = match (p.gpu_bias(), self.conv1.gpu_bias()) {
+                (Some(a), Some(b)) => dev.add(a, b)?,
+                (Some(a), None) | (None, Some(a)) => a.try_clone(dev)?,
+                (None, None) => CudaTensor::zeros(dev, &[out])?,
+            };
+            self.temb_conv_bias = Some(folded);
         }
         self.norm2.upload(dev)?;
         self.conv2.upload(dev)?;
@@ -120,17 +132,29 @@ impl ResnetBlock {
         x: &CudaTensor,
         temb_act: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
-        let mut h = self
-            .conv1
-            .forward_gpu(dev, &self.norm1.forward_gpu(dev, x, true)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
-            h = dev.add_per_sample(&h, &proj.forward_gpu(dev, t)?)?;
-        }
+        let normed = self.norm1.forward_gpu(dev, x, true)?;
+        let h = match self.temb_bias_gpu(dev, temb_act)? {
+            Some(bias) => self.conv1.forward_gpu_sample_bias(dev, &normed, &bias)?,
+            None => self.conv1.forward_gpu(dev, &normed)?,
+        };
         let normed = self.norm2.forward_gpu(dev, &h, true)?;
         self.end_gpu(dev, x, |residual| match residual {
             Some(r) => self.conv2.forward_gpu_add(dev, &normed, r),
             None => self.conv2.forward_gpu(dev, &normed),
         })
+    }
+
+    /// `conv1`'s bias per sample (or segment) on the device: the projected time embedding
+    /// plus both biases, `[samples, out]`; None without a time embedding.
+    fn temb_bias_gpu(
+        &self,
+        dev: &CudaDevice,
+        temb_act: Option<&CudaTensor>,
+    ) -> Result<Option<CudaTensor>> {
+        match (&self.time_emb_proj, temb_act, &self.temb_conv_bias) {
+            (Some(proj), Some(t), Some(folded)) => Ok(Some(proj.forward_gpu_bias(dev, t, folded)?)),
+            _ => Ok(None),
+        }
     }
 
     /// The block's end on the device: `conv2` (run by `conv2`, given the residual to add as
@@ -164,16 +188,18 @@ impl ResnetBlock {
         m: &mut GpuMasked<'_>,
     ) -> Result<CudaTensor> {
         let normed = self.norm1.forward_gpu_masked(dev, x, true, m)?;
-        let mut h = self.conv1.forward_gpu_masked(dev, &normed, m, None, None)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
-            // Each row gets its segment's projected time embedding.
-            let projected = proj.forward_gpu(dev, t)?;
-            h = dev.add_per_row_sample(&h, &projected, &m.host().row_segments()?)?;
-        }
+        // Each segment's rows add its projected time embedding, as conv1's bias.
+        let bias = self.temb_bias_gpu(dev, temb_act)?;
+        let extra = bias
+            .as_ref()
+            .map_or(ConvExtra::Nothing, ConvExtra::SampleBias);
+        let h = self
+            .conv1
+            .forward_gpu_masked(dev, &normed, m, None, extra)?;
         let normed = self.norm2.forward_gpu_masked(dev, &h, true, m)?;
         self.end_gpu(dev, x, |residual| {
-            self.conv2
-                .forward_gpu_masked(dev, &normed, m, None, residual)
+            let extra = residual.map_or(ConvExtra::Nothing, ConvExtra::Residual);
+            self.conv2.forward_gpu_masked(dev, &normed, m, None, extra)
         })
     }
 }

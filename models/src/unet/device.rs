@@ -10,7 +10,7 @@ use retouch_kernels::cuda::{CudaDevice, CudaTensor, TimingMark};
 
 use super::{UNet, UnitTimes, masked};
 use crate::nn::gpu::{GpuMasked, upload_f32};
-use crate::nn::{Conv2d, ResnetBlock, Transformer2D};
+use crate::nn::{Conv2d, ConvExtra, ResnetBlock, Transformer2D};
 use crate::{Error, Result};
 
 /// The mode of a device walk.
@@ -372,7 +372,7 @@ fn conv_on(
 ) -> Result<CudaTensor> {
     match exec {
         GpuExec::Dense => conv.forward_gpu(dev, x),
-        GpuExec::Masked(m) => conv.forward_gpu_masked(dev, x, m, out_level, None),
+        GpuExec::Masked(m) => conv.forward_gpu_masked(dev, x, m, out_level, ConvExtra::Nothing),
     }
 }
 
