@@ -132,6 +132,16 @@ impl SplitK {
         }
     }
 
+    /// A conv launch's `(residual, beta)` for `addend`: none when a reduction follows (it
+    /// adds the addend), else the addend's.
+    fn addend_args(&self, addend: Addend<'_>, stream: &CudaStream) -> (u64, f32) {
+        if self.needs_reduction() {
+            (0, 0.0)
+        } else {
+            addend.kernel_args(stream, 0)
+        }
+    }
+
     /// The kernels' `(ws, counters)` device addresses: null unless the launch sums its own
     /// slices.
     fn sums_args(&self, dev: &CudaDevice) -> (u64, u64) {
@@ -841,11 +851,7 @@ impl CudaDevice {
         };
         // A split writes raw partial sums; the reduction adds the bias and the residual.
         let has_bias = bias.is_some() && !split.needs_reduction();
-        let (residual_at, beta) = if split.needs_reduction() {
-            (0, 0.0)
-        } else {
-            addend.kernel_args(stream, 0)
-        };
+        let (residual_at, beta) = split.addend_args(addend, stream);
         let (ws_at, counters_at) = split.sums_args(self);
         let args = [
             u(m),
@@ -1051,11 +1057,7 @@ impl CudaDevice {
         let u = |v: usize| v as u32;
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
         // A split writes raw partial sums; the reduction adds the bias and the residual.
-        let (residual_at, beta) = if split.needs_reduction() {
-            (0, 0.0)
-        } else {
-            addend.kernel_args(stream, 0)
-        };
+        let (residual_at, beta) = split.addend_args(addend, stream);
         let (ws_at, counters_at) = split.sums_args(self);
         let args = [
             u(m),
