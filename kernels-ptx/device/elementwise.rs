@@ -109,3 +109,20 @@ pub unsafe extern "ptx-kernel" fn convert_f32_to_f16(x: *const f32, out: *mut f1
         unsafe { *out.add(i as usize) = *x.add(i as usize) as f16 };
     });
 }
+
+/// `out[c, r] = x[r, c]` rounded to f16 (nearest even), for `x = [rows, cols]`: a conv's
+/// packed weight `[k, cout]` as the `[cout, k]` f16 operand of the tensor-core kernels.
+/// Grid-stride over the output (its writes coalesced; a one-time pass per weight).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn transpose_f32_to_f16(
+    x: *const f32,
+    out: *mut f16,
+    rows: u32,
+    cols: u32,
+) {
+    grid_stride!(rows * cols, |i| {
+        let c = i / rows;
+        let r = i - c * rows;
+        unsafe { *out.add(i as usize) = *x.add(r as usize * cols as usize + c as usize) as f16 };
+    });
+}

@@ -57,6 +57,23 @@ pub trait ALoad {
     fn row(&self, r: u32) -> Self::Row;
     fn col(&self, k: u32) -> Self::Col;
     fn load(&self, row: Self::Row, col: Self::Col) -> f32;
+    /// Columns `k..k + 4` of a row (`k` a multiple of 4, `col = self.col(k)`), zeros outside
+    /// the matrix: one vector load where the source allows it (the f16 tensor-core kernels).
+    #[inline(always)]
+    fn load4(&self, row: Self::Row, k: u32, col: Self::Col) -> [f32; 4] {
+        load4_each(self, row, k, col)
+    }
+}
+
+/// [`ALoad::load4`] element by element.
+#[inline(always)]
+pub fn load4_each<A: ALoad + ?Sized>(a: &A, row: A::Row, k: u32, col: A::Col) -> [f32; 4] {
+    [
+        a.load(row, col),
+        a.load(row, a.col(k + 1)),
+        a.load(row, a.col(k + 2)),
+        a.load(row, a.col(k + 3)),
+    ]
 }
 
 /// B is `[k, n]` (`kn`, a conv's packed weight) or `[n, k]` (a PyTorch linear weight).
@@ -145,32 +162,12 @@ pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     let mut br = [0.0f32; 4];
     let mut acc = [[0.0f32; 4]; 8];
 
-    let ktiles = (b.k + BK - 1) / BK;
-    let splits = grid_dim_z();
-    let per_split = (ktiles + splits - 1) / splits;
-    let kt_begin = block_z() * per_split;
-    let kt_end = if kt_begin + per_split < ktiles {
-        kt_begin + per_split
-    } else {
-        ktiles
-    };
-    let one_launch = splits > 1 && e.split.counters as usize != 0;
-    let slice = block_z() as usize * e.m as usize * e.n as usize;
-    // Where this block's sums go: C; or, split, its workspace slice as raw sums.
-    let target = if one_launch {
-        Epilogue {
-            c: unsafe { e.split.ws.add(slice) },
-            has_bias: false,
-            alpha: 1.0,
-            beta: 0.0,
-            ..e
-        }
-    } else {
-        Epilogue {
-            c: unsafe { e.c.add(slice) },
-            ..e
-        }
-    };
+    let KShare {
+        begin: kt_begin,
+        end: kt_end,
+        one_launch,
+        target,
+    } = k_share(&e, (b.k + BK - 1) / BK);
     // An empty share (possible for the last split) still writes its zeros.
     if kt_begin < kt_end {
         unsafe {
@@ -225,12 +222,56 @@ pub unsafe fn gemm_block<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
     }
 }
 
+/// A block's share of its product's k tiles, `begin..end` (all of them unless the launch
+/// splits k: `gridDim.z > 1`), and where its sums go: C; or, split, its workspace slice as
+/// raw sums (in one launch, `one_launch`, summed by [`sum_slices_if_last`] after).
+pub struct KShare {
+    pub begin: u32,
+    pub end: u32,
+    pub one_launch: bool,
+    pub target: Epilogue,
+}
+
+#[inline(always)]
+pub fn k_share(e: &Epilogue, ktiles: u32) -> KShare {
+    let splits = grid_dim_z();
+    let per_split = (ktiles + splits - 1) / splits;
+    let begin = block_z() * per_split;
+    let end = if begin + per_split < ktiles {
+        begin + per_split
+    } else {
+        ktiles
+    };
+    let one_launch = splits > 1 && e.split.counters as usize != 0;
+    let slice = block_z() as usize * e.m as usize * e.n as usize;
+    let target = if one_launch {
+        Epilogue {
+            c: unsafe { e.split.ws.add(slice) },
+            has_bias: false,
+            alpha: 1.0,
+            beta: 0.0,
+            ..*e
+        }
+    } else {
+        Epilogue {
+            c: unsafe { e.c.add(slice) },
+            ..*e
+        }
+    };
+    KShare {
+        begin,
+        end,
+        one_launch,
+        target,
+    }
+}
+
 /// A one-launch split-K block's arrival (see [`SplitSums`]): the last of its tile's blocks
 /// sums the tile's slices in slice order (as `splitk_reduce_f32`, so both ways give the same
 /// bits), writes C through the epilogue and resets the tile's counter for the next launch.
 /// `flag` is a shared word for the block's verdict.
 #[inline(always)]
-unsafe fn sum_slices_if_last(e: &Epilogue, m0: u32, n0: u32, flag: *mut u32) {
+pub unsafe fn sum_slices_if_last(e: &Epilogue, m0: u32, n0: u32, flag: *mut u32) {
     let t = thread();
     let splits = grid_dim_z();
     let tile = (block_y() * grid_dim() + block()) as usize;
@@ -483,6 +524,19 @@ impl ALoad for DenseA {
             0.0
         }
     }
+    #[inline(always)]
+    fn load4(&self, row: u32, k: u32, col: u32) -> [f32; 4] {
+        // Rows of 4n floats from a 16-byte aligned start: every 4-aligned k is one load.
+        if (self.k % 4 == 0) & (self.a as usize % 16 == 0) {
+            if (row != OUTSIDE_ROW) & (col < self.k) {
+                unsafe { load4(self.a.add(row as usize + col as usize)) }
+            } else {
+                [0.0; 4]
+            }
+        } else {
+            load4_each(self, row, k, col)
+        }
+    }
 }
 
 const OUTSIDE_ROW: u32 = 0xffff_ffff;
@@ -722,6 +776,23 @@ impl ALoad for ConvA {
             0.0
         }
     }
+    #[inline(always)]
+    fn load4(&self, row: ConvRow, k: u32, col: ConvCol) -> [f32; 4] {
+        // With 4n channels, 4 aligned k are 4 channels of one tap: one aligned load.
+        if (self.g.cin % 4 == 0) & (self.x as usize % 16 == 0) {
+            let (pos, inside) = self.g.position(row, col);
+            if inside {
+                let hw = self.g.h as usize * self.g.w as usize;
+                let at =
+                    (row.map as usize * hw + pos as usize) * self.g.cin as usize + col.ci as usize;
+                unsafe { load4(self.x.add(at)) }
+            } else {
+                [0.0; 4]
+            }
+        } else {
+            load4_each(self, row, k, col)
+        }
+    }
 }
 
 /// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
@@ -773,11 +844,17 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
 /// A cached map's element type, widened to f32 where it is read.
 pub trait Widen: Copy {
     fn widen(self) -> f32;
+    /// Four consecutive values from `p` (aligned to four of them), widened.
+    unsafe fn load4(p: *const Self) -> [f32; 4];
 }
 impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> [f32; 4] {
+        unsafe { load4(p) }
     }
 }
 impl Widen for f16 {
@@ -785,19 +862,52 @@ impl Widen for f16 {
     fn widen(self) -> f32 {
         self as f32
     }
+    #[inline(always)]
+    unsafe fn load4(p: *const f16) -> [f32; 4] {
+        let [lo, hi] = unsafe { load_u2(p as *const u32) };
+        [f16_of(lo), f16_of(lo >> 16), f16_of(hi), f16_of(hi >> 16)]
+    }
 }
 impl Widen for crate::bf16::Bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
+    unsafe fn load4(p: *const crate::bf16::Bf16) -> [f32; 4] {
+        let [lo, hi] = unsafe { load_u2(p as *const u32) };
+        use crate::bf16::Bf16;
+        [
+            Bf16(lo as u16).to_f32(),
+            Bf16((lo >> 16) as u16).to_f32(),
+            Bf16(hi as u16).to_f32(),
+            Bf16((hi >> 16) as u16).to_f32(),
+        ]
+    }
+}
+
+/// The f16 in the low half of `w`, widened (exact).
+#[inline(always)]
+#[allow(unnecessary_transmutes)] // `f16::from_bits` is `core`'s, absent here
+fn f16_of(w: u32) -> f32 {
+    unsafe { transmute::<u16, f16>(w as u16) as f32 }
+}
+
+/// 8 bytes, loaded and stored as one vector access.
+#[repr(simd)]
+pub struct U2(pub [u32; 2]);
+impl Copy for U2 {}
+
+#[inline(always)]
+pub(crate) unsafe fn load_u2(p: *const u32) -> [u32; 2] {
+    unsafe { transmute(*(p as *const U2)) }
 }
 
 /// The CPU's `MaskedInput` per map (segment): `fresh[map]` are its fresh rows `[active, cin]`,
 /// `cached[map]` its template's map `[h * w, cin]` (device addresses, one per map), and
 /// `row_of[map * h * w + position]` the fresh row of an active position, `NOT_ACTIVE` for an
 /// inactive one. Output row `r` is `(rows[2 r], rows[2 r + 1])` = (map, output position).
-struct MaskedA<C: Widen> {
+pub struct MaskedA<C: Widen> {
     fresh: *const u64,
     cached: *const u64,
     row_of: *const u32,
@@ -805,6 +915,28 @@ struct MaskedA<C: Widen> {
     g: ConvGeom,
     m: u32,
     _c: *const C,
+}
+
+impl<C: Widen> MaskedA<C> {
+    #[inline(always)]
+    pub fn new(
+        fresh: *const u64,
+        cached: *const u64,
+        row_of: *const u32,
+        rows: *const u32,
+        g: ConvGeom,
+        m: u32,
+    ) -> MaskedA<C> {
+        MaskedA {
+            fresh,
+            cached,
+            row_of,
+            rows,
+            g,
+            m,
+            _c: 0usize as *const C,
+        }
+    }
 }
 
 impl<C: Widen> ALoad for MaskedA<C> {
@@ -850,6 +982,30 @@ impl<C: Widen> ALoad for MaskedA<C> {
             }
         }
     }
+    #[inline(always)]
+    fn load4(&self, row: ConvRow, k: u32, col: ConvCol) -> [f32; 4] {
+        // With 4n channels, 4 aligned k are 4 channels of one tap, fresh or cached alike.
+        // (The fresh rows of a segment start at a multiple of `cin` in an aligned buffer.)
+        if self.g.cin % 4 != 0 {
+            return load4_each(self, row, k, col);
+        }
+        let (pos, inside) = self.g.position(row, col);
+        if !inside {
+            return [0.0; 4];
+        }
+        let hw = self.g.h as usize * self.g.w as usize;
+        let cin = self.g.cin as usize;
+        unsafe {
+            let fresh_row = *self.row_of.add(row.map as usize * hw + pos as usize);
+            if fresh_row != NOT_ACTIVE {
+                let fresh = *self.fresh.add(row.map as usize) as *const f32;
+                load4(fresh.add(fresh_row as usize * cin + col.ci as usize))
+            } else {
+                let cached = *self.cached.add(row.map as usize) as *const C;
+                C::load4(cached.add(pos as usize * cin + col.ci as usize))
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -867,15 +1023,7 @@ unsafe fn masked_conv<C: Widen>(
     g: ConvGeom,
     has_bias: u32,
 ) {
-    let a = MaskedA::<C> {
-        fresh,
-        cached,
-        row_of,
-        rows,
-        g,
-        m,
-        _c: 0usize as *const C,
-    };
+    let a = MaskedA::<C>::new(fresh, cached, row_of, rows, g, m);
     let (b, e) = conv_operands(weight, bias, out, m, cout, g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
 }
@@ -910,7 +1058,14 @@ pub fn conv_operands(
         k,
         kn: true,
     };
-    let e = Epilogue {
+    (b, conv_epilogue(bias, out, m, cout, has_bias))
+}
+
+/// A conv's epilogue: the output rows, the bias when `has_bias != 0`, the residual when
+/// `out.has_residual != 0`.
+#[inline(always)]
+pub fn conv_epilogue(bias: *const f32, out: ConvOut, m: u32, cout: u32, has_bias: u32) -> Epilogue {
+    Epilogue {
         c: out.out,
         c_in: out.residual,
         bias,
@@ -921,8 +1076,7 @@ pub fn conv_operands(
         n: cout,
         split: out.split,
         bias_rows: out.bias_rows,
-    };
-    (b, e)
+    }
 }
 
 macro_rules! masked_conv_kernel {

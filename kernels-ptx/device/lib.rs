@@ -27,6 +27,7 @@ mod attention_mma;
 mod bf16;
 mod elementwise;
 mod gemm;
+mod gemm_f16;
 mod gpu;
 mod intrinsics;
 mod layout;

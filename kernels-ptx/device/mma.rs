@@ -89,7 +89,7 @@ pub unsafe fn gemm_block_tf32<A: ALoad>(a: &A, b: BMatrix, e: Epilogue) {
 
 /// This thread's four values of a C fragment whose (g, 2q) element is `(row, col)`.
 #[inline(always)]
-unsafe fn store_fragment(e: &Epilogue, row: u32, col: u32, v: [f32; 4]) {
+pub unsafe fn store_fragment(e: &Epilogue, row: u32, col: u32, v: [f32; 4]) {
     unsafe {
         if row < e.m {
             store_one(e, row, col, v[0]);

@@ -10,14 +10,15 @@
 mod common;
 use common::*;
 use retouch_kernels_emu::simt::BlockOrder;
-use retouch_kernels_emu::{gemm, layout, mma};
+use retouch_kernels_emu::{elementwise, gemm, gemm_f16, layout, mma};
 
 /// Block tile of the GEMM-shaped kernels (`src/cuda/gemm.rs`: `TILE_M`, `TILE_N`).
 const TILE_M: usize = 128;
 const TILE_N: usize = 64;
-/// `SHARED_BYTES` and `SHARED_BYTES_TF32` of `src/cuda/gemm.rs`.
+/// `SHARED_BYTES`, `SHARED_BYTES_TF32` and `SHARED_BYTES_F16` of `src/cuda/gemm.rs`.
 const SHARED_BYTES: usize = 2 * (16 * 132 + 16 * 68) * 4;
 const SHARED_BYTES_TF32: usize = 2 * (16 * 136 + 16 * 72) * 4;
+const SHARED_BYTES_F16: usize = 2 * (128 + 64) * 40 * 2;
 /// `ops.rs`'s grid cap for grid-stride kernels.
 const MAX_GRID: usize = 1 << 16;
 
@@ -137,6 +138,31 @@ impl Weight {
     fn at(&self, g: &Geom, co: usize, ci: usize, ky: usize, kx: usize) -> f32 {
         self.oihw[((co * g.cin + ci) * g.kh + ky) * g.kw + kx]
     }
+
+    /// The f16 tensor-core kernels' operand: `packed` transposed to `[cout, k]` and rounded
+    /// to f16 (its bits), as the host's `transpose_f32_to_f16` makes it.
+    fn transposed_f16(&self, g: &Geom) -> Vec<u16> {
+        let (k, cout) = (g.k(), g.cout);
+        (0..cout * k)
+            .map(|i| half::f16::from_f32(self.packed[(i % k) * cout + i / k]).to_bits())
+            .collect()
+    }
+}
+
+/// The weight operand a conv kernel reads: the packed f32 `[k, cout]` (`f32`), or its
+/// transpose as f16 bits (`u16`, the tensor-core kernels).
+trait WeightOperand: Copy {
+    fn of(wt: &Weight, g: &Geom) -> Vec<Self>;
+}
+impl WeightOperand for f32 {
+    fn of(wt: &Weight, _: &Geom) -> Vec<f32> {
+        wt.packed.clone()
+    }
+}
+impl WeightOperand for u16 {
+    fn of(wt: &Weight, g: &Geom) -> Vec<u16> {
+        wt.transposed_f16(g)
+    }
 }
 
 /// The plain convolution of one channels-last map `[h, w, cin]` at output `(oy, ox)`, every
@@ -196,10 +222,11 @@ fn dense_reference(g: &Geom, x: &[f32], wt: &Weight, operand: fn(f32) -> f32) ->
 }
 
 /// The conv kernels' signature: `(x, weight, bias, out, residual, m, cout, h, w, cin, kh,
-/// kw, stride, pad, out_h, out_w, has_bias, has_residual, ws, counters)`.
-type ConvKernel = unsafe fn(
+/// kw, stride, pad, out_h, out_w, has_bias, has_residual, ws, counters)`, the weight as
+/// `W` says.
+type ConvKernel<W> = unsafe fn(
     *const f32,
-    *const f32,
+    *const W,
     *const f32,
     *mut f32,
     *const f32,
@@ -379,8 +406,9 @@ impl ConvOutput {
         }
     }
 
-    fn bias_ptr(&self, packed: &DeviceBuffer<f32>) -> *const f32 {
-        self.bias.as_ref().map_or(packed.ptr(), |b| b.ptr())
+    /// The bias pointer, `unused` (any buffer) without a bias.
+    fn bias_ptr(&self, unused: *const f32) -> *const f32 {
+        self.bias.as_ref().map_or(unused, |b| b.ptr())
     }
 
     /// The kernel's `(rows_per_sample, sample_of_row)`.
@@ -437,8 +465,8 @@ impl ConvOutput {
 /// `[splits, m, cout]` workspace that `splitk_reduce_f32` then sums with the bias and the
 /// residual. The output and workspace start as NaN (the host's are uninitialised), so an
 /// unwritten element fails.
-fn run_conv(
-    kernel: ConvKernel,
+fn run_conv<W: WeightOperand>(
+    kernel: ConvKernel<W>,
     shared: usize,
     g: &Geom,
     x: &[f32],
@@ -448,9 +476,9 @@ fn run_conv(
 ) -> Vec<f32> {
     let (m, cout) = (g.m(), g.cout);
     let xd = DeviceBuffer::from_slice(x);
-    let packed = DeviceBuffer::from_slice(&wt.packed);
+    let packed = DeviceBuffer::from_slice(&W::of(wt, g));
     let o = ConvOutput::new(g, wt, m, (splits, sums), extras);
-    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
+    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(xd.ptr()), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let (ws, counters) = o.sums_ptrs();
     let (rows_per_sample, sample_of_row) = o.bias_rows();
@@ -541,13 +569,54 @@ fn with_residual(case: usize, launch: usize) -> bool {
     (case + launch) % 2 == 1
 }
 
-/// `conv2d_f32` against the f64 conv (the selftest's `GEMM_TOL`), launched as an H100's host
-/// launcher does (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`, or in
-/// one launch) and, where that splits, also unsplit (a device with fewer SMs, or more
-/// tiles); every other launch adds a residual, the others a bias per sample (a map's rows).
-#[test]
-fn conv2d_f32_matches_the_reference() {
-    let mut rng = Rng::new(11);
+/// What a kernel's products see: its f32 operands, or the operands rounded to f16 (the f16
+/// tensor-core kernels), checked against the f64 reference within the selftest's TF32
+/// tolerance and, tighter, against the reference of the rounded operands within `GEMM_TOL`
+/// (the products of f16 values are exact in f32; only the sums round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operands {
+    F32,
+    F16,
+}
+
+impl Operands {
+    /// `got` against `reference(operand rounding)`, with `finish` applied to the reference
+    /// (the residual or the bias per sample).
+    fn check(
+        self,
+        what: &str,
+        got: &[f32],
+        k: usize,
+        reference: impl Fn(fn(f32) -> f32) -> Vec<f32>,
+        finish: impl Fn(&[f32]) -> Vec<f32>,
+    ) {
+        match self {
+            Operands::F32 => {
+                let want = finish(&reference(|v| v));
+                assert_close(what, got, &want, GEMM_TOL, GEMM_TOL);
+            }
+            Operands::F16 => {
+                let tol = tf32_tol(k);
+                assert_close(what, got, &finish(&reference(|v| v)), tol, tol);
+                let want = finish(&reference(round_f16));
+                let what = format!("{what} (f16 operands)");
+                assert_close(&what, got, &want, GEMM_TOL, GEMM_TOL);
+            }
+        }
+    }
+}
+
+/// A dense conv kernel against the f64 conv, launched as an H100's host launcher does
+/// (split-K where it splits: 2 or 3 k-slices, then `splitk_reduce_f32`, or in one launch)
+/// and, where that splits, also unsplit (a device with fewer SMs, or more tiles); every
+/// other launch adds a residual, the others a bias per sample (a map's rows).
+fn check_conv<W: WeightOperand>(
+    name: &str,
+    (kernel, shared): (ConvKernel<W>, usize),
+    seed: u64,
+    operands: Operands,
+) {
+    let mut rng = Rng::new(seed);
     let mut split_cases = 0;
     let mut residual_launches = [0; 2]; // unsplit, split
     let mut sample_bias_launches = [0; 2];
@@ -561,7 +630,6 @@ fn conv2d_f32_matches_the_reference() {
             sample_of_row: None,
         };
         let own_bias = g.bias.then_some(&wt.bias[..]);
-        let (want, _) = dense_reference(g, &x, &wt, |v| v);
         let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
         let mut plans = vec![(splits, Sums::TwoLaunches)];
@@ -573,19 +641,20 @@ fn conv2d_f32_matches_the_reference() {
             let add = with_residual(case, i).then_some(&residual[..]);
             let sb = add.is_none().then_some(&sample_bias);
             let plan = (splits, sums);
-            let got = run_conv(gemm::conv2d_f32, SHARED_BYTES, g, &x, &wt, plan, (add, sb));
+            let got = run_conv(kernel, shared, g, &x, &wt, plan, (add, sb));
             let what = format!(
-                "conv2d_f32 {} splits={splits} {sums:?} residual={} sample bias={}",
+                "{name} {} splits={splits} {sums:?} residual={} sample bias={}",
                 g.name(),
                 add.is_some(),
                 sb.is_some()
             );
-            let want = match (add, sb) {
-                (Some(r), _) => plus(&want, r),
-                (None, Some(sb)) => sb.apply(&want, own_bias, g.cout),
-                (None, None) => want.clone(),
+            let reference = |operand| dense_reference(g, &x, &wt, operand).0;
+            let finish = |want: &[f32]| match (add, sb) {
+                (Some(r), _) => plus(want, r),
+                (None, Some(sb)) => sb.apply(want, own_bias, g.cout),
+                (None, None) => want.to_vec(),
             };
-            assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+            operands.check(&what, &got, g.k(), reference, finish);
             residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
             sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
         }
@@ -599,6 +668,60 @@ fn conv2d_f32_matches_the_reference() {
             launches.iter().all(|&n| n > 0),
             "split and unsplit launches must add {what}: {launches:?}"
         );
+    }
+}
+
+/// `conv2d_f32` against the f64 conv (the selftest's `GEMM_TOL`).
+#[test]
+fn conv2d_f32_matches_the_reference() {
+    let kernel = (gemm::conv2d_f32 as ConvKernel<f32>, SHARED_BYTES);
+    check_conv("conv2d_f32", kernel, 11, Operands::F32);
+}
+
+/// `conv2d_mma_f16` (f16 tensor cores, the weight transposed to f16): the cases with 4n
+/// channels take its vector loads, the others its element-by-element ones.
+#[test]
+fn conv2d_mma_f16_matches_the_reference() {
+    let kernel = (
+        gemm_f16::conv2d_mma_f16 as ConvKernel<u16>,
+        SHARED_BYTES_F16,
+    );
+    check_conv("conv2d_mma_f16", kernel, 15, Operands::F16);
+}
+
+/// `transpose_f32_to_f16` makes the tensor-core kernels' weight operand from the packed
+/// weight exactly (the test's `transposed_f16`), under the host's launch and a 3-block grid.
+#[test]
+fn transpose_f32_to_f16_matches_the_reference() {
+    let mut rng = Rng::new(16);
+    for g in &CONVS[..4] {
+        let wt = Weight::new(&mut rng, g);
+        let want: Vec<f32> = wt
+            .transposed_f16(g)
+            .into_iter()
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect();
+        let (rows, cols) = (g.k(), g.cout);
+        for l in [
+            host_grid_stride(rows * cols),
+            Launch::new([3, 1, 1], 256, 0),
+        ] {
+            let packed = DeviceBuffer::from_slice(&wt.packed);
+            let out = DeviceBuffer::from_slice(&vec![half::f16::NAN; rows * cols]);
+            unsafe {
+                launch(l, || {
+                    elementwise::transpose_f32_to_f16(
+                        packed.ptr(),
+                        out.ptr_mut() as *mut _,
+                        rows as u32,
+                        cols as u32,
+                    )
+                })
+            };
+            let got: Vec<f32> = out.to_vec().iter().map(|v| v.to_f32()).collect();
+            let what = format!("transpose_f32_to_f16 {} grid {:?}", g.name(), l.grid);
+            assert_close(&what, &got, &want, 0.0, 0.0);
+        }
     }
 }
 
@@ -856,7 +979,14 @@ fn make_segments(rng: &mut Rng, case: &MaskedCase) -> Vec<Segment> {
 /// The semantic reference: per segment, the full map (the cached map as the cache's type
 /// holds it, `round`; the fresh rows at the active positions), convolved densely at its
 /// output positions; all segments' rows stacked.
-fn masked_reference(g: &Geom, segs: &[Segment], wt: &Weight, round: fn(f32) -> f32) -> Vec<f32> {
+/// `operand` rounds every input and weight as the kernel's products see them.
+fn masked_reference(
+    g: &Geom,
+    segs: &[Segment],
+    wt: &Weight,
+    round: fn(f32) -> f32,
+    operand: fn(f32) -> f32,
+) -> Vec<f32> {
     let mut out = Vec::new();
     for s in segs {
         let mut map: Vec<f32> = s.cached.iter().map(|&v| round(v)).collect();
@@ -865,7 +995,7 @@ fn masked_reference(g: &Geom, segs: &[Segment], wt: &Weight, round: fn(f32) -> f
         }
         for &p in &s.outputs {
             let (oy, ox) = (p as usize / g.out_w(), p as usize % g.out_w());
-            let (v, _) = conv_at(g, &map, wt, (oy, ox), |v| v);
+            let (v, _) = conv_at(g, &map, wt, (oy, ox), operand);
             out.extend(v.iter().map(|&v| v as f32));
         }
     }
@@ -873,13 +1003,14 @@ fn masked_reference(g: &Geom, segs: &[Segment], wt: &Weight, round: fn(f32) -> f
 }
 
 /// The masked conv kernels' signature: `(fresh, cached, row_of, rows, weight, bias, out,
-/// residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias, has_residual)`.
-type MaskedKernel = unsafe fn(
+/// residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias, has_residual)`, the
+/// weight as `W` says.
+type MaskedKernel<W> = unsafe fn(
     *const u64,
     *const u64,
     *const u32,
     *const u32,
-    *const f32,
+    *const W,
     *const f32,
     *mut f32,
     *const f32,
@@ -909,8 +1040,8 @@ type MaskedKernel = unsafe fn(
 /// summed with the bias and the residual by `splitk_reduce_f32`. Returns the output rows
 /// (NaN where never written).
 #[allow(clippy::too_many_arguments)]
-fn run_masked<C: Copy>(
-    kernel: MaskedKernel,
+fn run_masked<C: Copy, W: WeightOperand>(
+    (kernel, shared): (MaskedKernel<W>, usize),
     g: &Geom,
     segs: &[Segment],
     cached: &[Vec<C>],
@@ -952,16 +1083,16 @@ fn run_masked<C: Copy>(
         DeviceBuffer::from_slice(&rows),
         DeviceBuffer::from_slice(&row_of),
     );
-    let packed = DeviceBuffer::from_slice(&wt.packed);
+    let packed = DeviceBuffer::from_slice(&W::of(wt, g));
     let o = ConvOutput::new(g, wt, m, (splits, sums), extras);
-    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(&packed), o.has_bias());
+    let (target, bias_ptr, has_bias) = (o.target(), o.bias_ptr(fresh.ptr()), o.has_bias());
     let (residual_ptr, has_residual) = (o.residual_ptr(), o.has_residual());
     let (ws, counters) = o.sums_ptrs();
     let (rows_per_sample, sample_of_row) = o.bias_rows();
     let u = |v: usize| v as u32;
     unsafe {
         launch(
-            Launch::new(o.grid(), 256, SHARED_BYTES).in_order(o.order()),
+            Launch::new(o.grid(), 256, shared).in_order(o.order()),
             || {
                 kernel(
                     fresh_table.ptr(),
@@ -995,16 +1126,18 @@ fn run_masked<C: Copy>(
     o.finish()
 }
 
+/// A cache's element type: how it is made from f32 values, and what of them it keeps.
+type Cache<C> = (fn(&[f32]) -> Vec<C>, fn(f32) -> f32);
+
 /// Runs every masked case with the cache as `C` (`convert` makes it from f32, `round` is
 /// what that keeps), as an H100 launches it and, where that splits, unsplit too, every other
-/// launch adding a residual; compares with the semantic reference within the selftest's
-/// `GEMM_TOL`.
-fn check_masked<C: Copy>(
+/// launch adding a residual; compares with the semantic reference as `operands` says.
+fn check_masked<C: Copy, W: WeightOperand>(
     name: &str,
-    kernel: MaskedKernel,
+    kernel: (MaskedKernel<W>, usize),
     seed: u64,
-    convert: fn(&[f32]) -> Vec<C>,
-    round: fn(f32) -> f32,
+    (convert, round): Cache<C>,
+    operands: Operands,
 ) {
     let mut rng = Rng::new(seed);
     let mut split_cases = 0;
@@ -1015,8 +1148,9 @@ fn check_masked<C: Copy>(
         let wt = Weight::new(&mut rng, g);
         let segs = make_segments(&mut rng, &case);
         let cached: Vec<Vec<C>> = segs.iter().map(|s| convert(&s.cached)).collect();
-        let want = masked_reference(g, &segs, &wt, round);
-        let residual = rng.values(want.len(), -1.0, 1.0);
+        let reference = |operand| masked_reference(g, &segs, &wt, round, operand);
+        let rows: usize = segs.iter().map(|s| s.outputs.len()).sum();
+        let residual = rng.values(rows * g.cout, -1.0, 1.0);
         // A bias per segment, each output row taking its segment's.
         let sample_bias = SampleBias {
             values: rng.values(segs.len() * g.cout, -1.0, 1.0),
@@ -1028,7 +1162,7 @@ fn check_masked<C: Copy>(
             ),
         };
         let own_bias = g.bias.then_some(&wt.bias[..]);
-        let m = want.len() / g.cout;
+        let m = rows;
         let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
         let splits = k_splits(blocks, g.k(), H100_SMS);
         let mut plans = vec![(splits, Sums::TwoLaunches)];
@@ -1048,12 +1182,12 @@ fn check_masked<C: Copy>(
                 add.is_some(),
                 sb.is_some()
             );
-            let want = match (add, sb) {
-                (Some(r), _) => plus(&want, r),
-                (None, Some(sb)) => sb.apply(&want, own_bias, g.cout),
-                (None, None) => want.clone(),
+            let finish = |want: &[f32]| match (add, sb) {
+                (Some(r), _) => plus(want, r),
+                (None, Some(sb)) => sb.apply(want, own_bias, g.cout),
+                (None, None) => want.to_vec(),
             };
-            assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+            operands.check(&what, &got, g.k(), reference, finish);
             residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
             sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
         }
@@ -1070,41 +1204,39 @@ fn check_masked<C: Copy>(
     }
 }
 
-/// `masked_conv2d_cache_f32` against the semantic reference (dense conv of the composed
-/// map at the output positions).
-#[test]
-fn masked_conv2d_cache_f32_matches_the_reference() {
-    check_masked(
-        "masked_conv2d_cache_f32",
-        gemm::masked_conv2d_cache_f32,
-        21,
-        |v| v.to_vec(),
-        |v| v,
-    );
+/// Masked conv kernels and their caches: the CUDA-core kernels (f32 products) and the f16
+/// tensor-core ones, each with an f32, f16 and bf16 cache (the cache's values as it keeps
+/// them, `round`, in the reference).
+macro_rules! masked_tests {
+    ($($test:ident: $kernel:path, $w:ty, $shared:expr, $operands:expr, $cache:expr, $seed:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                let kernel = ($kernel as MaskedKernel<$w>, $shared);
+                check_masked(stringify!($kernel), kernel, $seed, $cache, $operands);
+            }
+        )*
+    };
 }
 
-/// `masked_conv2d_cache_f16`: the cache held as f16, the reference's cached values rounded
-/// to f16.
-#[test]
-fn masked_conv2d_cache_f16_matches_the_reference() {
-    check_masked(
-        "masked_conv2d_cache_f16",
-        gemm::masked_conv2d_cache_f16,
-        22,
-        to_f16,
-        round_f16,
-    );
-}
+const F32_CACHE: Cache<f32> = (|v| v.to_vec(), |v| v);
+const F16_CACHE: Cache<half::f16> = (to_f16, round_f16);
+const BF16_CACHE: Cache<u16> = (to_bf16, round_bf16);
 
-/// `masked_conv2d_cache_bf16`: the cache held as bf16 bits, the reference's cached values
-/// rounded to bf16.
-#[test]
-fn masked_conv2d_cache_bf16_matches_the_reference() {
-    check_masked(
-        "masked_conv2d_cache_bf16",
-        gemm::masked_conv2d_cache_bf16,
-        23,
-        to_bf16,
-        round_bf16,
-    );
+masked_tests! {
+    masked_conv2d_cache_f32_matches_the_reference:
+        gemm::masked_conv2d_cache_f32, f32, SHARED_BYTES, Operands::F32, F32_CACHE, 21;
+    masked_conv2d_cache_f16_matches_the_reference:
+        gemm::masked_conv2d_cache_f16, f32, SHARED_BYTES, Operands::F32, F16_CACHE, 22;
+    masked_conv2d_cache_bf16_matches_the_reference:
+        gemm::masked_conv2d_cache_bf16, f32, SHARED_BYTES, Operands::F32, BF16_CACHE, 23;
+    masked_conv2d_mma_f16_cache_f32_matches_the_reference:
+        gemm_f16::masked_conv2d_mma_f16_cache_f32, u16, SHARED_BYTES_F16, Operands::F16,
+        F32_CACHE, 24;
+    masked_conv2d_mma_f16_cache_f16_matches_the_reference:
+        gemm_f16::masked_conv2d_mma_f16_cache_f16, u16, SHARED_BYTES_F16, Operands::F16,
+        F16_CACHE, 25;
+    masked_conv2d_mma_f16_cache_bf16_matches_the_reference:
+        gemm_f16::masked_conv2d_mma_f16_cache_bf16, u16, SHARED_BYTES_F16, Operands::F16,
+        BF16_CACHE, 26;
 }

@@ -1,17 +1,18 @@
-//! The GEMM kernels (CUDA cores and TF32 tensor cores) and the split-K reduction against a
-//! plain f64 product, on sizes that leave partial tiles in every dimension.
+//! The GEMM kernels (CUDA cores, TF32 and f16 tensor cores) and the split-K reduction against
+//! a plain f64 product, on sizes that leave partial tiles in every dimension.
 #![cfg(kernel_emu)]
 
 mod common;
 use common::*;
 use retouch_kernels_emu::simt::BlockOrder;
-use retouch_kernels_emu::{gemm, mma};
+use retouch_kernels_emu::{gemm, gemm_f16, mma};
 
 /// Block tile of every GEMM-shaped kernel (`gemm.rs`): 128 rows x 64 columns, 256 threads.
 const TILE_M: usize = 128;
 const TILE_N: usize = 64;
 const SHARED_BYTES: usize = 25_600;
 const SHARED_BYTES_TF32: usize = 26_624;
+const SHARED_BYTES_F16: usize = 30_720;
 
 struct Product {
     m: usize,
@@ -390,5 +391,160 @@ fn one_launch_split_k_matches_the_two_launch_path() {
             "one-launch split-K ({order:?}) left a counter set: {:?}",
             counters.to_vec()
         );
+    }
+}
+
+/// How `gemm_mma_f16` is launched: unsplit, or split along k in `splits` slices summed by
+/// `splitk_reduce_f32` after it or by its own last block per tile (blocks shuffled).
+#[derive(Clone, Copy, Debug)]
+enum F16Launch {
+    Whole,
+    Split(u32),
+    SplitOneLaunch(u32, u64),
+}
+
+/// `gemm_mma_f16` on `p` (B `[n, k]`, passed as f16 bits), C in place (beta reads C).
+fn run_mma_f16(p: &Product, alpha: f32, beta: f32, bias: bool, how: F16Launch) -> Vec<f32> {
+    assert!(!p.b_kn, "the f16 kernel reads B as [n, k]");
+    let b16: Vec<u16> =
+        p.b.iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+    let (a, b, bias_buf) = (
+        DeviceBuffer::from_slice(&p.a),
+        DeviceBuffer::from_slice(&b16),
+        DeviceBuffer::from_slice(&p.bias),
+    );
+    let c = DeviceBuffer::from_slice(&p.c0);
+    let (m, n, k) = (p.m as u32, p.n as u32, p.k as u32);
+    let (splits, order) = match how {
+        F16Launch::Whole => (1, BlockOrder::Grid),
+        F16Launch::Split(s) => (s, BlockOrder::Grid),
+        F16Launch::SplitOneLaunch(s, seed) => (s, BlockOrder::Shuffled(seed)),
+    };
+    let grid = [
+        p.n.div_ceil(TILE_N) as u32,
+        p.m.div_ceil(TILE_M) as u32,
+        splits,
+    ];
+    let ws = DeviceBuffer::from_slice(&vec![f32::NAN; splits as usize * p.m * p.n]);
+    let counters = DeviceBuffer::<u32>::zeroed((grid[0] * grid[1]) as usize);
+    let two_launches = matches!(how, F16Launch::Split(_));
+    unsafe {
+        launch(
+            Launch::new(grid, 256, SHARED_BYTES_F16).in_order(order),
+            || {
+                if two_launches {
+                    // As the host: raw slices into the workspace, then the reduction.
+                    gemm_f16::gemm_mma_f16(
+                        a.ptr(),
+                        b.ptr(),
+                        ws.ptr_mut(),
+                        std::ptr::null(),
+                        bias_buf.ptr(),
+                        m,
+                        n,
+                        k,
+                        0,
+                        1.0,
+                        0.0,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                } else {
+                    let one = matches!(how, F16Launch::SplitOneLaunch(..));
+                    let (ws, counters) = if one {
+                        (ws.ptr_mut(), counters.ptr_mut())
+                    } else {
+                        (std::ptr::null_mut(), std::ptr::null_mut())
+                    };
+                    gemm_f16::gemm_mma_f16(
+                        a.ptr(),
+                        b.ptr(),
+                        c.ptr_mut(),
+                        c.ptr(),
+                        bias_buf.ptr(),
+                        m,
+                        n,
+                        k,
+                        u32::from(bias),
+                        alpha,
+                        beta,
+                        ws,
+                        counters,
+                    )
+                }
+            },
+        );
+        if two_launches {
+            launch(grid_stride(p.m * p.n, 4), || {
+                gemm::splitk_reduce_f32(
+                    ws.ptr(),
+                    c.ptr_mut(),
+                    c.ptr(),
+                    bias_buf.ptr(),
+                    m * n,
+                    n,
+                    splits,
+                    u32::from(bias),
+                    alpha,
+                    beta,
+                    0,
+                    std::ptr::null(),
+                )
+            });
+        }
+    }
+    assert!(
+        counters.to_vec().iter().all(|&c| c == 0),
+        "gemm_mma_f16 {how:?} left a counter set"
+    );
+    c.to_vec()
+}
+
+/// `gemm_mma_f16` against the f64 product: within the TF32-sized tolerance of f16 operands
+/// (10 stored significand bits, as TF32) and, tighter, against the product of the operands
+/// rounded to f16 within the f32 kernels' tolerance (products of f16 values are exact in
+/// f32). Sizes: the shapes above (k of 37 and 50 take the element-by-element loads), k a
+/// multiple of 8 (every load a vector) and of 4 only (A's vector loads, B's by element);
+/// split in two launches and in one (blocks shuffled).
+#[test]
+fn gemm_mma_f16_matches_the_reference() {
+    let mut rng = Rng::new(5);
+    let shapes = [
+        SHAPES[0],
+        SHAPES[1],
+        SHAPES[2],
+        (70, 45, 64),
+        (33, 70, 52),
+        (200, 130, 520),
+    ];
+    for (i, &shape) in shapes.iter().enumerate() {
+        let p = Product::new(&mut rng, shape, false);
+        let rounded = Product {
+            a: p.a.iter().map(|&v| round_f16(v)).collect(),
+            b: p.b.iter().map(|&v| round_f16(v)).collect(),
+            bias: p.bias.clone(),
+            c0: p.c0.clone(),
+            ..p
+        };
+        let (alpha, beta, bias) = if i % 2 == 0 {
+            (1.0, 0.0, true)
+        } else {
+            (0.5, 1.5, i % 3 == 0)
+        };
+        let want = p.reference(alpha, beta, bias);
+        let want16 = rounded.reference(alpha, beta, bias);
+        let tol = (4e-3 * (p.k as f32).sqrt()).max(1e-2);
+        for how in [
+            F16Launch::Whole,
+            F16Launch::Split(3),
+            F16Launch::SplitOneLaunch(3, i as u64),
+        ] {
+            let got = run_mma_f16(&p, alpha, beta, bias, how);
+            let what = format!("gemm_mma_f16 {shape:?} {how:?}");
+            assert_close(&what, &got, &want, tol, tol);
+            assert_close(&format!("{what} (f16 operands)"), &got, &want16, 2e-4, 2e-4);
+        }
     }
 }
