@@ -30,6 +30,16 @@ pub enum GemmBackend {
     /// where `Kernels` launches `splitk_reduce_f32` after the product. Same results, bit for
     /// bit; not the default until a GPU run checks its fences.
     KernelsOneLaunch,
+    /// Retouch's kernels on f16 tensor cores (`gemm_mma_f16`, `conv2d_mma_f16`, the masked
+    /// `masked_conv2d_mma_f16_cache_*`): activations rounded to f16 as they are read, the
+    /// weights' f16 copies, f32 accumulation and output, and every fusion of
+    /// [`GemmBackend::Kernels`] (bias, bias per sample, residual, split-K). Against
+    /// [`GemmBackend::CublasF16`]: no conversion pass, im2col buffer or separate bias and
+    /// residual launches, but hand-written tiles against cuBLAS's.
+    KernelsF16,
+    /// [`GemmBackend::KernelsF16`] with each split-K product in one launch, as
+    /// [`GemmBackend::KernelsOneLaunch`].
+    KernelsF16OneLaunch,
     /// cuBLAS `sgemm` in f32 (`CUBLAS_DEFAULT_MATH`: no tensor cores).
     Cublas,
     /// cuBLAS `sgemm` with TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`: inputs rounded to
@@ -40,6 +50,33 @@ pub enum GemmBackend {
     /// an f16 copy beside the f32 one (a conv's in its [`CudaConv2dWeight`]; a linear layer's
     /// with its caller, [`CudaDevice::linear_f16_weight`], else rounded per call).
     CublasF16,
+}
+
+impl GemmBackend {
+    /// Whether the products round their operands to f16 (a linear layer keeps an f16 copy
+    /// of its weight for them).
+    pub fn f16_products(self) -> bool {
+        matches!(
+            self,
+            GemmBackend::CublasF16 | GemmBackend::KernelsF16 | GemmBackend::KernelsF16OneLaunch
+        )
+    }
+
+    /// Whether the device's split-K products sum their slices in the same launch.
+    pub(crate) fn one_launch(self) -> bool {
+        matches!(
+            self,
+            GemmBackend::KernelsOneLaunch | GemmBackend::KernelsF16OneLaunch
+        )
+    }
+
+    /// Whether the device's own GEMM kernels run on f16 tensor cores.
+    pub(crate) fn f16_kernels(self) -> bool {
+        matches!(
+            self,
+            GemmBackend::KernelsF16 | GemmBackend::KernelsF16OneLaunch
+        )
+    }
 }
 
 /// The arithmetic of a cuBLAS GEMM.
@@ -125,6 +162,8 @@ impl CudaDevice {
             b if b == GemmBackend::CublasTf32 as u8 => GemmBackend::CublasTf32,
             b if b == GemmBackend::CublasF16 as u8 => GemmBackend::CublasF16,
             b if b == GemmBackend::KernelsOneLaunch as u8 => GemmBackend::KernelsOneLaunch,
+            b if b == GemmBackend::KernelsF16 as u8 => GemmBackend::KernelsF16,
+            b if b == GemmBackend::KernelsF16OneLaunch as u8 => GemmBackend::KernelsF16OneLaunch,
             _ => GemmBackend::Kernels,
         }
     }
@@ -136,7 +175,10 @@ impl CudaDevice {
 
     fn cublas_math_of(&self, backend: GemmBackend) -> Option<BlasMath> {
         match backend {
-            GemmBackend::Kernels | GemmBackend::KernelsOneLaunch => None,
+            GemmBackend::Kernels
+            | GemmBackend::KernelsOneLaunch
+            | GemmBackend::KernelsF16
+            | GemmBackend::KernelsF16OneLaunch => None,
             GemmBackend::Cublas => Some(BlasMath::F32),
             GemmBackend::CublasTf32 => Some(BlasMath::Tf32),
             GemmBackend::CublasF16 => Some(BlasMath::F16),

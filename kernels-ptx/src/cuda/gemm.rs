@@ -1,16 +1,19 @@
-//! Launchers of the GEMM-shaped kernels (`kernels-ptx/device/gemm.rs`, `mma.rs`): sgemm,
-//! conv2d as an implicit GEMM, the masked conv over a ragged batch, and the TF32 tensor-core
-//! sgemm and conv2d.
+//! Launchers of the GEMM-shaped kernels (`kernels-ptx/device/gemm.rs`, `mma.rs`,
+//! `gemm_f16.rs`): sgemm, conv2d as an implicit GEMM, the masked conv over a ragged batch,
+//! the TF32 tensor-core sgemm and conv2d, and all three on f16 tensor cores.
 //!
 //! All share one launch shape: a 128 x 64 output tile per block of 256 threads, with
-//! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32` for the tensor-core ones).
+//! `SHARED_BYTES` of dynamic shared memory (`SHARED_BYTES_TF32`, `SHARED_BYTES_F16` for the
+//! tensor-core ones).
 
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
 
-use super::blas::{BlasMath, GemmBackend};
+use super::blas::BlasMath;
+#[cfg(doc)]
+use super::blas::GemmBackend;
 use super::ops::{grid_stride, len_u32};
 use super::tables::TableSet;
 use super::{CudaDevice, CudaTensor, GpuElement, PooledSlice, device_addresses, element_addresses};
@@ -24,12 +27,41 @@ const TILE_N: usize = 64;
 const SHARED_BYTES: u32 = 2 * (16 * 132 + 16 * 68) * 4;
 /// The TF32 kernel's: 2 x (16 x 136 + 16 x 72) floats (strides chosen for its fragments).
 const SHARED_BYTES_TF32: u32 = 2 * (16 * 136 + 16 * 72) * 4;
+/// The f16 kernels': 2 x (128 + 64) rows of 40 halves (32 k, padded).
+const SHARED_BYTES_F16: u32 = 2 * (128 + 64) * 40 * 2;
 
-/// Which GEMM kernel: f32 on CUDA cores, or TF32 on tensor cores.
+/// Which GEMM kernel: f32 on CUDA cores, TF32 or f16 on tensor cores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Cores {
     Cuda,
     TensorTf32,
+    TensorF16,
+}
+
+impl Cores {
+    fn shared_bytes(self) -> u32 {
+        match self {
+            Cores::Cuda => SHARED_BYTES,
+            Cores::TensorTf32 => SHARED_BYTES_TF32,
+            Cores::TensorF16 => SHARED_BYTES_F16,
+        }
+    }
+
+    /// Whether its kernels take a `gridDim.z` split of k (the TF32 ones do not).
+    fn splits_k(self) -> bool {
+        self != Cores::TensorTf32
+    }
+}
+
+/// A GEMM's B operand: f32 `[n, k]` (`transposed`: a linear weight) or `[k, n]`, for the
+/// f32 and TF32 kernels; or f16 `[n, k]` for the f16 tensor-core kernel.
+#[derive(Clone, Copy)]
+enum BOperand<'a> {
+    F32 {
+        data: &'a CudaSlice<f32>,
+        transposed: bool,
+    },
+    F16(&'a CudaSlice<f16>),
 }
 
 /// The launch of an `m x n` output.
@@ -103,7 +135,8 @@ struct BiasRows {
 
 /// What a CUDA-core GEMM or conv launch writes: C itself; or (split-K) a `[splits, m, n]`
 /// workspace, summed into C afterwards by `splitk_reduce_f32`, or by the launch's own last
-/// block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`]).
+/// block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`] and
+/// [`GemmBackend::KernelsF16OneLaunch`]).
 struct SplitK {
     splits: usize,
     workspace: Option<PooledSlice<f32>>,
@@ -159,6 +192,25 @@ impl SplitK {
 }
 
 impl CudaDevice {
+    /// The cores the device's own GEMM kernels run on under the chosen backend.
+    fn kernel_cores(&self) -> Cores {
+        if self.gemm_backend().f16_kernels() {
+            Cores::TensorF16
+        } else {
+            Cores::Cuda
+        }
+    }
+
+    /// The device address of a conv weight as the kernels on `cores` read it: the packed
+    /// f32 `[k, cout]`, or for f16 tensor cores its transposed f16 copy (made on first use).
+    fn weight_operand(&self, weight: &CudaConv2dWeight, cores: Cores) -> Result<u64> {
+        let stream = self.stream();
+        Ok(match cores {
+            Cores::TensorF16 => weight.transposed_f16(self)?.data.device_ptr(stream).0,
+            _ => weight.packed.data.device_ptr(stream).0,
+        })
+    }
+
     /// The split of an `m x n x k` product launched as `cfg` (its grid's z set here).
     fn plan_split(
         &self,
@@ -177,8 +229,7 @@ impl CudaDevice {
         // (`gemm_block`), and the reduction reads only the slices.
         let workspace = unsafe { self.alloc_pooled::<f32>(op, splits * m * n) }?;
         // A split product has fewer tiles than SMs, one counter each.
-        let one_launch = self.gemm_backend() == GemmBackend::KernelsOneLaunch
-            && blocks <= self.split_counters.len();
+        let one_launch = self.gemm_backend().one_launch() && blocks <= self.split_counters.len();
         Ok(SplitK {
             splits,
             workspace: Some(workspace),
@@ -294,6 +345,7 @@ fn kernel_name(cores: Cores) -> &'static str {
     match cores {
         Cores::Cuda => "sgemm_f32",
         Cores::TensorTf32 => "sgemm_tf32",
+        Cores::TensorF16 => "gemm_mma_f16",
     }
 }
 
@@ -305,6 +357,9 @@ pub struct CudaConv2dWeight {
     /// `packed` rounded to f16, made on the first f16 GEMM ([`GemmBackend::CublasF16`]);
     /// nothing changes `packed` after the upload, so it never goes stale.
     packed_f16: OnceLock<CudaTensor<f16>>,
+    /// `packed` transposed to `[cout, k]` and rounded to f16, made on the first product on
+    /// f16 tensor cores ([`GemmBackend::KernelsF16`]); never stale, as `packed_f16`.
+    transposed_f16: OnceLock<CudaTensor<f16>>,
     pub(crate) bias: Option<CudaTensor>,
     pub(crate) kh: usize,
     pub(crate) kw: usize,
@@ -327,6 +382,7 @@ impl CudaConv2dWeight {
         Ok(CudaConv2dWeight {
             packed: CudaTensor::upload(dev, &packed)?,
             packed_f16: OnceLock::new(),
+            transposed_f16: OnceLock::new(),
             bias,
             kh,
             kw,
@@ -346,6 +402,15 @@ impl CudaConv2dWeight {
         }
         let half = dev.f32_to_f16(&self.packed)?;
         Ok(self.packed_f16.get_or_init(|| half))
+    }
+
+    /// The packed weight transposed to `[cout, k]` as f16, made on first use.
+    pub(crate) fn transposed_f16(&self, dev: &CudaDevice) -> Result<&CudaTensor<f16>> {
+        if let Some(half) = self.transposed_f16.get() {
+            return Ok(half);
+        }
+        let half = dev.transpose_to_f16(&self.packed)?;
+        Ok(self.transposed_f16.get_or_init(|| half))
     }
 
     /// The bias `[cout]` in device memory, if the conv has one.
@@ -460,46 +525,40 @@ impl CudaDevice {
             return shape_err(op, format!("bias must be [{n}], got {:?}", bias.shape()));
         }
         len_u32(op, a.elem_count().max(b.elem_count()).max(c.elem_count()))?;
-        self.sgemm_raw(
-            cores,
-            a,
-            b,
-            b_transposed,
-            bias,
-            (m, n, k),
-            (alpha, Addend::OwnValues(beta)),
-            &mut c.data,
-        )
+        let b = BOperand::F32 {
+            data: &b.data,
+            transposed: b_transposed,
+        };
+        let addend = (alpha, Addend::OwnValues(beta));
+        self.sgemm_raw(cores, a, b, bias, (m, n, k), addend, &mut c.data)
     }
 
-    /// The launch of `sgemm_f32` / `sgemm_tf32` on checked sizes (`a`, `b` hold `m * k`, `k * n` values).
+    /// The launch of `sgemm_f32` / `sgemm_tf32` / `gemm_mma_f16` on checked sizes (`a`, `b`
+    /// hold `m * k`, `k * n` values; an f16 B goes with `Cores::TensorF16` and no other).
     #[allow(clippy::too_many_arguments)]
     fn sgemm_raw(
         &self,
         cores: Cores,
         a: &CudaTensor,
-        b: &CudaTensor,
-        b_transposed: bool,
+        b: BOperand<'_>,
         bias: Option<&CudaTensor>,
         (m, n, k): (usize, usize, usize),
         (alpha, addend): (f32, Addend<'_>),
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let k_name = kernel_name(cores);
+        debug_assert_eq!(matches!(b, BOperand::F16(_)), cores == Cores::TensorF16);
         if m == 0 || n == 0 {
             return Ok(());
         }
         let mut cfg = tiles(k_name, m, n)?;
-        if cores == Cores::TensorTf32 {
-            cfg.shared_mem_bytes = SHARED_BYTES_TF32;
-        }
-        // Split-K on CUDA cores only (the TF32 kernel has no split yet).
-        let mut split = match cores {
-            Cores::Cuda => self.plan_split(k_name, &mut cfg, (m, n, k))?,
-            Cores::TensorTf32 => SplitK::NONE,
+        cfg.shared_mem_bytes = cores.shared_bytes();
+        let mut split = if cores.splits_k() {
+            self.plan_split(k_name, &mut cfg, (m, n, k))?
+        } else {
+            SplitK::NONE
         };
         let (m_u, n_u, k_u) = (m as u32, n as u32, k as u32);
-        let b_kn = u32::from(!b_transposed);
         let stream = self.stream();
         // A split writes raw partial sums; the reduction applies alpha, the addend and the
         // bias.
@@ -516,24 +575,34 @@ impl CudaDevice {
         // Without a bias the kernel never reads the pointer; any valid buffer will do.
         let bias_data = bias.map_or(&*a.data, |t| &*t.data);
         let (ws_at, counters_at) = split.sums_args(self);
+        // The f16 kernel's B is always `[n, k]`: it takes no `b_kn`.
+        let (b_at, b_kn) = match b {
+            BOperand::F32 { data, transposed } => {
+                (data.device_ptr(stream).0, Some(u32::from(!transposed)))
+            }
+            BOperand::F16(data) => (data.device_ptr(stream).0, None),
+        };
         {
             let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&a.data)
-                .arg(&b.data)
+                .arg(&b_at)
                 .arg(split.target(c))
                 .arg(&c_in)
                 .arg(bias_data)
                 .arg(&m_u)
                 .arg(&n_u)
-                .arg(&k_u)
-                .arg(&b_kn)
-                .arg(&has_bias)
+                .arg(&k_u);
+            if let Some(b_kn) = &b_kn {
+                l.arg(b_kn);
+            }
+            l.arg(&has_bias)
                 .arg(&k_alpha)
                 .arg(&k_beta)
                 .arg(&ws_at)
                 .arg(&counters_at);
             // SAFETY: matches `sgemm_f32` / `sgemm_tf32(a, b, c, c_in, bias, m, n, k, b_kn,
-            // has_bias, alpha, beta, ws, counters)`; sizes checked by the callers (c_in, read
+            // has_bias, alpha, beta, ws, counters)`, or `gemm_mma_f16` (the same without
+            // b_kn, B f16 `[n, k]`); sizes checked by the callers (c_in, read
             // when beta is not 0, holds `m * n` values), every index below 2^31; a split
             // launch's C is its `[splits, m, n]` workspace, or in one launch `ws` is, with a
             // zeroed counter per output tile (fewer tiles than counters: `plan_split`).
@@ -576,7 +645,7 @@ impl CudaDevice {
         residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let math = self.cublas_math();
-        if math == Some(BlasMath::F16) {
+        if self.gemm_backend().f16_products() {
             // No kept f16 weight here: rounded per call.
             return self.linear_f16(op, x, &self.f32_to_f16(weight)?, bias, residual);
         }
@@ -590,26 +659,23 @@ impl CudaDevice {
                     self.add_rows_in_place(&mut out.data, r, r.elem_count())?;
                 }
             }
-            None => self.sgemm_raw(
-                Cores::Cuda,
-                x,
-                weight,
-                true,
-                bias,
-                dims,
-                (
-                    1.0,
-                    residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data)),
-                ),
-                &mut out.data,
-            )?,
+            None => {
+                let b = BOperand::F32 {
+                    data: &weight.data,
+                    transposed: true,
+                };
+                let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
+                self.sgemm_raw(Cores::Cuda, x, b, bias, dims, (1.0, addend), &mut out.data)?
+            }
         }
         Ok(out)
     }
 
-    /// [`CudaDevice::linear`] on f16 tensor cores through cuBLAS, whatever the backend, with
-    /// the weight `[out, in]` already in f16 (a layer's kept copy: only `x` is rounded per
-    /// call). Needs cuBLAS ([`CudaDevice::set_gemm_backend`] reports whether it loads).
+    /// [`CudaDevice::linear`] on f16 tensor cores with the weight `[out, in]` already in f16
+    /// (a layer's kept copy): the device's `gemm_mma_f16` under
+    /// [`GemmBackend::KernelsF16`] (and its one-launch variant), which rounds `x` as it reads
+    /// it; else cuBLAS, whatever the backend, after rounding `x` in a pass of its own (needs
+    /// cuBLAS: [`CudaDevice::set_gemm_backend`] reports whether it loads).
     pub fn linear_f16_weight(
         &self,
         x: &CudaTensor,
@@ -640,6 +706,13 @@ impl CudaDevice {
         residual: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
         let (mut out, dims) = self.linear_output(op, x, weight.shape(), bias, residual)?;
+        if self.gemm_backend().f16_kernels() {
+            let b = BOperand::F16(&weight.data);
+            let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
+            let c = &mut out.data;
+            self.sgemm_raw(Cores::TensorF16, x, b, bias, dims, (1.0, addend), c)?;
+            return Ok(out);
+        }
         let x = self.slice_to_f16(&x.data, x.elem_count())?;
         self.cublas_gemm_f16(&x, &weight.data, true, bias, dims, &mut out.data)?;
         if let Some(r) = residual {
@@ -720,7 +793,7 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::Cuda, x, weight, params, ConvExtras::default())
+        self.conv2d_on(None, x, weight, params, ConvExtras::default())
     }
 
     /// [`CudaDevice::conv2d`] plus `residual` (laid out as the output), added as the output
@@ -736,7 +809,7 @@ impl CudaDevice {
             residual: Some(residual),
             ..ConvExtras::default()
         };
-        self.conv2d_on(Cores::Cuda, x, weight, params, extras)
+        self.conv2d_on(None, x, weight, params, extras)
     }
 
     /// [`CudaDevice::conv2d`] with a bias per sample, `bias = [batch, cout]`, in place of the
@@ -753,7 +826,7 @@ impl CudaDevice {
             sample_bias: Some(bias),
             ..ConvExtras::default()
         };
-        self.conv2d_on(Cores::Cuda, x, weight, params, extras)
+        self.conv2d_on(None, x, weight, params, extras)
     }
 
     /// [`CudaDevice::conv2d`] on tensor cores: input and weight rounded to TF32, f32
@@ -764,12 +837,20 @@ impl CudaDevice {
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
     ) -> Result<CudaTensor> {
-        self.conv2d_on(Cores::TensorTf32, x, weight, params, ConvExtras::default())
+        self.conv2d_on(
+            Some(Cores::TensorTf32),
+            x,
+            weight,
+            params,
+            ConvExtras::default(),
+        )
     }
 
+    /// The conv on `cores`, or (None) as the backend says: cuBLAS, or the device's kernels
+    /// on the cores it names.
     fn conv2d_on(
         &self,
-        cores: Cores,
+        cores: Option<Cores>,
         x: &CudaTensor,
         weight: &CudaConv2dWeight,
         params: Conv2dParams,
@@ -778,9 +859,15 @@ impl CudaDevice {
             sample_bias,
         }: ConvExtras<'_>,
     ) -> Result<CudaTensor> {
-        let (k_name, shared) = match cores {
-            Cores::Cuda => ("conv2d_f32", SHARED_BYTES),
-            Cores::TensorTf32 => ("conv2d_tf32", SHARED_BYTES_TF32),
+        let cublas = match cores {
+            None => self.cublas_math(),
+            Some(_) => None,
+        };
+        let cores = cores.unwrap_or_else(|| self.kernel_cores());
+        let k_name = match cores {
+            Cores::Cuda => "conv2d_f32",
+            Cores::TensorTf32 => "conv2d_tf32",
+            Cores::TensorF16 => "conv2d_mma_f16",
         };
         let &[batch, h, w, cin] = x.shape() else {
             return shape_err(
@@ -810,7 +897,7 @@ impl CudaDevice {
         if m == 0 {
             return Ok(out);
         }
-        if let (Cores::Cuda, Some(math)) = (cores, self.cublas_math()) {
+        if let Some(math) = cublas {
             let dims = (batch, h, w, cin);
             let bias = if sample_bias.is_some() {
                 None
@@ -827,14 +914,14 @@ impl CudaDevice {
             return Ok(out);
         }
         let mut cfg = tiles(k_name, m, weight.cout)?;
-        cfg.shared_mem_bytes = shared;
-        let mut split = match cores {
-            Cores::Cuda => {
-                let k = weight.kh * weight.kw * cin;
-                self.plan_split(k_name, &mut cfg, (m, weight.cout, k))?
-            }
-            Cores::TensorTf32 => SplitK::NONE,
+        cfg.shared_mem_bytes = cores.shared_bytes();
+        let mut split = if cores.splits_k() {
+            let k = weight.kh * weight.kw * cin;
+            self.plan_split(k_name, &mut cfg, (m, weight.cout, k))?
+        } else {
+            SplitK::NONE
         };
+        let weight_at = self.weight_operand(weight, cores)?;
         let u = |v: usize| v as u32;
         let stream = self.stream();
         let addend = residual.map_or(Addend::Nothing, |r| Addend::Residual(&r.data));
@@ -872,7 +959,7 @@ impl CudaDevice {
         {
             let mut l = stream.launch_builder(self.function(k_name)?);
             l.arg(&x.data)
-                .arg(&weight.packed.data)
+                .arg(&weight_at)
                 .arg(bias_data)
                 .arg(split.target(&mut out.data))
                 .arg(&residual_at);
@@ -883,9 +970,10 @@ impl CudaDevice {
                 .arg(&counters_at)
                 .arg(&rows.rows_per_sample)
                 .arg(&rows.sample_of_row);
-            // SAFETY: matches `conv2d_f32` / `conv2d_tf32(x, weight, bias, out, residual, m,
-            // cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias, has_residual, ws,
-            // counters, rows_per_sample, sample_of_row)`; shapes checked (the residual, read
+            // SAFETY: matches `conv2d_f32` / `conv2d_tf32` / `conv2d_mma_f16(x, weight, bias,
+            // out, residual, m, cout, h, w, cin, kh, kw, stride, pad, out_h, out_w, has_bias,
+            // has_residual, ws, counters, rows_per_sample, sample_of_row)`, the weight as
+            // `weight_operand` gives it for those cores; shapes checked (the residual, read
             // when has_residual is 1, as the output; a sample bias `[batch, cout]` for rows of
             // `oh * ow`), every index below 2^31; a split launch's output is its `[splits, m,
             // cout]` workspace, or in one launch `ws` is (see `sgemm_raw`).
@@ -958,7 +1046,11 @@ impl CudaDevice {
             sample_bias,
         }: ConvExtras<'_>,
     ) -> Result<CudaTensor> {
-        let op = C::MASKED_CONV;
+        let cores = self.kernel_cores();
+        let op = match cores {
+            Cores::TensorF16 => C::MASKED_CONV_MMA,
+            _ => C::MASKED_CONV,
+        };
         let Some(first) = segments.first() else {
             return CudaTensor::zeros(self, &[0, weight.cout]);
         };
@@ -1007,8 +1099,10 @@ impl CudaDevice {
             return Ok(out);
         }
         let mut cfg = tiles(op, m, weight.cout)?;
+        cfg.shared_mem_bytes = cores.shared_bytes();
         let k = weight.kh * weight.kw * cin;
         let mut split = self.plan_split(op, &mut cfg, (m, weight.cout, k))?;
+        let weight_at = self.weight_operand(weight, cores)?;
         let mut rows = Vec::with_capacity(2 * m);
         let mut row_of = Vec::with_capacity(segments.len() * hw);
         // Each output row's segment, for a bias per segment (empty without one).
@@ -1080,7 +1174,7 @@ impl CudaDevice {
                 .arg(&cached_d)
                 .arg(&row_of_d)
                 .arg(&rows_d)
-                .arg(&weight.packed.data)
+                .arg(&weight_at)
                 .arg(bias_data)
                 .arg(split.target(&mut out.data))
                 .arg(&residual_at);
@@ -1091,7 +1185,8 @@ impl CudaDevice {
                 .arg(&counters_at)
                 .arg(&bias_rows.rows_per_sample)
                 .arg(&bias_rows.sample_of_row);
-            // SAFETY: matches `masked_conv2d_cache_*(fresh, cached, row_of, rows, weight,
+            // SAFETY: matches `masked_conv2d_cache_*` / `masked_conv2d_mma_f16_cache_*(fresh,
+            // cached, row_of, rows, weight (as `weight_operand` gives it),
             // bias, out, residual, m, cout, h, w, cin, kh, kw, stride, pad, out_w, has_bias,
             // has_residual, ws, counters, rows_per_sample, sample_of_row)`; the residual (read
             // when has_residual is 1) is `[m, cout]`; a bias per segment `[segments, cout]`

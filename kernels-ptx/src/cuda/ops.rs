@@ -202,6 +202,27 @@ impl CudaDevice {
         self.convert("convert_f32_to_f16", x)
     }
 
+    /// A matrix `[rows, cols]` transposed to `[cols, rows]` and rounded to f16 (nearest
+    /// even): a conv's packed weight as the f16 tensor-core kernels read it.
+    pub fn transpose_to_f16(&self, x: &CudaTensor) -> Result<CudaTensor<f16>> {
+        const K: &str = "transpose_f32_to_f16";
+        let &[rows, cols] = x.shape() else {
+            return shape_err(K, format!("expected [rows, cols], got {:?}", x.shape()));
+        };
+        let n = len_u32(K, x.elem_count())?;
+        // SAFETY: the launch below writes every element (none when it is empty).
+        let mut out = unsafe { CudaTensor::<f16>::uninit(self, &[cols, rows]) }?;
+        if n > 0 {
+            let (rows_u, cols_u) = (rows as u32, cols as u32);
+            let mut l = self.stream().launch_builder(self.function(K)?);
+            l.arg(&x.data).arg(&mut out.data).arg(&rows_u).arg(&cols_u);
+            // SAFETY: matches `transpose_f32_to_f16(x, out, rows, cols)`; both hold
+            // `rows * cols < 2^31` values.
+            self.launched(K, unsafe { l.launch(grid_stride(n)) })?;
+        }
+        Ok(out)
+    }
+
     /// GEGLU: the last dimension splits into (hidden, gate); `hidden * gelu(gate)`.
     pub fn geglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
         const K: &str = "geglu_f32";

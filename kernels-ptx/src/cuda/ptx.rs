@@ -68,6 +68,12 @@ pub const KERNELS: &[&str] = &[
     "masked_conv2d_cache_f32",
     "masked_conv2d_cache_f16",
     "masked_conv2d_cache_bf16",
+    "gemm_mma_f16",
+    "conv2d_mma_f16",
+    "masked_conv2d_mma_f16_cache_f32",
+    "masked_conv2d_mma_f16_cache_f16",
+    "masked_conv2d_mma_f16_cache_bf16",
+    "transpose_f32_to_f16",
 ];
 
 /// The PTX to load on a device of this compute capability: sm_90's from 9.0 on, else sm_80's

@@ -682,8 +682,17 @@ impl Runner<'_> {
     /// `f` with split-K products in one launch ([`GemmBackend::KernelsOneLaunch`]), then
     /// the device's backend again.
     fn one_launch_split_k<T>(&self, f: impl FnOnce(&CudaDevice) -> Result<T>) -> Result<T> {
+        self.with_gemm_backend(GemmBackend::KernelsOneLaunch, f)
+    }
+
+    /// `f` with the device's GEMMs on `backend`, then the device's backend again.
+    fn with_gemm_backend<T>(
+        &self,
+        backend: GemmBackend,
+        f: impl FnOnce(&CudaDevice) -> Result<T>,
+    ) -> Result<T> {
         let chosen = self.dev.gemm_backend();
-        self.dev.set_gemm_backend(GemmBackend::KernelsOneLaunch)?;
+        self.dev.set_gemm_backend(backend)?;
         let out = f(self.dev);
         self.dev.set_gemm_backend(chosen)?;
         out
@@ -797,16 +806,7 @@ impl Runner<'_> {
     }
 
     fn cublas_checks(&mut self) -> Result<()> {
-        for (
-            backend,
-            [
-                linear_op,
-                conv_op,
-                linear_add_op,
-                conv_add_op,
-                sample_bias_op,
-            ],
-        ) in [
+        self.backend_checks(&[
             (
                 GemmBackend::Cublas,
                 [
@@ -837,7 +837,101 @@ impl Runner<'_> {
                     "conv2d_sample_bias cublas_f16",
                 ],
             ),
+        ])
+    }
+
+    /// Linear layers and convolutions on the device's f16 tensor-core kernels
+    /// ([`GemmBackend::KernelsF16`], and with split-K in one launch) against the CPU: the
+    /// shapes of the other backends' checks, and long products that split k. The device's
+    /// backend is restored after.
+    fn f16_kernels(&mut self) -> Result<()> {
+        let chosen = self.dev.gemm_backend();
+        let result = self.f16_kernel_checks();
+        self.dev.set_gemm_backend(chosen)?;
+        result
+    }
+
+    fn f16_kernel_checks(&mut self) -> Result<()> {
+        self.backend_checks(&[
+            (
+                GemmBackend::KernelsF16,
+                [
+                    "linear kernels_f16",
+                    "conv2d kernels_f16",
+                    "linear_add kernels_f16",
+                    "conv2d_add kernels_f16",
+                    "conv2d_sample_bias kernels_f16",
+                ],
+            ),
+            (
+                GemmBackend::KernelsF16OneLaunch,
+                [
+                    "linear kernels_f16 one-launch",
+                    "conv2d kernels_f16 one-launch",
+                    "linear_add kernels_f16 one-launch",
+                    "conv2d_add kernels_f16 one-launch",
+                    "conv2d_sample_bias kernels_f16 one-launch",
+                ],
+            ),
+        ])?;
+        // Long k over few output tiles (split in 2 to 16 slices), and SD's deepest convs.
+        for (backend, [linear_op, conv_op]) in [
+            (
+                GemmBackend::KernelsF16,
+                [
+                    "linear_add splitk kernels_f16",
+                    "conv2d_sample_bias splitk kernels_f16",
+                ],
+            ),
+            (
+                GemmBackend::KernelsF16OneLaunch,
+                [
+                    "linear_add splitk kernels_f16 one-launch",
+                    "conv2d_sample_bias splitk kernels_f16 one-launch",
+                ],
+            ),
         ] {
+            self.dev.set_gemm_backend(backend)?;
+            for (m, k, n) in [(7, 2880, 77), (130, 5120, 64), (1, 11520, 5)] {
+                let a = self.randn(&[m, k]);
+                let w = self.randn(&[n, k]);
+                let bias = self.randn(&[n]);
+                let residual = self.randn(&[m, n]);
+                let (ga, gw, gbias) = (self.up(&a)?, self.up(&w)?, self.up(&bias)?);
+                let got = self
+                    .dev
+                    .linear_add(&ga, &gw, Some(&gbias), &self.up(&residual)?)?;
+                let want = a.linear(&w, Some(&bias))?.add(&residual)?;
+                self.record(linear_op, format!("{m}x{k}x{n}"), &got, &want, tf32_tol(k))?;
+            }
+            for (cin, cout) in [(320, 77), (643, 130)] {
+                let (wb, b) = self.conv_weight_and_bias(cout, cin, 3, 3, true)?;
+                let x = self.randn(&[2, 8, 8, cin]);
+                let (got, want) =
+                    self.conv_sample_bias(&x, (&wb, &b), Conv2dParams::SAME_3X3, false)?;
+                let size = format!("2x8x8x{cin}->{cout} 3x3/1 p1");
+                self.record(conv_op, size, &got, &want, tf32_tol(9 * cin))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The linear and conv checks under each backend, named as given: `linear`,
+    /// `linear_add` and (f16 products) `linear_f16_weight[_add]` on every row count and
+    /// three (k, n); `conv2d`, `conv2d_add` and `conv2d_sample_bias` on SD's conv shapes.
+    /// Leaves the last backend chosen.
+    fn backend_checks(&mut self, backends: &[(GemmBackend, [&'static str; 5])]) -> Result<()> {
+        for &(
+            backend,
+            [
+                linear_op,
+                conv_op,
+                linear_add_op,
+                conv_add_op,
+                sample_bias_op,
+            ],
+        ) in backends
+        {
             self.dev.set_gemm_backend(backend)?;
             // f16 products round each input to a 10-bit significand as TF32 does (f16's
             // range is ample for these unit-scale inputs).
@@ -870,13 +964,13 @@ impl Runner<'_> {
                     )?;
                     let size = format!("{m}x{k}x{n}");
                     self.record(linear_add_op, size, &got, &want_add, tol(k))?;
-                    if backend == GemmBackend::CublasF16 {
+                    if backend.f16_products() {
                         // A layer's kept f16 weight (what the UNet's linear layers pass).
                         let half = self.dev.f32_to_f16(&self.up(&w)?)?;
                         let got =
                             self.dev
                                 .linear_f16_weight(&self.up(&a)?, &half, gbias.as_ref())?;
-                        let size = format!("{m}x{k}x{n}");
+                        let size = format!("{m}x{k}x{n} {linear_op}");
                         self.record("linear_f16_weight", size.clone(), &got, &want, tol(k))?;
                         let got = self.dev.linear_f16_weight_add(
                             &self.up(&a)?,
@@ -1340,12 +1434,19 @@ impl Runner<'_> {
                 let want = wt.masked_conv2d(&segs, p)?;
                 let args = (&gw, &fresh[..], &active[..], &cached_t[..], &outputs[..], p);
                 let none = MaskedExtras::default();
-                let (op, got) = match dtype {
-                    DType::F32 => ("masked_conv_f32", self.masked::<f32>(args, none)?),
-                    DType::F16 => ("masked_conv_f16", self.masked::<f16>(args, none)?),
-                    _ => ("masked_conv_bf16", self.masked::<bf16>(args, none)?),
+                let [op, op_f16] = match dtype {
+                    DType::F32 => ["masked_conv_f32", "masked_conv_f32 kernels_f16"],
+                    DType::F16 => ["masked_conv_f16", "masked_conv_f16 kernels_f16"],
+                    _ => ["masked_conv_bf16", "masked_conv_bf16 kernels_f16"],
                 };
+                let got = self.masked_as(dtype, args, none)?;
                 self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
+                // On f16 tensor cores: products of f16-rounded operands.
+                let f16_tol = tf32_tol(9 * cin);
+                let got = self.with_gemm_backend(GemmBackend::KernelsF16, |_| {
+                    self.masked_as(dtype, args, none)
+                })?;
+                self.record(op_f16, size.clone(), &got, &want, f16_tol)?;
                 if dtype == DType::F16 {
                     // The cached step's cases: a residual added as the rows are written (the
                     // resnets' second conv), and a bias per segment in place of the weight's
@@ -1366,7 +1467,12 @@ impl Runner<'_> {
                             sample_bias: None,
                         },
                         want.add(&residual)?,
-                        ["masked_conv_f16_add", "masked_conv_f16_add one-launch"],
+                        [
+                            "masked_conv_f16_add",
+                            "masked_conv_f16_add one-launch",
+                            "masked_conv_f16_add kernels_f16",
+                            "masked_conv_f16_add kernels_f16 one-launch",
+                        ],
                     );
                     let with_sample_bias = (
                         MaskedExtras {
@@ -1377,19 +1483,42 @@ impl Runner<'_> {
                         [
                             "masked_conv_f16_sample_bias",
                             "masked_conv_f16_sample_bias one-launch",
+                            "masked_conv_f16_sample_bias kernels_f16",
+                            "masked_conv_f16_sample_bias kernels_f16 one-launch",
                         ],
                     );
-                    for (extras, want, [op, op_one_launch]) in [with_residual, with_sample_bias] {
-                        let got = self.masked::<f16>(args, extras.borrow())?;
-                        self.record(op, size.clone(), &got, &want, GEMM_TOL)?;
-                        let got =
-                            self.one_launch_split_k(|_| self.masked::<f16>(args, extras.borrow()))?;
-                        self.record(op_one_launch, size.clone(), &got, &want, GEMM_TOL)?;
+                    for (extras, want, ops) in [with_residual, with_sample_bias] {
+                        let backends = [
+                            (GemmBackend::Kernels, GEMM_TOL),
+                            (GemmBackend::KernelsOneLaunch, GEMM_TOL),
+                            (GemmBackend::KernelsF16, f16_tol),
+                            (GemmBackend::KernelsF16OneLaunch, f16_tol),
+                        ];
+                        for (op, (backend, tol)) in ops.into_iter().zip(backends) {
+                            let got = self.with_gemm_backend(backend, |_| {
+                                self.masked::<f16>(args, extras.borrow())
+                            })?;
+                            self.record(op, size.clone(), &got, &want, tol)?;
+                        }
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// [`Runner::masked`] with the cache as `dtype` says (f32, f16 or bf16).
+    fn masked_as(
+        &self,
+        dtype: DType,
+        args: MaskedConvArgs<'_>,
+        extras: MaskedExtras<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        match dtype {
+            DType::F32 => self.masked::<f32>(args, extras),
+            DType::F16 => self.masked::<f16>(args, extras),
+            _ => self.masked::<bf16>(args, extras),
+        }
     }
 
     /// The masked conv on the device, its cached maps uploaded as `C`, plus a residual or
@@ -1760,6 +1889,7 @@ pub fn run_groups(dev: &CudaDevice, groups: &[&str]) -> Result<Vec<Check>> {
             "attention" => r.attention()?,
             "gemm" => {
                 r.gemm()?;
+                r.f16_kernels()?;
                 r.cublas()?
             }
             "conv" => r.conv()?,

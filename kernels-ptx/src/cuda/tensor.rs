@@ -19,18 +19,24 @@ pub trait GpuElement:
     /// The masked conv kernel reading a cached map of this type.
     #[doc(hidden)]
     const MASKED_CONV: &'static str;
+    /// The same on f16 tensor cores.
+    #[doc(hidden)]
+    const MASKED_CONV_MMA: &'static str;
 }
 impl GpuElement for f32 {
     const LORA_PATCH: &'static str = "lora_patch_f32";
     const MASKED_CONV: &'static str = "masked_conv2d_cache_f32";
+    const MASKED_CONV_MMA: &'static str = "masked_conv2d_mma_f16_cache_f32";
 }
 impl GpuElement for f16 {
     const LORA_PATCH: &'static str = "lora_patch_f16";
     const MASKED_CONV: &'static str = "masked_conv2d_cache_f16";
+    const MASKED_CONV_MMA: &'static str = "masked_conv2d_mma_f16_cache_f16";
 }
 impl GpuElement for bf16 {
     const LORA_PATCH: &'static str = "lora_patch_bf16";
     const MASKED_CONV: &'static str = "masked_conv2d_cache_bf16";
+    const MASKED_CONV_MMA: &'static str = "masked_conv2d_mma_f16_cache_bf16";
 }
 
 /// Dense, row-major data in device memory. Ops on it are the launchers in [`CudaDevice`];

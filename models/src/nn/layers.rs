@@ -1,9 +1,9 @@
 use std::sync::OnceLock;
 
 use half::f16;
-use retouch_kernels::cuda::{
-    CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor, GemmBackend,
-};
+#[cfg(doc)]
+use retouch_kernels::cuda::GemmBackend;
+use retouch_kernels::cuda::{CudaConv2dWeight, CudaDevice, CudaMaskedConvSegment, CudaTensor};
 use retouch_kernels::{Conv2dParams, Conv2dWeight, MaskedConvSegment, Tensor};
 
 use super::Scope;
@@ -17,8 +17,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The weight and bias in device memory, once uploaded.
     gpu: Option<(CudaTensor, Option<CudaTensor>)>,
-    /// The device weight rounded to f16, made on the first forward with f16 GEMMs
-    /// ([`GemmBackend::CublasF16`]) and dropped whenever the device weight may change.
+    /// The device weight rounded to f16, made on the first forward with f16 products
+    /// ([`GemmBackend::f16_products`]) and dropped whenever the device weight may change.
     gpu_f16: OnceLock<CudaTensor<f16>>,
 }
 
@@ -100,7 +100,7 @@ impl Linear {
     ) -> Result<CudaTensor> {
         let (w, own) = on_device(self.gpu.as_ref(), "linear")?;
         let b = bias.or(own.as_ref());
-        if dev.gemm_backend() == GemmBackend::CublasF16 {
+        if dev.gemm_backend().f16_products() {
             let half = match self.gpu_f16.get() {
                 Some(half) => half,
                 None => {

@@ -25,6 +25,12 @@ pub enum GemmArg {
     /// Retouch's kernels with each split-K product in one launch (its last block per output
     /// tile sums the slices) instead of a product and a reduction. Not yet checked on a GPU.
     KernelsOneLaunch,
+    /// Retouch's kernels on f16 tensor cores (`mma.sync`): activations rounded to f16 as
+    /// the tiles read them, the weights' f16 copies, f32 accumulation and output, with the
+    /// same fused bias, residual and split-K as `kernels`. Not yet checked on a GPU.
+    KernelsF16,
+    /// `kernels-f16` with each split-K product in one launch, as `kernels-one-launch`.
+    KernelsF16OneLaunch,
     /// cuBLAS in f32 (convolutions as im2col + GEMM); needs libcublas on the library path.
     Cublas,
     /// cuBLAS on TF32 tensor cores (PyTorch's `allow_tf32`): 10-bit significands in the
@@ -41,6 +47,8 @@ impl From<GemmArg> for GemmBackend {
         match g {
             GemmArg::Kernels => GemmBackend::Kernels,
             GemmArg::KernelsOneLaunch => GemmBackend::KernelsOneLaunch,
+            GemmArg::KernelsF16 => GemmBackend::KernelsF16,
+            GemmArg::KernelsF16OneLaunch => GemmBackend::KernelsF16OneLaunch,
             GemmArg::Cublas => GemmBackend::Cublas,
             GemmArg::CublasTf32 => GemmBackend::CublasTf32,
             GemmArg::CublasF16 => GemmBackend::CublasF16,
