@@ -1659,11 +1659,7 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         }
     }
     let (h, w, c) = (64, 64, 320);
-    let wt = Conv2dWeight::from_oihw(
-        &Tensor::randn(&[c, c, 3, 3], 4, Device::Cpu),
-        Some(&Tensor::randn(&[c], 5, Device::Cpu)),
-    )?;
-    let gw = CudaConv2dWeight::upload(dev, &wt)?;
+    let gw = sd_conv_weight(dev)?;
     let x = randn(&[1, h, w, c], 6)?;
     let ms = time_ms(dev, || {
         dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
@@ -1684,8 +1680,18 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         ms,
         gflops: flops / ms / 1e6,
     });
-    // SD1.5's deep 3x3 convs (1280 channels at 16x16 and 8x8, CFG batch 2): few output
-    // tiles, long k, so split-K.
+    out.extend(deep_conv_timings(dev, "conv2d")?);
+    out.push(masked_conv_timing(dev, "masked_conv_f16", &gw)?);
+    out.extend(masked_attention_timings(dev)?);
+    out.extend(f16_kernel_timings(dev)?);
+    out.extend(cublas_timings(dev)?);
+    Ok(out)
+}
+
+/// SD1.5's deep 3x3 convs (1280 channels at 16x16 and 8x8, CFG batch 2) through
+/// [`CudaDevice::conv2d`], as `op`: few output tiles, long k, so split-K.
+fn deep_conv_timings(dev: &CudaDevice, op: &'static str) -> Result<Vec<Timing>> {
+    let mut out = Vec::new();
     for side in [16, 8] {
         let c = 1280;
         let wt = Conv2dWeight::from_oihw(
@@ -1693,20 +1699,26 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             Some(&Tensor::randn(&[c], 13, Device::Cpu)),
         )?;
         let gw = CudaConv2dWeight::upload(dev, &wt)?;
-        let x = randn(&[2, side, side, c], 14)?;
+        let x = CudaTensor::upload(dev, &Tensor::randn(&[2, side, side, c], 14, Device::Cpu))?;
         let ms = time_ms(dev, || {
             dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
         })?;
         out.push(Timing {
-            op: "conv2d",
+            op,
             size: format!("2x{side}x{side}x{c}->{c} 3x3"),
             ms,
             gflops: 2.0 * (2 * side * side * 9 * c * c) as f64 / ms / 1e6,
         });
     }
+    Ok(out)
+}
+
+/// The 3x3 conv `gw` of a 64x64x320 map masked at 20% (f16 cache), as `op`.
+fn masked_conv_timing(dev: &CudaDevice, op: &'static str, gw: &CudaConv2dWeight) -> Result<Timing> {
+    let (h, w, c) = (64, 64, 320);
     let active = TokenSet::from_positions(h, w, some_positions(h * w, 20, 1))?;
     let outputs = TokenSet::from_positions(h, w, some_positions(h * w, 20, 2))?;
-    let fresh = randn(&[active.len(), c], 7)?;
+    let fresh = CudaTensor::upload(dev, &Tensor::randn(&[active.len(), c], 7, Device::Cpu))?;
     let cached = CudaTensor::<f16>::upload(
         dev,
         &Tensor::randn(&[h, w, c], 8, Device::Cpu).to_dtype(DType::F16)?,
@@ -1717,18 +1729,48 @@ pub fn timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         outputs: &outputs,
     }];
     let ms = time_ms(dev, || {
-        dev.masked_conv2d(&gw, &fresh, &segs, Conv2dParams::SAME_3X3)
+        dev.masked_conv2d(gw, &fresh, &segs, Conv2dParams::SAME_3X3)
             .map(|_| ())
     })?;
-    out.push(Timing {
-        op: "masked_conv_f16",
+    Ok(Timing {
+        op,
         size: format!("1x{h}x{w}x{c}->{c} 3x3, {} rows", outputs.len()),
         ms,
         gflops: 2.0 * (outputs.len() * 9 * c * c) as f64 / ms / 1e6,
-    });
-    out.extend(masked_attention_timings(dev)?);
-    out.extend(cublas_timings(dev)?);
-    Ok(out)
+    })
+}
+
+/// The GEMM rows above on the f16 tensor-core kernels ([`GemmBackend::KernelsF16`]): the
+/// linear shapes (with a layer's kept f16 weight), the 3x3 convs, and the masked conv.
+fn f16_kernel_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
+    let chosen = dev.gemm_backend();
+    dev.set_gemm_backend(GemmBackend::KernelsF16)?;
+    let rows = (|| {
+        let mut out = backend_timings(
+            dev,
+            GemmBackend::KernelsF16,
+            ("linear kernels_f16", "conv2d kernels_f16"),
+        )?;
+        out.extend(deep_conv_timings(dev, "conv2d kernels_f16")?);
+        out.push(masked_conv_timing(
+            dev,
+            "masked_conv_f16 kernels_f16",
+            &sd_conv_weight(dev)?,
+        )?);
+        Ok(out)
+    })();
+    dev.set_gemm_backend(chosen)?;
+    rows
+}
+
+/// A 320 -> 320 3x3 conv with a bias: SD1.5's at a 64x64 latent.
+fn sd_conv_weight(dev: &CudaDevice) -> Result<CudaConv2dWeight> {
+    let c = 320;
+    let conv = Conv2dWeight::from_oihw(
+        &Tensor::randn(&[c, c, 3, 3], 4, Device::Cpu),
+        Some(&Tensor::randn(&[c], 5, Device::Cpu)),
+    )?;
+    CudaConv2dWeight::upload(dev, &conv)
 }
 
 /// The linear and 3x3 conv shapes above through cuBLAS, f32, TF32 and f16, where the machine has
@@ -1739,58 +1781,67 @@ fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
         eprintln!("selftest: cuBLAS timings skipped: {e}");
         return Ok(Vec::new());
     }
+    let rows = (|| {
+        let mut out = Vec::new();
+        for (backend, ops) in [
+            (GemmBackend::Cublas, ("linear cublas", "conv2d cublas")),
+            (
+                GemmBackend::CublasTf32,
+                ("linear cublas_tf32", "conv2d cublas_tf32"),
+            ),
+            (
+                GemmBackend::CublasF16,
+                ("linear cublas_f16", "conv2d cublas_f16"),
+            ),
+        ] {
+            out.extend(backend_timings(dev, backend, ops)?);
+        }
+        Ok(out)
+    })();
+    dev.set_gemm_backend(chosen)?;
+    rows
+}
+
+/// The linear shapes and the 64x64x320 3x3 conv with the device's GEMMs on `backend` (left
+/// chosen), named `(linear_op, conv_op)`. With f16 products a layer passes its kept f16
+/// weight: that is timed, not the rounding of the weight per call.
+fn backend_timings(
+    dev: &CudaDevice,
+    backend: GemmBackend,
+    (linear_op, conv_op): (&'static str, &'static str),
+) -> Result<Vec<Timing>> {
+    dev.set_gemm_backend(backend)?;
     let mut out = Vec::new();
     let randn =
         |shape: &[usize], seed| CudaTensor::upload(dev, &Tensor::randn(shape, seed, Device::Cpu));
-    let conv = Conv2dWeight::from_oihw(
-        &Tensor::randn(&[320, 320, 3, 3], 4, Device::Cpu),
-        Some(&Tensor::randn(&[320], 5, Device::Cpu)),
-    )?;
-    let gw = CudaConv2dWeight::upload(dev, &conv)?;
+    let gw = sd_conv_weight(dev)?;
     let x = randn(&[1, 64, 64, 320], 6)?;
-    for (backend, linear_op, conv_op) in [
-        (GemmBackend::Cublas, "linear cublas", "conv2d cublas"),
-        (
-            GemmBackend::CublasTf32,
-            "linear cublas_tf32",
-            "conv2d cublas_tf32",
-        ),
-        (
-            GemmBackend::CublasF16,
-            "linear cublas_f16",
-            "conv2d cublas_f16",
-        ),
-    ] {
-        dev.set_gemm_backend(backend)?;
-        for (m, k, n) in [(4096, 320, 320), (1024, 1280, 1280), (4096, 4096, 4096)] {
-            let (a, w, bias) = (randn(&[m, k], 1)?, randn(&[n, k], 2)?, randn(&[n], 3)?);
-            // With f16 GEMMs a layer passes its kept f16 weight: time that, not the rounding
-            // of the weight per call.
-            let half = dev.f32_to_f16(&w)?;
-            let ms = match backend {
-                GemmBackend::CublasF16 => time_ms(dev, || {
-                    dev.linear_f16_weight(&a, &half, Some(&bias)).map(|_| ())
-                })?,
-                _ => time_ms(dev, || dev.linear(&a, &w, Some(&bias)).map(|_| ()))?,
-            };
-            out.push(Timing {
-                op: linear_op,
-                size: format!("{m}x{k}x{n}"),
-                ms,
-                gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
-            });
-        }
-        let ms = time_ms(dev, || {
-            dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
-        })?;
+    for (m, k, n) in [(4096, 320, 320), (1024, 1280, 1280), (4096, 4096, 4096)] {
+        let (a, w, bias) = (randn(&[m, k], 1)?, randn(&[n, k], 2)?, randn(&[n], 3)?);
+        let half = dev.f32_to_f16(&w)?;
+        let ms = if backend.f16_products() {
+            time_ms(dev, || {
+                dev.linear_f16_weight(&a, &half, Some(&bias)).map(|_| ())
+            })?
+        } else {
+            time_ms(dev, || dev.linear(&a, &w, Some(&bias)).map(|_| ()))?
+        };
         out.push(Timing {
-            op: conv_op,
-            size: "1x64x64x320->320 3x3".into(),
+            op: linear_op,
+            size: format!("{m}x{k}x{n}"),
             ms,
-            gflops: 2.0 * 64.0 * 64.0 * 9.0 * 320.0 * 320.0 / ms / 1e6,
+            gflops: 2.0 * (m * n * k) as f64 / ms / 1e6,
         });
     }
-    dev.set_gemm_backend(chosen)?;
+    let ms = time_ms(dev, || {
+        dev.conv2d(&x, &gw, Conv2dParams::SAME_3X3).map(|_| ())
+    })?;
+    out.push(Timing {
+        op: conv_op,
+        size: "1x64x64x320->320 3x3".into(),
+        ms,
+        gflops: 2.0 * 64.0 * 64.0 * 9.0 * 320.0 * 320.0 / ms / 1e6,
+    });
     Ok(out)
 }
 

@@ -39,13 +39,14 @@ impl Setup {
 
     /// Largest accepted `|gpu - cpu|_2 / |cpu|_2` of the prediction: in f32 only summation
     /// order differs, through a few dozen layers; where products round to f16 (the
-    /// tensor-core attention, cuBLAS's f16 GEMMs) or TF32 (cuBLAS's tensor cores), 11-bit
+    /// tensor-core attention, f16 GEMMs) or TF32 (cuBLAS's tensor cores), 11-bit
     /// significands, 1e-2; bf16 attention (8-bit significands), 5e-2.
     fn tol(self) -> f32 {
         if self.attention == AttentionKernel::FlashMmaBf16 {
             5e-2
         } else if self.attention == AttentionKernel::FlashMma
-            || matches!(self.gemm, GemmBackend::CublasTf32 | GemmBackend::CublasF16)
+            || self.gemm.f16_products()
+            || self.gemm == GemmBackend::CublasTf32
         {
             1e-2
         } else {
@@ -62,8 +63,9 @@ impl Setup {
 }
 
 /// The dense forward's setups: every attention kernel with Retouch's GEMMs, the flash
-/// kernels with split-K products in one launch, then the flash kernels with each cuBLAS
-/// backend the machine can load.
+/// kernels with split-K products in one launch and with the f16 tensor-core GEMMs (both
+/// ways of summing split-K), then the flash kernels with each cuBLAS backend the machine
+/// can load.
 fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
     let mut setups: Vec<Setup> = KERNELS
         .iter()
@@ -72,11 +74,14 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
             attention,
         })
         .collect();
-    for attention in [AttentionKernel::Flash, AttentionKernel::FlashMma] {
-        setups.push(Setup {
-            gemm: GemmBackend::KernelsOneLaunch,
-            attention,
-        });
+    for gemm in [
+        GemmBackend::KernelsOneLaunch,
+        GemmBackend::KernelsF16,
+        GemmBackend::KernelsF16OneLaunch,
+    ] {
+        for attention in [AttentionKernel::Flash, AttentionKernel::FlashMma] {
+            setups.push(Setup { gemm, attention });
+        }
     }
     for gemm in [
         GemmBackend::Cublas,
@@ -97,8 +102,9 @@ fn dense_setups(dev: &CudaDevice) -> Vec<Setup> {
 }
 
 /// The cached step's setups: the device's default, split-K products in one launch, the
-/// tensor-core attention (alone and with those), and that with cuBLAS's TF32 or f16 GEMMs
-/// where the machine has cuBLAS.
+/// tensor-core attention (alone and with those), and that with the f16 tensor-core GEMMs
+/// (both ways of summing split-K) or cuBLAS's TF32 or f16 GEMMs where the machine has
+/// cuBLAS.
 fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
     let mut setups = vec![default];
     for s in [
@@ -112,6 +118,14 @@ fn cached_setups(default: Setup, dense: &[Setup]) -> Vec<Setup> {
         },
         Setup {
             gemm: GemmBackend::KernelsOneLaunch,
+            attention: AttentionKernel::FlashMma,
+        },
+        Setup {
+            gemm: GemmBackend::KernelsF16,
+            attention: AttentionKernel::FlashMma,
+        },
+        Setup {
+            gemm: GemmBackend::KernelsF16OneLaunch,
             attention: AttentionKernel::FlashMma,
         },
         Setup {
