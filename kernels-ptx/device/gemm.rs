@@ -827,16 +827,13 @@ pub unsafe extern "ptx-kernel" fn conv2d_f32(
     sample_of_row: *const u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
-    let out = ConvOut {
+    let out = ConvOut::new(
         out,
         residual,
         has_residual,
-        split: SplitSums { ws, counters },
-        bias_rows: BiasRows {
-            rows_per_sample,
-            sample_of_row,
-        },
-    };
+        (ws, counters),
+        (rows_per_sample, sample_of_row),
+    );
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block(&a, b, e) };
 }
@@ -912,7 +909,7 @@ pub struct MaskedA<C: Widen> {
     cached: *const u64,
     row_of: *const u32,
     rows: *const u32,
-    g: ConvGeom,
+    pub g: ConvGeom,
     m: u32,
     _c: *const C,
 }
@@ -1009,23 +1006,17 @@ impl<C: Widen> ALoad for MaskedA<C> {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn masked_conv<C: Widen>(
-    fresh: *const u64,
-    cached: *const u64,
-    row_of: *const u32,
-    rows: *const u32,
+    a: &MaskedA<C>,
     weight: *const f32,
     bias: *const f32,
     out: ConvOut,
     m: u32,
     cout: u32,
-    g: ConvGeom,
     has_bias: u32,
 ) {
-    let a = MaskedA::<C>::new(fresh, cached, row_of, rows, g, m);
-    let (b, e) = conv_operands(weight, bias, out, m, cout, g.k, has_bias);
-    unsafe { gemm_block(&a, b, e) };
+    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
+    unsafe { gemm_block(a, b, e) };
 }
 
 /// A conv's output rows `[m, cout]`, the residual added to them (same layout) when
@@ -1038,6 +1029,30 @@ pub struct ConvOut {
     pub bias_rows: BiasRows,
 }
 impl Copy for ConvOut {}
+
+impl ConvOut {
+    /// From a conv kernel's arguments: `(ws, counters)` and `(rows_per_sample,
+    /// sample_of_row)` as [`SplitSums`] and [`BiasRows`] take them.
+    #[inline(always)]
+    pub fn new(
+        out: *mut f32,
+        residual: *const f32,
+        has_residual: u32,
+        (ws, counters): (*mut f32, *mut u32),
+        (rows_per_sample, sample_of_row): (u32, *const u32),
+    ) -> ConvOut {
+        ConvOut {
+            out,
+            residual,
+            has_residual,
+            split: SplitSums { ws, counters },
+            bias_rows: BiasRows {
+                rows_per_sample,
+                sample_of_row,
+            },
+        }
+    }
+}
 
 /// A conv's B operand and epilogue, shared by every conv kernel: the packed weight
 /// `[k, cout]` and the output rows, bias fused when `has_bias != 0`, the residual when
@@ -1079,10 +1094,12 @@ pub fn conv_epilogue(bias: *const f32, out: ConvOut, m: u32, cout: u32, has_bias
     }
 }
 
+/// A masked conv kernel over a ragged batch (see `MaskedA`), `out = [m, cout]`: `$c` is
+/// the cached maps' element type, `$w` the weight's, and `$conv` the generic tile loop it
+/// runs (`masked_conv` here, `masked_conv_mma` on f16 tensor cores).
 macro_rules! masked_conv_kernel {
-    ($name:ident, $c:ty) => {
-        /// Masked 2-D convolution over a ragged batch (see `MaskedA`): `out = [m, cout]`,
-        /// the packed weight, bias and residual as `conv2d_f32`.
+    ($name:ident, $c:ty, $w:ty, $conv:path, $doc:literal) => {
+        #[doc = $doc]
         #[unsafe(no_mangle)]
         #[allow(clippy::too_many_arguments)]
         pub unsafe extern "ptx-kernel" fn $name(
@@ -1090,7 +1107,7 @@ macro_rules! masked_conv_kernel {
             cached: *const u64,
             row_of: *const u32,
             rows: *const u32,
-            weight: *const f32,
+            weight: *const $w,
             bias: *const f32,
             out: *mut f32,
             residual: *const f32,
@@ -1111,16 +1128,13 @@ macro_rules! masked_conv_kernel {
             rows_per_sample: u32,
             sample_of_row: *const u32,
         ) {
-            let out = ConvOut {
+            let out = ConvOut::new(
                 out,
                 residual,
                 has_residual,
-                split: SplitSums { ws, counters },
-                bias_rows: BiasRows {
-                    rows_per_sample,
-                    sample_of_row,
-                },
-            };
+                (ws, counters),
+                (rows_per_sample, sample_of_row),
+            );
             let g = ConvGeom {
                 h,
                 w,
@@ -1131,14 +1145,25 @@ macro_rules! masked_conv_kernel {
                 out_w,
                 k: kh * kw * cin,
             };
-            unsafe {
-                masked_conv::<$c>(
-                    fresh, cached, row_of, rows, weight, bias, out, m, cout, g, has_bias,
-                )
-            };
+            let a = MaskedA::<$c>::new(fresh, cached, row_of, rows, g, m);
+            unsafe { $conv(&a, weight, bias, out, m, cout, has_bias) };
         }
     };
 }
-masked_conv_kernel!(masked_conv2d_cache_f32, f32);
-masked_conv_kernel!(masked_conv2d_cache_f16, f16);
-masked_conv_kernel!(masked_conv2d_cache_bf16, crate::bf16::Bf16);
+pub(crate) use masked_conv_kernel;
+
+/// The packed weight, bias and residual as `conv2d_f32`.
+macro_rules! masked_conv_f32_kernel {
+    ($name:ident, $c:ty) => {
+        masked_conv_kernel!(
+            $name,
+            $c,
+            f32,
+            masked_conv,
+            "Masked 2-D convolution over a ragged batch on CUDA cores: the packed weight, bias and residual as `conv2d_f32`."
+        );
+    };
+}
+masked_conv_f32_kernel!(masked_conv2d_cache_f32, f32);
+masked_conv_f32_kernel!(masked_conv2d_cache_f16, f16);
+masked_conv_f32_kernel!(masked_conv2d_cache_bf16, crate::bf16::Bf16);

@@ -216,16 +216,13 @@ pub unsafe extern "ptx-kernel" fn conv2d_tf32(
     sample_of_row: *const u32,
 ) {
     let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
-    let out = ConvOut {
+    let out = ConvOut::new(
         out,
         residual,
         has_residual,
-        split: SplitSums { ws, counters },
-        bias_rows: BiasRows {
-            rows_per_sample,
-            sample_of_row,
-        },
-    };
+        (ws, counters),
+        (rows_per_sample, sample_of_row),
+    );
     let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
     unsafe { gemm_block_tf32(&a, b, e) };
 }
