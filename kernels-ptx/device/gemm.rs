@@ -795,47 +795,76 @@ impl ALoad for ConvA {
     }
 }
 
-/// 2-D convolution of channels-last maps `x = [batch, h, w, cin]` with the packed weight
-/// `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when
-/// `has_bias != 0` and plus `residual` (laid out as `out`) when `has_residual != 0`:
-/// `out = [batch * out_h * out_w, cout]`, `m` its rows. Split launches: see [`SplitSums`];
-/// a bias per sample (`[batch, cout]`): see [`BiasRows`].
-#[unsafe(no_mangle)]
+/// A dense conv kernel of channels-last maps `x = [batch, h, w, cin]`: `out = [batch *
+/// out_h * out_w, cout]`, `m` its rows. `$w` is the weight's element type and `$conv` the
+/// tile loop it runs on the patches ([`conv_on_cuda_cores`], `mma::conv_on_tf32_cores`,
+/// `gemm_f16::conv_on_f16_cores`).
+macro_rules! conv_kernel {
+    ($name:ident, $w:ty, $conv:path, $doc:literal) => {
+        #[doc = $doc]
+        #[unsafe(no_mangle)]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe extern "ptx-kernel" fn $name(
+            x: *const f32,
+            weight: *const $w,
+            bias: *const f32,
+            out: *mut f32,
+            residual: *const f32,
+            m: u32,
+            cout: u32,
+            h: u32,
+            w: u32,
+            cin: u32,
+            kh: u32,
+            kw: u32,
+            stride: u32,
+            pad: u32,
+            out_h: u32,
+            out_w: u32,
+            has_bias: u32,
+            has_residual: u32,
+            ws: *mut f32,
+            counters: *mut u32,
+            rows_per_sample: u32,
+            sample_of_row: *const u32,
+        ) {
+            let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
+            let out = ConvOut::new(
+                out,
+                residual,
+                has_residual,
+                (ws, counters),
+                (rows_per_sample, sample_of_row),
+            );
+            unsafe { $conv(&a, a.g.k, weight, bias, out, m, cout, has_bias) };
+        }
+    };
+}
+pub(crate) use conv_kernel;
+
+conv_kernel!(
+    conv2d_f32,
+    f32,
+    conv_on_cuda_cores,
+    "2-D convolution with the packed weight `[kh * kw * cin, cout]` (rows by (ky, kx, ci), as `Conv2dWeight`), plus `bias[cout]` when `has_bias != 0` and plus `residual` (laid out as `out`) when `has_residual != 0`. Split launches: see [`SplitSums`]; a bias per sample (`[batch, cout]`): see [`BiasRows`]."
+);
+
+/// A conv's tile loop on CUDA cores: patches of length `k` from `a`, the packed f32 weight
+/// `[k, cout]`, the epilogue of [`conv_operands`].
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn conv2d_f32(
-    x: *const f32,
+pub unsafe fn conv_on_cuda_cores<A: ALoad>(
+    a: &A,
+    k: u32,
     weight: *const f32,
     bias: *const f32,
-    out: *mut f32,
-    residual: *const f32,
+    out: ConvOut,
     m: u32,
     cout: u32,
-    h: u32,
-    w: u32,
-    cin: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    out_h: u32,
-    out_w: u32,
     has_bias: u32,
-    has_residual: u32,
-    ws: *mut f32,
-    counters: *mut u32,
-    rows_per_sample: u32,
-    sample_of_row: *const u32,
 ) {
-    let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
-    let out = ConvOut::new(
-        out,
-        residual,
-        has_residual,
-        (ws, counters),
-        (rows_per_sample, sample_of_row),
-    );
-    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
-    unsafe { gemm_block(&a, b, e) };
+    let (b, e) = conv_operands(weight, bias, out, m, cout, k, has_bias);
+    unsafe { gemm_block(a, b, e) };
 }
 
 /// A cached map's element type, widened to f32 where it is read.
@@ -1005,19 +1034,6 @@ impl<C: Widen> ALoad for MaskedA<C> {
     }
 }
 
-#[inline(always)]
-unsafe fn masked_conv<C: Widen>(
-    a: &MaskedA<C>,
-    weight: *const f32,
-    bias: *const f32,
-    out: ConvOut,
-    m: u32,
-    cout: u32,
-    has_bias: u32,
-) {
-    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
-    unsafe { gemm_block(a, b, e) };
-}
 
 /// A conv's output rows `[m, cout]`, the residual added to them (same layout) when
 /// `has_residual != 0`, and how a split launch sums its slices.
@@ -1095,8 +1111,8 @@ pub fn conv_epilogue(bias: *const f32, out: ConvOut, m: u32, cout: u32, has_bias
 }
 
 /// A masked conv kernel over a ragged batch (see `MaskedA`), `out = [m, cout]`: `$c` is
-/// the cached maps' element type, `$w` the weight's, and `$conv` the generic tile loop it
-/// runs (`masked_conv` here, `masked_conv_mma` on f16 tensor cores).
+/// the cached maps' element type, `$w` the weight's, and `$conv` the tile loop it runs
+/// (as [`conv_kernel`]'s).
 macro_rules! masked_conv_kernel {
     ($name:ident, $c:ty, $w:ty, $conv:path, $doc:literal) => {
         #[doc = $doc]
@@ -1146,7 +1162,7 @@ macro_rules! masked_conv_kernel {
                 k: kh * kw * cin,
             };
             let a = MaskedA::<$c>::new(fresh, cached, row_of, rows, g, m);
-            unsafe { $conv(&a, weight, bias, out, m, cout, has_bias) };
+            unsafe { $conv(&a, g.k, weight, bias, out, m, cout, has_bias) };
         }
     };
 }
@@ -1159,7 +1175,7 @@ macro_rules! masked_conv_f32_kernel {
             $name,
             $c,
             f32,
-            masked_conv,
+            conv_on_cuda_cores,
             "Masked 2-D convolution over a ragged batch on CUDA cores: the packed weight, bias and residual as `conv2d_f32`."
         );
     };

@@ -22,7 +22,8 @@
 
 use crate::gemm::{
     ALoad, BM, BN, BiasRows, ConvA, ConvGeom, ConvOut, DenseA, Epilogue, F4, KShare, MaskedA,
-    SplitSums, U2, Widen, conv_epilogue, k_share, masked_conv_kernel, sum_slices_if_last,
+    SplitSums, U2, conv_epilogue, conv_kernel, k_share, masked_conv_kernel,
+    sum_slices_if_last,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::intrinsics::{mma_m16n8k16_f16 as mma, pack_f16x2};
@@ -272,55 +273,20 @@ pub unsafe extern "ptx-kernel" fn gemm_mma_f16(
     unsafe { gemm_block_f16(&a, b, e) };
 }
 
-/// `conv2d_f32` on f16 tensor cores: the same arguments and layout, except the weight:
-/// f16 `[cout, kh * kw * cin]`, the packed weight transposed.
-#[unsafe(no_mangle)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn conv2d_mma_f16(
-    x: *const f32,
-    weight: *const u16,
-    bias: *const f32,
-    out: *mut f32,
-    residual: *const f32,
-    m: u32,
-    cout: u32,
-    h: u32,
-    w: u32,
-    cin: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    out_h: u32,
-    out_w: u32,
-    has_bias: u32,
-    has_residual: u32,
-    ws: *mut f32,
-    counters: *mut u32,
-    rows_per_sample: u32,
-    sample_of_row: *const u32,
-) {
-    let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
-    let out = ConvOut::new(
-        out,
-        residual,
-        has_residual,
-        (ws, counters),
-        (rows_per_sample, sample_of_row),
-    );
-    let b = HalfB {
-        b: weight,
-        n: cout,
-        k: a.g.k,
-    };
-    let e = conv_epilogue(bias, out, m, cout, has_bias);
-    unsafe { gemm_block_f16(&a, b, e) };
-}
+conv_kernel!(
+    conv2d_mma_f16,
+    u16,
+    conv_on_f16_cores,
+    "`conv2d_f32` on f16 tensor cores: the same arguments and layout, except the weight: f16 `[cout, kh * kw * cin]`, the packed weight transposed."
+);
 
-/// The masked conv's tile loop on f16 tensor cores, the weight f16 `[cout, k]`.
+/// A conv's tile loop on f16 tensor cores: patches of length `k` from `a`, the weight f16
+/// `[cout, k]`.
 #[inline(always)]
-unsafe fn masked_conv_mma<C: Widen>(
-    a: &MaskedA<C>,
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_on_f16_cores<A: ALoad>(
+    a: &A,
+    k: u32,
     weight: *const u16,
     bias: *const f32,
     out: ConvOut,
@@ -328,11 +294,7 @@ unsafe fn masked_conv_mma<C: Widen>(
     cout: u32,
     has_bias: u32,
 ) {
-    let b = HalfB {
-        b: weight,
-        n: cout,
-        k: a.g.k,
-    };
+    let b = HalfB { b: weight, n: cout, k };
     let e = conv_epilogue(bias, out, m, cout, has_bias);
     unsafe { gemm_block_f16(a, b, e) };
 }
@@ -343,7 +305,7 @@ macro_rules! masked_conv_mma_kernel {
             $name,
             $c,
             u16,
-            masked_conv_mma,
+            conv_on_f16_cores,
             "The masked conv of `gemm.rs` (`masked_conv2d_cache_*`: the same arguments) on f16 tensor cores, with the weight f16 `[cout, kh * kw * cin]` as `conv2d_mma_f16`."
         );
     };

@@ -19,7 +19,7 @@
 
 use crate::gemm::{
     ALoad, BK, BM, BMatrix, BN, BiasRows, ConvA, ConvOut, DenseA, Epilogue, F4, Smem,
-    SplitSums, conv_operands, load_tile, rows_of, store_one, store_tile,
+    SplitSums, conv_kernel, conv_operands, load_tile, rows_of, store_one, store_tile,
 };
 use crate::gpu::{block, block_y, sync_threads, thread};
 use crate::intrinsics::mma_m16n8k8_tf32 as mma;
@@ -188,41 +188,26 @@ pub unsafe extern "ptx-kernel" fn sgemm_tf32(
     unsafe { gemm_block_tf32(&a, b, e) };
 }
 
-/// `conv2d_f32` on tensor cores (TF32 inputs, f32 accumulation): same arguments and layout.
-#[unsafe(no_mangle)]
+conv_kernel!(
+    conv2d_tf32,
+    f32,
+    conv_on_tf32_cores,
+    "`conv2d_f32` on tensor cores (TF32 inputs, f32 accumulation): same arguments and layout; never split."
+);
+
+/// A conv's tile loop on TF32 tensor cores (as `gemm::conv_on_cuda_cores`).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn conv2d_tf32(
-    x: *const f32,
+unsafe fn conv_on_tf32_cores<A: ALoad>(
+    a: &A,
+    k: u32,
     weight: *const f32,
     bias: *const f32,
-    out: *mut f32,
-    residual: *const f32,
+    out: ConvOut,
     m: u32,
     cout: u32,
-    h: u32,
-    w: u32,
-    cin: u32,
-    kh: u32,
-    kw: u32,
-    stride: u32,
-    pad: u32,
-    out_h: u32,
-    out_w: u32,
     has_bias: u32,
-    has_residual: u32,
-    ws: *mut f32,
-    counters: *mut u32,
-    rows_per_sample: u32,
-    sample_of_row: *const u32,
 ) {
-    let a = ConvA::new(x, m, [h, w, cin, kh, kw, stride, pad, out_h, out_w]);
-    let out = ConvOut::new(
-        out,
-        residual,
-        has_residual,
-        (ws, counters),
-        (rows_per_sample, sample_of_row),
-    );
-    let (b, e) = conv_operands(weight, bias, out, m, cout, a.g.k, has_bias);
-    unsafe { gemm_block_tf32(&a, b, e) };
+    let (b, e) = conv_operands(weight, bias, out, m, cout, k, has_bias);
+    unsafe { gemm_block_tf32(a, b, e) };
 }
