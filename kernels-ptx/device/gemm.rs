@@ -872,6 +872,8 @@ pub trait Widen: Copy {
     fn widen(self) -> f32;
     /// Four consecutive values from `p` (aligned to four of them), widened.
     unsafe fn load4(p: *const Self) -> [f32; 4];
+    /// The bytes of four values: `load4`'s alignment.
+    const VECTOR_ALIGN: usize;
 }
 impl Widen for f32 {
     #[inline(always)]
@@ -882,12 +884,14 @@ impl Widen for f32 {
     unsafe fn load4(p: *const f32) -> [f32; 4] {
         unsafe { load4(p) }
     }
+    const VECTOR_ALIGN: usize = 16;
 }
 impl Widen for f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self as f32
     }
+    const VECTOR_ALIGN: usize = 8;
     #[inline(always)]
     unsafe fn load4(p: *const f16) -> [f32; 4] {
         let [lo, hi] = unsafe { load_u2(p as *const u32) };
@@ -899,6 +903,7 @@ impl Widen for crate::bf16::Bf16 {
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    const VECTOR_ALIGN: usize = 8;
     #[inline(always)]
     unsafe fn load4(p: *const crate::bf16::Bf16) -> [f32; 4] {
         let [lo, hi] = unsafe { load_u2(p as *const u32) };
@@ -1010,8 +1015,9 @@ impl<C: Widen> ALoad for MaskedA<C> {
     }
     #[inline(always)]
     fn load4(&self, row: ConvRow, k: u32, col: ConvCol) -> [f32; 4] {
-        // With 4n channels, 4 aligned k are 4 channels of one tap, fresh or cached alike.
-        // (The fresh rows of a segment start at a multiple of `cin` in an aligned buffer.)
+        // With 4n channels, 4 aligned k are 4 channels of one tap, fresh or cached alike:
+        // one vector load when the segment's map starts aligned (every map the host makes
+        // does; a misaligned vector load would fault, so it is checked).
         if self.g.cin % 4 != 0 {
             return load4_each(self, row, k, col);
         }
@@ -1025,9 +1031,15 @@ impl<C: Widen> ALoad for MaskedA<C> {
             let fresh_row = *self.row_of.add(row.map as usize * hw + pos as usize);
             if fresh_row != NOT_ACTIVE {
                 let fresh = *self.fresh.add(row.map as usize) as *const f32;
+                if fresh as usize % 16 != 0 {
+                    return load4_each(self, row, k, col);
+                }
                 load4(fresh.add(fresh_row as usize * cin + col.ci as usize))
             } else {
                 let cached = *self.cached.add(row.map as usize) as *const C;
+                if cached as usize % C::VECTOR_ALIGN != 0 {
+                    return load4_each(self, row, k, col);
+                }
                 C::load4(cached.add(pos as usize * cin + col.ci as usize))
             }
         }

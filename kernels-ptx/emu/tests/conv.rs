@@ -1041,7 +1041,7 @@ type MaskedKernel<W> = unsafe fn(
 /// (NaN where never written).
 #[allow(clippy::too_many_arguments)]
 fn run_masked<C: Copy, W: WeightOperand>(
-    (kernel, shared): (MaskedKernel<W>, usize),
+    (kernel, shared, shift): (MaskedKernel<W>, usize, usize),
     g: &Geom,
     segs: &[Segment],
     cached: &[Vec<C>],
@@ -1050,9 +1050,12 @@ fn run_masked<C: Copy, W: WeightOperand>(
     extras: (Option<&[f32]>, Option<&SampleBias>),
 ) -> Vec<f32> {
     let (hw, cout) = (g.h * g.w, g.cout);
-    let stacked: Vec<f32> = segs.iter().flat_map(|s| s.fresh.iter().copied()).collect();
+    // `shift` elements before the data: maps that start past an aligned address.
+    let stacked: Vec<f32> = std::iter::repeat_n(0.0, shift)
+        .chain(segs.iter().flat_map(|s| s.fresh.iter().copied()))
+        .collect();
     let fresh = DeviceBuffer::from_slice(&stacked);
-    let mut at = 0;
+    let mut at = shift;
     let starts: Vec<u64> = segs
         .iter()
         .map(|s| {
@@ -1062,10 +1065,21 @@ fn run_masked<C: Copy, W: WeightOperand>(
         })
         .collect();
     let fresh_table = DeviceBuffer::from_slice(&starts);
-    let cached_d: Vec<DeviceBuffer<C>> =
-        cached.iter().map(|c| DeviceBuffer::from_slice(c)).collect();
-    let cached_table =
-        DeviceBuffer::from_slice(&cached_d.iter().map(|c| c.address()).collect::<Vec<_>>());
+    let cached_d: Vec<DeviceBuffer<C>> = cached
+        .iter()
+        .map(|c| {
+            let shifted: Vec<C> = std::iter::repeat_n(c[0], shift)
+                .chain(c.iter().copied())
+                .collect();
+            DeviceBuffer::from_slice(&shifted)
+        })
+        .collect();
+    let cached_table = DeviceBuffer::from_slice(
+        &cached_d
+            .iter()
+            .map(|c| c.address() + (shift * size_of::<C>()) as u64)
+            .collect::<Vec<_>>(),
+    );
     let mut rows = Vec::new();
     let mut row_of = Vec::new();
     for (i, s) in segs.iter().enumerate() {
@@ -1174,7 +1188,15 @@ fn check_masked<C: Copy, W: WeightOperand>(
             let add = with_residual(index, i).then_some(&residual[..]);
             let sb = add.is_none().then_some(&sample_bias);
             let plan = (splits, sums);
-            let got = run_masked(kernel, g, &segs, &cached, &wt, plan, (add, sb));
+            let got = run_masked(
+                (kernel.0, kernel.1, 0),
+                g,
+                &segs,
+                &cached,
+                &wt,
+                plan,
+                (add, sb),
+            );
             let what = format!(
                 "{name} {} segments={} m={m} splits={splits} {sums:?} residual={} sample bias={}",
                 g.name(),
@@ -1239,4 +1261,64 @@ masked_tests! {
     masked_conv2d_mma_f16_cache_bf16_matches_the_reference:
         gemm_f16::masked_conv2d_mma_f16_cache_bf16, u16, SHARED_BYTES_F16, Operands::F16,
         BF16_CACHE, 26;
+}
+
+/// The f16 tensor-core masked conv where the fresh rows and the cached maps start one
+/// element past an aligned address (4n channels, so its vector loads would be misaligned):
+/// it must read them element by element, as the CUDA-core kernel does, and match the same
+/// reference. (Debug builds check every dereference's alignment.)
+#[test]
+fn masked_conv2d_mma_f16_reads_misaligned_maps_by_element() {
+    let mut rng = Rng::new(27);
+    let case = &masked_cases()[0];
+    let g = &case.g;
+    assert_eq!(
+        g.cin % 4,
+        0,
+        "the case must take the vector loads when aligned"
+    );
+    let wt = Weight::new(&mut rng, g);
+    let segs = make_segments(&mut rng, case);
+    for (name, got, round) in [
+        (
+            "f32 cache",
+            {
+                let cached: Vec<Vec<f32>> = segs.iter().map(|s| s.cached.clone()).collect();
+                let kernel = gemm_f16::masked_conv2d_mma_f16_cache_f32 as MaskedKernel<u16>;
+                let run = (kernel, SHARED_BYTES_F16, 1);
+                run_masked(
+                    run,
+                    g,
+                    &segs,
+                    &cached,
+                    &wt,
+                    (1, Sums::TwoLaunches),
+                    (None, None),
+                )
+            },
+            (|v| v) as fn(f32) -> f32,
+        ),
+        (
+            "f16 cache",
+            {
+                let cached: Vec<Vec<half::f16>> = segs.iter().map(|s| to_f16(&s.cached)).collect();
+                let kernel = gemm_f16::masked_conv2d_mma_f16_cache_f16 as MaskedKernel<u16>;
+                let run = (kernel, SHARED_BYTES_F16, 1);
+                run_masked(
+                    run,
+                    g,
+                    &segs,
+                    &cached,
+                    &wt,
+                    (1, Sums::TwoLaunches),
+                    (None, None),
+                )
+            },
+            round_f16 as fn(f32) -> f32,
+        ),
+    ] {
+        let want = masked_reference(g, &segs, &wt, round, round_f16);
+        let what = format!("masked_conv2d_mma_f16 {name}, maps shifted by one element");
+        assert_close(&what, &got, &want, GEMM_TOL, GEMM_TOL);
+    }
 }
