@@ -359,6 +359,25 @@ impl Runner<'_> {
             let want = Tensor::concat_batch(&want.iter().rev().collect::<Vec<_>>())?;
             self.record("concat_rows", format!("{shape:?}"), &got, &want, 0.0)?;
         }
+        // A conv weight's operand for the f16 tensor-core kernels: transposed, rounded to f16.
+        for (rows, cols) in [(77, 130), (2880, 320)] {
+            let x = self.randn(&[rows, cols]);
+            let v = x.to_vec_f32();
+            let t = (0..rows * cols)
+                .map(|i| f16::from_f32(v[(i % rows) * cols + i / rows]).to_f32())
+                .collect();
+            let want = Tensor::from_vec(t, &[cols, rows])?;
+            let got = self
+                .dev
+                .f16_to_f32(&self.dev.transpose_to_f16(&self.up(&x)?)?)?;
+            self.record(
+                "transpose_to_f16",
+                format!("{rows}x{cols}"),
+                &got,
+                &want,
+                0.0,
+            )?;
+        }
         let leads: [&[usize]; 3] = [&[1, 7, 9], &[2, 5, 3], &[333]];
         let widths: [&[usize]; 4] = [&[3, 77], &[320, 40], &[77, 3, 320], &[40, 320, 3]];
         for lead in leads {
