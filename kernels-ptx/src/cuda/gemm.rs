@@ -133,9 +133,9 @@ struct BiasRows {
     sample_of_row: u64,
 }
 
-/// What a CUDA-core GEMM or conv launch writes: C itself; or (split-K) a `[splits, m, n]`
-/// workspace, summed into C afterwards by `splitk_reduce_f32`, or by the launch's own last
-/// block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`] and
+/// What a GEMM or conv launch of the device's kernels writes: C itself; or (split-K) a
+/// `[splits, m, n]` workspace, summed into C afterwards by `splitk_reduce_f32`, or by the
+/// launch's own last block per output tile (`one_launch`, [`GemmBackend::KernelsOneLaunch`] and
 /// [`GemmBackend::KernelsF16OneLaunch`]).
 struct SplitK {
     splits: usize,
