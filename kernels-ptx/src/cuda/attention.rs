@@ -142,7 +142,7 @@ impl CudaDevice {
     /// `q`, `k_fresh`, `v_fresh = [rows, c]` are the segments' active rows stacked; each
     /// segment's queries attend to its template's cached keys and values with its active
     /// positions' rows replaced by the fresh ones. One launch of the device's flash kernel
-    /// ([`FlashKernel::choose`]: the f32 tiles, or the tensor-core entries) reads the f16
+    /// (`FlashKernel::choose`: the f32 tiles, or the tensor-core entries) reads the f16
     /// cache in place; heads no flash kernel takes run per segment on a widened copy instead.
     pub fn masked_attention(
         &self,
