@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use retouch_kernels::DType;
 use retouch_kernels::Tensor;
+use retouch_models::nn::exec::CacheEntry;
 use retouch_models::pipeline::{
     DenoiseJob, EditMode, EditRequest, GenerateRequest, JobOutput, Mask, Pipeline, Template,
     TemplateRef, TemplateSpec,
@@ -374,6 +375,57 @@ fn a_job_that_fails_in_a_fused_step_fails_alone() {
         }
         _ => panic!("expected an edit"),
     }
+}
+
+/// A step whose prediction holds a NaN (here from a template cache whose conv inputs are
+/// NaN, as a corrupt cache or an f16 overflow would give) fails its job with the reason and
+/// leaves it as it was, and the edit fused with it in the same step steps on.
+#[test]
+fn a_non_finite_prediction_fails_its_job_alone() {
+    let pipe = tiny();
+    let size = (64, 64);
+    let house = template(&pipe, "a house", 2, size, "euler");
+    let mut cache = house.cache.clone();
+    let poisoned = cache[0]
+        .entries
+        .iter_mut()
+        .find_map(|e| match e {
+            CacheEntry::ConvInput(maps) => Some(maps),
+            _ => None,
+        })
+        .expect("the recording holds a conv input");
+    for map in poisoned.iter_mut() {
+        let nan = Tensor::from_vec(vec![f32::NAN; map.elem_count()], map.shape()).unwrap();
+        *map = nan.to_dtype(map.dtype()).unwrap();
+    }
+    let broken = Template {
+        spec: house.spec.clone(),
+        trajectory: house.trajectory.clone(),
+        image: house.image.clone(),
+        cache,
+    };
+    let mask = box_mask(size, (0, 32), (0, 32));
+    let mut good = DenoiseJob::edit(
+        &pipe,
+        TemplateRef::Borrowed(&house),
+        &mask,
+        &cached_edit("a door", 4, 1),
+    )
+    .unwrap();
+    let mut bad = DenoiseJob::edit(
+        &pipe,
+        TemplateRef::Borrowed(&broken),
+        &mask,
+        &cached_edit("a door", 4, 1),
+    )
+    .unwrap();
+    let r = DenoiseJob::step_many(&pipe, &mut [&mut good, &mut bad]);
+    let err = r[1]
+        .as_ref()
+        .expect_err("the NaN prediction must fail its job");
+    assert!(err.to_string().contains("non-finite"), "{err}");
+    assert!(r[0].is_ok(), "{r:?}");
+    assert_eq!((good.steps_done(), bad.steps_done()), (1, 0));
 }
 
 /// A cached edit stepped with a loading cache and a dense prefix: recomputing no unit is the

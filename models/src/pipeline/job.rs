@@ -367,6 +367,14 @@ impl<'a> DenoiseJob<'a> {
     fn commit(&mut self, out: UnetOutput, elapsed: Duration) -> Result<()> {
         let mut scheduler = self.scheduler.clone();
         let step = self.step;
+        // An overflow (f16 products past 65504, a corrupt cache or weight) would otherwise
+        // run on to a garbage image: fail the request with the reason instead.
+        if let Some(bad) = first_non_finite(&out.prediction) {
+            return Err(Error::Invalid(format!(
+                "step {step}: the UNet's prediction holds a non-finite value ({bad}); with \
+                 f16 products (`--gemm kernels-f16`, `cublas-f16`) try the f32 GEMMs"
+            )));
+        }
         let next = match &self.kind {
             Kind::Edit(edit) if edit.cached.is_some() => {
                 let positions = self.cached().map_or(&[][..], |(_, p)| p);
@@ -494,5 +502,13 @@ fn paste_back(pixels: &mut [u8], edit: &EditState<'_>, vae_factor: usize) {
         for (c, &tc) in p.iter_mut().zip(t) {
             *c = (m * *c as f32 + (1.0 - m) * tc as f32).round() as u8;
         }
+    }
+}
+
+/// The first NaN or infinity of a prediction, if any.
+fn first_non_finite(prediction: &Tensor) -> Option<f32> {
+    match prediction.as_slice::<f32>() {
+        Ok(values) => values.iter().copied().find(|v| !v.is_finite()),
+        Err(_) => prediction.to_vec_f32().into_iter().find(|v| !v.is_finite()),
     }
 }
