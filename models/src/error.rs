@@ -24,6 +24,13 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A step's UNet prediction held a NaN or an infinity: the computation failed (an f16
+    /// overflow, a corrupt cache or weight), not the request.
+    #[error(
+        "step {step}: the UNet's prediction holds a non-finite value ({value}); with f16 \
+         products (`--gemm kernels-f16`, `cublas-f16`) try the f32 GEMMs"
+    )]
+    NonFinite { step: usize, value: f32 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

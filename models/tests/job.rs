@@ -423,6 +423,10 @@ fn a_non_finite_prediction_fails_its_job_alone() {
     let err = r[1]
         .as_ref()
         .expect_err("the NaN prediction must fail its job");
+    assert!(
+        matches!(err, retouch_models::Error::NonFinite { step: 0, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("non-finite"), "{err}");
     assert!(r[0].is_ok(), "{r:?}");
     assert_eq!((good.steps_done(), bad.steps_done()), (1, 0));

@@ -369,11 +369,8 @@ impl<'a> DenoiseJob<'a> {
         let step = self.step;
         // An overflow (f16 products past 65504, a corrupt cache or weight) would otherwise
         // run on to a garbage image: fail the request with the reason instead.
-        if let Some(bad) = first_non_finite(&out.prediction) {
-            return Err(Error::Invalid(format!(
-                "step {step}: the UNet's prediction holds a non-finite value ({bad}); with \
-                 f16 products (`--gemm kernels-f16`, `cublas-f16`) try the f32 GEMMs"
-            )));
+        if let Some(value) = first_non_finite(&out.prediction) {
+            return Err(Error::NonFinite { step, value });
         }
         let next = match &self.kind {
             Kind::Edit(edit) if edit.cached.is_some() => {

@@ -135,3 +135,24 @@ impl EngineError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bad input is the caller's (400); a step whose numbers went non-finite is the
+    /// server's failure (500), with its reason.
+    #[test]
+    fn model_errors_map_to_the_callers_or_the_servers_fault() {
+        let invalid = EngineError::from_model(retouch_models::Error::Invalid("bad mask".into()));
+        assert!(matches!(invalid, EngineError::Invalid(_)));
+        let nan = EngineError::from_model(retouch_models::Error::NonFinite {
+            step: 3,
+            value: f32::NAN,
+        });
+        match nan {
+            EngineError::Failed(m) => assert!(m.contains("step 3") && m.contains("non-finite")),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+}
