@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use retouch_kernels::DType;
 use retouch_kernels::Tensor;
-use retouch_models::nn::exec::CacheEntry;
+use retouch_models::nn::exec::{CacheEntry, StepCache};
 use retouch_models::pipeline::{
     DenoiseJob, EditMode, EditRequest, GenerateRequest, JobOutput, Mask, Pipeline, Template,
     TemplateRef, TemplateSpec,
@@ -324,6 +324,16 @@ fn fused_steps_match_jobs_stepped_alone() {
     }
 }
 
+/// `t` with its activation cache replaced by `cache`.
+fn with_cache(t: &Template, cache: Vec<StepCache>) -> Template {
+    Template {
+        spec: t.spec.clone(),
+        trajectory: t.trajectory.clone(),
+        image: t.image.clone(),
+        cache,
+    }
+}
+
 #[test]
 fn a_job_that_fails_in_a_fused_step_fails_alone() {
     let pipe = tiny();
@@ -332,12 +342,7 @@ fn a_job_that_fails_in_a_fused_step_fails_alone() {
     // The same template with step 1's cache cut short: the ragged forward reading it fails.
     let mut cache = house.cache.clone();
     cache[1].entries.pop();
-    let broken = Template {
-        spec: house.spec.clone(),
-        trajectory: house.trajectory.clone(),
-        image: house.image.clone(),
-        cache,
-    };
+    let broken = with_cache(&house, cache);
     let mask = box_mask(size, (0, 32), (0, 32));
     let good_req = cached_edit("a door", 4, 1);
     let want = pipe.edit(&house, &mask, &good_req, &mut |_, _| {}).unwrap();
@@ -398,27 +403,11 @@ fn a_non_finite_prediction_fails_its_job_alone() {
         let nan = Tensor::from_vec(vec![f32::NAN; map.elem_count()], map.shape()).unwrap();
         *map = nan.to_dtype(map.dtype()).unwrap();
     }
-    let broken = Template {
-        spec: house.spec.clone(),
-        trajectory: house.trajectory.clone(),
-        image: house.image.clone(),
-        cache,
-    };
+    let broken = with_cache(&house, cache);
     let mask = box_mask(size, (0, 32), (0, 32));
-    let mut good = DenoiseJob::edit(
-        &pipe,
-        TemplateRef::Borrowed(&house),
-        &mask,
-        &cached_edit("a door", 4, 1),
-    )
-    .unwrap();
-    let mut bad = DenoiseJob::edit(
-        &pipe,
-        TemplateRef::Borrowed(&broken),
-        &mask,
-        &cached_edit("a door", 4, 1),
-    )
-    .unwrap();
+    let req = cached_edit("a door", 4, 1);
+    let job = |t| DenoiseJob::edit(&pipe, TemplateRef::Borrowed(t), &mask, &req).unwrap();
+    let (mut good, mut bad) = (job(&house), job(&broken));
     let r = DenoiseJob::step_many(&pipe, &mut [&mut good, &mut bad]);
     let err = r[1]
         .as_ref()

@@ -1279,41 +1279,36 @@ fn masked_conv2d_mma_f16_reads_misaligned_maps_by_element() {
     );
     let wt = Weight::new(&mut rng, g);
     let segs = make_segments(&mut rng, case);
+    // One element before every map: each starts past an aligned address.
+    let shifted = |kernel: MaskedKernel<u16>| (kernel, SHARED_BYTES_F16, 1);
+    let unsplit = (1, Sums::TwoLaunches);
+    let f32_cached: Vec<Vec<f32>> = segs.iter().map(|s| s.cached.clone()).collect();
+    let f16_cached: Vec<Vec<half::f16>> = segs.iter().map(|s| to_f16(&s.cached)).collect();
     for (name, got, round) in [
         (
             "f32 cache",
-            {
-                let cached: Vec<Vec<f32>> = segs.iter().map(|s| s.cached.clone()).collect();
-                let kernel = gemm_f16::masked_conv2d_mma_f16_cache_f32 as MaskedKernel<u16>;
-                let run = (kernel, SHARED_BYTES_F16, 1);
-                run_masked(
-                    run,
-                    g,
-                    &segs,
-                    &cached,
-                    &wt,
-                    (1, Sums::TwoLaunches),
-                    (None, None),
-                )
-            },
+            run_masked(
+                shifted(gemm_f16::masked_conv2d_mma_f16_cache_f32),
+                g,
+                &segs,
+                &f32_cached,
+                &wt,
+                unsplit,
+                (None, None),
+            ),
             (|v| v) as fn(f32) -> f32,
         ),
         (
             "f16 cache",
-            {
-                let cached: Vec<Vec<half::f16>> = segs.iter().map(|s| to_f16(&s.cached)).collect();
-                let kernel = gemm_f16::masked_conv2d_mma_f16_cache_f16 as MaskedKernel<u16>;
-                let run = (kernel, SHARED_BYTES_F16, 1);
-                run_masked(
-                    run,
-                    g,
-                    &segs,
-                    &cached,
-                    &wt,
-                    (1, Sums::TwoLaunches),
-                    (None, None),
-                )
-            },
+            run_masked(
+                shifted(gemm_f16::masked_conv2d_mma_f16_cache_f16),
+                g,
+                &segs,
+                &f16_cached,
+                &wt,
+                unsplit,
+                (None, None),
+            ),
             round_f16 as fn(f32) -> f32,
         ),
     ] {
