@@ -18,6 +18,10 @@
 #                   $CARGO_TARGET_DIR/release/retouch); build it with
 #                   `cargo build --release -p retouch-runtime`.
 #   OUT             output folder (default ./gpu-check-out).
+#   QUICK=1         stop after the PyTorch reference: ptxas, every selftest group (the unet
+#                   group times and profiles the dense and cached steps of every setup), the
+#                   kernel timings and diffusers' step, without the benches and server replays
+#                   (for a machine with little time left, or a rerun after a fix).
 # Exit status: non-zero when any selftest group fails (or cannot run). Each step has its own
 # timeout; the whole check took 76 s on an H100 (docs/gpu.md, run 7, before the bench step).
 set -uo pipefail
@@ -148,6 +152,11 @@ run_checks() {
     # Before the longer benches: the numbers issue 5 compares come first, so a run cut short
     # by the machine's limit still has them.
     pytorch_reference
+    if [ "${QUICK:-0}" = 1 ]; then
+        echo
+        echo "== QUICK=1: benches and server replays skipped"
+        return
+    fi
 
     echo
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
