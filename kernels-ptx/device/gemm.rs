@@ -769,9 +769,7 @@ impl ALoad for ConvA {
     fn load(&self, row: ConvRow, col: ConvCol) -> f32 {
         let (pos, inside) = self.g.position(row, col);
         if inside {
-            let hw = self.g.h as usize * self.g.w as usize;
-            let at = (row.map as usize * hw + pos as usize) * self.g.cin as usize + col.ci as usize;
-            unsafe { *self.x.add(at) }
+            unsafe { *self.x.add(self.at(row, pos, col)) }
         } else {
             0.0
         }
@@ -782,16 +780,22 @@ impl ALoad for ConvA {
         if (self.g.cin % 4 == 0) & (self.x as usize % 16 == 0) {
             let (pos, inside) = self.g.position(row, col);
             if inside {
-                let hw = self.g.h as usize * self.g.w as usize;
-                let at =
-                    (row.map as usize * hw + pos as usize) * self.g.cin as usize + col.ci as usize;
-                unsafe { load4(self.x.add(at)) }
+                unsafe { load4(self.x.add(self.at(row, pos, col))) }
             } else {
                 [0.0; 4]
             }
         } else {
             load4_each(self, row, k, col)
         }
+    }
+}
+
+impl ConvA {
+    /// The offset in `x` of channel `col.ci` at input position `pos` of `row`'s map.
+    #[inline(always)]
+    fn at(&self, row: ConvRow, pos: u32, col: ConvCol) -> usize {
+        let hw = self.g.h as usize * self.g.w as usize;
+        (row.map as usize * hw + pos as usize) * self.g.cin as usize + col.ci as usize
     }
 }
 
@@ -1000,24 +1004,16 @@ impl<C: Widen> ALoad for MaskedA<C> {
         if !inside {
             return 0.0;
         }
-        let hw = self.g.h as usize * self.g.w as usize;
-        let cin = self.g.cin as usize;
-        unsafe {
-            let fresh_row = *self.row_of.add(row.map as usize * hw + pos as usize);
-            if fresh_row != NOT_ACTIVE {
-                let fresh = *self.fresh.add(row.map as usize) as *const f32;
-                *fresh.add(fresh_row as usize * cin + col.ci as usize)
-            } else {
-                let cached = *self.cached.add(row.map as usize) as *const C;
-                (*cached.add(pos as usize * cin + col.ci as usize)).widen()
-            }
+        match unsafe { self.source(row, pos, col) } {
+            Source::Fresh(p) => unsafe { *p },
+            Source::Cached(p) => unsafe { (*p).widen() },
         }
     }
     #[inline(always)]
     fn load4(&self, row: ConvRow, k: u32, col: ConvCol) -> [f32; 4] {
         // With 4n channels, 4 aligned k are 4 channels of one tap, fresh or cached alike:
-        // one vector load when the segment's map starts aligned (every map the host makes
-        // does; a misaligned vector load would fault, so it is checked).
+        // one vector load where the address is aligned (every map the host makes starts
+        // aligned; a misaligned vector load would fault, so it is checked).
         if self.g.cin % 4 != 0 {
             return load4_each(self, row, k, col);
         }
@@ -1025,22 +1021,34 @@ impl<C: Widen> ALoad for MaskedA<C> {
         if !inside {
             return [0.0; 4];
         }
+        match unsafe { self.source(row, pos, col) } {
+            Source::Fresh(p) if p as usize % 16 == 0 => unsafe { load4(p) },
+            Source::Cached(p) if p as usize % C::VECTOR_ALIGN == 0 => unsafe { C::load4(p) },
+            _ => load4_each(self, row, k, col),
+        }
+    }
+}
+
+/// Where a masked conv reads an element: a fresh row, or the segment's cached map.
+enum Source<C> {
+    Fresh(*const f32),
+    Cached(*const C),
+}
+
+impl<C: Widen> MaskedA<C> {
+    /// The address of channel `col.ci` at input position `pos` of `row`'s segment.
+    #[inline(always)]
+    unsafe fn source(&self, row: ConvRow, pos: u32, col: ConvCol) -> Source<C> {
         let hw = self.g.h as usize * self.g.w as usize;
         let cin = self.g.cin as usize;
         unsafe {
             let fresh_row = *self.row_of.add(row.map as usize * hw + pos as usize);
             if fresh_row != NOT_ACTIVE {
                 let fresh = *self.fresh.add(row.map as usize) as *const f32;
-                if fresh as usize % 16 != 0 {
-                    return load4_each(self, row, k, col);
-                }
-                load4(fresh.add(fresh_row as usize * cin + col.ci as usize))
+                Source::Fresh(fresh.add(fresh_row as usize * cin + col.ci as usize))
             } else {
                 let cached = *self.cached.add(row.map as usize) as *const C;
-                if cached as usize % C::VECTOR_ALIGN != 0 {
-                    return load4_each(self, row, k, col);
-                }
-                C::load4(cached.add(pos as usize * cin + col.ci as usize))
+                Source::Cached(cached.add(pos as usize * cin + col.ci as usize))
             }
         }
     }

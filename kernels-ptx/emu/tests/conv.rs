@@ -617,9 +617,7 @@ fn check_conv<W: WeightOperand>(
     operands: Operands,
 ) {
     let mut rng = Rng::new(seed);
-    let mut split_cases = 0;
-    let mut residual_launches = [0; 2]; // unsplit, split
-    let mut sample_bias_launches = [0; 2];
+    let mut coverage = Coverage::default();
     for (case, g) in CONVS.iter().enumerate() {
         let x = rng.values(g.batch * g.h * g.w * g.cin, -1.0, 1.0);
         let wt = Weight::new(&mut rng, g);
@@ -630,14 +628,7 @@ fn check_conv<W: WeightOperand>(
             sample_of_row: None,
         };
         let own_bias = g.bias.then_some(&wt.bias[..]);
-        let blocks = g.cout.div_ceil(TILE_N) * g.m().div_ceil(TILE_M);
-        let splits = k_splits(blocks, g.k(), H100_SMS);
-        let mut plans = vec![(splits, Sums::TwoLaunches)];
-        if splits > 1 {
-            plans.extend([(splits, Sums::OneLaunch), (1, Sums::TwoLaunches)]);
-            split_cases += 1;
-        }
-        for (i, (splits, sums)) in plans.into_iter().enumerate() {
+        for (i, (splits, sums)) in coverage.plans(g.cout, g.m(), g.k()).into_iter().enumerate() {
             let add = with_residual(case, i).then_some(&residual[..]);
             let sb = add.is_none().then_some(&sample_bias);
             let plan = (splits, sums);
@@ -649,25 +640,70 @@ fn check_conv<W: WeightOperand>(
                 sb.is_some()
             );
             let reference = |operand| dense_reference(g, &x, &wt, operand).0;
-            let finish = |want: &[f32]| match (add, sb) {
-                (Some(r), _) => plus(want, r),
-                (None, Some(sb)) => sb.apply(want, own_bias, g.cout),
-                (None, None) => want.to_vec(),
-            };
+            let finish = |want: &[f32]| with_extras(want, (add, sb), own_bias, g.cout);
             operands.check(&what, &got, g.k(), reference, finish);
-            residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
-            sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
+            coverage.launched(splits, add.is_some(), sb.is_some());
         }
     }
-    assert!(split_cases >= 2, "the cases must exercise split-K");
-    for (what, launches) in [
-        ("a residual", residual_launches),
-        ("a bias per sample", sample_bias_launches),
-    ] {
-        assert!(
-            launches.iter().all(|&n| n > 0),
-            "split and unsplit launches must add {what}: {launches:?}"
-        );
+    coverage.check("a bias per sample");
+}
+
+/// Which launches of the conv cases split k and added a residual or a bias per sample,
+/// so that a check can require each kind both split and unsplit.
+#[derive(Default)]
+struct Coverage {
+    split_cases: usize,
+    /// Launches adding a residual: unsplit, split.
+    residual: [usize; 2],
+    /// Launches adding a bias per sample: unsplit, split.
+    sample_bias: [usize; 2],
+}
+
+impl Coverage {
+    /// The launches of an `m x cout x k` product as an H100's host launcher makes them
+    /// (split-K where it splits, summed in two launches), and where that splits, also in
+    /// one launch and unsplit (a device with fewer SMs, or more tiles).
+    fn plans(&mut self, cout: usize, m: usize, k: usize) -> Vec<(usize, Sums)> {
+        let blocks = cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
+        let splits = k_splits(blocks, k, H100_SMS);
+        let mut plans = vec![(splits, Sums::TwoLaunches)];
+        if splits > 1 {
+            plans.extend([(splits, Sums::OneLaunch), (1, Sums::TwoLaunches)]);
+            self.split_cases += 1;
+        }
+        plans
+    }
+
+    fn launched(&mut self, splits: usize, residual: bool, sample_bias: bool) {
+        self.residual[usize::from(splits > 1)] += usize::from(residual);
+        self.sample_bias[usize::from(splits > 1)] += usize::from(sample_bias);
+    }
+
+    /// Fails unless some cases split and split and unsplit launches each added a residual
+    /// and a bias (`bias_kind` names it in the message).
+    fn check(&self, bias_kind: &str) {
+        assert!(self.split_cases >= 2, "the cases must exercise split-K");
+        for (what, launches) in [("a residual", self.residual), (bias_kind, self.sample_bias)] {
+            assert!(
+                launches.iter().all(|&n| n > 0),
+                "split and unsplit launches must add {what}: {launches:?}"
+            );
+        }
+    }
+}
+
+/// A reference's output rows with what the launch added: the residual, or each row's
+/// sample bias in place of the weight's own (`own_bias`).
+fn with_extras(
+    want: &[f32],
+    (residual, sample_bias): (Option<&[f32]>, Option<&SampleBias>),
+    own_bias: Option<&[f32]>,
+    cout: usize,
+) -> Vec<f32> {
+    match (residual, sample_bias) {
+        (Some(r), _) => plus(want, r),
+        (None, Some(sb)) => sb.apply(want, own_bias, cout),
+        (None, None) => want.to_vec(),
     }
 }
 
@@ -1154,9 +1190,7 @@ fn check_masked<C: Copy, W: WeightOperand>(
     operands: Operands,
 ) {
     let mut rng = Rng::new(seed);
-    let mut split_cases = 0;
-    let mut residual_launches = [0; 2]; // unsplit, split
-    let mut sample_bias_launches = [0; 2];
+    let mut coverage = Coverage::default();
     for (index, case) in masked_cases().into_iter().enumerate() {
         let g = &case.g;
         let wt = Weight::new(&mut rng, g);
@@ -1177,14 +1211,7 @@ fn check_masked<C: Copy, W: WeightOperand>(
         };
         let own_bias = g.bias.then_some(&wt.bias[..]);
         let m = rows;
-        let blocks = g.cout.div_ceil(TILE_N) * m.div_ceil(TILE_M);
-        let splits = k_splits(blocks, g.k(), H100_SMS);
-        let mut plans = vec![(splits, Sums::TwoLaunches)];
-        if splits > 1 {
-            plans.extend([(splits, Sums::OneLaunch), (1, Sums::TwoLaunches)]);
-            split_cases += 1;
-        }
-        for (i, (splits, sums)) in plans.into_iter().enumerate() {
+        for (i, (splits, sums)) in coverage.plans(g.cout, m, g.k()).into_iter().enumerate() {
             let add = with_residual(index, i).then_some(&residual[..]);
             let sb = add.is_none().then_some(&sample_bias);
             let plan = (splits, sums);
@@ -1204,26 +1231,12 @@ fn check_masked<C: Copy, W: WeightOperand>(
                 add.is_some(),
                 sb.is_some()
             );
-            let finish = |want: &[f32]| match (add, sb) {
-                (Some(r), _) => plus(want, r),
-                (None, Some(sb)) => sb.apply(want, own_bias, g.cout),
-                (None, None) => want.to_vec(),
-            };
+            let finish = |want: &[f32]| with_extras(want, (add, sb), own_bias, g.cout);
             operands.check(&what, &got, g.k(), reference, finish);
-            residual_launches[usize::from(splits > 1)] += usize::from(add.is_some());
-            sample_bias_launches[usize::from(splits > 1)] += usize::from(sb.is_some());
+            coverage.launched(splits, add.is_some(), sb.is_some());
         }
     }
-    assert!(split_cases >= 2, "the cases must exercise split-K");
-    for (what, launches) in [
-        ("a residual", residual_launches),
-        ("a bias per segment", sample_bias_launches),
-    ] {
-        assert!(
-            launches.iter().all(|&n| n > 0),
-            "split and unsplit launches must add {what}: {launches:?}"
-        );
-    }
+    coverage.check("a bias per segment");
 }
 
 /// Masked conv kernels and their caches: the CUDA-core kernels (f32 products) and the f16

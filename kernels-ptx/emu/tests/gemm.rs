@@ -429,54 +429,43 @@ fn run_mma_f16(p: &Product, alpha: f32, beta: f32, bias: bool, how: F16Launch) -
     ];
     let ws = DeviceBuffer::from_slice(&vec![f32::NAN; splits as usize * p.m * p.n]);
     let counters = DeviceBuffer::<u32>::zeroed((grid[0] * grid[1]) as usize);
-    let two_launches = matches!(how, F16Launch::Split(_));
+    // The launch's C, C_in, (has_bias, alpha, beta) and (ws, counters): a split in two
+    // launches writes raw sums into the workspace, as the host's, and the reduction applies
+    // the epilogue; otherwise the kernel does, summing its own slices when given counters.
+    let no_sums = (std::ptr::null_mut(), std::ptr::null_mut());
+    let epilogue = (u32::from(bias), alpha, beta);
+    let (target, c_in, (has_bias, k_alpha, k_beta), (k_ws, k_counters)) = match how {
+        F16Launch::Split(_) => (ws.ptr_mut(), std::ptr::null(), (0, 1.0, 0.0), no_sums),
+        F16Launch::Whole => (c.ptr_mut(), c.ptr(), epilogue, no_sums),
+        F16Launch::SplitOneLaunch(..) => (
+            c.ptr_mut(),
+            c.ptr(),
+            epilogue,
+            (ws.ptr_mut(), counters.ptr_mut()),
+        ),
+    };
     unsafe {
         launch(
             Launch::new(grid, 256, SHARED_BYTES_F16).in_order(order),
             || {
-                if two_launches {
-                    // As the host: raw slices into the workspace, then the reduction.
-                    gemm_f16::gemm_mma_f16(
-                        a.ptr(),
-                        b.ptr(),
-                        ws.ptr_mut(),
-                        std::ptr::null(),
-                        bias_buf.ptr(),
-                        m,
-                        n,
-                        k,
-                        0,
-                        1.0,
-                        0.0,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                    )
-                } else {
-                    let one = matches!(how, F16Launch::SplitOneLaunch(..));
-                    let (ws, counters) = if one {
-                        (ws.ptr_mut(), counters.ptr_mut())
-                    } else {
-                        (std::ptr::null_mut(), std::ptr::null_mut())
-                    };
-                    gemm_f16::gemm_mma_f16(
-                        a.ptr(),
-                        b.ptr(),
-                        c.ptr_mut(),
-                        c.ptr(),
-                        bias_buf.ptr(),
-                        m,
-                        n,
-                        k,
-                        u32::from(bias),
-                        alpha,
-                        beta,
-                        ws,
-                        counters,
-                    )
-                }
+                gemm_f16::gemm_mma_f16(
+                    a.ptr(),
+                    b.ptr(),
+                    target,
+                    c_in,
+                    bias_buf.ptr(),
+                    m,
+                    n,
+                    k,
+                    has_bias,
+                    k_alpha,
+                    k_beta,
+                    k_ws,
+                    k_counters,
+                )
             },
         );
-        if two_launches {
+        if let F16Launch::Split(_) = how {
             launch(grid_stride(p.m * p.n, 4), || {
                 gemm::splitk_reduce_f32(
                     ws.ptr(),

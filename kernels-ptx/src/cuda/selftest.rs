@@ -710,12 +710,21 @@ impl Runner<'_> {
         backend: GemmBackend,
         f: impl FnOnce(&CudaDevice) -> Result<T>,
     ) -> Result<T> {
-        let chosen = self.dev.gemm_backend();
-        self.dev.set_gemm_backend(backend)?;
-        let out = f(self.dev);
-        self.dev.set_gemm_backend(chosen)?;
-        out
+        let dev = self.dev;
+        keeping_backend(dev, || {
+            dev.set_gemm_backend(backend)?;
+            f(dev)
+        })
     }
+}
+
+/// `f`, which may choose other GEMM backends, then the device's own backend again (also
+/// when `f` fails).
+fn keeping_backend<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let chosen = dev.gemm_backend();
+    let out = f();
+    dev.set_gemm_backend(chosen)?;
+    out
 }
 
 /// Tolerance of an attention check: f32 kernels sum in another order than the CPU; the
@@ -814,14 +823,14 @@ impl Runner<'_> {
     /// Linear layers and convolutions through cuBLAS (f32, TF32, f16) against the CPU, where
     /// the machine has cuBLAS (skipped with a note where not: it is optional).
     fn cublas(&mut self) -> Result<()> {
-        let chosen = self.dev.gemm_backend();
-        if let Err(e) = self.dev.set_gemm_backend(GemmBackend::Cublas) {
-            eprintln!("selftest: cuBLAS checks skipped: {e}");
-            return Ok(());
-        }
-        let result = self.cublas_checks();
-        self.dev.set_gemm_backend(chosen)?;
-        result
+        let dev = self.dev;
+        keeping_backend(dev, || {
+            if let Err(e) = dev.set_gemm_backend(GemmBackend::Cublas) {
+                eprintln!("selftest: cuBLAS checks skipped: {e}");
+                return Ok(());
+            }
+            self.cublas_checks()
+        })
     }
 
     fn cublas_checks(&mut self) -> Result<()> {
@@ -864,10 +873,7 @@ impl Runner<'_> {
     /// shapes of the other backends' checks, and long products that split k. The device's
     /// backend is restored after.
     fn f16_kernels(&mut self) -> Result<()> {
-        let chosen = self.dev.gemm_backend();
-        let result = self.f16_kernel_checks();
-        self.dev.set_gemm_backend(chosen)?;
-        result
+        keeping_backend(self.dev, || self.f16_kernel_checks())
     }
 
     fn f16_kernel_checks(&mut self) -> Result<()> {
@@ -1762,9 +1768,7 @@ fn masked_conv_timing(dev: &CudaDevice, op: &'static str, gw: &CudaConv2dWeight)
 /// The GEMM rows above on the f16 tensor-core kernels ([`GemmBackend::KernelsF16`]): the
 /// linear shapes (with a layer's kept f16 weight), the 3x3 convs, and the masked conv.
 fn f16_kernel_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
-    let chosen = dev.gemm_backend();
-    dev.set_gemm_backend(GemmBackend::KernelsF16)?;
-    let rows = (|| {
+    keeping_backend(dev, || {
         let mut out = backend_timings(
             dev,
             GemmBackend::KernelsF16,
@@ -1777,9 +1781,7 @@ fn f16_kernel_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             &sd_conv_weight(dev)?,
         )?);
         Ok(out)
-    })();
-    dev.set_gemm_backend(chosen)?;
-    rows
+    })
 }
 
 /// A 320 -> 320 3x3 conv with a bias: SD1.5's at a 64x64 latent.
@@ -1795,12 +1797,11 @@ fn sd_conv_weight(dev: &CudaDevice) -> Result<CudaConv2dWeight> {
 /// The linear and 3x3 conv shapes above through cuBLAS, f32, TF32 and f16, where the machine has
 /// it (none where not).
 fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
-    let chosen = dev.gemm_backend();
-    if let Err(e) = dev.set_gemm_backend(GemmBackend::Cublas) {
-        eprintln!("selftest: cuBLAS timings skipped: {e}");
-        return Ok(Vec::new());
-    }
-    let rows = (|| {
+    keeping_backend(dev, || {
+        if let Err(e) = dev.set_gemm_backend(GemmBackend::Cublas) {
+            eprintln!("selftest: cuBLAS timings skipped: {e}");
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         for (backend, ops) in [
             (GemmBackend::Cublas, ("linear cublas", "conv2d cublas")),
@@ -1816,9 +1817,7 @@ fn cublas_timings(dev: &CudaDevice) -> Result<Vec<Timing>> {
             out.extend(backend_timings(dev, backend, ops)?);
         }
         Ok(out)
-    })();
-    dev.set_gemm_backend(chosen)?;
-    rows
+    })
 }
 
 /// The linear shapes and the 64x64x320 3x3 conv with the device's GEMMs on `backend` (left
