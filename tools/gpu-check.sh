@@ -3,8 +3,11 @@
 #   1. ptxas (the machine's CUDA toolkit) assembles the committed PTX, as CI does with its wheel;
 #   2. `retouch selftest --device cuda:0 --group G` for each check group, each in its own
 #      process, so a kernel that faults hides only its own group;
-#   3. `retouch selftest --timings`: the GEMM/conv/attention kernels at SD1.5 sizes (GFLOP/s),
-#      and `retouch bench --unet sd15` on the GPU (dense against cached steps, 5-100% masks);
+#   3. `retouch selftest --timings`: the GEMM/conv/attention kernels at SD1.5 sizes (GFLOP/s);
+#      `retouch bench --device cuda:0`: the kernel benchmark cases (GB/s and GFLOP/s, masked
+#      conv and attention against dense at 5-100%), then beside PyTorch in f32 and, on f16
+#      tensor cores, in fp16 (tools/bench-vs-torch.py); and `retouch bench --unet sd15` on
+#      the GPU (dense against cached steps);
 #      then `retouch serve --device cuda:0` driven by `retouch replay` (a GPU worker end to end),
 #      once with its caches in memory and once with every step on disk and the
 #      load-or-recompute plan on;
@@ -158,6 +161,17 @@ run_checks() {
         return
     fi
 
+    echo
+    echo "== retouch bench --device cuda:0: the kernel cases (GB/s, GFLOP/s, masked against dense at 5-100%)"
+    timeout 90 "$bin" bench --device cuda:0 --min-time-ms 100 --min-runs 5 \
+        || echo "bench exit status $?"
+    echo
+    echo "== the kernel cases beside PyTorch f32 (tools/bench-vs-torch.py), then on f16 tensor cores beside PyTorch fp16"
+    timeout 150 python3 "$root/tools/bench-vs-torch.py" --retouch "$bin" --device cuda:0 \
+        --rounds 1 --min-time 0.1 || echo "bench-vs-torch exit status $?"
+    timeout 150 python3 "$root/tools/bench-vs-torch.py" --retouch "$bin" --device cuda:0 \
+        --rounds 1 --min-time 0.1 --dtype float16 --retouch-arg=--gemm --retouch-arg=kernels-f16 \
+        --retouch-arg=--attention --retouch-arg=flash-mma || echo "bench-vs-torch exit status $?"
     echo
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \

@@ -56,6 +56,8 @@ fn bench_reports_masked_ops_against_their_dense_version() {
         .find(|m| m["name"] == "conv3x3 64x64x320")
         .expect("the dense conv is measured");
     assert!(dense["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(dense["gflops"].as_f64().unwrap() > 0.0);
+    assert!(dense["gbps"].as_f64().unwrap() > 0.0);
     let masked: Vec<_> = results
         .iter()
         .filter(|m| m["name"].as_str().unwrap().starts_with("masked conv3x3"))

@@ -1,9 +1,10 @@
+use std::rc::Rc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use retouch_kernels::Device;
-use retouch_kernels::bench::{self, Measurement};
+use retouch_kernels::bench::{self, Measurement, Target};
 use retouch_kernels::cuda::CudaDevice;
 use retouch_models::random_pipeline::Preset;
 
@@ -13,15 +14,15 @@ use super::random_model::PresetArg;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Device to run on: `cpu`, or `cuda:N` for the UNet steps (`--unet`: the weights
-    /// uploaded, the dense and cached steps run on the GPU, each run synchronised; the
-    /// kernels themselves are timed by `retouch selftest --device cuda:N --timings`).
+    /// Device to run on: `cpu`, or `cuda:N` (the kernels through the GPU launchers, each case
+    /// repeated back to back in one stream and synchronised every ~2 ms; with --unet the
+    /// weights uploaded and the dense and cached steps run on the GPU, each synchronised).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// With --unet on a GPU: the attention kernel.
+    /// On a GPU: the attention kernel.
     #[arg(long, value_enum, default_value = "flash")]
     attention: AttentionArg,
-    /// With --unet on a GPU: the GEMMs of linear layers and convolutions.
+    /// On a GPU: the GEMMs of linear layers and convolutions.
     #[arg(long, value_enum, default_value = "kernels")]
     gemm: GemmArg,
     /// Skip the largest cases (the 4096^3 GEMM, the smaller conv shapes).
@@ -71,6 +72,28 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("{}", serde_json::to_string_pretty(&preset.unet_config())?);
         return Ok(());
     }
+    let gpu = match args.device {
+        Device::Cpu => None,
+        device => {
+            let dev = CudaDevice::for_device(device)?;
+            dev.set_attention_kernel(args.attention.into());
+            dev.set_gemm_backend(args.gemm.into())?;
+            Some(dev)
+        }
+    };
+    let title = match &gpu {
+        Some(dev) => format!(
+            "{} ({}; --attention {} --gemm {})",
+            args.device,
+            dev.describe(),
+            arg_name(&args.attention),
+            arg_name(&args.gemm)
+        ),
+        None => format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    };
     let mut cases = match preset {
         Some(preset) => {
             if let Some(bad) = args
@@ -83,27 +106,15 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             if args.batch == 0 {
                 return Err("--batch must be at least 1".into());
             }
-            let gpu = match args.device {
-                Device::Cpu => None,
-                device => {
-                    let dev = CudaDevice::for_device(device)?;
-                    dev.set_attention_kernel(args.attention.into());
-                    dev.set_gemm_backend(args.gemm.into())?;
-                    Some(dev)
-                }
-            };
             bench_unet::unet_cases(preset, &args.mask_ratios, args.halo, args.batch, gpu)
         }
-        None if args.device != Device::Cpu => {
-            return Err(format!(
-                "the kernel benchmarks are not available on {}: they run on the CPU. Give \
-                 --unet PRESET to time the UNet steps there; `retouch selftest --device {} \
-                 --timings` times the GPU kernels",
-                args.device, args.device
-            )
-            .into());
+        None => {
+            let target = match gpu {
+                Some(dev) => Target::Cuda(Rc::new(dev)),
+                None => Target::Cpu,
+            };
+            bench::suite(&target, args.quick)
         }
-        None => bench::suite(args.device, args.quick),
     };
     if let Some(filter) = &args.filter {
         cases.retain(|c| c.name.contains(filter.as_str()));
@@ -134,30 +145,42 @@ pub fn run(args: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             "kernels"
         };
-        print_table(&results, what, args.device);
+        print_table(&results, what, &title);
     }
     Ok(())
 }
 
-fn print_table(results: &[Measurement], what: &str, device: Device) {
+fn print_table(results: &[Measurement], what: &str, title: &str) {
+    println!("Retouch {what} on {title}");
     println!(
-        "Retouch {what} on {device} ({} threads)",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "{:<30} {:<40} {:>10} {:>9} {:>8} {:>12}",
+        "case", "shape", "median ms", "GFLOP/s", "GB/s", "vs baseline"
     );
-    println!(
-        "{:<28} {:<40} {:>10} {:>9} {:>16}",
-        "case", "shape", "median ms", "GFLOP/s", "vs baseline"
-    );
-    for m in results {
-        let ratio = m.ratio.map_or(String::new(), |r| format!("{r:.3}x"));
-        let gflops = if m.gflops.is_finite() {
-            format!("{:.1}", m.gflops)
+    // Blank where a case has no FLOP or byte count (the UNet steps; FLOPs of data movement).
+    let rate = |r: f64| {
+        if r.is_finite() && r > 0.0 {
+            format!("{r:.1}")
         } else {
             String::new()
-        };
+        }
+    };
+    for m in results {
+        let ratio = m.ratio.map_or(String::new(), |r| format!("{r:.3}x"));
         println!(
-            "{:<28} {:<40} {:>10.2} {:>9} {:>16}",
-            m.name, m.shape, m.median_ms, gflops, ratio
+            "{:<30} {:<40} {:>10.3} {:>9} {:>8} {:>12}",
+            m.name,
+            m.shape,
+            m.median_ms,
+            rate(m.gflops),
+            rate(m.gbps),
+            ratio
         );
     }
+}
+
+/// A choice as it is written on the command line.
+fn arg_name(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }

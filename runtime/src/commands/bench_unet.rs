@@ -5,7 +5,7 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
-use retouch_kernels::bench::BenchCase;
+use retouch_kernels::bench::{BenchCase, Prepared};
 use retouch_kernels::cuda::{CudaDevice, CudaTensor};
 use retouch_kernels::{DType, Device, Tensor, TokenSet};
 use retouch_models::nn::exec::StepCache;
@@ -134,8 +134,9 @@ pub fn unet_cases(
                 levels[0].len()
             ),
             flops: f64::NAN,
+            bytes: f64::NAN,
             baseline: Some(dense_name.clone()),
-            setup: Box::new(move || masked_runner(&case_shared, &levels)),
+            setup: Box::new(move || masked_runner(&case_shared, &levels).map(Prepared::single)),
         });
         if batch > 1 {
             cases.extend(batch_cases(&shared, percent, halo, batch, blocks));
@@ -151,6 +152,7 @@ fn dense_case(shared: &Rc<Shared>, name: String) -> BenchCase {
         name,
         shape: format!("[{BATCH},{s},{s},{c}] ctx [{BATCH},{TOKENS},{d}]"),
         flops: f64::NAN,
+        bytes: f64::NAN,
         baseline: None,
         setup: Box::new(move || {
             let unet = shared.unet()?;
@@ -159,17 +161,17 @@ fn dense_case(shared: &Rc<Shared>, name: String) -> BenchCase {
                 // Inputs uploaded once; each run ends with a synchronize.
                 let sample = CudaTensor::upload(&dev, &inputs.0)?;
                 let context = CudaTensor::upload(&dev, &inputs.1)?;
-                return Ok(Box::new(move || {
+                return Ok(Prepared::single(Box::new(move || {
                     unet.forward_gpu(&dev, &sample, &[TIMESTEP; BATCH], &context)
                         .map_err(kernel_error)?;
                     dev.synchronize()
-                }));
+                })));
             }
-            Ok(Box::new(move || {
+            Ok(Prepared::single(Box::new(move || {
                 unet.forward(&inputs.0, &[TIMESTEP; BATCH], &inputs.1)
                     .map(drop)
                     .map_err(kernel_error)
-            }))
+            })))
         }),
     }
 }
@@ -253,8 +255,11 @@ fn batch_cases(
             name: alone.clone(),
             shape: shape.clone(),
             flops: f64::NAN,
+            bytes: f64::NAN,
             baseline: None,
-            setup: Box::new(move || batch_runner(&one_by_one, &edits_a, false)),
+            setup: Box::new(move || {
+                batch_runner(&one_by_one, &edits_a, false).map(Prepared::single)
+            }),
         },
         BenchCase {
             name: format!("  {batch} cached fused, {percent}%"),
@@ -265,8 +270,9 @@ fn batch_cases(
                 BATCH * batch
             ),
             flops: f64::NAN,
+            bytes: f64::NAN,
             baseline: Some(alone),
-            setup: Box::new(move || batch_runner(&fused, &edits_f, true)),
+            setup: Box::new(move || batch_runner(&fused, &edits_f, true).map(Prepared::single)),
         },
     ]
 }
