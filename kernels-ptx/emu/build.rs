@@ -77,10 +77,11 @@ fn entries(ptx: &Path, modules: &[String]) -> String {
             .join(", ")
     );
     out += "/// The kernel called `name`, if the PTX has it.\npub fn entry(name: &str) -> Option<Entry> {\n    match name {\n";
-    for (name, params) in ptx_entries(&ptx) {
-        let args: Vec<_> = (0..params).map(|i| format!("arg(p, {i})")).collect();
+    for (name, sizes) in ptx_entries(&ptx) {
+        let args: Vec<_> = (0..sizes.len()).map(|i| format!("arg(p, {i})")).collect();
         out += &format!(
-            "        {name:?} => Some(Entry {{ params: {params}, call: |p| unsafe {{ all::{name}({}) }} }}),\n",
+            "        {name:?} => Some(Entry {{ params: {}, sizes: &{sizes:?}, call: |p| unsafe {{ all::{name}({}) }} }}),\n",
+            sizes.len(),
             args.join(", ")
         );
     }
@@ -88,14 +89,28 @@ fn entries(ptx: &Path, modules: &[String]) -> String {
     out
 }
 
-/// `(name, parameter count)` of each `.visible .entry` in a PTX file.
-fn ptx_entries(ptx: &str) -> Vec<(String, usize)> {
+/// `(name, parameter sizes in bytes)` of each `.visible .entry` in a PTX file.
+fn ptx_entries(ptx: &str) -> Vec<(String, Vec<usize>)> {
     let mut found = Vec::new();
     for (at, _) in ptx.match_indices(".visible .entry ") {
         let rest = &ptx[at + ".visible .entry ".len()..];
         let name = &rest[..rest.find('(').unwrap()];
         let params = &rest[..rest.find(')').unwrap()];
-        found.push((name.to_string(), params.matches(".param").count()));
+        let sizes = params
+            .split(".param ")
+            .skip(1)
+            .map(|param| {
+                let ty = param.split_whitespace().next().unwrap();
+                match &ty[2..] {
+                    "64" => 8,
+                    "32" => 4,
+                    "16" => 2,
+                    "8" => 1,
+                    _ => panic!("{name}: parameter type {ty} not known"),
+                }
+            })
+            .collect();
+        found.push((name.to_string(), sizes));
     }
     found
 }

@@ -1,25 +1,28 @@
 //! The CUDA driver API over the emulator: the functions of `libcuda` that cudarc calls for
 //! Retouch's device, exported unmangled, so the whole GPU path (cudarc, the host launchers,
 //! the device UNet walk, the selftest) runs on the CPU when this library is loaded as
-//! `libcuda.so` (`tools/emu-selftest`).
+//! `libcuda.so` (`tools/emu-run`).
 //!
 //! Device memory is host memory (a device pointer is the host address), filled with 0xff
-//! bytes when allocated, so a kernel or copy reading memory nothing wrote sees NaN. Every
-//! stream operation runs to completion when it is enqueued, so stream order holds and
-//! events, waits and synchronisations have nothing to wait for; an event records the time it
-//! was recorded. `cuLaunchKernel` runs the kernel the module's PTX names through
-//! [`crate::simt::launch`], its blocks in an order shuffled per launch (a GPU promises
-//! none); a kernel that fails (a bounds check, a deadlock) fails the launch with
-//! `CUDA_ERROR_LAUNCH_FAILED` and its message on stderr. A launch the hardware would
-//! refuse (more than 1024 threads, an empty or oversized grid, more dynamic shared memory
-//! than the function allows: 48 KiB unless raised with `cuFuncSetAttribute`) returns
-//! `CUDA_ERROR_INVALID_VALUE`, with the reason on stderr. One device, reporting compute
-//! capability 9.0 with an H100's 132 multiprocessors and 227 KiB of shared memory per block.
+//! bytes when allocated, so a kernel or copy reading memory nothing wrote sees NaN. Stream
+//! operations run late, when the host makes them run (`crate::streams`), so work that skips
+//! a needed wait or synchronisation reads memory not yet written; memory freed is filled
+//! with 0xff bytes (on a stream: when the free runs) and given back to the host only once
+//! every stream is idle. An event's time is when its record ran. `cuLaunchKernel` runs the
+//! kernel the module's PTX names through [`crate::simt::launch`] when its stream gets there,
+//! its blocks in an order shuffled per launch (a GPU promises none); a kernel that fails (a
+//! bounds check, a deadlock) reports on stderr then, and the synchronisations after it fail
+//! with `CUDA_ERROR_LAUNCH_FAILED`. A launch the hardware would refuse (more than 1024
+//! threads, an empty or oversized grid, more dynamic shared memory than the function allows:
+//! 48 KiB unless raised with `cuFuncSetAttribute`) returns `CUDA_ERROR_INVALID_VALUE` at
+//! once, with the reason on stderr. One device, reporting compute capability 9.0 with an
+//! H100's 132 multiprocessors and 227 KiB of shared memory per block.
 //!
 //! With `RETOUCH_EMU_SKIP_KERNELS=1` launches are checked (a known function, 1-D blocks) but
 //! not run, device memory is addresses only and copies to or from it are skipped: results are
 //! garbage, and what a step costs is the host's own work (Retouch's launchers, cudarc, the
-//! driver calls), which is what bounds a step made of many small launches.
+//! driver calls), which is what bounds a step made of many small launches. Nothing is queued
+//! then: there is nothing to run.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -29,10 +32,10 @@ use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
-use std::time::Instant;
 
 use crate::entries::{Entry, entry};
 use crate::simt::{BlockOrder, Launch, launch, message};
+use crate::streams::{self, Event, StreamId};
 
 type CUresult = c_int;
 type CUdevice = c_int;
@@ -44,6 +47,7 @@ const INVALID_VALUE: CUresult = 1;
 const OUT_OF_MEMORY: CUresult = 2;
 const INVALID_DEVICE: CUresult = 101;
 const NOT_FOUND: CUresult = 500;
+const NOT_READY: CUresult = 600;
 const LAUNCH_FAILED: CUresult = 719;
 
 /// What stands behind an allocation's address.
@@ -91,16 +95,54 @@ fn allocate(bytes: usize, kind: Memory) -> Option<u64> {
     Some(ptr)
 }
 
+/// Frees an allocation: filled with 0xff bytes and kept until every stream is idle (work
+/// queued on another stream may still name it; reading it then reads NaN, not freed memory).
 fn free(ptr: u64) -> CUresult {
     match allocations().lock().unwrap().remove(&ptr) {
         Some((_, Memory::Unbacked)) => SUCCESS,
         Some((layout, _)) => {
-            unsafe { dealloc(ptr as *mut u8, layout) };
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xff, layout.size()) };
+            quarantine().push((ptr, layout));
+            release_if_idle();
             SUCCESS
         }
         None => INVALID_VALUE,
     }
 }
+
+fn quarantine() -> std::sync::MutexGuard<'static, Vec<(u64, Layout)>> {
+    static FREED: Mutex<Vec<(u64, Layout)>> = Mutex::new(Vec::new());
+    FREED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Gives freed allocations back to the host once no stream has work left.
+fn release_if_idle() {
+    if streams::idle() {
+        for (ptr, layout) in quarantine().drain(..) {
+            unsafe { dealloc(ptr as *mut u8, layout) };
+        }
+    }
+}
+
+/// A synchronisation's result: the first failure of queued work, if any.
+fn synced(result: Result<(), String>) -> CUresult {
+    release_if_idle();
+    if result.is_ok() {
+        SUCCESS
+    } else {
+        LAUNCH_FAILED
+    }
+}
+
+fn stream_id(stream: Handle) -> StreamId {
+    stream as StreamId
+}
+
+/// A raw address made movable into queued work (the memory it names outlives the work: frees
+/// are quarantined until streams are idle, and host buffers are the caller's to keep).
+#[derive(Clone, Copy)]
+struct Address(u64);
+unsafe impl Send for Address {}
 
 /// Opaque handles (context, stream, memory pool) that carry nothing.
 fn token() -> Handle {
@@ -228,7 +270,7 @@ pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut Handle) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
-    SUCCESS
+    synced(streams::finish_all())
 }
 
 #[unsafe(no_mangle)]
@@ -248,7 +290,7 @@ pub extern "C" fn cuMemPoolSetAttribute(
     SUCCESS
 }
 
-// Streams: work runs when enqueued, so there is never anything to wait for.
+// Streams (`crate::streams`): work runs when the host makes it.
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamCreate(stream: *mut Handle, _flags: c_uint) -> CUresult {
@@ -266,51 +308,81 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: Handle) -> CUresult {
+    let result = synced(streams::destroy(stream_id(stream)));
     if !stream.is_null() {
         drop(unsafe { Box::from_raw(stream as *mut u8) });
     }
-    SUCCESS
+    result
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamSynchronize(_stream: Handle) -> CUresult {
-    SUCCESS
+pub extern "C" fn cuStreamSynchronize(stream: Handle) -> CUresult {
+    synced(streams::finish(stream_id(stream)))
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamWaitEvent(_stream: Handle, _event: Handle, _flags: c_uint) -> CUresult {
-    SUCCESS
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn cuStreamQuery(_stream: Handle) -> CUresult {
-    SUCCESS
-}
-
-// Events: the time they were recorded.
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventCreate(event: *mut Handle, _flags: c_uint) -> CUresult {
-    unsafe { put(event, Box::into_raw(Box::new(Instant::now())) as Handle) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventRecord(event: Handle, _stream: Handle) -> CUresult {
+pub extern "C" fn cuStreamWaitEvent(stream: Handle, event: Handle, _flags: c_uint) -> CUresult {
     if event.is_null() {
         return INVALID_VALUE;
     }
-    unsafe { *(event as *mut Instant) = Instant::now() };
+    streams::wait(stream_id(stream), unsafe { &*(event as *const Event) });
+    SUCCESS
+}
+
+/// Done, or not ready (see `streams::stream_done`).
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamQuery(stream: Handle) -> CUresult {
+    if !streams::stream_done(stream_id(stream)) {
+        NOT_READY
+    } else {
+        synced(streams::status())
+    }
+}
+
+// Events: where they were recorded, and when that record ran.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventCreate(event: *mut Handle, _flags: c_uint) -> CUresult {
+    unsafe { put(event, std::sync::Arc::into_raw(Event::new()) as Handle) }
+}
+
+/// The event behind a handle (a clone of the reference `cuEventCreate` handed out).
+unsafe fn event_of(event: Handle) -> std::sync::Arc<Event> {
+    let event = event as *const Event;
+    unsafe {
+        std::sync::Arc::increment_strong_count(event);
+        std::sync::Arc::from_raw(event)
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventRecord(event: Handle, stream: Handle) -> CUresult {
+    if event.is_null() {
+        return INVALID_VALUE;
+    }
+    streams::record(&unsafe { event_of(event) }, stream_id(stream));
     SUCCESS
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuEventSynchronize(_event: Handle) -> CUresult {
-    SUCCESS
+pub extern "C" fn cuEventSynchronize(event: Handle) -> CUresult {
+    if event.is_null() {
+        return INVALID_VALUE;
+    }
+    synced(streams::finish_event(unsafe { &*(event as *const Event) }))
 }
 
+/// Complete, or not ready (see `streams::event_done`).
 #[unsafe(no_mangle)]
-pub extern "C" fn cuEventQuery(_event: Handle) -> CUresult {
-    SUCCESS
+pub extern "C" fn cuEventQuery(event: Handle) -> CUresult {
+    if event.is_null() {
+        return INVALID_VALUE;
+    }
+    if !streams::event_done(unsafe { &*(event as *const Event) }) {
+        NOT_READY
+    } else {
+        synced(streams::status())
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -318,8 +390,12 @@ pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Ha
     if start.is_null() || end.is_null() {
         return INVALID_VALUE;
     }
-    let (start, end) = unsafe { (*(start as *const Instant), *(end as *const Instant)) };
-    let elapsed = end.saturating_duration_since(start).as_secs_f32() * 1e3;
+    let (start, end) = unsafe { (&*(start as *const Event), &*(end as *const Event)) };
+    let elapsed = end
+        .time()
+        .saturating_duration_since(start.time())
+        .as_secs_f32()
+        * 1e3;
     unsafe { put(ms, elapsed) }
 }
 
@@ -332,10 +408,11 @@ pub unsafe extern "C" fn cuEventElapsedTime_v2(
     unsafe { cuEventElapsedTime(ms, start, end) }
 }
 
+/// The event lives on while a queued record holds it.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventDestroy_v2(event: Handle) -> CUresult {
     if !event.is_null() {
-        drop(unsafe { Box::from_raw(event as *mut Instant) });
+        drop(unsafe { std::sync::Arc::from_raw(event as *const Event) });
     }
     SUCCESS
 }
@@ -366,9 +443,22 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
     free(ptr)
 }
 
+/// Frees when the stream reaches the free (a free the host asked for twice fails the stream
+/// then).
 #[unsafe(no_mangle)]
-pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: Handle) -> CUresult {
-    cuMemFree_v2(ptr)
+pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: Handle) -> CUresult {
+    if skip_kernels() {
+        return cuMemFree_v2(ptr);
+    }
+    FREES.fetch_add(1, Relaxed);
+    streams::enqueue(
+        stream_id(stream),
+        Box::new(move || match free(ptr) {
+            SUCCESS => Ok(()),
+            _ => Err(format!("cuMemFreeAsync of {ptr:#x}: not an allocation")),
+        }),
+    );
+    SUCCESS
 }
 
 #[unsafe(no_mangle)]
@@ -415,8 +505,8 @@ enum Direction {
     DeviceToDevice,
 }
 
-/// A copy with device memory at one end or both (skipped with the kernels).
-unsafe fn copy(dst: u64, src: u64, bytes: usize, direction: Direction) -> CUresult {
+/// Counts a copy with device memory at one end or both.
+fn count_copy(src: u64, direction: Direction) {
     let counter = match direction {
         // From pageable memory the real driver stages the bytes itself, and may wait for
         // the stream to do so: the copies a step should not make.
@@ -426,10 +516,64 @@ unsafe fn copy(dst: u64, src: u64, bytes: usize, direction: Direction) -> CUresu
         Direction::DeviceToDevice => &COPIES_ON_DEVICE,
     };
     counter.fetch_add(1, Relaxed);
+}
+
+/// A synchronous copy: the bytes now (none with kernels skipped), with no stream's work first.
+unsafe fn copy_now(dst: u64, src: u64, bytes: usize, direction: Direction) -> CUresult {
+    count_copy(src, direction);
     if bytes > 0 && !skip_kernels() {
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
     }
     SUCCESS
+}
+
+/// A copy queued on `stream`. Pageable host memory is read when the copy is enqueued and
+/// written before the call returns (the driver's rules); page-locked memory and device
+/// memory when the copy runs.
+unsafe fn copy_on(
+    dst: u64,
+    src: u64,
+    bytes: usize,
+    direction: Direction,
+    stream: Handle,
+) -> CUresult {
+    count_copy(src, direction);
+    if skip_kernels() || bytes == 0 {
+        return SUCCESS;
+    }
+    let stream = stream_id(stream);
+    let dst = Address(dst);
+    match direction {
+        Direction::HostToDevice if !is_pinned(src) => {
+            let staged = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec();
+            streams::enqueue(
+                stream,
+                Box::new(move || {
+                    let dst = dst;
+                    unsafe { std::ptr::copy(staged.as_ptr(), dst.0 as *mut u8, bytes) };
+                    Ok(())
+                }),
+            );
+            SUCCESS
+        }
+        _ => {
+            let src = Address(src);
+            let to_pageable = matches!(direction, Direction::DeviceToHost) && !is_pinned(dst.0);
+            streams::enqueue(
+                stream,
+                Box::new(move || {
+                    let (dst, src) = (dst, src);
+                    unsafe { std::ptr::copy(src.0 as *const u8, dst.0 as *mut u8, bytes) };
+                    Ok(())
+                }),
+            );
+            if to_pageable {
+                synced(streams::finish(stream))
+            } else {
+                SUCCESS
+            }
+        }
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -438,7 +582,7 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(
     src: *const c_void,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst, src as u64, bytes, Direction::HostToDevice) }
+    unsafe { copy_now(dst, src as u64, bytes, Direction::HostToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -446,9 +590,9 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     dst: CUdeviceptr,
     src: *const c_void,
     bytes: usize,
-    _stream: Handle,
+    stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst, src as u64, bytes, Direction::HostToDevice) }
+    unsafe { copy_on(dst, src as u64, bytes, Direction::HostToDevice, stream) }
 }
 
 #[unsafe(no_mangle)]
@@ -457,7 +601,7 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(
     src: CUdeviceptr,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst as u64, src, bytes, Direction::DeviceToHost) }
+    unsafe { copy_now(dst as u64, src, bytes, Direction::DeviceToHost) }
 }
 
 #[unsafe(no_mangle)]
@@ -465,9 +609,9 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
     src: CUdeviceptr,
     bytes: usize,
-    _stream: Handle,
+    stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst as u64, src, bytes, Direction::DeviceToHost) }
+    unsafe { copy_on(dst as u64, src, bytes, Direction::DeviceToHost, stream) }
 }
 
 #[unsafe(no_mangle)]
@@ -476,7 +620,7 @@ pub unsafe extern "C" fn cuMemcpyDtoD_v2(
     src: CUdeviceptr,
     bytes: usize,
 ) -> CUresult {
-    unsafe { copy(dst, src, bytes, Direction::DeviceToDevice) }
+    unsafe { copy_now(dst, src, bytes, Direction::DeviceToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -484,9 +628,9 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     dst: CUdeviceptr,
     src: CUdeviceptr,
     bytes: usize,
-    _stream: Handle,
+    stream: Handle,
 ) -> CUresult {
-    unsafe { copy(dst, src, bytes, Direction::DeviceToDevice) }
+    unsafe { copy_on(dst, src, bytes, Direction::DeviceToDevice, stream) }
 }
 
 #[unsafe(no_mangle)]
@@ -503,9 +647,22 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     dst: CUdeviceptr,
     value: u8,
     count: usize,
-    _stream: Handle,
+    stream: Handle,
 ) -> CUresult {
-    unsafe { cuMemsetD8_v2(dst, value, count) }
+    MEMSETS.fetch_add(1, Relaxed);
+    if skip_kernels() {
+        return SUCCESS;
+    }
+    let dst = Address(dst);
+    streams::enqueue(
+        stream_id(stream),
+        Box::new(move || {
+            let dst = dst;
+            unsafe { std::ptr::write_bytes(dst.0 as *mut u8, value, count) };
+            Ok(())
+        }),
+    );
+    SUCCESS
 }
 
 // Modules and launches.
@@ -629,7 +786,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     block_y: c_uint,
     block_z: c_uint,
     shared_bytes: c_uint,
-    _stream: Handle,
+    stream: Handle,
     params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
@@ -667,19 +824,32 @@ pub unsafe extern "C" fn cuLaunchKernel(
         *by_kernel.entry(function.name.clone()).or_default() += 1;
         return SUCCESS;
     }
+    // The parameters' values, copied now: the caller's pointers are valid only during the
+    // call, and the kernel runs when the stream reaches it.
     let args = unsafe { std::slice::from_raw_parts(params, function.entry.params) };
+    let mut values = vec![0u64; args.len()];
+    for ((value, &arg), &size) in values.iter_mut().zip(args).zip(function.entry.sizes) {
+        unsafe {
+            std::ptr::copy_nonoverlapping(arg as *const u8, value as *mut u64 as *mut u8, size)
+        };
+    }
     // Blocks in a different order each launch: a kernel that relies on grid order fails.
     let order = BlockOrder::Shuffled(LAUNCHES.load(Relaxed));
     let l = Launch::new([grid_x, grid_y, grid_z], block_x, shared_bytes as usize).in_order(order);
-    let call = function.entry.call;
-    match panic::catch_unwind(AssertUnwindSafe(|| unsafe { launch(l, || call(args)) })) {
-        Ok(()) => SUCCESS,
-        Err(payload) => {
-            let message = message(&*payload);
-            eprintln!("emulated driver: {} {l:?} failed: {message}", function.name);
-            LAUNCH_FAILED
-        }
-    }
+    let (call, name) = (function.entry.call, function.name.clone());
+    streams::enqueue(
+        stream_id(stream),
+        Box::new(move || {
+            let mut values = values;
+            let args: Vec<*mut c_void> = values
+                .iter_mut()
+                .map(|v| v as *mut u64 as *mut c_void)
+                .collect();
+            panic::catch_unwind(AssertUnwindSafe(|| unsafe { launch(l, || call(&args)) }))
+                .map_err(|payload| format!("{name} {l:?} failed: {}", message(&*payload)))
+        }),
+    );
+    SUCCESS
 }
 
 /// Driver calls so far, by kind (printed at exit with kernels skipped).
@@ -739,6 +909,7 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, name: *mut *const c_cha
         OUT_OF_MEMORY => c"CUDA_ERROR_OUT_OF_MEMORY",
         INVALID_DEVICE => c"CUDA_ERROR_INVALID_DEVICE",
         NOT_FOUND => c"CUDA_ERROR_NOT_FOUND",
+        NOT_READY => c"CUDA_ERROR_NOT_READY",
         LAUNCH_FAILED => c"CUDA_ERROR_LAUNCH_FAILED",
         _ => c"CUDA_ERROR_UNKNOWN",
     };

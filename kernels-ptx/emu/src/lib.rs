@@ -33,6 +33,8 @@ pub mod buffer;
 pub mod driver;
 #[cfg(kernel_emu)]
 pub mod simt;
+#[cfg(kernel_emu)]
+pub mod streams;
 
 /// Kernel entries by name, for launches that name a kernel (as the driver API's do).
 #[cfg(kernel_emu)]
@@ -44,6 +46,8 @@ pub mod entries {
     #[derive(Clone, Copy)]
     pub struct Entry {
         pub params: usize,
+        /// Each parameter's size in bytes, as the PTX declares it.
+        pub sizes: &'static [usize],
         pub call: unsafe fn(&[*mut c_void]),
     }
 

@@ -749,6 +749,7 @@ impl Runner<'_> {
             self.staged_round::<f32>("upload_staged_f32", DType::F32, &lens, round)?;
             self.staged_round::<f16>("upload_staged_f16", DType::F16, &lens, round)?;
         }
+        self.staged_reuse()?;
         let kept = self.dev.staging_free_bytes();
         self.checks.push(Check {
             op: "staging_pool",
@@ -760,6 +761,30 @@ impl Runner<'_> {
             },
             tolerance: 0.0,
         });
+        Ok(())
+    }
+
+    /// A staging buffer given back while its copy is still queued (as a prefetched step's
+    /// buffers are once the compute stream waits for them, the host not waiting), then taken
+    /// by the next upload of its size: that upload must wait for the copy out of the buffer
+    /// before refilling it, or the first tensor gets the second's values. The size is larger
+    /// than the rounds' above, so no idle buffer fits and the busy one is the pick.
+    fn staged_reuse(&mut self) -> Result<()> {
+        let n = 5 << 19;
+        let (first, second) = (self.randn(&[n]), self.randn(&[n]));
+        let (first_gpu, staging) = CudaTensor::<f32>::upload_staged(self.dev, &first)?;
+        drop(staging);
+        let (second_gpu, staging) = CudaTensor::<f32>::upload_staged(self.dev, &second)?;
+        drop(staging);
+        self.dev.wait_for(&self.dev.fence_copies()?)?;
+        for (name, gpu, want) in [("first", first_gpu, first), ("second", second_gpu, second)] {
+            self.checks.push(Check {
+                op: "upload_staged_reuse",
+                size: format!("{n} {name}"),
+                max_err: max_err(&gpu.download(self.dev)?, &want),
+                tolerance: 0.0,
+            });
+        }
         Ok(())
     }
 
