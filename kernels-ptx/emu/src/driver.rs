@@ -518,14 +518,24 @@ fn count_copy(src: u64, direction: Direction) {
     counter.fetch_add(1, Relaxed);
 }
 
-/// A synchronous copy: the bytes now (none with kernels skipped), with no stream's work first.
+/// A synchronous copy, which the driver queues on the legacy default stream: that stream's
+/// work first (not the other streams': Retouch's are non-blocking), then the bytes (none
+/// with kernels skipped).
 unsafe fn copy_now(dst: u64, src: u64, bytes: usize, direction: Direction) -> CUresult {
     count_copy(src, direction);
-    if bytes > 0 && !skip_kernels() {
+    if skip_kernels() {
+        return SUCCESS;
+    }
+    let result = synced(streams::finish(LEGACY_STREAM));
+    if bytes > 0 {
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
     }
-    SUCCESS
+    result
 }
+
+/// The legacy default stream (the null handle): cudarc's default stream, Retouch's compute
+/// stream. Its work is as asynchronous as any stream's.
+const LEGACY_STREAM: StreamId = 0;
 
 /// A copy queued on `stream`. Pageable host memory is read when the copy is enqueued and
 /// written before the call returns (the driver's rules); page-locked memory and device
@@ -636,10 +646,12 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, count: usize) -> CUresult {
     MEMSETS.fetch_add(1, Relaxed);
-    if !skip_kernels() {
-        unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    if skip_kernels() {
+        return SUCCESS;
     }
-    SUCCESS
+    let result = synced(streams::finish(LEGACY_STREAM));
+    unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
+    result
 }
 
 #[unsafe(no_mangle)]

@@ -5,8 +5,8 @@
 //! when the host makes them: a synchronisation of that stream or of an event recorded on it,
 //! a wait of another stream's work on such an event, or a queue past [`MAX_PENDING`]
 //! operations (a GPU's launch queue is bounded too). A query of unfinished work answers
-//! "not ready" without running it. Synchronous copies and memsets run at once, without
-//! waiting for any stream (Retouch's streams are non-blocking). So work that reads what another stream writes without waiting for
+//! "not ready" without running it. Synchronous copies and memsets (the driver's, on the
+//! legacy default stream) run that stream's work first. So work that reads what another stream writes without waiting for
 //! it reads the 0xff bytes (NaN) fresh memory holds, and a host that refills a page-locked
 //! buffer before the copy from it ran sends the new bytes: the ordering mistakes a GPU makes
 //! visible only sometimes, made visible every time. Copies from pageable host memory take
@@ -143,7 +143,7 @@ impl Drop for Running {
     }
 }
 
-/// Queues `work` on `stream` (on the default stream it runs now).
+/// Queues `work` on `stream`.
 pub fn enqueue(stream: StreamId, work: Work) {
     push(stream, Op::Work(work));
 }
@@ -254,9 +254,10 @@ pub fn destroy(stream: StreamId) -> Result<(), String> {
     result
 }
 
-/// Queues `op` and returns its ticket, running what must run now: the default stream's
-/// operations and immediate mode's at once, and a full queue's oldest. (Retouch's streams
-/// are non-blocking, as cudarc makes them: the default stream does not wait for them.)
+/// Queues `op` and returns its ticket, running what must run now: immediate mode's at once,
+/// and a full queue's oldest. The legacy default stream (0) is a stream like the others:
+/// Retouch's other streams are non-blocking, as cudarc makes them, so neither waits for the
+/// other.
 fn push(stream: StreamId, op: Op) -> u64 {
     let (ticket, pending) = {
         let mut queues = queues();
@@ -265,7 +266,7 @@ fn push(stream: StreamId, op: Op) -> u64 {
         queue.next += 1;
         (queue.next - 1, queue.pending.len())
     };
-    if stream == 0 || immediate() {
+    if immediate() {
         run_until(Point {
             stream,
             ticket: ticket + 1,

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use super::{
     AttentionKernel, CudaAttentionSegment, CudaBlendedSegment, CudaConv2dWeight, CudaDevice,
     CudaLoraSegment, CudaMaskedConvSegment, CudaTensor, GemmBackend, GpuElement,
-    STAGING_BUDGET_BYTES,
+    STAGING_BUDGET_BYTES, TABLE_RING_BYTES, tables::CHUNK_BYTES,
 };
 use crate::{
     AttentionSegment, Conv2dParams, Conv2dWeight, DType, Device, LoraSegment, MaskedConvSegment,
@@ -750,6 +750,7 @@ impl Runner<'_> {
             self.staged_round::<f16>("upload_staged_f16", DType::F16, &lens, round)?;
         }
         self.staged_reuse()?;
+        self.table_ring_wrap()?;
         let kept = self.dev.staging_free_bytes();
         self.checks.push(Check {
             op: "staging_pool",
@@ -785,6 +786,40 @@ impl Runner<'_> {
                 tolerance: 0.0,
             });
         }
+        Ok(())
+    }
+
+    /// Launches whose tables go round the page-locked table ring before any synchronisation:
+    /// each gather's index fills three quarters of a ring chunk, so the ring comes back to
+    /// its first chunk while the copies out of it may still be queued. It must wait for them
+    /// before rewriting the chunk, or the first gathers read the later indices.
+    fn table_ring_wrap(&mut self) -> Result<()> {
+        let rows = 4099;
+        let src = self.randn(&[rows, 1]);
+        let gpu_src = CudaTensor::<f32>::upload(self.dev, &src)?;
+        let len = CHUNK_BYTES / 4 * 3 / 4;
+        let launches = 2 * TABLE_RING_BYTES / CHUNK_BYTES;
+        let gathered = (0..launches)
+            .map(|i| {
+                let index: Vec<u32> = (0..len)
+                    .map(|j| ((j * 7919 + i * 104_729) % rows) as u32)
+                    .collect();
+                Ok((
+                    self.dev.gather_rows(&gpu_src, &index)?,
+                    src.gather_rows(&index)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut err = 0.0f32;
+        for (gpu, want) in gathered {
+            err = err.max(max_err(&gpu.download(self.dev)?, &want));
+        }
+        self.checks.push(Check {
+            op: "table_ring_wrap",
+            size: format!("{launches} gathers of {len} rows"),
+            max_err: err,
+            tolerance: 0.0,
+        });
         Ok(())
     }
 

@@ -230,7 +230,7 @@ impl Drop for TableRing {
     }
 }
 
-const CHUNK_BYTES: usize = TABLE_RING_BYTES / CHUNKS;
+pub(crate) const CHUNK_BYTES: usize = TABLE_RING_BYTES / CHUNKS;
 
 /// The next free byte: `used` bytes into `chunk`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
