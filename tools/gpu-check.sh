@@ -167,11 +167,13 @@ run_checks() {
         || echo "bench exit status $?"
     echo
     echo "== the kernel cases beside PyTorch f32 (tools/bench-vs-torch.py), then on f16 tensor cores beside PyTorch fp16"
+    # --quick: the shapes the kernel bench above already covered in full, fewer process starts.
     timeout 150 python3 "$root/tools/bench-vs-torch.py" --retouch "$bin" --device cuda:0 \
-        --rounds 1 --min-time 0.1 || echo "bench-vs-torch exit status $?"
+        --quick --rounds 1 --min-time 0.1 || echo "bench-vs-torch exit status $?"
     timeout 150 python3 "$root/tools/bench-vs-torch.py" --retouch "$bin" --device cuda:0 \
-        --rounds 1 --min-time 0.1 --dtype float16 --retouch-arg=--gemm --retouch-arg=kernels-f16 \
-        --retouch-arg=--attention --retouch-arg=flash-mma || echo "bench-vs-torch exit status $?"
+        --quick --rounds 1 --min-time 0.1 --dtype float16 --retouch-arg=--gemm \
+        --retouch-arg=kernels-f16 --retouch-arg=--attention --retouch-arg=flash-mma \
+        || echo "bench-vs-torch exit status $?"
     echo
     echo "== retouch bench --device cuda:0 --unet sd15: dense against cached at mask ratios 5-100%"
     timeout 180 "$bin" bench --device cuda:0 --unet sd15 --mask-ratios 5,10,20,50,100 \
