@@ -115,13 +115,14 @@ fn quarantine() -> std::sync::MutexGuard<'static, Vec<(u64, Layout)>> {
     FREED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Gives freed allocations back to the host once no stream has work left.
+/// Gives freed allocations back to the host once no stream has work left (queued or
+/// running).
 fn release_if_idle() {
-    if streams::idle() {
+    streams::when_idle(|| {
         for (ptr, layout) in quarantine().drain(..) {
             unsafe { dealloc(ptr as *mut u8, layout) };
         }
-    }
+    });
 }
 
 /// A synchronisation's result: the first failure of queued work, if any.
@@ -137,12 +138,6 @@ fn synced(result: Result<(), String>) -> CUresult {
 fn stream_id(stream: Handle) -> StreamId {
     stream as StreamId
 }
-
-/// A raw address made movable into queued work (the memory it names outlives the work: frees
-/// are quarantined until streams are idle, and host buffers are the caller's to keep).
-#[derive(Clone, Copy)]
-struct Address(u64);
-unsafe impl Send for Address {}
 
 /// Opaque handles (context, stream, memory pool) that carry nothing.
 fn token() -> Handle {
@@ -552,37 +547,21 @@ unsafe fn copy_on(
         return SUCCESS;
     }
     let stream = stream_id(stream);
-    let dst = Address(dst);
-    match direction {
-        Direction::HostToDevice if !is_pinned(src) => {
-            let staged = unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec();
-            streams::enqueue(
-                stream,
-                Box::new(move || {
-                    let dst = dst;
-                    unsafe { std::ptr::copy(staged.as_ptr(), dst.0 as *mut u8, bytes) };
-                    Ok(())
-                }),
-            );
-            SUCCESS
-        }
-        _ => {
-            let src = Address(src);
-            let to_pageable = matches!(direction, Direction::DeviceToHost) && !is_pinned(dst.0);
-            streams::enqueue(
-                stream,
-                Box::new(move || {
-                    let (dst, src) = (dst, src);
-                    unsafe { std::ptr::copy(src.0 as *const u8, dst.0 as *mut u8, bytes) };
-                    Ok(())
-                }),
-            );
-            if to_pageable {
-                synced(streams::finish(stream))
-            } else {
-                SUCCESS
-            }
-        }
+    let staged = (matches!(direction, Direction::HostToDevice) && !is_pinned(src))
+        .then(|| unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec());
+    let to_pageable = matches!(direction, Direction::DeviceToHost) && !is_pinned(dst);
+    streams::enqueue(
+        stream,
+        Box::new(move || {
+            let from = staged.as_ref().map_or(src as *const u8, |s| s.as_ptr());
+            unsafe { std::ptr::copy(from, dst as *mut u8, bytes) };
+            Ok(())
+        }),
+    );
+    if to_pageable {
+        synced(streams::finish(stream))
+    } else {
+        SUCCESS
     }
 }
 
@@ -665,12 +644,10 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     if skip_kernels() {
         return SUCCESS;
     }
-    let dst = Address(dst);
     streams::enqueue(
         stream_id(stream),
         Box::new(move || {
-            let dst = dst;
-            unsafe { std::ptr::write_bytes(dst.0 as *mut u8, value, count) };
+            unsafe { std::ptr::write_bytes(dst as *mut u8, value, count) };
             Ok(())
         }),
     );
@@ -852,7 +829,6 @@ pub unsafe extern "C" fn cuLaunchKernel(
     streams::enqueue(
         stream_id(stream),
         Box::new(move || {
-            let mut values = values;
             let args: Vec<*mut c_void> = values
                 .iter_mut()
                 .map(|v| v as *mut u64 as *mut c_void)

@@ -319,7 +319,12 @@ fn run_until(point: Point) {
     }
 }
 
-/// Whether no stream has queued work left.
-pub fn idle() -> bool {
-    queues().values().all(|q| q.pending.is_empty())
+/// Runs `f` if no stream has work left: none queued, and none running on another thread
+/// (an operation being run is off its queue already). From inside an operation (a queued
+/// free), that operation is the one running.
+pub fn when_idle(f: impl FnOnce()) {
+    let _running = RUNNER.enter();
+    if queues().values().all(|q| q.pending.is_empty()) {
+        f();
+    }
 }
